@@ -1,0 +1,71 @@
+"""`good4cir` command line: parses arguments, calls one library function, reports errors.
+
+Each area registers its subcommands from its own module (cli_store, cli_pipeline,
+cli_retrieval, cli_app) so that the heavy imports (torch, gradio) happen only when
+their command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+
+AREAS = ("cli_store", "cli_pipeline", "cli_retrieval", "cli_app")
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as 'error: ...' with exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = argparse.ArgumentParser(
+        prog="good4cir",
+        description="Generate, review, export and train on Composed Image Retrieval captions.",
+    )
+    parser.add_argument("--version", action="version", version=f"good4cir {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for area in AREAS:
+        try:
+            module = importlib.import_module(f"good4cir.{area}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"good4cir.{area}":
+                continue  # that area is not built yet
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 0
+    try:
+        result = args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted; everything finished so far is saved", file=sys.stderr)
+        return 130
+    except Exception as exc:  # turned into a clear message, unless under pytest
+        if os.environ.get("GOOD4CIR_RAISE") or "PYTEST_CURRENT_TEST" in os.environ:
+            raise
+        if isinstance(exc, (CommandError,)) or _is_user_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return int(result or 0)
+
+
+def _is_user_error(exc: Exception) -> bool:
+    from store.errors import StoreError
+
+    return isinstance(exc, (StoreError, FileNotFoundError, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

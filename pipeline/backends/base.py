@@ -1,0 +1,71 @@
+"""The one small interface every VLM backend implements.
+
+A request is backend-neutral: prompt text plus the *paths* of the images to attach.
+The `openai` backend turns paths into downscaled base64 data URLs (off the event loop);
+the simulator never opens them. Errors are mapped to TransientError (worth retrying)
+or PermanentError (the item fails with that reason) at the backend, so stages never
+import `openai`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, Optional, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Stage = Literal["stage1", "stage2", "stage3", "single"]
+
+
+class VLMRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Stage
+    system: str
+    text: str
+    image_paths: list[str] = Field(default_factory=list)   # attached in this order
+    image_ids: list[str] = Field(default_factory=list)     # sha256 ids of those images
+    subject_id: str                                        # image id (stage 1) or pair id
+    prompt_version: str
+    schema_name: str
+    json_schema: dict[str, Any]
+    # Earlier turns for a repair request: [{"role": "assistant"|"user", "content": str}]
+    history: list[dict[str, str]] = Field(default_factory=list)
+    max_tokens: int = 1500
+    temperature: float = 0.2
+
+
+class VLMResponse(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    tokens_in: int = 0
+    tokens_out: int = 0
+    finish_reason: Optional[str] = "stop"
+    model: Optional[str] = None
+    latency_ms: Optional[float] = None
+
+
+class BackendError(Exception):
+    """Base class for errors a backend reports."""
+
+
+class TransientError(BackendError):
+    """Worth retrying (429, 5xx, timeouts, connection resets)."""
+
+    def __init__(self, message: str, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PermanentError(BackendError):
+    """Retrying the same request will not help (400, auth, content filter)."""
+
+
+class Backend(Protocol):
+    name: ClassVar[str]
+    supports_images: ClassVar[bool]
+    supports_json_schema: ClassVar[bool]
+
+    async def complete(self, request: VLMRequest) -> VLMResponse:
+        """Run one request and return the raw answer text (not yet validated)."""
+        ...

@@ -1,0 +1,32 @@
+"""The good4cir store: SQLite through sqlite-utils, pydantic records, import/export.
+
+This package imports none of good4cir's other packages.
+"""
+
+from .db import open_db, transaction, utc_now
+from .errors import ConflictError, FormatError, ImageError, NotFoundError, StoreError
+from .migrations import migrate, schema_version
+from .models import (
+    FLAG_REASONS,
+    AnnotationRecord,
+    CallRecord,
+    CaptionEdit,
+    CaptionRecord,
+    DescribedObject,
+    DescriptionRecord,
+    FlagRecord,
+    ImageRecord,
+    ImportProblem,
+    ImportReport,
+    PairRecord,
+    ReviewEvent,
+    RunRecord,
+)
+
+__all__ = [
+    "open_db", "transaction", "utc_now", "migrate", "schema_version",
+    "ConflictError", "FormatError", "ImageError", "NotFoundError", "StoreError",
+    "FLAG_REASONS", "AnnotationRecord", "CallRecord", "CaptionEdit", "CaptionRecord",
+    "DescribedObject", "DescriptionRecord", "FlagRecord", "ImageRecord", "ImportProblem",
+    "ImportReport", "PairRecord", "ReviewEvent", "RunRecord",
+]

@@ -1,0 +1,70 @@
+"""Opening a store: one SQLite file, WAL mode, a busy timeout, migrated on open."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import datetime, timezone
+from pathlib import Path
+
+import sqlite_utils
+
+from .migrations import migrate
+
+# Long enough that a reviewer's write waits out a pipeline batch commit instead of failing.
+BUSY_TIMEOUT_MS = 30_000
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def open_db(db_path: str | Path) -> sqlite_utils.Database:
+    """Open (creating if needed) and migrate the store at db_path.
+
+    The connection may be shared across threads (the review app and the background
+    pipeline do); sqlite serialises access, WAL lets readers go on during writes.
+    """
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(
+        str(db_path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+        isolation_level=None,
+    )
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA foreign_keys = ON")
+    db = sqlite_utils.Database(conn)
+    db.lock = threading.RLock()  # one writer at a time per connection object
+    migrate(db)
+    return db
+
+
+class transaction:
+    """`with transaction(db):` — BEGIN IMMEDIATE ... COMMIT, rolled back on error.
+
+    IMMEDIATE takes the write lock up front so two writers queue on the busy timeout
+    instead of failing with "database is locked" on lock upgrade.
+    """
+
+    def __init__(self, db: sqlite_utils.Database):
+        self.db = db
+
+    def __enter__(self):
+        lock = getattr(self.db, "lock", None)
+        if lock is not None:
+            lock.acquire()
+        self.db.conn.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            # sqlite-utils' own helpers commit on their own; only finish what is open.
+            if self.db.conn.in_transaction:
+                self.db.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            lock = getattr(self.db, "lock", None)
+            if lock is not None:
+                lock.release()
+        return False

@@ -1,0 +1,21 @@
+"""Errors raised by the store. Each message names the item and what is wrong."""
+
+
+class StoreError(Exception):
+    """Base class for store errors."""
+
+
+class NotFoundError(StoreError):
+    """A record that was asked for does not exist."""
+
+
+class ConflictError(StoreError):
+    """Someone else changed a record since the caller last read it."""
+
+
+class ImageError(StoreError):
+    """An image file is missing, unreadable or unsafe to decode."""
+
+
+class FormatError(StoreError):
+    """An import file does not follow the format it claims."""
