@@ -13,7 +13,7 @@ import sys
 
 from . import __version__
 
-AREAS = ("cli_store", "cli_pipeline", "cli_retrieval", "cli_app")
+AREAS = ("cli_demo", "cli_store", "cli_pipeline", "cli_score", "cli_retrieval", "cli_index", "cli_app")
 
 
 class CommandError(Exception):
