@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -32,7 +32,7 @@ class Record(BaseModel):
 
 
 class ImageRecord(Record):
-    _json_fields = ("scene_json",)
+    _json_fields: ClassVar[tuple[str, ...]] = ("scene_json",)
     id: str
     name: str
     path: Optional[str] = None
@@ -48,7 +48,7 @@ class ImageRecord(Record):
 
 
 class PairRecord(Record):
-    _json_fields = ("original_captions", "img_set", "ground_truth", "extra")
+    _json_fields: ClassVar[tuple[str, ...]] = ("original_captions", "img_set", "ground_truth", "extra")
     id: str
     source: str
     external_id: Optional[str] = None
@@ -63,7 +63,7 @@ class PairRecord(Record):
 
 
 class RunRecord(Record):
-    _json_fields = ("settings", "prompt_versions")
+    _json_fields: ClassVar[tuple[str, ...]] = ("settings", "prompt_versions")
     id: int
     name: Optional[str] = None
     backend: str
@@ -109,7 +109,7 @@ class DescribedObject(BaseModel):
 
 
 class DescriptionRecord(Record):
-    _json_fields = ("objects",)
+    _json_fields: ClassVar[tuple[str, ...]] = ("objects",)
     id: str
     stage: int
     image_id: str
@@ -141,7 +141,7 @@ class AnnotationRecord(Record):
 class CaptionRecord(Record):
     """A caption with its current text (latest edit, else the VLM's original)."""
 
-    _json_fields = ("sources",)
+    _json_fields: ClassVar[tuple[str, ...]] = ("sources",)
     id: str
     annotation_id: str
     kind: Literal["individual", "compound"]
