@@ -1,0 +1,232 @@
+"""Stage 4: compound captions, deterministic, no model.
+
+Two or three individual captions are joined into one sentence with varied connectives
+and syntax ("and", "; also", "then", "as well as", "while", sentence joins). A
+compound of one caption is the individual caption itself, which is stored already, so
+this module only builds the 2- and 3-caption compounds. Anything over CLIP's 77-token
+context (start and end tokens counted, open_clip's own tokenizer) is dropped: CLIP
+would silently truncate it during training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import re
+from functools import lru_cache
+from typing import Callable
+
+CLIP_CONTEXT_LENGTH = 77
+DEFAULT_MAX_PER_PAIR = 8
+
+# Imperative verbs a stage 3 caption usually starts with, and their gerunds, so that
+# "while"/"as well as" read as English ("..., while adding a plant").
+_GERUNDS = {
+    "add": "adding", "remove": "removing", "make": "making", "change": "changing",
+    "replace": "replacing", "move": "moving", "put": "putting", "place": "placing",
+    "paint": "painting", "swap": "swapping", "turn": "turning", "take": "taking",
+    "recolor": "recoloring", "recolour": "recolouring", "shift": "shifting",
+    "increase": "increasing", "decrease": "decreasing", "reduce": "reducing",
+    "include": "including", "insert": "inserting", "delete": "deleting",
+    "drop": "dropping", "get": "getting", "use": "using", "set": "setting",
+    "show": "showing", "give": "giving", "switch": "switching", "enlarge": "enlarging",
+    "shrink": "shrinking", "relocate": "relocating", "double": "doubling",
+    "have": "having", "keep": "keeping", "bring": "bringing", "hang": "hanging",
+    "cover": "covering", "transform": "transforming", "update": "updating",
+}
+
+
+@lru_cache(maxsize=1)
+def _tokenizer():
+    # open_clip's BPE vocabulary ships in the wheel: this works offline.
+    import open_clip
+
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def count_clip_tokens(text: str) -> int:
+    """Tokens CLIP's text encoder sees for `text`, start and end tokens included."""
+    tokenizer = _tokenizer()
+    return len(tokenizer.encode(text)) + 2
+
+
+def _seed_rng(seed: int | str) -> random.Random:
+    digest = hashlib.sha256(str(seed).encode("utf-8")).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def _clause(caption: str) -> str:
+    """The caption as a clause: trimmed, no final punctuation, whitespace collapsed."""
+    text = re.sub(r"\s+", " ", caption).strip()
+    return text.rstrip(" .;,!").strip()
+
+
+def _lower_first(clause: str) -> str:
+    """Lowercase the first letter for use mid-sentence, unless the first word looks like
+    an acronym or a name ("TV", "I", "McDonald")."""
+    if not clause:
+        return clause
+    first_word = clause.split(" ", 1)[0]
+    if first_word == "I" or (len(first_word) > 1 and any(c.isupper() for c in first_word[1:])):
+        return clause
+    return clause[0].lower() + clause[1:]
+
+
+def _upper_first(clause: str) -> str:
+    return clause[:1].upper() + clause[1:]
+
+
+def _gerund(clause: str) -> str | None:
+    """'Add a plant' -> 'adding a plant'; None when it does not start with a known verb."""
+    first, _, rest = clause.partition(" ")
+    gerund = _GERUNDS.get(first.lower())
+    if gerund is None:
+        return None
+    return f"{gerund} {rest}".strip()
+
+
+def _sentence(text: str) -> str:
+    text = _upper_first(text.strip())
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+# Each joiner takes the clauses (already trimmed) and returns a sentence, or None when
+# its syntax does not fit those captions (then another joiner is tried).
+Joiner = Callable[[list[str]], "str | None"]
+
+
+def _join_and(c: list[str]) -> str | None:
+    if len(c) == 2:
+        return _sentence(f"{c[0]} and {_lower_first(c[1])}")
+    return _sentence(f"{c[0]}, {_lower_first(c[1])}, and {_lower_first(c[2])}")
+
+
+def _join_also(c: list[str]) -> str | None:
+    rest = "; ".join(_lower_first(x) for x in c[1:-1])
+    middle = f"; {rest}" if rest else ""
+    return _sentence(f"{c[0]}{middle}; also {_lower_first(c[-1])}")
+
+
+def _join_then(c: list[str]) -> str | None:
+    if any(_gerund(x) is None for x in c[1:]):
+        return None  # "then" needs instructions after it ("..., then add a lamp")
+    if len(c) == 2:
+        return _sentence(f"{c[0]}, then {_lower_first(c[1])}")
+    return _sentence(f"first {_lower_first(c[0])}, then {_lower_first(c[1])}, and finally {_lower_first(c[2])}")
+
+
+def _join_as_well_as(c: list[str]) -> str | None:
+    gerund = _gerund(c[-1])
+    if gerund is None:
+        return None
+    head = c[0] if len(c) == 2 else f"{c[0]} and {_lower_first(c[1])}"
+    return _sentence(f"{head}, as well as {gerund}")
+
+
+def _join_while(c: list[str]) -> str | None:
+    gerund = _gerund(c[-1])
+    if gerund is None:
+        return None
+    head = c[0] if len(c) == 2 else f"{c[0]}, {_lower_first(c[1])},"
+    separator = " " if head.endswith(",") else ", "
+    return _sentence(f"{head}{separator}while {gerund}")
+
+
+def _join_sentences(c: list[str]) -> str | None:
+    parts = [_sentence(x) for x in c[:-1]]
+    last = c[-1]
+    if len(c) == 3:
+        parts.append(_sentence(f"also {_lower_first(last)}"))
+    else:
+        parts.append(_sentence(last))
+    return " ".join(parts)
+
+
+def _join_plus(c: list[str]) -> str | None:
+    if len(c) == 2:
+        return _sentence(f"{c[0]}, and also {_lower_first(c[1])}")
+    return _sentence(f"{c[0]} and {_lower_first(c[1])}, plus {_lower_first(c[2])}")
+
+
+JOINERS: dict[str, Joiner] = {
+    "and": _join_and,
+    "also": _join_also,
+    "then": _join_then,
+    "as well as": _join_as_well_as,
+    "while": _join_while,
+    "sentences": _join_sentences,
+    "plus": _join_plus,
+}
+
+
+def join_captions(clauses: list[str], style: str) -> str | None:
+    """Join trimmed captions with one named style; None when the style does not fit."""
+    if any(re.search(r"[.!?] ", x) for x in clauses) and style != "sentences":
+        return None  # a multi-sentence caption only reads well as its own sentence
+    return JOINERS[style](clauses)
+
+
+def compose_captions(
+    captions: list[str],
+    seed: int | str,
+    max_per_pair: int = DEFAULT_MAX_PER_PAIR,
+    *,
+    max_tokens: int = CLIP_CONTEXT_LENGTH,
+) -> list[tuple[str, list[int], int]]:
+    """Compound captions for one pair: (text, indexes of the captions it joins, tokens).
+
+    Joins 2 or 3 distinct captions (their order varies too), each compound a different
+    set of captions, with a style drawn per compound; deterministic for a given seed.
+    Compounds over `max_tokens` CLIP tokens (start/end included) are dropped.
+    """
+    clauses = [_clause(c) for c in captions]
+    usable = [i for i, c in enumerate(clauses) if c]
+    if len(usable) < 2 or max_per_pair <= 0:
+        return []
+    rng = _seed_rng(seed)
+    # Alternate between pairs and triples so both lengths appear; shuffle within each.
+    by_size: dict[int, list[tuple[int, ...]]] = {}
+    for size in (2, 3):
+        combos = list(itertools.permutations(usable, size)) if len(usable) >= size else []
+        rng.shuffle(combos)
+        by_size[size] = combos
+    styles = list(JOINERS)
+    rng.shuffle(styles)
+    style_turn = 0
+
+    out: list[tuple[str, list[int], int]] = []
+    seen_sets: set[frozenset[int]] = set()
+    seen_texts: set[str] = set()
+    cursors = {2: 0, 3: 0}
+    sizes = [2, 3]
+    turn = rng.randrange(2)
+    while len(out) < max_per_pair and any(cursors[s] < len(by_size[s]) for s in sizes):
+        size = sizes[turn % 2]
+        turn += 1
+        combos = by_size[size]
+        while cursors[size] < len(combos):
+            combo = combos[cursors[size]]
+            cursors[size] += 1
+            if frozenset(combo) in seen_sets:
+                continue
+            chosen = None
+            # Try the styles in rotation from this compound's turn, so styles spread out.
+            for k in range(len(styles)):
+                style = styles[(style_turn + k) % len(styles)]
+                text = join_captions([clauses[i] for i in combo], style)
+                if text is None or text in seen_texts:
+                    continue
+                tokens = count_clip_tokens(text)
+                if tokens > max_tokens:
+                    continue  # a terser style may still fit
+                chosen = (text, list(combo), tokens)
+                style_turn = (style_turn + k + 1) % len(styles)
+                break
+            if chosen is None:
+                continue
+            seen_sets.add(frozenset(combo))
+            seen_texts.add(chosen[0])
+            out.append(chosen)
+            break
+    return out
