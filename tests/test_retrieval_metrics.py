@@ -1,0 +1,212 @@
+"""retrieval.metrics against hand-computed cases and a brute-force reference on seeded data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from retrieval.metrics import (
+    map_at_k,
+    median_rank,
+    recall_at_k,
+    recall_subset_at_k,
+    target_ranks,
+    top_k_indices,
+)
+
+GALLERY = ["a", "b", "c", "d", "e"]
+
+
+# ------------------------------------------------------------------ hand-computed cases
+
+
+def test_reference_is_removed_from_the_ranking():
+    # Query 0: reference "a" scores highest, target "b" second -> rank 1 once "a" is out.
+    scores = np.array([[0.9, 0.8, 0.1, 0.0, -0.5]])
+    assert recall_at_k(scores, GALLERY, ["a"], ["b"], [1]) == {1: 100.0}
+    # Without removing the reference the target is second.
+    assert recall_at_k(scores, GALLERY, None, ["b"], [1, 2]) == {1: 0.0, 2: 100.0}
+    # A reference outside the gallery removes nothing.
+    assert recall_at_k(scores, GALLERY, ["zzz"], ["b"], [1, 2]) == {1: 0.0, 2: 100.0}
+
+
+def test_recall_averages_over_queries_in_percent():
+    scores = np.array(
+        [
+            [0.0, 0.9, 0.5, 0.1, 0.2],  # ref a, target b: rank 1
+            [0.1, 0.0, 0.9, 0.3, 0.2],  # ref b, target d: c ahead -> rank 2
+            [0.9, 0.8, 0.0, 0.7, 0.1],  # ref c, target e: a, b, d ahead -> rank 4
+            [0.5, 0.4, 0.3, 0.0, 0.2],  # ref d, target e: a, b, c ahead -> rank 4
+        ]
+    )
+    refs, targets = ["a", "b", "c", "d"], ["b", "d", "e", "e"]
+    assert target_ranks(scores, GALLERY, refs, targets).tolist() == [1, 2, 4, 4]
+    assert recall_at_k(scores, GALLERY, refs, targets, [1, 2, 3, 4]) == {1: 25.0, 2: 50.0, 3: 50.0, 4: 100.0}
+    assert median_rank(scores, GALLERY, refs, targets) == 3.0
+
+
+def test_ties_rank_the_target_after_every_tied_item():
+    # The target "c" ties with "b" and "d"; the reference "a" ties too but is removed.
+    scores = np.array([[0.5, 0.5, 0.5, 0.5, 0.1]])
+    assert target_ranks(scores, GALLERY, ["a"], ["c"]).tolist() == [3]
+    # A constant score matrix is the worst case: last of the gallery minus the reference.
+    constant = np.zeros((2, 5))
+    assert target_ranks(constant, GALLERY, ["a", "b"], ["b", "a"]).tolist() == [4, 4]
+    assert recall_at_k(constant, GALLERY, ["a", "b"], ["b", "a"], [1, 3, 4]) == {1: 0.0, 3: 0.0, 4: 100.0}
+
+
+def test_gallery_order_does_not_change_metrics():
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 3, size=(20, 8)).astype(np.float32)  # many ties
+    gallery = [f"g{i}" for i in range(8)]
+    refs = [gallery[i % 8] for i in range(20)]
+    targets = [gallery[(i + 3) % 8] for i in range(20)]
+    perm = rng.permutation(8)
+    before = recall_at_k(scores, gallery, refs, targets, [1, 3])
+    after = recall_at_k(scores[:, perm], [gallery[i] for i in perm], refs, targets, [1, 3])
+    assert before == after
+    truths = [[targets[i], gallery[(i + 5) % 8]] for i in range(20)]
+    assert map_at_k(scores, gallery, refs, truths, [2, 5]) == map_at_k(
+        scores[:, perm], [gallery[i] for i in perm], refs, truths, [2, 5]
+    )
+
+
+def test_recall_subset_ranks_within_the_image_set_without_the_reference():
+    # Gallery-wide the target "e" is last, but within its set {a(ref), c, e} only c is a rival.
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.65]])
+    members = [["a", "c", "e"]]
+    assert recall_subset_at_k(scores, GALLERY, ["a"], ["e"], members, [1, 2]) == {1: 0.0, 2: 100.0}
+    # Raise e above c: rank 1 in the subset even though b, the reference and d score higher.
+    scores[0, 4] = 0.75
+    assert recall_subset_at_k(scores, GALLERY, ["a"], ["e"], members, [1]) == {1: 100.0}
+    # The reference itself scoring highest never counts.
+    assert recall_subset_at_k(scores, GALLERY, ["a"], ["e"], [["e", "a"]], [1]) == {1: 100.0}
+    # Ties inside the set are pessimistic too.
+    scores[0, 2] = 0.75
+    assert recall_subset_at_k(scores, GALLERY, ["a"], ["e"], members, [1, 2]) == {1: 0.0, 2: 100.0}
+
+
+def test_map_several_ground_truths_by_hand():
+    # Ranking (reference "a" removed): b, c, d, e.  Ground truths: b and d.
+    scores = np.array([[1.0, 0.9, 0.8, 0.7, 0.6]])
+    result = map_at_k(scores, GALLERY, ["a"], [["d", "b"]], [1, 2, 3, 4])
+    # AP@1 = (1/1)/min(1,2) = 1; AP@2 = 1/2; AP@3 = (1 + 2/3)/2; AP@4 same.
+    assert result[1] == pytest.approx(100.0)
+    assert result[2] == pytest.approx(50.0)
+    assert result[3] == pytest.approx(100 * (1 + 2 / 3) / 2)
+    assert result[4] == pytest.approx(100 * (1 + 2 / 3) / 2)
+
+
+def test_map_divides_by_min_k_and_number_of_ground_truths():
+    # Three ground truths at ranks 2, 3, 5 (no reference removal, CIRCO style).
+    gallery = [f"g{i}" for i in range(6)]
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+    truths = [["g1", "g2", "g4"]]
+    result = map_at_k(scores, gallery, None, truths, [1, 2, 5, 6])
+    assert result[1] == 0.0
+    assert result[2] == pytest.approx(100 * (1 / 2) / 2)
+    assert result[5] == pytest.approx(100 * (1 / 2 + 2 / 3 + 3 / 5) / 3)
+    assert result[6] == pytest.approx(result[5])
+
+
+def test_map_ties_put_ground_truths_after_tied_irrelevant_items():
+    gallery = ["x", "y", "z"]
+    scores = np.array([[0.5, 0.5, 0.5]])
+    # One ground truth tied with two others: it is placed third.
+    assert map_at_k(scores, gallery, None, [["x"]], [1, 3]) == {1: 0.0, 3: pytest.approx(100 / 3)}
+    # Two ground truths tied with one irrelevant: positions 2 and 3.
+    result = map_at_k(scores, gallery, None, [["x", "z"]], [3])
+    assert result[3] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+
+
+def test_bad_input_names_the_query_and_item():
+    scores = np.zeros((1, 5))
+    with pytest.raises(ValueError, match="query 0: target 'nope' is not in the gallery"):
+        recall_at_k(scores, GALLERY, ["a"], ["nope"], [1])
+    with pytest.raises(ValueError, match="is the reference image"):
+        recall_at_k(scores, GALLERY, ["a"], ["a"], [1])
+    with pytest.raises(ValueError, match="not in its image set"):
+        recall_subset_at_k(scores, GALLERY, ["a"], ["b"], [["a", "c"]], [1])
+    with pytest.raises(ValueError, match="appears twice"):
+        recall_at_k(np.zeros((1, 2)), ["a", "a"], None, ["a"], [1])
+    with pytest.raises(ValueError, match="gallery columns"):
+        recall_at_k(np.zeros((1, 4)), GALLERY, None, ["a"], [1])
+    with pytest.raises(ValueError, match="NaN"):
+        recall_at_k(np.full((1, 5), np.nan), GALLERY, None, ["a"], [1])
+    with pytest.raises(ValueError, match="ground truth 'q' is not in the gallery"):
+        map_at_k(scores, GALLERY, None, [["a", "q"]], [1])
+
+
+def test_top_k_indices_removes_reference_and_breaks_ties_by_gallery_order():
+    scores = np.array([[0.5, 0.9, 0.5, 0.5, 0.1]])
+    assert top_k_indices(scores, GALLERY, ["b"], 3).tolist() == [[0, 2, 3]]
+    assert top_k_indices(scores, GALLERY, None, 10).tolist() == [[1, 0, 2, 3, 4]]
+
+
+# -------------------------------------------------------- brute force on seeded data
+
+
+def _pessimistic_ranking(row, gallery, reference, relevant):
+    """Explicit sort: score descending, irrelevant before relevant on ties."""
+    items = [(name, row[i]) for i, name in enumerate(gallery) if name != reference]
+    items.sort(key=lambda item: (-item[1], item[0] in relevant))
+    return [name for name, _ in items]
+
+
+def _official_circo_ap(ranking, truths, k):
+    """The CIRCO server's computation (miccunifi/CIRCO src/evaluation.py), on a ranked list."""
+    labels = np.isin(np.array(ranking, dtype=object), list(truths))
+    precisions = np.cumsum(labels) * labels / np.arange(1, len(labels) + 1)
+    return float(np.sum(precisions[:k]) / min(len(truths), k))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("quantised", [False, True])
+def test_against_brute_force(seed, quantised):
+    rng = np.random.default_rng(seed)
+    num_queries, num_gallery = 40, 30
+    gallery = [f"img{i:03d}" for i in range(num_gallery)]
+    scores = rng.normal(size=(num_queries, num_gallery)).astype(np.float32)
+    if quantised:  # heavy ties
+        scores = np.round(scores)
+    refs, targets, truths, members = [], [], [], []
+    for _ in range(num_queries):
+        chosen = rng.choice(num_gallery, size=7, replace=False)
+        refs.append(gallery[chosen[0]])
+        targets.append(gallery[chosen[1]])
+        truths.append([gallery[c] for c in chosen[1 : 1 + rng.integers(1, 5)]])
+        members.append([gallery[c] for c in chosen[:6]])
+    ks = [1, 2, 3, 5, 10, 50]
+
+    expected_ranks, expected_subset, expected_ap = [], [], {k: [] for k in ks}
+    for q in range(num_queries):
+        ranking = _pessimistic_ranking(scores[q], gallery, refs[q], {targets[q]})
+        expected_ranks.append(ranking.index(targets[q]) + 1)
+        subset = [n for n in ranking if n in members[q]]
+        expected_subset.append(subset.index(targets[q]) + 1)
+        truth_ranking = _pessimistic_ranking(scores[q], gallery, refs[q], set(truths[q]))
+        for k in ks:
+            expected_ap[k].append(_official_circo_ap(truth_ranking, truths[q], k))
+    expected_ranks = np.array(expected_ranks)
+    expected_subset = np.array(expected_subset)
+
+    assert target_ranks(scores, gallery, refs, targets).tolist() == expected_ranks.tolist()
+    recall = recall_at_k(scores, gallery, refs, targets, ks)
+    assert recall == {k: pytest.approx(100 * np.mean(expected_ranks <= k)) for k in ks}
+    subset = recall_subset_at_k(scores, gallery, refs, targets, members, [1, 2, 3])
+    assert subset == {k: pytest.approx(100 * np.mean(expected_subset <= k)) for k in [1, 2, 3]}
+    assert median_rank(scores, gallery, refs, targets) == float(np.median(expected_ranks))
+    mean_ap = map_at_k(scores, gallery, refs, truths, ks)
+    assert mean_ap == {k: pytest.approx(100 * np.mean(expected_ap[k])) for k in ks}
+
+
+def test_chunked_ranks_match_brute_force_beyond_one_chunk():
+    rng = np.random.default_rng(7)
+    gallery = [str(i) for i in range(50)]
+    scores = np.round(rng.normal(size=(1100, 50)), 1)
+    refs = [str(i % 50) for i in range(1100)]
+    targets = [str((i * 7 + 1) % 50) for i in range(1100)]
+    ranks = target_ranks(scores, gallery, refs, targets)
+    for q in range(0, 1100, 97):
+        ranking = _pessimistic_ranking(scores[q], gallery, refs[q], {targets[q]})
+        assert ranks[q] == ranking.index(targets[q]) + 1
