@@ -210,3 +210,55 @@ def test_chunked_ranks_match_brute_force_beyond_one_chunk():
     for q in range(0, 1100, 97):
         ranking = _pessimistic_ranking(scores[q], gallery, refs[q], {targets[q]})
         assert ranks[q] == ranking.index(targets[q]) + 1
+
+
+# ------------------------------------------------------------------ submission files
+
+
+def test_cirr_submissions_follow_the_server_template(tmp_path):
+    import json
+
+    from retrieval.submission import write_cirr_submissions
+
+    rng = np.random.default_rng(0)
+    gallery = [f"test1-{i}-0-img{i % 2}" for i in range(60)]
+    scores = rng.normal(size=(3, 60))
+    refs = [gallery[0], gallery[1], gallery[2]]
+    scores[0, 0] = 10.0  # the reference scores highest: must not be submitted
+    members = [gallery[0:6], gallery[1:7], gallery[2:8]]
+    recall_path, subset_path = write_cirr_submissions(
+        tmp_path, "demo", scores, gallery, refs, [12063, 5, 7], members
+    )
+    recall = json.loads(recall_path.read_text())
+    subset = json.loads(subset_path.read_text())
+    assert recall["version"] == "rc2" and recall["metric"] == "recall"
+    assert subset["version"] == "rc2" and subset["metric"] == "recall_subset"
+    assert set(recall) == {"version", "metric", "12063", "5", "7"}
+    assert all(len(recall[k]) == 50 for k in ("12063", "5", "7"))
+    assert gallery[0] not in recall["12063"]
+    # Top-50 equals the brute-force order of the gallery minus the reference.
+    expected = [gallery[i] for i in np.argsort(-scores[0]) if i != 0][:50]
+    assert recall["12063"] == expected
+    # Subset: top 3 of the 5 members other than the reference, by score.
+    for key, q in (("12063", 0), ("5", 1), ("7", 2)):
+        others = [m for m in members[q] if m != refs[q]]
+        ranked = sorted(others, key=lambda n: -scores[q, gallery.index(n)])
+        assert subset[key] == ranked[:3]
+
+
+def test_circo_submission_and_query_text():
+    from retrieval.submission import circo_image_id, circo_query_text, circo_submission
+
+    assert circo_query_text("a teddy bear", "is held by a little girl") == "a teddy bear is held by a little girl"
+    assert circo_query_text(None, " has two dogs ") == "has two dogs"
+    assert circo_image_id("000000243611.jpg") == 243611
+    with pytest.raises(ValueError, match="numeric COCO image ids"):
+        circo_image_id("images/cat.png")
+    gallery = [f"{i:012d}.jpg" for i in range(1, 81)]
+    scores = np.random.default_rng(1).normal(size=(2, 80))
+    submission = circo_submission(scores, gallery, [0, 1])
+    assert list(submission) == ["0", "1"]
+    assert submission["0"] == [int(i) + 1 for i in np.argsort(-scores[0])[:50]]
+    assert all(isinstance(x, int) for x in submission["1"])
+    with pytest.raises(ValueError, match="appears twice"):
+        circo_submission(scores, gallery, [3, 3])
