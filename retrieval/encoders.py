@@ -1,0 +1,201 @@
+"""Image and text encoders through open_clip, exposing pooled embeddings and tokens.
+
+The fusion model needs the reference image's patch tokens and the caption's text
+tokens, which open_clip's `encode_image` / `encode_text` do not return; `Encoder`
+runs the same towers and keeps both. Models come from open_clip's factory (its JSON
+configs plus ours in `model_configs/`), preprocessing from the same factory.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# Short names accepted by --model; anything else is an open_clip model name.
+MODEL_ALIASES = {"tiny": "g4c-tiny"}
+
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def resolve_model_name(name: str) -> str:
+    return MODEL_ALIASES.get(name, name)
+
+
+def list_models() -> list[str]:
+    """Every model name --model accepts (our configs first)."""
+    ours = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
+    return list(MODEL_ALIASES) + ours + [m for m in open_clip.list_models() if m not in ours]
+
+
+@dataclass
+class TextTokens:
+    pooled: torch.Tensor  # (B, embed_dim), projected, not normalised
+    tokens: torch.Tensor  # (B, L, text_width)
+    padding_mask: torch.Tensor  # (B, L) True where the position is padding
+
+
+@dataclass
+class ImageTokens:
+    pooled: torch.Tensor  # (B, embed_dim), projected, not normalised
+    tokens: torch.Tensor  # (B, P, vision_width) patch tokens, CLS excluded
+
+
+class Encoder(nn.Module):
+    """An open_clip CLIP model with token outputs, its tokenizer and preprocessing."""
+
+    def __init__(self, clip: nn.Module, model_name: str, tokenizer, preprocess):
+        super().__init__()
+        if not hasattr(clip, "visual") or not hasattr(clip.visual, "output_tokens"):
+            raise ValueError(f"model {model_name!r}: only open_clip ViT models are supported")
+        self.clip = clip
+        self.model_name = model_name
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        # Eager attribute; open_clip's VisionTransformer then returns (pooled, tokens).
+        self.clip.visual.output_tokens = True
+
+    # -- sizes -------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        return _embed_dim_of(self.clip)
+
+    @property
+    def vision_width(self) -> int:
+        return int(self.clip.visual.transformer.width)
+
+    @property
+    def text_width(self) -> int:
+        return int(self._text_tower()["token_embedding"].embedding_dim)
+
+    @property
+    def image_size(self) -> int:
+        size = self.clip.visual.image_size
+        return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self._text_tower()["positional_embedding"].shape[0])
+
+    # -- text ------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def _text_tower(self) -> dict[str, Any]:
+        """The text tower's parts, for both CLIP and CustomTextCLIP layouts."""
+        owner = getattr(self.clip, "text", None) or self.clip
+        return {
+            "token_embedding": owner.token_embedding,
+            "positional_embedding": owner.positional_embedding,
+            "transformer": owner.transformer,
+            "ln_final": owner.ln_final,
+            "text_projection": owner.text_projection,
+            "attn_mask": owner.attn_mask,
+        }
+
+    def encode_text_ids(self, ids: torch.Tensor) -> TextTokens:
+        """Run the text tower on token ids (B, context_length).
+
+        The causal mask makes every position depend only on earlier ones, so trimming
+        the batch to its longest caption gives the same outputs and saves most of the
+        compute on short modification texts.
+        """
+        tower = self._text_tower()
+        lengths = (ids != 0).sum(dim=1)
+        length = max(int(lengths.max().item()), 1)
+        ids = ids[:, :length]
+        x = tower["token_embedding"](ids)
+        x = x + tower["positional_embedding"][:length].to(x.dtype)
+        mask = tower["attn_mask"]
+        if mask is not None:
+            mask = mask[:length, :length]
+        x = tower["transformer"](x, attn_mask=mask)
+        x = tower["ln_final"](x)
+        # CLIP pools at the end-of-text token, which has the largest id.
+        pooled = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
+        proj = tower["text_projection"]
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+        return TextTokens(pooled=pooled, tokens=x, padding_mask=ids == 0)
+
+    # -- images ------------------------------------------------------------------------
+    def encode_image_tokens(self, pixels: torch.Tensor) -> ImageTokens:
+        pooled, tokens = self.clip.visual(pixels)
+        return ImageTokens(pooled=pooled, tokens=tokens)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pooled, L2-normalised image embeddings."""
+        return F.normalize(self.encode_image_tokens(pixels).pooled, dim=-1)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encode_text_ids(ids).pooled, dim=-1)
+
+
+def _embed_dim_of(clip: nn.Module) -> int:
+    proj = clip.visual.proj
+    if proj is not None:
+        return int(proj.shape[1])
+    return int(clip.visual.transformer.width)
+
+
+def create_encoder(
+    model: str = "tiny",
+    pretrained: Optional[str] = None,
+    checkpoint: Optional[str | Path] = None,
+    image_size: Optional[int] = None,
+) -> Encoder:
+    """Build an encoder: `model` is 'tiny' or any open_clip name.
+
+    `pretrained` is an open_clip tag (downloaded by open_clip on the user's machine);
+    `checkpoint` is a local file of open_clip weights (a state_dict, or a dict holding
+    one under 'state_dict'). Neither: random init, as the demo and tests use.
+    """
+    if pretrained and checkpoint:
+        raise ValueError("give --pretrained or --checkpoint, not both")
+    name = resolve_model_name(model)
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"unknown model {model!r}: use 'tiny' or an open_clip name such as ViT-B-32"
+        )
+    kwargs: dict[str, Any] = {}
+    if image_size:
+        kwargs["force_image_size"] = image_size
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise FileNotFoundError(f"checkpoint file {checkpoint} does not exist")
+    clip, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=pretrained or None, **kwargs
+    )
+    if checkpoint is not None:
+        load_open_clip_weights(clip, checkpoint)
+    tokenizer = open_clip.get_tokenizer(name)
+    return Encoder(clip, name, tokenizer, preprocess)
+
+
+def load_open_clip_weights(clip: nn.Module, path: str | Path) -> None:
+    """Load a file of open_clip weights into `clip`, with a clear error on mismatch."""
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state_dict of open_clip weights")
+    # Weights saved from DataParallel / DDP carry a 'module.' prefix.
+    state = {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+    try:
+        clip.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: weights do not fit this model ({str(exc)[:300]})") from exc
+
+
+def model_config(name: str) -> dict:
+    """The open_clip architecture config of a model name (for the checkpoint's record)."""
+    cfg = open_clip.get_model_config(resolve_model_name(name))
+    return json.loads(json.dumps(cfg)) if cfg is not None else {}

@@ -1,0 +1,209 @@
+"""The composed-retrieval model, its checkpoints, and `Retriever`, the inference API.
+
+A checkpoint directory holds `config.json` (how to rebuild the model), `best.pt` and
+`last.pt` (weights; `last.pt` also the optimiser state for resuming). `load_retriever`
+rebuilds the model without downloading anything: the encoder weights are inside.
+
+    retriever = load_retriever("demo/model")
+    gallery = retriever.encode_images(pil_images)          # (N, D) float32, unit norm
+    queries = retriever.encode_queries(pil_images, texts)   # same space
+    scores = queries @ gallery.T
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import transforms as T
+
+from .encoders import Encoder, create_encoder
+from .fusion import create_fusion
+
+CONFIG_FILE = "config.json"
+BEST_FILE = "best.pt"
+LAST_FILE = "last.pt"
+
+
+def split_preprocess(preprocess) -> tuple[T.Compose, tuple, tuple]:
+    """Split open_clip's eval transform into its PIL part (resize, crop, RGB) and the
+    normalisation, so images can be decoded once into a uint8 cache and normalised in
+    torch, giving exactly what the full transform gives."""
+    steps = list(preprocess.transforms)
+    normalize = next((s for s in steps if isinstance(s, T.Normalize)), None)
+    if normalize is None:
+        raise ValueError("the model's preprocessing has no Normalize step")
+    pil_steps = []
+    for step in steps:
+        if isinstance(step, T.Normalize) or "ToTensor" in type(step).__name__:
+            continue
+        pil_steps.append(step)
+    return T.Compose(pil_steps), tuple(normalize.mean), tuple(normalize.std)
+
+
+class ComposedRetriever(nn.Module):
+    """Encoder + fusion head. Queries: (reference image, text); targets: images."""
+
+    def __init__(self, encoder: Encoder, fusion: str = "residual", width: Optional[int] = None,
+                 heads: int = 8, layers: int = 4):
+        super().__init__()
+        self.encoder = encoder
+        self.fusion_name = fusion
+        # The fusion width follows the embedding size: 128 for tiny, 512 for ViT-B-32.
+        self.fusion = create_fusion(
+            fusion, encoder.vision_width, encoder.text_width, encoder.embed_dim,
+            width=width or encoder.embed_dim, heads=heads, layers=layers,
+        )
+        _, mean, std = split_preprocess(encoder.preprocess)
+        self.register_buffer("pixel_mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalize_pixels(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 from the decode cache -> the encoder's input."""
+        return (images_uint8.float() / 255.0 - self.pixel_mean) / self.pixel_std
+
+    def target_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.encoder.encode_image(pixels)
+
+    def query_embedding(self, pixels: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+        image = self.encoder.encode_image_tokens(pixels)
+        text = self.encoder.encode_text_ids(text_ids)
+        return F.normalize(self.fusion(image, text), dim=-1)
+
+    def query_from_features(self, image, text) -> torch.Tensor:
+        """Frozen-encoder mode: the fusion head on cached ImageTokens / TextTokens."""
+        return F.normalize(self.fusion(image, text), dim=-1)
+
+
+def build_model(config: dict[str, Any], pretrained: Optional[str] = None,
+                checkpoint: Optional[str] = None) -> ComposedRetriever:
+    encoder = create_encoder(
+        config.get("model", "tiny"), pretrained=pretrained, checkpoint=checkpoint,
+        image_size=config.get("image_size"),
+    )
+    return ComposedRetriever(
+        encoder, fusion=config.get("fusion", "residual"), width=config.get("fusion_width"),
+        heads=config.get("fusion_heads", 8), layers=config.get("fusion_layers", 4),
+    )
+
+
+def save_weights(path: Path, model: ComposedRetriever, extra: Optional[dict] = None) -> None:
+    """Write atomically: a killed run never leaves a half-written checkpoint."""
+    payload = {"model": model.state_dict()}
+    if extra:
+        payload.update(extra)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, str(tmp))
+    tmp.replace(path)
+
+
+def write_config(checkpoint_dir: Path, config: dict[str, Any]) -> None:
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    (checkpoint_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def read_config(checkpoint_dir: Path) -> dict[str, Any]:
+    path = Path(checkpoint_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{checkpoint_dir} is not a good4cir checkpoint directory (no {CONFIG_FILE}); "
+            "train one with `good4cir train --out DIR`"
+        )
+    return json.loads(path.read_text())
+
+
+def load_model(checkpoint_dir: str | Path, which: str = "best") -> tuple[ComposedRetriever, dict]:
+    """Rebuild the model of a checkpoint directory; `which` is best or last."""
+    checkpoint_dir = Path(checkpoint_dir)
+    config = read_config(checkpoint_dir)
+    path = checkpoint_dir / (BEST_FILE if which == "best" else LAST_FILE)
+    if not path.is_file():
+        other = checkpoint_dir / (LAST_FILE if which == "best" else BEST_FILE)
+        if not other.is_file():
+            raise FileNotFoundError(f"{checkpoint_dir} holds no weights ({BEST_FILE} or {LAST_FILE})")
+        path = other
+    model = build_model(config)
+    state = torch.load(str(path), map_location="cpu", weights_only=False)
+    model.load_state_dict(state["model"])
+    model.eval()
+    info = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler")}
+    return model, {**config, "weights": str(path), **info}
+
+
+class Retriever:
+    """Inference over a trained checkpoint: gallery and query embeddings, same space."""
+
+    def __init__(self, model: ComposedRetriever, model_info: dict[str, Any], batch_size: int = 64):
+        self.model = model.eval()
+        self.model_info = model_info
+        self.batch_size = batch_size
+        self.image_transform = model.encoder.preprocess
+
+    @property
+    def embed_dim(self) -> int:
+        return self.model.encoder.embed_dim
+
+    def _pixels(self, images: Sequence) -> torch.Tensor:
+        return torch.stack([self.image_transform(_as_pil(im)) for im in images])
+
+    def _batches(self, n: int) -> Iterable[slice]:
+        for start in range(0, n, self.batch_size):
+            yield slice(start, min(start + self.batch_size, n))
+
+    @torch.no_grad()
+    def encode_images(self, images: Sequence) -> np.ndarray:
+        """PIL images -> (N, D) float32, L2-normalised target/gallery embeddings."""
+        out = [self.model.target_embedding(self._pixels(images[s])) for s in self._batches(len(images))]
+        return _to_numpy(out, self.embed_dim)
+
+    @torch.no_grad()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Already preprocessed (N, 3, H, W) float tensors -> gallery embeddings."""
+        out = [self.model.target_embedding(pixels[s]) for s in self._batches(len(pixels))]
+        return _to_numpy(out, self.embed_dim)
+
+    @torch.no_grad()
+    def encode_queries(self, images: Sequence, texts: Sequence[str]) -> np.ndarray:
+        """(reference image, modification text) pairs -> (N, D) float32, L2-normalised."""
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} images but {len(texts)} texts")
+        out = []
+        for s in self._batches(len(images)):
+            ids = self.model.encoder.tokenize(list(texts[s]))
+            out.append(self.model.query_embedding(self._pixels(images[s]), ids))
+        return _to_numpy(out, self.embed_dim)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Text-only embeddings (the text-only baseline), same space as images."""
+        out = [self.model.encoder.encode_text(self.model.encoder.tokenize(list(texts[s])))
+               for s in self._batches(len(texts))]
+        return _to_numpy(out, self.embed_dim)
+
+
+def _as_pil(image):
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB") if image.mode != "RGB" else image
+    raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
+
+
+def _to_numpy(chunks: list[torch.Tensor], dim: int) -> np.ndarray:
+    if not chunks:
+        return np.zeros((0, dim), dtype=np.float32)
+    return np.ascontiguousarray(torch.cat(chunks).float().numpy(), dtype=np.float32)
+
+
+def load_retriever(checkpoint_dir: str | Path, which: str = "best") -> Retriever:
+    """The trained model of `good4cir train --out DIR`, ready for inference on CPU."""
+    model, info = load_model(checkpoint_dir, which=which)
+    return Retriever(model, info)
