@@ -249,3 +249,40 @@ def _statements(fn, db) -> list[str]:
 def _split_sql(script: str) -> list[str]:
     lines = [line.split("--", 1)[0] for line in script.splitlines()]
     return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+
+
+@migration
+def m002_pairs_target_optional(db: sqlite_utils.Database) -> None:
+    """pairs.target_id may be NULL: CIRR test1 and CIRCO test queries withhold the target.
+
+    SQLite cannot drop NOT NULL in place, so the table is rebuilt. Foreign keys stay on:
+    they are deferred to the commit, by which point every annotation's pair is back.
+    """
+    db.executescript(
+        """
+        PRAGMA defer_foreign_keys = ON;
+        CREATE TEMP TABLE _pairs_m002 AS SELECT * FROM pairs;
+        DROP TABLE pairs;
+        CREATE TABLE pairs (
+            id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            external_id TEXT,
+            reference_id TEXT NOT NULL REFERENCES images(id),
+            target_id TEXT REFERENCES images(id),
+            split TEXT,
+            original_captions TEXT NOT NULL DEFAULT '[]',
+            img_set TEXT,
+            ground_truth TEXT,
+            extra TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL
+        );
+        INSERT INTO pairs (id, source, external_id, reference_id, target_id, split,
+            original_captions, img_set, ground_truth, extra, created_at)
+            SELECT id, source, external_id, reference_id, target_id, split,
+            original_captions, img_set, ground_truth, extra, created_at FROM _pairs_m002;
+        DROP TABLE _pairs_m002;
+        CREATE INDEX pairs_split ON pairs(split);
+        CREATE INDEX pairs_reference ON pairs(reference_id);
+        CREATE UNIQUE INDEX pairs_source_external ON pairs(source, external_id);
+        """
+    )

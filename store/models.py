@@ -53,7 +53,7 @@ class PairRecord(Record):
     source: str
     external_id: Optional[str] = None
     reference_id: str
-    target_id: str
+    target_id: Optional[str] = None  # None for a query whose target is withheld (CIRR test1)
     split: Optional[str] = None
     original_captions: list[str] = Field(default_factory=list)
     img_set: Optional[list[str]] = None
@@ -197,4 +197,5 @@ class ImportReport(BaseModel):
     images_added: int = 0
     pairs_added: int = 0
     pairs_skipped: int = 0      # already in the store
-    problems: list[ImportProblem] = Field(default_factory=list)
+    problems: list[ImportProblem] = Field(default_factory=list)   # items not imported
+    warnings: list[ImportProblem] = Field(default_factory=list)   # imported, but note this

@@ -1,0 +1,101 @@
+"""`good4cir import` and `good4cir export`: datasets in and out of the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from store.importers import FORMATS as IMPORT_FORMATS
+
+    parser = subparsers.add_parser(
+        "import", help="import a dataset (pairs folder, good4cir JSON, CIRR, CIRCO) into a store",
+        description=(
+            "Import image pairs into the store. Idempotent: importing twice adds nothing. "
+            "Bad items (missing, empty, truncated, non-image or oversized files) are "
+            "listed with the reason while the rest imports. "
+            "pairs: PATH is a folder with pairs.jsonl (or the .jsonl file itself). "
+            "good4cir: PATH is the authors' dataset.json (paths relative to it, or URLs, "
+            "which are recorded without downloading). "
+            "cirr: PATH is a CIRR root with captions/ and image_splits/. "
+            "circo: PATH is an annotations JSON file (with --images DIR), or a CIRCO root "
+            "holding annotations/*.json and COCO2017_unlabeled/unlabeled2017/ (or images/)."
+        ),
+    )
+    parser.add_argument("path", metavar="PATH", help="what to import (see above)")
+    parser.add_argument("--db", required=True, help="the store's SQLite file (created if missing)")
+    parser.add_argument("--format", required=True, choices=IMPORT_FORMATS, help="the input format")
+    parser.add_argument("--split", help="import only this split (formats that name splits), "
+                        "or record pairs under it (formats that do not)")
+    parser.add_argument("--images", metavar="DIR", help="circo: the folder of CIRCO's images")
+    parser.add_argument("--source", help="dataset name recorded on the pairs (default: from the format)")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=run_import)
+
+    from store.exporters import FORMATS as EXPORT_FORMATS
+
+    parser = subparsers.add_parser(
+        "export", help="export reviewed captions (good4cir JSON, CIRR JSON, JSONL with provenance)",
+        description=(
+            "Export the store's captions. By default only approved annotations, the edited "
+            "text of each caption, and no flagged captions. For each pair the newest "
+            "finished annotation is used, unless --run picks a run."
+        ),
+    )
+    parser.add_argument("--db", required=True, help="the store's SQLite file")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the output format")
+    parser.add_argument("--out", required=True, metavar="FILE", help="where to write")
+    parser.add_argument("--run", type=int, metavar="RUN_ID", help="export this run's annotations")
+    parser.add_argument("--include-unreviewed", action="store_true",
+                        help="also unreviewed annotations, and the imported captions of pairs "
+                        "with no annotation")
+    parser.add_argument("--include-flagged", action="store_true",
+                        help="keep captions a reviewer flagged as hallucinated")
+    parser.add_argument("--split", help="export only pairs of this split")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(handler=run_export)
+
+
+def run_import(args: argparse.Namespace) -> int:
+    from store import open_db
+    from store.importers import import_dataset
+
+    db = open_db(args.db)
+    report = import_dataset(
+        db, args.format, args.path, split=args.split, source=args.source,
+        images_dir=args.images, progress=sys.stderr.isatty(),
+    )
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0
+    print(
+        f"imported {report.pairs_added} pairs and {report.images_added} images into {args.db}; "
+        f"{report.pairs_skipped} pairs were already there; {len(report.problems)} problems"
+    )
+    for problem in report.problems:
+        print(f"  problem: {problem.item}: {problem.reason}")
+    for warning in report.warnings:
+        print(f"  note: {warning.item}: {warning.reason}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from store import open_db
+    from store.exporters import export_dataset
+
+    db = open_db(args.db)
+    report = export_dataset(
+        db, args.format, args.out, run_id=args.run, include_unreviewed=args.include_unreviewed,
+        include_flagged=args.include_flagged, split=args.split,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"wrote {report['pairs']} pairs, {report['captions']} captions to {args.out} "
+        f"({args.format}); left out: {report['flagged_captions_left_out']} flagged captions, "
+        f"{report['pairs_without_captions']} pairs with no caption to export"
+    )
+    return 0

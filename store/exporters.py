@@ -1,0 +1,316 @@
+"""Export the store: the authors' dataset.json, CIRR caption JSON, JSONL with provenance.
+
+Rules shared by all formats: for each pair, the newest finished annotation (or the one
+of `run_id`); only approved ones unless include_unreviewed (rejected ones never); each
+caption's current text (edits win over the VLM's); flagged captions (and compounds built
+from a flagged caption) left out unless include_flagged. With include_unreviewed, a pair
+that has no annotation is exported with its imported captions, so an imported dataset
+can be written back unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+from urllib.parse import urlsplit, urlunsplit
+
+import sqlite_utils
+
+from .annotations import get_run
+from .models import AnnotationRecord, CaptionRecord, ImageRecord, PairRecord, RunRecord
+from .review import caption_history, list_captions, list_flags, review_history
+
+FORMATS = ("good4cir", "cirr", "jsonl")
+
+_SECRET_KEY = re.compile(r"key|token|secret|password|passwd|authorization|bearer|credential", re.I)
+
+
+@dataclass
+class ExportItem:
+    """One pair with everything an export format may need."""
+
+    pair: PairRecord
+    reference: ImageRecord
+    target: Optional[ImageRecord]
+    img_set: list[ImageRecord]
+    annotation: Optional[AnnotationRecord]
+    run: Optional[RunRecord]
+    texts: list[str]                       # the captions to export, in order
+    captions: list[CaptionRecord] = field(default_factory=list)   # annotation captions kept
+    flagged_ids: set[str] = field(default_factory=set)
+
+
+def export_dataset(
+    db: sqlite_utils.Database,
+    format: str,
+    out: str | Path,
+    *,
+    run_id: Optional[int] = None,
+    include_unreviewed: bool = False,
+    include_flagged: bool = False,
+    split: Optional[str] = None,
+) -> dict[str, Any]:
+    """Write the export to `out` (atomically) and return counts of what was written."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
+    if run_id is not None:
+        get_run(db, run_id)  # a clear NotFoundError for a wrong id
+    stats = {"format": format, "out": str(out), "pairs": 0, "captions": 0,
+             "flagged_captions_left_out": 0, "pairs_without_captions": 0,
+             "pairs_without_target": 0}
+    items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
+                          include_flagged=include_flagged, split=split, stats=stats)
+    if format == "good4cir":
+        text = _good4cir(items, stats)
+    elif format == "cirr":
+        text = _cirr(items, stats)
+    else:
+        text = _jsonl(db, items, stats)
+    _write_atomically(Path(out), text)
+    return stats
+
+
+def collect_items(
+    db: sqlite_utils.Database,
+    *,
+    run_id: Optional[int] = None,
+    include_unreviewed: bool = False,
+    include_flagged: bool = False,
+    split: Optional[str] = None,
+    stats: Optional[dict] = None,
+) -> Iterator[ExportItem]:
+    """The pairs an export would write, in import order, with their chosen captions."""
+    stats = stats if stats is not None else {"flagged_captions_left_out": 0, "pairs_without_captions": 0}
+    chosen = _chosen_annotations(db, run_id)
+    runs: dict[int, RunRecord] = {}
+    sql = "SELECT * FROM pairs" + (" WHERE split = ?" if split else "") + " ORDER BY rowid"
+    cursor = db.execute(sql, [split] if split else [])
+    names = [d[0] for d in cursor.description]
+    images = _ImageCache(db)
+    for row in cursor.fetchall():
+        pair = PairRecord.from_row(dict(zip(names, row)))
+        annotation = chosen.get(pair.id)
+        if annotation is None:
+            if not include_unreviewed:
+                continue
+            kept: list[CaptionRecord] = []
+            flagged: set[str] = set()
+            texts = list(pair.original_captions)
+            run = None
+        else:
+            if annotation.review_status == "rejected":
+                continue
+            if annotation.review_status == "unreviewed" and not include_unreviewed:
+                continue
+            if annotation.run_id not in runs:
+                runs[annotation.run_id] = get_run(db, annotation.run_id)
+            run = runs[annotation.run_id]
+            flagged = {f.target_id for f in list_flags(db, annotation.id) if f.target_kind == "caption"}
+            kept = []
+            for caption in list_captions(db, annotation.id):
+                if not include_flagged and (
+                    caption.id in flagged or any(s in flagged for s in caption.sources or ())
+                ):
+                    stats["flagged_captions_left_out"] += 1
+                    continue
+                kept.append(caption)
+            texts = [c.current_text or c.text for c in kept]
+        if not texts:
+            stats["pairs_without_captions"] += 1
+            continue
+        yield ExportItem(
+            pair=pair, reference=images.get(pair.reference_id),
+            target=images.get(pair.target_id) if pair.target_id else None,
+            img_set=[images.get(i) for i in pair.img_set or ()],
+            annotation=annotation, run=run, texts=texts, captions=kept, flagged_ids=flagged,
+        )
+
+
+def _chosen_annotations(db, run_id: Optional[int]) -> dict[str, AnnotationRecord]:
+    if run_id is not None:
+        cursor = db.execute("SELECT * FROM annotations WHERE status = 'done' AND run_id = ?", [run_id])
+    else:
+        cursor = db.execute(
+            "SELECT a.* FROM annotations a WHERE a.status = 'done' AND a.run_id = ("
+            " SELECT MAX(b.run_id) FROM annotations b WHERE b.pair_id = a.pair_id AND b.status = 'done')"
+        )
+    names = [d[0] for d in cursor.description]
+    chosen = {}
+    for row in cursor.fetchall():
+        record = AnnotationRecord.from_row(dict(zip(names, row)))
+        chosen[record.pair_id] = record
+    return chosen
+
+
+class _ImageCache:
+    def __init__(self, db):
+        self.db = db
+        self.rows: dict[str, ImageRecord] = {}
+
+    def get(self, image_id: str) -> ImageRecord:
+        if image_id not in self.rows:
+            cursor = self.db.execute("SELECT * FROM images WHERE id = ?", [image_id])
+            row = cursor.fetchone()
+            if row is None:
+                raise LookupError(f"image {image_id} is referenced by a pair but not stored")
+            self.rows[image_id] = ImageRecord.from_row(dict(zip([d[0] for d in cursor.description], row)))
+        return self.rows[image_id]
+
+
+def _location(image: ImageRecord) -> str:
+    return image.path or image.url or image.name
+
+
+# ---- formats -----------------------------------------------------------------------------
+
+def _good4cir(items: Iterator[ExportItem], stats: dict) -> str:
+    entries = []
+    for item in items:
+        if item.target is None:  # the authors' format has no target-less queries
+            stats["pairs_without_target"] += 1
+            continue
+        entries.append({
+            "reference_image": _location(item.reference),
+            "target_image": _location(item.target),
+            "difference_captions": item.texts,
+        })
+        stats["pairs"] += 1
+        stats["captions"] += len(item.texts)
+    return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
+
+
+def _cirr(items: Iterator[ExportItem], stats: dict) -> str:
+    """One entry per caption, with cap.rc2.*.json's keys. An imported CIRR caption keeps
+    its pairid and img_set id; anything else gets new numbers after the largest kept."""
+    pending = []
+    kept_pairids: set[int] = set()
+    kept_set_ids: set[int] = set()
+    for item in items:
+        extra = item.pair.extra
+        is_original = item.annotation is None
+        for index, text in enumerate(item.texts):
+            pairid = extra.get("pairid") if is_original and index == 0 else None
+            if isinstance(pairid, int):
+                kept_pairids.add(pairid)
+            set_id = extra.get("img_set_id")
+            if isinstance(set_id, int):
+                kept_set_ids.add(set_id)
+            pending.append((item, text, pairid, set_id))
+        stats["pairs"] += 1
+        stats["captions"] += len(item.texts)
+    next_pairid = max(kept_pairids, default=-1) + 1
+    next_set_id = max(kept_set_ids, default=-1) + 1
+    set_ids: dict[tuple, int] = {}
+    entries = []
+    for item, text, pairid, set_id in pending:
+        if not isinstance(pairid, int):
+            pairid, next_pairid = next_pairid, next_pairid + 1
+        members = [image.name for image in item.img_set]
+        if not isinstance(set_id, int):
+            key = tuple(members)
+            if key not in set_ids:
+                set_ids[key], next_set_id = next_set_id, next_set_id + 1
+            set_id = set_ids[key]
+        entry: dict[str, Any] = {"pairid": pairid, "reference": item.reference.name}
+        if item.target is not None:
+            entry["target_hard"] = item.target.name
+            soft = item.pair.extra.get("target_soft")
+            entry["target_soft"] = soft if isinstance(soft, dict) else {item.target.name: 1.0}
+        entry["caption"] = text
+        entry["img_set"] = {"id": set_id, "members": members}
+        entries.append(entry)
+    return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
+
+
+def _jsonl(db, items: Iterator[ExportItem], stats: dict) -> str:
+    """One line per pair, readable back by the `pairs` importer, with provenance."""
+    lines = []
+    for item in items:
+        pair = item.pair
+        line: dict[str, Any] = {
+            "id": pair.external_id or pair.id,
+            "reference": _location(item.reference),
+            "target": _location(item.target) if item.target else None,
+            "split": pair.split,
+            "captions": item.texts,
+        }
+        if pair.img_set is not None:
+            line["img_set"] = [_location(image) for image in item.img_set]
+        if pair.ground_truth is not None:
+            line["edits"] = pair.ground_truth
+        line.update({
+            "pair_id": pair.id, "source": pair.source, "extra": pair.extra,
+            "original_captions": pair.original_captions,
+            "provenance": _provenance(db, item),
+        })
+        lines.append(json.dumps(line, ensure_ascii=False, sort_keys=False))
+        stats["pairs"] += 1
+        stats["captions"] += len(item.texts)
+    return "".join(line + "\n" for line in lines)
+
+
+def _provenance(db, item: ExportItem) -> dict[str, Any]:
+    if item.annotation is None:
+        return {"captions_from": "import", "source": item.pair.source}
+    run, annotation = item.run, item.annotation
+    return {
+        "captions_from": "annotation",
+        "run": {
+            "id": run.id, "name": run.name, "backend": run.backend, "model": run.model,
+            "base_url": _strip_userinfo(run.base_url), "method": run.method,
+            "prompt_versions": run.prompt_versions, "settings": scrub_secrets(run.settings),
+        },
+        "annotation": {
+            "id": annotation.id, "review_status": annotation.review_status,
+            "reviewer": annotation.reviewer, "reviewed_at": annotation.reviewed_at,
+            "note": annotation.note, "flag_count": annotation.flag_count,
+            "stage1_id": annotation.stage1_id, "stage2_id": annotation.stage2_id,
+        },
+        "captions": [
+            {
+                "id": c.id, "kind": c.kind, "position": c.position, "text": c.current_text,
+                "original_text": c.text, "version": c.version, "flagged": c.id in item.flagged_ids,
+                "edits": [e.model_dump(exclude={"id", "caption_id"}) for e in caption_history(db, c.id)],
+            }
+            for c in item.captions
+        ],
+        "flags": [f.model_dump(exclude={"id", "annotation_id"}) for f in list_flags(db, annotation.id)],
+        "review_events": [e.model_dump(exclude={"id", "annotation_id"}) for e in review_history(db, annotation.id)],
+    }
+
+
+def scrub_secrets(value: Any) -> Any:
+    """Drop anything that looks like a credential (API keys never leave the store)."""
+    if isinstance(value, dict):
+        return {k: scrub_secrets(v) for k, v in value.items() if not _SECRET_KEY.search(str(k))}
+    if isinstance(value, list):
+        return [scrub_secrets(v) for v in value]
+    if isinstance(value, str) and re.match(r"^(sk-|Bearer )", value):
+        return "[redacted]"
+    return value
+
+
+def _strip_userinfo(url: Optional[str]) -> Optional[str]:
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

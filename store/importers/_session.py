@@ -1,0 +1,210 @@
+"""What every import format shares: image validation with a per-run cache, stable pair
+ids, per-item problems, and batched idempotent writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import sqlite_utils
+from tqdm import tqdm
+
+from ..db import transaction, utc_now
+from ..errors import ImageError
+from ..images import ImageInfo, hash_file, inspect_image, is_url, url_image_id
+from ..models import ImportProblem, ImportReport
+
+# Pairs written per transaction: small enough that a reviewer's save waits only
+# milliseconds for the import's write lock, large enough to be fast.
+BATCH_PAIRS = 500
+
+
+def pair_id_for(source: str, external_id: str) -> str:
+    """Stable pair id: the same (source, external id) always gets the same id."""
+    return hashlib.sha256(f"{source}\x1f{external_id}".encode("utf-8")).hexdigest()[:24]
+
+
+def resolve_location(location: str, base: Path) -> str | Path:
+    """A URL stays a string; a path (absolute, relative to base, or file://) becomes a Path."""
+    location = str(location).strip()
+    if is_url(location):
+        return location
+    if location.startswith("file://"):
+        location = location[len("file://"):]
+    path = Path(location).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+class ImportSession:
+    """One import run into one store. Call `image()` per image, `add_pair()` per pair,
+    `problem()` for a bad item, and `finish()` at the end."""
+
+    def __init__(self, db: sqlite_utils.Database, source: str, root: Path, *,
+                 progress: bool = False):
+        self.db = db
+        self.source = source
+        self.root = root.resolve()
+        self.progress = progress
+        self.report = ImportReport()
+        self._by_path: dict[str, ImageInfo | ImageError] = {}
+        self._known_ids: set[str] = set()
+        self._staged: list[tuple[str, dict, Optional[Any]]] = []
+        self._pending_images: dict[str, dict] = {}
+        self._pending_scenes: dict[str, str] = {}
+        self._pending_pairs: list[dict] = []
+        self._seen_pairs: set[str] = set()
+
+    # ---- items -----------------------------------------------------------------------
+
+    def iterate(self, items: Iterable, total: Optional[int] = None, desc: str = "import"):
+        return tqdm(items, total=total, desc=desc, unit="pair", disable=not self.progress,
+                    leave=False)
+
+    def problem(self, item: str, reason: str, *, drop_item: bool = True) -> None:
+        """Record a bad item. drop_item: the item is not imported, so images validated
+        for it so far are not stored either."""
+        if drop_item:
+            self._staged = []
+        self.report.problems.append(ImportProblem(item=str(item), reason=reason))
+
+    def warn(self, item: str, reason: str) -> None:
+        self.report.warnings.append(ImportProblem(item=str(item), reason=reason))
+
+    def pair_exists(self, external_id: str) -> bool:
+        """True (and counted as skipped) when this pair was imported before."""
+        pair_id = pair_id_for(self.source, external_id)
+        if pair_id in self._seen_pairs or self.db.execute(
+            "SELECT 1 FROM pairs WHERE id = ?", [pair_id]
+        ).fetchone():
+            self.report.pairs_skipped += 1
+            return True
+        return False
+
+    def image(self, location: str, *, base: Path, name: Optional[str] = None,
+              split: Optional[str] = None, scene: Optional[Any] = None) -> str:
+        """Validate (once per run) and queue an image; returns its id. Raises ImageError."""
+        resolved = resolve_location(location, base)
+        if isinstance(resolved, str):  # a URL: recorded, never downloaded here
+            image_id = url_image_id(resolved)
+            self._staged.append((image_id, {
+                "id": image_id, "name": name or resolved, "path": None, "url": resolved,
+                "root": None, "width": None, "height": None, "size_bytes": None,
+                "format": None, "split": split,
+            }, scene))
+            return image_id
+        key = str(resolved)
+        cached = self._by_path.get(key)
+        if cached is None:
+            cached = self._check_path(resolved)
+            self._by_path[key] = cached
+        if isinstance(cached, ImageError):
+            raise cached
+        self._staged.append((cached.id, {
+            "id": cached.id, "name": name or str(location), "path": cached.path, "url": None,
+            "root": str(self.root), "width": cached.width, "height": cached.height,
+            "size_bytes": cached.size_bytes, "format": cached.format, "split": split,
+        }, scene))
+        return cached.id
+
+    def _check_path(self, path: Path) -> ImageInfo | ImageError:
+        try:
+            if path.is_file() and path.stat().st_size > 0:
+                # Already validated by an earlier import: skip the full decode.
+                image_id = hash_file(path)
+                row = self.db.execute(
+                    "SELECT width, height, size_bytes, format, path FROM images WHERE id = ?",
+                    [image_id],
+                ).fetchone()
+                if row is not None and row[0] is not None:
+                    self._known_ids.add(image_id)
+                    return ImageInfo(id=image_id, path=str(path.resolve()), width=row[0],
+                                     height=row[1], size_bytes=row[2], format=row[3])
+            return inspect_image(path)
+        except ImageError as exc:
+            return exc
+        except OSError as exc:
+            return ImageError(f"{path}: cannot be read ({exc})")
+
+    def _queue_image(self, image_id: str, row: dict, scene: Optional[Any]) -> None:
+        if image_id not in self._pending_images and image_id not in self._known_ids:
+            row["scene_json"] = None if scene is None else json.dumps(scene, sort_keys=True)
+            row["created_at"] = utc_now()
+            self._pending_images[image_id] = row
+        elif scene is not None:
+            self._pending_scenes[image_id] = json.dumps(scene, sort_keys=True)
+
+    def add_pair(self, external_id: str, reference_id: str, target_id: Optional[str], *,
+                 split: Optional[str] = None, captions: Iterable[str] = (),
+                 img_set: Optional[list[str]] = None, ground_truth: Any = None,
+                 extra: Optional[dict] = None) -> str:
+        pair_id = pair_id_for(self.source, external_id)
+        self._seen_pairs.add(pair_id)
+        for image_id, row, scene in self._staged:
+            self._queue_image(image_id, row, scene)
+        self._staged = []
+        self._pending_pairs.append({
+            "id": pair_id, "source": self.source, "external_id": str(external_id),
+            "reference_id": reference_id, "target_id": target_id, "split": split,
+            "original_captions": json.dumps([str(c) for c in captions], ensure_ascii=False),
+            "img_set": None if img_set is None else json.dumps(img_set),
+            "ground_truth": None if ground_truth is None else json.dumps(ground_truth, sort_keys=True),
+            "extra": json.dumps(extra or {}, sort_keys=True, ensure_ascii=False),
+            "created_at": utc_now(),
+        })
+        if len(self._pending_pairs) >= BATCH_PAIRS:
+            self.flush()
+        return pair_id
+
+    # ---- writes ----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if not (self._pending_pairs or self._pending_images or self._pending_scenes):
+            return
+        images = list(self._pending_images.values())
+        pairs = self._pending_pairs
+        with transaction(self.db):
+            conn = self.db.conn
+            if images:
+                cols = list(images[0])
+                cursor = conn.executemany(
+                    f"INSERT OR IGNORE INTO images ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                    [[row[c] for c in cols] for row in images],
+                )
+                self.report.images_added += max(cursor.rowcount, 0)
+                # A moved dataset: point rows whose old file is gone at the new one.
+                conn.executemany(
+                    "UPDATE images SET path = ?, root = ? WHERE id = ? AND path IS NOT NULL AND path != ?",
+                    [(r["path"], r["root"], r["id"], r["path"]) for r in images
+                     if r["path"] and not _exists_cached(self, r["id"])],
+                )
+            if self._pending_scenes:
+                conn.executemany(
+                    "UPDATE images SET scene_json = ? WHERE id = ? AND scene_json IS NULL",
+                    [(scene, image_id) for image_id, scene in self._pending_scenes.items()],
+                )
+            if pairs:
+                cols = list(pairs[0])
+                cursor = conn.executemany(
+                    f"INSERT OR IGNORE INTO pairs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
+                    [[row[c] for c in cols] for row in pairs],
+                )
+                added = max(cursor.rowcount, 0)
+                self.report.pairs_added += added
+                # Another process imported the same pair meanwhile: still idempotent.
+                self.report.pairs_skipped += len(pairs) - added
+        self._known_ids.update(self._pending_images)
+        self._pending_images = {}
+        self._pending_scenes = {}
+        self._pending_pairs = []
+
+    def finish(self) -> ImportReport:
+        self.flush()
+        return self.report
+
+
+def _exists_cached(session: ImportSession, image_id: str) -> bool:
+    """Whether the stored row for image_id still points at an existing file."""
+    row = session.db.execute("SELECT path FROM images WHERE id = ?", [image_id]).fetchone()
+    return row is None or row[0] is None or Path(row[0]).exists()

@@ -1,0 +1,111 @@
+"""The project's own format: a folder with pairs.jsonl (and images), as the demo world
+writes it. PATH may also be a .jsonl file; image paths are relative to its folder.
+
+pairs.jsonl, one object per line: "reference" and "target" (required; relative paths,
+absolute paths or http(s) URLs), "id", "split", "captions", "edits" (ground truth),
+"img_set" (image paths). scenes.jsonl beside it gives {"image", "scene"} per image.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import sqlite_utils
+
+from ..errors import FormatError, ImageError
+from ..models import ImportReport
+from ._session import ImportSession
+
+PAIRS_FILE = "pairs.jsonl"
+SCENES_FILE = "scenes.jsonl"
+# Keys with a column of their own, plus those our jsonl export adds (re-importing an
+# export keeps the pairs and captions; provenance stays in the file it came from).
+_KNOWN_KEYS = {"id", "reference", "target", "split", "captions", "edits", "img_set", "extra",
+               "pair_id", "source", "original_captions", "provenance"}
+
+
+def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional[str] = None,
+                 source: Optional[str] = None, progress: bool = False) -> ImportReport:
+    path = Path(path)
+    if path.is_dir():
+        folder, pairs_file = path, path / PAIRS_FILE
+    else:
+        folder, pairs_file = path.parent, path
+    if not pairs_file.is_file():
+        raise FormatError(f"{pairs_file}: not found; a pairs import needs a folder holding {PAIRS_FILE}")
+    if source is None:
+        source = "demo" if (folder / "world.json").is_file() else folder.resolve().name
+    session = ImportSession(db, source, folder, progress=progress)
+    scenes = _read_scenes(folder / SCENES_FILE, folder, session)
+    lines = pairs_file.read_text(encoding="utf-8").splitlines()
+    for number, line in session.iterate(enumerate(lines, start=1), total=len(lines), desc=source):
+        if not line.strip():
+            continue
+        item = f"{pairs_file.name} line {number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            session.problem(item, f"not valid JSON ({exc.msg})")
+            continue
+        if not isinstance(obj, dict) or not obj.get("reference") or not obj.get("target"):
+            session.problem(item, 'needs an object with "reference" and "target" image paths')
+            continue
+        line_split = obj.get("split")
+        if split is not None and line_split is not None and line_split != split:
+            continue
+        pair_split = line_split or split
+        external_id = str(obj["id"]) if obj.get("id") is not None else f"{obj['reference']}|{obj['target']}"
+        item = f"pair {external_id!r} ({item})"
+        if session.pair_exists(external_id):
+            continue
+        captions = obj.get("captions") or []
+        if isinstance(captions, str):
+            captions = [captions]
+        try:
+            reference_id = session.image(obj["reference"], base=folder, split=pair_split,
+                                         scene=scenes.get(_norm(obj["reference"], folder)))
+            target_id = session.image(obj["target"], base=folder, split=pair_split,
+                                      scene=scenes.get(_norm(obj["target"], folder)))
+        except ImageError as exc:
+            session.problem(item, str(exc))
+            continue
+        img_set = None
+        if obj.get("img_set") is not None:
+            img_set = []
+            for member in obj["img_set"]:
+                try:
+                    img_set.append(session.image(member, base=folder, split=pair_split,
+                                                 scene=scenes.get(_norm(member, folder))))
+                except ImageError as exc:
+                    session.problem(f"{item} img_set member {member!r}",
+                                    f"left out of the image set: {exc}", drop_item=False)
+        extra = dict(obj["extra"]) if isinstance(obj.get("extra"), dict) else {}
+        extra.update({k: v for k, v in obj.items() if k not in _KNOWN_KEYS})
+        session.add_pair(external_id, reference_id, target_id, split=pair_split,
+                         captions=captions, img_set=img_set, ground_truth=obj.get("edits"),
+                         extra=extra)
+    return session.finish()
+
+
+def _norm(location: str, folder: Path) -> str:
+    """Key that matches scenes.jsonl's image paths with pairs.jsonl's."""
+    path = Path(str(location))
+    return str((path if path.is_absolute() else folder / path).resolve())
+
+
+def _read_scenes(scenes_file: Path, folder: Path, session: ImportSession) -> dict[str, dict]:
+    if not scenes_file.is_file():
+        return {}
+    scenes: dict[str, dict] = {}
+    for number, line in enumerate(scenes_file.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            scenes[_norm(obj["image"], folder)] = obj["scene"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            session.warn(f"{scenes_file.name} line {number}",
+                         f'ignored: needs {{"image": path, "scene": {{...}}}} ({exc})')
+    return scenes
