@@ -210,17 +210,21 @@ def _cirr(items: Iterator[ExportItem], stats: dict) -> str:
     for item, text, pairid, set_id in pending:
         if not isinstance(pairid, int):
             pairid, next_pairid = next_pairid, next_pairid + 1
+        names = item.pair.extra.get("names") or {}
         members = [image.name for image in item.img_set]
+        if isinstance(names.get("members"), list) and len(names["members"]) == len(members):
+            members = list(names["members"])
         if not isinstance(set_id, int):
             key = tuple(members)
             if key not in set_ids:
                 set_ids[key], next_set_id = next_set_id, next_set_id + 1
             set_id = set_ids[key]
-        entry: dict[str, Any] = {"pairid": pairid, "reference": item.reference.name}
+        entry: dict[str, Any] = {"pairid": pairid, "reference": names.get("reference") or item.reference.name}
         if item.target is not None:
-            entry["target_hard"] = item.target.name
+            target_name = names.get("target_hard") or item.target.name
+            entry["target_hard"] = target_name
             soft = item.pair.extra.get("target_soft")
-            entry["target_soft"] = soft if isinstance(soft, dict) else {item.target.name: 1.0}
+            entry["target_soft"] = soft if isinstance(soft, dict) else {target_name: 1.0}
         entry["caption"] = text
         entry["img_set"] = {"id": set_id, "members": members}
         entries.append(entry)

@@ -1,0 +1,104 @@
+"""CIRR: PATH is a root holding captions/cap.rc2.{train,val,test1}.json and
+image_splits/split.rc2.{split}.json (image name -> path relative to the root).
+
+Each caption entry becomes one pair (CIRR has one caption per pairid), with external id
+"<split>:<pairid>", the caption as its original caption, img_set as image ids, and
+pairid, img_set id, CIRR's image names and target_soft kept in `extra` so an export gives them back.
+test1 withholds the target: those pairs have no target_id. Splits keep CIRR's names.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import sqlite_utils
+
+from ..errors import FormatError, ImageError
+from ..models import ImportReport
+from ._session import ImportSession
+
+SPLITS = ("train", "val", "test1")
+
+
+def import_cirr(db: sqlite_utils.Database, path: str | Path, *, split: Optional[str] = None,
+                source: Optional[str] = None, progress: bool = False) -> ImportReport:
+    root = Path(path)
+    if not (root / "captions").is_dir():
+        raise FormatError(f"{root}: not a CIRR root (no captions/ folder; expected "
+                          "captions/cap.rc2.<split>.json and image_splits/split.rc2.<split>.json)")
+    splits = [split] if split else [s for s in SPLITS if (root / "captions" / f"cap.rc2.{s}.json").is_file()]
+    if not splits:
+        raise FormatError(f"{root}/captions: no cap.rc2.{{train,val,test1}}.json file")
+    session = ImportSession(db, source or "cirr", root, progress=progress)
+    for split_name in splits:
+        captions_file = root / "captions" / f"cap.rc2.{split_name}.json"
+        names_file = root / "image_splits" / f"split.rc2.{split_name}.json"
+        for needed in (captions_file, names_file):
+            if not needed.is_file():
+                raise FormatError(f"{needed}: missing (needed for CIRR split {split_name!r})")
+        entries = _load_json(captions_file, list)
+        name_to_path = _load_json(names_file, dict)
+        for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=f"cirr {split_name}"):
+            _import_entry(session, root, split_name, captions_file.name, index, entry, name_to_path)
+    return session.finish()
+
+
+def _import_entry(session: ImportSession, root: Path, split: str, file_name: str, index: int,
+                  entry, name_to_path: dict) -> None:
+    item = f"{file_name}[{index}]"
+    if not isinstance(entry, dict) or "pairid" not in entry or not entry.get("reference"):
+        session.problem(item, "needs pairid and reference")
+        return
+    item = f"{split} pairid {entry['pairid']}"
+    external_id = f"{split}:{entry['pairid']}"
+    if session.pair_exists(external_id):
+        return
+
+    def image_id(name: str) -> str:
+        relative = name_to_path.get(name)
+        if relative is None:
+            raise ImageError(f"{name}: not listed in image_splits/split.rc2.{split}.json")
+        return session.image(relative, base=root, name=name, split=split)
+
+    try:
+        reference_id = image_id(entry["reference"])
+        target = entry.get("target_hard")
+        target_id = image_id(target) if target else None
+    except ImageError as exc:
+        session.problem(item, str(exc))
+        return
+    img_set = entry.get("img_set") or {}
+    members = img_set.get("members", []) if isinstance(img_set, dict) else []
+    member_ids = []
+    for member in members:
+        try:
+            member_ids.append(image_id(member))
+        except ImageError as exc:
+            session.problem(f"{item} img_set member {member}", f"left out of the image set: {exc}",
+                            drop_item=False)
+    # CIRR's names, kept per pair: two names can hold byte-identical images, which the
+    # store keeps once, under the first name it saw.
+    extra = {"pairid": entry["pairid"],
+             "names": {"reference": entry["reference"], "target_hard": target, "members": members}}
+    if isinstance(img_set, dict) and "id" in img_set:
+        extra["img_set_id"] = img_set["id"]
+    if "target_soft" in entry:
+        extra["target_soft"] = entry["target_soft"]
+    extra.update({k: v for k, v in entry.items()
+                  if k not in ("pairid", "reference", "target_hard", "target_soft", "caption", "img_set")})
+    caption = entry.get("caption")
+    session.add_pair(external_id, reference_id, target_id, split=split,
+                     captions=[caption] if caption else [],
+                     img_set=member_ids if members else None, extra=extra)
+
+
+def _load_json(path: Path, kind: type):
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, kind):
+        raise FormatError(f"{path}: expected a JSON {kind.__name__}")
+    return data

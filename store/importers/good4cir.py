@@ -1,0 +1,75 @@
+"""The authors' dataset.json: a JSON list of {"reference_image", "target_image",
+"difference_captions"} where images are paths (relative to the file's folder) or URLs.
+
+URLs are recorded, never downloaded (an import makes no network request): such an
+image gets id = sha256 of the URL, no local file, no size, and a note in the report
+saying it could not be validated or content-hashed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import sqlite_utils
+
+from ..errors import FormatError, ImageError
+from ..images import is_url
+from ..models import ImportReport
+from ._session import ImportSession
+
+_KNOWN_KEYS = {"reference_image", "target_image", "difference_captions", "id", "split"}
+
+
+def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optional[str] = None,
+                    source: Optional[str] = None, progress: bool = False) -> ImportReport:
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.json"))
+        if len(candidates) != 1:
+            raise FormatError(f"{path}: pass the dataset JSON file itself (found {len(candidates)} .json files)")
+        path = candidates[0]
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+    if isinstance(entries, dict):  # tolerate {"pairs": [...]} / {"data": [...]} wrappers
+        lists = [v for v in entries.values() if isinstance(v, list)]
+        entries = lists[0] if len(lists) == 1 else None
+    if not isinstance(entries, list):
+        raise FormatError(f"{path}: expected a JSON list of pairs with reference_image and target_image")
+    folder = path.parent
+    session = ImportSession(db, source or path.stem, folder, progress=progress)
+    for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=session.source):
+        item = f"{path.name}[{index}]"
+        if not isinstance(entry, dict) or not entry.get("reference_image") or not entry.get("target_image"):
+            session.problem(item, "needs an object with reference_image and target_image")
+            continue
+        entry_split = entry.get("split")
+        if split is not None and entry_split is not None and entry_split != split:
+            continue
+        reference, target = str(entry["reference_image"]), str(entry["target_image"])
+        external_id = str(entry["id"]) if entry.get("id") is not None else f"{reference}|{target}"
+        if session.pair_exists(external_id):
+            continue
+        captions = entry.get("difference_captions") or []
+        if isinstance(captions, str):
+            captions = [captions]
+        if not isinstance(captions, list):
+            session.problem(item, "difference_captions must be a list of strings")
+            continue
+        try:
+            reference_id = session.image(reference, base=folder, split=entry_split or split)
+            target_id = session.image(target, base=folder, split=entry_split or split)
+        except ImageError as exc:
+            session.problem(item, str(exc))
+            continue
+        for location in (reference, target):
+            if is_url(location):
+                session.warn(item, f"{location} is a URL: recorded without downloading, so it "
+                             "was not validated and its id is the hash of the URL, not of the image")
+        session.add_pair(external_id, reference_id, target_id, split=entry_split or split,
+                         captions=[str(c) for c in captions],
+                         extra={k: v for k, v in entry.items() if k not in _KNOWN_KEYS})
+    return session.finish()
