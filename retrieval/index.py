@@ -1,0 +1,647 @@
+"""A gallery of images as a FAISS index, and `QueryEngine` for (image, text) -> top k.
+
+An index directory (`good4cir index --out INDEX`) holds:
+
+    index.faiss      the FAISS index over L2-normalised embeddings (inner product)
+    ids.jsonl        the id map: row i of the index -> {"name", "path", "image_id"}
+    meta.json        factory, search parameters, dimension, count, checkpoint, skipped images
+    embeddings/      the gallery embeddings in chunks: a killed run resumes from here, and
+                     another factory can be built without re-encoding (safe to delete)
+
+Encoding runs the image decoding and preprocessing in DataLoader workers, overlapped
+with the model's forward pass, so loading is not the bottleneck.
+Index types are FAISS index-factory strings ("Flat", "HNSW32", "IVF1024,PQ32"); search
+parameters ("efSearch=128", "nprobe=16") go through `faiss.ParameterSpace`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import threading
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+INDEX_FILE = "index.faiss"
+IDS_FILE = "ids.jsonl"
+META_FILE = "meta.json"
+EMBEDDINGS_DIR = "embeddings"
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+
+DEFAULT_FACTORY = "Flat"
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_CHUNK_SIZE = 1024
+# Chosen with bench/faiss_bench.py: recall@10 >= 0.95 at 1M random 512-d vectors
+# with p50 under 2 ms on one core (see the bench's output).
+DEFAULT_HNSW_EF_CONSTRUCTION = 80
+DEFAULT_HNSW_EF_SEARCH = 128
+DEFAULT_IVF_NPROBE = 16
+# Enough for k-means to be stable (FAISS asks for 39 points per centroid) without
+# training on a whole large gallery.
+MAX_TRAINING_VECTORS = 262_144
+
+
+@dataclass(frozen=True)
+class GalleryEntry:
+    """One gallery image: its dataset name, file path and store id (sha256)."""
+
+    name: str
+    path: str
+    image_id: Optional[str] = None
+
+
+class Hit(NamedTuple):
+    name: str
+    path: str
+    score: float
+
+
+@dataclass
+class IndexReport:
+    out_dir: str
+    count: int
+    factory: str
+    search_params: str
+    dim: int
+    encoded: int  # images encoded in this run (the rest came from the chunk cache)
+    skipped: list[dict] = field(default_factory=list)  # [{"name", "path", "error"}]
+    encode_seconds: float = 0.0
+    build_seconds: float = 0.0
+
+
+# ------------------------------------------------------------------------ the gallery
+
+
+def gallery_from_db(db_path: str | Path, split: Optional[str] = None) -> list[GalleryEntry]:
+    """Images of a store, optionally of one split: images whose split is S plus every
+    image a pair of split S uses (reference, target, image-set members), so that the
+    gallery holds each query's near-duplicates (the CIRR protocol)."""
+    from store import open_db
+
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"no store at {db_path}; create one with `good4cir import`")
+    db = open_db(db_path)
+    try:
+        if split is None:
+            rows = db.execute("SELECT id, name, path, root FROM images").fetchall()
+        else:
+            ids = {r[0] for r in db.execute("SELECT id FROM images WHERE split = ?", [split])}
+            for ref, target, img_set in db.execute(
+                "SELECT reference_id, target_id, img_set FROM pairs WHERE split = ?", [split]
+            ):
+                ids.update((ref, target))
+                if img_set:
+                    ids.update(json.loads(img_set))
+            rows = []
+            id_list = sorted(ids)
+            for start in range(0, len(id_list), 500):  # SQLite's parameter limit
+                part = id_list[start : start + 500]
+                rows += db.execute(
+                    f"SELECT id, name, path, root FROM images WHERE id IN ({','.join('?' * len(part))})", part
+                ).fetchall()
+    finally:
+        db.conn.close()
+    if not rows:
+        where = f" in split {split!r}" if split else ""
+        raise ValueError(f"the store {db_path} has no images{where}")
+    entries = []
+    for image_id, name, path, root in rows:
+        if path and not os.path.isabs(path) and root:
+            path = os.path.join(root, path)
+        entries.append(GalleryEntry(name=name or image_id, path=path or "", image_id=image_id))
+    entries.sort(key=lambda e: (e.name, e.image_id or ""))
+    return entries
+
+
+def gallery_from_paths(paths: Sequence[str | Path]) -> list[GalleryEntry]:
+    """A gallery of image files; the name is the file name without its extension."""
+    return [GalleryEntry(name=Path(p).stem, path=str(p)) for p in paths]
+
+
+# ------------------------------------------------------------------------ encoding
+
+
+class _GalleryImages:
+    """Dataset over gallery positions: decode + preprocess in the worker; a bad image
+    becomes an error string instead of an exception, so one file never stops a run."""
+
+    def __init__(self, entries: Sequence[GalleryEntry], transform, as_tensor: bool):
+        self.entries = entries
+        self.transform = transform
+        self.as_tensor = as_tensor
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, position: int):
+        from PIL import Image
+
+        entry = self.entries[position]
+        try:
+            if not entry.path:
+                raise FileNotFoundError("the store has no local path for this image")
+            with Image.open(entry.path) as image:
+                image = image.convert("RGB")
+            return position, (self.transform(image) if self.as_tensor else image), None
+        except Exception as exc:  # reported per image, never fatal
+            return position, None, f"{type(exc).__name__}: {exc}"
+
+
+def _collate(items):
+    import torch
+
+    good = [(p, x) for p, x, err in items if err is None]
+    bad = [(p, err) for p, _, err in items if err is not None]
+    positions = [p for p, _ in good]
+    data = [x for _, x in good]
+    if data and isinstance(data[0], torch.Tensor):
+        data = torch.stack(data)
+    return positions, data, bad
+
+
+def default_num_workers() -> int:
+    # One core stays with the model's forward pass.
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def checkpoint_fingerprint(model_info: dict[str, Any]) -> str:
+    """Content hash of the checkpoint's config and weights: cached embeddings and an index
+    are valid only for the exact model that made them."""
+    digest = hashlib.sha256()
+    public = {k: v for k, v in sorted(model_info.items()) if _jsonable(v)}
+    digest.update(json.dumps(public, sort_keys=True, default=str).encode())
+    weights = model_info.get("weights")
+    if weights and Path(weights).is_file():
+        with open(weights, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _gallery_fingerprint(entries: Sequence[GalleryEntry]) -> str:
+    digest = hashlib.sha256()
+    for e in entries:
+        digest.update(f"{e.name}\0{e.path}\0{e.image_id}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class EncodedGallery:
+    embeddings: np.ndarray  # (N, D) float32, one row per entry
+    entries: list[GalleryEntry]  # the images that were read, in gallery order
+    skipped: list[dict]  # [{"name", "path", "image_id", "error"}] images that could not be read
+    encoded: int  # images encoded by this call (the rest came from the chunk cache)
+
+
+def encode_gallery(
+    retriever,
+    entries: Sequence[GalleryEntry],
+    cache_dir: str | Path,
+    *,
+    model_fingerprint: Optional[str] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_workers: Optional[int] = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress: bool = True,
+    fresh: bool = False,
+) -> EncodedGallery:
+    """Encode every gallery image, resumably: finished chunks of `chunk_size` images are
+    saved under cache_dir and skipped by a later call with the same model and gallery."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    if not entries:
+        raise ValueError("the gallery is empty")
+    cache_dir = Path(cache_dir)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "model": model_fingerprint or checkpoint_fingerprint(getattr(retriever, "model_info", {})),
+        "gallery": _gallery_fingerprint(entries),
+        "count": len(entries),
+        "chunk_size": chunk_size,
+    }
+    _prepare_cache(cache_dir, manifest, fresh)
+
+    num_chunks = (len(entries) + chunk_size - 1) // chunk_size
+    missing = [c for c in range(num_chunks) if not (cache_dir / _chunk_name(c)).is_file()]
+    batches = []
+    for c in missing:
+        stop = min((c + 1) * chunk_size, len(entries))
+        for start in range(c * chunk_size, stop, batch_size):
+            batches.append(list(range(start, min(start + batch_size, stop))))
+
+    use_pixels = hasattr(retriever, "encode_pixels")
+    done_before = len(entries) - sum(len(b) for b in batches)
+    encoded = 0
+    if batches:
+        workers = default_num_workers() if num_workers is None else num_workers
+        loader = DataLoader(
+            _GalleryImages(entries, retriever.image_transform, as_tensor=use_pixels),
+            batch_sampler=batches,
+            num_workers=workers,
+            collate_fn=_collate,
+            prefetch_factor=4 if workers > 0 else None,
+            persistent_workers=False,
+        )
+        pending: dict[int, dict] = {}  # chunk -> accumulated positions/embeddings/errors
+        bar = tqdm(total=len(entries), initial=done_before, unit="img", desc="encoding gallery",
+                   disable=not progress, file=sys.stderr)
+        with torch.inference_mode():
+            for batch_positions, data, bad in loader:
+                all_positions = sorted(batch_positions + [p for p, _ in bad])
+                chunk = all_positions[0] // chunk_size
+                acc = pending.setdefault(chunk, {"positions": [], "embeddings": [], "errors": []})
+                if batch_positions:
+                    vectors = retriever.encode_pixels(data) if use_pixels else retriever.encode_images(data)
+                    acc["positions"].extend(batch_positions)
+                    acc["embeddings"].append(np.asarray(vectors, dtype=np.float32))
+                for position, error in bad:
+                    acc["errors"].append((position, error))
+                    bar.write(f"skipped {entries[position].name} ({entries[position].path}): {error}", file=sys.stderr)
+                encoded += len(batch_positions)
+                bar.update(len(all_positions))
+                chunk_end = min((chunk + 1) * chunk_size, len(entries))
+                if all_positions[-1] == chunk_end - 1:
+                    _save_chunk(cache_dir / _chunk_name(chunk), pending.pop(chunk))
+        bar.close()
+
+    positions, vectors, skipped = [], [], []
+    for c in range(num_chunks):
+        with np.load(cache_dir / _chunk_name(c), allow_pickle=False) as data:
+            positions.append(data["positions"])
+            vectors.append(data["embeddings"])
+            for position, error in zip(data["error_positions"], data["errors"]):
+                e = entries[int(position)]
+                skipped.append({"name": e.name, "path": e.path, "image_id": e.image_id, "error": str(error)})
+    positions = np.concatenate(positions)
+    embeddings = np.concatenate([v for v in vectors if v.size] or [np.zeros((0, 0), np.float32)])
+    kept = [entries[int(p)] for p in positions]
+    if not kept:
+        raise ValueError(f"no gallery image could be read ({len(skipped)} failed; first: {skipped[0]['error']})")
+    return EncodedGallery(np.ascontiguousarray(embeddings, dtype=np.float32), kept, skipped, encoded)
+
+
+def _chunk_name(chunk: int) -> str:
+    return f"chunk_{chunk:06d}.npz"
+
+
+def _prepare_cache(cache_dir: Path, manifest: dict, fresh: bool) -> None:
+    manifest_path = cache_dir / MANIFEST_FILE
+    if cache_dir.exists() and not fresh and manifest_path.is_file():
+        try:
+            old = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            old = None
+        if old == manifest:
+            return  # resume
+        print(f"embedding cache {cache_dir} is for another model or gallery: starting over",
+              file=sys.stderr)
+    if cache_dir.exists():
+        shutil.rmtree(cache_dir)
+    cache_dir.mkdir(parents=True)
+    _write_atomic(manifest_path, json.dumps(manifest, indent=2))
+
+
+def _save_chunk(path: Path, acc: dict) -> None:
+    order = np.argsort(acc["positions"], kind="stable")
+    embeddings = np.concatenate(acc["embeddings"]) if acc["embeddings"] else np.zeros((0, 0), np.float32)
+    errors = sorted(acc["errors"])
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(
+        tmp,
+        positions=np.asarray(acc["positions"], dtype=np.int64)[order],
+        embeddings=embeddings[order] if len(embeddings) else embeddings,
+        error_positions=np.asarray([p for p, _ in errors], dtype=np.int64),
+        errors=np.asarray([e for _, e in errors], dtype=str),
+    )
+    os.replace(tmp, path)  # a killed run never leaves a half-written chunk
+
+
+# ------------------------------------------------------------------------ FAISS
+
+
+def build_faiss_index(
+    embeddings: np.ndarray,
+    factory: str = DEFAULT_FACTORY,
+    *,
+    search_params: Optional[str] = None,
+    ef_construction: Optional[int] = None,
+    seed: int = 0,
+    progress: bool = False,
+):
+    """An inner-product FAISS index over the embeddings (one row per gallery image, in
+    order), trained first when the factory needs it (IVF, PQ)."""
+    import faiss
+
+    embeddings = _as_matrix(embeddings)
+    n, dim = embeddings.shape
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS cannot build index factory {factory!r}: {_faiss_message(exc)}") from None
+    hnsw = _hnsw_of(index)
+    if hnsw is not None:
+        hnsw.efConstruction = ef_construction or DEFAULT_HNSW_EF_CONSTRUCTION
+    if not index.is_trained:
+        sample = embeddings
+        if n > MAX_TRAINING_VECTORS:
+            rows = np.random.default_rng(seed).choice(n, MAX_TRAINING_VECTORS, replace=False)
+            sample = embeddings[np.sort(rows)]
+        try:
+            index.train(sample)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"index factory {factory!r} could not be trained on {n} gallery vectors: "
+                f"{_faiss_message(exc)}; use 'Flat' or fewer clusters for a gallery this small"
+            ) from None
+    step = 65_536
+    if progress and n > step:
+        from tqdm import tqdm
+
+        for start in tqdm(range(0, n, step), desc=f"adding to {factory}", unit="chunk", file=sys.stderr):
+            index.add(embeddings[start : start + step])
+    else:
+        index.add(embeddings)
+    set_search_params(index, search_params if search_params is not None else default_search_params(index))
+    return index
+
+
+def default_search_params(index) -> str:
+    """Search parameters that reach recall@10 >= 0.95 in bench/faiss_bench.py."""
+    import faiss
+
+    if _hnsw_of(index) is not None:
+        return f"efSearch={DEFAULT_HNSW_EF_SEARCH}"
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return ""
+    return f"nprobe={min(DEFAULT_IVF_NPROBE, ivf.nlist)}"
+
+
+def set_search_params(index, params: Optional[str]) -> None:
+    """Apply "name=value,name=value" through faiss.ParameterSpace."""
+    import faiss
+
+    if not params:
+        return
+    try:
+        faiss.ParameterSpace().set_index_parameters(index, params)
+    except RuntimeError as exc:
+        raise ValueError(f"search parameters {params!r} do not apply to this index: {_faiss_message(exc)}") from None
+
+
+def search(index, query_vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k by inner product: (scores (Q, k) float32, rows (Q, k) int64, -1 where the
+    index had fewer than k answers). `index` is a FAISS index or a GalleryIndex."""
+    index = getattr(index, "index", index)
+    queries = _as_matrix(query_vectors)
+    if queries.shape[1] != index.d:
+        raise ValueError(f"query vectors have dimension {queries.shape[1]}, the index {index.d}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    scores, rows = index.search(queries, min(k, max(index.ntotal, 1)))
+    return scores, rows
+
+
+@dataclass
+class GalleryIndex:
+    """A loaded index directory: the FAISS index, its id map and metadata."""
+
+    index: Any
+    entries: list[GalleryEntry]
+    meta: dict[str, Any]
+    path: Optional[Path] = None
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def set_search_params(self, params: Optional[str]) -> None:
+        set_search_params(self.index, params)
+
+    def search(self, query_vectors: np.ndarray, k: int = 10,
+               exclude: Optional[Sequence[set[str]]] = None) -> list[list[Hit]]:
+        """Top k hits per query; `exclude[q]` holds paths or names left out for query q
+        (the query's own reference image, as in the CIRR protocol)."""
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        scores, rows = search(self.index, query_vectors, k + extra)
+        results = []
+        for q in range(len(rows)):
+            skip = exclude[q] if exclude else ()
+            hits = []
+            for score, row in zip(scores[q], rows[q]):
+                if row < 0:
+                    continue
+                entry = self.entries[row]
+                if entry.path in skip or entry.name in skip:
+                    continue
+                hits.append(Hit(entry.name, entry.path, float(score)))
+                if len(hits) == k:
+                    break
+            results.append(hits)
+        return results
+
+
+def save_index(out_dir: str | Path, index, entries: Sequence[GalleryEntry], meta: dict[str, Any]) -> Path:
+    """Write index.faiss, ids.jsonl and meta.json (each atomically) into out_dir."""
+    import faiss
+
+    if index.ntotal != len(entries):
+        raise ValueError(f"the index holds {index.ntotal} vectors but the id map {len(entries)} entries")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / (INDEX_FILE + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out_dir / INDEX_FILE)
+    _write_atomic(out_dir / IDS_FILE, "".join(json.dumps(asdict(e)) + "\n" for e in entries))
+    meta = {"format": FORMAT_VERSION, "dim": index.d, "count": index.ntotal, **meta}
+    _write_atomic(out_dir / META_FILE, json.dumps(meta, indent=2, default=str))
+    return out_dir
+
+
+def load_index(path: str | Path, search_params: Optional[str] = None) -> GalleryIndex:
+    """Load an index directory written by `save_index` / `good4cir index`."""
+    import faiss
+
+    path = Path(path)
+    if path.is_file() and path.name == INDEX_FILE:
+        path = path.parent
+    for name in (INDEX_FILE, IDS_FILE, META_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a good4cir index (no {name}); build one with `good4cir index`")
+    meta = json.loads((path / META_FILE).read_text())
+    entries = []
+    with open(path / IDS_FILE) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    entries.append(GalleryEntry(**json.loads(line)))
+                except (json.JSONDecodeError, TypeError) as exc:
+                    raise ValueError(f"{path / IDS_FILE} line {line_no}: {exc}") from None
+    index = faiss.read_index(str(path / INDEX_FILE))
+    if index.ntotal != len(entries):
+        raise ValueError(
+            f"{path}: the index holds {index.ntotal} vectors but {IDS_FILE} has {len(entries)} entries; rebuild it"
+        )
+    set_search_params(index, search_params if search_params is not None else meta.get("search_params"))
+    return GalleryIndex(index=index, entries=entries, meta=meta, path=path)
+
+
+# ------------------------------------------------------------------------ the whole job
+
+
+def build_gallery_index(
+    db_path: str | Path,
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    factory: str = DEFAULT_FACTORY,
+    split: Optional[str] = None,
+    search_params: Optional[str] = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    num_workers: Optional[int] = None,
+    fresh: bool = False,
+    progress: bool = True,
+    retriever=None,
+) -> IndexReport:
+    """`good4cir index`: encode a store's gallery with a checkpoint and save the index."""
+    import time
+
+    from .model import load_retriever
+
+    entries = gallery_from_db(db_path, split=split)
+    if retriever is None:
+        retriever = load_retriever(checkpoint_dir)
+    fingerprint = checkpoint_fingerprint(retriever.model_info)
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    encoded = encode_gallery(
+        retriever, entries, out_dir / EMBEDDINGS_DIR, model_fingerprint=fingerprint,
+        batch_size=batch_size, num_workers=num_workers, fresh=fresh, progress=progress,
+    )
+    encoded_at = time.perf_counter()
+    index = build_faiss_index(encoded.embeddings, factory, search_params=search_params, progress=progress)
+    built_at = time.perf_counter()
+    applied = search_params if search_params is not None else default_search_params(index)
+    save_index(out_dir, index, encoded.entries, {
+        "factory": factory,
+        "metric": "inner_product",
+        "search_params": applied,
+        "checkpoint": str(Path(checkpoint_dir).resolve()),
+        "checkpoint_fingerprint": fingerprint,
+        "model": {k: v for k, v in retriever.model_info.items() if _jsonable(v)},
+        "db": str(Path(db_path).resolve()),
+        "split": split,
+        "skipped": encoded.skipped,
+    })
+    return IndexReport(
+        out_dir=str(out_dir), count=len(encoded.entries), factory=factory, search_params=applied,
+        dim=int(encoded.embeddings.shape[1]), encoded=encoded.encoded, skipped=encoded.skipped,
+        encode_seconds=encoded_at - started, build_seconds=built_at - encoded_at,
+    )
+
+
+class QueryEngine:
+    """Loads a retriever and an index once; answers (image, text) -> top k hits.
+
+    The review app's retrieve tab keeps one engine per index. Safe to share between
+    threads: encoding is serialised (one model), FAISS searches are read-only.
+    """
+
+    def __init__(self, index_path: str | Path, checkpoint_dir: Optional[str | Path] = None,
+                 search_params: Optional[str] = None, retriever=None):
+        from .model import load_retriever
+
+        self.index = load_index(index_path, search_params=search_params)
+        checkpoint_dir = checkpoint_dir or self.index.meta.get("checkpoint")
+        if retriever is None:
+            if not checkpoint_dir:
+                raise ValueError(f"{index_path} does not name its checkpoint; pass the checkpoint directory")
+            retriever = load_retriever(checkpoint_dir)
+        self.retriever = retriever
+        self.checkpoint_dir = checkpoint_dir
+        expected = self.index.meta.get("checkpoint_fingerprint")
+        if expected and checkpoint_fingerprint(retriever.model_info) != expected:
+            warnings.warn(
+                f"the index {index_path} was built with another version of the model in "
+                f"{checkpoint_dir}; rebuild it with `good4cir index` for meaningful results",
+                stacklevel=2,
+            )
+        if getattr(retriever, "embed_dim", self.index.dim) != self.index.dim:
+            raise ValueError(
+                f"the model embeds in {retriever.embed_dim} dimensions but the index holds {self.index.dim}"
+            )
+        self._lock = threading.Lock()
+
+    def query(self, image, text: str, k: int = 10, exclude_reference: bool = True) -> list[Hit]:
+        """Top-k gallery images for a reference image (PIL image or path) and a
+        modification text. A reference given as a path that is in the gallery is left
+        out of the results (the CIRR protocol)."""
+        from PIL import Image
+
+        exclude = set()
+        if isinstance(image, (str, Path)):
+            path = Path(image)
+            if not path.is_file():
+                raise FileNotFoundError(f"query image {path} does not exist")
+            if exclude_reference:
+                exclude = {str(path), str(path.resolve())}
+            with Image.open(path) as im:
+                image = im.convert("RGB")
+        elif not isinstance(image, Image.Image):
+            raise TypeError(f"query image must be a PIL image or a path, got {type(image).__name__}")
+        with self._lock:
+            vector = self.retriever.encode_queries([image], [text or ""])
+        return self.index.search(vector, k, exclude=[exclude])[0]
+
+
+# ------------------------------------------------------------------------ helpers
+
+
+def _as_matrix(vectors) -> np.ndarray:
+    array = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+    if array.ndim == 1:
+        array = array[None, :]
+    if array.ndim != 2 or array.shape[1] == 0:
+        raise ValueError(f"expected (N, D) vectors, got shape {array.shape}")
+    return array
+
+
+def _hnsw_of(index):
+    import faiss
+
+    index = faiss.downcast_index(index)
+    return getattr(index, "hnsw", None)
+
+
+def _faiss_message(exc: Exception) -> str:
+    # FAISS prefixes its messages with the C++ location; keep the last, human part.
+    return str(exc).strip().splitlines()[-1].split(": ", 1)[-1] if str(exc).strip() else repr(exc)
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

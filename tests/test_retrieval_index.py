@@ -1,0 +1,244 @@
+"""retrieval.index: FAISS against brute force, factory strings, the id map, resumable
+encoding, and `good4cir index` / `good4cir query` end to end with a tiny random model."""
+
+from __future__ import annotations
+
+import json
+
+import faiss
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrieval import index as ix
+
+
+def _unit_vectors(n, dim, seed):
+    vectors = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _brute_force(gallery, queries, k):
+    scores = queries @ gallery.T
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, rows, axis=1), rows
+
+
+# ------------------------------------------------------------------------ FAISS
+
+
+def test_flat_index_returns_the_brute_force_top_k():
+    gallery, queries = _unit_vectors(3000, 64, 0), _unit_vectors(50, 64, 1)
+    index = ix.build_faiss_index(gallery, "Flat")
+    scores, rows = ix.search(index, queries, 10)
+    expected_scores, expected_rows = _brute_force(gallery, queries, 10)
+    assert rows.tolist() == expected_rows.tolist()
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+    # One 1-d query works too.
+    assert ix.search(index, queries[0], 3)[1].tolist() == [expected_rows[0, :3].tolist()]
+
+
+@pytest.mark.parametrize(
+    "factory, params, min_recall",
+    [("HNSW32", "efSearch=64", 0.9), ("IVF16,Flat", "nprobe=16", 0.999), ("IVF16,PQ8x4", "nprobe=16", 0.15)],  # PQ is lossy; chance is 0.005
+)
+def test_factory_strings_build_train_and_search(factory, params, min_recall):
+    gallery, queries = _unit_vectors(2000, 32, 2), _unit_vectors(40, 32, 3)
+    index = ix.build_faiss_index(gallery, factory, search_params=params)
+    assert index.ntotal == 2000 and index.is_trained
+    _, rows = ix.search(index, queries, 10)
+    _, exact = _brute_force(gallery, queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows.tolist(), exact.tolist())])
+    assert recall >= min_recall, (factory, recall)
+
+
+def test_search_params_go_through_parameter_space():
+    gallery = _unit_vectors(500, 16, 4)
+    hnsw = ix.build_faiss_index(gallery, "HNSW16", ef_construction=50)
+    inner = faiss.downcast_index(hnsw)
+    assert inner.hnsw.efConstruction == 50
+    assert inner.hnsw.efSearch == ix.DEFAULT_HNSW_EF_SEARCH  # the default search params
+    ix.set_search_params(hnsw, "efSearch=33")
+    assert inner.hnsw.efSearch == 33
+    ivf = ix.build_faiss_index(gallery, "IVF8,Flat")
+    assert faiss.extract_index_ivf(ivf).nprobe == 8  # default nprobe capped at nlist
+    with pytest.raises(ValueError, match="do not apply"):
+        ix.set_search_params(ivf, "efSearch=10")
+
+
+def test_bad_factory_and_untrainable_index_are_clear_errors():
+    gallery = _unit_vectors(20, 16, 5)
+    with pytest.raises(ValueError, match="cannot build index factory 'Bogus7'"):
+        ix.build_faiss_index(gallery, "Bogus7")
+    with pytest.raises(ValueError, match="could not be trained on 20 gallery vectors"):
+        ix.build_faiss_index(gallery, "IVF64,Flat")
+    index = ix.build_faiss_index(gallery)
+    with pytest.raises(ValueError, match="dimension 8, the index 16"):
+        ix.search(index, _unit_vectors(1, 8, 0), 3)
+
+
+def test_id_map_round_trip(tmp_path):
+    gallery, queries = _unit_vectors(300, 24, 6), _unit_vectors(5, 24, 7)
+    entries = [ix.GalleryEntry(name=f"img{i}", path=f"/data/img{i}.png", image_id=f"sha{i}") for i in range(300)]
+    index = ix.build_faiss_index(gallery, "HNSW16", search_params="efSearch=40")
+    ix.save_index(tmp_path / "idx", index, entries, {"factory": "HNSW16", "search_params": "efSearch=40"})
+    loaded = ix.load_index(tmp_path / "idx")
+    assert loaded.entries == entries
+    assert loaded.meta["count"] == 300 and loaded.meta["dim"] == 24
+    assert faiss.downcast_index(loaded.index).hnsw.efSearch == 40  # saved params re-applied
+    hits = loaded.search(queries, k=5)
+    _, rows = ix.search(index, queries, 5)
+    assert [[h.name for h in q] for q in hits] == [[f"img{r}" for r in row] for row in rows.tolist()]
+    assert hits[0][0].path == f"/data/img{rows[0, 0]}.png"
+    # Excluding a result (the query's reference) returns the next one instead.
+    first = hits[0][0]
+    assert [h.name for h in loaded.search(queries[:1], 5, exclude=[{first.path}])[0]] == [
+        h.name for h in hits[0][1:]
+    ] + [loaded.search(queries[:1], 6)[0][5].name]
+    # A damaged id map is refused with the reason.
+    (tmp_path / "idx" / ix.IDS_FILE).write_text("".join(json.dumps({"name": "x", "path": "y"}) + "\n" for _ in range(3)))
+    with pytest.raises(ValueError, match="holds 300 vectors but ids.jsonl has 3"):
+        ix.load_index(tmp_path / "idx")
+    with pytest.raises(FileNotFoundError, match="not a good4cir index"):
+        ix.load_index(tmp_path / "nothing")
+
+
+# ------------------------------------------------------------------------ the model
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from retrieval.model import build_model, save_weights, write_config
+
+    checkpoint_dir = tmp_path_factory.mktemp("ckpt")
+    config = {"model": "tiny", "fusion": "residual"}
+    model = build_model(config)
+    write_config(checkpoint_dir, config)
+    save_weights(checkpoint_dir / "best.pt", model)
+    return checkpoint_dir
+
+
+@pytest.fixture(scope="module")
+def image_paths(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(40):
+        path = folder / f"room{i:02d}.png"
+        Image.fromarray(rng.integers(0, 255, size=(80, 80, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_encode_gallery_matches_the_model_skips_bad_images_and_resumes(tmp_path, tiny_checkpoint, image_paths):
+    from retrieval.model import load_retriever
+
+    retriever = load_retriever(tiny_checkpoint)
+    bad = tmp_path / "broken.png"
+    bad.write_text("not a png")
+    entries = ix.gallery_from_paths(image_paths[:20] + [bad] + image_paths[20:])
+    cache = tmp_path / "cache"
+    first = ix.encode_gallery(retriever, entries, cache, chunk_size=8, batch_size=3, num_workers=1, progress=False)
+    assert first.encoded == 40 and len(first.entries) == 40
+    assert [s["name"] for s in first.skipped] == ["broken"] and "UnidentifiedImageError" in first.skipped[0]["error"]
+    expected = retriever.encode_images([Image.open(p).convert("RGB") for p in image_paths])
+    np.testing.assert_allclose(first.embeddings, expected, atol=1e-5)
+    assert [e.name for e in first.entries] == [p.stem for p in image_paths]
+
+    # Resume: only the missing chunk is encoded again, the result is the same.
+    (cache / "chunk_000000.npz").unlink()
+    resumed = ix.encode_gallery(retriever, entries, cache, chunk_size=8, batch_size=3, num_workers=0, progress=False)
+    assert resumed.encoded == 8
+    np.testing.assert_array_equal(resumed.embeddings, first.embeddings)
+    # Another model (fingerprint) or gallery starts over.
+    again = ix.encode_gallery(retriever, entries, cache, chunk_size=8, model_fingerprint="other", progress=False)
+    assert again.encoded == 40
+
+
+def _store_with_images(db_path, image_paths):
+    from store import open_db, utc_now
+
+    db = open_db(db_path)
+    rows = []
+    for i, path in enumerate(image_paths):
+        rows.append({
+            "id": f"sha{i:03d}", "name": path.stem, "path": str(path), "root": str(path.parent),
+            "split": "test" if i < 30 else "train", "created_at": utc_now(),
+        })
+    rows.append({"id": "remote", "name": "remote-only", "url": "https://example.invalid/x.png",
+                 "split": "test", "created_at": utc_now()})
+    db["images"].insert_all(rows)
+    db.conn.close()
+
+
+def test_index_and_query_commands_end_to_end(tmp_path, tiny_checkpoint, image_paths, capsys):
+    from good4cir.cli import main
+    from retrieval.model import load_retriever
+
+    db_path = tmp_path / "store.db"
+    _store_with_images(db_path, image_paths)
+    out = tmp_path / "index"
+    assert main(["index", "--db", str(db_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                 "--split", "test", "--workers", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "indexed 30 images" in captured.out
+    assert "remote-only" in captured.err  # no local file: skipped and named
+    loaded = ix.load_index(out)
+    assert len(loaded) == 30 and loaded.meta["factory"] == "Flat" and loaded.meta["split"] == "test"
+    assert {e.name for e in loaded.entries} == {p.stem for p in image_paths[:30]}
+
+    reference = image_paths[3]
+    assert main(["query", "--index", str(out), "--image", str(reference), "--text", "add a red lamp",
+                 "-k", "5", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    names = [r["name"] for r in result["results"]]
+
+    # Brute force with the same model: query embedding against every test image but the reference.
+    retriever = load_retriever(tiny_checkpoint)
+    query = retriever.encode_queries([Image.open(reference).convert("RGB")], ["add a red lamp"])
+    gallery_paths = [p for p in image_paths[:30] if p != reference]
+    gallery = retriever.encode_images([Image.open(p).convert("RGB") for p in gallery_paths])
+    order = np.argsort(-(query @ gallery.T)[0])[:5]
+    assert names == [gallery_paths[i].stem for i in order]
+    assert reference.stem not in names
+    np.testing.assert_allclose([r["score"] for r in result["results"]], (query @ gallery.T)[0][order], atol=1e-4)
+
+    # --keep-reference searches the whole gallery, the reference included.
+    assert main(["query", "--index", str(out), "--image", str(reference), "--text", "add a red lamp",
+                 "-k", "30", "--json", "--keep-reference"]) == 0
+    assert reference.stem in [r["name"] for r in json.loads(capsys.readouterr().out)["results"]]
+
+    # Another factory over the same gallery reuses the cached embeddings: nothing re-encoded.
+    assert main(["index", "--db", str(db_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                 "--split", "test", "--factory", "HNSW8", "--quiet"]) == 0
+    assert "(0 encoded now)" in capsys.readouterr().out
+    assert ix.load_index(out).meta["factory"] == "HNSW8"
+
+
+def test_query_engine_takes_pil_images_and_checks_the_model(tmp_path, tiny_checkpoint, image_paths):
+    from retrieval.model import load_retriever
+
+    retriever = load_retriever(tiny_checkpoint)
+    entries = ix.gallery_from_paths(image_paths)
+    encoded = ix.encode_gallery(retriever, entries, tmp_path / "cache", num_workers=0, progress=False)
+    index = ix.build_faiss_index(encoded.embeddings)
+    ix.save_index(tmp_path / "idx", index, encoded.entries,
+                  {"checkpoint": str(tiny_checkpoint),
+                   "checkpoint_fingerprint": ix.checkpoint_fingerprint(retriever.model_info)})
+    engine = ix.QueryEngine(tmp_path / "idx")
+    image = Image.open(image_paths[0]).convert("RGB")
+    hits = engine.query(image, "remove the plant", k=4)
+    assert len(hits) == 4 and all(isinstance(h, ix.Hit) for h in hits)
+    assert hits == sorted(hits, key=lambda h: -h.score)
+    # A PIL image carries no path, so the reference is not excluded; a path is.
+    by_path = engine.query(image_paths[0], "remove the plant", k=4)
+    assert image_paths[0].stem not in [h.name for h in by_path]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        engine.query(tmp_path / "missing.png", "x")
+    # An index built by another model is flagged.
+    meta_path = tmp_path / "idx" / ix.META_FILE
+    meta = json.loads(meta_path.read_text())
+    meta["checkpoint_fingerprint"] = "0000"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="another version of the model"):
+        ix.QueryEngine(tmp_path / "idx", retriever=retriever)
