@@ -1,0 +1,49 @@
+"""`good4cir app`: the review app (Gradio) over a store."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    app = subparsers.add_parser(
+        "app",
+        help="open the review app: review, flag and edit captions, run the pipeline, stats, export, retrieve",
+        description=(
+            "Serve the good4cir review app for a store. It listens on 127.0.0.1 by default; "
+            "any other --host requires --auth. Reviewers are the logged-in users, or the "
+            "name typed in the Reviewer box when there is no login."
+        ),
+    )
+    app.add_argument("--db", required=True, type=Path, help="the store (SQLite file)")
+    app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    app.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    app.add_argument(
+        "--auth",
+        help="USER:PASSWORD, or a file with one user:password per line; required for a non-local --host",
+    )
+    app.add_argument("--index", type=Path, help="retrieval index directory (from good4cir index) for the Retrieve tab")
+    app.set_defaults(handler=run_app)
+
+
+def run_app(args: argparse.Namespace) -> int:
+    from ui.security import SecurityError, check_bind, parse_auth
+
+    from .cli import CommandError
+
+    if not args.db.exists():
+        raise CommandError(f"store {args.db} does not exist: create it with `good4cir import` or `good4cir demo-world`")
+    try:
+        auth = parse_auth(args.auth)
+        check_bind(args.host, auth)
+    except SecurityError as exc:
+        raise CommandError(str(exc)) from None
+    if args.index is not None and not args.index.exists():
+        raise CommandError(f"index {args.index} does not exist: build it with `good4cir index`")
+
+    from ui.server import serve
+
+    serve(args.db, host=args.host, port=args.port, auth=auth,
+          index_path=str(args.index) if args.index else None)
+    return 0

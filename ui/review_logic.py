@@ -1,0 +1,598 @@
+"""The review page as plain functions: which pair is shown, what it holds, and the
+reviewer's actions. No Gradio here; app.py only wires these to components.
+
+A descriptor is addressed as '<description id>/<object index>/<descriptor index>'
+(flags.target_id for target_kind 'descriptor'); a caption by its caption id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+import sqlite_utils
+
+from store import queue as store_queue
+from store import review as store_review
+from store.annotations import get_annotation, get_description
+from store.errors import ConflictError, NotFoundError, StoreError
+from store.models import FLAG_REASONS, CaptionRecord, DescribedObject, FlagRecord
+
+from .security import escape_text, image_url
+
+ANY = "(any)"
+
+
+@dataclass(frozen=True)
+class QueueFilter:
+    queue: str = "unreviewed"
+    run_id: Optional[int] = None
+    model: Optional[str] = None
+    split: Optional[str] = None
+
+    def kwargs(self) -> dict:
+        return {"run_id": self.run_id, "model": self.model, "split": self.split}
+
+
+def make_filter(queue: str, run: Optional[str], model: Optional[str], split: Optional[str]) -> QueueFilter:
+    """From the filter widgets' values ('(any)' or empty means no filter; run as 'id: label')."""
+    def clean(value):
+        return None if value in (None, "", ANY) else value
+
+    run = clean(run)
+    run_id = int(str(run).split(":", 1)[0]) if run is not None else None
+    return QueueFilter(queue=queue or "unreviewed", run_id=run_id, model=clean(model), split=clean(split))
+
+
+def filter_choices(db: sqlite_utils.Database) -> dict[str, list[str]]:
+    """Choices for the run, model and split filters."""
+    runs = [
+        f"{row[0]}: {row[1] or row[2]} ({row[3]})"
+        for row in db.execute("SELECT id, name, backend, model FROM runs ORDER BY id").fetchall()
+    ]
+    models = [r[0] for r in db.execute("SELECT DISTINCT model FROM runs ORDER BY model").fetchall()]
+    splits = [r[0] for r in db.execute(
+        "SELECT DISTINCT split FROM pairs WHERE split IS NOT NULL ORDER BY split").fetchall()]
+    return {"runs": [ANY, *runs], "models": [ANY, *models], "splits": [ANY, *splits]}
+
+
+# ---------------------------------------------------------------- navigation
+
+def first_in_queue(db: sqlite_utils.Database, flt: QueueFilter) -> Optional[str]:
+    record = store_queue.step(db, queue=flt.queue, **flt.kwargs())
+    return record.id if record else None
+
+
+def step_from(
+    db: sqlite_utils.Database, flt: QueueFilter, annotation_id: Optional[str], direction: str
+) -> Optional[str]:
+    """The annotation after (or before) `annotation_id` in the queue; None at its end."""
+    seq = None
+    if annotation_id:
+        try:
+            seq = get_annotation(db, annotation_id).seq
+        except NotFoundError:
+            seq = None
+    record = store_queue.step(db, queue=flt.queue, after_seq=seq, direction=direction, **flt.kwargs())
+    return record.id if record else None
+
+
+def resolve_goto(db: sqlite_utils.Database, text: str) -> Optional[str]:
+    """An annotation id from what a reviewer typed: an annotation id, a pair id or a
+    pair's external id (the newest run's annotation of it)."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    row = db.execute("SELECT id FROM annotations WHERE id = ?", [text]).fetchone()
+    if row:
+        return row[0]
+    row = db.execute(
+        "SELECT a.id FROM annotations a JOIN pairs p ON p.id = a.pair_id"
+        " WHERE (p.id = ? OR p.external_id = ?) AND a.status = 'done' ORDER BY a.run_id DESC LIMIT 1",
+        [text, text],
+    ).fetchone()
+    return row[0] if row else None
+
+
+@dataclass
+class QueueStatus:
+    queue: str
+    position: int          # 1-based position of the shown pair in the queue, 0 if not in it
+    queue_total: int
+    counts: dict[str, int]
+
+    @property
+    def reviewed(self) -> int:
+        return self.counts.get("approved", 0) + self.counts.get("rejected", 0)
+
+    def text(self) -> str:
+        c = self.counts
+        where = (
+            f"{self.position:,} / {self.queue_total:,} in '{self.queue}'"
+            if self.position else f"0 / {self.queue_total:,} in '{self.queue}'"
+        )
+        return (
+            f"{where}  ·  {self.reviewed:,} / {c.get('all', 0):,} reviewed  ·  "
+            f"{c.get('approved', 0):,} approved  ·  {c.get('rejected', 0):,} rejected  ·  "
+            f"{c.get('flagged', 0):,} flagged  ·  {c.get('pending', 0):,} still annotating  ·  "
+            f"{c.get('failed', 0):,} failed"
+        )
+
+
+def queue_status(db: sqlite_utils.Database, flt: QueueFilter, annotation_id: Optional[str]) -> QueueStatus:
+    counts = store_queue.counts(db, **flt.kwargs())
+    total = counts.get(flt.queue, 0)
+    pos = 0
+    if annotation_id:
+        row = db.execute(
+            "SELECT seq, status, review_status, flag_count FROM annotations WHERE id = ?", [annotation_id]
+        ).fetchone()
+        if row and _in_queue(flt.queue, row[1], row[2], row[3]):
+            pos = store_queue.position(db, row[0], queue=flt.queue, **flt.kwargs())
+    return QueueStatus(queue=flt.queue, position=pos, queue_total=total, counts=counts)
+
+
+def _in_queue(queue: str, status: str, review_status: str, flag_count: int) -> bool:
+    if status != "done":
+        return False
+    if queue == "all":
+        return True
+    if queue == "flagged":
+        return flag_count > 0
+    return review_status == queue
+
+
+# ---------------------------------------------------------------- the pair view
+
+@dataclass
+class DescriptorCell:
+    target_id: str
+    text: str
+    state: str        # 'same', 'new' (stage 2 only) or 'gone' (stage 1: not kept in stage 2)
+    flagged: bool = False
+    reason: Optional[str] = None
+
+
+@dataclass
+class ObjectCell:
+    name: str
+    state: str        # stage 2: unchanged/changed/new; stage 1: kept/changed/removed
+    descriptors: list[DescriptorCell] = field(default_factory=list)
+
+
+@dataclass
+class CaptionCell:
+    id: str
+    kind: str
+    position: int
+    text: str             # current text
+    original: str
+    version: int
+    flagged: bool = False
+    reason: Optional[str] = None
+    edited_by: Optional[str] = None
+    token_count: Optional[int] = None
+
+
+@dataclass
+class ImageCell:
+    id: str
+    name: str
+    url: Optional[str]
+    scene: Optional[dict] = None
+
+
+@dataclass
+class PairView:
+    annotation_id: str
+    pair_id: str
+    external_id: Optional[str]
+    source: str
+    split: Optional[str]
+    run_id: int
+    run_label: str
+    model: str
+    backend: str
+    review_status: str
+    reviewer: Optional[str]
+    reviewed_at: Optional[str]
+    note: str
+    reference: ImageCell
+    target: ImageCell
+    stage1: list[ObjectCell]
+    stage2: list[ObjectCell]
+    individual: list[CaptionCell]
+    compound: list[CaptionCell]
+    flags: list[FlagRecord]
+    ground_truth: Optional[list] = None
+    original_captions: list[str] = field(default_factory=list)
+    updated_at: Optional[str] = None
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return self.ground_truth is not None
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().split())
+
+
+def diff_objects(
+    stage1_id: str, stage1: list[DescribedObject], stage2_id: str, stage2: list[DescribedObject]
+) -> tuple[list[ObjectCell], list[ObjectCell]]:
+    """Tell unchanged, changed and new objects apart.
+
+    Stage 2 reuses stage 1's exact descriptors for unchanged objects, so objects are
+    matched by name (in order, for repeated names) and descriptors by exact text.
+    """
+    unmatched: dict[str, list[int]] = {}
+    for i, obj in enumerate(stage1):
+        unmatched.setdefault(_norm(obj.name), []).append(i)
+    match_of_stage1: dict[int, int] = {}
+    right: list[ObjectCell] = []
+    for j, obj in enumerate(stage2):
+        candidates = unmatched.get(_norm(obj.name))
+        i = candidates.pop(0) if candidates else None
+        if i is None:
+            state = "new"
+            before: set[str] = set()
+        else:
+            match_of_stage1[i] = j
+            before = {d.strip() for d in stage1[i].descriptors}
+            now = {d.strip() for d in obj.descriptors}
+            state = "unchanged" if before == now else "changed"
+        cells = [
+            DescriptorCell(
+                target_id=f"{stage2_id}/{j}/{k}", text=d,
+                state="same" if d.strip() in before else "new",
+            )
+            for k, d in enumerate(obj.descriptors)
+        ]
+        right.append(ObjectCell(name=obj.name, state=state, descriptors=cells))
+    left: list[ObjectCell] = []
+    for i, obj in enumerate(stage1):
+        j = match_of_stage1.get(i)
+        if j is None:
+            state, after = "removed", set()
+        else:
+            after = {d.strip() for d in stage2[j].descriptors}
+            state = "kept" if right[j].state == "unchanged" else "changed"
+        cells = [
+            DescriptorCell(
+                target_id=f"{stage1_id}/{i}/{k}", text=d,
+                state="same" if d.strip() in after else "gone",
+            )
+            for k, d in enumerate(obj.descriptors)
+        ]
+        left.append(ObjectCell(name=obj.name, state=state, descriptors=cells))
+    return left, right
+
+
+def _image_cell(db, image_id: str) -> ImageCell:
+    row = db.execute("SELECT name, path, scene_json FROM images WHERE id = ?", [image_id]).fetchone()
+    if row is None:
+        return ImageCell(id=image_id, name=f"(missing image {image_id})", url=None)
+    name, path, scene = row
+    return ImageCell(
+        id=image_id, name=name, url=image_url(image_id) if path else None,
+        scene=json.loads(scene) if scene else None,
+    )
+
+
+def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
+    """Everything the review page shows for one annotated pair, read fresh from SQLite."""
+    ann = get_annotation(db, annotation_id)
+    cursor = db.execute("SELECT * FROM pairs WHERE id = ?", [ann.pair_id])
+    pair = dict(zip([d[0] for d in cursor.description], cursor.fetchone()))
+    run = db.execute("SELECT name, backend, model FROM runs WHERE id = ?", [ann.run_id]).fetchone()
+    flags = store_review.list_flags(db, annotation_id)
+    flag_by_target = {(f.target_kind, f.target_id): f for f in flags}
+
+    stage1 = get_description(db, ann.stage1_id) if ann.stage1_id else None
+    stage2 = get_description(db, ann.stage2_id) if ann.stage2_id else None
+    left, right = diff_objects(
+        stage1.id if stage1 else "", stage1.objects if stage1 else [],
+        stage2.id if stage2 else "", stage2.objects if stage2 else [],
+    )
+    for obj in (*left, *right):
+        for cell in obj.descriptors:
+            flag = flag_by_target.get(("descriptor", cell.target_id))
+            if flag:
+                cell.flagged, cell.reason = True, flag.reason
+
+    editors = dict(db.execute(
+        "SELECT e.caption_id, e.editor FROM caption_edits e JOIN captions c ON c.id = e.caption_id"
+        " WHERE c.annotation_id = ? ORDER BY e.version", [annotation_id]).fetchall())
+    individual, compound = [], []
+    for cap in store_review.list_captions(db, annotation_id):
+        flag = flag_by_target.get(("caption", cap.id))
+        cell = CaptionCell(
+            id=cap.id, kind=cap.kind, position=cap.position, text=cap.current_text or cap.text,
+            original=cap.text, version=cap.version, flagged=flag is not None,
+            reason=flag.reason if flag else None, edited_by=editors.get(cap.id) if cap.version else None,
+            token_count=cap.token_count,
+        )
+        (individual if cap.kind == "individual" else compound).append(cell)
+
+    ground_truth = json.loads(pair["ground_truth"]) if pair.get("ground_truth") else None
+    return PairView(
+        annotation_id=ann.id, pair_id=ann.pair_id, external_id=pair.get("external_id"),
+        source=pair["source"], split=pair.get("split"), run_id=ann.run_id,
+        run_label=f"run {ann.run_id}" + (f" · {run[0]}" if run and run[0] else ""),
+        model=run[2] if run else "?", backend=run[1] if run else "?",
+        review_status=ann.review_status, reviewer=ann.reviewer, reviewed_at=ann.reviewed_at,
+        note=ann.note or "", reference=_image_cell(db, pair["reference_id"]),
+        target=_image_cell(db, pair["target_id"]), stage1=left, stage2=right,
+        individual=individual, compound=compound, flags=flags, ground_truth=ground_truth,
+        original_captions=json.loads(pair.get("original_captions") or "[]"),
+        updated_at=ann.updated_at,
+    )
+
+
+# ---------------------------------------------------------------- actions
+
+class ReviewActionError(Exception):
+    """An action the reviewer asked for that could not be done; the message says why."""
+
+
+def require_reviewer(reviewer: Optional[str]) -> str:
+    reviewer = (reviewer or "").strip()
+    if not reviewer:
+        raise ReviewActionError("type your name in the Reviewer box first: every action is recorded with it")
+    return reviewer
+
+
+def _reason(reason: Optional[str]) -> Optional[str]:
+    if reason in (None, "", ANY, "(none)"):
+        return None
+    if reason not in FLAG_REASONS:
+        raise ReviewActionError(f"flag reason {reason!r} is not one of: {', '.join(FLAG_REASONS)}")
+    return reason
+
+
+def _active_flag(db, annotation_id: str, kind: str, target_id: str) -> Optional[int]:
+    row = db.execute(
+        "SELECT id FROM flags WHERE annotation_id = ? AND target_kind = ? AND target_id = ?"
+        " AND removed_at IS NULL", [annotation_id, kind, target_id]).fetchone()
+    return row[0] if row else None
+
+
+def _check_descriptor_target(db, annotation_id: str, target_id: str) -> None:
+    """A descriptor flag must name a descriptor of this annotation's stage 1 or 2 list."""
+    parts = target_id.rsplit("/", 2)
+    ann = get_annotation(db, annotation_id)
+    if len(parts) != 3 or parts[0] not in (ann.stage1_id, ann.stage2_id):
+        raise ReviewActionError(f"{target_id!r} is not a descriptor of pair {annotation_id}")
+    desc = get_description(db, parts[0])
+    try:
+        desc.objects[int(parts[1])].descriptors[int(parts[2])]
+    except (ValueError, IndexError, AttributeError):
+        raise ReviewActionError(f"{target_id!r} is not a descriptor of pair {annotation_id}") from None
+
+
+def set_flag(
+    db: sqlite_utils.Database, annotation_id: str, kind: str, target_id: str,
+    flagged: bool, reviewer: str, reason: Optional[str] = None,
+) -> bool:
+    """Flag (or unflag) one descriptor or caption; returns whether it is flagged now."""
+    reviewer = require_reviewer(reviewer)
+    if kind == "descriptor":
+        _check_descriptor_target(db, annotation_id, target_id)
+    elif kind == "caption":
+        row = db.execute("SELECT annotation_id FROM captions WHERE id = ?", [target_id]).fetchone()
+        if row is None or row[0] != annotation_id:
+            raise ReviewActionError(f"caption {target_id!r} is not part of pair {annotation_id}")
+    else:
+        raise ReviewActionError(f"cannot flag a {kind!r}; only a descriptor or a caption")
+    current = _active_flag(db, annotation_id, kind, target_id)
+    if flagged:
+        store_review.add_flag(db, annotation_id, kind, target_id, reviewer, _reason(reason))
+        return True
+    if current is not None:
+        store_review.remove_flag(db, current, reviewer)
+    return False
+
+
+def toggle_flag(
+    db: sqlite_utils.Database, annotation_id: str, kind: str, target_id: str,
+    reviewer: str, reason: Optional[str] = None,
+) -> bool:
+    flagged = _active_flag(db, annotation_id, kind, target_id) is not None
+    return set_flag(db, annotation_id, kind, target_id, not flagged, reviewer, reason)
+
+
+@dataclass
+class EditResult:
+    saved: bool
+    version: int
+    text: str
+    message: str
+    conflict: bool = False
+
+
+def save_caption(
+    db: sqlite_utils.Database, caption_id: str, text: str, editor: str, expected_version: Optional[int]
+) -> EditResult:
+    """Save an in-place edit made from version `expected_version`.
+
+    Saving the text the caption already has writes nothing (blur after Enter sends it
+    twice). If someone saved a newer version meanwhile nothing is written and the
+    result says so, with their text, instead of overwriting it.
+    """
+    editor = require_reviewer(editor)
+    text = (text or "").strip()
+    current = store_review.get_caption(db, caption_id)
+    if text == (current.current_text or current.text):
+        return EditResult(False, current.version, text, "")
+    if not text:
+        return EditResult(False, current.version, current.current_text or current.text,
+                          f"caption {caption_id}: an empty caption is not saved; flag it instead")
+    try:
+        saved = store_review.edit_caption(db, caption_id, text, editor, expected_version=expected_version)
+    except ConflictError:
+        editor_row = db.execute(
+            "SELECT editor FROM caption_edits WHERE caption_id = ? ORDER BY version DESC LIMIT 1",
+            [caption_id]).fetchone()
+        by = editor_row[0] if editor_row else "someone else"
+        return EditResult(
+            False, current.version, current.current_text or current.text,
+            f"NOT SAVED: {by} changed this caption while you were editing it (now version "
+            f"{current.version}, you started from version {expected_version}). Their text is "
+            f"kept: “{current.current_text}”. Reload the pair and edit again.",
+            conflict=True,
+        )
+    return EditResult(True, saved.version, saved.current_text, f"caption saved as version {saved.version}")
+
+
+def undo_caption(db: sqlite_utils.Database, caption_id: str, editor: str, expected_version: Optional[int]) -> EditResult:
+    editor = require_reviewer(editor)
+    try:
+        saved = store_review.undo_caption_edit(db, caption_id, editor, expected_version=expected_version)
+    except ConflictError as exc:
+        current = store_review.get_caption(db, caption_id)
+        return EditResult(False, current.version, current.current_text, f"NOT UNDONE: {exc}", conflict=True)
+    except StoreError as exc:
+        current = store_review.get_caption(db, caption_id)
+        return EditResult(False, current.version, current.current_text, str(exc))
+    return EditResult(True, saved.version, saved.current_text, f"undone: now version {saved.version}")
+
+
+def set_status(db: sqlite_utils.Database, annotation_id: str, status: str, reviewer: str) -> None:
+    store_review.set_review_status(db, annotation_id, status, require_reviewer(reviewer))
+
+
+def save_note(db: sqlite_utils.Database, annotation_id: str, note: str, reviewer: str) -> bool:
+    """Save the note if it changed; returns whether anything was written."""
+    note = (note or "").strip()
+    row = db.execute("SELECT note FROM annotations WHERE id = ?", [annotation_id]).fetchone()
+    if row is None:
+        raise ReviewActionError(f"pair {annotation_id} does not exist")
+    if (row[0] or "") == note:
+        return False
+    store_review.set_note(db, annotation_id, note, require_reviewer(reviewer))
+    return True
+
+
+def activity_since(db: sqlite_utils.Database, annotation_id: str, since: str, me: str) -> list[str]:
+    """What other reviewers did to this pair after `since` (ISO time), newest last."""
+    lines = []
+    for editor, caption_id, version, at in db.execute(
+        "SELECT e.editor, e.caption_id, e.version, e.created_at FROM caption_edits e"
+        " JOIN captions c ON c.id = e.caption_id WHERE c.annotation_id = ? AND e.created_at > ?"
+        " AND e.editor != ?", [annotation_id, since, me]).fetchall():
+        lines.append((at, f"{editor} edited caption {caption_id.rsplit(':', 1)[-1]} (v{version})"))
+    for reviewer, kind, target, at, removed_at in db.execute(
+        "SELECT reviewer, target_kind, target_id, created_at, removed_at FROM flags WHERE annotation_id = ?"
+        " AND (created_at > ? OR removed_at > ?) AND reviewer != ?", [annotation_id, since, since, me]).fetchall():
+        lines.append((at, f"{reviewer} flagged a {kind}" + (" (since removed)" if removed_at else "")))
+    for reviewer, action, value, at in db.execute(
+        "SELECT reviewer, action, value, created_at FROM review_events WHERE annotation_id = ?"
+        " AND created_at > ? AND reviewer != ?", [annotation_id, since, me]).fetchall():
+        lines.append((at, f"{reviewer} set {action} to {value!r}" if action == "note" else f"{reviewer} marked it {value}"))
+    return [text for _, text in sorted(lines)]
+
+
+# ---------------------------------------------------------------- HTML (all text escaped)
+
+_STATE_LABEL = {
+    "unchanged": "unchanged", "changed": "changed", "new": "new",
+    "kept": "kept", "removed": "not in target",
+}
+
+
+def render_images_html(view: Optional[PairView]) -> str:
+    if view is None:
+        return "<div class='g4c-empty'>Nothing to show in this queue.</div>"
+
+    def figure(label: str, cell: ImageCell) -> str:
+        if cell.url:
+            body = (f"<img src='{escape_text(cell.url)}' alt='{escape_text(label)}' "
+                    f"data-g4c-zoom='1' title='click to zoom'>")
+        else:
+            body = "<div class='g4c-noimg'>no local file for this image</div>"
+        return (f"<figure class='g4c-fig'>{body}<figcaption><b>{escape_text(label)}</b> · "
+                f"{escape_text(cell.name)}</figcaption></figure>")
+
+    return (f"<div class='g4c-images' data-annotation='{escape_text(view.annotation_id)}'>"
+            f"{figure('Reference', view.reference)}{figure('Target', view.target)}</div>")
+
+
+def render_board_html(view: Optional[PairView]) -> str:
+    """Stage 1 and stage 2 descriptors side by side; clicking a descriptor flags it."""
+    if view is None:
+        return ""
+
+    def column(title: str, objects: list[ObjectCell]) -> str:
+        if not objects:
+            return f"<div class='g4c-col'><h4>{escape_text(title)}</h4><p class='g4c-muted'>no descriptors</p></div>"
+        cards = []
+        for obj in objects:
+            chips = []
+            for cell in obj.descriptors:
+                classes = f"g4c-chip g4c-d-{cell.state}" + (" g4c-flagged" if cell.flagged else "")
+                tip = "flagged" + (f": {cell.reason}" if cell.reason else "") if cell.flagged else "click to flag"
+                chips.append(
+                    f"<button type='button' class='{classes}' data-item='{escape_text(cell.target_id)}' "
+                    f"title='{escape_text(tip)}'>{'⚑ ' if cell.flagged else ''}{escape_text(cell.text)}</button>")
+            cards.append(
+                f"<div class='g4c-obj g4c-o-{obj.state}'><div class='g4c-objhead'>{escape_text(obj.name)}"
+                f"<span class='g4c-badge g4c-b-{obj.state}'>{escape_text(_STATE_LABEL.get(obj.state, obj.state))}</span>"
+                f"</div><div class='g4c-chips'>{''.join(chips)}</div></div>")
+        return f"<div class='g4c-col'><h4>{escape_text(title)}</h4>{''.join(cards)}</div>"
+
+    legend = (
+        "<div class='g4c-legend'><span class='g4c-badge g4c-b-unchanged'>unchanged</span>"
+        "<span class='g4c-badge g4c-b-changed'>changed</span><span class='g4c-badge g4c-b-new'>new</span>"
+        "<span class='g4c-badge g4c-b-removed'>not in target</span>"
+        "<span class='g4c-chip g4c-d-new'>new descriptor</span><span class='g4c-chip g4c-d-gone'>dropped</span>"
+        "<span class='g4c-chip g4c-flagged'>⚑ flagged</span> · click a descriptor to flag or unflag it</div>")
+    return (f"<div class='g4c-board' data-annotation='{escape_text(view.annotation_id)}'>{legend}"
+            f"<div class='g4c-cols'>{column('Reference · stage 1 descriptors', view.stage1)}"
+            f"{column('Target · stage 2 descriptors', view.stage2)}</div></div>")
+
+
+def render_info_html(view: Optional[PairView], status: QueueStatus) -> str:
+    head = f"<div class='g4c-progress'>{escape_text(status.text())}</div>"
+    if view is None:
+        return head
+    state = view.review_status
+    who = f" by {view.reviewer}" if view.reviewer and state != "unreviewed" else ""
+    flags = len(view.flags)
+    return (
+        head + f"<div class='g4c-meta'><span class='g4c-status g4c-s-{escape_text(state)}'>"
+        f"{escape_text(state + who)}</span> · pair <code>{escape_text(view.external_id or view.pair_id)}</code>"
+        f" · {escape_text(view.source)} · split {escape_text(view.split or '-')} · "
+        f"{escape_text(view.run_label)} · {escape_text(view.backend)} / {escape_text(view.model)}"
+        f" · {flags} flag{'s' if flags != 1 else ''}</div>")
+
+
+def render_ground_truth_html(view: Optional[PairView], score: Optional[dict] = None) -> str:
+    if view is None or not view.has_ground_truth:
+        return "<div class='g4c-muted'>No ground truth for this pair (only demo-world pairs have it).</div>"
+    edits = []
+    for edit in view.ground_truth or []:
+        if isinstance(edit, dict):
+            edits.append(", ".join(f"{escape_text(k)}: {escape_text(v)}" for k, v in edit.items()))
+        else:
+            edits.append(escape_text(edit))
+    caps = "".join(f"<li>{escape_text(c)}</li>" for c in view.original_captions)
+    score_html = ""
+    if score:
+        score_html = "<div class='g4c-score'>" + " · ".join(
+            f"{escape_text(k)}: {escape_text(v)}" for k, v in score.items()) + "</div>"
+    return (
+        "<div class='g4c-gt'><b>Ground-truth edits</b><ul>"
+        + "".join(f"<li>{e}</li>" for e in edits)
+        + "</ul><b>Ground-truth captions</b><ul>" + caps + "</ul>" + score_html + "</div>")
+
+
+def score_pair_flags(db: sqlite_utils.Database, annotation_id: str) -> dict:
+    """How many of this pair's true hallucinations the reviewer's flags caught (demo
+    world ground truth), by pipeline.scoring.score_flags."""
+    try:
+        from pipeline.scoring import score_flags
+    except ImportError as exc:  # the scoring module is not there yet
+        raise ReviewActionError(f"flag scoring is not available: {exc}") from None
+    result = score_flags(db, annotation_ids=[annotation_id])
+    return result if isinstance(result, dict) else getattr(result, "model_dump", lambda: {"score": result})()

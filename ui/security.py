@@ -1,0 +1,146 @@
+"""What keeps the review app safe to open: who may log in, where it may listen, which
+files it may serve, and how untrusted text reaches the page.
+
+- The app listens on 127.0.0.1 unless told otherwise; any other address needs --auth.
+- Images are served by id only (never by a path from the browser), and only when the
+  stored path resolves inside the dataset folder it was imported from and the file
+  starts with an image signature, so a crafted row or a symlink cannot leak other files.
+- Every caption, descriptor and name goes through `escape_text` before it is placed in
+  HTML. Besides the HTML specials it escapes `$`, `{`, `}` and the backtick, because
+  Gradio's gr.HTML runs its template through Handlebars and a JS template literal.
+"""
+
+from __future__ import annotations
+
+import html
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+from urllib.parse import quote
+
+import sqlite_utils
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+IMAGE_MEDIA_TYPES = {
+    ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+    ".webp": "image/webp", ".bmp": "image/bmp",
+}
+# Leading bytes of the formats above; a file that claims to be an image but is not is
+# refused (e.g. a row pointing at a text file renamed .png).
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+
+
+class SecurityError(Exception):
+    """A request or setting the app refuses, with the reason."""
+
+
+class ImageRefusedError(SecurityError):
+    """An image that may not be served."""
+
+
+def escape_text(value: object) -> str:
+    """Text made inert for HTML *and* for gr.HTML's template evaluation."""
+    text = html.escape("" if value is None else str(value), quote=True)
+    return (
+        text.replace("$", "&#36;").replace("{", "&#123;").replace("}", "&#125;")
+        .replace("`", "&#96;")
+    )
+
+
+# ---------------------------------------------------------------- binding and auth
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, auth: Optional[list[tuple[str, str]]]) -> None:
+    """Refuse to listen beyond this machine without a login."""
+    if not is_loopback(host) and not auth:
+        raise SecurityError(
+            f"refusing to listen on {host!r} without a login: pass --auth USER:PASSWORD "
+            "(or --auth FILE with one user:password per line), or use --host 127.0.0.1"
+        )
+
+
+def parse_auth(spec: Optional[str]) -> Optional[list[tuple[str, str]]]:
+    """`user:password`, or the path of a file with one `user:password` per line."""
+    if not spec:
+        return None
+    if os.path.isfile(spec):
+        lines = Path(spec).read_text(encoding="utf-8").splitlines()
+        source = spec
+    else:
+        lines = [spec]
+        source = "--auth"
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, password = line.partition(":")
+        if not sep or not user.strip() or not password:
+            raise SecurityError(
+                f"{source} line {number}: expected user:password (a non-empty user and password)"
+            )
+        pairs.append((user.strip(), password))
+    if not pairs:
+        raise SecurityError(f"{source}: no user:password entries found")
+    return pairs
+
+
+# ---------------------------------------------------------------- images
+
+@dataclass(frozen=True)
+class ServedImage:
+    path: Path
+    media_type: str
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
+    """The file to send for image `image_id`, or ImageRefusedError saying why not."""
+    row = db.execute("SELECT path, root, url FROM images WHERE id = ?", [image_id]).fetchone()
+    if row is None:
+        raise ImageRefusedError(f"image {image_id!r} is not in the store")
+    path_text, root_text, url = row
+    if not path_text:
+        # Remote images are never fetched by the app (it makes no network requests).
+        raise ImageRefusedError(f"image {image_id!r} has no local file ({url or 'no url'})")
+    path = Path(path_text).resolve()
+    # The dataset's own folder: the import root when recorded, else the folder that
+    # held the image at import. resolve() first, so '..' and symlinks cannot escape it.
+    folder = Path(root_text).resolve() if root_text else Path(path_text).parent.resolve()
+    if not _inside(path, folder):
+        raise ImageRefusedError(f"image {image_id!r}: {path} is outside its dataset folder {folder}")
+    media_type = IMAGE_MEDIA_TYPES.get(path.suffix.lower())
+    if media_type is None:
+        raise ImageRefusedError(f"image {image_id!r}: {path.name} does not have an image file extension")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError as exc:
+        raise ImageRefusedError(f"image {image_id!r}: cannot read {path} ({exc.strerror})") from exc
+    if not (head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
+        raise ImageRefusedError(f"image {image_id!r}: {path.name} is not an image file")
+    return ServedImage(path=path, media_type=media_type)
+
+
+def image_url(image_id: Optional[str]) -> Optional[str]:
+    """The app's URL for a stored image: by id, never by path."""
+    if not image_id:
+        return None
+    return f"/g4c/image/{quote(image_id, safe='')}"

@@ -1,0 +1,130 @@
+"""Serving the app: a FastAPI app with the image route, Gradio mounted at '/'.
+
+`create_server_app` builds it (tests use it directly); `serve` runs it with uvicorn in
+the foreground; `AppServer` runs it on a background thread (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import fastapi  # noqa: E402
+from fastapi.responses import FileResponse, PlainTextResponse  # noqa: E402
+
+from .assets import CSS, HEAD  # noqa: E402
+from .connections import Connections  # noqa: E402
+from .security import ImageRefusedError, check_bind, resolve_image  # noqa: E402
+
+
+def create_server_app(
+    db_path: str | Path,
+    *,
+    auth: Optional[list[tuple[str, str]]] = None,
+    index_path: Optional[str] = None,
+):
+    """(FastAPI app, Blocks) for the store at db_path; nothing is started."""
+    import gradio as gr
+
+    from .app import _theme, build_app
+
+    blocks = build_app(db_path, index_path=index_path, auth_enabled=bool(auth))
+    conns = Connections(db_path)
+    app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    holder: dict = {}
+
+    def logged_in(request: fastapi.Request) -> bool:
+        if not auth:
+            return True
+        gradio_app = holder.get("gradio")
+        if gradio_app is None:
+            return False
+        token = request.cookies.get(f"access-token-{gradio_app.cookie_id}") or request.cookies.get(
+            f"access-token-unsecure-{gradio_app.cookie_id}")
+        return bool(token) and gradio_app.tokens.get(token) is not None
+
+    @app.middleware("http")
+    async def refuse_remote_fetches(request: fastapi.Request, call_next):
+        # Gradio's file route fetches http(s) URLs on the server's behalf; this app
+        # makes no network requests, so such requests are refused outright.
+        path = request.url.path
+        if "/file=http" in path or "/proxy=" in path:
+            return PlainTextResponse("remote files are not served", status_code=403)
+        return await call_next(request)
+
+    @app.get("/g4c/image/{image_id}")
+    def image(image_id: str, request: fastapi.Request):
+        if not logged_in(request):
+            return PlainTextResponse("log in first", status_code=401)
+        try:
+            served = resolve_image(conns.get(), image_id)
+        except ImageRefusedError as exc:
+            return PlainTextResponse(f"refused: {exc}", status_code=404)
+        return FileResponse(
+            served.path, media_type=served.media_type,
+            headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
+        )
+
+    blocked = [str(Path(db_path).resolve().parent / (Path(db_path).name + suffix)) for suffix in ("", "-wal", "-shm")]
+    gr.mount_gradio_app(
+        app, blocks, path="/", auth=auth, theme=_theme(), css=CSS, head=HEAD,
+        allowed_paths=[], blocked_paths=blocked, footer_links=[], show_error=True,
+        ssr_mode=False, mcp_server=False, run_history=False,
+        auth_message="good4cir review: log in with the user name and password you were given.",
+    )
+    for route in app.routes:
+        if getattr(route, "path", None) in ("", "/") and hasattr(route, "app"):
+            holder["gradio"] = route.app
+    return app, blocks
+
+
+def serve(db_path: str | Path, *, host: str = "127.0.0.1", port: int = 7860,
+          auth: Optional[list[tuple[str, str]]] = None, index_path: Optional[str] = None) -> None:
+    """Run the app in the foreground until interrupted."""
+    import uvicorn
+
+    check_bind(host, auth)
+    app, _ = create_server_app(db_path, auth=auth, index_path=index_path)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    print(f"good4cir review app on http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class AppServer:
+    """The app on a background thread: `with AppServer(db) as server: server.url`."""
+
+    def __init__(self, db_path, *, auth=None, index_path=None, host="127.0.0.1", port: Optional[int] = None):
+        import uvicorn
+
+        check_bind(host, auth)
+        self.app, self.blocks = create_server_app(db_path, auth=auth, index_path=index_path)
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}/"
+        config = uvicorn.Config(self.app, host=host, port=self.port, log_level="warning", lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> "AppServer":
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the review app did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
