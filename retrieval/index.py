@@ -98,9 +98,9 @@ def gallery_from_db(db_path: str | Path, split: Optional[str] = None) -> list[Ga
             for ref, target, img_set in db.execute(
                 "SELECT reference_id, target_id, img_set FROM pairs WHERE split = ?", [split]
             ):
-                ids.update((ref, target))
+                ids.update(i for i in (ref, target) if i)  # CIRR test pairs have no target
                 if img_set:
-                    ids.update(json.loads(img_set))
+                    ids.update(i for i in json.loads(img_set) if i)
             rows = []
             id_list = sorted(ids)
             for start in range(0, len(id_list), 500):  # SQLite's parameter limit
@@ -143,14 +143,13 @@ class _GalleryImages:
         return len(self.entries)
 
     def __getitem__(self, position: int):
-        from PIL import Image
+        from store.images import load_image_rgb
 
         entry = self.entries[position]
         try:
             if not entry.path:
                 raise FileNotFoundError("the store has no local path for this image")
-            with Image.open(entry.path) as image:
-                image = image.convert("RGB")
+            image = load_image_rgb(entry.path)  # the store's decoding: EXIF, alpha, 16-bit
             return position, (self.transform(image) if self.as_tensor else image), None
         except Exception as exc:  # reported per image, never fatal
             return position, None, f"{type(exc).__name__}: {exc}"
@@ -593,6 +592,8 @@ class QueryEngine:
         out of the results (the CIRR protocol)."""
         from PIL import Image
 
+        from store.images import load_image_rgb
+
         exclude = set()
         if isinstance(image, (str, Path)):
             path = Path(image)
@@ -600,8 +601,7 @@ class QueryEngine:
                 raise FileNotFoundError(f"query image {path} does not exist")
             if exclude_reference:
                 exclude = {str(path), str(path.resolve())}
-            with Image.open(path) as im:
-                image = im.convert("RGB")
+            image = load_image_rgb(path)
         elif not isinstance(image, Image.Image):
             raise TypeError(f"query image must be a PIL image or a path, got {type(image).__name__}")
         with self._lock:
