@@ -1,0 +1,180 @@
+"""Export: which annotations and captions go out, provenance without secrets, CIRR
+written back exactly, and import -> export -> import keeping pairs and captions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from good4cir.cli import main
+from store import NotFoundError, open_db
+from store import annotations as ann
+from store import review
+from store.exporters import export_dataset
+from store.importers import import_dataset
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def annotate_all(db, model="sim-1", prefix=""):
+    run = ann.create_run(db, "simulator", model, prompt_versions={"stage1": "p1", "stage3": "p3"},
+                         settings={"api_key": "sk-live-123", "nested": {"token": "t0k"}, "concurrency": 4},
+                         base_url="https://user:pw@vlm.example.org/v1")
+    pair_ids = [r[0] for r in db.execute("SELECT id FROM pairs WHERE target_id IS NOT NULL ORDER BY rowid")]
+    ann.ensure_annotations(db, run.id, pair_ids)
+    for i, pair_id in enumerate(pair_ids):
+        ann.complete_annotation(
+            db, ann.annotation_id_for(run.id, pair_id), stage1_id=None, stage2_id=None,
+            captions=[f"{prefix}pair {i} caption {j}" for j in range(3)],
+            compounds=[(f"{prefix}pair {i} caption 0 and caption 1", [0, 1], 12)],
+        )
+    return run, [ann.annotation_id_for(run.id, p) for p in pair_ids]
+
+
+def read_good4cir(path) -> dict[tuple[str, str], list[str]]:
+    return {(Path(e["reference_image"]).name, Path(e["target_image"]).name): e["difference_captions"]
+            for e in json.loads(Path(path).read_text())}
+
+
+@pytest.fixture
+def reviewed(tmp_path):
+    """pairs fixture, one run; p0 approved with an edit and a flag, p1 unreviewed, p2 rejected."""
+    db = open_db(tmp_path / "s.db")
+    import_dataset(db, "pairs", FIXTURES / "pairs")
+    run, ids = annotate_all(db)
+    captions = review.list_captions(db, ids[0])
+    review.edit_caption(db, captions[0].id, "the lamp is now red", "ana", expected_version=0)
+    review.add_flag(db, ids[0], "caption", captions[1].id, "ana", reason="not a real difference")
+    review.set_review_status(db, ids[0], "approved", "ana")
+    review.set_review_status(db, ids[2], "rejected", "ben")
+    return db, run, ids
+
+
+def test_defaults_approved_only_edits_win_flags_left_out(reviewed, tmp_path):
+    db, run, ids = reviewed
+    stats = export_dataset(db, "good4cir", tmp_path / "out.json")
+    # caption 1 is flagged, and the compound built from it goes too.
+    assert read_good4cir(tmp_path / "out.json") == {
+        ("room0.png", "room0_edit.png"): ["the lamp is now red", "pair 0 caption 2"]}
+    assert (stats["pairs"], stats["captions"], stats["flagged_captions_left_out"]) == (1, 2, 2)
+
+    export_dataset(db, "good4cir", tmp_path / "flagged.json", include_flagged=True)
+    assert read_good4cir(tmp_path / "flagged.json")[("room0.png", "room0_edit.png")] == [
+        "the lamp is now red", "pair 0 caption 1", "pair 0 caption 2", "pair 0 caption 0 and caption 1"]
+
+    export_dataset(db, "good4cir", tmp_path / "all.json", include_unreviewed=True)
+    everything = read_good4cir(tmp_path / "all.json")
+    assert set(everything) == {("room0.png", "room0_edit.png"), ("room1.png", "room1_edit.png")}  # rejected p2 never
+    assert everything[("room1.png", "room1_edit.png")][0] == "pair 1 caption 0"
+
+
+def test_newest_run_wins_unless_run_is_given(reviewed, tmp_path):
+    db, first_run, _ = reviewed
+    second_run, second_ids = annotate_all(db, model="sim-2", prefix="v2 ")
+    review.set_review_status(db, second_ids[1], "approved", "ana")
+    export_dataset(db, "good4cir", tmp_path / "newest.json")
+    # p0's newest annotation (run 2) is unreviewed now, so only p1 (approved in run 2) goes out.
+    assert read_good4cir(tmp_path / "newest.json") == {
+        ("room1.png", "room1_edit.png"): ["v2 pair 1 caption 0", "v2 pair 1 caption 1", "v2 pair 1 caption 2",
+                                          "v2 pair 1 caption 0 and caption 1"]}
+    export_dataset(db, "good4cir", tmp_path / "first.json", run_id=first_run.id)
+    assert set(read_good4cir(tmp_path / "first.json")) == {("room0.png", "room0_edit.png")}
+    with pytest.raises(NotFoundError):
+        export_dataset(db, "good4cir", tmp_path / "x.json", run_id=99)
+
+
+def test_jsonl_has_provenance_and_never_a_key(reviewed, tmp_path):
+    db, run, ids = reviewed
+    out = tmp_path / "out.jsonl"
+    export_dataset(db, "jsonl", out, include_unreviewed=True)
+    text = out.read_text()
+    assert "sk-live-123" not in text and "t0k" not in text and "pw@" not in text and "api_key" not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert [line["id"] for line in lines] == ["p0", "p1"]
+    p0 = lines[0]
+    assert p0["captions"] == ["the lamp is now red", "pair 0 caption 2"]
+    assert p0["edits"] == [{"object": "lamp", "op": "recolour", "to": "red"}]  # the ground truth
+    prov = p0["provenance"]
+    assert prov["run"]["id"] == run.id and prov["run"]["backend"] == "simulator"
+    assert prov["run"]["model"] == "sim-1" and prov["run"]["prompt_versions"] == {"stage1": "p1", "stage3": "p3"}
+    assert prov["run"]["base_url"] == "https://vlm.example.org/v1"
+    assert prov["run"]["settings"] == {"nested": {}, "concurrency": 4}
+    assert (prov["annotation"]["review_status"], prov["annotation"]["reviewer"]) == ("approved", "ana")
+    edited = prov["captions"][0]
+    assert edited["original_text"] == "pair 0 caption 0" and edited["text"] == "the lamp is now red"
+    assert [(e["version"], e["editor"], e["action"]) for e in edited["edits"]] == [(1, "ana", "edit")]
+    assert [f["reason"] for f in prov["flags"]] == ["not a real difference"]
+    assert lines[1]["provenance"]["annotation"]["review_status"] == "unreviewed"
+
+
+def test_cirr_import_exports_back_every_original_entry(tmp_path):
+    db = open_db(tmp_path / "s.db")
+    import_dataset(db, "cirr", FIXTURES / "cirr")
+    for split in ("train", "val", "test1"):
+        out = tmp_path / f"cap.rc2.{split}.json"
+        export_dataset(db, "cirr", out, include_unreviewed=True, split=split)
+        original = json.loads((FIXTURES / "cirr" / "captions" / f"cap.rc2.{split}.json").read_text())
+        assert json.loads(out.read_text()) == original, split
+    # Without --include-unreviewed nothing has been approved, so nothing goes out.
+    assert export_dataset(db, "cirr", tmp_path / "none.json")["captions"] == 0
+    assert json.loads((tmp_path / "none.json").read_text()) == []
+
+
+def test_cirr_export_of_generated_captions_numbers_entries(reviewed, tmp_path):
+    db, run, ids = reviewed
+    export_dataset(db, "cirr", tmp_path / "cap.json", include_unreviewed=True)
+    entries = json.loads((tmp_path / "cap.json").read_text())
+    assert [e["pairid"] for e in entries] == list(range(len(entries)))
+    assert set(entries[0]) == {"pairid", "reference", "target_hard", "target_soft", "caption", "img_set"}
+    assert entries[0]["reference"] == "images/room0.png" and entries[0]["target_hard"] == "images/room0_edit.png"
+    p1 = [e for e in entries if e["reference"] == "images/room1.png"]
+    assert p1[0]["img_set"]["members"] == ["images/room1.png", "images/room1_edit.png",
+                                           "images/room1_near_a.png", "images/room1_near_b.png"]
+    assert len({e["img_set"]["id"] for e in p1}) == 1
+
+
+def stored_pairs(db) -> dict[tuple[str, str], tuple]:
+    rows = db.execute("SELECT reference_id, target_id, original_captions, split, img_set FROM pairs").fetchall()
+    return {(r[0], r[1]): (json.loads(r[2]), r[3], json.loads(r[4]) if r[4] else None) for r in rows}
+
+
+@pytest.mark.parametrize("fmt", ["good4cir", "jsonl"])
+def test_round_trip_import_export_import(tmp_path, fmt):
+    db = open_db(tmp_path / "a.db")
+    import_dataset(db, "pairs", FIXTURES / "pairs")
+    import_dataset(db, "good4cir", FIXTURES / "good4cir" / "dataset.json", split="train")
+    run, ids = annotate_all(db)
+    review.edit_caption(db, review.list_captions(db, ids[0])[2].id, "an edited caption", "ana")
+    review.set_review_status(db, ids[0], "approved", "ana")
+    for annotation_id in ids[1:]:  # the rest: reset to no annotation, so originals go out
+        db.execute("UPDATE annotations SET status = 'failed' WHERE id = ?", [annotation_id])
+    out = tmp_path / ("dataset.json" if fmt == "good4cir" else "export.jsonl")
+    export_dataset(db, fmt, out, include_unreviewed=True)
+
+    again = open_db(tmp_path / "b.db")
+    report = import_dataset(again, "good4cir" if fmt == "good4cir" else "pairs", out)
+    assert report.problems == [] and report.pairs_added == 6
+    before, after = stored_pairs(db), stored_pairs(again)
+    assert set(after) == set(before)
+    approved_key = db.execute("SELECT reference_id, target_id FROM pairs WHERE id = ?",
+                              [ann.get_annotation(db, ids[0]).pair_id]).fetchone()
+    for key, (captions, split, img_set) in before.items():
+        if key == approved_key:  # the approved annotation's captions replace the originals
+            captions = ["pair 0 caption 0", "pair 0 caption 1", "an edited caption",
+                        "pair 0 caption 0 and caption 1"]
+        assert after[key][0] == captions, key
+        if fmt == "jsonl":  # jsonl also carries split and image sets
+            assert after[key][1:] == (split, img_set)
+
+
+def test_cli_export(reviewed, tmp_path, capsys):
+    db, run, ids = reviewed
+    db_path = db.conn.execute("PRAGMA database_list").fetchone()[2]
+    out = tmp_path / "cli.json"
+    assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out)]) == 0
+    assert "wrote 1 pairs, 2 captions" in capsys.readouterr().out
+    assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out),
+                 "--include-unreviewed", "--include-flagged", "--run", str(run.id)]) == 0
+    assert len(read_good4cir(out)) == 2
