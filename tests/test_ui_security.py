@@ -1,0 +1,131 @@
+"""Safety of the review app: binding, login, which files it serves, escaping."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+
+import pytest
+
+from store.db import open_db, utc_now
+from ui.security import (
+    ImageRefusedError, SecurityError, check_bind, escape_text, image_url, parse_auth, resolve_image,
+)
+from ui_store_builder import build_review_store
+
+
+def test_bind_beyond_loopback_needs_auth():
+    check_bind("127.0.0.1", None)
+    check_bind("::1", None)
+    check_bind("localhost", None)
+    with pytest.raises(SecurityError, match="--auth"):
+        check_bind("0.0.0.0", None)
+    with pytest.raises(SecurityError):
+        check_bind("192.168.1.5", [])
+    check_bind("0.0.0.0", [("a", "b")])
+
+
+def test_parse_auth_inline_and_file(tmp_path):
+    assert parse_auth(None) is None
+    assert parse_auth("ann:se:cret") == [("ann", "se:cret")]
+    users = tmp_path / "users.txt"
+    users.write_text("# reviewers\nann:one\n\nbob:two\n")
+    assert parse_auth(str(users)) == [("ann", "one"), ("bob", "two")]
+    users.write_text("ann:one\nbroken\n")
+    with pytest.raises(SecurityError, match="line 2"):
+        parse_auth(str(users))
+    with pytest.raises(SecurityError):
+        parse_auth("nopassword:")
+
+
+def test_escape_text_defuses_html_and_template_syntax():
+    out = escape_text("<script>x</script> ${a} {{b}} `c` \"q\" 'q'")
+    for bad in ("<", ">", "${", "{{", "`", '"', "'"):
+        assert bad not in out
+    assert image_url("ab/../c") == "/g4c/image/ab%2F..%2Fc"
+
+
+def _add_image(db, image_id, path, root):
+    db.execute(
+        "INSERT INTO images (id, name, path, root, created_at) VALUES (?, ?, ?, ?, ?)",
+        [image_id, image_id, str(path), str(root) if root else None, utc_now()],
+    )
+
+
+def test_resolve_image_refuses_crafted_rows(tmp_path):
+    info = build_review_store(tmp_path, 1)
+    db = open_db(info["db_path"])
+    good = db.execute("SELECT id FROM images LIMIT 1").fetchone()[0]
+    assert resolve_image(db, good).media_type == "image/png"
+    root = tmp_path / "dataset"
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    text_as_png = root / "images" / "notes.png"
+    text_as_png.write_text("password=hunter2")
+    link = root / "images" / "link.png"
+    os.symlink(secret, link)
+    _add_image(db, "outside", secret, root)                       # path outside its root
+    _add_image(db, "dotdot", root / "images" / ".." / ".." / "secret.png", root)
+    _add_image(db, "symlink", link, root)                         # symlink out of the root
+    _add_image(db, "passwd", "/etc/passwd", None)                 # no root: not an image
+    _add_image(db, "fake", text_as_png, root)                     # right place, not an image
+    for image_id, why in [("outside", "outside"), ("dotdot", "outside"), ("symlink", "outside"),
+                          ("passwd", "image file extension"), ("fake", "not an image"),
+                          ("missing", "not in the store")]:
+        with pytest.raises(ImageRefusedError, match=why):
+            resolve_image(db, image_id)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from ui.server import AppServer
+
+    root = tmp_path_factory.mktemp("sec")
+    info = build_review_store(root, 2)
+    db = open_db(info["db_path"])
+    _add_image(db, "outside", "/etc/hostname", root / "dataset")
+    with AppServer(info["db_path"], auth=[("ann", "pw1")]) as server:
+        yield server, info, db
+
+
+def _get(url, opener=None):
+    try:
+        with (opener or urllib.request.build_opener()).open(url, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_http_refuses_paths_outside_the_dataset_and_requires_login(served):
+    server, info, db = served
+    image_id = db.execute("SELECT id FROM images WHERE path LIKE '%ref0.png'").fetchone()[0]
+    # not logged in: no image, no page data
+    assert _get(server.url + f"g4c/image/{image_id}")[0] == 401
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    bad_login = urllib.parse.urlencode({"username": "ann", "password": "wrong"}).encode()
+    try:
+        opener.open(server.url + "login", data=bad_login, timeout=10)
+        raise AssertionError("a wrong password was accepted")
+    except urllib.error.HTTPError as exc:
+        assert exc.code in (400, 401)
+    login = urllib.parse.urlencode({"username": "ann", "password": "pw1"}).encode()
+    assert opener.open(server.url + "login", data=login, timeout=10).status == 200
+    status, body = _get(server.url + f"g4c/image/{image_id}", opener)
+    assert status == 200 and body.startswith(b"\x89PNG")
+    crafted = [
+        "g4c/image/outside",                                     # a row pointing outside its root
+        "g4c/image/..%2F..%2F..%2Fetc%2Fpasswd",
+        "g4c/image/../../etc/passwd",
+        "gradio_api/file=/etc/passwd",
+        f"gradio_api/file={info['image_dir']}/ref0.png",          # only by id, never by path
+        f"gradio_api/file={info['db_path']}",
+        "gradio_api/file=http://example.com/x.png",               # the server fetches nothing
+    ]
+    for path in crafted:
+        status, body = _get(server.url + path, opener)
+        assert status in (403, 404), (path, status)
+        assert b"root:" not in body
