@@ -1,0 +1,35 @@
+"""Every registered subcommand has help text, and `good4cir --help` lists them all."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from good4cir.cli import build_parser, main
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            return {name: (helps.get(name), sub) for name, sub in action.choices.items()}
+    return {}
+
+
+def test_every_subcommand_has_help_and_a_handler(capsys):
+    parser = build_parser()
+    commands = subcommands(parser)
+    assert {"import", "export"} <= set(commands)
+    for name, (help_text, sub) in commands.items():
+        assert help_text and help_text.strip(), f"subcommand {name!r} has no help text"
+        assert sub.get_default("handler") is not None, f"subcommand {name!r} sets no handler"
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help, f"{name} {'/'.join(action.option_strings)} has no help text"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    for name in commands:
+        assert name in listing
