@@ -1,0 +1,757 @@
+"""Hallucination scoring against the demo world's ground truth.
+
+Any run's stage 1/2 descriptor lists are compared with the scene graphs of the images
+they describe, and its captions with the pair's edit list:
+
+- a hallucinated object is a listed object the scene does not have (or a name the world
+  does not know); a hallucinated attribute is a descriptor that names a value (colour,
+  pattern, size, position, count, wall colour, floor) the scene contradicts. Descriptors
+  naming no value of the world's vocabulary ("soft light") cannot be checked and are
+  counted apart, never as hallucinations.
+- a caption is matched to a ground-truth change when it names the changed object (or
+  wall/floor) and states the change's new value with the right kind of change; a caption
+  that matches no change is an invented change, a change no caption matches is missed.
+
+Text is read with the demo world's vocabulary (store.demo_world.vocab) plus common
+synonyms, so a real VLM's free text is scored too; the reading is a heuristic and a
+caption that names nothing the world knows is reported as `unparsed` (it also counts as
+invented: it matches no real change).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import sqlite_utils
+
+from store.annotations import get_description, get_run
+from store.demo_world.vocab import (
+    COLOURS,
+    FLOORS,
+    KINDS,
+    NOUNS,
+    NUMBER_WORDS,
+    OP_ATTRIBUTE,
+    PATTERNS,
+    POSITIONS,
+    SIZES,
+    WALL_COLOURS,
+)
+from store.errors import NotFoundError
+from store.models import ImageRecord, PairRecord
+from store.review import list_captions, list_flags
+
+OBJECT_ATTRIBUTES = ("colour", "pattern", "size", "position", "count")
+
+# ---------------------------------------------------------------- reading text
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-case words; hyphens and punctuation split words ('light-blue' -> light blue)."""
+    return re.findall(r"[a-z]+|\d+", text.lower())
+
+
+class PhraseTable:
+    """Maps word sequences to canonical values; finds them longest first, left to right."""
+
+    def __init__(self, phrases: dict[str, Any]):
+        self.phrases = {tuple(tokens(k)): v for k, v in phrases.items()}
+        self.longest = max(len(k) for k in self.phrases)
+
+    def find(self, words: list[str]) -> list[tuple[int, Any]]:
+        """(word index, value) of every phrase found, without overlaps."""
+        out = []
+        i = 0
+        while i < len(words):
+            for n in range(min(self.longest, len(words) - i), 0, -1):
+                value = self.phrases.get(tuple(words[i:i + n]))
+                if value is not None:
+                    out.append((i, value))
+                    i += n
+                    break
+            else:
+                i += 1
+        return out
+
+    def values(self, words: list[str]) -> list[Any]:
+        return [v for _, v in self.find(words)]
+
+
+def _kind_phrases() -> dict[str, str]:
+    phrases = {}
+    for kind in KINDS:
+        singular, plural = NOUNS[kind]
+        phrases[singular] = phrases[plural] = kind
+    phrases.update({
+        "curtain": "curtains", "drapes": "curtains", "television": "tv", "televisions": "tv",
+        "tv set": "tv", "bedside table": "nightstand", "bedside tables": "nightstand",
+        "night stand": "nightstand", "night stands": "nightstand", "nightstand table": "nightstand",
+        "armchair": "chair", "armchairs": "chair", "houseplant": "plant", "houseplants": "plant",
+        "potted plant": "plant", "picture": "painting", "pictures": "painting", "artwork": "painting",
+        "artworks": "painting", "wall clock": "clock", "floor lamp": "lamp", "table lamp": "lamp",
+        "area rug": "rug", "wall mirror": "mirror",
+        "wall": "wall", "walls": "wall", "floor": "floor", "floors": "floor", "flooring": "floor",
+    })
+    return phrases
+
+
+KIND_TABLE = PhraseTable(_kind_phrases())
+COLOUR_TABLE = PhraseTable({**{c: c for c in COLOURS}, "gray": "grey"})
+WALL_TABLE = PhraseTable({**{c: c for c in WALL_COLOURS}, **{c: c for c in COLOURS},
+                          "gray": "grey", "light grey": "grey", "beige": "cream", "off white": "cream",
+                          "light gray": "grey", "sage": "sage green", "pale blue": "light blue",
+                          "baby blue": "light blue", "dark blue": "navy", "navy blue": "navy",
+                          "light yellow": "pale yellow", "lilac": "lavender"})
+FLOOR_TABLE = PhraseTable({**{f: f for f in FLOORS}, "wood": "wooden", "hardwood": "wooden",
+                           "parquet": "wooden", "carpet": "carpeted", "carpeting": "carpeted",
+                           "tile": "tiled", "tiles": "tiled", "tiling": "tiled"})
+PATTERN_TABLE = PhraseTable({**{p: p for p in PATTERNS}, "stripes": "striped", "stripe": "striped",
+                             "dots": "dotted", "polka dot": "dotted", "polka dots": "dotted",
+                             "spotted": "dotted", "spots": "dotted", "checkered": "checked",
+                             "chequered": "checked", "checks": "checked", "plaid": "checked",
+                             "checkerboard": "checked", "solid": "plain", "no pattern": "plain",
+                             "unpatterned": "plain"})
+SIZE_TABLE = PhraseTable({"small": "small", "large": "large", "big": "large", "tiny": "small",
+                          "little": "small", "huge": "large"})
+# Words that state a size change ("make it larger", "shrink the lamp"); they say the new
+# size even where the referring expression names the old one ("shrink the large lamp").
+RESIZE_TABLE = PhraseTable({"larger": "large", "bigger": "large", "enlarge": "large",
+                            "scale up": "large", "grow": "large", "smaller": "small",
+                            "shrink": "small", "scale down": "small", "reduce": "small"})
+POSITION_TABLE = PhraseTable({p: p for p in POSITIONS} | {"center": "centre", "middle": "centre"})
+NUMBER_TABLE = PhraseTable({**{w: n for n, w in NUMBER_WORDS.items()}, "1": 1, "2": 2, "3": 3,
+                            "4": 4, "four": 4, "5": 5, "five": 5, "single": 1, "pair of": 2,
+                            "a pair of": 2})
+
+_TABLES = {"colour": COLOUR_TABLE, "pattern": PATTERN_TABLE, "size": SIZE_TABLE,
+           "position": POSITION_TABLE, "count": NUMBER_TABLE}
+
+
+def resolve_name(name: str) -> Optional[str]:
+    """The world's kind (or 'wall'/'floor') an object name refers to, else None."""
+    found = KIND_TABLE.values(tokens(name))
+    kinds = [k for k in found if k not in ("wall", "floor")]
+    if kinds:
+        return kinds[0]  # "lamp on the nightstand" is a lamp; "wall clock" is one phrase
+    return found[0] if found else None
+
+
+def descriptor_values(subject: str, descriptor: str) -> dict[str, list[Any]]:
+    """The world values one descriptor names, by attribute.
+
+    subject: an object kind, or 'wall' / 'floor'.
+    """
+    words = tokens(descriptor)
+    if subject == "wall":
+        found = WALL_TABLE.values(words)
+        return {"wall": found} if found else {}
+    if subject == "floor":
+        found = FLOOR_TABLE.values(words)
+        return {"floor": found} if found else {}
+    out = {}
+    for attribute, table in _TABLES.items():
+        found = table.values(words)
+        if found:
+            out[attribute] = found
+    return out
+
+
+def object_from_descriptors(name: str, descriptors: Iterable[str]) -> dict[str, Any]:
+    """An object dict (scene-graph keys) from a descriptor list; unnamed attributes left out.
+
+    For 'wall'/'floor' the result is {'kind': 'wall', 'wall': value}.
+    """
+    kind = resolve_name(name) or name
+    obj: dict[str, Any] = {"kind": kind}
+    for descriptor in descriptors:
+        for attribute, values in descriptor_values(kind, descriptor).items():
+            obj.setdefault(attribute, values[0])
+    return obj
+
+
+def _wall_colour_agrees(said: str, truth: str) -> bool:
+    # "blue" for a light blue wall is vague, not wrong.
+    return said == truth or said in truth.split()
+
+
+# ---------------------------------------------------------------- descriptor lists
+
+
+@dataclass
+class DescriptorCheck:
+    """A descriptor list against a scene graph."""
+
+    objects: int = 0
+    hallucinated_objects: int = 0
+    descriptors: int = 0               # descriptors of objects the scene has
+    checked_descriptors: int = 0       # of those, the ones naming a world value
+    hallucinated_descriptors: int = 0
+    missed_objects: int = 0            # scene objects the list leaves out (not hallucinations)
+    # (object index, descriptor index or None for the whole object, reason)
+    items: list[tuple[int, Optional[int], str]] = field(default_factory=list)
+    descriptor_counts: list[int] = field(default_factory=list)  # descriptors per listed object
+
+    def hallucinated_keys(self) -> set[tuple[int, int]]:
+        """(object, descriptor) of every hallucinated descriptor (all of an invented object's)."""
+        keys = set()
+        for obj, desc, _ in self.items:
+            if desc is None:
+                keys.update((obj, d) for d in range(self.descriptor_counts[obj]))
+            else:
+                keys.add((obj, desc))
+        return keys
+
+
+def _scene_truth(scene: dict) -> dict[str, dict[str, Any]]:
+    truth = {o["kind"]: o for o in scene.get("objects", [])}
+    truth["wall"] = {"kind": "wall", "wall": scene.get("wall")}
+    truth["floor"] = {"kind": "floor", "floor": scene.get("floor")}
+    return truth
+
+
+def check_descriptors(objects: list[dict], scene: dict) -> DescriptorCheck:
+    """Score one descriptor list ([{"name", "descriptors"}]) against a scene graph."""
+    truth = _scene_truth(scene)
+    check = DescriptorCheck()
+    seen: set[str] = set()
+    for i, obj in enumerate(objects):
+        descriptors = list(obj.get("descriptors") or [])
+        check.objects += 1
+        check.descriptor_counts.append(len(descriptors))
+        kind = resolve_name(obj.get("name", ""))
+        if kind is None or kind not in truth:
+            check.hallucinated_objects += 1
+            what = obj.get("name") if kind is None else kind
+            check.items.append((i, None, f"object not there: {what}"))
+            continue
+        seen.add(kind)
+        real = truth[kind]
+        for j, descriptor in enumerate(descriptors):
+            check.descriptors += 1
+            values = descriptor_values(kind, descriptor)
+            if not values:
+                continue
+            check.checked_descriptors += 1
+            wrong = [
+                f"{attribute} {said!r} (is {real.get(attribute)!r})"
+                for attribute, said_values in values.items()
+                for said in said_values
+                if not _agrees(attribute, said, real)
+            ]
+            if wrong:
+                check.hallucinated_descriptors += 1
+                check.items.append((i, j, "wrong attribute: " + ", ".join(wrong)))
+    check.missed_objects = len(set(truth) - seen)
+    return check
+
+
+def _agrees(attribute: str, said: Any, real: dict) -> bool:
+    value = real.get(attribute)
+    if attribute == "wall":
+        return _wall_colour_agrees(said, value)
+    if attribute == "count" and said == 1 and value is not None:
+        return value == 1
+    return said == value
+
+
+# ---------------------------------------------------------------- captions
+
+_ADD_CUES = PhraseTable({w: True for w in (
+    "add", "adding", "added", "put", "place", "placing", "include", "including", "bring in",
+    "introduce", "insert", "there should also be", "new", "appears", "appear", "also be",
+    "set up", "hang", "install")})
+_REMOVE_CUES = PhraseTable({w: True for w in (
+    "remove", "removed", "removing", "take away", "take out", "get rid of", "gone", "clear away",
+    "leave out", "without", "no longer", "delete", "missing", "eliminate", "disappear",
+    "disappears", "drop")})
+_COUNT_CUES = PhraseTable({w: True for w in (
+    "more", "fewer", "less", "number of", "in total", "another", "extra", "second", "third",
+    "additional", "copies", "end up with", "one of the", "two of the", "three of the")})
+_INDEFINITE = {"a", "an", "another", "some", "new"}
+_NUMBERS = {"one", "two", "three", "four", "five", "1", "2", "3", "4", "5"}
+_REVERSERS = (("instead", "of"), ("rather", "than"))
+
+
+def _has(table: PhraseTable, words: list[str]) -> bool:
+    return bool(table.find(words))
+
+
+def _new_value(words: list[str], table: PhraseTable) -> Any:
+    """The value a caption gives as the new one: the one before 'instead of' / 'rather
+    than' when those are used ("the lamp should be red instead of blue"), else the last."""
+    found = table.find(words)
+    if not found:
+        return None
+    for i in range(len(words) - 1):
+        if (words[i], words[i + 1]) in _REVERSERS:
+            before = [v for pos, v in found if pos < i]
+            if before:
+                return before[-1]
+    return found[-1][1]
+
+
+_DEFINITE = {"the", "this", "that", "these", "those", "it", "its", "their"}
+_INTRODUCERS = {"add", "put", "place", "include", "insert", "introduce", "in", "be", "new", "install"}
+
+
+def _is_add_phrase(words: list[str], kind: str) -> bool:
+    """An add cue, and the kind introduced as new: with an indefinite article or a
+    number ("add a red lamp"), or bare after the verb ("add lamps"), not "the lamp"."""
+    if not _has(_ADD_CUES, words):
+        return False
+    for pos, found in KIND_TABLE.find(words):
+        if found != kind:
+            continue
+        numbered = False
+        for j in range(pos - 1, max(-1, pos - 7), -1):  # back over adjectives and a number
+            if words[j] in _NUMBERS:
+                numbered = True  # "the two lamps" is definite, "add two lamps" is not
+                continue
+            if words[j] in _INDEFINITE or words[j] in _INTRODUCERS:
+                return True
+            if words[j] in _DEFINITE:
+                break
+        else:
+            if numbered:
+                return True
+    return False
+
+
+def _count_change(words: list[str], before: int) -> Optional[int]:
+    """The number of objects a caption asks for, given the count before the edit."""
+    numbers = NUMBER_TABLE.find(words)
+    for i, word in enumerate(words):
+        if word == "more":
+            delta = [v for pos, v in numbers if i - 4 <= pos < i]
+            return before + (delta[-1] if delta else 1)
+        if word in ("fewer", "less"):
+            delta = [v for pos, v in numbers if i - 4 <= pos < i]
+            return before - (delta[-1] if delta else 1)
+        if word == "another" or (word in ("second", "third") and "a" in words[max(0, i - 2):i]):
+            return before + 1
+        if word == "of" and i + 1 < len(words) and words[i + 1] == "the" and _has(_REMOVE_CUES, words):
+            delta = [v for pos, v in numbers if pos == i - 1]
+            if delta:
+                return before - delta[0]
+    value = _new_value(words, NUMBER_TABLE)
+    return value
+
+
+def _consistent_with(words: list[str], obj: dict) -> bool:
+    """No attribute value in the caption contradicts the object (add and remove captions)."""
+    for attribute in ("colour", "pattern", "size", "position"):
+        for said in _TABLES[attribute].values(words):
+            if said != obj.get(attribute):
+                return False
+    numbers = [n for n in NUMBER_TABLE.values(words) if n != 1]
+    return all(n == obj.get("count") for n in numbers)
+
+
+def caption_matches_edit(caption: str, edit: dict) -> bool:
+    """Whether the caption states this ground-truth change (see the module docstring)."""
+    words = tokens(caption)
+    op = edit["op"]
+    subjects = set(KIND_TABLE.values(words))
+    if op in ("wall", "floor"):
+        mentioned = KIND_TABLE.values(words)
+        if not mentioned or mentioned[0] != op:
+            return False  # "the painting on the left wall" is about the painting
+        if op == "wall":
+            said = _new_value(words, WALL_TABLE)
+            return said is not None and _wall_colour_agrees(said, edit["to"])
+        return _new_value(words, FLOOR_TABLE) == edit["to"]
+    kind = edit["kind"]
+    if kind not in subjects:
+        return False
+    counting = _has(_COUNT_CUES, words)
+    if op == "add":
+        return _is_add_phrase(words, kind) and not counting and _consistent_with(words, edit["object"])
+    removing = _has(_REMOVE_CUES, words)
+    if op == "remove":
+        return removing and not counting and _consistent_with(words, edit["object"])
+    if op == "count":
+        return _count_change(words, edit["from"]) == edit["to"]
+    if removing or _is_add_phrase(words, kind):
+        return False
+    attribute = OP_ATTRIBUTE[op]
+    if attribute == "size":
+        return _new_size(words) == edit["to"]
+    return _new_value(words, _TABLES[attribute]) == edit["to"]
+
+
+def _new_size(words: list[str]) -> Optional[str]:
+    if "scale" in words:
+        after = words[words.index("scale"):]
+        if "up" in after:
+            return "large"
+        if "down" in after:
+            return "small"
+    return _new_value(words, RESIZE_TABLE) or _new_value(words, SIZE_TABLE)
+
+
+@dataclass
+class CaptionCheck:
+    """One pair's captions against its edit list."""
+
+    captions: int = 0
+    changes: int = 0
+    matched: list[list[int]] = field(default_factory=list)   # per caption: edits it states
+    missed: list[int] = field(default_factory=list)          # edits no caption states
+    invented: list[int] = field(default_factory=list)        # captions stating no edit
+    unparsed: list[int] = field(default_factory=list)        # captions naming no known object
+
+
+def check_captions(captions: list[str], edits: list[dict]) -> CaptionCheck:
+    check = CaptionCheck(captions=len(captions), changes=len(edits))
+    covered: set[int] = set()
+    for i, caption in enumerate(captions):
+        hits = [k for k, edit in enumerate(edits) if caption_matches_edit(caption, edit)]
+        check.matched.append(hits)
+        covered.update(hits)
+        if not hits:
+            check.invented.append(i)
+            if not KIND_TABLE.find(tokens(caption)):
+                check.unparsed.append(i)
+    check.missed = [k for k in range(len(edits)) if k not in covered]
+    return check
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _row(db, sql: str, params: list) -> Optional[dict]:
+    cursor = db.execute(sql, params)
+    row = cursor.fetchone()
+    return None if row is None else dict(zip([d[0] for d in cursor.description], row))
+
+
+class _Truth:
+    """Scenes and edit lists read once per scoring call."""
+
+    def __init__(self, db: sqlite_utils.Database):
+        self.db = db
+        self._scenes: dict[str, Optional[dict]] = {}
+        self._pairs: dict[str, Optional[PairRecord]] = {}
+
+    def scene(self, image_id: str) -> Optional[dict]:
+        if image_id not in self._scenes:
+            row = _row(self.db, "SELECT * FROM images WHERE id = ?", [image_id])
+            self._scenes[image_id] = ImageRecord.from_row(row).scene_json if row else None
+        return self._scenes[image_id]
+
+    def pair(self, pair_id: str) -> Optional[PairRecord]:
+        if pair_id not in self._pairs:
+            row = _row(self.db, "SELECT * FROM pairs WHERE id = ?", [pair_id])
+            self._pairs[pair_id] = PairRecord.from_row(row) if row else None
+        return self._pairs[pair_id]
+
+    def edits(self, pair_id: str) -> Optional[list[dict]]:
+        pair = self.pair(pair_id)
+        if pair is None or not isinstance(pair.ground_truth, list):
+            return None
+        return pair.ground_truth
+
+
+@dataclass
+class AnnotationScore:
+    annotation_id: str
+    pair_id: str
+    stage1_id: Optional[str] = None
+    stage2_id: Optional[str] = None
+    stage1: Optional[DescriptorCheck] = None
+    stage2: Optional[DescriptorCheck] = None
+    captions: Optional[CaptionCheck] = None
+    caption_ids: list[str] = field(default_factory=list)
+    caption_texts: list[str] = field(default_factory=list)
+    # compound caption id -> ids of the individual captions it joins
+    compound_sources: dict[str, list[str]] = field(default_factory=dict)
+
+    def hallucinated_caption_ids(self) -> set[str]:
+        """Individual captions that state no real change, and compounds that contain one."""
+        if self.captions is None:
+            return set()
+        bad = {self.caption_ids[i] for i in self.captions.invented}
+        bad |= {cid for cid, sources in self.compound_sources.items() if set(sources) & bad}
+        return bad
+
+    def hallucinated_descriptor_keys(self) -> set[tuple[str, int, int]]:
+        keys = set()
+        for description_id, check in ((self.stage1_id, self.stage1), (self.stage2_id, self.stage2)):
+            if check is not None:
+                keys |= {(description_id, o, d) for o, d in check.hallucinated_keys()}
+        return keys
+
+
+def score_annotation(db: sqlite_utils.Database, annotation_id: str, *, text: str = "original",
+                     truth: Optional[_Truth] = None) -> AnnotationScore:
+    """One annotated pair against ground truth. text: 'original' (the VLM's) or 'current'
+    (after human edits). Parts without ground truth are left as None."""
+    truth = truth or _Truth(db)
+    row = _row(db, "SELECT id, pair_id, stage1_id, stage2_id FROM annotations WHERE id = ?", [annotation_id])
+    if row is None:
+        raise NotFoundError(f"annotation {annotation_id!r} does not exist")
+    score = AnnotationScore(annotation_id, row["pair_id"], row["stage1_id"], row["stage2_id"])
+    pair = truth.pair(row["pair_id"])
+    for stage, description_id in ((1, row["stage1_id"]), (2, row["stage2_id"])):
+        if not description_id:
+            continue
+        description = get_description(db, description_id)
+        scene = truth.scene(description.image_id) if description else None
+        if scene is not None:
+            check = check_descriptors([o.model_dump() for o in description.objects], scene)
+            setattr(score, f"stage{stage}", check)
+    captions = list_captions(db, annotation_id)
+    individual = [c for c in captions if c.kind == "individual"]
+    score.caption_ids = [c.id for c in individual]
+    score.caption_texts = [c.text if text == "original" else (c.current_text or c.text) for c in individual]
+    score.compound_sources = {c.id: list(c.sources or []) for c in captions if c.kind == "compound"}
+    edits = truth.edits(row["pair_id"]) if pair is not None else None
+    if edits is not None and individual:
+        score.captions = check_captions(score.caption_texts, edits)
+    return score
+
+
+def _rate(part: float, whole: float) -> Optional[float]:
+    return round(part / whole, 4) if whole else None
+
+
+def _descriptor_summary(checks: list[DescriptorCheck]) -> dict:
+    objects = sum(c.objects for c in checks)
+    bad_objects = sum(c.hallucinated_objects for c in checks)
+    descriptors = sum(c.descriptors for c in checks)
+    bad_descriptors = sum(c.hallucinated_descriptors for c in checks)
+    bad_lists = sum(1 for c in checks if c.hallucinated_objects or c.hallucinated_descriptors)
+    missed = sum(c.missed_objects for c in checks)
+    truth_objects = objects - bad_objects + missed
+    return {
+        "lists": len(checks),
+        "objects": objects,
+        "hallucinated_objects": bad_objects,
+        "object_rate": _rate(bad_objects, objects),
+        "descriptors": descriptors,
+        "checked_descriptors": sum(c.checked_descriptors for c in checks),
+        "hallucinated_attributes": bad_descriptors,
+        "attribute_rate": _rate(bad_descriptors, descriptors),
+        "lists_with_hallucination": bad_lists,
+        "list_rate": _rate(bad_lists, len(checks)),
+        "hallucinations_per_list": _rate(bad_objects + bad_descriptors, len(checks)),
+        "missed_objects": missed,
+        "missed_object_rate": _rate(missed, truth_objects),
+    }
+
+
+def _caption_summary(checks: list[CaptionCheck]) -> dict:
+    captions = sum(c.captions for c in checks)
+    changes = sum(c.changes for c in checks)
+    missed = sum(len(c.missed) for c in checks)
+    invented = sum(len(c.invented) for c in checks)
+    return {
+        "pairs": len(checks),
+        "captions": captions,
+        "changes": changes,
+        "missed_changes": missed,
+        "missed_rate": _rate(missed, changes),
+        "invented_captions": invented,
+        "invented_rate": _rate(invented, captions),
+        "unparsed_captions": sum(len(c.unparsed) for c in checks),
+        "pairs_with_missed": sum(1 for c in checks if c.missed),
+        "pairs_with_invented": sum(1 for c in checks if c.invented),
+        "pair_error_rate": _rate(sum(1 for c in checks if c.missed or c.invented), len(checks)),
+    }
+
+
+def _annotation_ids(db, run_id: int) -> list[str]:
+    return [r[0] for r in db.execute(
+        "SELECT id FROM annotations WHERE run_id = ? AND status = 'done' ORDER BY seq", [run_id])]
+
+
+def score_run(db: sqlite_utils.Database, run_id: int, *, text: str = "original",
+              detail: bool = False) -> dict:
+    """A run's hallucination scores per stage against the demo world's ground truth.
+
+    Returns {"run_id", "name", "backend", "model", "method", "prompt_versions", "pairs",
+    "pairs_scored", "pairs_without_ground_truth", "stage1", "stage2", "captions"} where
+    stage1/stage2 are descriptor summaries (None for a single-stage run) and captions a
+    caption summary; with detail=True also "annotations": per-pair findings.
+    """
+    if text not in ("original", "current"):
+        raise ValueError("text must be 'original' or 'current'")
+    run = get_run(db, run_id)
+    truth = _Truth(db)
+    stage1: dict[str, DescriptorCheck] = {}     # shared by pairs with one reference: once each
+    stage2: list[DescriptorCheck] = []
+    captions: list[CaptionCheck] = []
+    details = []
+    ids = _annotation_ids(db, run_id)
+    without_truth = 0
+    for annotation_id in ids:
+        score = score_annotation(db, annotation_id, text=text, truth=truth)
+        if score.stage1 is not None:
+            stage1.setdefault(score.stage1_id, score.stage1)
+        if score.stage2 is not None:
+            stage2.append(score.stage2)
+        if score.captions is not None:
+            captions.append(score.captions)
+        else:
+            without_truth += 1
+        if detail:
+            details.append(_score_detail(score))
+    staged = run.method != "single"
+    result = {
+        "run_id": run.id, "name": run.name, "backend": run.backend, "model": run.model,
+        "method": run.method, "prompt_versions": run.prompt_versions, "text": text,
+        "pairs": len(ids), "pairs_scored": len(captions), "pairs_without_ground_truth": without_truth,
+        "stage1": _descriptor_summary(list(stage1.values())) if staged else None,
+        "stage2": _descriptor_summary(stage2) if staged else None,
+        "captions": _caption_summary(captions),
+    }
+    if detail:
+        result["annotations"] = details
+    return result
+
+
+def _score_detail(score: AnnotationScore) -> dict:
+    def descriptor_part(check: Optional[DescriptorCheck]) -> Optional[dict]:
+        if check is None:
+            return None
+        return {"objects": check.objects, "hallucinated_objects": check.hallucinated_objects,
+                "hallucinated_attributes": check.hallucinated_descriptors,
+                "items": [{"object": o, "descriptor": d, "reason": r} for o, d, r in check.items]}
+
+    out = {"annotation_id": score.annotation_id, "pair_id": score.pair_id,
+           "stage1": descriptor_part(score.stage1), "stage2": descriptor_part(score.stage2),
+           "captions": None}
+    if score.captions is not None:
+        c = score.captions
+        out["captions"] = {
+            "missed_changes": c.missed,
+            "invented": [score.caption_ids[i] for i in c.invented],
+            "matched": {score.caption_ids[i]: hits for i, hits in enumerate(c.matched)},
+        }
+    return out
+
+
+def score_runs(db: sqlite_utils.Database, run_ids: Iterable[int], **kwargs) -> list[dict]:
+    return [score_run(db, run_id, **kwargs) for run_id in run_ids]
+
+
+# ---------------------------------------------------------------- the table
+
+TABLE_COLUMNS = (
+    ("stage1", "object_rate", "s1 obj"),
+    ("stage1", "attribute_rate", "s1 attr"),
+    ("stage2", "object_rate", "s2 obj"),
+    ("stage2", "attribute_rate", "s2 attr"),
+    ("captions", "missed_rate", "missed"),
+    ("captions", "invented_rate", "invented"),
+    ("captions", "pair_error_rate", "pairs w/ err"),
+)
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def format_table(scores: list[dict]) -> str:
+    """A plain-text table: one row per run, hallucination rates per stage."""
+    header = ["run", "backend", "model", "method", "pairs"] + [label for _, _, label in TABLE_COLUMNS]
+    rows = [header]
+    for s in scores:
+        row = [str(s["run_id"]) + (f" ({s['name']})" if s.get("name") else ""), s["backend"],
+               s["model"], s["method"], str(s["pairs_scored"])]
+        for part, key, _ in TABLE_COLUMNS:
+            row.append(_fmt((s.get(part) or {}).get(key)))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    notes = ("s1/s2 obj: listed objects not in the scene; attr: descriptors contradicting the "
+             "scene; missed: ground-truth changes no caption states; invented: captions "
+             "stating no real change")
+    return "\n".join(lines) + "\n" + notes
+
+
+# ---------------------------------------------------------------- human flags vs truth
+
+
+def parse_descriptor_target(target_id: str) -> tuple[str, int, Optional[int]]:
+    """'<description id>/<object index>/<descriptor index>' (descriptor part optional:
+    a flag on the whole object) -> (description id, object, descriptor or None)."""
+    parts = target_id.rsplit("/", 2)
+    try:
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            return parts[0], int(parts[1]), int(parts[2])
+        head, obj = target_id.rsplit("/", 1)
+        return head, int(obj), None
+    except ValueError:
+        raise ValueError(f"descriptor flag target {target_id!r} is not '<description>/<object>/<descriptor>'")
+
+
+def _prf(truth: set, flagged: set) -> dict:
+    caught = truth & flagged
+    return {
+        "hallucinated": len(truth), "flagged": len(flagged), "caught": len(caught),
+        "precision": _rate(len(caught), len(flagged)), "recall": _rate(len(caught), len(truth)),
+        "missed": sorted(map(str, truth - flagged)), "false_flags": sorted(map(str, flagged - truth)),
+    }
+
+
+def score_flags(db: sqlite_utils.Database, annotation_id: Optional[str] = None, *,
+                run_id: Optional[int] = None) -> dict:
+    """How many of the truly hallucinated captions and descriptors the human flags caught.
+
+    Give one annotation id, or run_id for every done pair of a run that has ground truth.
+    Returns {"annotations", "descriptors": {...}, "captions": {...}, "all": {...}}, each
+    part with hallucinated, flagged, caught, precision, recall, missed, false_flags.
+    Descriptor items are '<description id>/<object>/<descriptor>' (a flag on a whole
+    object counts for each of its descriptors); caption items are caption ids (a compound
+    is hallucinated when one of its sources is).
+    """
+    if (annotation_id is None) == (run_id is None):
+        raise ValueError("give an annotation id or a run id")
+    ids = [annotation_id] if annotation_id is not None else _annotation_ids(db, run_id)
+    truth = _Truth(db)
+    true_desc: set[str] = set()
+    true_caps: set[str] = set()
+    flag_desc: set[str] = set()
+    flag_caps: set[str] = set()
+    scored = 0
+    for aid in ids:
+        score = score_annotation(db, aid, truth=truth)
+        if score.captions is None and score.stage1 is None and score.stage2 is None:
+            continue
+        scored += 1
+        true_desc |= {f"{d}/{o}/{k}" for d, o, k in score.hallucinated_descriptor_keys()}
+        if score.captions is not None:
+            true_caps |= score.hallucinated_caption_ids()
+        counts = {}
+        for description_id, check in ((score.stage1_id, score.stage1), (score.stage2_id, score.stage2)):
+            if check is not None:
+                counts[description_id] = check.descriptor_counts
+        for flag in list_flags(db, aid):
+            if flag.target_kind == "caption":
+                flag_caps.add(flag.target_id)
+                continue
+            description_id, obj, desc = parse_descriptor_target(flag.target_id)
+            if desc is not None:
+                flag_desc.add(f"{description_id}/{obj}/{desc}")
+            else:
+                n = counts.get(description_id, [])
+                flag_desc |= {f"{description_id}/{obj}/{k}" for k in range(n[obj] if obj < len(n) else 0)}
+    return {
+        "annotations": scored,
+        "descriptors": _prf(true_desc, flag_desc),
+        "captions": _prf(true_caps, flag_caps),
+        "all": _prf({("d", x) for x in true_desc} | {("c", x) for x in true_caps},
+                    {("d", x) for x in flag_desc} | {("c", x) for x in flag_caps}),
+    }
+
+
+__all__ = [
+    "AnnotationScore", "CaptionCheck", "DescriptorCheck", "caption_matches_edit", "check_captions",
+    "check_descriptors", "descriptor_values", "format_table", "object_from_descriptors",
+    "parse_descriptor_target", "resolve_name", "score_annotation", "score_flags", "score_run",
+    "score_runs", "tokens",
+]
