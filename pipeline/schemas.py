@@ -3,7 +3,11 @@ response_format, and every answer is validated against them)."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+import copy
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ObjectDescriptors(BaseModel):
@@ -19,8 +23,60 @@ class DescriptorList(BaseModel):
     objects: list[ObjectDescriptors] = Field(min_length=1)
 
 
+# Captions must describe the scene change, not the pair of pictures (paper, stage 3).
+IMAGE_REFERENCE = re.compile(
+    r"\b(?:image|picture|photo|img)\s*(?:#\s*)?(?:1|2|one|two)\b"
+    r"|\b(?:first|second|former|latter|reference|target)\s+"
+    r"(?:image|picture|photo)\b",
+    re.IGNORECASE,
+)
+
+
 class ModificationCaptions(BaseModel):
     """Stage 3 and the single-stage baseline: 3 to 8 modification captions."""
 
     model_config = ConfigDict(extra="forbid")
     captions: list[str] = Field(min_length=3, max_length=8)
+
+    @field_validator("captions")
+    @classmethod
+    def _plain_scene_captions(cls, captions: list[str]) -> list[str]:
+        cleaned = [c.strip() for c in captions]
+        for i, caption in enumerate(cleaned):
+            if not caption:
+                raise ValueError(f"caption {i + 1} is empty")
+            match = IMAGE_REFERENCE.search(caption)
+            if match:
+                raise ValueError(
+                    f"caption {i + 1} refers to the images themselves ({match.group(0)!r}); "
+                    "describe the change in the scene instead"
+                )
+        return cleaned
+
+
+# JSON Schema keywords that OpenAI's strict Structured Outputs mode rejects; pydantic
+# still enforces them when the answer is validated.
+_UNSUPPORTED_STRICT = ("minLength", "maxLength", "title", "default")
+
+
+def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema in the form strict Structured Outputs accepts:
+    every property required, no additional properties, no unsupported keywords."""
+    schema = copy.deepcopy(model.model_json_schema())
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            for key in _UNSUPPORTED_STRICT:
+                if key in node and not isinstance(node[key], dict):
+                    node.pop(key)
+            if node.get("type") == "object" and "properties" in node:
+                node["additionalProperties"] = False
+                node["required"] = list(node["properties"])
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema)
+    return schema

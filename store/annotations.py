@@ -203,3 +203,114 @@ def fail_annotation(db: sqlite_utils.Database, annotation_id: str, reason: str) 
             " AND status != 'done'",
             [reason, utc_now(), annotation_id],
         )
+
+
+# --- Reads and resets the pipeline's runner needs (appended by the pipeline work) ---
+
+
+def select_pair_ids(db: sqlite_utils.Database, *, split: Optional[str] = None,
+                    limit: Optional[int] = None, source: Optional[str] = None) -> list[str]:
+    """Pair ids in import order (stable, so `--limit N` picks the same N again)."""
+    where, params = [], []
+    if split:
+        where.append("split = ?")
+        params.append(split)
+    if source:
+        where.append("source = ?")
+        params.append(source)
+    sql = "SELECT id FROM pairs" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY created_at, rowid"
+    if limit is not None:
+        sql += " LIMIT ?"
+        params.append(int(limit))
+    return [row[0] for row in db.execute(sql, params).fetchall()]
+
+
+def pending_work(db: sqlite_utils.Database, run_id: int) -> list[dict]:
+    """The run's pending annotations with what annotating them needs: pair, image ids,
+    image paths and names, in queue order."""
+    cursor = db.execute(
+        "SELECT a.id AS annotation_id, a.pair_id, p.reference_id, p.target_id,"
+        " ri.path AS reference_path, ti.path AS target_path,"
+        " ri.name AS reference_name, ti.name AS target_name"
+        " FROM annotations a JOIN pairs p ON p.id = a.pair_id"
+        " JOIN images ri ON ri.id = p.reference_id LEFT JOIN images ti ON ti.id = p.target_id"
+        " WHERE a.run_id = ? AND a.status = 'pending' ORDER BY a.seq",
+        [run_id],
+    )
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor.fetchall()]
+
+
+def reset_failed_annotations(db: sqlite_utils.Database, run_id: int) -> int:
+    """Put a run's failed annotations back to pending (to retry them); returns how many."""
+    with transaction(db):
+        return db.execute(
+            "UPDATE annotations SET status = 'pending', error = NULL, updated_at = ?"
+            " WHERE run_id = ? AND status = 'failed'", [utc_now(), run_id],
+        ).rowcount
+
+
+def ok_call_hashes(db: sqlite_utils.Database) -> set[str]:
+    """Request hashes with a stored successful answer (any run): calls not to pay again."""
+    return {row[0] for row in db.execute("SELECT DISTINCT request_hash FROM calls WHERE status = 'ok'")}
+
+
+def run_counts(db: sqlite_utils.Database, run_id: int) -> dict:
+    """Progress of one run: pairs done/failed/pending, calls, tokens, cost, failure reasons.
+
+    A failure reason is counted by its category, the text before the first ': '.
+    """
+    counts = dict(db.execute(
+        "SELECT status, COUNT(*) FROM annotations WHERE run_id = ? GROUP BY status", [run_id]
+    ).fetchall())
+    calls, errors, tokens_in, tokens_out, cost = db.execute(
+        "SELECT COUNT(*), COALESCE(SUM(status = 'error'), 0), COALESCE(SUM(tokens_in), 0),"
+        " COALESCE(SUM(tokens_out), 0), COALESCE(SUM(cost_usd), 0) FROM calls WHERE run_id = ?",
+        [run_id],
+    ).fetchone()
+    failures: dict[str, int] = {}
+    for (error,) in db.execute(
+        "SELECT error FROM annotations WHERE run_id = ? AND status = 'failed'", [run_id]
+    ).fetchall():
+        reason = (error or "unknown").split(": ", 1)[0]
+        failures[reason] = failures.get(reason, 0) + 1
+    return {
+        "pairs_done": counts.get("done", 0), "pairs_failed": counts.get("failed", 0),
+        "pairs_pending": counts.get("pending", 0), "calls": calls, "call_errors": errors,
+        "tokens_in": tokens_in, "tokens_out": tokens_out, "cost_usd": round(cost, 6),
+        "failures": failures,
+    }
+
+
+def save_batch(db: sqlite_utils.Database, batch_id: str, run_id: Optional[int], stage: str, *,
+               input_file_id: str, status: str, custom_ids: list[str]) -> None:
+    """Remember a submitted provider batch, so a restarted run picks it up."""
+    now = utc_now()
+    with transaction(db):
+        db.execute(
+            "INSERT OR REPLACE INTO batches (id, run_id, stage, input_file_id, status, custom_ids,"
+            " collected, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
+            [batch_id, run_id, stage, input_file_id, status, json.dumps(custom_ids), now, now],
+        )
+
+
+def update_batch(db: sqlite_utils.Database, batch_id: str, **fields) -> None:
+    allowed = {"status", "output_file_id", "error_file_id", "collected"}
+    unknown = set(fields) - allowed
+    if unknown:
+        raise ValueError(f"cannot update batch fields {sorted(unknown)}")
+    assignments = ", ".join(f"{k} = ?" for k in fields)
+    with transaction(db):
+        db.execute(f"UPDATE batches SET {assignments}, updated_at = ? WHERE id = ?",
+                   [*fields.values(), utc_now(), batch_id])
+
+
+def list_batches(db: sqlite_utils.Database, run_id: Optional[int] = None) -> list[dict]:
+    sql = "SELECT * FROM batches" + (" WHERE run_id = ?" if run_id is not None else "")
+    cursor = db.execute(sql + " ORDER BY created_at", [run_id] if run_id is not None else [])
+    names = [d[0] for d in cursor.description]
+    rows = [dict(zip(names, row)) for row in cursor.fetchall()]
+    for row in rows:
+        row["custom_ids"] = json.loads(row["custom_ids"] or "[]")
+    return rows

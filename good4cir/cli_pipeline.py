@@ -1,0 +1,152 @@
+"""`good4cir annotate` and `good4cir status`: run the annotation pipeline, report runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "annotate", help="annotate pairs with a VLM (stages 1-4), resumably",
+        description=(
+            "Run the annotation pipeline on the store's pairs. Rerunning the same command "
+            "resumes the matching run and makes no call whose answer is already stored. "
+            "The API key comes from the environment (OPENAI_API_KEY by default), never from "
+            "an argument. The simulator backend is an offline stand-in for the demo world."
+        ),
+    )
+    parser.add_argument("--db", required=True, help="the store's SQLite file")
+    parser.add_argument("--backend", required=True, choices=["openai", "openai-batch", "simulator"],
+                        help="openai: chat completions (any OpenAI-compatible base URL); "
+                        "openai-batch: the Batch API, half price; simulator: offline demo stand-in")
+    parser.add_argument("--model", help="model name (default: gpt-4o-mini; simulator for the simulator)")
+    parser.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    parser.add_argument("--concurrency", type=int,
+                        help="requests in flight (default 16; openai-batch: pairs in flight, default 5000)")
+    parser.add_argument("--limit", type=int, help="annotate at most this many pairs (in import order)")
+    parser.add_argument("--split", help="only pairs of this split")
+    parser.add_argument("--method", choices=["staged", "single"], default="staged",
+                        help="staged: the paper's stages 1-4; single: one call per pair (ablation baseline)")
+    parser.add_argument("--run", type=int, metavar="RUN_ID", help="resume this run")
+    parser.add_argument("--new-run", action="store_true", help="start a new run even if one matches")
+    parser.add_argument("--retry-failed", action="store_true", help="retry the resumed run's failed pairs")
+    parser.add_argument("--name", help="a name for a new run")
+    parser.add_argument("--detail", choices=["low", "high", "auto"], default="low",
+                        help="image detail sent to the model (default low)")
+    parser.add_argument("--image-size", type=int, default=512, metavar="PX",
+                        help="downscale images to fit PX x PX before sending (default 512)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--max-attempts", type=int, default=6, help="attempts per request on transient errors")
+    parser.add_argument("--retry-budget", type=int, help="retries allowed in this session (default 100 + 2 per pair)")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the API key (default OPENAI_API_KEY)")
+    parser.add_argument("--prices", metavar="FILE",
+                        help='JSON price overrides: {"model": {"input": usd_per_1m, "output": usd_per_1m}}')
+    parser.add_argument("--error-rate", type=float, default=0.1, help="simulator: share of wrong answers")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the simulator and retry jitter")
+    parser.add_argument("--poll-interval", type=float, default=30.0, help="openai-batch: seconds between polls")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the number of calls and the estimated cost, then stop")
+    parser.add_argument("--json", action="store_true", help="print the final progress as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(handler=run_annotate)
+
+    parser = subparsers.add_parser("status", help="report each pipeline run's progress, calls and cost",
+                                   description="Report every run: pairs done, failed and pending, "
+                                   "calls, cost and failure reasons.")
+    parser.add_argument("--db", required=True, help="the store's SQLite file")
+    parser.add_argument("--json", action="store_true", help='print {"runs": [...]} as JSON')
+    parser.set_defaults(handler=run_status_command)
+
+
+def _options(args: argparse.Namespace):
+    from pipeline.runner import RunOptions
+
+    return RunOptions(
+        backend=args.backend, model=args.model, base_url=args.base_url, method=args.method,
+        concurrency=args.concurrency, limit=args.limit, split=args.split, run_id=args.run,
+        new_run=args.new_run, retry_failed=args.retry_failed, name=args.name,
+        api_key_env=args.api_key_env, timeout=args.timeout, image_max_side=args.image_size,
+        detail=args.detail, max_attempts=args.max_attempts, retry_budget=args.retry_budget,
+        prices_path=args.prices, seed=args.seed, error_rate=args.error_rate,
+        poll_interval=args.poll_interval,
+    )
+
+
+def run_annotate(args: argparse.Namespace) -> int:
+    from pipeline.runner import plan_run, run_pipeline
+
+    options = _options(args)
+    if args.dry_run:
+        plan = plan_run(args.db, options)
+        stages = ", ".join(f"{k} {v}" for k, v in plan.calls_by_stage.items()) or "none"
+        run = f"resume run {plan.run_id}" if plan.run_id else "new run"
+        price_note = " (no price known for this model: pass --prices)" if plan.unknown_price else ""
+        if args.json:
+            print(json.dumps({"run_id": plan.run_id, "pairs": plan.pairs, "calls": plan.calls,
+                              "calls_by_stage": plan.calls_by_stage,
+                              "estimated_cost_usd": round(plan.estimated_cost_usd, 4)}))
+        else:
+            print(f"{run}: {plan.pairs} pairs to annotate, {plan.calls} calls ({stages}), "
+                  f"estimated cost ${plan.estimated_cost_usd:.4f}{price_note}")
+        return 0
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(unit="pair", desc="annotate", file=sys.stderr, dynamic_ncols=True)
+
+    def on_progress(progress) -> None:
+        if bar is None:
+            return
+        if bar.total != progress.pairs_total:
+            bar.total = progress.pairs_total
+        bar.n = progress.pairs_done + progress.pairs_failed
+        bar.set_postfix(done=progress.pairs_done, failed=progress.pairs_failed,
+                        spend=f"${progress.cost_usd:.4f}", refresh=False)
+        bar.refresh()
+
+    try:
+        progress = run_pipeline(args.db, options, on_progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(progress.as_dict()))
+    else:
+        failures = ", ".join(f"{k}: {v}" for k, v in progress.failures.items()) or "none"
+        print(f"run {progress.run_id} {progress.status}: {progress.pairs_done} done, "
+              f"{progress.pairs_failed} failed, {progress.pairs_pending} pending; "
+              f"{progress.calls} calls, {progress.calls_reused} answers reused, "
+              f"${progress.cost_usd:.4f}; failures: {failures}")
+    return 0
+
+
+def run_status_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pipeline.runner import run_status
+
+    if not Path(args.db).exists():
+        raise FileNotFoundError(f"no store at {args.db}")
+    report = run_status(args.db)
+    if args.json:
+        keys = ("id", "backend", "model", "pairs_done", "pairs_failed", "pairs_pending", "calls",
+                "cost_usd", "failures")
+        print(json.dumps({"runs": [{k: r[k] for k in keys} for r in report["runs"]]}))
+        return 0
+    if not report["runs"]:
+        print("no runs yet: start one with `good4cir annotate`")
+        return 0
+    header = f"{'run':>4}  {'backend':<13} {'model':<16} {'status':<9} {'done':>7} {'failed':>7} " \
+             f"{'pending':>7} {'calls':>7} {'cost $':>9}  failures"
+    print(header)
+    for r in report["runs"]:
+        failures = ", ".join(f"{k}: {v}" for k, v in r["failures"].items()) or "-"
+        print(f"{r['id']:>4}  {r['backend']:<13} {r['model'][:16]:<16} {r['status']:<9} "
+              f"{r['pairs_done']:>7} {r['pairs_failed']:>7} {r['pairs_pending']:>7} "
+              f"{r['calls']:>7} {r['cost_usd']:>9.4f}  {failures}")
+    return 0

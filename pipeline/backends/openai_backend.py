@@ -1,0 +1,201 @@
+"""The `openai` backend: chat completions through AsyncOpenAI against any base_url.
+
+OpenAI itself or any OpenAI-compatible server (vLLM, Ollama, LM Studio, SGLang) is
+configuration, not code. The client is made with `max_retries=0`: retries, backoff and
+the retry budget belong to the runner, which sees every attempt and stores it. This
+module is the one place where openai's error classes are mapped to TransientError and
+PermanentError, so nothing else imports `openai`.
+
+Structured output falls back in steps: `json_schema` (strict) → `json_object` → plain
+text (the prompt asks for JSON either way, and the stages extract it). A 400 answer to
+one mode is retried at once with the next; the mode that works is kept for the run.
+The API key is read from the environment and is scrubbed from every error message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import time
+from typing import Any, ClassVar, Optional
+
+from ..images import DETAILS, ImageEncoder
+from .base import PermanentError, TransientError, VLMRequest, VLMResponse
+
+RESPONSE_MODES = ("json_schema", "json_object", "text")
+
+
+def resolve_api_key(api_key_env: str, base_url: Optional[str]) -> str:
+    key = os.environ.get(api_key_env)
+    if key:
+        return key
+    if base_url:
+        return "not-needed"  # local OpenAI-compatible servers usually take any key
+    raise ValueError(f"set {api_key_env} in the environment, or pass --base-url for a local server")
+
+
+def parse_retry_after(headers: Any) -> Optional[float]:
+    """Seconds to wait from `retry-after-ms` / `retry-after` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value) if value else None
+        if parsed is None:
+            return None
+        return max(0.0, parsed.timestamp() - time.time())
+
+
+def scrub(text: str, secret: Optional[str]) -> str:
+    if secret and len(secret) >= 8 and secret in text:
+        text = text.replace(secret, "***")
+    return text
+
+
+def map_openai_error(exc: BaseException, secret: Optional[str] = None):
+    """The TransientError or PermanentError that stands for an openai client error."""
+    import openai
+
+    message = scrub(f"{type(exc).__name__}: {exc}", secret)[:500]
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientError(f"timeout: {message}")
+    if isinstance(exc, openai.APIConnectionError):
+        return TransientError(f"connection error: {message}")
+    if isinstance(exc, openai.APIResponseValidationError):
+        return TransientError(f"malformed response: {message}")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        retry_after = parse_retry_after(getattr(exc.response, "headers", None))
+        if status == 429:
+            return TransientError(f"rate limited (429): {message}", retry_after=retry_after)
+        if status in (408, 409) or status >= 500:
+            return TransientError(f"server error ({status}): {message}", retry_after=retry_after)
+        return PermanentError(f"request rejected ({status}): {message}")
+    if isinstance(exc, ValueError):  # a body that is not JSON, from a broken server
+        return TransientError(f"malformed response: {message}")
+    return None
+
+
+def response_format_for(request: VLMRequest, mode: str) -> Optional[dict]:
+    if mode == "json_schema":
+        return {"type": "json_schema", "json_schema": {
+            "name": request.schema_name, "schema": request.json_schema, "strict": True}}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+async def build_messages(request: VLMRequest, encoder: ImageEncoder, detail: str) -> list[dict]:
+    """Chat messages for a request: system, user text + images as data URLs, history."""
+    content: list[dict] = [{"type": "text", "text": request.text}]
+    for path, image_id in zip(request.image_paths, request.image_ids or request.image_paths):
+        url = await encoder.data_url(path, key=image_id)
+        content.append({"type": "image_url", "image_url": {"url": url, "detail": detail}})
+    messages: list[dict] = []
+    if request.system:
+        messages.append({"role": "system", "content": request.system})
+    messages.append({"role": "user", "content": content})
+    messages.extend({"role": turn["role"], "content": turn["content"]} for turn in request.history)
+    return messages
+
+
+class OpenAIBackend:
+    name: ClassVar[str] = "openai"
+    supports_images: ClassVar[bool] = True
+    supports_json_schema: ClassVar[bool] = True
+    is_batch: ClassVar[bool] = False
+
+    def __init__(self, model: str = "gpt-4o-mini", *, base_url: Optional[str] = None,
+                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                 image_max_side: int = 512, detail: str = "low",
+                 response_mode: str = "json_schema", max_tokens_param: str = "max_tokens",
+                 encoder: Optional[ImageEncoder] = None):
+        from openai import AsyncOpenAI
+
+        if detail not in DETAILS:
+            raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
+        if response_mode not in RESPONSE_MODES:
+            raise ValueError(f"response mode must be one of {', '.join(RESPONSE_MODES)}")
+        self.model = model
+        self.base_url = base_url
+        self.detail = detail
+        self.response_mode = response_mode
+        self.max_tokens_param = max_tokens_param
+        self._secret = resolve_api_key(api_key_env, base_url)
+        self.encoder = encoder or ImageEncoder(max_side=image_max_side)
+        self.client = AsyncOpenAI(base_url=base_url, api_key=self._secret, timeout=timeout,
+                                  max_retries=0)
+
+    @property
+    def cache_params(self) -> dict:
+        """Settings that change the answer, hence part of every cache key."""
+        return {"detail": self.detail, "image_max_side": self.encoder.max_side}
+
+    def _body(self, request: VLMRequest, messages: list[dict], mode: str) -> dict:
+        body: dict[str, Any] = {
+            "model": self.model, "messages": messages, "temperature": request.temperature,
+            self.max_tokens_param: request.max_tokens,
+        }
+        response_format = response_format_for(request, mode)
+        if response_format is not None:
+            body["response_format"] = response_format
+        return body
+
+    async def complete(self, request: VLMRequest) -> VLMResponse:
+        import openai
+
+        messages = await build_messages(request, self.encoder, self.detail)
+        modes = RESPONSE_MODES[RESPONSE_MODES.index(self.response_mode):]
+        started = time.perf_counter()
+        for i, mode in enumerate(modes):
+            try:
+                completion = await self.client.chat.completions.create(
+                    **self._body(request, messages, mode))
+            except openai.BadRequestError as exc:
+                if i + 1 < len(modes):
+                    continue  # many local servers reject response_format: step down
+                raise map_openai_error(exc, self._secret) from None
+            except (openai.OpenAIError, ValueError) as exc:
+                mapped = map_openai_error(exc, self._secret)
+                if mapped is None:
+                    raise
+                raise mapped from None
+            if mode != self.response_mode:
+                self.response_mode = mode  # keep what this server accepts
+            return self._response(completion, started)
+        raise AssertionError("unreachable")
+
+    def _response(self, completion: Any, started: float) -> VLMResponse:
+        if not getattr(completion, "choices", None):
+            raise TransientError("malformed response: no choices")
+        choice = completion.choices[0]
+        message = choice.message
+        text = message.content
+        if text is None:
+            refusal = getattr(message, "refusal", None)
+            if refusal:
+                raise PermanentError(f"refused: {refusal[:300]}")
+            text = ""
+        usage = completion.usage
+        return VLMResponse(
+            text=text,
+            tokens_in=getattr(usage, "prompt_tokens", 0) or 0,
+            tokens_out=getattr(usage, "completion_tokens", 0) or 0,
+            finish_reason=choice.finish_reason,
+            model=completion.model,
+            latency_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.close()
+        self.encoder.close()

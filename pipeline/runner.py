@@ -1,0 +1,764 @@
+"""Pipeline runs: create or resume a run, schedule the stages, store every call.
+
+Python API (the CLI and the review app call these):
+
+    from pipeline.runner import RunOptions, run_pipeline, start_run_in_thread, plan_run
+
+    options = RunOptions(backend="simulator", concurrency=8, limit=100)
+    summary = run_pipeline("data.db", options)            # blocks; returns a Progress
+
+    handle = start_run_in_thread("data.db", options, on_progress=callback)
+    handle.wait_started(timeout=10)   # the run row exists: handle.run_id is set
+    handle.progress                   # Progress snapshot (see below), any time
+    handle.running                    # False once the thread has ended
+    handle.stop()                     # no new pairs; in-flight calls finish and are stored
+    handle.join(timeout=None)         # -> final Progress, or None if still running
+    handle.error                      # the exception that ended the run, if any
+
+    callback(progress) is called from the run's thread after each pair and at the end.
+    Progress fields: run_id, status ('running'/'stopped'/'finished'/'failed'),
+    pairs_total, pairs_done, pairs_failed, pairs_pending, calls (calls stored for the
+    run, all sessions), calls_reused (answers taken from the store this session),
+    call_errors, cost_usd, failures ({reason: count}), last_error.
+
+    plan_run(db_path, options) -> Plan: pairs, calls per stage, estimated cost
+    (for --dry-run; writes nothing).
+
+Identity and resume: a run is identified by what changes its answers (backend, model,
+base URL, method, prompt versions, image and sampling parameters, split). Running the
+same options again resumes the latest matching run: done pairs are skipped, stored
+descriptions are reused, and every request whose answer is already stored (by request
+hash, any run) is answered from the store instead of the backend. Calls are stored
+(store.annotations.record_call) before their answer is acted on.
+
+Stage 1 runs once per reference image: its description id is a hash of (image id,
+prompt version, model, parameters), shared by every pair and every run with that key,
+and concurrent pairs with one reference wait on a single call.
+
+Failures: a transient error (429, 5xx, timeout, malformed body) is retried with
+exponential backoff and full jitter, or after Retry-After when the server sends one, up
+to `max_attempts` per request and `retry_budget` retries per run session. An answer that
+does not validate gets one repair request quoting the validation error. After that the
+pair is marked failed with '<category>: <detail>' and the run goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import random
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from store import annotations as store_ann
+from store.db import open_db, utc_now
+from store.models import CallRecord
+
+from .backends import create_backend
+from .backends.base import PermanentError, TransientError, VLMRequest
+from .images import BadImageError
+from .pricing import PriceTable
+from .prompts import prompt_versions
+from .stages import (
+    InvalidAnswerError,
+    parse_answer,
+    repair_request,
+    single_request,
+    stage1_request,
+    stage2_request,
+    stage3_request,
+)
+
+log = logging.getLogger("good4cir.pipeline")
+
+DEFAULT_MODELS = {"openai": "gpt-4o-mini", "openai-batch": "gpt-4o-mini", "simulator": "simulator"}
+METHODS = ("staged", "single")
+
+
+@dataclass
+class RunOptions:
+    """Everything a run needs. Secrets are never here: the key comes from api_key_env."""
+
+    backend: str = "openai"
+    model: Optional[str] = None              # default per backend (DEFAULT_MODELS)
+    base_url: Optional[str] = None
+    method: str = "staged"                   # 'staged' (stages 1-4) or 'single' (ablation)
+    concurrency: Optional[int] = None        # requests in flight; default 16 (batch: pairs
+                                             # in flight, default 5000)
+    limit: Optional[int] = None
+    split: Optional[str] = None
+    run_id: Optional[int] = None             # resume this run instead of matching by options
+    new_run: bool = False                    # start a fresh run even if one matches
+    retry_failed: bool = False               # put failed pairs of a resumed run back to pending
+    name: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout: float = 120.0
+    image_max_side: int = 512
+    detail: str = "low"
+    response_mode: str = "json_schema"
+    temperature: float = 0.2
+    max_tokens: int = 1500
+    max_attempts: int = 6                    # per request, transient errors
+    retry_budget: Optional[int] = None       # retries per session; default 2 per pending pair + 100
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
+    prices_path: Optional[str] = None
+    seed: int = 0
+    error_rate: float = 0.1                  # simulator only
+    stop_grace: float = 30.0                 # seconds in-flight calls get after stop()
+    # openai-batch only
+    poll_interval: float = 30.0
+    batch_timeout: float = 26 * 3600.0
+    flush_interval: float = 5.0
+    max_batch_requests: int = 50_000
+    max_batch_bytes: int = 190 * 1024 * 1024
+
+    def resolved_concurrency(self) -> int:
+        if self.concurrency is not None:
+            return self.concurrency
+        return 5000 if self.backend == "openai-batch" else 16
+
+    def resolved_model(self) -> str:
+        if self.backend not in DEFAULT_MODELS:
+            raise ValueError(f"unknown backend {self.backend!r}; use one of {', '.join(DEFAULT_MODELS)}")
+        return self.model or DEFAULT_MODELS[self.backend]
+
+
+@dataclass
+class Progress:
+    run_id: Optional[int] = None
+    status: str = "created"
+    pairs_total: int = 0
+    pairs_done: int = 0
+    pairs_failed: int = 0
+    pairs_pending: int = 0
+    calls: int = 0
+    calls_reused: int = 0
+    call_errors: int = 0
+    cost_usd: float = 0.0
+    failures: dict[str, int] = field(default_factory=dict)
+    last_error: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    run_id: Optional[int]
+    pairs: int
+    calls_by_stage: dict[str, int]
+    estimated_cost_usd: float
+    unknown_price: bool
+
+    @property
+    def calls(self) -> int:
+        return sum(self.calls_by_stage.values())
+
+
+class ItemFailedError(Exception):
+    """One pair cannot be annotated; `reason` is '<category>: <detail>'."""
+
+    def __init__(self, category: str, detail: str):
+        super().__init__(f"{category}: {detail}")
+        self.reason = f"{category}: {detail}"[:1000]
+
+
+class RunStoppedError(Exception):
+    """The run was asked to stop before this pair finished (it stays pending)."""
+
+
+@dataclass
+class _CallResult:
+    text: str
+    finish_reason: Optional[str]
+    call_id: Optional[int]
+
+
+def _hash(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------- run identity
+
+
+def _backend_options(options: RunOptions, db_path: str) -> dict:
+    model = options.resolved_model()
+    if options.backend == "simulator":
+        return {"db_path": db_path, "error_rate": options.error_rate, "seed": options.seed}
+    common = {"model": model, "base_url": options.base_url, "api_key_env": options.api_key_env,
+              "timeout": options.timeout, "image_max_side": options.image_max_side,
+              "detail": options.detail, "response_mode": options.response_mode}
+    if options.backend == "openai-batch":
+        common.update(poll_interval=options.poll_interval, batch_timeout=options.batch_timeout,
+                      flush_interval=options.flush_interval,
+                      max_batch_requests=options.max_batch_requests,
+                      max_batch_bytes=options.max_batch_bytes)
+    return common
+
+
+def answer_params(options: RunOptions) -> dict:
+    """What changes a model's answer besides the prompt: part of every cache key."""
+    params = {"model": options.resolved_model(), "temperature": options.temperature,
+              "max_tokens": options.max_tokens}
+    if options.backend == "simulator":
+        params.update(backend="simulator", error_rate=options.error_rate, seed=options.seed)
+    else:
+        # openai and openai-batch share answers: same model, same request.
+        params.update(base_url=options.base_url, detail=options.detail,
+                      image_max_side=options.image_max_side)
+    return params
+
+
+def run_fingerprint(options: RunOptions) -> str:
+    return _hash({"backend": options.backend, "method": options.method,
+                  "prompts": prompt_versions(), "params": answer_params(options),
+                  "split": options.split})[:16]
+
+
+def _settings(options: RunOptions) -> dict:
+    settings = asdict(options)
+    settings.pop("run_id", None)
+    settings["model"] = options.resolved_model()
+    settings["fingerprint"] = run_fingerprint(options)
+    return settings
+
+
+def _find_run(db, options: RunOptions):
+    if options.run_id is not None:
+        return store_ann.get_run(db, options.run_id)
+    if options.new_run:
+        return None
+    fingerprint = run_fingerprint(options)
+    matches = [r for r in store_ann.list_runs(db) if r.settings.get("fingerprint") == fingerprint]
+    return matches[-1] if matches else None
+
+
+def stage1_key(image_id: str, params: dict, prompts: dict) -> str:
+    return "s1:" + _hash({"image": image_id, "prompt": prompts["stage1"], "params": params})[:40]
+
+
+def stage2_key(pair_id: str, stage1_id: str, params: dict, prompts: dict) -> str:
+    return "s2:" + _hash({"pair": pair_id, "stage1": stage1_id, "prompt": prompts["stage2"],
+                          "params": params})[:40]
+
+
+def request_hash(request: VLMRequest, params: dict) -> str:
+    """Identical requests (same text, images, history, parameters) share one answer."""
+    return _hash({"params": params, "stage": request.stage, "system": request.system,
+                  "text": request.text, "images": request.image_ids, "history": request.history,
+                  "schema": request.schema_name, "prompt": request.prompt_version})
+
+
+def _request_json(request: VLMRequest, params: dict) -> str:
+    # Images as ids, never bytes or paths; the JSON schema is implied by schema_name.
+    return json.dumps({"params": params, "stage": request.stage, "system": request.system,
+                       "text": request.text, "image_ids": request.image_ids,
+                       "history": request.history, "schema_name": request.schema_name},
+                      ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- planning
+
+
+def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
+    """How many calls a run of these options would make now, and roughly what they cost."""
+    db = open_db(db_path)
+    try:
+        params = answer_params(options)
+        prompts = prompt_versions()
+        run = _find_run(db, options)
+        pair_ids = store_ann.select_pair_ids(db, split=options.split, limit=options.limit)
+        done = set()
+        if run is not None:
+            statuses = ("done",) if options.retry_failed else ("done", "failed")
+            done = {row[0] for row in db.execute(
+                f"SELECT pair_id FROM annotations WHERE run_id = ? AND status IN "
+                f"({','.join('?' * len(statuses))})", [run.id, *statuses])}
+        todo = [p for p in pair_ids if p not in done]
+        calls: dict[str, int] = {}
+        if todo:
+            marks = ",".join("?" * len(todo))
+            if options.method == "single":
+                calls["single"] = len(todo)
+            else:
+                refs = {row[0] for row in db.execute(
+                    f"SELECT DISTINCT reference_id FROM pairs WHERE id IN ({marks})", todo)}
+                keys = [stage1_key(r, params, prompts) for r in refs]
+                cached = {row[0] for row in db.execute(
+                    f"SELECT id FROM descriptions WHERE id IN ({','.join('?' * len(keys))})", keys)}
+                calls = {"stage1": len(keys) - len(cached), "stage2": len(todo), "stage3": len(todo)}
+        prices = PriceTable.load(options.prices_path)
+        model = options.resolved_model()
+        estimate = prices.estimate(model, calls, detail=options.detail,
+                                   batch=options.backend == "openai-batch")
+        return Plan(run_id=run.id if run else None, pairs=len(todo), calls_by_stage=calls,
+                    estimated_cost_usd=estimate, unknown_price=bool(prices.unknown))
+    finally:
+        db.conn.close()
+
+
+# ---------------------------------------------------------------- the run
+
+
+class Runner:
+    def __init__(self, db_path: str | Path, options: RunOptions,
+                 on_progress: Optional[Callable[[Progress], None]] = None,
+                 stop_event: Optional[threading.Event] = None):
+        if options.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, not {options.method!r}")
+        if options.resolved_concurrency() < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.db_path = str(db_path)
+        self.options = options
+        self.model = options.resolved_model()
+        self.on_progress = on_progress
+        self.stop_event = stop_event or threading.Event()
+        self.started = threading.Event()
+        self.progress = Progress()
+        self.params = answer_params(options)
+        self.prompts = prompt_versions()
+        self.prices = PriceTable.load(options.prices_path)
+        self._rng = random.Random(options.seed)
+        self._failures: Counter[str] = Counter()
+        self._stopping = False
+
+    # -- the database, from one thread so the event loop never waits on sqlite
+    async def _db(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_pool, partial(fn, self.db, *args, **kwargs))
+
+    def _emit(self) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(self.progress)
+            except Exception:  # a broken progress display must not stop the run
+                log.exception("progress callback failed")
+
+    def _prepare(self) -> list[dict]:
+        """Create or resume the run row and its annotations; returns the pending work."""
+        db = self.db
+        run = _find_run(db, self.options)
+        if run is None:
+            run = store_ann.create_run(
+                db, self.options.backend, self.model, base_url=self.options.base_url,
+                method=self.options.method, settings=_settings(self.options),
+                prompt_versions=self.prompts, name=self.options.name)
+        self.run_id = run.id
+        pair_ids = store_ann.select_pair_ids(db, split=self.options.split, limit=self.options.limit)
+        store_ann.ensure_annotations(db, run.id, pair_ids)
+        if self.options.retry_failed:
+            store_ann.reset_failed_annotations(db, run.id)
+        total = db.execute("SELECT COUNT(*) FROM annotations WHERE run_id = ?", [run.id]).fetchone()[0]
+        store_ann.update_run(db, run.id, status="running", pairs_total=total,
+                             started_at=run.started_at or utc_now(), finished_at=None)
+        self._ok_hashes = store_ann.ok_call_hashes(db)
+        counts = store_ann.run_counts(db, run.id)
+        self.progress = Progress(
+            run_id=run.id, status="running", pairs_total=total, pairs_done=counts["pairs_done"],
+            pairs_failed=counts["pairs_failed"], pairs_pending=counts["pairs_pending"],
+            calls=counts["calls"], call_errors=counts["call_errors"], cost_usd=counts["cost_usd"],
+            failures=dict(counts["failures"]))
+        self._failures = Counter(counts["failures"])
+        return store_ann.pending_work(db, run.id)
+
+    async def run(self) -> Progress:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._db_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="g4c-db")
+        self.db = await asyncio.get_running_loop().run_in_executor(self._db_pool, open_db, self.db_path)
+        backend = None
+        status = "failed"
+        try:
+            work = await self._db(lambda db: self._prepare())
+            self.started.set()
+            self._emit()
+            backend = create_backend(self.options.backend, **_backend_options(self.options, self.db_path))
+            self.backend = backend
+            if hasattr(backend, "start"):
+                await backend.start(_BackendContext(self))
+            self._batch_pricing = bool(getattr(backend, "is_batch", False))
+            budget = self.options.retry_budget
+            self._retries_left = budget if budget is not None else 100 + 2 * len(work)
+            self._semaphore = asyncio.Semaphore(self.options.resolved_concurrency())
+            self._inflight: dict[str, asyncio.Future] = {}
+            self._stage1_futures: dict[str, asyncio.Future] = {}
+            await self._run_work(work)
+            status = "stopped" if self._stopping else "finished"
+            return self.progress
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            status = "stopped"
+            raise
+        finally:
+            if backend is not None and hasattr(backend, "aclose"):
+                try:
+                    await backend.aclose()
+                except Exception:
+                    log.exception("closing the backend failed")
+            if getattr(self, "run_id", None) is not None:
+                counts = store_ann.run_counts(self.db, self.run_id)
+                if status == "finished" and counts["pairs_pending"]:
+                    status = "stopped"
+                store_ann.update_run(self.db, self.run_id, status=status,
+                                     finished_at=utc_now() if status == "finished" else None)
+                self.progress.status = status
+                self.progress.pairs_pending = counts["pairs_pending"]
+                self._emit()
+            self.started.set()
+            self.db.conn.close()
+            self._db_pool.shutdown(wait=False)
+
+    async def _run_work(self, work: list[dict]) -> None:
+        queue = deque(work)
+        # More pair workers than request slots, so pairs waiting on a shared stage 1 or
+        # between stages never leave a slot idle. The batch backend wants every pair in
+        # flight (its requests are pooled into batch files).
+        batch = getattr(self.backend, "is_batch", False)
+        concurrency = self.options.resolved_concurrency()
+        n_workers = concurrency if batch else concurrency * 2
+        n_workers = max(1, min(n_workers, len(queue)))
+
+        async def worker() -> None:
+            while queue and not self._stopping:
+                await self._pair(queue.popleft())
+
+        workers = [asyncio.create_task(worker()) for _ in range(n_workers)]
+        watcher = asyncio.create_task(self._watch_stop(workers))
+        try:
+            await asyncio.gather(*workers, return_exceptions=False)
+        finally:
+            watcher.cancel()
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, watcher, return_exceptions=True)
+
+    async def _watch_stop(self, workers: list[asyncio.Task]) -> None:
+        while not self.stop_event.is_set():
+            await asyncio.sleep(0.05)
+        self._stopping = True
+        grace = 0.0 if getattr(self.backend, "is_batch", False) else self.options.stop_grace
+        done, pending = await asyncio.wait(workers, timeout=grace)
+        for task in pending:
+            task.cancel()  # unfinished pairs stay pending; a resume picks them up
+
+    # -- one pair
+
+    async def _pair(self, item: dict) -> None:
+        annotation_id = item["annotation_id"]
+        try:
+            if not item["target_id"]:
+                raise ItemFailedError("no target", f"pair {item['pair_id']} has no target image")
+            if self.options.method == "staged":
+                stage1_id, objects1 = await self._stage1(item["reference_id"], item["reference_path"],
+                                                         item["reference_name"])
+                stage2_id, objects2 = await self._stage2(item, stage1_id, objects1)
+                answer, _ = await self._ask(stage3_request(
+                    item["pair_id"], objects1, objects2, temperature=self.options.temperature,
+                    max_tokens=self.options.max_tokens))
+            else:
+                stage1_id = stage2_id = None
+                self._check_paths(item)
+                answer, _ = await self._ask(single_request(
+                    item["pair_id"], (item["reference_id"], item["reference_path"]),
+                    (item["target_id"], item["target_path"]),
+                    temperature=self.options.temperature, max_tokens=self.options.max_tokens))
+            captions = answer.captions
+            compounds = self._compose(captions, item["pair_id"])
+            await self._db(store_ann.complete_annotation, annotation_id, stage1_id=stage1_id,
+                           stage2_id=stage2_id, captions=captions, compounds=compounds)
+            self.progress.pairs_done += 1
+        except RunStoppedError:
+            return
+        except ItemFailedError as exc:
+            await self._fail(annotation_id, exc.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # one bad item never kills a run
+            log.exception("pair %s failed unexpectedly", item["pair_id"])
+            await self._fail(annotation_id, f"internal error: {type(exc).__name__}: {exc}")
+        else:
+            self.progress.pairs_pending = max(0, self.progress.pairs_pending - 1)
+            self._emit()
+
+    async def _fail(self, annotation_id: str, reason: str) -> None:
+        await self._db(store_ann.fail_annotation, annotation_id, reason)
+        category = reason.split(": ", 1)[0]
+        self._failures[category] += 1
+        self.progress.failures = dict(self._failures)
+        self.progress.pairs_failed += 1
+        self.progress.pairs_pending = max(0, self.progress.pairs_pending - 1)
+        self.progress.last_error = reason
+        self._emit()
+
+    def _compose(self, captions: list[str], pair_id: str) -> list:
+        from .compound import compose_captions  # stage 4: deterministic, no model
+
+        try:
+            return [(text, list(sources), tokens)
+                    for text, sources, tokens in compose_captions(captions, seed=pair_id)]
+        except Exception as exc:
+            raise ItemFailedError("stage 4 error", f"{type(exc).__name__}: {exc}") from None
+
+    @staticmethod
+    def _check_paths(item: dict) -> None:
+        for role in ("reference", "target"):
+            if not item[f"{role}_path"]:
+                raise ItemFailedError("bad image", f"{role} image {item[f'{role}_name']} has no local file")
+
+    async def _stage1(self, image_id: str, path: Optional[str], name: str) -> tuple[str, list[dict]]:
+        key = stage1_key(image_id, self.params, self.prompts)
+        future = self._stage1_futures.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._describe_reference(key, image_id, path, name))
+            self._stage1_futures[key] = future
+        try:
+            return await asyncio.shield(future)
+        except RunStoppedError:
+            raise
+        finally:
+            # A stop must not poison the cache for a later call in this process.
+            if future.done() and not future.cancelled() and isinstance(future.exception(), RunStoppedError):
+                self._stage1_futures.pop(key, None)
+
+    async def _describe_reference(self, key: str, image_id: str, path: Optional[str],
+                                  name: str) -> tuple[str, list[dict]]:
+        existing = await self._db(store_ann.get_description, key)
+        if existing is not None:
+            return key, [o.model_dump() for o in existing.objects]
+        if not path:
+            raise ItemFailedError("bad image", f"reference image {name} has no local file")
+        answer, call_id = await self._ask(stage1_request(
+            image_id, path, temperature=self.options.temperature, max_tokens=self.options.max_tokens))
+        objects = [o.model_dump() for o in answer.objects]
+        await self._db(store_ann.save_description, key, 1, image_id, objects,
+                       prompt_version=self.prompts["stage1"], model=self.model, call_id=call_id)
+        return key, objects
+
+    async def _stage2(self, item: dict, stage1_id: str, objects1: list[dict]) -> tuple[str, list[dict]]:
+        key = stage2_key(item["pair_id"], stage1_id, self.params, self.prompts)
+        existing = await self._db(store_ann.get_description, key)
+        if existing is not None:
+            return key, [o.model_dump() for o in existing.objects]
+        if not item["target_path"]:
+            raise ItemFailedError("bad image", f"target image {item['target_name']} has no local file")
+        answer, call_id = await self._ask(stage2_request(
+            item["pair_id"], item["target_id"], item["target_path"], objects1,
+            temperature=self.options.temperature, max_tokens=self.options.max_tokens))
+        objects = [o.model_dump() for o in answer.objects]
+        await self._db(store_ann.save_description, key, 2, item["target_id"], objects,
+                       pair_id=item["pair_id"], prompt_version=self.prompts["stage2"],
+                       model=self.model, call_id=call_id)
+        return key, objects
+
+    # -- one validated answer: a call, then at most one repair
+
+    async def _ask(self, request: VLMRequest):
+        first = await self._call(request, request.stage)
+        try:
+            return parse_answer(request.stage, first.text, first.finish_reason), first.call_id
+        except InvalidAnswerError as exc:
+            error = str(exc)
+        repair = repair_request(request, first.text, error)
+        second = await self._call(repair, "repair")
+        try:
+            return parse_answer(request.stage, second.text, second.finish_reason), second.call_id
+        except InvalidAnswerError as exc:
+            raise ItemFailedError("invalid answer", f"{request.stage}: {exc} (after one repair; "
+                                                    f"first answer: {error})") from None
+
+    async def _call(self, request: VLMRequest, call_stage: str) -> _CallResult:
+        """One answer for `request`: from the store if already paid for, else from the
+        backend (identical requests in flight share one call)."""
+        key = request_hash(request, self.params)
+        shared = self._inflight.get(key)
+        if shared is not None:
+            return await asyncio.shield(shared)
+        future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = future
+        try:
+            result = await self._call_once(request, call_stage, key)
+        except BaseException as exc:
+            if not future.done():
+                future.set_exception(exc if isinstance(exc, Exception) else RunStoppedError())
+                future.exception()  # mark retrieved: waiters may be none
+            raise
+        else:
+            future.set_result(result)
+            return result
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _call_once(self, request: VLMRequest, call_stage: str, key: str) -> _CallResult:
+        if key in self._ok_hashes:
+            stored = await self._db(store_ann.find_ok_call, key)
+            if stored is not None:
+                self.progress.calls_reused += 1
+                finish = "length" if stored.error == "finish_reason: length" else "stop"
+                return _CallResult(stored.response or "", finish, stored.id)
+        attempt = 0
+        request_json = None
+        while True:
+            if self._stopping:
+                raise RunStoppedError()
+            error: Optional[Exception] = None
+            async with self._semaphore:
+                if self._stopping:
+                    raise RunStoppedError()
+                started = time.perf_counter()
+                try:
+                    response = await self.backend.complete(request)
+                except BadImageError as exc:
+                    raise ItemFailedError("bad image", str(exc)) from None
+                except (TransientError, PermanentError) as exc:
+                    error = exc
+            latency_ms = (time.perf_counter() - started) * 1000
+            if request_json is None:
+                request_json = _request_json(request, self.params)
+            if error is None:
+                cost = self.prices.cost(self.model, response.tokens_in, response.tokens_out,
+                                        batch=self._batch_pricing)
+                call = CallRecord(
+                    run_id=self.run_id, stage=call_stage, request_hash=key,
+                    prompt_version=request.prompt_version, model=response.model or self.model,
+                    subject_id=request.subject_id, request=request_json, response=response.text,
+                    status="ok", error="finish_reason: length" if response.finish_reason == "length" else None,
+                    tokens_in=response.tokens_in, tokens_out=response.tokens_out,
+                    latency_ms=response.latency_ms if response.latency_ms is not None else latency_ms,
+                    cost_usd=cost, batch_id=getattr(response, "batch_id", None),
+                    custom_id=getattr(response, "custom_id", None))
+                # Stored before anything is done with it: a crash from here on never pays again.
+                call_id = await self._db(store_ann.record_call, call)
+                self._ok_hashes.add(key)
+                self.progress.calls += 1
+                self.progress.cost_usd += cost
+                return _CallResult(response.text, response.finish_reason, call_id)
+            message = str(error)
+            await self._db(store_ann.record_call, CallRecord(
+                run_id=self.run_id, stage=call_stage, request_hash=key,
+                prompt_version=request.prompt_version, model=self.model,
+                subject_id=request.subject_id, request=request_json, status="error",
+                error=message[:2000], latency_ms=latency_ms,
+                batch_id=getattr(error, "batch_id", None), custom_id=getattr(error, "custom_id", None)))
+            self.progress.calls += 1
+            self.progress.call_errors += 1
+            self.progress.last_error = message[:300]
+            if isinstance(error, PermanentError):
+                raise ItemFailedError("request rejected", f"{request.stage}: {message}")
+            attempt += 1
+            if attempt >= self.options.max_attempts:
+                raise ItemFailedError("retries exhausted",
+                                      f"{request.stage}: {attempt} attempts, last: {message}")
+            if self._retries_left <= 0:
+                raise ItemFailedError("retry budget spent", f"{request.stage}: last error: {message}")
+            self._retries_left -= 1
+            await asyncio.sleep(self._backoff(attempt, error.retry_after))
+
+    def _backoff(self, attempt: int, retry_after: Optional[float]) -> float:
+        if retry_after is not None:
+            # Honour the server's wait, plus a little jitter so waiters do not stampede.
+            return min(self.options.backoff_max, retry_after) * self._rng.uniform(1.0, 1.2)
+        ceiling = min(self.options.backoff_max, self.options.backoff_base * 2 ** (attempt - 1))
+        return self._rng.uniform(0, ceiling)  # "full jitter"
+
+
+class _BackendContext:
+    """What a backend that keeps state in the store (openai-batch) may use."""
+
+    def __init__(self, runner: Runner):
+        self._runner = runner
+        self.run_id = runner.run_id
+
+    async def db(self, fn, *args, **kwargs):
+        return await self._runner._db(fn, *args, **kwargs)
+
+    @property
+    def stopping(self) -> bool:
+        return self._runner._stopping or self._runner.stop_event.is_set()
+
+
+def run_pipeline(db_path: str | Path, options: RunOptions,
+                 on_progress: Optional[Callable[[Progress], None]] = None,
+                 stop_event: Optional[threading.Event] = None) -> Progress:
+    """Run (or resume) to the end, or until stop_event is set; returns the final Progress."""
+    runner = Runner(db_path, options, on_progress, stop_event)
+    return asyncio.run(runner.run())
+
+
+class RunHandle:
+    """A run going on in a background thread (see the module docstring)."""
+
+    def __init__(self, runner: Runner):
+        self._runner = runner
+        self._thread: Optional[threading.Thread] = None
+        self.result: Optional[Progress] = None
+        self.error: Optional[BaseException] = None
+
+    @property
+    def run_id(self) -> Optional[int]:
+        return getattr(self._runner, "run_id", None)
+
+    @property
+    def progress(self) -> Progress:
+        return Progress(**{**asdict(self._runner.progress),
+                           "failures": dict(self._runner.progress.failures)})
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait_started(self, timeout: Optional[float] = None) -> bool:
+        return self._runner.started.wait(timeout)
+
+    def stop(self) -> None:
+        self._runner.stop_event.set()
+
+    def join(self, timeout: Optional[float] = None) -> Optional[Progress]:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return None if self.running else self.progress
+
+    def _target(self) -> None:
+        try:
+            self.result = asyncio.run(self._runner.run())
+        except BaseException as exc:  # reported through .error, never lost in the thread
+            self.error = exc
+            log.exception("pipeline run failed")
+        finally:
+            self._runner.started.set()
+
+
+def start_run_in_thread(db_path: str | Path, options: RunOptions,
+                        on_progress: Optional[Callable[[Progress], None]] = None) -> RunHandle:
+    """Start a run in a daemon thread and return its handle at once."""
+    handle = RunHandle(Runner(db_path, options, on_progress))
+    handle._thread = threading.Thread(target=handle._target, name="good4cir-run", daemon=True)
+    handle._thread.start()
+    return handle
+
+
+def run_status(db_path: str | Path) -> dict:
+    """Every run's progress: {"runs": [{"id", "backend", "model", "pairs_done",
+    "pairs_failed", "pairs_pending", "calls", "cost_usd", "failures": {reason: count}}]}
+    (plus "status", "method" and "name", which scripts may ignore)."""
+    db = open_db(db_path)
+    try:
+        runs = []
+        for run in store_ann.list_runs(db):
+            counts = store_ann.run_counts(db, run.id)
+            runs.append({
+                "id": run.id, "backend": run.backend, "model": run.model,
+                "pairs_done": counts["pairs_done"], "pairs_failed": counts["pairs_failed"],
+                "pairs_pending": counts["pairs_pending"], "calls": counts["calls"],
+                "cost_usd": counts["cost_usd"], "failures": counts["failures"],
+                "status": run.status, "method": run.method, "name": run.name,
+            })
+        return {"runs": runs}
+    finally:
+        db.conn.close()

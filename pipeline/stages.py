@@ -1,0 +1,137 @@
+"""The stages as data: build each stage's VLMRequest, and turn an answer into a
+validated result (or an InvalidAnswerError whose message the repair prompt quotes).
+
+Stage 1: reference image → objects with descriptors. Stage 2: target image + stage 1's
+objects → objects (unchanged ones copied word for word). Stage 3: both lists → 3-8
+modification captions (text only). `single`: both images → captions in one call, the
+ablation baseline. Stage 4 lives in pipeline.compound.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ValidationError
+
+from .backends.base import VLMRequest
+from .prompts import load_prompt
+from .schemas import DescriptorList, ModificationCaptions, strict_json_schema
+
+SCHEMAS: dict[str, type[BaseModel]] = {
+    "descriptor_list": DescriptorList,
+    "modification_captions": ModificationCaptions,
+}
+STAGE_SCHEMA = {"stage1": "descriptor_list", "stage2": "descriptor_list",
+                "stage3": "modification_captions", "single": "modification_captions"}
+_JSON_SCHEMAS = {name: strict_json_schema(model) for name, model in SCHEMAS.items()}
+
+
+class InvalidAnswerError(Exception):
+    """An answer that does not parse or validate; the message says why, briefly."""
+
+
+def _objects_text(objects: list[dict]) -> str:
+    return json.dumps({"objects": objects}, ensure_ascii=False, indent=1)
+
+
+def _request(stage: str, subject_id: str, values: dict[str, str], *, image_paths=(), image_ids=(),
+             temperature: float, max_tokens: int) -> VLMRequest:
+    prompt = load_prompt(stage)
+    system, user = prompt.render(**values)
+    schema_name = STAGE_SCHEMA[stage]
+    return VLMRequest(
+        stage=stage, system=system, text=user, image_paths=list(image_paths),
+        image_ids=list(image_ids), subject_id=subject_id, prompt_version=prompt.version,
+        schema_name=schema_name, json_schema=_JSON_SCHEMAS[schema_name],
+        temperature=temperature, max_tokens=max_tokens,
+    )
+
+
+def stage1_request(image_id: str, image_path: str, *, temperature: float = 0.2,
+                   max_tokens: int = 1500) -> VLMRequest:
+    return _request("stage1", image_id, {}, image_paths=[image_path], image_ids=[image_id],
+                    temperature=temperature, max_tokens=max_tokens)
+
+
+def stage2_request(pair_id: str, target_id: str, target_path: str, reference_objects: list[dict],
+                   *, temperature: float = 0.2, max_tokens: int = 1500) -> VLMRequest:
+    return _request("stage2", pair_id, {"reference_objects": _objects_text(reference_objects)},
+                    image_paths=[target_path], image_ids=[target_id],
+                    temperature=temperature, max_tokens=max_tokens)
+
+
+def stage3_request(pair_id: str, reference_objects: list[dict], target_objects: list[dict], *,
+                   temperature: float = 0.2, max_tokens: int = 1500) -> VLMRequest:
+    return _request("stage3", pair_id, {"reference_objects": _objects_text(reference_objects),
+                                        "target_objects": _objects_text(target_objects)},
+                    temperature=temperature, max_tokens=max_tokens)
+
+
+def single_request(pair_id: str, reference: tuple[str, str], target: tuple[str, str], *,
+                   temperature: float = 0.2, max_tokens: int = 1500) -> VLMRequest:
+    """reference and target: (image id, path)."""
+    return _request("single", pair_id, {}, image_paths=[reference[1], target[1]],
+                    image_ids=[reference[0], target[0]],
+                    temperature=temperature, max_tokens=max_tokens)
+
+
+def repair_request(request: VLMRequest, bad_answer: str, error: str) -> VLMRequest:
+    """The same request plus the bad answer and a turn quoting what was wrong with it."""
+    system, user = load_prompt("repair").render(
+        error=error, schema=json.dumps(request.json_schema, ensure_ascii=False))
+    history = [*request.history, {"role": "assistant", "content": bad_answer or "(empty answer)"},
+               {"role": "user", "content": user}]
+    return request.model_copy(update={"history": history})
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_json(text: str) -> Any:
+    """The JSON value in an answer: the whole text, a ```json fence, or the first
+    balanced {...} in it (for servers that answer in prose around the JSON)."""
+    stripped = text.strip()
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        pass
+    for block in _FENCE.findall(stripped):
+        try:
+            return json.loads(block.strip())
+        except ValueError:
+            continue
+    decoder = json.JSONDecoder()
+    for match in re.finditer(r"\{", stripped):
+        try:
+            value, _ = decoder.raw_decode(stripped, match.start())
+            return value
+        except ValueError:
+            continue
+    raise InvalidAnswerError("the answer is not valid JSON")
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(p) for p in error["loc"]) or "answer"
+        parts.append(f"{where}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def parse_answer(stage: str, text: str, finish_reason: Optional[str] = "stop"
+                 ) -> Union[DescriptorList, ModificationCaptions]:
+    """Validate an answer for `stage`; raise InvalidAnswerError with a short reason."""
+    if finish_reason == "length":
+        raise InvalidAnswerError("the answer was cut off (finish_reason 'length'); answer more briefly")
+    if not text or not text.strip():
+        raise InvalidAnswerError("the answer is empty")
+    value = extract_json(text)
+    if isinstance(value, list) and stage in ("stage3", "single"):
+        value = {"captions": value}  # a bare list of captions is a common slip
+    model = SCHEMAS[STAGE_SCHEMA[stage]]
+    try:
+        return model.model_validate(value)
+    except ValidationError as exc:
+        raise InvalidAnswerError(_describe_validation_error(exc)) from None

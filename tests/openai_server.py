@@ -1,0 +1,510 @@
+"""A real HTTP server speaking the parts of the OpenAI protocol the pipeline uses.
+
+    /v1/chat/completions, /v1/files, /v1/files/{id}, /v1/files/{id}/content,
+    /v1/batches, /v1/batches/{id}, /v1/batches/{id}/cancel
+    /_stats (GET), /_config (POST JSON: fields of ServerConfig), /_reset (POST)
+
+It is the other end of the real `openai` client in the pipeline tests and the benchmark,
+not a mock of the client: requests go over TCP, through the client's own parsing.
+Answers are plausible and deterministic functions of the request (so an interrupted and
+an uninterrupted run end with identical stores): stage 1 lists objects chosen from a
+hash of the image bytes, stage 2 copies the reference objects from its prompt and
+changes some, stage 3 writes captions from the difference of the two lists in its prompt.
+
+Faults are injected per request with the configured probabilities: 429 with
+Retry-After, 500, a timeout (the answer comes too late), a body that is not JSON, an
+answer that is not JSON, an answer that fails validation, a truncated answer with
+finish_reason "length"; and `reject_json_schema` / `reject_json_object` answer 400 to
+those response formats, as many local servers do.
+
+In a test:   server = start_server(latency=0.0); server.url; server.config.rate_429 = 0.2;
+             server.stats; server.requests; server.stop()
+As a process: python tests/openai_server.py --latency 0.2   (prints "PORT <n>", serves)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import random
+import socket
+import threading
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+
+@dataclass
+class ServerConfig:
+    latency: float = 0.0            # seconds added to every chat completion
+    seed: int = 0
+    rate_429: float = 0.0
+    rate_500: float = 0.0
+    rate_timeout: float = 0.0
+    rate_malformed_body: float = 0.0
+    rate_malformed_answer: float = 0.0
+    rate_invalid_answer: float = 0.0
+    rate_length: float = 0.0
+    retry_after: float = 0.05       # seconds, sent as Retry-After (and retry-after-ms)
+    timeout_sleep: float = 3.0      # how late a "timeout" answer comes
+    reject_json_schema: bool = False
+    reject_json_object: bool = False
+    reject_auth: bool = False       # 401 that echoes the key, as some servers do
+    keep_requests: int = 200        # how many request bodies to keep for inspection
+    batch_delay: float = 0.2        # seconds from batch creation to completion
+    batch_expire_after: Optional[int] = None  # lines done before a batch expires
+    batch_line_error_rate: float = 0.0       # per-line 500s inside a batch
+
+
+OBJECTS = {
+    "bed": ["white sheets", "double size", "wooden headboard", "against the back wall"],
+    "lamp": ["brass base", "white shade", "on the nightstand", "switched on"],
+    "painting": ["framed", "abstract", "above the bed", "blue tones"],
+    "plant": ["potted", "green leaves", "in the corner", "tall"],
+    "chair": ["armchair", "grey fabric", "by the window", "cushioned"],
+    "window": ["large", "white curtains", "on the right wall", "daylight"],
+    "rug": ["rectangular", "striped", "on the floor", "beige"],
+    "wall": ["painted", "pale yellow", "plain"],
+}
+COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
+
+
+def _h(*parts: Any) -> int:
+    return int.from_bytes(hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).digest()[:8], "big")
+
+
+def _objects_for(seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    names = rng.sample(sorted(OBJECTS), k=rng.randint(3, 5))
+    return [{"name": n, "descriptors": rng.sample(OBJECTS[n], k=rng.randint(2, len(OBJECTS[n])))}
+            for n in names]
+
+
+def _json_lists(text: str) -> list[list[dict]]:
+    """Every {"objects": [...]} value embedded in a prompt, in order."""
+    decoder, found, i = json.JSONDecoder(), [], 0
+    while True:
+        i = text.find("{", i)
+        if i < 0:
+            return found
+        try:
+            value, end = decoder.raw_decode(text, i)
+        except ValueError:
+            i += 1
+            continue
+        if isinstance(value, dict) and isinstance(value.get("objects"), list):
+            found.append(value["objects"])
+        i = end
+
+
+def _captions_from(before: list[dict], after: list[dict], seed: int) -> list[str]:
+    rng = random.Random(seed)
+    old = {o["name"]: o["descriptors"] for o in before}
+    new = {o["name"]: o["descriptors"] for o in after}
+    captions = []
+    for name in new:
+        if name not in old:
+            captions.append(f"Add a {name} that is {', '.join(new[name][:2])}")
+        elif new[name] != old[name]:
+            changed = [d for d in new[name] if d not in old[name]] or new[name][:1]
+            captions.append(f"Make the {name} {changed[0]}")
+    for name in old:
+        if name not in new:
+            captions.append(f"Remove the {name}")
+    fillers = ["Keep the rest of the room as it is", "Leave the other furniture unchanged",
+               "The layout of the room stays the same"]
+    while len(captions) < 3:
+        captions.append(fillers[len(captions) % len(fillers)])
+    rng.shuffle(captions)
+    return captions[:8]
+
+
+def _message_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content or [] if part.get("type") == "text")
+
+
+def _images(content: Any) -> list[str]:
+    if isinstance(content, str):
+        return []
+    return [part["image_url"]["url"] for part in content or [] if part.get("type") == "image_url"]
+
+
+def answer_for(body: dict) -> tuple[str, str]:
+    """(kind, answer JSON text) for a chat request: deterministic in its content."""
+    messages = body.get("messages", [])
+    user = next((m for m in messages if m.get("role") == "user"), {"content": ""})
+    text = _message_text(user.get("content"))
+    images = _images(user.get("content"))
+    image_seeds = [_h(hashlib.sha256(url.encode()).hexdigest()) for url in images]
+    lists = _json_lists(text)
+    if '"captions"' in text:
+        if len(lists) >= 2:
+            captions = _captions_from(lists[0], lists[1], _h(text))
+        else:  # single stage: both images
+            seeds = image_seeds + [0, 0]
+            captions = _captions_from(_objects_for(seeds[0]), _objects_for(seeds[1]), _h(text, seeds))
+        return "captions", json.dumps({"captions": captions})
+    seed = image_seeds[0] if image_seeds else _h(text)
+    if lists:  # stage 2: copy the reference objects, change some
+        rng = random.Random(seed)
+        objects = [dict(o) for o in lists[0]]
+        if objects and rng.random() < 0.5:
+            objects.pop(rng.randrange(len(objects)))
+        for o in objects:
+            if rng.random() < 0.3:
+                o["descriptors"] = [rng.choice(COLOURS)] + list(o["descriptors"][1:])
+        extra = [o for o in _objects_for(seed) if o["name"] not in {x["name"] for x in objects}]
+        objects += extra[:1]
+        return "objects", json.dumps({"objects": objects})
+    return "objects", json.dumps({"objects": _objects_for(seed)})
+
+
+def _error(status: int, message: str, headers: Optional[dict] = None, code: str = "error") -> Response:
+    return JSONResponse({"error": {"message": message, "type": code, "code": code}},
+                        status_code=status, headers=headers)
+
+
+class FakeOpenAI:
+    """The server's state: config, counters, stored files and batches."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.stats: Counter = Counter()
+        self.requests: list[dict] = []
+        self.files: dict[str, dict] = {}
+        self.batches: dict[str, dict] = {}
+        self.rng = random.Random(config.seed)
+        self.lock = threading.Lock()
+        self._ids = 0
+
+    def _new_id(self, prefix: str) -> str:
+        with self.lock:
+            self._ids += 1
+            return f"{prefix}_{self._ids:06d}"
+
+    def reset(self) -> None:
+        with self.lock:
+            self.stats.clear()
+            self.requests.clear()
+            self.rng = random.Random(self.config.seed)
+
+    def _roll(self, rate: float) -> bool:
+        return rate > 0 and self.rng.random() < rate
+
+    # -- chat completions
+
+    def completion(self, body: dict, *, count: bool = True) -> tuple[int, Any, dict]:
+        """(status, JSON body, headers) for one chat request, faults not included."""
+        fmt = (body.get("response_format") or {}).get("type")
+        if fmt == "json_schema" and self.config.reject_json_schema:
+            self.stats["rejected_json_schema"] += 1
+            return 400, {"error": {"message": "response_format json_schema is not supported",
+                                   "type": "invalid_request_error"}}, {}
+        if fmt == "json_object" and self.config.reject_json_object:
+            self.stats["rejected_json_object"] += 1
+            return 400, {"error": {"message": "response_format json_object is not supported",
+                                   "type": "invalid_request_error"}}, {}
+        kind, content = answer_for(body)
+        if fmt is None:  # text mode: prose around the JSON, as chatty models answer
+            content = f"Sure! Here is the JSON you asked for:\n```json\n{content}\n```\nHope this helps."
+        if count:
+            self.stats["completions_ok"] += 1
+            self.stats[f"answers_{kind}"] += 1
+        return 200, self._completion_body(body, content, "stop"), {}
+
+    def _completion_body(self, body: dict, content: str, finish: str) -> dict:
+        user_text = sum(len(_message_text(m.get("content"))) for m in body.get("messages", []))
+        images = sum(len(_images(m.get("content"))) for m in body.get("messages", []))
+        return {
+            "id": self._new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "unknown"),
+            "choices": [{"index": 0, "finish_reason": finish,
+                         "message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": user_text // 4 + 85 * images,
+                      "completion_tokens": max(1, len(content) // 4),
+                      "total_tokens": user_text // 4 + 85 * images + max(1, len(content) // 4)},
+        }
+
+    async def chat(self, request: Request) -> Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return _error(400, "request body is not JSON")
+        cfg = self.config
+        if cfg.reject_auth:
+            self.stats["rejected_auth"] += 1
+            return _error(401, f"Incorrect API key provided: {request.headers.get('authorization', '')}",
+                          code="invalid_api_key")
+        with self.lock:
+            self.stats["chat_requests"] += 1
+            if cfg.keep_requests:
+                self.requests.append(body)
+                del self.requests[:-cfg.keep_requests]
+            fault = None
+            for name in ("429", "500", "timeout", "malformed_body", "malformed_answer",
+                         "invalid_answer", "length"):
+                if self._roll(getattr(cfg, f"rate_{name}")):
+                    fault = name
+                    break
+        if cfg.latency:
+            await asyncio.sleep(cfg.latency)
+        if fault:
+            self.stats[f"fault_{fault}"] += 1
+        if fault == "429":
+            return _error(429, "Rate limit reached, slow down", code="rate_limit_exceeded", headers={
+                "retry-after": f"{cfg.retry_after:g}", "retry-after-ms": str(int(cfg.retry_after * 1000))})
+        if fault == "500":
+            return _error(500, "The server had an error while processing your request", code="server_error")
+        if fault == "timeout":
+            await asyncio.sleep(cfg.timeout_sleep)
+        if fault == "malformed_body":
+            return Response(b'{"id": "chatcmpl-broken", "choices": [', media_type="application/json")
+        status, payload, headers = self.completion(body, count=fault != "timeout")
+        if status != 200:
+            return JSONResponse(payload, status_code=status, headers=headers)
+        message = payload["choices"][0]["message"]
+        if fault == "malformed_answer":
+            message["content"] = message["content"].replace("{", "", 1).replace('"', "'")
+        elif fault == "invalid_answer":
+            if '"captions"' in message["content"]:
+                message["content"] = json.dumps({"captions": ["In image 1 the lamp is red", "ok"]})
+            else:
+                message["content"] = json.dumps({"objects": []})
+        elif fault == "length":
+            message["content"] = message["content"][: len(message["content"]) // 2]
+            payload["choices"][0]["finish_reason"] = "length"
+        return JSONResponse(payload)
+
+    # -- files
+
+    async def upload_file(self, request: Request) -> Response:
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None:
+            return _error(400, "missing file")
+        data = await upload.read()
+        file_id = self._new_id("file")
+        self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(data),
+                               "created_at": int(time.time()), "filename": upload.filename or "upload",
+                               "purpose": form.get("purpose", "batch"), "status": "processed",
+                               "_data": data}
+        self.stats["files_uploaded"] += 1
+        return JSONResponse(self._public(self.files[file_id]))
+
+    @staticmethod
+    def _public(obj: dict) -> dict:
+        return {k: v for k, v in obj.items() if not k.startswith("_")}
+
+    async def get_file(self, request: Request) -> Response:
+        entry = self.files.get(request.path_params["file_id"])
+        return JSONResponse(self._public(entry)) if entry else _error(404, "no such file")
+
+    async def file_content(self, request: Request) -> Response:
+        entry = self.files.get(request.path_params["file_id"])
+        if entry is None:
+            return _error(404, "no such file")
+        self.stats["files_downloaded"] += 1
+        return Response(entry["_data"], media_type="application/octet-stream")
+
+    # -- batches
+
+    async def create_batch(self, request: Request) -> Response:
+        body = await request.json()
+        if body.get("input_file_id") not in self.files:
+            return _error(400, f"input file {body.get('input_file_id')} does not exist")
+        batch_id = self._new_id("batch")
+        lines = self.files[body["input_file_id"]]["_data"].decode().splitlines()
+        batch = {"id": batch_id, "object": "batch", "endpoint": body.get("endpoint"),
+                 "input_file_id": body["input_file_id"], "completion_window": "24h",
+                 "status": "validating", "created_at": int(time.time()), "output_file_id": None,
+                 "error_file_id": None, "metadata": body.get("metadata"),
+                 "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+        self.batches[batch_id] = batch
+        self.stats["batches_created"] += 1
+        self.stats["batch_lines_submitted"] += len(lines)
+        asyncio.get_running_loop().create_task(self._process(batch_id, lines))
+        return JSONResponse(batch)
+
+    async def _process(self, batch_id: str, lines: list[str]) -> None:
+        batch = self.batches[batch_id]
+        await asyncio.sleep(self.config.batch_delay / 2)
+        if batch["status"] in ("cancelling", "cancelled"):
+            lines_to_do = 0
+        else:
+            batch["status"] = "in_progress"
+            await asyncio.sleep(self.config.batch_delay / 2)
+            lines_to_do = len(lines)
+        expire_after = self.config.batch_expire_after
+        outputs, errors = [], []
+        for index, line in enumerate(lines):
+            item = json.loads(line)
+            custom_id = item["custom_id"]
+            cut = (expire_after is not None and index >= expire_after) or index >= lines_to_do \
+                or batch["status"] == "cancelling"
+            if cut:
+                code = "batch_expired" if expire_after is not None else "batch_cancelled"
+                errors.append({"id": self._new_id("req"), "custom_id": custom_id, "response": None,
+                               "error": {"code": code, "message": "not processed before the batch ended"}})
+                continue
+            with self.lock:
+                line_error = self._roll(self.config.batch_line_error_rate)
+            if line_error:
+                errors.append({"id": self._new_id("req"), "custom_id": custom_id,
+                               "response": {"status_code": 500, "request_id": self._new_id("req"),
+                                            "body": {"error": {"message": "server error", "type": "server_error"}}},
+                               "error": None})
+                continue
+            status, payload, _ = self.completion(item["body"], count=False)
+            self.stats["batch_lines_answered"] += 1
+            outputs.append({"id": self._new_id("req"), "custom_id": custom_id, "error": None,
+                            "response": {"status_code": status, "request_id": self._new_id("req"),
+                                         "body": payload}})
+        final = "completed"
+        if expire_after is not None and len(lines) > expire_after:
+            final = "expired"
+        if batch["status"] == "cancelling" or lines_to_do == 0:
+            final = "cancelled"
+        for key, rows in (("output_file_id", outputs), ("error_file_id", errors)):
+            if rows:
+                file_id = self._new_id("file")
+                data = ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+                self.files[file_id] = {"id": file_id, "object": "file", "bytes": len(data),
+                                       "created_at": int(time.time()), "filename": f"{key}.jsonl",
+                                       "purpose": "batch_output", "status": "processed", "_data": data}
+                batch[key] = file_id
+        batch["request_counts"] = {"total": len(lines), "completed": len(outputs), "failed": len(errors)}
+        batch["status"] = final
+
+    async def get_batch(self, request: Request) -> Response:
+        batch = self.batches.get(request.path_params["batch_id"])
+        self.stats["batch_polls"] += 1
+        return JSONResponse(batch) if batch else _error(404, "no such batch")
+
+    async def cancel_batch(self, request: Request) -> Response:
+        batch = self.batches.get(request.path_params["batch_id"])
+        if batch is None:
+            return _error(404, "no such batch")
+        if batch["status"] in ("validating", "in_progress"):
+            batch["status"] = "cancelling"
+        return JSONResponse(batch)
+
+    # -- control
+
+    async def get_stats(self, request: Request) -> Response:
+        return JSONResponse(dict(self.stats))
+
+    async def set_config(self, request: Request) -> Response:
+        updates = await request.json()
+        names = {f.name for f in fields(ServerConfig)}
+        for key, value in updates.items():
+            if key not in names:
+                return _error(400, f"unknown config field {key}")
+            setattr(self.config, key, value)
+        return JSONResponse(asdict(self.config))
+
+    async def do_reset(self, request: Request) -> Response:
+        self.reset()
+        return JSONResponse({"ok": True})
+
+    def app(self) -> Starlette:
+        return Starlette(routes=[
+            Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/files", self.upload_file, methods=["POST"]),
+            Route("/v1/files/{file_id}", self.get_file, methods=["GET"]),
+            Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
+            Route("/v1/batches", self.create_batch, methods=["POST"]),
+            Route("/v1/batches/{batch_id}", self.get_batch, methods=["GET"]),
+            Route("/v1/batches/{batch_id}/cancel", self.cancel_batch, methods=["POST"]),
+            Route("/_stats", self.get_stats, methods=["GET"]),
+            Route("/_config", self.set_config, methods=["POST"]),
+            Route("/_reset", self.do_reset, methods=["POST"]),
+        ])
+
+
+class ServerHandle:
+    def __init__(self, state: FakeOpenAI, server, thread: threading.Thread, port: int):
+        self.state = state
+        self._server = server
+        self._thread = thread
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}/v1"
+
+    @property
+    def config(self) -> ServerConfig:
+        return self.state.config
+
+    @property
+    def stats(self) -> Counter:
+        return self.state.stats
+
+    @property
+    def requests(self) -> list[dict]:
+        return self.state.requests
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _bind(port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(2048)
+    return sock
+
+
+def _uvicorn_server(app):
+    import uvicorn
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                            timeout_keep_alive=30, backlog=2048)
+    return uvicorn.Server(config)
+
+
+def start_server(**config: Any) -> ServerHandle:
+    """Serve on 127.0.0.1 (a free port) from a daemon thread; returns when it listens."""
+    state = FakeOpenAI(ServerConfig(**config))
+    sock = _bind()
+    server = _uvicorn_server(state.app())
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True,
+                              name="fake-openai")
+    thread.start()
+    deadline = time.time() + 10
+    while not server.started:
+        if time.time() > deadline or not thread.is_alive():
+            raise RuntimeError("the test OpenAI server did not start")
+        time.sleep(0.01)
+    return ServerHandle(state, server, thread, sock.getsockname()[1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="A local OpenAI-protocol server for tests and benchmarks.")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args = parser.parse_args()
+    state = FakeOpenAI(ServerConfig(latency=args.latency))
+    sock = _bind(args.port)
+    print(f"PORT {sock.getsockname()[1]}", flush=True)
+    _uvicorn_server(state.app()).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""The `openai` backend end to end: the real AsyncOpenAI client against a real local
+HTTP server (tests/openai_server.py), a real SQLite store in a tmp dir."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from good4cir.cli import main as cli_main
+from openai_server import start_server
+from pipeline.runner import RunOptions, run_pipeline, start_run_in_thread
+from pipeline_world import build_world, corrupt_image, table_rows
+
+KEY = "sk-test-secret-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def server():
+    handle = start_server()
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(autouse=True)
+def fresh_server(server, monkeypatch):
+    server.state.config.__init__()  # every test starts from a well-behaved server
+    server.state.reset()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+def _world(tmp_path: Path, references: int, pairs: int):
+    db_path = tmp_path / "store.db"
+    world = build_world(db_path, tmp_path / "images", references=references, pairs=pairs)
+    return db_path, world
+
+
+def _options(server, **kw) -> RunOptions:
+    base = dict(backend="openai", model="gpt-4o-mini", base_url=server.url, concurrency=4,
+                backoff_base=0.01, timeout=10)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+def test_request_shapes_images_as_data_urls_and_schema_in_response_format(server, tmp_path):
+    db_path, _ = _world(tmp_path, references=1, pairs=1)
+    progress = run_pipeline(db_path, _options(server, image_max_side=64, detail="high"))
+    assert progress.pairs_done == 1
+    requests = server.requests
+    assert len(requests) == 3
+    by_kind = {}
+    for body in requests:
+        user = next(m for m in body["messages"] if m["role"] == "user")
+        images = [p for p in user["content"] if p["type"] == "image_url"]
+        schema = body["response_format"]["json_schema"]
+        by_kind.setdefault(schema["name"], []).append((body, images))
+        assert body["messages"][0]["role"] == "system"
+        assert body["model"] == "gpt-4o-mini"
+        assert body["response_format"]["type"] == "json_schema"
+        assert schema["strict"] is True
+        assert schema["schema"]["additionalProperties"] is False
+    # stage 1 and stage 2: one image each, a downscaled JPEG data URL with the detail asked for
+    assert len(by_kind["descriptor_list"]) == 2
+    for body, images in by_kind["descriptor_list"]:
+        assert len(images) == 1
+        url = images[0]["image_url"]["url"]
+        assert url.startswith("data:image/jpeg;base64,")
+        assert images[0]["image_url"]["detail"] == "high"
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert max(image.size) == 64  # the 256 px original, fitted into 64 px
+        assert body["response_format"]["json_schema"]["schema"]["required"] == ["objects"]
+    # stage 2 carries stage 1's JSON; stage 3 is text only with both lists
+    stage2 = [b for b, _ in by_kind["descriptor_list"] if "reference image" in json.dumps(b)]
+    assert len(stage2) == 1
+    (body3, images3), = by_kind["modification_captions"]
+    assert images3 == []
+    assert body3["response_format"]["json_schema"]["schema"]["required"] == ["captions"]
+    assert json.dumps(body3).count('\\"objects\\"') >= 2
+
+
+def test_stage1_runs_once_per_reference_image_across_pairs_and_runs(server, tmp_path):
+    db_path, world = _world(tmp_path, references=2, pairs=6)
+    progress = run_pipeline(db_path, _options(server, concurrency=6))
+    assert progress.pairs_done == 6
+    stages = dict(table_rows(db_path, "SELECT stage, COUNT(*) FROM calls GROUP BY stage"))
+    assert stages == {"stage1": 2, "stage2": 6, "stage3": 6}
+    assert server.stats["completions_ok"] == 2 + 2 * 6
+    # every pair with one reference points at one shared stage 1 description
+    shared = table_rows(db_path, "SELECT COUNT(DISTINCT stage1_id) FROM annotations")
+    assert shared == [(2,)]
+    # a new run with the same model and prompts pays for nothing again
+    progress = run_pipeline(db_path, _options(server, new_run=True))
+    assert progress.run_id == 2 and progress.pairs_done == 6
+    assert server.stats["completions_ok"] == 14
+    assert progress.calls_reused == 6  # stage 3 answers; stage 1 and 2 descriptions reused whole
+    # a different model is a different cache key
+    run_pipeline(db_path, _options(server, model="gpt-4o", new_run=True, limit=1))
+    assert server.stats["completions_ok"] == 17
+
+
+def test_cli_dry_run_annotate_rerun_and_status_json(server, tmp_path, capsys):
+    db_path, _ = _world(tmp_path, references=3, pairs=5)
+    args = ["annotate", "--db", str(db_path), "--backend", "openai", "--base-url", server.url,
+            "--concurrency", "3", "--no-progress"]
+    assert cli_main(args + ["--dry-run", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["calls"] == 3 + 2 * 5 and plan["run_id"] is None
+    assert plan["estimated_cost_usd"] > 0
+    assert server.stats["chat_requests"] == 0  # a dry run spends nothing
+    assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
+
+    assert cli_main(args + ["--json"]) == 0
+    done = json.loads(capsys.readouterr().out)
+    assert done["pairs_done"] == 5 and done["status"] == "finished"
+    assert server.stats["completions_ok"] == 13
+
+    assert cli_main(args + ["--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["calls"] == 0
+    assert cli_main(args) == 0  # rerun: resumes the finished run, makes no call
+    assert server.stats["completions_ok"] == 13
+    assert "run 1 finished" in capsys.readouterr().out
+
+    assert cli_main(["status", "--db", str(db_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report) == ["runs"]
+    (run,) = report["runs"]
+    assert list(run) == ["id", "backend", "model", "pairs_done", "pairs_failed", "pairs_pending",
+                         "calls", "cost_usd", "failures"]
+    assert run["id"] == 1 and run["backend"] == "openai" and run["model"] == "gpt-4o-mini"
+    assert (run["pairs_done"], run["pairs_failed"], run["pairs_pending"], run["calls"]) == (5, 0, 0, 13)
+    assert run["cost_usd"] > 0 and run["failures"] == {}
+    assert cli_main(["status", "--db", str(db_path)]) == 0
+    assert "gpt-4o-mini" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("reject, expected_mode", [
+    ({"reject_json_schema": True}, "json_object"),
+    ({"reject_json_schema": True, "reject_json_object": True}, None),
+])
+def test_response_format_falls_back_json_schema_then_json_object_then_text(
+        server, tmp_path, reject, expected_mode):
+    db_path, _ = _world(tmp_path, references=2, pairs=3)
+    for key, value in reject.items():
+        setattr(server.config, key, value)
+    progress = run_pipeline(db_path, _options(server, concurrency=1))
+    assert progress.pairs_done == 3 and progress.pairs_failed == 0
+    # the fallback is found once and kept: one rejection per refused mode
+    assert server.stats["rejected_json_schema"] == 1
+    assert server.stats["rejected_json_object"] == (1 if expected_mode is None else 0)
+    modes = [(b.get("response_format") or {}).get("type") for b in server.requests]
+    assert modes[-1] == expected_mode
+    # in text mode the server wraps the JSON in prose; the captions are still clean
+    texts = [t for (t,) in table_rows(db_path, "SELECT text FROM captions WHERE kind = 'individual'")]
+    assert texts and not any("```" in t or "Sure" in t for t in texts)
+
+
+def test_invalid_answer_gets_one_repair_quoting_the_error_then_fails_with_reason(server, tmp_path):
+    db_path, _ = _world(tmp_path, references=1, pairs=2)
+    server.config.rate_invalid_answer = 1.0
+    progress = run_pipeline(db_path, _options(server, concurrency=1))
+    assert progress.pairs_failed == 2 and progress.pairs_done == 0
+    errors = table_rows(db_path, "SELECT error FROM annotations")
+    assert all(e.startswith("invalid answer: stage1:") for (e,) in errors)
+    # exactly one repair for the shared stage 1 request, and it quotes the validation error
+    calls = table_rows(db_path, "SELECT stage, status FROM calls ORDER BY id")
+    assert calls == [("stage1", "ok"), ("repair", "ok")]
+    repair_body = server.requests[-1]
+    assert [m["role"] for m in repair_body["messages"]] == ["system", "user", "assistant", "user"]
+    assert "objects" in repair_body["messages"][-1]["content"]
+    assert "at least 1 item" in repair_body["messages"][-1]["content"]  # pydantic's own words
+
+    # a repaired answer is used: invalid first answers, valid second ones
+    server.state.reset()
+    server.config.seed = 3
+    server.config.rate_invalid_answer = 0.5
+    db2, _ = _world(tmp_path / "b", references=2, pairs=6)
+    progress = run_pipeline(db2, _options(server, concurrency=1))
+    repaired_ok = table_rows(db2, "SELECT COUNT(*) FROM calls WHERE stage = 'repair'")[0][0]
+    assert repaired_ok >= 1
+    assert progress.pairs_done >= 1 and progress.pairs_done + progress.pairs_failed == 6
+
+
+def test_bad_images_fail_only_their_items(server, tmp_path):
+    db_path, world = _world(tmp_path, references=3, pairs=6)  # pairs j use reference j % 3
+    corrupt_image(world["images"]["ref0001"][1])          # reference of pairs 1 and 4
+    Path(world["images"]["tgt0002"][1]).unlink()          # target of pair 2
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.pairs_done == 3 and progress.pairs_failed == 3
+    rows = dict(table_rows(db_path, "SELECT p.external_id, a.error FROM annotations a"
+                                    " JOIN pairs p ON p.id = a.pair_id"))
+    assert {k for k, v in rows.items() if v} == {"1", "2", "4"}
+    assert rows["1"].startswith("bad image: image ref0001.png: cannot decode")
+    assert rows["4"] == rows["1"]
+    assert rows["2"].startswith("bad image: image ") and "tgt0002.png" in rows["2"]
+    assert progress.failures == {"bad image": 3}
+    # nothing was sent for the unreadable images: stage 1 of refs 0 and 2, stages 2-3 of
+    # pairs 0, 3, 5 (pair 2 shares ref 2's stage 1 and stops before its stage 2)
+    assert server.stats["completions_ok"] == 2 + 2 * 3
+
+
+def test_api_key_is_never_stored(server, tmp_path):
+    db_path, _ = _world(tmp_path, references=1, pairs=2)
+    run_pipeline(db_path, _options(server))
+    server.config.reject_auth = True  # the server echoes the key in its 401 message
+    progress = run_pipeline(db_path, _options(server, new_run=True, model="gpt-4.1-mini"))
+    assert progress.failures == {"request rejected": 2}
+    error = table_rows(db_path, "SELECT error FROM calls WHERE status = 'error' LIMIT 1")[0][0]
+    assert "Incorrect API key provided" in error and KEY not in error
+    for path in tmp_path.glob("store.db*"):
+        assert KEY.encode() not in path.read_bytes(), path
+    settings = table_rows(db_path, "SELECT settings FROM runs")
+    assert all(KEY not in s for (s,) in settings)
+
+
+def test_background_thread_reports_progress_stops_and_resumes(server, tmp_path):
+    db_path, _ = _world(tmp_path, references=4, pairs=16)
+    server.config.latency = 0.05
+    seen = []
+    handle = start_run_in_thread(db_path, _options(server, concurrency=2, stop_grace=5),
+                                 on_progress=lambda p: seen.append((p.pairs_done, p.calls)))
+    assert handle.wait_started(timeout=30) and handle.run_id == 1
+    deadline = time.time() + 60
+    while handle.progress.pairs_done < 3 and time.time() < deadline:
+        time.sleep(0.02)
+    handle.stop()
+    final = handle.join(timeout=30)
+    assert final is not None and handle.error is None and not handle.running
+    assert final.status == "stopped"
+    assert 3 <= final.pairs_done < 16 and final.pairs_pending == 16 - final.pairs_done
+    assert seen and seen[-1][0] == final.pairs_done
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+    calls_before = server.stats["completions_ok"]
+    resumed = run_pipeline(db_path, _options(server, concurrency=4))
+    assert resumed.run_id == 1 and resumed.pairs_done == 16 and resumed.status == "finished"
+    assert server.stats["completions_ok"] - calls_before <= 4 + 2 * (16 - final.pairs_done)
+    dup = table_rows(db_path, "SELECT request_hash FROM calls WHERE status = 'ok'"
+                              " GROUP BY request_hash HAVING COUNT(*) > 1")
+    assert dup == []
