@@ -39,7 +39,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "recolour {ref} from {from} to {to}",
         "paint {ref} {to}",
         "{ref} should be {to} instead of {from}",
-        "replace {ref} with {one_to}",
+        "swap {ref} for {one_to}",
     ),
     "pattern": (
         "change the pattern of {ref} from {from} to {to}",
@@ -94,8 +94,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 # The last two phrasings of every operation are held out of train and val captions.
 HELDOUT_TEMPLATES: frozenset[str] = frozenset(f"{op}.{i}" for op, ts in TEMPLATES.items() for i in (len(ts) - 2, len(ts) - 1))
 
-# Joins between the clauses of a multi-edit caption.
-CONNECTIVES: tuple[str, ...] = (", and ", "; ", ", then ", " and also ", ", plus ")
+# Joins between the clauses of a multi-edit caption. Each has a comma or semicolon and no
+# template has one, so a caption splits back into its clauses unambiguously.
+CONNECTIVES: tuple[str, ...] = (", and ", "; ", ", then ", ", and also ", ", plus ")
 
 _DIRECTION = {"left": "to the left", "centre": "to the centre", "right": "to the right"}
 

@@ -14,7 +14,7 @@ import random
 from functools import lru_cache
 from typing import Any, Callable
 
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from .vocab import COLOUR_RGB, LAYER, WALL_RGB
 
@@ -116,7 +116,8 @@ def _floor_rows() -> list[float]:
     return rows
 
 
-def _draw_floor(draw: ImageDraw.ImageDraw, floor: str) -> None:
+def _draw_floor(img: Image.Image, floor: str) -> None:
+    draw = ImageDraw.Draw(img)
     rng = random.Random(f"floor-{floor}")  # fixed texture per floor type
     rows = _floor_rows()
     if floor == "wooden":
@@ -146,14 +147,18 @@ def _draw_floor(draw: ImageDraw.ImageDraw, floor: str) -> None:
                 quad = [(_floor_line_x(c0, r0), r0), (_floor_line_x(c1, r0), r0),
                         (_floor_line_x(c1, r1), r1), (_floor_line_x(c0, r1), r1)]
                 draw.polygon(_pts(quad), fill=tone, outline=(190, 188, 184))
-        for _ in range(14):  # veins
+        veins = Image.new("L", (SIZE * SS, SIZE * SS), 0)
+        vd = ImageDraw.Draw(veins)
+        for _ in range(16):
             x, y = rng.uniform(0, SIZE), rng.uniform(WALL_BOTTOM, SIZE)
             points = [(x, y)]
-            for _ in range(6):
-                x += rng.uniform(-14, 14)
-                y += rng.uniform(2, 12)
+            for _ in range(7):
+                x += rng.uniform(-16, 16)
+                y += rng.uniform(2, 10)
                 points.append((x, y))
-            draw.line(_pts(points), fill=(204, 202, 204), width=1)
+            vd.line(_pts(points), fill=120, width=2 * SS)
+        veins = veins.filter(ImageFilter.GaussianBlur(2 * SS))
+        img.paste((176, 172, 178), (0, 0), veins)  # soft grey veins
     elif floor == "carpeted":
         draw.rectangle(_box(0, WALL_BOTTOM, SIZE, SIZE), fill=(150, 128, 116))
         for _ in range(3500):  # pile speckle
@@ -169,8 +174,8 @@ def _room(wall: str, floor: str) -> Image.Image:
     """Ceiling, walls, floor and skirting of an empty room (supersampled)."""
     size = SIZE * SS
     img = Image.new("RGB", (size, size), (0, 0, 0))
+    _draw_floor(img, floor)
     draw = ImageDraw.Draw(img)
-    _draw_floor(draw, floor)
     w = WALL_RGB[wall]
     draw.rectangle(_box(WALL_X0, WALL_TOP, WALL_X1, WALL_BOTTOM), fill=w)
     # a soft vertical band of light on the back wall, as from a ceiling light
@@ -482,8 +487,8 @@ def _lamp(cv: _Canvas, x: float, y: float, s: float, c: Colour, pattern: str) ->
 
 
 def _rug(cv: _Canvas, x: float, y: float, s: float, c: Colour, pattern: str) -> None:
-    cy = 222.0
-    wb, wf, d = 84 * s, 104 * s, 30 * s
+    cy = 233.0  # in front of the furniture, so a bed does not hide it
+    wb, wf, d = 84 * s, 104 * s, 28 * s
     quad = [(x - wb / 2, cy - d / 2), (x + wb / 2, cy - d / 2), (x + wf / 2, cy + d / 2), (x - wf / 2, cy + d / 2)]
     cv.poly([(px + 1, py + 2) for px, py in quad], (0, 0, 0, 40))
     cv.shape("polygon", quad, c, pattern)
@@ -508,8 +513,8 @@ _WIDTH = {"window": 46, "curtains": 66, "painting": 48, "mirror": 32, "clock": 2
           "bed": 76, "nightstand": 32, "chair": 40, "plant": 30, "lamp": 28, "rug": 104}
 _WALL_Y = {"window": 76.0, "curtains": 0.0, "painting": 74.0, "mirror": 76.0, "clock": 46.0, "tv": 78.0}
 # Drawing scale per kind, so that furniture reads at the room's scale.
-_KIND_SCALE = {"window": 1.15, "curtains": 1.0, "painting": 1.1, "mirror": 1.1, "clock": 1.0, "tv": 1.0,
-               "bed": 1.0, "nightstand": 1.3, "chair": 1.3, "plant": 1.2, "lamp": 1.05, "rug": 1.0}
+_KIND_SCALE = {"window": 1.4, "curtains": 1.15, "painting": 1.35, "mirror": 1.35, "clock": 1.2, "tv": 1.25,
+               "bed": 1.1, "nightstand": 1.45, "chair": 1.45, "plant": 1.35, "lamp": 1.1, "rug": 1.0}
 # Floor objects drawn back to front.
 _DEPTH_ORDER = {"rug": 0, "nightstand": 1, "lamp": 2, "plant": 3, "chair": 4, "bed": 5}
 

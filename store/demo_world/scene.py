@@ -159,9 +159,9 @@ def random_object(rng: random.Random, kind: str, position: str, forbid: tuple[Co
 
 
 def random_scene(rng: random.Random, forbid: tuple[Combo, ...] = ()) -> Scene:
-    """A random room with 3-6 objects; most rooms have a bed, as hotel rooms do."""
+    """A random room with 3-7 objects; most rooms have a bed, as hotel rooms do."""
     scene: Scene = {"wall": rng.choice(WALL_COLOURS), "floor": rng.choice(FLOORS), "objects": []}
-    wanted = rng.randint(3, 6)
+    wanted = rng.randint(3, 7)
     kinds = list(KINDS)
     rng.shuffle(kinds)
     if rng.random() < 0.7:  # put the bed first so it usually gets a slot
