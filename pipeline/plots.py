@@ -1,0 +1,57 @@
+"""Plots of hallucination scores (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+# (part of a score dict, key, label) for each group of bars.
+PLOT_METRICS = (
+    ("stage1", "object_rate", "stage 1\ninvented objects"),
+    ("stage1", "attribute_rate", "stage 1\nwrong attributes"),
+    ("stage2", "object_rate", "stage 2\ninvented objects"),
+    ("stage2", "attribute_rate", "stage 2\nwrong attributes"),
+    ("captions", "missed_rate", "captions\nmissed changes"),
+    ("captions", "invented_rate", "captions\ninvented changes"),
+)
+
+
+def run_label(score: dict) -> str:
+    name = f" {score['name']}" if score.get("name") else ""
+    return f"run {score['run_id']}{name}: {score['model']} ({score['method']})"
+
+
+def plot_scores(scores: list[dict], path: str | Path, title: Optional[str] = None) -> Path:
+    """Grouped bars, one colour per run, of the hallucination rates from score_run.
+
+    A rate a run does not have (stage 1/2 of a single-stage run) is left out, not drawn as 0.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not scores:
+        raise ValueError("no runs to plot")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    width = 0.8 / len(scores)
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(PLOT_METRICS)), 4.8))
+    for i, score in enumerate(scores):
+        xs, heights = [], []
+        for m, (part, key, _) in enumerate(PLOT_METRICS):
+            value = (score.get(part) or {}).get(key)
+            if value is not None:
+                xs.append(m - 0.4 + width * (i + 0.5))
+                heights.append(100 * value)
+        bars = ax.bar(xs, heights, width=width * 0.95, label=run_label(score))
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+    ax.set_xticks(range(len(PLOT_METRICS)), [label for _, _, label in PLOT_METRICS], fontsize=8)
+    ax.set_ylabel("% of items (lower is better)")
+    ax.set_title(title or "Hallucinations against the demo world's ground truth")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
