@@ -18,17 +18,35 @@ FLAG_REASONS = (
 )
 
 
+# Per class: (field names, JSON columns). Looked up once: pydantic's class attribute
+# access costs microseconds, which the review queue's hot path would pay per column.
+_SHAPES: dict[type, tuple[frozenset, tuple]] = {}
+
+
+def _shape(cls) -> tuple[frozenset, tuple]:
+    shape = _SHAPES.get(cls)
+    if shape is None:
+        shape = (frozenset(cls.__pydantic_fields__), tuple(getattr(cls, "_json_fields", ()) or ()))
+        _SHAPES[cls] = shape
+    return shape
+
+
 class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     @classmethod
-    def from_row(cls, row: dict) -> "Record":
-        """Build from a sqlite row dict, decoding JSON columns named in _json_fields."""
-        data = dict(row)
-        for name in getattr(cls, "_json_fields", ()):
+    def _decoded(cls, row: dict) -> dict:
+        fields, json_fields = _shape(cls)
+        data = {k: v for k, v in row.items() if k in fields}
+        for name in json_fields:
             if isinstance(data.get(name), str):
                 data[name] = json.loads(data[name])
-        return cls(**{k: v for k, v in data.items() if k in cls.model_fields})
+        return data
+
+    @classmethod
+    def from_row(cls, row: dict) -> "Record":
+        """Build from a sqlite row dict, decoding JSON columns named in _json_fields."""
+        return cls(**cls._decoded(row))
 
 
 class ImageRecord(Record):
