@@ -1,0 +1,301 @@
+"""Training and evaluation triplets (reference image, modification text, target image).
+
+Triplets come from one or more stores and/or exported files, mixed (the paper's
+CIRR + CIRRR + Hotel-CIR "soup"). Images are keyed by the sha256 of their bytes, so an
+image present in two datasets is one image, and caches keyed by it survive re-imports.
+
+Caption sources (`--source`):
+- `original`: the captions a dataset came with (CIRR's own, the demo world's ground truth);
+- `generated`: the pipeline's captions of approved pairs (edited text wins, flagged
+  captions left out), individual and/or stage 4 compound (`--captions`);
+- `both`: the two together;
+- `auto` (default): the generated captions where a pair has any, else the original.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from store.db import open_db
+from store.images import hash_file
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("auto", "original", "generated", "both")
+CAPTION_KINDS = ("individual", "compound", "both")
+
+
+@dataclass
+class Triplet:
+    pair_id: str
+    reference: str  # image key (sha256 of the file)
+    target: str
+    captions: list[str]
+    caption_kinds: list[str]  # per caption: original / individual / compound
+    split: Optional[str] = None
+    source: str = ""
+    img_set: Optional[list[str]] = None  # image keys, CIRR-style group incl. ref and target
+    extra: dict[str, Any] = field(default_factory=dict)
+    ground_truth: Any = None
+
+
+@dataclass
+class TripletSet:
+    triplets: list[Triplet]
+    image_paths: dict[str, str]  # image key -> local file path
+    problems: list[str] = field(default_factory=list)  # per-item reasons for what was left out
+
+    def split(self, name: Optional[str]) -> list[Triplet]:
+        if name is None:
+            return list(self.triplets)
+        return [t for t in self.triplets if t.split == name]
+
+    def gallery_keys(self, triplets: Sequence[Triplet]) -> list[str]:
+        """Every image of these triplets (references, targets, image-set members), once."""
+        seen: dict[str, None] = {}
+        for t in triplets:
+            for key in [t.reference, t.target, *(t.img_set or [])]:
+                if key in self.image_paths:
+                    seen.setdefault(key, None)
+        return list(seen)
+
+
+def _check_options(source: str, captions: str) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"--source must be one of {', '.join(SOURCES)}, not {source!r}")
+    if captions not in CAPTION_KINDS:
+        raise ValueError(f"--captions must be one of {', '.join(CAPTION_KINDS)}, not {captions!r}")
+
+
+def _pick_captions(original: list[str], generated: list[tuple[str, str]], source: str,
+                   captions: str) -> tuple[list[str], list[str]]:
+    kinds_wanted = {"individual", "compound"} if captions == "both" else {captions}
+    gen = [(text, kind) for text, kind in generated if kind in kinds_wanted]
+    orig = [(text, "original") for text in original if text and text.strip()]
+    if source == "original":
+        chosen = orig
+    elif source == "generated":
+        chosen = gen
+    elif source == "both":
+        chosen = orig + gen
+    else:
+        chosen = gen or orig
+    seen: dict[str, str] = {}
+    for text, kind in chosen:
+        seen.setdefault(text.strip(), kind)
+    return list(seen), list(seen.values())
+
+
+_GENERATED_SQL = """
+WITH chosen AS (
+    -- As the exporter does: each pair's newest finished annotation that passes review.
+    SELECT pair_id, MAX(run_id) AS run_id FROM annotations a
+    WHERE a.status = 'done' AND {review} GROUP BY pair_id
+)
+SELECT a.pair_id, c.kind,
+       COALESCE((SELECT e.text FROM caption_edits e WHERE e.caption_id = c.id
+                 ORDER BY e.version DESC LIMIT 1), c.text) AS text
+FROM captions c
+JOIN annotations a ON a.id = c.annotation_id
+JOIN chosen ON chosen.pair_id = a.pair_id AND chosen.run_id = a.run_id
+WHERE NOT EXISTS (SELECT 1 FROM flags f WHERE f.target_kind = 'caption'
+                  AND f.target_id = c.id AND f.removed_at IS NULL)
+ORDER BY a.pair_id, c.kind DESC, c.position
+"""
+
+
+def load_store_triplets(
+    db_path: str | Path,
+    *,
+    source: str = "auto",
+    captions: str = "both",
+    include_unreviewed: bool = False,
+    splits: Optional[Iterable[str]] = None,
+) -> TripletSet:
+    """Triplets of one store. Pairs without a usable caption or a local image are left
+    out, each with its reason in `problems`."""
+    _check_options(source, captions)
+    db_path = Path(db_path)
+    if not db_path.is_file():
+        raise FileNotFoundError(f"store {db_path} does not exist")
+    db = open_db(db_path)
+    try:
+        images = {
+            row[0]: (row[1], row[2])
+            for row in db.execute("SELECT id, path, url FROM images").fetchall()
+        }
+        generated: dict[str, list[tuple[str, str]]] = {}
+        review = ("a.review_status != 'rejected'" if include_unreviewed
+                  else "a.review_status = 'approved'")
+        for pair_id, kind, text in db.execute(_GENERATED_SQL.format(review=review)).fetchall():
+            if text and text.strip():
+                generated.setdefault(pair_id, []).append((text, kind))
+        cursor = db.execute(
+            "SELECT id, source, reference_id, target_id, split, original_captions, img_set,"
+            " ground_truth, extra FROM pairs ORDER BY id"
+        )
+        rows = cursor.fetchall()
+    finally:
+        db.conn.close()
+    wanted_splits = set(splits) if splits is not None else None
+    result = TripletSet([], {})
+    for pair_id, pair_source, ref, tgt, split, orig_json, img_set_json, gt_json, extra_json in rows:
+        if wanted_splits is not None and split not in wanted_splits:
+            continue
+        missing = [key for key in (ref, tgt) if not _usable(images.get(key))]
+        if missing:
+            result.problems.append(
+                f"pair {pair_id}: image {missing[0][:12]} has no local file (remote or missing)"
+            )
+            continue
+        texts, kinds = _pick_captions(
+            _json(orig_json, []), generated.get(pair_id, []), source, captions
+        )
+        if not texts:
+            result.problems.append(f"pair {pair_id}: no caption for --source {source}")
+            continue
+        img_set = [k for k in _json(img_set_json, None) or [] if _usable(images.get(k))] or None
+        for key in [ref, tgt, *(img_set or [])]:
+            result.image_paths[key] = images[key][0]
+        result.triplets.append(Triplet(
+            pair_id=pair_id, reference=ref, target=tgt, captions=texts, caption_kinds=kinds,
+            split=split, source=pair_source, img_set=img_set, extra=_json(extra_json, {}) or {},
+            ground_truth=_json(gt_json, None),
+        ))
+    return result
+
+
+def _usable(image: Optional[tuple]) -> bool:
+    return bool(image and image[0] and Path(image[0]).is_file())
+
+
+def _json(text, default):
+    if text is None:
+        return default
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        return default
+
+
+_REFERENCE_KEYS = ("reference_image", "reference", "reference_path")
+_TARGET_KEYS = ("target_image", "target", "target_hard", "target_path")
+_CAPTION_KEYS = ("difference_captions", "captions", "caption", "modification")
+
+
+def load_file_triplets(path: str | Path) -> TripletSet:
+    """Triplets of an exported file: the authors' dataset.json (a list of
+    reference_image / target_image / difference_captions) or JSONL with the same or the
+    pairs-format keys. Relative image paths are taken from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    records: list[tuple[str, Any]] = []
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        records = [(f"{path.name}[{i}]", rec) for i, rec in enumerate(json.loads(text))]
+    elif stripped.startswith("{") and path.suffix == ".json":
+        data = json.loads(text)
+        values = data.get("pairs") or data.get("data") or list(data.values())
+        records = [(f"{path.name}[{i}]", rec) for i, rec in enumerate(values)]
+    else:
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"{path.name}:{number}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    records.append((f"{path.name}:{number}", exc))
+    result = TripletSet([], {})
+    hashes: dict[str, str] = {}
+
+    def key_of(location: str) -> str:
+        image_path = Path(location)
+        if not image_path.is_absolute():
+            image_path = path.parent / image_path
+        resolved = str(image_path.resolve())
+        if resolved not in hashes:
+            if not image_path.is_file():
+                raise FileNotFoundError(f"image {location} not found")
+            hashes[resolved] = hash_file(image_path)
+            result.image_paths[hashes[resolved]] = resolved
+        return hashes[resolved]
+
+    for where, rec in records:
+        try:
+            if isinstance(rec, Exception):
+                raise ValueError(f"not JSON ({rec})")
+            if not isinstance(rec, dict):
+                raise ValueError("not a JSON object")
+            ref = next((rec[k] for k in _REFERENCE_KEYS if rec.get(k)), None)
+            tgt = next((rec[k] for k in _TARGET_KEYS if rec.get(k)), None)
+            if not ref or not tgt:
+                raise ValueError("needs a reference and a target image")
+            raw = next((rec[k] for k in _CAPTION_KEYS if rec.get(k)), [])
+            texts = [raw] if isinstance(raw, str) else [str(t) for t in raw if str(t).strip()]
+            if not texts:
+                raise ValueError("has no caption")
+            img_set = rec.get("img_set")
+            result.triplets.append(Triplet(
+                pair_id=str(rec.get("id") or rec.get("pairid") or where),
+                reference=key_of(ref), target=key_of(tgt), captions=texts,
+                caption_kinds=["original"] * len(texts), split=rec.get("split"),
+                source=path.stem,
+                img_set=[key_of(m) for m in img_set] if isinstance(img_set, list) else None,
+                extra=rec.get("extra") or {},
+            ))
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            result.problems.append(f"{where}: {exc}")
+    return result
+
+
+def load_triplets(
+    dbs: Sequence[str | Path] = (),
+    files: Sequence[str | Path] = (),
+    *,
+    source: str = "auto",
+    captions: str = "both",
+    include_unreviewed: bool = False,
+) -> TripletSet:
+    """Mix several stores and exported files into one TripletSet."""
+    _check_options(source, captions)
+    if not dbs and not files:
+        raise ValueError("give at least one --db or --data")
+    merged = TripletSet([], {})
+    for db_path in dbs:
+        part = load_store_triplets(db_path, source=source, captions=captions,
+                                   include_unreviewed=include_unreviewed)
+        _merge(merged, part)
+    for file_path in files:
+        _merge(merged, load_file_triplets(file_path))
+    for problem in merged.problems[:20]:
+        log.warning("left out: %s", problem)
+    return merged
+
+
+def _merge(into: TripletSet, part: TripletSet) -> None:
+    into.triplets.extend(part.triplets)
+    into.image_paths.update(part.image_paths)
+    into.problems.extend(part.problems)
+
+
+def train_val_split(data: TripletSet, val_fraction: float = 0.1,
+                    seed: int = 0) -> tuple[list[Triplet], list[Triplet]]:
+    """The train and validation triplets. Pairs marked train/val are used as marked;
+    a dataset without splits gets a seeded random `val_fraction` held out for validation."""
+    train = data.split("train")
+    val = data.split("val")
+    unsplit = [t for t in data.triplets if t.split not in ("train", "val", "test")]
+    if unsplit:
+        rng = random.Random(seed)
+        order = list(unsplit)
+        rng.shuffle(order)
+        n_val = max(1, int(len(order) * val_fraction)) if len(order) > 1 else 0
+        val.extend(order[:n_val])
+        train.extend(order[n_val:])
+    return train, val

@@ -1,0 +1,220 @@
+"""Evaluation on a split, the CIRR way, with the baselines from the same encoders.
+
+Gallery: every image of the split (references, targets and every image-set member), so
+each query meets its near-duplicate hard negatives. Queries: one per (pair, caption).
+Recall@{1,5,10,50} with the reference removed, Recall_subset@{1,2,3} within the pair's
+image set, median rank, CIRCO mAP where pairs have several ground truths. Baselines:
+reference image only, text only, and the normalised sum of the two embeddings.
+Queries tagged by the data (the demo world's held-out phrasings and kind x attribute
+combinations) are also reported on their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import metrics
+from .data import Triplet
+
+RECALL_KS = (1, 5, 10, 50)
+SUBSET_KS = (1, 2, 3)
+MAP_KS = (5, 10, 25, 50)
+
+
+@dataclass
+class Queries:
+    pair_ids: list[str] = field(default_factory=list)
+    reference_keys: list[str] = field(default_factory=list)
+    target_keys: list[str] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    img_sets: list[Optional[list[str]]] = field(default_factory=list)
+    ground_truths: list[list[str]] = field(default_factory=list)
+    tags: list[set[str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, rows: Sequence[int]) -> "Queries":
+        out = Queries()
+        for name in ("pair_ids", "reference_keys", "target_keys", "texts", "img_sets",
+                     "ground_truths", "tags"):
+            values = getattr(self, name)
+            setattr(out, name, [values[i] for i in rows])
+        return out
+
+
+def caption_tags(triplet: Triplet, caption_index: int) -> set[str]:
+    """Subsets a query belongs to, from the pair's `extra` (the demo world writes
+    `heldout`: which of its captions use held-out phrasings, and whether the edit holds a
+    kind x attribute combination never seen in training)."""
+    heldout = (triplet.extra or {}).get("heldout") or {}
+    tags: set[str] = set()
+    if isinstance(heldout, dict):
+        phrasings = heldout.get("phrasing_captions") or heldout.get("captions") or []
+        if heldout.get("phrasing") is True or caption_index in phrasings or (
+            triplet.captions[caption_index] in phrasings
+        ):
+            tags.add("heldout_phrasing")
+        if heldout.get("combo") or heldout.get("combos"):
+            tags.add("heldout_combo")
+    return tags
+
+
+def build_queries(triplets: Sequence[Triplet], all_captions: bool = True,
+                  max_queries: Optional[int] = None) -> Queries:
+    queries = Queries()
+    for t in triplets:
+        indexes = range(len(t.captions)) if all_captions else range(min(1, len(t.captions)))
+        for i in indexes:
+            queries.pair_ids.append(t.pair_id)
+            queries.reference_keys.append(t.reference)
+            queries.target_keys.append(t.target)
+            queries.texts.append(t.captions[i])
+            queries.img_sets.append(t.img_set)
+            gts = (t.extra or {}).get("ground_truth_keys")
+            queries.ground_truths.append(list(gts) if gts else [t.target])
+            queries.tags.append(caption_tags(t, i))
+    if max_queries is not None and len(queries) > max_queries:
+        rows = np.linspace(0, len(queries) - 1, max_queries).round().astype(int)
+        queries = queries.subset(sorted(set(rows.tolist())))
+    return queries
+
+
+@torch.no_grad()
+def embed(model, pixels: torch.Tensor, row_of: dict[str, int], gallery_keys: Sequence[str],
+          queries: Queries, batch_size: int = 128, baselines: bool = True) -> dict[str, np.ndarray]:
+    """Gallery and query embeddings (and the baselines' queries) as float32 arrays."""
+    model.eval()
+    encoder = model.encoder
+
+    def images(keys):
+        rows = torch.tensor([row_of[k] for k in keys], dtype=torch.long)
+        return model.normalize_pixels(pixels[rows])
+
+    gallery = [model.target_embedding(images(gallery_keys[s:s + batch_size]))
+               for s in range(0, len(gallery_keys), batch_size)]
+    out: dict[str, list[torch.Tensor]] = {"query": [], "image": [], "text": [], "sum": []}
+    for s in range(0, len(queries), batch_size):
+        image_tokens = encoder.encode_image_tokens(images(queries.reference_keys[s:s + batch_size]))
+        text_tokens = encoder.encode_text_ids(encoder.tokenize(queries.texts[s:s + batch_size]))
+        out["query"].append(model.query_from_features(image_tokens, text_tokens))
+        if baselines:
+            image_emb = F.normalize(image_tokens.pooled, dim=-1)
+            text_emb = F.normalize(text_tokens.pooled, dim=-1)
+            out["image"].append(image_emb)
+            out["text"].append(text_emb)
+            out["sum"].append(F.normalize(image_emb + text_emb, dim=-1))
+    result = {"gallery": _stack(gallery)}
+    result.update({name: _stack(parts) for name, parts in out.items() if parts})
+    return result
+
+
+def _stack(parts: list[torch.Tensor]) -> np.ndarray:
+    if not parts:
+        return np.zeros((0, 1), dtype=np.float32)
+    return torch.cat(parts).float().numpy()
+
+
+def score(query_emb: np.ndarray, gallery_emb: np.ndarray, gallery_keys: Sequence[str],
+          queries: Queries) -> dict[str, Any]:
+    """The metrics of one set of query embeddings, in the `eval --json` shape."""
+    scores = query_emb @ gallery_emb.T
+    result: dict[str, Any] = {
+        "queries": len(queries),
+        "recall": _str_keys(metrics.recall_at_k(
+            scores, gallery_keys, queries.reference_keys, queries.target_keys, RECALL_KS)),
+        "median_rank": metrics.median_rank(
+            scores, gallery_keys, queries.reference_keys, queries.target_keys),
+    }
+    with_set = [i for i, members in enumerate(queries.img_sets) if members]
+    if with_set:
+        result["recall_subset"] = _str_keys(metrics.recall_subset_at_k(
+            scores[with_set], gallery_keys, [queries.reference_keys[i] for i in with_set],
+            [queries.target_keys[i] for i in with_set], [queries.img_sets[i] for i in with_set],
+            SUBSET_KS))
+    if any(len(g) > 1 for g in queries.ground_truths):
+        result["map"] = _str_keys(metrics.map_at_k(
+            scores, gallery_keys, queries.reference_keys, queries.ground_truths, MAP_KS))
+    return result
+
+
+def _str_keys(values: dict) -> dict[str, float]:
+    return {str(k): round(float(v), 2) for k, v in values.items()}
+
+
+def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
+                        queries: Queries) -> dict[str, Any]:
+    """Model metrics, baselines, and the same per tagged subset (held-out, seen)."""
+    result = score(emb["query"], emb["gallery"], gallery_keys, queries)
+    baselines = {name: score(emb[name], emb["gallery"], gallery_keys, queries)
+                 for name in ("image", "text", "sum") if name in emb}
+    for values in baselines.values():
+        values.pop("queries", None)
+    result["baselines"] = baselines
+    subsets: dict[str, Any] = {}
+    tags = sorted({tag for t in queries.tags for tag in t})
+    if tags:
+        groups = {tag: [i for i, t in enumerate(queries.tags) if tag in t] for tag in tags}
+        groups["seen"] = [i for i, t in enumerate(queries.tags) if not t]
+        for name, rows in groups.items():
+            if not rows:
+                continue
+            sub = queries.subset(rows)
+            entry = score(emb["query"][rows], emb["gallery"], gallery_keys, sub)
+            entry["baselines"] = {
+                b: {k: v for k, v in score(emb[b][rows], emb["gallery"], gallery_keys, sub).items()
+                    if k != "queries"}
+                for b in ("image", "text", "sum") if b in emb
+            }
+            subsets[name] = entry
+    if subsets:
+        result["subsets"] = subsets
+    return result
+
+
+def evaluate_checkpoint(
+    checkpoint_dir: str | Path,
+    dbs: Sequence[str | Path] = (),
+    files: Sequence[str | Path] = (),
+    split: str = "test",
+    source: str = "auto",
+    captions: str = "both",
+    include_unreviewed: bool = False,
+    cache_dir: Optional[str | Path] = None,
+    which: str = "best",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """`good4cir eval`: the trained model and the three baselines on one split."""
+    from .data import load_triplets
+    from .features import PixelCache, default_cache_dir
+    from .model import load_model, split_preprocess
+
+    model, info = load_model(checkpoint_dir, which=which)
+    data = load_triplets(dbs, files, source=source, captions=captions,
+                         include_unreviewed=include_unreviewed)
+    triplets = data.split(split)
+    if not triplets:
+        found = sorted({str(t.split) for t in data.triplets})
+        raise ValueError(f"no pairs in split {split!r} (splits present: {', '.join(found) or 'none'})")
+    pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
+    cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
+    gallery_keys = data.gallery_keys(triplets)
+    pixels, row_of, failures = cache.load({k: data.image_paths[k] for k in gallery_keys}, progress)
+    gallery_keys = [k for k in gallery_keys if k in row_of]
+    triplets = [t for t in triplets if t.reference in row_of and t.target in row_of]
+    queries = build_queries(triplets)
+    emb = embed(model, pixels, row_of, gallery_keys, queries)
+    result = evaluate_embeddings(emb, gallery_keys, queries)
+    result.update({
+        "split": split, "gallery": len(gallery_keys), "pairs": len(triplets),
+        "model": {k: info.get(k) for k in ("model", "fusion", "weights", "epoch", "val")},
+    })
+    if failures:
+        result["images_failed"] = len(failures)
+    return result

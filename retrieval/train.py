@@ -1,0 +1,409 @@
+"""Training the composed-retrieval model (`good4cir train`).
+
+Symmetric InfoNCE with in-batch negatives (temperature 0.07), AdamW, linear warm-up then
+cosine decay. The budget is `minutes` (wall time; the schedule follows elapsed time, so
+the learning rate reaches its floor when time runs out) or `epochs`. Two modes:
+- full fine-tuning: images come from a uint8 pixel cache decoded once, and the
+  reference and target images of a batch go through the vision tower in one pass;
+- frozen encoders: image and text features are computed once into a disk cache keyed
+  by the encoder's weights, and each step costs only the fusion head.
+Validation each epoch; `best.pt` (by validation Recall@1) and `last.pt` (with the
+optimiser, for `resume`), `history.json` and `curves.png` in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import TripletSet, load_triplets, train_val_split
+from .encoders import ImageTokens, TextTokens
+from .evaluate import build_queries, embed, evaluate_embeddings
+from .features import FeatureCache, PixelCache, default_cache_dir, trim_text_features
+from .loss import TEMPERATURE, info_nce
+from .model import (BEST_FILE, LAST_FILE, ComposedRetriever, build_model, read_config,
+                    save_weights, split_preprocess, write_config)
+
+log = logging.getLogger(__name__)
+
+# Chosen by measurement on the demo world (see the retrieval report in the README).
+DEFAULT_FUSION = "residual"
+DEFAULT_MINUTES = 8.0
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    dbs: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    model: str = "tiny"
+    pretrained: Optional[str] = None
+    checkpoint: Optional[str] = None  # a file of open_clip weights to start from
+    image_size: Optional[int] = None
+    minutes: Optional[float] = None
+    epochs: Optional[int] = None
+    freeze_encoders: bool = False
+    fusion: str = DEFAULT_FUSION
+    fusion_layers: int = 4
+    captions: str = "both"
+    source: str = "auto"
+    include_unreviewed: bool = False
+    batch_size: int = 64
+    lr: Optional[float] = None
+    encoder_lr_scale: Optional[float] = None
+    weight_decay: float = 0.05
+    warmup: float = 0.05  # fraction of the budget
+    min_lr_ratio: float = 0.02
+    seed: int = 0
+    cache_dir: Optional[str] = None
+    resume: bool = False
+    threads: Optional[int] = None
+    val_queries: int = 1000
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    epochs: int
+    steps: int
+    seconds: float
+    triplets_per_second: float
+    best: dict[str, Any]
+    history: dict[str, Any]
+
+
+def lr_factor(fraction: float, warmup: float, min_ratio: float) -> float:
+    """Linear warm-up to 1 over `warmup` of the budget, then cosine down to min_ratio."""
+    fraction = min(max(fraction, 0.0), 1.0)
+    if warmup > 0 and fraction < warmup:
+        return max(fraction / warmup, 1e-3)
+    progress = (fraction - warmup) / max(1.0 - warmup, 1e-8)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _param_groups(model: ComposedRetriever, lr: float, encoder_scale: float, weight_decay: float):
+    groups: dict[tuple[bool, bool], list] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        is_encoder = name.startswith("encoder.")
+        # Norms, biases, embeddings and scalars are not decayed (as open_clip trains).
+        no_decay = param.ndim < 2 or "embedding" in name or "ln" in name.split(".")[-2:-1]
+        groups.setdefault((is_encoder, no_decay), []).append(param)
+    return [
+        {"params": params, "lr": lr * (encoder_scale if is_encoder else 1.0),
+         "base_lr": lr * (encoder_scale if is_encoder else 1.0),
+         "weight_decay": 0.0 if no_decay else weight_decay}
+        for (is_encoder, no_decay), params in groups.items()
+    ]
+
+
+class _Batches:
+    """The epoch's batches: (reference rows, target rows, text rows) as tensors."""
+
+    def __init__(self, samples: list[tuple[int, int, list[int]]], batch_size: int, seed: int):
+        self.samples = samples
+        self.batch_size = min(batch_size, len(samples))
+        self.seed = seed
+
+    def epoch(self, number: int):
+        rng = random.Random(self.seed * 100_003 + number)
+        order = list(range(len(self.samples)))
+        rng.shuffle(order)
+        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            chosen = [self.samples[i] for i in order[start:start + self.batch_size]]
+            yield (torch.tensor([c[0] for c in chosen]), torch.tensor([c[1] for c in chosen]),
+                   torch.tensor([rng.choice(c[2]) for c in chosen]))
+
+    def __len__(self) -> int:
+        return len(self.samples) // self.batch_size
+
+
+def _model_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {
+        "model": cfg.model, "image_size": cfg.image_size, "fusion": cfg.fusion,
+        "fusion_layers": cfg.fusion_layers, "temperature": TEMPERATURE,
+        "init": (f"pretrained:{cfg.pretrained}" if cfg.pretrained else
+                 f"checkpoint:{cfg.checkpoint}" if cfg.checkpoint else "random"),
+        "training": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
+    }
+
+
+def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
+          on_epoch: Optional[Callable[[dict], None]] = None) -> TrainResult:
+    """Train per `cfg`; returns where the checkpoints are and what validation saw."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.minutes is None and cfg.epochs is None:
+        cfg.minutes = DEFAULT_MINUTES
+    if cfg.minutes is not None and cfg.minutes <= 0 or cfg.epochs is not None and cfg.epochs <= 0:
+        raise ValueError("--minutes and --epochs must be positive")
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    if data is None:
+        data = load_triplets(cfg.dbs, cfg.files, source=cfg.source, captions=cfg.captions,
+                             include_unreviewed=cfg.include_unreviewed)
+    train_set, val_set = train_val_split(data, seed=cfg.seed)
+    if not train_set:
+        raise ValueError(
+            f"no training triplets (--source {cfg.source}, --captions {cfg.captions}); "
+            + (f"first problem: {data.problems[0]}" if data.problems else "is the store empty?")
+        )
+
+    resume_state = None
+    if cfg.resume and (out / LAST_FILE).is_file():
+        saved = read_config(out)
+        for key in ("model", "fusion", "image_size", "fusion_layers"):
+            if saved.get(key) != _model_config(cfg).get(key):
+                raise ValueError(f"cannot resume {out}: it was trained with {key}={saved.get(key)!r}")
+        resume_state = torch.load(str(out / LAST_FILE), map_location="cpu", weights_only=False)
+    model_config = _model_config(cfg)
+    model = build_model(model_config, pretrained=None if resume_state else cfg.pretrained,
+                        checkpoint=None if resume_state else cfg.checkpoint)
+    if resume_state:
+        model.load_state_dict(resume_state["model"])
+    write_config(out, model_config)
+
+    # Pixels for every image of train and validation, decoded once.
+    pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    val_gallery = data.gallery_keys(val_set)
+    keys = list(dict.fromkeys(data.gallery_keys(train_set) + val_gallery))
+    pixels, row_of, failures = PixelCache(cache_dir, pil_transform).load(
+        {k: data.image_paths[k] for k in keys}, cfg.progress)
+    for reason in list(failures.values())[:10]:
+        log.warning("image left out: %s", reason)
+    train_set = [t for t in train_set if t.reference in row_of and t.target in row_of]
+    val_set = [t for t in val_set if t.reference in row_of and t.target in row_of]
+    val_gallery = [k for k in val_gallery if k in row_of]
+
+    # Every caption tokenised once.
+    texts = list(dict.fromkeys(c for t in train_set for c in t.captions))
+    text_row = {text: i for i, text in enumerate(texts)}
+    samples = [(row_of[t.reference], row_of[t.target], [text_row[c] for c in t.captions])
+               for t in train_set]
+    batches = _Batches(samples, cfg.batch_size, cfg.seed)
+    if len(batches) == 0:
+        raise ValueError("too few training triplets for one batch")
+
+    frozen = None
+    if cfg.freeze_encoders:
+        model.encoder.requires_grad_(False)
+        frozen = _FrozenFeatures(model, cache_dir, pixels, row_of, texts, cfg.progress)
+    else:
+        token_ids = model.encoder.tokenize(texts)
+
+    scratch = cfg.pretrained is None and cfg.checkpoint is None
+    lr = cfg.lr or (5e-4 if scratch or cfg.freeze_encoders else 1e-4)
+    encoder_scale = cfg.encoder_lr_scale if cfg.encoder_lr_scale is not None else (1.0 if scratch else 0.1)
+    groups = _param_groups(model, lr, encoder_scale, cfg.weight_decay)
+    if not groups:
+        raise ValueError(f"nothing to train: fusion {cfg.fusion!r} has no weights and the encoders are frozen")
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+
+    history: dict[str, Any] = {"loss": [], "epochs": [], "config": model_config}
+    best: dict[str, Any] = {"score": -1.0}
+    epoch, step, elapsed_before, triplets_seen = 0, 0, 0.0, 0
+    if resume_state:
+        optimizer.load_state_dict(resume_state["optimizer"])
+        epoch, step = resume_state["epoch"], resume_state["step"]
+        elapsed_before = resume_state["elapsed"]
+        history, best = resume_state["history"], resume_state["best"]
+        triplets_seen = resume_state.get("triplets_seen", 0)
+
+    budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
+    total_steps = cfg.epochs * len(batches) if cfg.epochs is not None else None
+    setup_seconds = time.monotonic() - started
+    loop_start = time.monotonic()
+    val_seconds = 0.0
+    train_seconds = 0.0
+
+    def elapsed() -> float:
+        # The minutes budget covers everything, data preparation included.
+        return elapsed_before + (time.monotonic() - loop_start) + (setup_seconds if not resume_state else 0.0)
+
+    def fraction() -> float:
+        if budget is not None:
+            return elapsed() / budget
+        return step / max(total_steps, 1)
+
+    def out_of_budget() -> bool:
+        if budget is not None:
+            return elapsed() + val_seconds >= budget  # keep room for the last validation
+        return step >= total_steps
+
+    bar = tqdm(total=(int(budget) if budget else total_steps), disable=not cfg.progress,
+               unit="s" if budget else "step", desc=f"training {cfg.fusion}")
+    done = out_of_budget()
+    while not done:
+        model.train()
+        epoch_loss, epoch_steps = 0.0, 0
+        for ref_rows, tgt_rows, text_rows in batches.epoch(epoch):
+            t0 = time.monotonic()
+            factor = lr_factor(fraction(), cfg.warmup, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            if frozen is not None:
+                queries, targets = frozen.batch(model, ref_rows, tgt_rows, text_rows)
+            else:
+                queries, targets = _full_batch(model, pixels, token_ids, ref_rows, tgt_rows, text_rows)
+            loss = info_nce(queries, targets, target_ids=tgt_rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            optimizer.step()
+            step += 1
+            epoch_steps += 1
+            triplets_seen += len(ref_rows)
+            epoch_loss += loss.item()
+            train_seconds += time.monotonic() - t0
+            history["loss"].append([step, round(loss.item(), 5)])
+            if budget:
+                bar.n = min(int(elapsed()), int(budget))
+                bar.refresh()
+            else:
+                bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            if out_of_budget():
+                done = True
+                break
+        epoch += 1
+        if cfg.epochs is not None and epoch >= cfg.epochs:
+            done = True
+        t0 = time.monotonic()
+        val = validate(model, pixels, row_of, val_gallery, val_set, cfg.val_queries) if val_set else {}
+        val_seconds = time.monotonic() - t0
+        record = {"epoch": epoch, "step": step, "loss": epoch_loss / max(epoch_steps, 1),
+                  "seconds": round(elapsed(), 1), "val": val}
+        history["epochs"].append(record)
+        val_score = val.get("recall", {}).get("1", -epoch_loss / max(epoch_steps, 1))
+        if val_score > best["score"]:
+            best = {"score": val_score, "epoch": epoch, "val": val}
+            save_weights(out / BEST_FILE, model, {"epoch": epoch, "val": val})
+        save_weights(out / LAST_FILE, model, {
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+            "elapsed": elapsed(), "history": history, "best": best, "val": val,
+            "triplets_seen": triplets_seen,
+        })
+        if on_epoch:
+            on_epoch(record)
+        if cfg.progress:
+            tqdm.write(f"epoch {epoch}: loss {record['loss']:.3f}"
+                       + (f", val R@1 {val['recall']['1']:.1f} R@5 {val['recall']['5']:.1f}"
+                          f" Rs@1 {val.get('recall_subset', {}).get('1', float('nan')):.1f}" if val else ""))
+        if not done:
+            done = out_of_budget()
+    bar.close()
+    seconds = elapsed()
+    history["summary"] = {
+        "epochs": epoch, "steps": step, "seconds": round(seconds, 1),
+        "train_seconds": round(train_seconds, 1),
+        "triplets_per_second": round(triplets_seen / max(train_seconds, 1e-9), 1),
+        "train_triplets": len(train_set), "val_triplets": len(val_set), "best": best,
+    }
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    plot_history(history, out / "curves.png")
+    return TrainResult(out=out, epochs=epoch, steps=step, seconds=seconds,
+                       triplets_per_second=history["summary"]["triplets_per_second"],
+                       best=best, history=history)
+
+
+def _full_batch(model: ComposedRetriever, pixels, token_ids, ref_rows, tgt_rows, text_rows):
+    """Queries and targets of one batch, encoders included in the graph.
+
+    Reference and target images share one pass through the vision tower."""
+    n = len(ref_rows)
+    images = model.normalize_pixels(pixels[torch.cat([ref_rows, tgt_rows])])
+    pooled, tokens = model.encoder.clip.visual(images)
+    text = model.encoder.encode_text_ids(token_ids[text_rows])
+    queries = model.query_from_features(ImageTokens(pooled[:n], tokens[:n]), text)
+    return queries, F.normalize(pooled[n:], dim=-1)
+
+
+class _FrozenFeatures:
+    """Cached frozen-encoder features, held in memory as float16 for the whole run."""
+
+    def __init__(self, model: ComposedRetriever, cache_dir: Path, pixels, row_of, texts, progress: bool):
+        cache = FeatureCache(cache_dir, model.encoder)
+        # Image content hashes, in pixel-tensor row order: the cache's keys.
+        content_keys = [None] * len(pixels)
+        for key, row in row_of.items():
+            content_keys[row] = key
+        row_by_key = {key: row for row, key in enumerate(content_keys)}
+
+        def pixels_of(batch_keys):
+            rows = torch.tensor([row_by_key[k] for k in batch_keys])
+            return model.normalize_pixels(pixels[rows])
+
+        model.encoder.eval()
+        image = cache.image_features(content_keys, pixels_of, progress)
+        text = cache.text_features(texts, progress)
+        self.image_pooled = image["pooled"]
+        self.image_tokens = image["tokens"]
+        self.text_pooled = text["pooled"]
+        self.text_tokens = text["tokens"]
+        self.text_mask = text["padding_mask"]
+
+    def batch(self, model, ref_rows, tgt_rows, text_rows):
+        tokens, mask = trim_text_features(self.text_tokens[text_rows], self.text_mask[text_rows])
+        image = ImageTokens(self.image_pooled[ref_rows].float(), self.image_tokens[ref_rows].float())
+        text = TextTokens(self.text_pooled[text_rows].float(), tokens.float(), mask)
+        queries = model.query_from_features(image, text)
+        return queries, F.normalize(self.image_pooled[tgt_rows].float(), dim=-1)
+
+
+@torch.no_grad()
+def validate(model, pixels, row_of, gallery_keys, triplets, max_queries: int) -> dict[str, Any]:
+    queries = build_queries(triplets, max_queries=max_queries)
+    emb = embed(model, pixels, row_of, gallery_keys, queries, baselines=False)
+    result = evaluate_embeddings(emb, gallery_keys, queries)
+    result.pop("baselines", None)
+    return result
+
+
+def plot_history(history: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    if history["loss"]:
+        steps, losses = np.array(history["loss"]).T
+        window = max(1, len(losses) // 50)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        ax_loss.plot(steps, losses, alpha=0.25, color="tab:blue")
+        ax_loss.plot(steps[window - 1:], smooth, color="tab:blue")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("InfoNCE loss")
+    ax_loss.set_title("training loss")
+    epochs = [e for e in history["epochs"] if e.get("val")]
+    for metric, k, label in (("recall", "1", "R@1"), ("recall", "5", "R@5"),
+                             ("recall_subset", "1", "R_subset@1")):
+        values = [e["val"].get(metric, {}).get(k) for e in epochs]
+        if any(v is not None for v in values):
+            ax_val.plot([e["epoch"] for e in epochs], values, marker="o", label=label)
+    ax_val.set_xlabel("epoch")
+    ax_val.set_ylabel("percent")
+    ax_val.set_title("validation")
+    ax_val.set_ylim(0, 100)
+    if epochs:
+        ax_val.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,164 @@
+"""The fusion heads, the encoders, open_clip weight files, and checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from retrieval.encoders import create_encoder
+from retrieval.fusion import CrossAttentionFusion, create_fusion
+from retrieval.loss import info_nce
+from retrieval.model import build_model, load_retriever, save_weights, split_preprocess, write_config
+
+torch.set_num_threads(2)
+SMALL = {"model": "tiny", "image_size": 32}
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    torch.manual_seed(0)
+    return create_encoder("tiny", image_size=32)
+
+
+def test_encoder_tokens_and_trimmed_text_match_open_clip(encoder):
+    pixels = torch.randn(3, 3, 32, 32)
+    image = encoder.encode_image_tokens(pixels)
+    assert image.pooled.shape == (3, encoder.embed_dim)
+    assert image.tokens.shape == (3, (32 // 8) ** 2, encoder.vision_width)
+    ids = encoder.tokenize(["make the lamp red", "remove the two green plants on the left", "x"])
+    text = encoder.encode_text_ids(ids)
+    assert text.tokens.shape[1] == int((ids != 0).sum(1).max())  # trimmed to the longest
+    assert text.padding_mask[2].sum() > 0 and not text.padding_mask[1].any()
+    # Trimming must not change what open_clip itself computes on the full context.
+    encoder.clip.visual.output_tokens = False
+    try:
+        reference = encoder.clip.encode_text(ids)
+        reference_image = encoder.clip.encode_image(pixels)
+    finally:
+        encoder.clip.visual.output_tokens = True
+    torch.testing.assert_close(text.pooled, reference, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(image.pooled, reference_image, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["paper", "residual", "sum"])
+def test_fusion_shapes_and_gradients(encoder, variant):
+    torch.manual_seed(1)
+    fusion = create_fusion(variant, encoder.vision_width, encoder.text_width, encoder.embed_dim,
+                           width=64, heads=4)
+    pixels = torch.randn(4, 3, 32, 32)
+    ids = encoder.tokenize(["add a chair", "make the wall navy and remove the lamp", "a", "b c"])
+    image = encoder.encode_image_tokens(pixels)
+    text = encoder.encode_text_ids(ids)
+    out = fusion(image, text)
+    assert out.shape == (4, encoder.embed_dim)
+    assert torch.isfinite(out).all()
+    loss = info_nce(torch.nn.functional.normalize(out, dim=-1),
+                    torch.nn.functional.normalize(image.pooled, dim=-1))
+    encoder.zero_grad()
+    fusion.zero_grad()
+    loss.backward()
+    # Gradients reach every fusion weight and both towers.
+    for name, param in fusion.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+    assert encoder.clip.visual.conv1.weight.grad.abs().sum() > 0
+    assert encoder._text_tower()["token_embedding"].weight.grad.abs().sum() > 0
+    # The caption changes the query (composition, not image retrieval).
+    other = encoder.encode_text_ids(encoder.tokenize(["remove the bed"] * 4))
+    assert not torch.allclose(fusion(image, other), out)
+
+
+def test_paper_variant_has_no_norms_or_residuals():
+    paper = CrossAttentionFusion(32, 32, 16, width=32, heads=4, variant="paper")
+    residual = CrossAttentionFusion(32, 32, 16, width=32, heads=4, variant="residual")
+    norms = lambda m: [n for n, mod in m.cross.named_modules() if isinstance(mod, torch.nn.LayerNorm)]
+    assert norms(paper) == [] and len(norms(residual)) == 12
+    assert len(paper.cross.layers) == len(residual.cross.layers) == 4
+
+
+@pytest.mark.parametrize("variant", ["paper", "residual"])
+def test_padding_is_ignored_by_cross_attention(encoder, variant):
+    from retrieval.encoders import TextTokens
+
+    fusion = create_fusion(variant, encoder.vision_width, encoder.text_width, encoder.embed_dim,
+                           width=64, heads=4).eval()
+    with torch.no_grad():
+        image = encoder.encode_image_tokens(torch.randn(2, 3, 32, 32))
+        text = encoder.encode_text_ids(encoder.tokenize(["add a chair", "make the wall navy and remove the lamp"]))
+        assert text.padding_mask[0].any()
+        noisy = text.tokens.clone()
+        noisy[text.padding_mask] = torch.randn(int(text.padding_mask.sum()), noisy.shape[-1]) * 50
+        before = fusion(image, text)
+        after = fusion(image, TextTokens(text.pooled, noisy, text.padding_mask))
+    torch.testing.assert_close(before, after, atol=1e-5, rtol=1e-4)
+
+
+def test_open_clip_weight_file_loads(tmp_path):
+    torch.manual_seed(3)
+    name = "g4c-tiny"
+    clip = open_clip.create_model(name, force_image_size=32)
+    path = tmp_path / "weights.pt"
+    torch.save(clip.state_dict(), path)
+    encoder = create_encoder("tiny", checkpoint=path, image_size=32)
+    for key, value in clip.state_dict().items():
+        assert torch.equal(encoder.clip.state_dict()[key], value), key
+    # the {'state_dict': ...} layout open_clip's trainer writes, with a DDP prefix
+    torch.save({"state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()}},
+               tmp_path / "epoch_1.pt")
+    wrapped = create_encoder("tiny", checkpoint=tmp_path / "epoch_1.pt", image_size=32)
+    assert torch.equal(wrapped.clip.visual.conv1.weight, clip.visual.conv1.weight)
+    # a file for another architecture is refused with a clear message
+    torch.save({"visual.conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="do not fit"):
+        create_encoder("tiny", checkpoint=tmp_path / "bad.pt", image_size=32)
+    with pytest.raises(FileNotFoundError):
+        create_encoder("tiny", checkpoint=tmp_path / "missing.pt")
+    with pytest.raises(ValueError, match="unknown model"):
+        create_encoder("no-such-model")
+
+
+def test_checkpoint_reload_gives_identical_scores(tmp_path):
+    torch.manual_seed(4)
+    config = {**SMALL, "fusion": "residual"}
+    model = build_model(config).eval()
+    write_config(tmp_path, config)
+    save_weights(tmp_path / "best.pt", model, {"epoch": 1})
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)) for _ in range(5)]
+    texts = ["make it red", "add two plants", "remove the lamp", "move the bed left", "x"]
+
+    first = load_retriever(tmp_path)
+    second = load_retriever(tmp_path)
+    scores_1 = first.encode_queries(images, texts) @ first.encode_images(images).T
+    scores_2 = second.encode_queries(images, texts) @ second.encode_images(images).T
+    np.testing.assert_array_equal(scores_1, scores_2)
+    # ...and the same as the model that was saved
+    with torch.no_grad():
+        pixels = torch.stack([first.image_transform(im) for im in images])
+        direct = model.query_embedding(pixels, model.encoder.tokenize(texts)) @ \
+            model.target_embedding(pixels).T
+    np.testing.assert_allclose(scores_1, direct.numpy(), atol=1e-5)
+    gallery = first.encode_images(images)
+    assert gallery.dtype == np.float32 and gallery.shape == (5, first.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(gallery, axis=1), 1.0, atol=1e-5)
+    assert first.model_info["fusion"] == "residual" and first.model_info["epoch"] == 1
+
+
+def test_uint8_cache_path_equals_open_clip_preprocessing():
+    model = build_model({**SMALL, "fusion": "sum"})
+    pil_part, _, _ = split_preprocess(model.encoder.preprocess)
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    cached = torch.from_numpy(np.asarray(pil_part(image)).transpose(2, 0, 1).copy())
+    torch.testing.assert_close(model.normalize_pixels(cached[None])[0],
+                               model.encoder.preprocess(image), atol=1e-6, rtol=0)
+
+
+def test_info_nce_masks_repeated_targets():
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    t = q.clone()
+    t[1] = t[0]
+    plain = info_nce(q, t)
+    masked = info_nce(q, t, target_ids=torch.tensor([7, 7, 8, 9]))
+    assert masked < plain
