@@ -51,6 +51,28 @@ def count_clip_tokens(text: str) -> int:
     return len(tokenizer.encode(text)) + 2
 
 
+_STOPWORDS = frozenset(
+    "a an the of to from in on at with and or it its is are be should by for into as this that "
+    "there their them they then also now instead rather than".split())
+# Two captions of which the shorter shares at least this share of its content words with
+# the longer likely say the same thing in other words (stage 3 pads to 3 captions with
+# paraphrases): joining them would be redundant. Two changes to one object can look
+# alike too; a compound lost that way costs little, a redundant one teaches noise.
+PARAPHRASE_OVERLAP = 0.75
+
+
+def _content_words(text: str) -> frozenset[str]:
+    return frozenset(w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOPWORDS)
+
+
+def are_paraphrases(a: str, b: str) -> bool:
+    """Whether two captions likely state the same change (content-word overlap)."""
+    wa, wb = _content_words(a), _content_words(b)
+    if not wa or not wb:
+        return a.strip().lower() == b.strip().lower()
+    return len(wa & wb) / min(len(wa), len(wb)) >= PARAPHRASE_OVERLAP
+
+
 def _seed_rng(seed: int | str) -> random.Random:
     digest = hashlib.sha256(str(seed).encode("utf-8")).digest()
     return random.Random(int.from_bytes(digest[:8], "big"))
@@ -178,10 +200,13 @@ def compose_captions(
 
     Joins 2 or 3 distinct captions (their order varies too), each compound a different
     set of captions, with a style drawn per compound; deterministic for a given seed.
-    Compounds over `max_tokens` CLIP tokens (start/end included) are dropped.
+    Captions that paraphrase each other are never joined, so a pair whose captions all
+    state one change gets no compounds. Compounds over `max_tokens` CLIP tokens
+    (start/end included) are dropped.
     """
     clauses = [_clause(c) for c in captions]
     usable = [i for i, c in enumerate(clauses) if c]
+    redundant = {(i, j) for i in usable for j in usable if i < j and are_paraphrases(clauses[i], clauses[j])}
     if len(usable) < 2 or max_per_pair <= 0:
         return []
     rng = _seed_rng(seed)
@@ -208,7 +233,8 @@ def compose_captions(
         while cursors[size] < len(combos):
             combo = combos[cursors[size]]
             cursors[size] += 1
-            if frozenset(combo) in seen_sets:
+            if frozenset(combo) in seen_sets or any(
+                    (min(i, j), max(i, j)) in redundant for i, j in itertools.combinations(combo, 2)):
                 continue
             chosen = None
             # Try the styles in rotation from this compound's turn, so styles spread out.

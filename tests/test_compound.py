@@ -140,3 +140,21 @@ def test_too_few_captions_give_no_compounds():
     assert compose_captions(["Add a lamp"], seed=0) == []
     assert compose_captions(["Add a lamp", "  ", "."], seed=0) == []
     assert all(style in JOINERS for style in ("and", "also", "then", "as well as", "while"))
+
+
+def test_paraphrases_of_one_change_are_never_joined():
+    one_change = [
+        "Make the small black rug dotted.",
+        "Make the black rug on the right dotted.",
+        "Change the pattern of the small black rug on the right from checked to dotted.",
+    ]
+    assert compose_captions(one_change, seed=1, max_per_pair=10) == []
+    two_changes = one_change[:2] + ["Get rid of the small black mirror on the right.",
+                                    "The black mirror on the right should be gone."]
+    out = compose_captions(two_changes, seed=1, max_per_pair=10)
+    assert out
+    for _, sources, _ in out:
+        assert len(sources) == 2  # one rug caption and one mirror caption, no more
+        assert len(set(sources) & {0, 1}) == 1 and len(set(sources) & {2, 3}) == 1
+    # different objects with the same verb and value are different changes
+    assert len(compose_captions(["Make the lamp red", "Make the bed red"], seed=0)) == 1
