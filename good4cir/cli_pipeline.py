@@ -47,6 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--error-rate", type=float, default=0.1, help="simulator: share of wrong answers")
     parser.add_argument("--seed", type=int, default=0, help="seed for the simulator and retry jitter")
     parser.add_argument("--poll-interval", type=float, default=30.0, help="openai-batch: seconds between polls")
+    parser.add_argument("--flush-interval", type=float, default=5.0,
+                        help="openai-batch: send the pooled requests after this many quiet seconds")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the number of calls and the estimated cost, then stop")
     parser.add_argument("--json", action="store_true", help="print the final progress as JSON")
@@ -71,7 +73,7 @@ def _options(args: argparse.Namespace):
         api_key_env=args.api_key_env, timeout=args.timeout, image_max_side=args.image_size,
         detail=args.detail, max_attempts=args.max_attempts, retry_budget=args.retry_budget,
         prices_path=args.prices, seed=args.seed, error_rate=args.error_rate,
-        poll_interval=args.poll_interval,
+        poll_interval=args.poll_interval, flush_interval=args.flush_interval,
     )
 
 

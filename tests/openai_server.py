@@ -338,13 +338,13 @@ class FakeOpenAI:
 
     async def _process(self, batch_id: str, lines: list[str]) -> None:
         batch = self.batches[batch_id]
-        await asyncio.sleep(self.config.batch_delay / 2)
-        if batch["status"] in ("cancelling", "cancelled"):
-            lines_to_do = 0
-        else:
-            batch["status"] = "in_progress"
-            await asyncio.sleep(self.config.batch_delay / 2)
-            lines_to_do = len(lines)
+        started = time.monotonic()
+        # Wait out the batch's delay in small steps, so a cancel takes effect promptly.
+        while time.monotonic() - started < self.config.batch_delay and batch["status"] != "cancelling":
+            if time.monotonic() - started >= self.config.batch_delay / 2:
+                batch["status"] = "in_progress"
+            await asyncio.sleep(min(0.02, self.config.batch_delay / 4 or 0.01))
+        lines_to_do = 0 if batch["status"] == "cancelling" else len(lines)
         expire_after = self.config.batch_expire_after
         outputs, errors = [], []
         for index, line in enumerate(lines):
@@ -373,7 +373,7 @@ class FakeOpenAI:
         final = "completed"
         if expire_after is not None and len(lines) > expire_after:
             final = "expired"
-        if batch["status"] == "cancelling" or lines_to_do == 0:
+        if batch["status"] == "cancelling":
             final = "cancelled"
         for key, rows in (("output_file_id", outputs), ("error_file_id", errors)):
             if rows:

@@ -1,0 +1,387 @@
+"""The `openai-batch` backend: the OpenAI Batch API (half price, 24 h window).
+
+The runner calls `complete(request)` for each request as it would with the `openai`
+backend; here the request is pooled, and the pool is written as JSONL (one line per
+request, `custom_id` = a hash of the request), uploaded, and submitted as a batch once
+no new request has arrived for `flush_interval` seconds (or the pool is full). So stages
+chain by themselves: as a stage 1 batch finishes, its pairs send their stage 2 requests,
+which go out in the next batch. A pool larger than the API's limits (50,000 requests,
+200 MB per file) is split over several files.
+
+Every submitted batch is stored (table `batches`: id, input file, custom ids), so a
+restarted run finds its batches and waits for them instead of paying again. A poller
+checks open batches every `poll_interval` seconds and gives up on one after
+`batch_timeout` (it is cancelled; its finished lines are kept). When a batch ends, its
+output and error files are downloaded and each line goes back to the request that
+wrote it, by custom_id. A line the batch did not finish (expired, cancelled, or a 429 /
+5xx inside the batch) becomes a TransientError, so the runner asks again and the
+request goes into a new batch; finished lines are never resubmitted.
+
+The response format is not stepped down here as in the `openai` backend: a line
+rejected with 400 fails its item (PermanentError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+from store import annotations as store_ann
+
+from ..images import DETAILS, ImageEncoder
+from .base import PermanentError, TransientError, VLMRequest, VLMResponse
+from .openai_backend import RESPONSE_MODES, build_messages, map_openai_error, resolve_api_key, response_format_for
+
+log = logging.getLogger("good4cir.pipeline.batch")
+
+MAX_REQUESTS_PER_FILE = 50_000
+MAX_BYTES_PER_FILE = 200 * 1024 * 1024
+TERMINAL = {"completed", "expired", "cancelled", "failed"}
+
+
+class BatchVLMResponse(VLMResponse):
+    """An answer that came back in a batch: which batch and line it was."""
+
+    batch_id: Optional[str] = None
+    custom_id: Optional[str] = None
+
+
+class BatchLineError(TransientError):
+    def __init__(self, message: str, batch_id: Optional[str], custom_id: str):
+        super().__init__(message, retry_after=0.0)
+        self.batch_id = batch_id
+        self.custom_id = custom_id
+
+
+class BatchRejectedError(PermanentError):
+    def __init__(self, message: str, batch_id: Optional[str], custom_id: str):
+        super().__init__(message)
+        self.batch_id = batch_id
+        self.custom_id = custom_id
+
+
+@dataclass
+class _Watch:
+    """One provider batch being waited on."""
+
+    batch_id: str
+    created: float = field(default_factory=time.monotonic)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    results: dict[str, Any] = field(default_factory=dict)  # custom_id -> BatchVLMResponse | Exception
+    status: Optional[str] = None
+    cancel_sent: bool = False
+
+
+@dataclass
+class _Pending:
+    custom_id: str
+    stage: str
+    line: bytes
+    future: asyncio.Future
+
+
+def custom_id_for(body_without_images: dict) -> str:
+    digest = hashlib.sha256(json.dumps(body_without_images, sort_keys=True, ensure_ascii=False)
+                            .encode()).hexdigest()
+    return "g4c-" + digest[:56]  # the API allows 64 characters
+
+
+class OpenAIBatchBackend:
+    name: ClassVar[str] = "openai-batch"
+    supports_images: ClassVar[bool] = True
+    supports_json_schema: ClassVar[bool] = True
+    is_batch: ClassVar[bool] = True
+
+    def __init__(self, model: str = "gpt-4o-mini", *, base_url: Optional[str] = None,
+                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0,
+                 image_max_side: int = 512, detail: str = "low", response_mode: str = "json_schema",
+                 poll_interval: float = 30.0, batch_timeout: float = 26 * 3600.0,
+                 flush_interval: float = 5.0, max_batch_requests: int = MAX_REQUESTS_PER_FILE,
+                 max_batch_bytes: int = MAX_BYTES_PER_FILE, max_tokens_param: str = "max_tokens",
+                 encoder: Optional[ImageEncoder] = None):
+        from openai import AsyncOpenAI
+
+        if detail not in DETAILS:
+            raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
+        if response_mode not in RESPONSE_MODES:
+            raise ValueError(f"response mode must be one of {', '.join(RESPONSE_MODES)}")
+        self.model = model
+        self.detail = detail
+        self.response_mode = response_mode
+        self.max_tokens_param = max_tokens_param
+        self.poll_interval = poll_interval
+        self.batch_timeout = batch_timeout
+        self.flush_interval = flush_interval
+        self.max_batch_requests = min(max_batch_requests, MAX_REQUESTS_PER_FILE)
+        self.max_batch_bytes = min(max_batch_bytes, MAX_BYTES_PER_FILE)
+        self._secret = resolve_api_key(api_key_env, base_url)
+        self.encoder = encoder or ImageEncoder(max_side=image_max_side)
+        self.client = AsyncOpenAI(base_url=base_url, api_key=self._secret, timeout=timeout,
+                                  max_retries=2)  # file and batch bookkeeping calls only
+        self._ctx = None
+        self._run_id: Optional[int] = None
+        self._known: dict[str, list[str]] = {}       # custom_id -> stored batch ids, oldest first
+        self._watches: dict[str, _Watch] = {}
+        self._waiters: dict[str, asyncio.Future] = {}  # custom_id -> shared answer
+        self._pool: list[_Pending] = []
+        self._last_added = 0.0
+        self._tasks: list[asyncio.Task] = []
+        self._wake = None
+
+    @property
+    def cache_params(self) -> dict:
+        return {"detail": self.detail, "image_max_side": self.encoder.max_side}
+
+    # -- lifecycle (the runner calls start() and aclose())
+
+    async def start(self, ctx) -> None:
+        """Load this run's stored batches; start the flusher and the poller."""
+        self._ctx = ctx
+        self._run_id = ctx.run_id
+        for row in await ctx.db(store_ann.list_batches, ctx.run_id):
+            for custom_id in row["custom_ids"]:
+                self._known.setdefault(custom_id, []).append(row["id"])
+        self._wake = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._poller())]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for pending in self._pool:  # never submitted: nothing paid, a resume asks again
+            if not pending.future.done():
+                pending.future.set_exception(TransientError("run stopped before the batch was sent"))
+                pending.future.exception()
+        self._pool.clear()
+        await self.client.close()
+        self.encoder.close()
+
+    # -- requests
+
+    def _body(self, request: VLMRequest, messages: list[dict]) -> dict:
+        body: dict[str, Any] = {"model": self.model, "messages": messages,
+                                "temperature": request.temperature,
+                                self.max_tokens_param: request.max_tokens}
+        response_format = response_format_for(request, self.response_mode)
+        if response_format is not None:
+            body["response_format"] = response_format
+        return body
+
+    def _custom_id(self, request: VLMRequest) -> str:
+        return custom_id_for({"model": self.model, "params": self.cache_params,
+                              "mode": self.response_mode, "stage": request.stage,
+                              "system": request.system, "text": request.text,
+                              "images": request.image_ids, "history": request.history,
+                              "schema": request.schema_name, "temperature": request.temperature,
+                              "max_tokens": request.max_tokens})
+
+    async def complete(self, request: VLMRequest) -> VLMResponse:
+        if self._ctx is None:
+            raise RuntimeError("the openai-batch backend needs start(ctx) before use")
+        custom_id = self._custom_id(request)
+        shared = self._waiters.get(custom_id)
+        if shared is not None:
+            return await asyncio.shield(shared)
+        future = asyncio.get_running_loop().create_future()
+        self._waiters[custom_id] = future
+        try:
+            result = await self._answer(request, custom_id)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else TransientError("cancelled"))
+            future.exception()
+            raise
+        finally:
+            self._waiters.pop(custom_id, None)
+
+    async def _answer(self, request: VLMRequest, custom_id: str) -> VLMResponse:
+        # A batch stored by an earlier session may hold this line: wait for it first.
+        candidates = self._known.get(custom_id, [])
+        while candidates:
+            batch_id = candidates[-1]
+            watch = self._watch(batch_id)
+            await watch.done.wait()
+            result = watch.results.get(custom_id)
+            if isinstance(result, VLMResponse):
+                return result
+            candidates.pop()  # not answered there: never wait on that batch for it again
+            if result is not None and not isinstance(result, BatchLineError):
+                raise result
+        return await self._submit(request, custom_id)
+
+    async def _submit(self, request: VLMRequest, custom_id: str) -> VLMResponse:
+        messages = await build_messages(request, self.encoder, self.detail)
+        line = json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+                           "body": self._body(request, messages)}, ensure_ascii=False).encode() + b"\n"
+        if len(line) > self.max_batch_bytes:
+            raise PermanentError(f"request of {len(line)} bytes does not fit a batch file "
+                                 f"({self.max_batch_bytes} bytes); lower --image-size")
+        future = asyncio.get_running_loop().create_future()
+        self._pool.append(_Pending(custom_id, request.stage, line, future))
+        self._last_added = time.monotonic()
+        if len(self._pool) >= self.max_batch_requests:
+            self._wake.set()
+        return await future
+
+    # -- submitting
+
+    async def _flusher(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=min(0.5, self.flush_interval / 2 or 0.05))
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            quiet = time.monotonic() - self._last_added >= self.flush_interval
+            if self._pool and (quiet or len(self._pool) >= self.max_batch_requests):
+                pool, self._pool = self._pool, []
+                for chunk in self._chunks(pool):
+                    await self._send(chunk)
+
+    def _chunks(self, pool: list[_Pending]) -> list[list[_Pending]]:
+        chunks, current, size = [], [], 0
+        for pending in pool:
+            if current and (len(current) >= self.max_batch_requests
+                            or size + len(pending.line) > self.max_batch_bytes):
+                chunks.append(current)
+                current, size = [], 0
+            current.append(pending)
+            size += len(pending.line)
+        if current:
+            chunks.append(current)
+        return chunks
+
+    async def _send(self, chunk: list[_Pending]) -> None:
+        import openai
+
+        data = b"".join(p.line for p in chunk)
+        stages = ",".join(sorted({p.stage for p in chunk}))
+        try:
+            uploaded = await self.client.files.create(file=("good4cir-batch.jsonl", data), purpose="batch")
+            batch = await self.client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+                metadata={"good4cir_run": str(self._run_id), "stages": stages})
+        except (openai.OpenAIError, ValueError) as exc:
+            error = map_openai_error(exc, self._secret) or TransientError(str(exc))
+            for pending in chunk:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+                    pending.future.exception()
+            return
+        custom_ids = [p.custom_id for p in chunk]
+        # Stored at once: a restart from here on waits for this batch instead of paying again.
+        await self._ctx.db(store_ann.save_batch, batch.id, self._run_id, stages,
+                           input_file_id=uploaded.id, status=batch.status, custom_ids=custom_ids)
+        log.info("submitted batch %s: %d requests (%s), %d bytes", batch.id, len(chunk), stages, len(data))
+        watch = self._watch(batch.id)
+        for pending in chunk:
+            asyncio.create_task(self._deliver(watch, pending))
+
+    async def _deliver(self, watch: _Watch, pending: _Pending) -> None:
+        await watch.done.wait()
+        if pending.future.done():
+            return
+        result = watch.results.pop(pending.custom_id, None)
+        if result is None:
+            result = BatchLineError(f"batch {watch.batch_id} ended '{watch.status}' without this line",
+                                    watch.batch_id, pending.custom_id)
+        if isinstance(result, Exception):
+            pending.future.set_exception(result)
+            pending.future.exception()
+        else:
+            pending.future.set_result(result)
+
+    # -- polling
+
+    def _watch(self, batch_id: str) -> _Watch:
+        watch = self._watches.get(batch_id)
+        if watch is None:
+            watch = self._watches[batch_id] = _Watch(batch_id)
+        return watch
+
+    async def _poller(self) -> None:
+        while True:
+            open_watches = [w for w in self._watches.values() if not w.done.is_set()]
+            for watch in open_watches:
+                try:
+                    await self._poll(watch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a failed poll is retried at the next tick
+                    log.warning("polling batch %s failed: %s", watch.batch_id, exc)
+            await asyncio.sleep(self.poll_interval)
+
+    async def _poll(self, watch: _Watch) -> None:
+        batch = await self.client.batches.retrieve(watch.batch_id)
+        if batch.status != watch.status:
+            watch.status = batch.status
+            await self._ctx.db(store_ann.update_batch, watch.batch_id, status=batch.status)
+        if batch.status not in TERMINAL:
+            if time.monotonic() - watch.created > self.batch_timeout and not watch.cancel_sent:
+                # Past our deadline: cancel; the lines it finished still come back.
+                log.warning("batch %s still %s after %.0f s: cancelling", watch.batch_id,
+                            batch.status, self.batch_timeout)
+                await self.client.batches.cancel(watch.batch_id)
+                watch.cancel_sent = True
+            return
+        results: dict[str, Any] = {}
+        if batch.output_file_id:
+            for row in await self._lines(batch.output_file_id):
+                results[row["custom_id"]] = self._line_result(watch.batch_id, row)
+        if batch.error_file_id:
+            for row in await self._lines(batch.error_file_id):
+                results.setdefault(row["custom_id"], self._line_result(watch.batch_id, row))
+        if batch.status == "failed" and not results:
+            errors = getattr(batch, "errors", None)
+            log.warning("batch %s failed: %s", watch.batch_id, errors)
+        watch.results = results
+        await self._ctx.db(store_ann.update_batch, watch.batch_id, status=batch.status,
+                           output_file_id=batch.output_file_id, error_file_id=batch.error_file_id,
+                           collected=1)
+        watch.done.set()
+
+    async def _lines(self, file_id: str) -> list[dict]:
+        content = await self.client.files.content(file_id)
+        rows = []
+        for raw in content.text.splitlines():
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                rows.append(json.loads(raw))
+            except ValueError:
+                log.warning("skipping a line of file %s that is not JSON", file_id)
+        return rows
+
+    def _line_result(self, batch_id: str, row: dict):
+        custom_id = row.get("custom_id", "")
+        response = row.get("response") or {}
+        error = row.get("error")
+        status = response.get("status_code")
+        if status == 200 and not error:
+            body = response.get("body") or {}
+            try:
+                choice = body["choices"][0]
+                usage = body.get("usage") or {}
+                return BatchVLMResponse(
+                    text=choice["message"].get("content") or "",
+                    tokens_in=usage.get("prompt_tokens", 0) or 0,
+                    tokens_out=usage.get("completion_tokens", 0) or 0,
+                    finish_reason=choice.get("finish_reason"), model=body.get("model"),
+                    batch_id=batch_id, custom_id=custom_id)
+            except (KeyError, IndexError, TypeError):
+                return BatchLineError(f"malformed response line in batch {batch_id}", batch_id, custom_id)
+        if error:
+            message = f"batch {batch_id}: {error.get('code')}: {error.get('message')}"
+            return BatchLineError(message[:500], batch_id, custom_id)
+        body_error = ((response.get("body") or {}).get("error") or {}).get("message", "")
+        message = f"batch {batch_id}: status {status}: {body_error}"[:500]
+        if status == 429 or (status or 500) >= 500:
+            return BatchLineError(message, batch_id, custom_id)
+        return BatchRejectedError(message, batch_id, custom_id)

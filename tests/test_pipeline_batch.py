@@ -1,0 +1,117 @@
+"""The `openai-batch` backend against the local server's /v1/files and /v1/batches:
+stages chained through batches, file splitting, expiry, deadline, and a restart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from openai_server import start_server
+from pipeline.pricing import PriceTable
+from pipeline.runner import RunOptions, run_pipeline
+from pipeline_world import build_world, table_rows
+
+KEY = "sk-test-batch-0123456789"
+
+
+@pytest.fixture
+def server():
+    handle = start_server(batch_delay=0.1)
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture(autouse=True)
+def api_key(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+def _options(server, **kw) -> RunOptions:
+    base = dict(backend="openai-batch", base_url=server.url, poll_interval=0.05,
+                flush_interval=0.1, backoff_base=0.01, image_max_side=128)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+def test_batches_chain_stages_split_files_and_cost_half(server, tmp_path):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=3, pairs=7)
+    progress = run_pipeline(db_path, _options(server, max_batch_requests=4, max_batch_bytes=12_000))
+    assert progress.pairs_done == 7 and progress.status == "finished"
+    # every line sent once and answered once: 3 stage 1 + 7 stage 2 + 7 stage 3
+    assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 17
+    batches = table_rows(db_path, "SELECT id, stage, status, custom_ids, input_file_id, collected FROM batches")
+    assert all(status == "completed" and collected == 1 for _, _, status, _, _, collected in batches)
+    stages = [stage for _, stage, *_ in batches]
+    # stage 1 goes first; stage 3 batches only after stage 2 ones exist
+    assert stages[0] == "stage1" and stages.index("stage3") > stages.index("stage2")
+    for _, _, _, custom_ids, file_id, _ in batches:
+        assert len(__import__("json").loads(custom_ids)) <= 4
+        assert server.state.files[file_id]["bytes"] <= 12_000
+    # calls map back by custom_id and cost half of the list price
+    prices = PriceTable()
+    for batch_id, custom_id, tokens_in, tokens_out, cost in table_rows(
+            db_path, "SELECT batch_id, custom_id, tokens_in, tokens_out, cost_usd FROM calls"):
+        assert batch_id and custom_id.startswith("g4c-")
+        assert cost == pytest.approx(prices.cost("gpt-4o-mini", tokens_in, tokens_out) / 2)
+
+
+def test_expired_batch_keeps_finished_lines_and_resubmits_the_rest(server, tmp_path):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=4)
+    server.config.batch_expire_after = 2  # every batch finishes only its first 2 lines
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.pairs_done == 4
+    # no line answered twice: finished lines were kept, only the rest went out again
+    assert server.stats["batch_lines_answered"] == 2 + 2 * 4
+    statuses = [s for (s,) in table_rows(db_path, "SELECT status FROM batches")]
+    assert "expired" in statuses
+    expired_calls = table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'error'"
+                                        " AND error LIKE '%batch_expired%'")[0][0]
+    assert expired_calls == server.stats["batch_lines_submitted"] - server.stats["batch_lines_answered"]
+
+
+def test_a_batch_past_its_deadline_is_cancelled_and_its_items_fail_with_a_reason(server, tmp_path):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=1, pairs=2)
+    server.config.batch_delay = 60.0
+    started = time.time()
+    progress = run_pipeline(db_path, _options(server, batch_timeout=0.3, max_attempts=2))
+    assert time.time() - started < 30
+    assert progress.pairs_failed == 2 and progress.failures == {"retries exhausted": 2}
+    assert set(s for (s,) in table_rows(db_path, "SELECT status FROM batches")) == {"cancelled"}
+
+
+def test_restart_after_sigkill_waits_for_stored_batches_instead_of_paying_again(server, tmp_path):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=3, pairs=5)
+    server.config.batch_delay = 2.0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai-batch",
+         "--base-url", server.url, "--poll-interval", "0.05", "--flush-interval", "0.1",
+         "--image-size", "128", "--no-progress"],
+        env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches")[0][0]:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    (first_batch, status), = table_rows(db_path, "SELECT id, status FROM batches")
+    assert status in ("validating", "in_progress")
+    assert server.stats["batch_lines_submitted"] == 3
+
+    server.config.batch_delay = 0.1
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.run_id == 1 and progress.pairs_done == 5
+    # the stage 1 lines were taken from the batch the killed process submitted
+    assert server.stats["batch_lines_submitted"] == 3 + 2 * 5
+    stage1_batches = table_rows(db_path, "SELECT DISTINCT batch_id FROM calls WHERE stage = 'stage1'")
+    assert stage1_batches == [(first_batch,)]
+    assert table_rows(db_path, "SELECT status, collected FROM batches WHERE id = ?", [first_batch]) == [("completed", 1)]

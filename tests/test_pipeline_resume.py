@@ -1,0 +1,77 @@
+"""Killing a run (SIGKILL, mid-flight) loses nothing and pays for nothing twice: the
+rerun of the same command ends with the store an uninterrupted run makes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from openai_server import start_server
+from pipeline.runner import RunOptions, run_pipeline
+from pipeline_world import build_world, store_snapshot, table_rows
+
+KEY = "sk-test-resume-0123456789"
+REFS, PAIRS, CONCURRENCY = 4, 12, 4
+
+
+@pytest.fixture
+def server():
+    handle = start_server(latency=0.03)
+    yield handle
+    handle.stop()
+
+
+def _annotate(db_path: Path, server) -> subprocess.Popen:
+    env = {**os.environ, "OPENAI_API_KEY": KEY}
+    return subprocess.Popen(
+        [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai",
+         "--base-url", server.url, "--concurrency", str(CONCURRENCY), "--no-progress"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_sigkill_at_several_points_then_rerun_equals_an_uninterrupted_run(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    images = tmp_path / "images"
+    killed_db = tmp_path / "killed.db"
+    build_world(killed_db, images, references=REFS, pairs=PAIRS)
+    expected_calls = REFS + 2 * PAIRS
+
+    kills = 0
+    for kill_at in (2, 12, 22):  # paid calls seen by the server: stage 1, 2 and 3 territory
+        process = _annotate(killed_db, server)
+        deadline = time.time() + 60
+        while server.stats["completions_ok"] < kill_at and process.poll() is None:
+            assert time.time() < deadline, "the run made no progress"
+            time.sleep(0.005)
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait(timeout=30)
+    assert kills >= 3
+    process = _annotate(killed_db, server)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr.decode()[-2000:]
+    paid_with_kills = server.stats["completions_ok"]
+
+    server.state.reset()
+    clean_db = tmp_path / "clean.db"
+    build_world(clean_db, images, references=REFS, pairs=PAIRS)
+    progress = run_pipeline(clean_db, RunOptions(base_url=server.url, concurrency=CONCURRENCY))
+    assert progress.pairs_done == PAIRS
+    assert server.stats["completions_ok"] == expected_calls
+
+    killed, clean = store_snapshot(killed_db), store_snapshot(clean_db)
+    assert len(clean["ok_calls"]) == expected_calls
+    for table in ("annotations", "descriptions", "captions", "ok_calls"):
+        assert killed[table] == clean[table], table
+    # one stored answer per request; the only extra paid calls are those in flight at a kill
+    assert table_rows(killed_db, "SELECT request_hash FROM calls WHERE status = 'ok'"
+                                 " GROUP BY request_hash HAVING COUNT(*) > 1") == []
+    assert expected_calls <= paid_with_kills <= expected_calls + kills * CONCURRENCY
+    assert table_rows(killed_db, "SELECT COUNT(*), MIN(status) FROM runs") == [(1, "finished")]
