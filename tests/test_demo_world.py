@@ -364,6 +364,13 @@ def test_render_png_is_deterministic():
         {"kind": "curtains", "colour": "pink", "pattern": "dotted", "size": "large", "position": "right", "count": 1}]}
     first = render_png(scene)
     assert first == render_png(scene)
+    import io
+
+    import numpy as np
+
+    decoded = Image.open(io.BytesIO(first))
+    assert decoded.size == (256, 256)
+    assert np.array_equal(np.asarray(decoded.convert("RGB")), np.asarray(render_scene(scene)))
     for wall in WALL_COLOURS:
         for floor in FLOORS:
             if (wall, floor) != ("sage green", "wooden"):

@@ -8,12 +8,14 @@ edges; room backgrounds and pattern sheets are cached per process.
 
 from __future__ import annotations
 
-import io
 import math
 import random
+import struct
+import zlib
 from functools import lru_cache
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image, ImageChops, ImageDraw, ImageFilter
 
 from .vocab import COLOUR_RGB, LAYER, WALL_RGB
@@ -204,16 +206,11 @@ def _room(wall: str, floor: str) -> Image.Image:
 @lru_cache(maxsize=1)
 def _lighting() -> Image.Image:
     """A multiply layer: a gentle vignette, brightest in the upper middle."""
-    img = Image.new("RGB", (SIZE, SIZE))
-    data = []
-    for y in range(SIZE):
-        for x in range(SIZE):
-            dx, dy = (x - 128) / 160, (y - 100) / 190
-            f = 1.0 - 0.32 * (dx * dx + dy * dy)
-            v = max(0, min(255, int(255 * f)))
-            data.append((v, v, min(255, v + 3)))
-    img.putdata(data)
-    return img
+    y, x = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    f = 1.0 - 0.32 * (((x - 128) / 160) ** 2 + ((y - 100) / 190) ** 2)
+    v = np.clip(255 * f, 0, 255).astype(np.uint8)
+    blue = np.minimum(v.astype(np.uint16) + 3, 255).astype(np.uint8)
+    return Image.fromarray(np.dstack([v, v, blue]), "RGB")
 
 
 @lru_cache(maxsize=1)
@@ -571,8 +568,28 @@ def render_scene(scene: dict[str, Any]) -> Image.Image:
     return ImageChops.multiply(small, _lighting())
 
 
-def render_png(scene: dict[str, Any], compress_level: int = 3) -> bytes:
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def encode_png(img: Image.Image, level: int = 1) -> bytes:
+    """An 8-bit RGB PNG with the Sub filter on every row.
+
+    About twice as fast as Pillow's encoder at a similar size: Pillow tries every filter on
+    every row, while rendered rooms are flat colour, where Sub alone does well.
+    """
+    rgb = np.asarray(img.convert("RGB"))
+    height, width = rgb.shape[:2]
+    rows = rgb.reshape(height, width * 3)
+    filtered = np.empty((height, 1 + width * 3), np.uint8)
+    filtered[:, 0] = 1  # filter type Sub: each byte minus the byte one pixel to the left
+    filtered[:, 1:4] = rows[:, :3]
+    filtered[:, 4:] = rows[:, 3:] - rows[:, :-3]  # uint8 arithmetic wraps mod 256, as PNG wants
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header)
+            + _chunk(b"IDAT", zlib.compress(filtered.tobytes(), level)) + _chunk(b"IEND", b""))
+
+
+def render_png(scene: dict[str, Any], level: int = 1) -> bytes:
     """The scene rendered and encoded as PNG bytes (deterministic for equal scenes)."""
-    buf = io.BytesIO()
-    render_scene(scene).save(buf, format="PNG", compress_level=compress_level)
-    return buf.getvalue()
+    return encode_png(render_scene(scene), level)

@@ -196,7 +196,7 @@ def plan_world(n_pairs: int, seed: int) -> WorldPlan:
 
 def _render_job(job: tuple[str, Scene]) -> str:
     path, scene = job
-    data = render_png(scene, compress_level=1)
+    data = render_png(scene)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(data)
