@@ -234,11 +234,12 @@ def check_descriptors(objects: list[dict], scene: dict) -> DescriptorCheck:
             if not values:
                 continue
             check.checked_descriptors += 1
+            # "red and white stripes" on a red striped bed is right: an attribute is
+            # contradicted when none of the values the descriptor names for it agree.
             wrong = [
-                f"{attribute} {said!r} (is {real.get(attribute)!r})"
+                f"{attribute} {' / '.join(map(str, said_values))!r} (is {real.get(attribute)!r})"
                 for attribute, said_values in values.items()
-                for said in said_values
-                if not _agrees(attribute, said, real)
+                if not any(_agrees(attribute, said, real) for said in said_values)
             ]
             if wrong:
                 check.hallucinated_descriptors += 1
