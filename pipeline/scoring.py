@@ -700,19 +700,27 @@ def _prf(truth: set, flagged: set) -> dict:
 
 
 def score_flags(db: sqlite_utils.Database, annotation_id: Optional[str] = None, *,
-                run_id: Optional[int] = None) -> dict:
+                run_id: Optional[int] = None, annotation_ids: Optional[list[str]] = None) -> dict:
     """How many of the truly hallucinated captions and descriptors the human flags caught.
 
-    Give one annotation id, or run_id for every done pair of a run that has ground truth.
-    Returns {"annotations", "descriptors": {...}, "captions": {...}, "all": {...}}, each
-    part with hallucinated, flagged, caught, precision, recall, missed, false_flags.
-    Descriptor items are '<description id>/<object>/<descriptor>' (a flag on a whole
-    object counts for each of its descriptors); caption items are caption ids (a compound
-    is hallucinated when one of its sources is).
+    Give one annotation id, a list of them, or run_id for every done pair of a run.
+    Returns {"annotations", "hallucinated", "flagged", "caught", "precision", "recall",
+    "descriptors": {...}, "captions": {...}, "all": {...}}: the top-level counts are the
+    "all" part's; each part has hallucinated, flagged, caught, precision, recall, missed
+    and false_flags (item lists). Descriptor items are '<description id>/<object>/
+    <descriptor>' (a flag on a whole object counts for each of its descriptors); caption
+    items are caption ids (a compound is hallucinated when one of its sources is).
+    Pairs without ground truth are skipped; rates with nothing to divide are None.
     """
-    if (annotation_id is None) == (run_id is None):
-        raise ValueError("give an annotation id or a run id")
-    ids = [annotation_id] if annotation_id is not None else _annotation_ids(db, run_id)
+    given = [x is not None for x in (annotation_id, run_id, annotation_ids)]
+    if sum(given) != 1:
+        raise ValueError("give one of: an annotation id, a list of annotation ids, a run id")
+    if annotation_id is not None:
+        ids = [annotation_id]
+    elif annotation_ids is not None:
+        ids = list(annotation_ids)
+    else:
+        ids = _annotation_ids(db, run_id)
     truth = _Truth(db)
     true_desc: set[str] = set()
     true_caps: set[str] = set()
@@ -741,12 +749,14 @@ def score_flags(db: sqlite_utils.Database, annotation_id: Optional[str] = None, 
             else:
                 n = counts.get(description_id, [])
                 flag_desc |= {f"{description_id}/{obj}/{k}" for k in range(n[obj] if obj < len(n) else 0)}
+    every = _prf({f"descriptor {x}" for x in true_desc} | {f"caption {x}" for x in true_caps},
+                 {f"descriptor {x}" for x in flag_desc} | {f"caption {x}" for x in flag_caps})
     return {
         "annotations": scored,
+        **{k: every[k] for k in ("hallucinated", "flagged", "caught", "precision", "recall")},
         "descriptors": _prf(true_desc, flag_desc),
         "captions": _prf(true_caps, flag_caps),
-        "all": _prf({("d", x) for x in true_desc} | {("c", x) for x in true_caps},
-                    {("d", x) for x in flag_desc} | {("c", x) for x in flag_caps}),
+        "all": every,
     }
 
 

@@ -197,6 +197,10 @@ def test_score_flags_gives_precision_and_recall_of_human_flags(hand_run):
     assert result["descriptors"]["recall"] == 1.0 and result["descriptors"]["false_flags"] == ["d2/0/0"]
     assert result["all"]["caught"] == 4 and result["all"]["hallucinated"] == 6
     assert score_flags(db, run_id=run_id)["all"] == result["all"]
+    assert score_flags(db, annotation_ids=[aid]) == result
+    assert (result["caught"], result["hallucinated"], result["precision"]) == (4, 6, round(4 / 6, 4))
+    with pytest.raises(ValueError, match="give one of"):
+        score_flags(db, aid, run_id=run_id)
     assert parse_descriptor_target("s1:abc/2/3") == ("s1:abc", 2, 3)
     with pytest.raises(ValueError, match="not '<description>/<object>/<descriptor>'"):
         parse_descriptor_target("garbage")
