@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -108,20 +110,48 @@ class ImportSession:
         }, scene))
         return cached.id
 
+    def prefetch(self, locations: Iterable[str], base: Path) -> None:
+        """Validate many local images at once, on all cores (decoding releases the GIL),
+        so that the per-item `image()` calls that follow hit the cache."""
+        paths: dict[str, Path] = {}
+        for location in locations:
+            resolved = resolve_location(str(location), base)
+            if isinstance(resolved, Path) and str(resolved) not in self._by_path:
+                paths[str(resolved)] = resolved
+        if not paths:
+            return
+        workers = min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # Hash first: images validated by an earlier import are not decoded again.
+            hashes = dict(zip(paths, pool.map(_hash_or_none, paths.values())))
+            unknown = []
+            for key, image_id in hashes.items():
+                known = self._known_info(image_id, paths[key]) if image_id else None
+                if known is not None:
+                    self._by_path[key] = known
+                else:
+                    unknown.append(key)
+            results = pool.map(_inspect_or_error, (paths[k] for k in unknown))
+            for key, result in zip(unknown, tqdm(results, total=len(unknown), desc="checking images",
+                                                   unit="img", disable=not self.progress, leave=False)):
+                self._by_path[key] = result
+
+    def _known_info(self, image_id: str, path: Path) -> Optional[ImageInfo]:
+        row = self.db.execute(
+            "SELECT width, height, size_bytes, format FROM images WHERE id = ?", [image_id]
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        self._known_ids.add(image_id)
+        return ImageInfo(id=image_id, path=str(path.resolve()), width=row[0], height=row[1],
+                         size_bytes=row[2], format=row[3])
+
     def _check_path(self, path: Path) -> ImageInfo | ImageError:
         try:
-            if path.is_file() and path.stat().st_size > 0:
-                # Already validated by an earlier import: skip the full decode.
-                image_id = hash_file(path)
-                row = self.db.execute(
-                    "SELECT width, height, size_bytes, format, path FROM images WHERE id = ?",
-                    [image_id],
-                ).fetchone()
-                if row is not None and row[0] is not None:
-                    self._known_ids.add(image_id)
-                    return ImageInfo(id=image_id, path=str(path.resolve()), width=row[0],
-                                     height=row[1], size_bytes=row[2], format=row[3])
-            return inspect_image(path)
+            image_id = _hash_or_none(path)
+            known = self._known_info(image_id, path) if image_id else None
+            # Already validated by an earlier import: skip the full decode.
+            return known if known is not None else inspect_image(path)
         except ImageError as exc:
             return exc
         except OSError as exc:
@@ -202,6 +232,22 @@ class ImportSession:
     def finish(self) -> ImportReport:
         self.flush()
         return self.report
+
+
+def _hash_or_none(path: Path) -> Optional[str]:
+    try:
+        return hash_file(path) if path.is_file() and path.stat().st_size > 0 else None
+    except OSError:
+        return None
+
+
+def _inspect_or_error(path: Path) -> ImageInfo | ImageError:
+    try:
+        return inspect_image(path)
+    except ImageError as exc:
+        return exc
+    except OSError as exc:
+        return ImageError(f"{path}: cannot be read ({exc})")
 
 
 def _exists_cached(session: ImportSession, image_id: str) -> bool:

@@ -53,6 +53,7 @@ def import_circo(db: sqlite_utils.Database, path: str | Path, *, split: Optional
             raise FormatError(f"{annotations_file}: not valid JSON ({exc})") from exc
         if not isinstance(entries, list):
             raise FormatError(f"{annotations_file}: expected a JSON list of CIRCO queries")
+        session.prefetch(_referenced_files(entries, by_id), images_dir)
         for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=f"circo {split_name}"):
             _import_entry(session, images_dir, by_id, split_name, annotations_file.name, index, entry)
     return session.finish()
@@ -76,6 +77,16 @@ def _index_images(images_dir: Path) -> dict[int, Path]:
         if file.suffix.lower() in _IMAGE_SUFFIXES and file.stem.isdigit():
             by_id.setdefault(int(file.stem), file)
     return by_id
+
+
+def _referenced_files(entries: list, by_id: dict[int, Path]):
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        ids = [entry.get("reference_img_id"), entry.get("target_img_id"), *(entry.get("gt_img_ids") or ())]
+        for coco_id in ids:
+            if isinstance(coco_id, int) and coco_id in by_id:
+                yield str(by_id[coco_id].resolve())
 
 
 def _import_entry(session: ImportSession, images_dir: Path, by_id: dict[int, Path], split: str,

@@ -40,6 +40,7 @@ def import_cirr(db: sqlite_utils.Database, path: str | Path, *, split: Optional[
                 raise FormatError(f"{needed}: missing (needed for CIRR split {split_name!r})")
         entries = _load_json(captions_file, list)
         name_to_path = _load_json(names_file, dict)
+        session.prefetch(_referenced_paths(entries, name_to_path), root)
         for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=f"cirr {split_name}"):
             _import_entry(session, root, split_name, captions_file.name, index, entry, name_to_path)
     return session.finish()
@@ -92,6 +93,16 @@ def _import_entry(session: ImportSession, root: Path, split: str, file_name: str
     session.add_pair(external_id, reference_id, target_id, split=split,
                      captions=[caption] if caption else [],
                      img_set=member_ids if members else None, extra=extra)
+
+
+def _referenced_paths(entries: list, name_to_path: dict):
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        img_set = entry.get("img_set")
+        names = [entry.get("reference"), entry.get("target_hard")]
+        names += img_set.get("members", []) if isinstance(img_set, dict) else []
+        yield from (name_to_path[n] for n in names if isinstance(n, str) and n in name_to_path)
 
 
 def _load_json(path: Path, kind: type):

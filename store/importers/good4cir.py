@@ -41,6 +41,8 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
         raise FormatError(f"{path}: expected a JSON list of pairs with reference_image and target_image")
     folder = path.parent
     session = ImportSession(db, source or path.stem, folder, progress=progress)
+    session.prefetch((str(e[k]) for e in entries if isinstance(e, dict)
+                      for k in ("reference_image", "target_image") if e.get(k)), folder)
     for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=session.source):
         item = f"{path.name}[{index}]"
         if not isinstance(entry, dict) or not entry.get("reference_image") or not entry.get("target_image"):

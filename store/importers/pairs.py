@@ -40,6 +40,7 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     session = ImportSession(db, source, folder, progress=progress)
     scenes = _read_scenes(folder / SCENES_FILE, folder, session)
     lines = pairs_file.read_text(encoding="utf-8").splitlines()
+    session.prefetch(_image_locations(lines, split), folder)
     for number, line in session.iterate(enumerate(lines, start=1), total=len(lines), desc=source):
         if not line.strip():
             continue
@@ -87,6 +88,21 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
                          captions=captions, img_set=img_set, ground_truth=obj.get("edits"),
                          extra=extra)
     return session.finish()
+
+
+def _image_locations(lines: list[str], split: Optional[str]):
+    """Every image path the lines of `split` name (bad lines are reported later, in order)."""
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict) and (split is None or obj.get("split") in (None, split)):
+            for key in ("reference", "target"):
+                if isinstance(obj.get(key), str):
+                    yield obj[key]
+            if isinstance(obj.get("img_set"), list):
+                yield from (m for m in obj["img_set"] if isinstance(m, str))
 
 
 def _norm(location: str, folder: Path) -> str:
