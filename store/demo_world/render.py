@@ -33,7 +33,7 @@ WALL_SLOT_X = {"left": 60.0, "centre": 128.0, "right": 196.0}
 FLOOR_SLOT_X = {"left": 54.0, "centre": 128.0, "right": 202.0}
 WALL_SLOT_WIDTH = 64.0
 FLOOR_SLOT_WIDTH = 74.0
-SIZE_SCALE = {"large": 1.0, "small": 0.68}
+SIZE_SCALE = {"large": 1.0, "small": 0.7}
 
 
 def _shade(c: Colour, f: float) -> Colour:
@@ -80,18 +80,18 @@ def _pattern_sheet(pattern: str, colour: Colour) -> Image.Image:
     draw = ImageDraw.Draw(sheet)
     second = _contrast(colour)
     if pattern == "striped":
-        period, width = 10 * SS, 5 * SS
+        period, width = 12 * SS, 6 * SS
         for x in range(0, size, period):
             draw.rectangle([x, 0, x + width - 1, size], fill=second)
     elif pattern == "dotted":
-        period, r = 9 * SS, 2.2 * SS
+        period, r = 11 * SS, 2.8 * SS
         for row, y in enumerate(range(0, size + period, period)):
             offset = period // 2 if row % 2 else 0
             for x in range(-period, size + period, period):
                 cx, cy = x + offset, y
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=second)
     elif pattern == "checked":
-        period = 7 * SS
+        period = 9 * SS
         for row, y in enumerate(range(0, size, period)):
             for col, x in enumerate(range(0, size, period)):
                 if (row + col) % 2:
@@ -184,6 +184,7 @@ def _room(wall: str, floor: str) -> Image.Image:
     band = Image.new("RGB", (size, size), _mix(w, (255, 250, 235), 0.16))
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).ellipse(_box(40, -60, 216, 150), fill=110)
+    mask = mask.filter(ImageFilter.GaussianBlur(28 * SS))
     img.paste(band, (0, 0), mask)
     side = _shade(w, 0.8)
     draw.polygon(_pts([(0, 0), (WALL_X0, WALL_TOP), (WALL_X0, WALL_BOTTOM), (0, SIDE_FLOOR_Y)]), fill=side)
@@ -291,7 +292,7 @@ def _window(cv: _Canvas, x: float, y: float, s: float, c: Colour, pattern: str) 
     cv.poly([(x0, y1 - 12 * s), (x - 6 * s, y1 - 20 * s), (x + 8 * s, y1 - 14 * s), (x1, y1 - 18 * s), (x1, y1), (x0, y1)],
             (112, 160, 110))
     cv.poly([(x0 + 4 * s, y1), (x1 - 10 * s, y0), (x1 - 2 * s, y0), (x0 + 12 * s, y1)], (255, 255, 255, 50))
-    frame = max(2.0, 3.2 * s)
+    frame = max(2.5, 4.6 * s)  # thick, so the window's colour survives downscaling
     cv.rect(x0, y0, x1, y1, None, outline=c, width=frame)
     cv.rect(x0, y0, x1, y1, None, outline=_outline(c), width=0.6)
     cv.line([(x, y0), (x, y1)], c, width=frame * 0.7)
@@ -343,7 +344,7 @@ def _mirror(cv: _Canvas, x: float, y: float, s: float, c: Colour, pattern: str) 
     x0, y0, x1, y1 = x - w / 2, y - h / 2, x + w / 2, y + h / 2
     cv.ellipse(x0 + 2, y0 + 2, x1 + 2, y1 + 3, SHADOW)
     cv.ellipse(x0, y0, x1, y1, c, outline=_outline(c), width=0.8)
-    m = max(2.0, 3.5 * s)
+    m = max(2.5, 5.0 * s)
     cv.ellipse(x0 + m, y0 + m, x1 - m, y1 - m, (206, 220, 228), outline=_shade(c, 0.7), width=0.6)
     cv.ellipse(x0 + m + 2 * s, y0 + m + 2 * s, x - 2 * s, y - 6 * s, (236, 244, 248, 150))
     cv.line([(x - 6 * s, y + 10 * s), (x + 5 * s, y - 8 * s)], (255, 255, 255, 120), width=1.5 * s + 0.5)
@@ -354,15 +355,17 @@ def _clock(cv: _Canvas, x: float, y: float, s: float, c: Colour, pattern: str) -
     r = 13 * s
     cv.ellipse(x - r + 2, y - r + 2, x + r + 2, y + r + 3, SHADOW)
     cv.ellipse(x - r, y - r, x + r, y + r, c, outline=_outline(c), width=0.8)
-    f = r * 0.76
-    cv.ellipse(x - f, y - f, x + f, y + f, (246, 244, 236))
+    f = r * 0.74
+    face = _mix(c, (250, 248, 240), 0.45)  # tinted, so the clock's colour reads at a glance
+    hands = (30, 30, 30) if _luma(face) > 110 else (245, 245, 240)
+    cv.ellipse(x - f, y - f, x + f, y + f, face)
     for k in range(12):
         a = k * math.pi / 6
         cv.line([(x + math.cos(a) * f * 0.78, y + math.sin(a) * f * 0.78),
-                 (x + math.cos(a) * f * 0.92, y + math.sin(a) * f * 0.92)], (60, 60, 60), width=0.8)
-    cv.line([(x, y), (x - f * 0.45, y - f * 0.3)], (30, 30, 30), width=1.2 * s + 0.4)
-    cv.line([(x, y), (x + f * 0.55, y - f * 0.5)], (30, 30, 30), width=0.9 * s + 0.3)
-    cv.ellipse(x - 1, y - 1, x + 1, y + 1, (30, 30, 30))
+                 (x + math.cos(a) * f * 0.92, y + math.sin(a) * f * 0.92)], hands, width=0.8)
+    cv.line([(x, y), (x - f * 0.45, y - f * 0.3)], hands, width=1.2 * s + 0.4)
+    cv.line([(x, y), (x + f * 0.55, y - f * 0.5)], hands, width=0.9 * s + 0.3)
+    cv.ellipse(x - 1, y - 1, x + 1, y + 1, hands)
 
 
 def _tv(cv: _Canvas, x: float, y: float, s: float, c: Colour, pattern: str) -> None:
@@ -370,7 +373,7 @@ def _tv(cv: _Canvas, x: float, y: float, s: float, c: Colour, pattern: str) -> N
     x0, y0, x1, y1 = x - w / 2, y - h / 2 + 6, x + w / 2, y + h / 2 + 6
     cv.rect(x0 + 2, y0 + 2, x1 + 2, y1 + 3, SHADOW)
     cv.rrect(x0, y0, x1, y1, 1.5, c, outline=_outline(c), width=0.8)
-    m = max(2.0, 2.8 * s)
+    m = max(2.5, 4.2 * s)
     cv.rect(x0 + m, y0 + m, x1 - m, y1 - m, (28, 32, 44))
     cv.poly([(x0 + m, y1 - m), (x0 + m + 10 * s, y0 + m), (x0 + m + 20 * s, y0 + m), (x0 + m + 10 * s, y1 - m)],
             (255, 255, 255, 26))
@@ -528,7 +531,7 @@ def _copies(obj: dict[str, Any]) -> list[tuple[float, float]]:
     slot_w = WALL_SLOT_WIDTH if wall else FLOOR_SLOT_WIDTH
     gap = 4.0
     width = _WIDTH[kind] * _KIND_SCALE[kind]
-    fit = 1.0 if n == 1 else min(1.0, (slot_w + 10 * (n - 1)) / (n * width + (n - 1) * gap))
+    fit = 1.0 if n == 1 else min(1.0, (slot_w + 14 * (n - 1)) / (n * width + (n - 1) * gap))
     scale = SIZE_SCALE[obj["size"]] * fit * _KIND_SCALE[kind]
     step = (width * fit + gap) if n > 1 else 0.0
     if n > 1 and not wall:
