@@ -1,11 +1,14 @@
 """The review app end to end in headless Chromium (Debian's /usr/bin/chromium, Python
-Playwright; never `playwright install`). One server and one browser for the module.
+Playwright; never `playwright install`), on a real demo-world store annotated by the
+simulator through the pipeline runner, with a FAISS index of a tiny random-init
+retriever. One server and one browser for the module.
 
 Screenshots of every tab go to artifacts/screenshots/.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -13,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from store.db import open_db
-from ui_store_builder import build_review_store
+from ui import review_logic as rl
+from ui_store_builder import SCRIPT_CAPTION, build_demo_store
 
 pytestmark = pytest.mark.browser
 
@@ -22,7 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 SHOTS = Path(__file__).resolve().parent.parent / "artifacts" / "screenshots"
-TIMEOUT_MS = 15_000
+TIMEOUT_MS = 20_000
 
 if not os.path.exists(CHROMIUM):
     pytest.skip("Chromium is not installed (make chromium)", allow_module_level=True)
@@ -34,11 +37,10 @@ expect = playwright_api.expect
 def world(tmp_path_factory):
     from ui.server import AppServer
 
-    root = tmp_path_factory.mktemp("browser")
-    info = build_review_store(root, 6, script_caption=True)
-    with AppServer(info["db_path"]) as server:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    info = build_demo_store(tmp_path_factory.mktemp("browser"), pairs=16, annotate=10, index=True)
+    with AppServer(info["db_path"], index_path=info["index_path"]) as server:
         info["server"] = server
-        info["db"] = open_db(info["db_path"])
         yield info
 
 
@@ -70,6 +72,10 @@ def open_page(browser, world, external_requests, name="ann", query=""):
     return context, page
 
 
+def error_toasts(page) -> int:
+    return page.locator(".toast-body.error").count()
+
+
 def info_text(page) -> str:
     return page.locator(".g4c-progress").inner_text()
 
@@ -82,65 +88,69 @@ def caption_field(page, kind: str, index: int):
     return page.locator(f"#g4c-text-{kind}{index} textarea, #g4c-text-{kind}{index} input").first
 
 
-def shown_pair(page) -> str:
-    return page.locator(".g4c-board").get_attribute("data-annotation")
+def shown(page):
+    return page.locator(".g4c-board")
 
 
 def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_requests):
-    ids = world["annotation_ids"]
+    ids, db = world["annotation_ids"], world["db"]
     context, page = open_page(browser, world, external_requests)
-    assert shown_pair(page) == ids[0]
-    assert "1 / 6 in 'unreviewed'" in info_text(page) and "0 / 6 reviewed" in info_text(page)
+    expect(shown(page)).to_have_attribute("data-annotation", ids[0])
+    assert "1 / 10 in 'unreviewed'" in info_text(page) and "0 / 10 reviewed" in info_text(page)
+    page.wait_for_function("Array.from(document.querySelectorAll('.g4c-images img')).every(i => i.naturalWidth > 0)")
     page.locator("body").click(position={"x": 5, "y": 5})
 
-    # pair 1: flag a descriptor (click), flag caption 2 (keys 2, f), edit caption 1 (keys 1, e)
-    page.locator(".g4c-board [data-item='s2-0/2/0']").click()
+    # pair 1: flag a target descriptor (click), caption 2 (keys 2, f), edit caption 1 (keys 1, e)
+    chip = page.locator(".g4c-col").nth(1).locator("[data-item]").first
+    descriptor_id = chip.get_attribute("data-item")
+    chip.click()
     wait_message(page, "descriptor flagged")
-    expect(page.locator(".g4c-board [data-item='s2-0/2/0']")).to_have_class(re.compile("g4c-flagged"))
+    expect(page.locator(f".g4c-board [data-item='{descriptor_id}']")).to_have_class(re.compile("g4c-flagged"))
     page.keyboard.press("2")
     page.keyboard.press("f")
     wait_message(page, "caption c1 flagged")
     page.keyboard.press("1")
     page.keyboard.press("e")
     page.keyboard.press("Control+a")
-    page.keyboard.type("Paint the box yellow.")
+    page.keyboard.type("Paint the walls yellow.")
     page.keyboard.press("Enter")
     wait_message(page, "saved as version 1")
     page.keyboard.press("Escape")
     page.keyboard.press("a")                          # approve, go on to pair 2
-    expect(page.locator(".g4c-board")).to_have_attribute("data-annotation", ids[1])
-    assert "1 / 6 reviewed" in info_text(page)
-    page.keyboard.press("r")                          # reject pair 2
-    expect(page.locator(".g4c-board")).to_have_attribute("data-annotation", ids[2])
-    page.keyboard.press("k")                          # back to ... previous unreviewed: none before
+    expect(shown(page)).to_have_attribute("data-annotation", ids[1])
+    assert "1 / 10 reviewed" in info_text(page)
+    page.keyboard.press("r")                          # reject pair 2, go on to pair 3
+    expect(shown(page)).to_have_attribute("data-annotation", ids[2])
     page.keyboard.press("j")
-    expect(page.locator(".g4c-board")).to_have_attribute("data-annotation", ids[3])
-    page.keyboard.press("k")
-    expect(page.locator(".g4c-board")).to_have_attribute("data-annotation", ids[2])
+    expect(shown(page)).to_have_attribute("data-annotation", ids[3])
+    page.keyboard.press("ArrowLeft")
+    expect(shown(page)).to_have_attribute("data-annotation", ids[2])
     page.keyboard.press("a")                          # approve pair 3
-    expect(page.locator(".g4c-board")).to_have_attribute("data-annotation", ids[3])
-    assert "3 / 6 reviewed" in info_text(page)
-    page.screenshot(path=str(SHOTS / "review.png"), full_page=True)
+    expect(shown(page)).to_have_attribute("data-annotation", ids[3])
+    assert "3 / 10 reviewed" in info_text(page) and "1 / 7 in 'unreviewed'" in info_text(page)
 
     # reload the first pair by its link: everything kept
     page.goto(world["server"].url + f"?pair={ids[0]}")
     page.wait_for_selector(".g4c-progress")
-    assert shown_pair(page) == ids[0]
-    expect(page.locator(".g4c-board [data-item='s2-0/2/0']")).to_have_class(re.compile("g4c-flagged"))
-    expect(caption_field(page, "i", 0)).to_have_value("Paint the box yellow.")
+    expect(shown(page)).to_have_attribute("data-annotation", ids[0])
+    expect(page.locator(f".g4c-board [data-item='{descriptor_id}']")).to_have_class(re.compile("g4c-flagged"))
+    expect(caption_field(page, "i", 0)).to_have_value("Paint the walls yellow.")
     assert page.locator("#g4c-flag-i1 input").is_checked()
     assert "APPROVED BY ANN" in page.locator(".g4c-meta").inner_text().upper()
+    page.get_by_label("Show ground truth (demo world) (g)").check()
+    expect(page.locator(".g4c-gt")).to_contain_text("Ground-truth edits")
+    page.screenshot(path=str(SHOTS / "review.png"), full_page=True)
+    assert error_toasts(page) == 0
     context.close()
 
-    db = world["db"]
     statuses = dict(db.execute("SELECT id, review_status FROM annotations").fetchall())
     assert [statuses[i] for i in ids[:3]] == ["approved", "rejected", "approved"]
     assert db.execute("SELECT reviewer FROM annotations WHERE id = ?", [ids[1]]).fetchone()[0] == "ann"
     flags = db.execute("SELECT target_kind, target_id, reviewer FROM flags WHERE annotation_id = ? AND"
                        " removed_at IS NULL ORDER BY target_kind", [ids[0]]).fetchall()
-    assert flags == [("caption", f"{ids[0]}:c1", "ann"), ("descriptor", "s2-0/2/0", "ann")]
-    edits = db.execute("SELECT caption_id, version, text, editor FROM caption_edits").fetchall()
-    assert edits == [(f"{ids[0]}:c0", 1, "Paint the box yellow.", "ann")]
+    assert flags == [("caption", f"{ids[0]}:c1", "ann"), ("descriptor", descriptor_id, "ann")]
+    edits = db.execute("SELECT caption_id, version, text, editor FROM caption_edits WHERE editor = 'ann'").fetchall()
+    assert edits == [(f"{ids[0]}:c0", 1, "Paint the walls yellow.", "ann")]
     events = db.execute("SELECT annotation_id, value, reviewer FROM review_events WHERE action = 'status'"
                         " ORDER BY id").fetchall()
     assert events == [(ids[0], "approved", "ann"), (ids[1], "rejected", "ann"), (ids[2], "approved", "ann")]
@@ -150,38 +160,38 @@ def test_two_reviewers_edit_one_pair_at_once(world, browser, external_requests):
     pair = world["annotation_ids"][4]
     ctx_a, a = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
     ctx_b, b = open_page(browser, world, external_requests, "bob", f"?pair={pair}")
-    caption_field(a, "i", 2).fill("Take away the lamp.")
-    caption_field(b, "i", 3).fill("Put a plant in the corner.")
-    caption_field(a, "i", 2).press("Enter")
-    caption_field(b, "i", 3).press("Enter")
+    caption_field(a, "i", 0).fill("Take away the lamp.")
+    caption_field(b, "i", 1).fill("Put a plant in the corner.")
+    caption_field(a, "i", 0).press("Enter")
+    caption_field(b, "i", 1).press("Enter")
     wait_message(a, "saved as version 1")
     wait_message(b, "saved as version 1")
-    # the same caption from a stale page: refused with a message, nothing overwritten
-    caption_field(b, "i", 2).fill("Remove the lamp entirely.")
-    caption_field(b, "i", 2).press("Enter")
+    # the same caption from bob's now stale page: refused with a message, nothing overwritten
+    caption_field(b, "i", 0).fill("Remove the lamp entirely.")
+    caption_field(b, "i", 0).press("Enter")
     wait_message(b, "NOT SAVED: ann changed this caption")
     db = world["db"]
     current = dict(db.execute(
         "SELECT caption_id, text FROM caption_edits WHERE caption_id LIKE ? ORDER BY version", [pair + ":%"]).fetchall())
-    assert current == {f"{pair}:c2": "Take away the lamp.", f"{pair}:c3": "Put a plant in the corner."}
+    assert current == {f"{pair}:c0": "Take away the lamp.", f"{pair}:c1": "Put a plant in the corner."}
     # each sees the other's work on reload
     a.keyboard.press("Escape")
     a.locator("#g4c-reload").click()
-    expect(caption_field(a, "i", 3)).to_have_value("Put a plant in the corner.")
-    assert "edited by bob" in a.locator("#g4c-text-i3").inner_text()
+    expect(caption_field(a, "i", 1)).to_have_value("Put a plant in the corner.")
+    expect(a.locator("#g4c-text-i1")).to_contain_text("edited by bob")
     ctx_a.close()
     ctx_b.close()
 
 
 def test_markup_in_captions_is_text(world, browser, external_requests):
-    pair = world["annotation_ids"][0]
+    pair = world["annotation_ids"][-1]
     context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
-    script = "<script>window.g4cPwned=1</script><img src=x onerror=\"window.g4cPwned=2\">${7*7}"
-    expect(caption_field(page, "i", 3)).to_have_value(script)
-    assert script in caption_field(page, "k", 1).input_value()
+    expect(caption_field(page, "i", 0)).to_have_value(SCRIPT_CAPTION)
+    page.get_by_label("Show ground truth (demo world) (g)").check()
     page.wait_for_timeout(300)
     assert page.evaluate("window.g4cPwned") is None
     assert page.locator("img[src='x']").count() == 0
+    assert "49" not in page.locator("#g4c-text-i0").inner_text()
     context.close()
 
 
@@ -190,21 +200,85 @@ def test_image_requests_outside_the_dataset_are_refused(world, browser, external
     base = world["server"].url
     assert page.request.get(base + "g4c/image/" + "0" * 64).status == 404
     assert page.request.get(base + "gradio_api/file=/etc/passwd").status == 403
-    assert page.request.get(base + f"gradio_api/file={world['image_dir']}/ref0.png").status == 403
-    loaded = page.evaluate("Array.from(document.querySelectorAll('.g4c-images img')).map(i => i.naturalWidth)")
-    assert loaded == [256, 256]
+    assert page.request.get(base + f"gradio_api/file={world['world_dir']}/images/000000.png").status == 403
+    assert page.request.get(base + f"gradio_api/file={world['db_path']}").status == 403
+    page.wait_for_function("Array.from(document.querySelectorAll('.g4c-images img')).every(i => i.naturalWidth > 0)")
+    assert page.evaluate("Array.from(document.querySelectorAll('.g4c-images img')).map(i => i.naturalWidth)") == [256, 256]
     context.close()
 
 
-def test_tabs_screenshots_and_no_network(world, browser, external_requests):
+def test_pipeline_tab_runs_in_background_and_fills_the_queue(world, browser, external_requests):
+    db = world["db"]
+    before = db.execute("SELECT COUNT(*) FROM annotations WHERE status = 'done'").fetchone()[0]
     context, page = open_page(browser, world, external_requests, "ann")
-    for tab in ("Pipeline", "Stats", "Export", "Retrieve"):
-        page.get_by_role("tab", name=tab).click()
-        page.wait_for_timeout(400)
-        page.screenshot(path=str(SHOTS / f"{tab.lower()}.png"), full_page=True)
+    page.get_by_role("tab", name="Pipeline").click()
+    page.locator("#g4c-run-limit input, #g4c-run-limit textarea").first.fill("3")
+    page.locator("#g4c-run-start").click()
+    progress = page.locator("#g4c-run-progress textarea").first
+    expect(progress).to_have_value(re.compile(r"run \d+ · finished"), timeout=60_000)
+    assert "3 done" in progress.input_value() and "spend: $" in progress.input_value()
+    page.screenshot(path=str(SHOTS / "pipeline.png"), full_page=True)
+    after = db.execute("SELECT COUNT(*) FROM annotations WHERE status = 'done'").fetchone()[0]
+    assert after == before + 3
+    page.get_by_role("tab", name="Review").click()
+    page.locator("#g4c-reload").click()
+    expect(page.locator(".g4c-progress")).to_contain_text(f"/ {after} reviewed")
+    assert error_toasts(page) == 0
+    context.close()
+
+
+def test_stats_tab_plots(world, browser, external_requests):
+    context, page = open_page(browser, world, external_requests, "ann")
+    page.get_by_role("tab", name="Stats").click()
+    table = page.locator("#g4c-stats-table")
+    expect(table).to_contain_text("run 1", timeout=30_000)
+    plots = page.get_by_role("img", name=re.compile("plot"))
+    expect(plots).to_have_count(4)
+    assert all(box["height"] > 150 for box in (plots.nth(i).bounding_box() for i in range(4)))
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(SHOTS / "stats.png"), full_page=True)
+    assert error_toasts(page) == 0
+    context.close()
+
+
+def test_export_tab_download_has_edited_approved_captions(world, browser, external_requests):
+    db, pair = world["db"], world["annotation_ids"][5]
+    caption = rl.load_pair(db, pair).individual[0]
+    rl.save_caption(db, caption.id, "Exported edit of the first caption.", "carol", caption.version)
+    rl.set_status(db, pair, "approved", "carol")
+    context, page = open_page(browser, world, external_requests, "ann")
+    page.get_by_role("tab", name="Export").click()
+    page.locator("#g4c-export-go").click()
+    expect(page.locator("#g4c-export-summary textarea").first).to_have_value(re.compile(r"pairs, .* captions written"))
+    link = page.locator("#g4c-export-file a").first
+    expect(link).to_be_visible()
+    body = page.request.get(link.get_attribute("href")).text()
+    exported = json.loads(body)
+    texts = [t for item in exported for t in item["difference_captions"]]
+    assert "Exported edit of the first caption." in texts
+    assert caption.original not in texts or caption.original == "Exported edit of the first caption."
+    page.screenshot(path=str(SHOTS / "export.png"), full_page=True)
+    assert error_toasts(page) == 0
+    context.close()
+
+
+def test_retrieve_tab_returns_results_with_the_true_target(world, browser, external_requests):
+    context, page = open_page(browser, world, external_requests, "ann")
+    page.get_by_role("tab", name="Retrieve").click()
+    page.locator("#g4c-q-go").click()                    # nothing chosen yet: a clear error
+    expect(page.locator(".toast-body.error").first).to_be_visible()
+    page.locator("#g4c-q-pair input").first.click()
+    page.locator("ul[role='listbox'] li").first.click()
+    expect(page.locator("#g4c-q-text textarea, #g4c-q-text input").first).not_to_have_value("")
+    page.locator("#g4c-q-go").click()
+    results = page.locator("#g4c-q-results .g4c-result")
+    expect(results.first).to_be_visible(timeout=30_000)
+    assert results.count() == 10
+    expect(page.locator("#g4c-q-results")).to_contain_text(re.compile(r"True target .*(rank \d+|not in the top 10)"))
+    page.locator("input[aria-label='number input for Top k'], #g4c-q-k input[type=number]").first.fill("50")
+    page.locator("#g4c-q-go").click()
+    expect(page.locator("#g4c-q-results .g4c-true")).to_have_count(1)   # the gallery is smaller than 50
+    page.wait_for_function("Array.from(document.querySelectorAll('#g4c-q-results img')).every(i => i.naturalWidth > 0)")
+    page.screenshot(path=str(SHOTS / "retrieve.png"), full_page=True)
     context.close()
     assert external_requests == []
-
-
-def setup_module(module):
-    SHOTS.mkdir(parents=True, exist_ok=True)

@@ -88,3 +88,42 @@ def build_review_store(root: Path, n_pairs: int = 6, *, script_caption: bool = F
         )
         annotation_ids.append(ann_id)
     return {"db_path": db_path, "image_dir": image_dir, "annotation_ids": annotation_ids, "run_id": run.id}
+
+
+SCRIPT_CAPTION = "<script>window.g4cPwned=1</script><img src=x onerror=\"window.g4cPwned=2\">${7*7}"
+
+
+def build_demo_store(root: Path, pairs: int = 16, annotate: int = 10, *, index: bool = False) -> dict:
+    """A real demo world imported as the product does it, `annotate` pairs annotated by the
+    simulator backend through the pipeline runner, the first caption of the last
+    annotated pair edited by 'mallory' to hold markup, and optionally a FAISS index from a
+    tiny random-init retriever. Returns {'db_path', 'world_dir', 'annotation_ids', 'index_path'}."""
+    from pipeline.runner import RunOptions, run_pipeline
+    from store.demo_world.world import generate_world
+    from store.importers import import_dataset
+    from store.review import edit_caption
+
+    root = Path(root)
+    world_dir = root / "world"
+    generate_world(world_dir, pairs=pairs, seed=0, workers=1, progress=False)
+    db_path = root / "demo.db"
+    db = open_db(db_path)
+    import_dataset(db, "pairs", world_dir)
+    run_pipeline(db_path, RunOptions(backend="simulator", limit=annotate, error_rate=0.3, seed=1))
+    annotation_ids = [r[0] for r in db.execute(
+        "SELECT id FROM annotations WHERE status = 'done' ORDER BY seq").fetchall()]
+    edit_caption(db, f"{annotation_ids[-1]}:c0", SCRIPT_CAPTION, "mallory")
+    index_path = None
+    if index:
+        from retrieval.index import build_gallery_index
+        from retrieval.model import build_model, save_weights, write_config
+
+        checkpoint = root / "checkpoint"
+        checkpoint.mkdir()
+        config = {"model": "tiny", "fusion": "residual"}
+        write_config(checkpoint, config)
+        save_weights(checkpoint / "best.pt", build_model(config))
+        index_path = root / "index"
+        build_gallery_index(db_path, checkpoint, index_path, num_workers=0, progress=False)
+    return {"db_path": db_path, "world_dir": world_dir, "annotation_ids": annotation_ids,
+            "index_path": str(index_path) if index_path else None, "db": db}

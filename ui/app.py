@@ -68,8 +68,15 @@ def _theme():
 def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_enabled: bool = False) -> gr.Blocks:
     """The Blocks app over the store at db_path. `index_path`: a retrieval index folder
     for the Retrieve tab. `auth_enabled`: reviewers are the logged-in users."""
+    from .pipeline_logic import PipelineController
+    from .retrieve_logic import RetrieveService
+    from .stats_logic import GroundTruthCache
+
     conns = Connections(db_path)
     seen = SeenVersions()
+    controller = PipelineController(str(db_path))
+    gt_cache = GroundTruthCache()
+    service = RetrieveService(str(db_path), index_path)
 
     def reviewer_of(request: Optional[gr.Request], typed: Optional[str]) -> str:
         user = getattr(request, "username", None) if request is not None else None
@@ -90,14 +97,19 @@ def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_ena
         with gr.Tabs():
             with gr.Tab("Review", id="review"):
                 review = _review_tab(conns, seen, reviewer_of, session_of, reviewer_box)
-            with gr.Tab("Pipeline", id="pipeline"):
-                _pipeline_tab(conns, reviewer_box)
-            with gr.Tab("Stats", id="stats"):
-                _stats_tab(conns)
-            with gr.Tab("Export", id="export"):
-                _export_tab(conns)
-            with gr.Tab("Retrieve", id="retrieve"):
-                _retrieve_tab(conns, index_path)
+            with gr.Tab("Pipeline", id="pipeline") as pipeline_tab:
+                pipeline_refresh, pipeline_outputs = _pipeline_tab(conns, controller, reviewer_of, reviewer_box)
+            with gr.Tab("Stats", id="stats") as stats_tab:
+                stats_refresh, stats_outputs = _stats_tab(conns, gt_cache)
+            with gr.Tab("Export", id="export") as export_tab:
+                export_refresh, export_outputs = _export_tab(conns)
+            with gr.Tab("Retrieve", id="retrieve") as retrieve_tab:
+                retrieve_refresh, retrieve_outputs = _retrieve_tab(conns, service)
+        # Each tab reads the store afresh when it is opened.
+        pipeline_tab.select(pipeline_refresh, None, pipeline_outputs, api_name=False)
+        stats_tab.select(stats_refresh, None, stats_outputs, api_name=False)
+        export_tab.select(export_refresh, None, export_outputs, api_name=False)
+        retrieve_tab.select(retrieve_refresh, None, retrieve_outputs, api_name=False)
 
         def on_name_typed(name):
             return (name or "").strip()
@@ -357,19 +369,190 @@ def _caption_slot(kind: str, index: int) -> dict:
     return {"kind": kind, "index": index, "row": row, "flag": flag, "text": text, "state": state}
 
 
-# ---------------------------------------------------------------------- other tabs
+# ---------------------------------------------------------------------- pipeline tab
 
-def _pipeline_tab(conns, reviewer_box):
-    gr.Markdown("The pipeline tab is being built.")
+def _pipeline_tab(conns, controller, reviewer_of, reviewer_box):
+    from . import pipeline_logic as pl
+
+    db = conns.get()
+    has_truth = db.execute("SELECT 1 FROM pairs WHERE ground_truth IS NOT NULL LIMIT 1").fetchone() is not None
+    gr.Markdown(
+        "Annotate the store's pairs in the background. Finished pairs join the review queue as they "
+        "complete (press Next or Reload on the Review tab). The **simulator** is an offline stand-in that "
+        "answers from the demo world's ground truth with a set error rate: for demos and tests only, it "
+        "says nothing about real VLMs. OpenAI runs read the key from OPENAI_API_KEY on the server.")
+    with gr.Row():
+        backend = gr.Dropdown(
+            [("simulator (demo-world stand-in, not a VLM)", "simulator"), ("openai (chat completions)", "openai"),
+             ("openai-batch (Batch API, half price, slow)", "openai-batch")],
+            value="simulator" if has_truth else "openai", label="Backend", elem_id="g4c-run-backend")
+        model = gr.Textbox(label="Model", placeholder="default for the backend (gpt-4o-mini)")
+        base_url = gr.Textbox(label="Base URL", placeholder="empty: OpenAI · or a local server, http://127.0.0.1:8000/v1")
+        method = gr.Radio(list(pl.METHODS), value="staged", label="Method (single = one-prompt ablation)")
+    with gr.Row():
+        concurrency = gr.Textbox(label="Concurrency (requests in flight)", placeholder="default 16")
+        limit = gr.Textbox(label="Limit (pairs)", placeholder="empty = all pending pairs", elem_id="g4c-run-limit")
+        split = gr.Textbox(label="Split (empty = all)")
+        error_rate = gr.Number(0.1, label="Simulator error rate", minimum=0, maximum=1)
+        new_run = gr.Checkbox(False, label="start a new run (instead of resuming a matching one)")
+    with gr.Row():
+        start_btn = gr.Button("▶ Start run", variant="primary", elem_id="g4c-run-start")
+        stop_btn = gr.Button("■ Stop run", variant="stop", elem_id="g4c-run-stop")
+        refresh_btn = gr.Button("⟳ Refresh")
+    progress_box = gr.Textbox(label="Progress", lines=6, interactive=False, elem_id="g4c-run-progress",
+                              value=pl.format_progress(controller.snapshot()))
+    runs_table = gr.Dataframe(headers=pl.RUNS_HEADERS, interactive=False, label="Runs in this store",
+                              elem_id="g4c-runs")
+    timer = gr.Timer(1.0, active=False)
+
+    def snapshot():
+        return pl.format_progress(controller.snapshot()), pl.runs_table(conns.db_path)
+
+    def on_start(backend, model, base_url, method, concurrency, limit, split, error_rate, new_run, typed,
+                 request: gr.Request):
+        form = pl.RunForm(backend=backend, model=model, base_url=base_url, method=method, concurrency=concurrency,
+                          limit=limit, split=split, error_rate=error_rate, new_run=new_run)
+        try:
+            controller.start(form, reviewer_of(request, typed))
+        except (pl.PipelineControlError, ValueError) as exc:
+            raise gr.Error(str(exc)) from None
+        return (*snapshot(), gr.Timer(active=True))
+
+    def on_stop():
+        message = controller.stop()
+        text, rows = snapshot()
+        return f"{message}\n{text}", rows
+
+    def on_tick():
+        text, rows = snapshot()
+        return text, rows, gr.Timer(active=controller.running)
+
+    start_btn.click(on_start, [backend, model, base_url, method, concurrency, limit, split, error_rate, new_run,
+                               reviewer_box], [progress_box, runs_table, timer], api_name="pipeline_start")
+    stop_btn.click(on_stop, None, [progress_box, runs_table], api_name="pipeline_stop")
+    refresh_btn.click(snapshot, None, [progress_box, runs_table], api_name="pipeline_status")
+    timer.tick(on_tick, None, [progress_box, runs_table, timer], api_name=False, show_progress="hidden")
+    return snapshot, [progress_box, runs_table]
 
 
-def _stats_tab(conns):
-    gr.Markdown("The stats tab is being built.")
+# ---------------------------------------------------------------------- stats tab
 
+def _stats_tab(conns, gt_cache):
+    from . import stats_logic as sl
+
+    gr.Markdown(
+        "Hallucination rates from the reviewers' flags count decided (approved or rejected) pairs only: "
+        "the share of their descriptors and captions flagged. Ground-truth rates are computed against the "
+        "demo world's scene graphs and edit lists.")
+    refresh_btn = gr.Button("⟳ Refresh the statistics", elem_id="g4c-stats-refresh")
+    summary = gr.Dataframe(headers=sl.SUMMARY_HEADERS, interactive=False, label="Per run", elem_id="g4c-stats-table")
+    human_plot = gr.Plot(label="Reviewer flags")
+    truth_plot = gr.Plot(label="Ground truth")
+    progress_plot = gr.Plot(label="Review progress")
+    caption_plot = gr.Plot(label="Captions")
+
+    def on_refresh():
+        db = conns.get()
+        rows = sl.human_flag_counts(db)
+        captions = sl.caption_stats(db)
+        return (sl.summary_rows(rows, captions), sl.plot_human_rates(rows),
+                sl.plot_ground_truth(sl.ground_truth_rates(db, gt_cache)),
+                sl.plot_review_progress(sl.review_progress(db)), sl.plot_caption_stats(captions))
+
+    outputs = [summary, human_plot, truth_plot, progress_plot, caption_plot]
+    refresh_btn.click(on_refresh, None, outputs, api_name="stats")
+    return on_refresh, outputs
+
+
+# ---------------------------------------------------------------------- export tab
 
 def _export_tab(conns):
-    gr.Markdown("The export tab is being built.")
+    from store.exporters import FORMATS
+
+    from . import export_logic as el
+
+    choices = rl.filter_choices(conns.get())
+    gr.Markdown("Only approved pairs are exported unless you include unreviewed ones; rejected pairs never are. "
+                "Edited captions replace the VLM's text; flagged captions (and compounds built on them) are left "
+                "out unless you include them.\n\n" + "\n".join(
+                    f"- **{name}**: {el.FORMAT_NOTES[name]}" for name in FORMATS))
+    with gr.Row():
+        fmt = gr.Radio(list(FORMATS), value="good4cir", label="Format", elem_id="g4c-export-format")
+        run_dd = gr.Dropdown(choices["runs"], value=rl.ANY, label="Run (default: newest per pair)")
+        split_dd = gr.Dropdown(choices["splits"], value=rl.ANY, label="Split")
+    with gr.Row():
+        unreviewed = gr.Checkbox(False, label="include unreviewed pairs", elem_id="g4c-export-unreviewed")
+        flagged = gr.Checkbox(False, label="include flagged captions")
+        export_btn = gr.Button("Export", variant="primary", elem_id="g4c-export-go")
+    summary = gr.Textbox(label="Written", interactive=False, lines=3, elem_id="g4c-export-summary")
+    download = gr.File(label="Download", interactive=False, elem_id="g4c-export-file")
+
+    def on_export(fmt, run, split, include_unreviewed, include_flagged):
+        flt = rl.make_filter("all", run, None, split)
+        try:
+            path, stats = el.export_to_download(conns.get(), fmt, run_id=flt.run_id, split=flt.split,
+                                                include_unreviewed=include_unreviewed,
+                                                include_flagged=include_flagged)
+        except (ValueError, OSError) as exc:
+            raise gr.Error(str(exc)) from None
+        return el.describe_export(stats), str(path)
+
+    export_btn.click(on_export, [fmt, run_dd, split_dd, unreviewed, flagged], [summary, download], api_name="export")
+
+    def refresh_choices():
+        c = rl.filter_choices(conns.get())
+        return gr.update(choices=c["runs"]), gr.update(choices=c["splits"])
+
+    return refresh_choices, [run_dd, split_dd]
 
 
-def _retrieve_tab(conns, index_path):
-    gr.Markdown("The retrieve tab is being built.")
+# ---------------------------------------------------------------------- retrieve tab
+
+def _retrieve_tab(conns, service):
+    from . import retrieve_logic as qr
+
+    if not service.available:
+        gr.Markdown("**No retrieval index loaded.** Train a model (`good4cir train`), build an index "
+                    "(`good4cir index`), then start the app with `--index DIR`.")
+    else:
+        gr.Markdown(f"Composed retrieval with the index `{service.index_path}` (the trained fusion model). "
+                    "Choose a dataset pair (its true target is marked) or upload a reference image.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            pair_dd = gr.Dropdown([], label="Dataset pair (reference image)", elem_id="g4c-q-pair")
+            reference_html = gr.HTML("", js_on_load=None)
+            upload = gr.Image(label="…or upload a reference image", type="pil", sources=["upload"], height=200)
+        with gr.Column(scale=3):
+            text = gr.Textbox(label="Modification", placeholder="e.g. make the wall blue and remove the lamp",
+                              elem_id="g4c-q-text")
+            k = gr.Slider(1, 50, value=10, step=1, label="Top k", elem_id="g4c-q-k")
+            go = gr.Button("Search", variant="primary", elem_id="g4c-q-go")
+    results = gr.HTML("", elem_id="g4c-q-results", js_on_load=None)
+    queries: dict[str, qr.DatasetQuery] = {}
+
+    def choices():
+        items = qr.dataset_queries(conns.get())
+        queries.clear()
+        queries.update({q.pair_id: q for q in items})
+        return [(q.label, q.pair_id) for q in items]
+
+    def on_pair(pair_id):
+        pair = queries.get(pair_id)
+        return qr.render_reference_html(pair), (pair.text if pair else gr.skip())
+
+    def on_search(pair_id, image, text, k):
+        pair = queries.get(pair_id)
+        try:
+            hits = service.query(conns.get(), pair=pair, upload=image, text=text, k=k)
+        except qr.RetrieveError as exc:
+            raise gr.Error(str(exc)) from None
+        return qr.render_results_html(hits, pair, uploaded=image is not None)
+
+    pair_dd.input(on_pair, pair_dd, [reference_html, text], api_name=False)
+    go.click(on_search, [pair_dd, upload, text, k], results, api_name="retrieve")
+    text.submit(on_search, [pair_dd, upload, text, k], results, api_name=False)
+
+    def refresh():
+        return gr.update(choices=choices())
+
+    return refresh, [pair_dd]

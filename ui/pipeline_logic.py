@@ -1,0 +1,177 @@
+"""The Pipeline tab: one background run at a time, started and stopped from the app.
+
+The run writes to the store through its own connections (pipeline.runner); finished
+pairs join the review queue as they complete, because the queue reads the same file.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+from urllib.parse import urlparse
+
+from .security import is_loopback
+
+BACKENDS = ("simulator", "openai", "openai-batch")
+METHODS = ("staged", "single")
+
+
+class PipelineControlError(Exception):
+    """A start or stop the app refuses, with the reason."""
+
+
+@dataclass
+class RunForm:
+    backend: str = "simulator"
+    model: str = ""
+    base_url: str = ""
+    method: str = "staged"
+    concurrency: Optional[str | float] = None
+    limit: Optional[str | float] = None
+    split: str = ""
+    error_rate: Optional[float] = None
+    new_run: bool = False
+
+
+def check_base_url(base_url: str) -> Optional[str]:
+    """The base URL a run from the app may use: none (the provider's default) or a
+    server on this machine. The run sends OPENAI_API_KEY to it, so a reviewer must not
+    be able to point it at a server of their choosing; other URLs go through the CLI."""
+    base_url = (base_url or "").strip()
+    if not base_url:
+        return None
+    parsed = urlparse(base_url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise PipelineControlError(f"base URL {base_url!r} must look like http://127.0.0.1:8000/v1")
+    if not is_loopback(parsed.hostname):
+        raise PipelineControlError(
+            f"base URL host {parsed.hostname!r} is not this machine: from the app a run may only use "
+            "OpenAI's default or a local server (the API key goes to it); use `good4cir annotate "
+            "--base-url ...` for other servers")
+    return base_url
+
+
+def options_from_form(form: RunForm):
+    """RunOptions from the tab's fields, checked."""
+    from pipeline.runner import RunOptions
+
+    if form.backend not in BACKENDS:
+        raise PipelineControlError(f"backend must be one of {', '.join(BACKENDS)}, not {form.backend!r}")
+    if form.method not in METHODS:
+        raise PipelineControlError(f"method must be one of {', '.join(METHODS)}")
+
+    def positive_int(value, name):
+        if value is None or not str(value).strip():
+            return None
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise PipelineControlError(f"{name} must be a whole number of at least 1, not {value!r}") from None
+        if number < 1 or number != int(number):
+            raise PipelineControlError(f"{name} must be a whole number of at least 1, not {value!r}")
+        return int(number)
+
+    kwargs = dict(
+        backend=form.backend, model=(form.model or "").strip() or None,
+        base_url=check_base_url(form.base_url), method=form.method,
+        concurrency=positive_int(form.concurrency, "concurrency"), limit=positive_int(form.limit, "limit"),
+        split=(form.split or "").strip() or None, new_run=bool(form.new_run),
+    )
+    if form.backend == "simulator" and form.error_rate not in (None, ""):
+        if not 0 <= float(form.error_rate) <= 1:  # NaN fails too
+            raise PipelineControlError("the simulator's error rate must be between 0 and 1")
+        kwargs["error_rate"] = float(form.error_rate)
+    return RunOptions(**kwargs)
+
+
+class PipelineController:
+    """Holds the app's background run (at most one at a time)."""
+
+    def __init__(self, db_path: str):
+        self.db_path = db_path
+        self._handle = None
+        self._lock = threading.Lock()
+        self.started_by: Optional[str] = None
+
+    @property
+    def running(self) -> bool:
+        return self._handle is not None and self._handle.running
+
+    def start(self, form: RunForm, who: str):
+        from pipeline.runner import start_run_in_thread
+
+        options = options_from_form(form)
+        with self._lock:
+            if self.running:
+                raise PipelineControlError(
+                    f"run {self._handle.run_id} (started by {self.started_by}) is still going; stop it first")
+            self._handle = start_run_in_thread(self.db_path, options)
+            self.started_by = who or "someone"
+        self._handle.wait_started(timeout=30)
+        if self._handle.error is not None:
+            raise PipelineControlError(f"the run did not start: {self._handle.error}")
+        return self._handle
+
+    def stop(self) -> str:
+        with self._lock:
+            if not self.running:
+                return "no run is going"
+            self._handle.stop()
+            return f"stopping run {self._handle.run_id}: in-flight calls finish and are stored"
+
+    def snapshot(self) -> Optional[dict]:
+        """The current (or last) run's progress as a dict, or None if none was started."""
+        handle = self._handle
+        if handle is None:
+            return None
+        progress = handle.progress.as_dict()
+        progress["thread_running"] = handle.running
+        progress["started_by"] = self.started_by
+        if handle.error is not None:
+            progress["error"] = f"{type(handle.error).__name__}: {handle.error}"
+        return progress
+
+
+def format_progress(progress: Optional[dict]) -> str:
+    """Plain text for the progress box (a Textbox: shown as text, never markup)."""
+    if progress is None:
+        return "No run started from this app yet."
+    total = progress.get("pairs_total") or 0
+    done = progress.get("pairs_done", 0)
+    failed = progress.get("pairs_failed", 0)
+    share = f" ({100 * (done + failed) / total:.0f}%)" if total else ""
+    lines = [
+        f"run {progress.get('run_id')} · {progress.get('status')}"
+        + (" · running" if progress.get("thread_running") else "")
+        + f" · started by {progress.get('started_by')}",
+        f"pairs: {done:,} done + {failed:,} failed of {total:,}{share}, {progress.get('pairs_pending', 0):,} pending",
+        f"calls: {progress.get('calls', 0):,} stored ({progress.get('calls_reused', 0):,} reused from the store),"
+        f" {progress.get('call_errors', 0):,} errors",
+        f"spend: ${progress.get('cost_usd', 0.0):.4f}",
+    ]
+    failures = progress.get("failures") or {}
+    if failures:
+        lines.append("failures: " + "; ".join(f"{reason}: {count}" for reason, count in sorted(failures.items())))
+    if progress.get("last_error"):
+        lines.append(f"last error: {progress['last_error']}")
+    if progress.get("error"):
+        lines.append(f"the run stopped with an error: {progress['error']}")
+    return "\n".join(lines)
+
+
+def runs_table(db_path: str) -> list[list]:
+    """Every run of the store, one row each, for the runs table."""
+    from pipeline.runner import run_status
+
+    rows = []
+    for run in run_status(db_path)["runs"]:
+        rows.append([
+            run["id"], run.get("name") or "", run["backend"], run["model"], run.get("method", ""),
+            run.get("status", ""), run["pairs_done"], run["pairs_failed"], run["pairs_pending"], run["calls"],
+            round(run["cost_usd"] or 0.0, 4),
+        ])
+    return rows
+
+
+RUNS_HEADERS = ["run", "name", "backend", "model", "method", "status", "done", "failed", "pending", "calls", "cost $"]

@@ -1,0 +1,138 @@
+"""The Retrieve tab: a reference image (from the dataset or uploaded) plus a modification
+text, answered with the top-k gallery images of the FAISS index built from the trained
+fusion model (retrieval.index.QueryEngine, loaded once)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import sqlite_utils
+
+from .security import escape_text, image_url
+
+
+class RetrieveError(Exception):
+    """A query the tab cannot answer, with the reason."""
+
+
+@dataclass
+class DatasetQuery:
+    pair_id: str
+    label: str
+    reference_id: str
+    reference_path: Optional[str]
+    target_id: Optional[str]
+    target_name: Optional[str]
+    text: str
+
+
+def dataset_queries(db: sqlite_utils.Database, limit: int = 300) -> list[DatasetQuery]:
+    """Pairs to query with, test/val first: the modification text is the pair's current
+    first caption (after edits), else its imported caption."""
+    rows = db.execute(
+        "SELECT p.id, p.external_id, p.split, p.reference_id, r.path, p.target_id, t.name, p.original_captions,"
+        " (SELECT COALESCE((SELECT e.text FROM caption_edits e WHERE e.caption_id = c.id ORDER BY e.version DESC"
+        "   LIMIT 1), c.text) FROM annotations a JOIN captions c ON c.annotation_id = a.id"
+        "   WHERE a.pair_id = p.id AND a.status = 'done' AND c.kind = 'individual' ORDER BY a.run_id DESC, c.position"
+        "   LIMIT 1)"
+        " FROM pairs p JOIN images r ON r.id = p.reference_id LEFT JOIN images t ON t.id = p.target_id"
+        " ORDER BY CASE p.split WHEN 'test' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, p.rowid LIMIT ?", [limit]).fetchall()
+    out = []
+    for pair_id, external_id, split, ref_id, ref_path, target_id, target_name, originals, caption in rows:
+        originals = json.loads(originals or "[]")
+        text = caption or (originals[0] if originals else "")
+        out.append(DatasetQuery(
+            pair_id=pair_id, label=f"{external_id or pair_id} · {split or '-'} · {text[:60]}",
+            reference_id=ref_id, reference_path=ref_path, target_id=target_id, target_name=target_name, text=text))
+    return out
+
+
+class RetrieveService:
+    """Loads the QueryEngine on first use and keeps it (it is thread-safe)."""
+
+    def __init__(self, db_path: str, index_path: Optional[str]):
+        self.db_path = db_path
+        self.index_path = index_path
+        self._engine = None
+        self._lock = threading.Lock()
+        self._path_to_id: Optional[dict[str, str]] = None
+
+    @property
+    def available(self) -> bool:
+        return bool(self.index_path)
+
+    def engine(self):
+        if not self.index_path:
+            raise RetrieveError(
+                "no retrieval index: start the app with --index DIR (built by `good4cir index`)")
+        with self._lock:
+            if self._engine is None:
+                from retrieval.index import QueryEngine
+
+                try:
+                    self._engine = QueryEngine(self.index_path)
+                except (FileNotFoundError, ValueError) as exc:
+                    raise RetrieveError(f"cannot load the index {self.index_path}: {exc}") from None
+            return self._engine
+
+    def image_ids(self, db) -> dict[str, str]:
+        """Resolved file path -> image id, to show gallery hits through the image route."""
+        if self._path_to_id is None:
+            self._path_to_id = {
+                str(Path(path).resolve()): image_id
+                for image_id, path in db.execute("SELECT id, path FROM images WHERE path IS NOT NULL")}
+        return self._path_to_id
+
+    def query(self, db, *, pair: Optional[DatasetQuery], upload, text: str, k: int) -> list[dict]:
+        """Top-k hits as dicts: rank, name, score, image_id, is_target."""
+        text = (text or "").strip()
+        if not text:
+            raise RetrieveError("type a modification text")
+        if upload is not None:
+            image, exclude = upload, False
+        elif pair is not None and pair.reference_path:
+            image, exclude = pair.reference_path, True
+        else:
+            raise RetrieveError("choose a dataset pair or upload a reference image")
+        hits = self.engine().query(image, text, k=int(k), exclude_reference=exclude)
+        ids = self.image_ids(db)
+        target_id = pair.target_id if (pair is not None and upload is None) else None
+        out = []
+        for rank, hit in enumerate(hits, start=1):
+            image_id = ids.get(str(Path(hit.path).resolve())) if hit.path else None
+            out.append({"rank": rank, "name": hit.name, "score": hit.score, "image_id": image_id,
+                        "is_target": bool(target_id and image_id == target_id)})
+        return out
+
+
+def render_results_html(hits: list[dict], pair: Optional[DatasetQuery], uploaded: bool) -> str:
+    if not hits:
+        return "<div class='g4c-muted'>No results.</div>"
+    cards = []
+    for hit in hits:
+        url = image_url(hit["image_id"]) if hit["image_id"] else None
+        img = f"<img src='{escape_text(url)}' alt='{escape_text(hit['name'])}'>" if url else \
+            "<div class='g4c-noimg'>not in the store</div>"
+        mark = " ✔ true target" if hit["is_target"] else ""
+        cards.append(
+            f"<div class='g4c-result{' g4c-true' if hit['is_target'] else ''}'>{img}"
+            f"<div><b>#{hit['rank']}</b> · {hit['score']:.3f}{escape_text(mark)}</div>"
+            f"<div class='g4c-muted'>{escape_text(hit['name'])}</div></div>")
+    note = ""
+    if pair is not None and not uploaded:
+        found = [h["rank"] for h in hits if h["is_target"]]
+        note = (f"<p>True target {escape_text(pair.target_name)}: rank {found[0]}</p>" if found else
+                f"<p>True target {escape_text(pair.target_name or '-')} is not in the top {len(hits)}.</p>")
+    return note + "<div class='g4c-results'>" + "".join(cards) + "</div>"
+
+
+def render_reference_html(pair: Optional[DatasetQuery]) -> str:
+    if pair is None:
+        return ""
+    url = image_url(pair.reference_id)
+    return (f"<div class='g4c-result g4c-ref'><img src='{escape_text(url)}' alt='reference'>"
+            f"<div>reference of pair {escape_text(pair.label.split(' · ')[0])}</div></div>")

@@ -1,0 +1,283 @@
+"""The Stats tab: hallucination rates from human flags and from ground truth, review
+progress, caption length and diversity, as numbers (plain dicts) and matplotlib plots.
+
+Human-flag rates count only decided pairs (approved or rejected): the share of their
+descriptors / captions that a reviewer flagged. Ground-truth rates come from
+pipeline.scoring.score_run (demo-world pairs only).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections import defaultdict
+from typing import Optional
+
+import sqlite_utils
+
+log = logging.getLogger("good4cir.ui")
+
+STAGES = ("stage 1 descriptors", "stage 2 descriptors", "stage 3 captions", "stage 4 compounds")
+_DECIDED = "a.status = 'done' AND a.review_status IN ('approved', 'rejected')"
+MAX_CAPTIONS_FOR_DIVERSITY = 50_000
+
+
+def _runs(db) -> dict[int, dict]:
+    runs = {}
+    for run_id, name, backend, model, method, prompt_versions in db.execute(
+            "SELECT id, name, backend, model, method, prompt_versions FROM runs ORDER BY id").fetchall():
+        versions = json.loads(prompt_versions or "{}")
+        # only the prompts this method sends (the repair prompt is a fallback)
+        used = ("single",) if method == "single" else ("stage1", "stage2", "stage3")
+        versions = {k: v for k, v in versions.items() if k in used} or versions
+        runs[run_id] = {
+            "run_id": run_id, "label": f"run {run_id}" + (f" ({name})" if name else ""),
+            "backend": backend, "model": model, "method": method,
+            "prompt_version": " ".join(f"{k}:{str(v)[:6]}" for k, v in sorted(versions.items())) or "-",
+        }
+    return runs
+
+
+def human_flag_counts(db: sqlite_utils.Database) -> list[dict]:
+    """Per run: decided pairs, and per stage how many items there were and were flagged."""
+    runs = _runs(db)
+    totals: dict[int, dict] = defaultdict(lambda: defaultdict(int))
+    desc_sql = ("(SELECT COALESCE(SUM(json_array_length(j.value, '$.descriptors')), 0)"
+                " FROM descriptions d, json_each(d.objects) j WHERE d.id = a.{col})")
+    for run_id, pairs, s1, s2 in db.execute(
+            f"SELECT a.run_id, COUNT(*), SUM({desc_sql.format(col='stage1_id')}),"
+            f" SUM({desc_sql.format(col='stage2_id')}) FROM annotations a WHERE {_DECIDED} GROUP BY a.run_id"):
+        totals[run_id].update({"pairs": pairs, "n_stage 1 descriptors": s1 or 0, "n_stage 2 descriptors": s2 or 0})
+    for run_id, individual, compound in db.execute(
+            "SELECT a.run_id, SUM(c.kind = 'individual'), SUM(c.kind = 'compound') FROM captions c"
+            f" JOIN annotations a ON a.id = c.annotation_id WHERE {_DECIDED} GROUP BY a.run_id"):
+        totals[run_id].update({"n_stage 3 captions": individual or 0, "n_stage 4 compounds": compound or 0})
+    for run_id, f1, f2, f3, f4 in db.execute(
+            "SELECT a.run_id,"
+            " SUM(f.target_kind = 'descriptor' AND substr(f.target_id, 1, length(a.stage1_id) + 1) = a.stage1_id || '/'),"
+            " SUM(f.target_kind = 'descriptor' AND substr(f.target_id, 1, length(a.stage2_id) + 1) = a.stage2_id || '/'),"
+            " SUM(f.target_kind = 'caption' AND c.kind = 'individual'),"
+            " SUM(f.target_kind = 'caption' AND c.kind = 'compound')"
+            " FROM flags f JOIN annotations a ON a.id = f.annotation_id"
+            " LEFT JOIN captions c ON f.target_kind = 'caption' AND c.id = f.target_id"
+            f" WHERE f.removed_at IS NULL AND {_DECIDED} GROUP BY a.run_id"):
+        totals[run_id].update({"f_stage 1 descriptors": f1 or 0, "f_stage 2 descriptors": f2 or 0,
+                               "f_stage 3 captions": f3 or 0, "f_stage 4 compounds": f4 or 0})
+    rows = []
+    for run_id, info in runs.items():
+        counts = totals.get(run_id, {})
+        row = {**info, "pairs": counts.get("pairs", 0)}
+        for stage in STAGES:
+            row[stage] = {"items": counts.get(f"n_{stage}", 0), "flagged": counts.get(f"f_{stage}", 0)}
+        rows.append(row)
+    return rows
+
+
+def rate(part: int, whole: int) -> Optional[float]:
+    return part / whole if whole else None
+
+
+def human_rates_by(rows: list[dict], key: str) -> dict[str, dict[str, Optional[float]]]:
+    """Flag rates per stage, pooled over runs sharing `key` ('label', 'model', 'prompt_version')."""
+    pooled: dict[str, dict[str, list[int]]] = defaultdict(lambda: {s: [0, 0] for s in STAGES})
+    for row in rows:
+        for stage in STAGES:
+            pooled[row[key]][stage][0] += row[stage]["flagged"]
+            pooled[row[key]][stage][1] += row[stage]["items"]
+    return {group: {s: rate(*v) for s, v in stages.items()} for group, stages in pooled.items()}
+
+
+class GroundTruthCache:
+    """score_run is a full pass over a run; keep its answer until the run changes."""
+
+    def __init__(self):
+        self._cache: dict[int, tuple[tuple, dict]] = {}
+        self._lock = threading.Lock()
+
+    def score(self, db, run_id: int) -> Optional[dict]:
+        try:
+            from pipeline.scoring import score_run
+        except ImportError:
+            return None
+        key = tuple(db.execute(
+            "SELECT COUNT(*), MAX(updated_at) FROM annotations WHERE run_id = ? AND status = 'done'", [run_id]
+        ).fetchone())
+        with self._lock:
+            hit = self._cache.get(run_id)
+            if hit and hit[0] == key:
+                return hit[1]
+        result = score_run(db, run_id)
+        with self._lock:
+            self._cache[run_id] = (key, result)
+        return result
+
+
+GT_MEASURES = (
+    ("stage1", "object_rate", "S1 objects"), ("stage1", "attribute_rate", "S1 attributes"),
+    ("stage2", "object_rate", "S2 objects"), ("stage2", "attribute_rate", "S2 attributes"),
+    ("captions", "invented_rate", "captions inventing a change"),
+    ("captions", "missed_rate", "changes missed"),
+)
+
+
+def ground_truth_rates(db, cache: GroundTruthCache) -> dict[str, dict[str, Optional[float]]]:
+    """Per run with ground truth: the GT_MEASURES rates."""
+    out = {}
+    for run_id, info in _runs(db).items():
+        try:
+            result = cache.score(db, run_id)
+        except Exception as exc:  # one run the scorer cannot read must not hide the others
+            log.warning("ground-truth scoring of run %s failed: %s", run_id, exc)
+            continue
+        if not result or not result.get("pairs_scored"):
+            continue
+        out[info["label"]] = {label: (result.get(part) or {}).get(key) for part, key, label in GT_MEASURES}
+    return out
+
+
+def review_progress(db: sqlite_utils.Database) -> dict[str, dict[str, int]]:
+    runs = _runs(db)
+    out = {}
+    for run_id, approved, rejected, unreviewed, flagged, pending, failed in db.execute(
+            "SELECT run_id, SUM(status = 'done' AND review_status = 'approved'),"
+            " SUM(status = 'done' AND review_status = 'rejected'),"
+            " SUM(status = 'done' AND review_status = 'unreviewed'), SUM(status = 'done' AND flag_count > 0),"
+            " SUM(status = 'pending'), SUM(status = 'failed') FROM annotations GROUP BY run_id"):
+        label = runs.get(run_id, {}).get("label", f"run {run_id}")
+        out[label] = {"approved": approved or 0, "rejected": rejected or 0, "unreviewed": unreviewed or 0,
+                      "flagged": flagged or 0, "annotating": pending or 0, "failed": failed or 0}
+    return out
+
+
+def caption_stats(db: sqlite_utils.Database, seed: int = 0) -> dict[str, dict]:
+    """Per run: caption lengths (words, current text) and diversity: distinct-1 and
+    distinct-2 (distinct n-grams / all n-grams) and the share of unique captions.
+    Runs with many captions are sampled (MAX_CAPTIONS_FOR_DIVERSITY)."""
+    runs = _runs(db)
+    texts: dict[int, list[str]] = defaultdict(list)
+    for run_id, text in db.execute(
+            "SELECT a.run_id, COALESCE((SELECT e.text FROM caption_edits e WHERE e.caption_id = c.id"
+            " ORDER BY e.version DESC LIMIT 1), c.text) FROM captions c JOIN annotations a ON a.id = c.annotation_id"
+            " WHERE c.kind = 'individual'"):
+        texts[run_id].append(text)
+    out = {}
+    rng = random.Random(seed)
+    for run_id, items in texts.items():
+        if len(items) > MAX_CAPTIONS_FOR_DIVERSITY:
+            items = rng.sample(items, MAX_CAPTIONS_FOR_DIVERSITY)
+        words = [t.lower().split() for t in items]
+        unigrams = [w for ws in words for w in ws]
+        bigrams = [tuple(ws[i:i + 2]) for ws in words for i in range(len(ws) - 1)]
+        lengths = [len(ws) for ws in words]
+        out[runs.get(run_id, {}).get("label", f"run {run_id}")] = {
+            "captions": len(items), "lengths": lengths,
+            "mean_words": sum(lengths) / len(lengths) if lengths else 0.0,
+            "distinct_1": rate(len(set(unigrams)), len(unigrams)),
+            "distinct_2": rate(len(set(bigrams)), len(bigrams)),
+            "unique_share": rate(len(set(t.strip().lower() for t in items)), len(items)),
+        }
+    return out
+
+
+# ---------------------------------------------------------------- plots
+
+def _figure(width=9.0, height=3.6):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _grouped_bars(ax, groups: dict[str, dict[str, Optional[float]]], measures: list[str], percent=True):
+    import numpy as np
+
+    x = np.arange(len(measures))
+    width = 0.8 / max(1, len(groups))
+    for i, (group, values) in enumerate(groups.items()):
+        heights = [(values.get(m) or 0.0) * (100 if percent else 1) for m in measures]
+        bars = ax.bar(x + i * width - 0.4 + width / 2, heights, width, label=group)
+        for bar, m in zip(bars, measures):
+            if values.get(m) is None:
+                bar.set_hatch("//")
+                bar.set_alpha(0.3)
+    ax.set_xticks(x, measures, fontsize=8)
+    if percent:
+        ax.set_ylabel("%")
+    if groups:
+        ax.legend(fontsize=7, loc="upper right")
+
+
+def plot_human_rates(rows: list[dict]):
+    fig = _figure(10, 6.8)
+    axes = fig.subplots(3, 1)
+    for ax, key, title in zip(axes, ("label", "model", "prompt_version"), ("run", "model", "prompt versions")):
+        _grouped_bars(ax, human_rates_by(rows, key), list(STAGES))
+        ax.set_title(f"Flagged as hallucination by reviewers (decided pairs), per {title}", fontsize=9)
+    return fig
+
+
+def plot_ground_truth(rates: dict[str, dict[str, Optional[float]]]):
+    fig = _figure(10, 3.4)
+    ax = fig.subplots()
+    if not rates:
+        ax.text(0.5, 0.5, "no run with demo-world ground truth yet", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
+    _grouped_bars(ax, rates, [label for _, _, label in GT_MEASURES])
+    ax.set_title("Hallucination against ground truth (demo world), per run", fontsize=9)
+    return fig
+
+
+def plot_review_progress(progress: dict[str, dict[str, int]]):
+    fig = _figure(10, 0.6 + 0.5 * max(1, len(progress)))
+    ax = fig.subplots()
+    colours = {"approved": "#16a34a", "rejected": "#dc2626", "unreviewed": "#9ca3af",
+               "annotating": "#93c5fd", "failed": "#111827"}
+    labels = list(progress)
+    left = [0] * len(labels)
+    for part, colour in colours.items():
+        values = [progress[label][part] for label in labels]
+        ax.barh(labels, values, left=left, color=colour, label=part)
+        left = [a + b for a, b in zip(left, values)]
+    ax.set_title("Review progress (pairs)", fontsize=9)
+    ax.legend(fontsize=7, ncols=5, loc="lower right")
+    return fig
+
+
+def plot_caption_stats(stats: dict[str, dict]):
+    fig = _figure(10, 3.2)
+    ax_len, ax_div = fig.subplots(1, 2)
+    for label, s in stats.items():
+        if s["lengths"]:
+            ax_len.hist(s["lengths"], bins=range(0, max(s["lengths"]) + 2), alpha=0.5, label=label)
+    ax_len.set_title("Caption length (words)", fontsize=9)
+    if stats:
+        ax_len.legend(fontsize=7)
+    _grouped_bars(ax_div, {k: {m: v[m] for m in ("distinct_1", "distinct_2", "unique_share")}
+                           for k, v in stats.items()}, ["distinct_1", "distinct_2", "unique_share"])
+    ax_div.set_title("Caption diversity", fontsize=9)
+    return fig
+
+
+def summary_rows(rows: list[dict], captions: dict[str, dict]) -> list[list]:
+    """One table row per run: decided pairs, flag rates per stage, caption length/diversity."""
+    table = []
+    for row in rows:
+        c = captions.get(row["label"], {})
+
+        def pct(stage):
+            r = rate(row[stage]["flagged"], row[stage]["items"])
+            return "-" if r is None else f"{100 * r:.1f}%"
+
+        table.append([row["label"], row["model"], row["prompt_version"], row["pairs"],
+                      *[pct(s) for s in STAGES], round(c.get("mean_words", 0.0), 1),
+                      "-" if c.get("distinct_2") is None else round(c["distinct_2"], 3)])
+    return table
+
+
+SUMMARY_HEADERS = ["run", "model", "prompts", "decided pairs", *[f"flagged {s}" for s in STAGES],
+                   "mean words", "distinct-2"]
