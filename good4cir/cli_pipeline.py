@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--backend", required=True, choices=["openai", "openai-batch", "simulator"],
                         help="openai: chat completions (any OpenAI-compatible base URL); "
                         "openai-batch: the Batch API, half price; simulator: offline demo stand-in")
-    parser.add_argument("--model", help="model name (default: gpt-4o-mini; simulator for the simulator)")
+    parser.add_argument("--model", help="model name (default: gpt-4o-mini; simulator-v1 for the simulator)")
     parser.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
     parser.add_argument("--concurrency", type=int,
                         help="requests in flight (default 16; openai-batch: pairs in flight, default 5000)")
@@ -44,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="environment variable holding the API key (default OPENAI_API_KEY)")
     parser.add_argument("--prices", metavar="FILE",
                         help='JSON price overrides: {"model": {"input": usd_per_1m, "output": usd_per_1m}}')
-    parser.add_argument("--error-rate", type=float, default=0.1, help="simulator: share of wrong answers")
+    parser.add_argument("--error-rate", type=float, default=0.15, help="simulator: share of wrong answers (default 0.15)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the simulator and retry jitter")
     parser.add_argument("--poll-interval", type=float, default=30.0, help="openai-batch: seconds between polls")
     parser.add_argument("--flush-interval", type=float, default=5.0,
@@ -106,10 +106,10 @@ def run_annotate(args: argparse.Namespace) -> int:
             return
         if bar.total != progress.pairs_total:
             bar.total = progress.pairs_total
-        bar.n = progress.pairs_done + progress.pairs_failed
         bar.set_postfix(done=progress.pairs_done, failed=progress.pairs_failed,
                         spend=f"${progress.cost_usd:.4f}", refresh=False)
-        bar.refresh()
+        # update() redraws at most every mininterval: cheap at thousands of pairs a second
+        bar.update(progress.pairs_done + progress.pairs_failed - bar.n)
 
     try:
         progress = run_pipeline(args.db, options, on_progress=on_progress)

@@ -24,7 +24,7 @@ DEFAULT_PRICES: dict[str, tuple[float, float]] = {
     "gpt-5-mini": (0.25, 2.00),
     "gpt-5-nano": (0.05, 0.40),
     "o4-mini": (1.10, 4.40),
-    "simulator": (0.0, 0.0),
+    "simulator-v1": (0.0, 0.0),
 }
 BATCH_DISCOUNT = 0.5
 

@@ -78,7 +78,7 @@ from .stages import (
 
 log = logging.getLogger("good4cir.pipeline")
 
-DEFAULT_MODELS = {"openai": "gpt-4o-mini", "openai-batch": "gpt-4o-mini", "simulator": "simulator"}
+DEFAULT_MODELS = {"openai": "gpt-4o-mini", "openai-batch": "gpt-4o-mini", "simulator": "simulator-v1"}
 METHODS = ("staged", "single")
 
 
@@ -111,7 +111,7 @@ class RunOptions:
     backoff_max: float = 60.0
     prices_path: Optional[str] = None
     seed: int = 0
-    error_rate: float = 0.1                  # simulator only
+    error_rate: float = 0.15                 # simulator only
     stop_grace: float = 30.0                 # seconds in-flight calls get after stop()
     # openai-batch only
     poll_interval: float = 30.0
