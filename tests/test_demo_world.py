@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 from pathlib import Path
@@ -94,6 +95,29 @@ def test_plan_is_deterministic():
     a, b = plan_world(60, seed=3), plan_world(60, seed=3)
     assert a.pairs == b.pairs and a.images == b.images and a.meta == b.meta
     assert plan_world(60, seed=4).pairs != a.pairs
+
+
+def test_plan_does_not_depend_on_the_hash_seed():
+    import subprocess
+    import sys
+
+    code = ("import hashlib, json; from store.demo_world import plan_world; p = plan_world(40, seed=2); "
+            "print(hashlib.sha256(json.dumps([p.pairs, p.images, p.meta]).encode()).hexdigest())")
+    digests = {
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": hs}, check=True,
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout
+        for hs in ("1", "2")
+    }
+    assert len(digests) == 1
+
+
+def test_regenerating_replaces_an_earlier_world(tmp_path):
+    out = tmp_path / "w"
+    generate_world(out, 12, seed=5, workers=1, progress=False)
+    meta = generate_world(out, 4, seed=5, workers=1, progress=False)
+    on_disk = sorted(p.name for p in (out / "images").iterdir())
+    assert len(on_disk) == meta["images"] == len(_read_jsonl(out / "scenes.jsonl"))
+    assert len(_read_jsonl(out / "pairs.jsonl")) == 4
 
 
 def test_reference_and_target_render_differently(world):
