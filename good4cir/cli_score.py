@@ -39,7 +39,7 @@ def run_score(args: argparse.Namespace) -> int:
     run_ids = args.run or [run.id for run in list_runs(db)]
     if not run_ids:
         raise CommandError(f"{args.db} has no runs yet; run `good4cir annotate` first")
-    scores = score_runs(db, run_ids, text=args.text, detail=args.detail)
+    scores = score_runs(db, run_ids, text=args.text, detail=args.detail, progress=True)
     if all(s["pairs_scored"] == 0 for s in scores):
         raise CommandError(
             "no scored pairs: scoring needs finished pairs with demo-world ground truth "

@@ -38,7 +38,9 @@ _GERUNDS = {
 
 
 @lru_cache(maxsize=1)
-def _tokenizer():
+def load_tokenizer():
+    """open_clip's CLIP tokenizer, loaded once. Importing open_clip imports torch (seconds):
+    a caller with an event loop can call this in a worker thread before the first pair."""
     # open_clip's BPE vocabulary ships in the wheel: this works offline.
     import open_clip
 
@@ -47,7 +49,7 @@ def _tokenizer():
 
 def count_clip_tokens(text: str) -> int:
     """Tokens CLIP's text encoder sees for `text`, start and end tokens included."""
-    tokenizer = _tokenizer()
+    tokenizer = load_tokenizer()
     return len(tokenizer.encode(text)) + 2
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Iterable, Optional
 
 import sqlite_utils
@@ -129,6 +130,7 @@ _TABLES = {"colour": COLOUR_TABLE, "pattern": PATTERN_TABLE, "size": SIZE_TABLE,
            "position": POSITION_TABLE, "count": NUMBER_TABLE}
 
 
+@lru_cache(maxsize=4096)
 def resolve_name(name: str) -> Optional[str]:
     """The world's kind (or 'wall'/'floor') an object name refers to, else None."""
     found = KIND_TABLE.values(tokens(name))
@@ -138,8 +140,9 @@ def resolve_name(name: str) -> Optional[str]:
     return found[0] if found else None
 
 
+@lru_cache(maxsize=65536)  # descriptors repeat a lot (stage 2 copies stage 1's)
 def descriptor_values(subject: str, descriptor: str) -> dict[str, list[Any]]:
-    """The world values one descriptor names, by attribute.
+    """The world values one descriptor names, by attribute (a shared dict: do not modify).
 
     subject: an object kind, or 'wall' / 'floor'.
     """
@@ -569,7 +572,7 @@ def _annotation_ids(db, run_id: int) -> list[str]:
 
 
 def score_run(db: sqlite_utils.Database, run_id: int, *, text: str = "original",
-              detail: bool = False) -> dict:
+              detail: bool = False, progress: bool = False) -> dict:
     """A run's hallucination scores per stage against the demo world's ground truth.
 
     Returns {"run_id", "name", "backend", "model", "method", "prompt_versions", "pairs",
@@ -587,7 +590,13 @@ def score_run(db: sqlite_utils.Database, run_id: int, *, text: str = "original",
     details = []
     ids = _annotation_ids(db, run_id)
     without_truth = 0
-    for annotation_id in ids:
+    if progress:
+        from tqdm import tqdm
+
+        ids_iter = tqdm(ids, desc=f"scoring run {run_id}", unit="pair", leave=False)
+    else:
+        ids_iter = ids
+    for annotation_id in ids_iter:
         score = score_annotation(db, annotation_id, text=text, truth=truth)
         if score.stage1 is not None:
             stage1.setdefault(score.stage1_id, score.stage1)
