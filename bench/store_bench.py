@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -41,9 +42,8 @@ def cached_store(pairs: int, rebuild: bool) -> Path:
     for stale in path.parent.glob(path.name + "*"):
         stale.unlink()
     started = time.perf_counter()
-    building = path.with_suffix(".building")
-    for stale in building.parent.glob(building.name + "*"):
-        stale.unlink()
+    # Built under a name of its own, then renamed: a concurrent run never sees half a store.
+    building = path.with_name(f"{path.stem}.{os.getpid()}.building")
     db = open_db(building)
     now = "2026-01-01T00:00:00.000+00:00"
     reviewed = int(pairs * REVIEWED_FRACTION)
@@ -193,6 +193,11 @@ def measure(db, repeat: int) -> dict[str, tuple[list[float], list[float]]]:
         return (time.perf_counter() - started) * 1000
 
     results["save a review: edit_caption + set_review_status"] = timed(saving, plain, repeat)
+
+    def totals():
+        queue.counts(db)
+
+    results["(context) queue.counts: the review page's totals"] = timed(totals, plain, max(50, repeat // 10))
 
     def plain_write():
         with transaction(db):

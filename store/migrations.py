@@ -286,3 +286,10 @@ def m002_pairs_target_optional(db: sqlite_utils.Database) -> None:
         CREATE UNIQUE INDEX pairs_source_external ON pairs(source, external_id);
         """
     )
+
+
+@migration
+def m003_flagged_queue_index(db: sqlite_utils.Database) -> None:
+    """The flagged queue and its count as index seeks: flagged annotations are few, and
+    without this index finding the next one scanned every done annotation."""
+    db.execute("CREATE INDEX annotations_flagged ON annotations(status, seq) WHERE flag_count > 0")

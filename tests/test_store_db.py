@@ -169,3 +169,31 @@ def test_queue_order_filters_and_counts(annotated):
                                 "rejected": 0, "pending": 0, "failed": 0}
     with pytest.raises(ValueError):
         queue.step(db, queue="everything")
+
+
+def test_queue_queries_use_their_indexes_and_counts_match_brute_force(annotated):
+    db, run, pair_ids = annotated
+    ids = [ann.annotation_id_for(run.id, p) for p in pair_ids]
+    review.add_flag(db, ids[1], "caption", f"{ids[1]}:c0", "ana")
+    review.set_review_status(db, ids[2], "rejected", "ana")
+    plans = {
+        "unreviewed": "SELECT a.* FROM annotations a WHERE a.status = 'done' AND a.review_status = 'unreviewed'"
+                      " AND a.seq > 0 ORDER BY a.seq LIMIT 1",
+        "flagged": "SELECT a.* FROM annotations a WHERE a.status = 'done' AND a.flag_count > 0"
+                   " AND a.seq > 0 ORDER BY a.seq LIMIT 1",
+    }
+    for name, index in (("unreviewed", "annotations_queue"), ("flagged", "annotations_flagged")):
+        detail = " ".join(row[3] for row in db.execute("EXPLAIN QUERY PLAN " + plans[name]).fetchall())
+        assert index in detail and "TEMP B-TREE" not in detail, (name, detail)
+    rows = db.execute("SELECT a.status, a.review_status, a.flag_count, p.split FROM annotations a"
+                      " JOIN pairs p ON p.id = a.pair_id").fetchall()
+    for split in (None, "train", "val", "test"):
+        mine = [r for r in rows if split is None or r[3] == split]
+        expected = {"all": sum(r[0] == "done" for r in mine),
+                    "unreviewed": sum(r[0] == "done" and r[1] == "unreviewed" for r in mine),
+                    "flagged": sum(r[0] == "done" and r[2] > 0 for r in mine),
+                    "approved": sum(r[0] == "done" and r[1] == "approved" for r in mine),
+                    "rejected": sum(r[0] == "done" and r[1] == "rejected" for r in mine),
+                    "pending": 0, "failed": 0}
+        assert queue.counts(db, split=split) == expected, split
+    assert queue.counts(db, run_id=run.id + 1)["all"] == 0
