@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageChops
 
-from good4cir.cli import main as cli_main
+from good4cir import cli_demo
 from store.demo_world import (
     HELDOUT_COMBOS,
     describe_edit,
@@ -35,11 +36,21 @@ def plan():
     return plan_world(400, seed=11)
 
 
+def _run_demo_world_command(argv: list[str]) -> int:
+    """Our subcommand's parser and handler, as good4cir.cli wires them (without importing
+    every other area's CLI module, some of which load torch when they register)."""
+    parser = argparse.ArgumentParser(prog="good4cir")
+    cli_demo.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A small rendered world on disk, written by the CLI."""
+    """A small rendered world on disk, written by the demo-world command."""
     out = tmp_path_factory.mktemp("demo") / "world"
-    assert cli_main(["demo-world", "--out", str(out), "--pairs", "30", "--seed", "5", "--workers", "2"]) == 0
+    assert _run_demo_world_command(["demo-world", "--out", str(out), "--pairs", "30", "--seed", "5",
+                                    "--workers", "2"]) == 0
     return out
 
 
