@@ -82,9 +82,13 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from store import open_db
     from store.exporters import export_dataset
 
+    if not Path(args.db).is_file():
+        raise FileNotFoundError(f"{args.db}: no such store; create one with `good4cir import`")
     db = open_db(args.db)
     report = export_dataset(
         db, args.format, args.out, run_id=args.run, include_unreviewed=args.include_unreviewed,

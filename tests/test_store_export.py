@@ -178,3 +178,19 @@ def test_cli_export(reviewed, tmp_path, capsys):
     assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out),
                  "--include-unreviewed", "--include-flagged", "--run", str(run.id)]) == 0
     assert len(read_good4cir(out)) == 2
+
+
+def test_cirr_through_jsonl_keeps_every_pair_including_test1(tmp_path):
+    db = open_db(tmp_path / "a.db")
+    import_dataset(db, "cirr", FIXTURES / "cirr")
+    out = tmp_path / "cirr.jsonl"
+    export_dataset(db, "jsonl", out, include_unreviewed=True)
+    again = open_db(tmp_path / "b.db")
+    report = import_dataset(again, "pairs", out)
+    assert report.problems == [] and report.pairs_added == 5
+    assert stored_pairs(again) == stored_pairs(db)
+    assert again.execute("SELECT COUNT(*) FROM pairs WHERE target_id IS NULL").fetchone()[0] == 1
+    # ... and back out as CIRR: the same test1 entry, minus CIRR's pairid bookkeeping.
+    export_dataset(again, "cirr", tmp_path / "test1.json", include_unreviewed=True, split="test1")
+    assert json.loads((tmp_path / "test1.json").read_text()) == json.loads(
+        (FIXTURES / "cirr/captions/cap.rc2.test1.json").read_text())

@@ -2,7 +2,7 @@
 writes it. PATH may also be a .jsonl file; image paths are relative to its folder.
 
 pairs.jsonl, one object per line: "reference" and "target" (required; relative paths,
-absolute paths or http(s) URLs), "id", "split", "captions", "edits" (ground truth),
+absolute paths or http(s) URLs; "target": null for a query whose target is withheld), "id", "split", "captions", "edits" (ground truth),
 "img_set" (image paths). scenes.jsonl beside it gives {"image", "scene"} per image.
 """
 
@@ -50,14 +50,17 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         except json.JSONDecodeError as exc:
             session.problem(item, f"not valid JSON ({exc.msg})")
             continue
-        if not isinstance(obj, dict) or not obj.get("reference") or not obj.get("target"):
+        # "target": null (not a missing key) is a query whose target is withheld, as our
+        # jsonl export writes CIRR test1 pairs.
+        if (not isinstance(obj, dict) or not obj.get("reference")
+                or not (obj.get("target") or ("target" in obj and obj["target"] is None))):
             session.problem(item, 'needs an object with "reference" and "target" image paths')
             continue
         line_split = obj.get("split")
         if split is not None and line_split is not None and line_split != split:
             continue
         pair_split = line_split or split
-        external_id = str(obj["id"]) if obj.get("id") is not None else f"{obj['reference']}|{obj['target']}"
+        external_id = str(obj["id"]) if obj.get("id") is not None else f"{obj['reference']}|{obj['target'] or ''}"
         item = f"pair {external_id!r} ({item})"
         if session.pair_exists(external_id):
             continue
@@ -67,8 +70,9 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         try:
             reference_id = session.image(obj["reference"], base=folder, split=pair_split,
                                          scene=scenes.get(_norm(obj["reference"], folder)))
-            target_id = session.image(obj["target"], base=folder, split=pair_split,
-                                      scene=scenes.get(_norm(obj["target"], folder)))
+            target_id = None if obj["target"] is None else session.image(
+                obj["target"], base=folder, split=pair_split,
+                scene=scenes.get(_norm(obj["target"], folder)))
         except ImageError as exc:
             session.problem(item, str(exc))
             continue
