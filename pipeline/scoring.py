@@ -37,7 +37,6 @@ from store.demo_world.vocab import (
     OP_ATTRIBUTE,
     PATTERNS,
     POSITIONS,
-    SIZES,
     WALL_COLOURS,
 )
 from store.errors import NotFoundError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import open_clip
-import pytest
 
 from pipeline.compound import (
     CLIP_CONTEXT_LENGTH,
