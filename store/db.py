@@ -45,24 +45,41 @@ class transaction:
     """`with transaction(db):` — BEGIN IMMEDIATE ... COMMIT, rolled back on error.
 
     IMMEDIATE takes the write lock up front so two writers queue on the busy timeout
-    instead of failing with "database is locked" on lock upgrade.
+    instead of failing with "database is locked" on lock upgrade. Nested use (a store
+    function called inside the caller's transaction) becomes a SAVEPOINT, so the inner
+    block can fail alone and the outer one still commits or rolls back as a whole.
     """
 
     def __init__(self, db: sqlite_utils.Database):
         self.db = db
+        self.savepoint: str | None = None
 
     def __enter__(self):
         lock = getattr(self.db, "lock", None)
         if lock is not None:
             lock.acquire()
-        self.db.conn.execute("BEGIN IMMEDIATE")
+        try:
+            if self.db.conn.in_transaction:
+                self.savepoint = f"g4c_{id(self):x}"
+                self.db.conn.execute(f"SAVEPOINT {self.savepoint}")
+            else:
+                self.db.conn.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            if lock is not None:
+                lock.release()
+            raise
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
+        conn = self.db.conn
         try:
+            if self.savepoint is not None:
+                if exc_type is not None:
+                    conn.execute(f"ROLLBACK TO {self.savepoint}")
+                conn.execute(f"RELEASE {self.savepoint}")
             # sqlite-utils' own helpers commit on their own; only finish what is open.
-            if self.db.conn.in_transaction:
-                self.db.conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
+            elif conn.in_transaction:
+                conn.execute("COMMIT" if exc_type is None else "ROLLBACK")
         finally:
             lock = getattr(self.db, "lock", None)
             if lock is not None:

@@ -197,3 +197,24 @@ def test_queue_queries_use_their_indexes_and_counts_match_brute_force(annotated)
                     "pending": 0, "failed": 0}
         assert queue.counts(db, split=split) == expected, split
     assert queue.counts(db, run_id=run.id + 1)["all"] == 0
+
+
+def test_nested_transactions_are_savepoints(tmp_path):
+    from store import transaction
+
+    db = open_db(tmp_path / "s.db")
+    now = "2026-01-01T00:00:00"
+    with transaction(db):
+        db.execute("INSERT INTO runs (backend, model, created_at) VALUES ('a', 'm', ?)", [now])
+        with pytest.raises(RuntimeError):
+            with transaction(db):
+                db.execute("INSERT INTO runs (backend, model, created_at) VALUES ('b', 'm', ?)", [now])
+                raise RuntimeError("inner fails alone")
+        run = ann.create_run(db, "c", "m")  # a store function inside the caller's transaction
+    assert [r[0] for r in db.execute("SELECT backend FROM runs ORDER BY id")] == ["a", "c"]
+    assert run.backend == "c" and not db.conn.in_transaction
+    with pytest.raises(RuntimeError):
+        with transaction(db):
+            db.execute("INSERT INTO runs (backend, model, created_at) VALUES ('d', 'm', ?)", [now])
+            raise RuntimeError("outer fails: everything inside goes")
+    assert db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2
