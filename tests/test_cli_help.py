@@ -1,4 +1,4 @@
-"""Every registered subcommand has help text, and `good4cir --help` lists them all."""
+"""Every registered subcommand (and each of its arguments) has help text, and `good4cir --help` lists them all."""
 
 from __future__ import annotations
 
@@ -25,8 +25,9 @@ def test_every_subcommand_has_help_and_a_handler(capsys):
         assert help_text and help_text.strip(), f"subcommand {name!r} has no help text"
         assert sub.get_default("handler") is not None, f"subcommand {name!r} sets no handler"
         for action in sub._actions:
-            if action.option_strings and action.dest != "help":
-                assert action.help, f"{name} {'/'.join(action.option_strings)} has no help text"
+            if action.dest != "help" and not isinstance(action, argparse._SubParsersAction):
+                label = "/".join(action.option_strings) or action.dest
+                assert action.help, f"{name} {label} has no help text"
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
