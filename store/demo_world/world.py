@@ -96,8 +96,8 @@ class _Planner:
             if scene_key(scene) not in self.used_keys:
                 return scene
 
-    def pair(self, reference: Scene, split: str, forbid: tuple) -> tuple[list[Edit], Scene, list[Scene], bool, bool]:
-        """Edits, target and (val/test) negatives for one pair; retries until all are new."""
+    def pair(self, reference: Scene, split: str, forbid: tuple) -> tuple[list[Edit], Scene, list[Scene], bool]:
+        """Edits, target, (val/test) negatives and whether to phrase it with held-out templates."""
         rng = self.rng
         want_phrasing = split == "test" and rng.random() < HELDOUT_PHRASING_SHARE
         want_combo = split == "test" and rng.random() < HELDOUT_COMBO_SHARE
@@ -121,7 +121,7 @@ class _Planner:
                 if len(found) < IMG_SET_NEGATIVES:
                     continue
                 negatives = [s for s, _change in found]
-            return edits, target, negatives, want_phrasing, want_combo
+            return edits, target, negatives, want_phrasing
         raise RuntimeError("could not find a new edit for a reference scene after 200 tries")
 
 
@@ -142,7 +142,7 @@ def plan_world(n_pairs: int, seed: int) -> WorldPlan:
             reference = planner.fresh_scene(forbid)
             ref_name = planner.add_image(reference, split, "reference")
             for _ in range(group):
-                edits, target, negatives, phrasing, _ = planner.pair(reference, split, forbid)
+                edits, target, negatives, phrasing = planner.pair(reference, split, forbid)
                 target_name = planner.add_image(target, split, "target")
                 heldout = []
                 if phrasing:
