@@ -22,6 +22,9 @@ from .models import (
     ReviewEvent,
     RunRecord,
 )
+from .images import inspect_image, load_image_rgb
+from .importers import import_dataset
+from .exporters import export_dataset
 
 __all__ = [
     "open_db", "transaction", "utc_now", "migrate", "schema_version",
@@ -29,4 +32,5 @@ __all__ = [
     "FLAG_REASONS", "AnnotationRecord", "CallRecord", "CaptionEdit", "CaptionRecord",
     "DescribedObject", "DescriptionRecord", "FlagRecord", "ImageRecord", "ImportProblem",
     "ImportReport", "PairRecord", "ReviewEvent", "RunRecord",
+    "inspect_image", "load_image_rgb", "import_dataset", "export_dataset",
 ]
