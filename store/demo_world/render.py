@@ -84,7 +84,7 @@ def _pattern_sheet(pattern: str, colour: Colour) -> Image.Image:
         for x in range(0, size, period):
             draw.rectangle([x, 0, x + width - 1, size], fill=second)
     elif pattern == "dotted":
-        period, r = 11 * SS, 2.8 * SS
+        period, r = 11 * SS, 3.1 * SS
         for row, y in enumerate(range(0, size + period, period)):
             offset = period // 2 if row % 2 else 0
             for x in range(-period, size + period, period):
