@@ -74,6 +74,8 @@ def run_import(args: argparse.Namespace) -> int:
         f"imported {report.pairs_added} pairs and {report.images_added} images into {args.db}; "
         f"{report.pairs_skipped} pairs were already there; {len(report.problems)} problems"
     )
+    if report.images_moved:
+        print(f"  {report.images_moved} known images were found at a new path; the store now points there")
     for problem in report.problems:
         print(f"  problem: {problem.item}: {problem.reason}")
     for warning in report.warnings:

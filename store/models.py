@@ -215,5 +215,6 @@ class ImportReport(BaseModel):
     images_added: int = 0
     pairs_added: int = 0
     pairs_skipped: int = 0      # already in the store
+    images_moved: int = 0       # known images found at a new path (the dataset moved)
     problems: list[ImportProblem] = Field(default_factory=list)   # items not imported
     warnings: list[ImportProblem] = Field(default_factory=list)   # imported, but note this

@@ -153,3 +153,17 @@ def test_cli_import_prints_summary_and_problems(tmp_path, capsys):
     assert main(["import", "--db", str(db_path), "--format", "pairs", str(folder), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["pairs_added"] == 0 and report["pairs_skipped"] == 2
+
+
+def test_reimport_after_moving_the_dataset_updates_image_paths(tmp_path):
+    first = tmp_path / "first" / "world"
+    shutil.copytree(FIXTURES / "pairs", first)
+    db = open_db(tmp_path / "s.db")
+    assert import_dataset(db, "pairs", first, source="w").pairs_added == 3
+    moved = tmp_path / "moved" / "world"
+    moved.parent.mkdir()
+    first.rename(moved)
+    report = import_dataset(db, "pairs", moved, source="w")
+    assert (report.pairs_added, report.pairs_skipped, report.images_moved) == (0, 3, 8)
+    paths = [r[0] for r in db.execute("SELECT path FROM images")]
+    assert len(paths) == 8 and all(p.startswith(str(moved.resolve())) and Path(p).is_file() for p in paths)

@@ -52,6 +52,7 @@ class ImportSession:
         self.report = ImportReport()
         self._by_path: dict[str, ImageInfo | ImageError] = {}
         self._known_ids: set[str] = set()
+        self._moved: dict[str, str] = {}
         self._staged: list[tuple[str, dict, Optional[Any]]] = []
         self._pending_images: dict[str, dict] = {}
         self._pending_scenes: dict[str, str] = {}
@@ -138,11 +139,14 @@ class ImportSession:
 
     def _known_info(self, image_id: str, path: Path) -> Optional[ImageInfo]:
         row = self.db.execute(
-            "SELECT width, height, size_bytes, format FROM images WHERE id = ?", [image_id]
+            "SELECT width, height, size_bytes, format, path FROM images WHERE id = ?", [image_id]
         ).fetchone()
         if row is None or row[0] is None:
             return None
         self._known_ids.add(image_id)
+        if row[4] is not None and not Path(row[4]).exists():
+            # The dataset moved: point the stored row at the file found now.
+            self._moved[image_id] = str(path.resolve())
         return ImageInfo(id=image_id, path=str(path.resolve()), width=row[0], height=row[1],
                          size_bytes=row[2], format=row[3])
 
@@ -190,7 +194,7 @@ class ImportSession:
     # ---- writes ----------------------------------------------------------------------
 
     def flush(self) -> None:
-        if not (self._pending_pairs or self._pending_images or self._pending_scenes):
+        if not (self._pending_pairs or self._pending_images or self._pending_scenes or self._moved):
             return
         images = list(self._pending_images.values())
         pairs = self._pending_pairs
@@ -203,12 +207,12 @@ class ImportSession:
                     [[row[c] for c in cols] for row in images],
                 )
                 self.report.images_added += max(cursor.rowcount, 0)
-                # A moved dataset: point rows whose old file is gone at the new one.
+            if self._moved:
                 conn.executemany(
-                    "UPDATE images SET path = ?, root = ? WHERE id = ? AND path IS NOT NULL AND path != ?",
-                    [(r["path"], r["root"], r["id"], r["path"]) for r in images
-                     if r["path"] and not _exists_cached(self, r["id"])],
+                    "UPDATE images SET path = ?, root = ? WHERE id = ?",
+                    [(path, str(self.root), image_id) for image_id, path in self._moved.items()],
                 )
+                self.report.images_moved += len(self._moved)
             if self._pending_scenes:
                 conn.executemany(
                     "UPDATE images SET scene_json = ? WHERE id = ? AND scene_json IS NULL",
@@ -227,6 +231,7 @@ class ImportSession:
         self._known_ids.update(self._pending_images)
         self._pending_images = {}
         self._pending_scenes = {}
+        self._moved = {}
         self._pending_pairs = []
 
     def finish(self) -> ImportReport:
@@ -248,9 +253,3 @@ def _inspect_or_error(path: Path) -> ImageInfo | ImageError:
         return exc
     except OSError as exc:
         return ImageError(f"{path}: cannot be read ({exc})")
-
-
-def _exists_cached(session: ImportSession, image_id: str) -> bool:
-    """Whether the stored row for image_id still points at an existing file."""
-    row = session.db.execute("SELECT path FROM images WHERE id = ?", [image_id]).fetchone()
-    return row is None or row[0] is None or Path(row[0]).exists()
