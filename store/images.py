@@ -11,7 +11,6 @@ import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -181,13 +180,3 @@ def _deep_to_l(image: Image.Image) -> Image.Image:
         top = 65535.0 if values.max(initial=0) <= 65535 else float(values.max())
         values = values * (255.0 / top)
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
-
-
-def describe_location(location: str, root: Optional[Path] = None) -> str:
-    """A short human name for an image location in messages."""
-    if is_url(location) or root is None:
-        return str(location)
-    try:
-        return str(Path(location).resolve().relative_to(root.resolve()))
-    except ValueError:
-        return str(location)
