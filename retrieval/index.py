@@ -232,7 +232,7 @@ def encode_gallery(
     _prepare_cache(cache_dir, manifest, fresh)
 
     num_chunks = (len(entries) + chunk_size - 1) // chunk_size
-    missing = [c for c in range(num_chunks) if not (cache_dir / _chunk_name(c)).is_file()]
+    missing = [c for c in range(num_chunks) if not _chunk_readable(cache_dir / _chunk_name(c))]
     batches = []
     for c in missing:
         stop = min((c + 1) * chunk_size, len(entries))
@@ -266,7 +266,8 @@ def encode_gallery(
                     acc["embeddings"].append(np.asarray(vectors, dtype=np.float32))
                 for position, error in bad:
                     acc["errors"].append((position, error))
-                    bar.write(f"skipped {entries[position].name} ({entries[position].path}): {error}", file=sys.stderr)
+                    entry = entries[position]
+                    bar.write(f"skipped {entry.name} ({entry.path}): {error}", file=sys.stderr)
                 encoded += len(batch_positions)
                 bar.update(len(all_positions))
                 chunk_end = min((chunk + 1) * chunk_size, len(entries))
@@ -292,6 +293,18 @@ def encode_gallery(
 
 def _chunk_name(chunk: int) -> str:
     return f"chunk_{chunk:06d}.npz"
+
+
+def _chunk_readable(path: Path) -> bool:
+    """A chunk counts as done only if it loads (a damaged file is encoded again)."""
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {"positions", "embeddings", "error_positions", "errors"} <= set(data.files)
+    except Exception:
+        path.unlink()
+        return False
 
 
 def _prepare_cache(cache_dir: Path, manifest: dict, fresh: bool) -> None:

@@ -150,6 +150,11 @@ def test_encode_gallery_matches_the_model_skips_bad_images_and_resumes(tmp_path,
     resumed = ix.encode_gallery(retriever, entries, cache, chunk_size=8, batch_size=3, num_workers=0, progress=False)
     assert resumed.encoded == 8
     np.testing.assert_array_equal(resumed.embeddings, first.embeddings)
+    # A damaged chunk (a disk filled up, a copy cut short) is encoded again, not trusted.
+    (cache / "chunk_000001.npz").write_bytes(b"PK\x03\x04 truncated")
+    repaired = ix.encode_gallery(retriever, entries, cache, chunk_size=8, batch_size=3, num_workers=0, progress=False)
+    assert repaired.encoded == 8
+    np.testing.assert_array_equal(repaired.embeddings, first.embeddings)
     # Another model (fingerprint) or gallery starts over.
     again = ix.encode_gallery(retriever, entries, cache, chunk_size=8, model_fingerprint="other", progress=False)
     assert again.encoded == 40
