@@ -94,7 +94,7 @@ def run_export(args: argparse.Namespace) -> int:
     db = open_db(args.db)
     report = export_dataset(
         db, args.format, args.out, run_id=args.run, include_unreviewed=args.include_unreviewed,
-        include_flagged=args.include_flagged, split=args.split,
+        include_flagged=args.include_flagged, split=args.split, progress=sys.stderr.isatty(),
     )
     if args.json:
         print(json.dumps(report, indent=2))

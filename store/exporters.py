@@ -20,12 +20,14 @@ from typing import Any, Iterator, Optional
 from urllib.parse import urlsplit, urlunsplit
 
 import sqlite_utils
+from tqdm import tqdm
 
 from .annotations import get_run
 from .models import AnnotationRecord, CaptionRecord, ImageRecord, PairRecord, RunRecord
-from .review import caption_history, list_captions, list_flags, review_history
+from .review import caption_history, list_captions_of, list_flags, review_history
 
 FORMATS = ("good4cir", "cirr", "jsonl")
+_CHUNK = 500  # pairs per bulk read of captions and flags (under SQLite's variable limit)
 
 _SECRET_KEY = re.compile(r"key|token|secret|password|passwd|authorization|bearer|credential", re.I)
 
@@ -54,6 +56,7 @@ def export_dataset(
     include_unreviewed: bool = False,
     include_flagged: bool = False,
     split: Optional[str] = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Write the export to `out` (atomically) and return counts of what was written."""
     if format not in FORMATS:
@@ -64,7 +67,8 @@ def export_dataset(
              "flagged_captions_left_out": 0, "pairs_without_captions": 0,
              "pairs_without_target": 0}
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
-                          include_flagged=include_flagged, split=split, stats=stats)
+                          include_flagged=include_flagged, split=split, stats=stats,
+                          progress=progress)
     if format == "good4cir":
         text = _good4cir(items, stats)
     elif format == "cirr":
@@ -83,68 +87,95 @@ def collect_items(
     include_flagged: bool = False,
     split: Optional[str] = None,
     stats: Optional[dict] = None,
+    progress: bool = False,
 ) -> Iterator[ExportItem]:
     """The pairs an export would write, in import order, with their chosen captions."""
     stats = stats if stats is not None else {"flagged_captions_left_out": 0, "pairs_without_captions": 0}
-    chosen = _chosen_annotations(db, run_id)
+    annotated, chosen = _chosen_annotations(db, run_id, include_unreviewed)
     runs: dict[int, RunRecord] = {}
     sql = "SELECT * FROM pairs" + (" WHERE split = ?" if split else "") + " ORDER BY rowid"
     cursor = db.execute(sql, [split] if split else [])
     names = [d[0] for d in cursor.description]
+    id_index = names.index("id")
+    # Decide from the raw rows first: most pairs of a big store are not exported.
+    rows = [row for row in cursor.fetchall()
+            if row[id_index] in chosen or (include_unreviewed and row[id_index] not in annotated)]
     images = _ImageCache(db)
-    for row in cursor.fetchall():
-        pair = PairRecord.from_row(dict(zip(names, row)))
-        annotation = chosen.get(pair.id)
-        if annotation is None:
-            if not include_unreviewed:
+    bar = tqdm(total=len(rows), desc="export", unit="pair", disable=not progress, leave=False)
+    for start in range(0, len(rows), _CHUNK):
+        pairs = [PairRecord.from_row(dict(zip(names, row))) for row in rows[start:start + _CHUNK]]
+        wanted = [chosen[p.id].id for p in pairs if p.id in chosen]
+        captions_of = list_captions_of(db, wanted)
+        flags_of = _caption_flags(db, wanted)
+        for pair in pairs:
+            bar.update(1)
+            annotation = chosen.get(pair.id)
+            if annotation is None:  # never annotated: its imported captions
+                kept: list[CaptionRecord] = []
+                flagged: set[str] = set()
+                texts = list(pair.original_captions)
+                run = None
+            else:
+                if annotation.run_id not in runs:
+                    runs[annotation.run_id] = get_run(db, annotation.run_id)
+                run = runs[annotation.run_id]
+                flagged = flags_of.get(annotation.id, set())
+                kept = []
+                for caption in captions_of[annotation.id]:
+                    if not include_flagged and (
+                        caption.id in flagged or any(s in flagged for s in caption.sources or ())
+                    ):
+                        stats["flagged_captions_left_out"] += 1
+                        continue
+                    kept.append(caption)
+                texts = [c.current_text or c.text for c in kept]
+            if not texts:
+                stats["pairs_without_captions"] += 1
                 continue
-            kept: list[CaptionRecord] = []
-            flagged: set[str] = set()
-            texts = list(pair.original_captions)
-            run = None
-        else:
-            if annotation.review_status == "rejected":
-                continue
-            if annotation.review_status == "unreviewed" and not include_unreviewed:
-                continue
-            if annotation.run_id not in runs:
-                runs[annotation.run_id] = get_run(db, annotation.run_id)
-            run = runs[annotation.run_id]
-            flagged = {f.target_id for f in list_flags(db, annotation.id) if f.target_kind == "caption"}
-            kept = []
-            for caption in list_captions(db, annotation.id):
-                if not include_flagged and (
-                    caption.id in flagged or any(s in flagged for s in caption.sources or ())
-                ):
-                    stats["flagged_captions_left_out"] += 1
-                    continue
-                kept.append(caption)
-            texts = [c.current_text or c.text for c in kept]
-        if not texts:
-            stats["pairs_without_captions"] += 1
-            continue
-        yield ExportItem(
-            pair=pair, reference=images.get(pair.reference_id),
-            target=images.get(pair.target_id) if pair.target_id else None,
-            img_set=[images.get(i) for i in pair.img_set or ()],
-            annotation=annotation, run=run, texts=texts, captions=kept, flagged_ids=flagged,
-        )
+            yield ExportItem(
+                pair=pair, reference=images.get(pair.reference_id),
+                target=images.get(pair.target_id) if pair.target_id else None,
+                img_set=[images.get(i) for i in pair.img_set or ()],
+                annotation=annotation, run=run, texts=texts, captions=kept, flagged_ids=flagged,
+            )
+    bar.close()
 
 
-def _chosen_annotations(db, run_id: Optional[int]) -> dict[str, AnnotationRecord]:
-    if run_id is not None:
-        cursor = db.execute("SELECT * FROM annotations WHERE status = 'done' AND run_id = ?", [run_id])
-    else:
-        cursor = db.execute(
-            "SELECT a.* FROM annotations a WHERE a.status = 'done' AND a.run_id = ("
-            " SELECT MAX(b.run_id) FROM annotations b WHERE b.pair_id = a.pair_id AND b.status = 'done')"
-        )
+def _caption_flags(db, annotation_ids: list[str]) -> dict[str, set[str]]:
+    """annotation id -> ids of its captions that carry an active flag."""
+    if not annotation_ids:
+        return {}
+    marks = ", ".join("?" for _ in annotation_ids)
+    flags: dict[str, set[str]] = {}
+    for annotation_id, target_id in db.execute(
+        f"SELECT annotation_id, target_id FROM flags WHERE annotation_id IN ({marks})"
+        " AND target_kind = 'caption' AND removed_at IS NULL", list(annotation_ids),
+    ).fetchall():
+        flags.setdefault(annotation_id, set()).add(target_id)
+    return flags
+
+
+def _chosen_annotations(db, run_id: Optional[int], include_unreviewed: bool
+                        ) -> tuple[set[str], dict[str, AnnotationRecord]]:
+    """(pairs that have a finished annotation, pair id -> that annotation when it is to be
+    exported). Only the newest finished annotation counts (or the one of run_id): a
+    pair whose newest one was rejected does not fall back to an older approved one."""
+    newest = ("a.run_id = ?" if run_id is not None else
+              "a.run_id = (SELECT MAX(b.run_id) FROM annotations b"
+              " WHERE b.pair_id = a.pair_id AND b.status = 'done')")
+    params = [run_id] if run_id is not None else []
+    annotated = {row[0] for row in db.execute(
+        f"SELECT a.pair_id FROM annotations a WHERE a.status = 'done' AND {newest}", params)}
+    statuses = ("approved", "unreviewed") if include_unreviewed else ("approved",)
+    cursor = db.execute(
+        f"SELECT a.* FROM annotations a WHERE a.status = 'done' AND {newest}"
+        f" AND a.review_status IN ({', '.join('?' for _ in statuses)})", [*params, *statuses])
     names = [d[0] for d in cursor.description]
     chosen = {}
     for row in cursor.fetchall():
         record = AnnotationRecord.from_row(dict(zip(names, row)))
         chosen[record.pair_id] = record
-    return chosen
+    return annotated, chosen
 
 
 class _ImageCache:
