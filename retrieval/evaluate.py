@@ -50,18 +50,17 @@ class Queries:
 
 
 def caption_tags(triplet: Triplet, caption_index: int) -> set[str]:
-    """Subsets a query belongs to, from the pair's `extra` (the demo world writes
-    `heldout`: which of its captions use held-out phrasings, and whether the edit holds a
-    kind x attribute combination never seen in training)."""
-    heldout = (triplet.extra or {}).get("heldout") or {}
+    """Subsets a query belongs to, from the pair's `extra["heldout"]`: the demo world
+    marks test pairs whose captions use phrasings never seen in training ("phrasing")
+    and whose edits hold a kind x attribute combination never seen in training ("combo")."""
+    heldout = (triplet.extra or {}).get("heldout") or []
     tags: set[str] = set()
-    if isinstance(heldout, dict):
-        phrasings = heldout.get("phrasing_captions") or heldout.get("captions") or []
-        if heldout.get("phrasing") is True or caption_index in phrasings or (
-            triplet.captions[caption_index] in phrasings
-        ):
+    if isinstance(heldout, (list, tuple)):  # the demo world: ["phrasing", "combo"] per pair
+        tags.update(f"heldout_{name}" for name in heldout)
+    elif isinstance(heldout, dict):  # per-caption marks: {"phrasing_captions": [indexes]}
+        if caption_index in (heldout.get("phrasing_captions") or []):
             tags.add("heldout_phrasing")
-        if heldout.get("combo") or heldout.get("combos"):
+        if heldout.get("combo"):
             tags.add("heldout_combo")
     return tags
 

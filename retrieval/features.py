@@ -125,8 +125,7 @@ def encoder_fingerprint(encoder) -> str:
     digest = hashlib.sha256(f"{encoder.model_name}|{encoder.image_size}".encode())
     for name, tensor in sorted(encoder.clip.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
-                      if tensor.numel() else b"")
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

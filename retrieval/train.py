@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,6 +155,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    cpu_started = time.process_time()
 
     if data is None:
         data = load_triplets(cfg.dbs, cfg.files, source=cfg.source, captions=cfg.captions,
@@ -214,7 +216,10 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     groups = _param_groups(model, lr, encoder_scale, cfg.weight_decay)
     if not groups:
         raise ValueError(f"nothing to train: fusion {cfg.fusion!r} has no weights and the encoders are frozen")
-    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
+    try:  # the fused CPU kernel is ~4x cheaper per step (the token embedding is 6M weights)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
 
     history: dict[str, Any] = {"loss": [], "epochs": [], "config": model_config}
     best: dict[str, Any] = {"score": -1.0}
@@ -289,7 +294,10 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         val = validate(model, pixels, row_of, val_gallery, val_set, cfg.val_queries) if val_set else {}
         val_seconds = time.monotonic() - t0
         record = {"epoch": epoch, "step": step, "loss": epoch_loss / max(epoch_steps, 1),
-                  "seconds": round(elapsed(), 1), "val": val}
+                  "seconds": round(elapsed(), 1),
+                  # CPU seconds of this process: on a shared machine, wall time / threads
+                  # would overstate what an idle machine needs.
+                  "cpu_seconds": round(time.process_time() - cpu_started, 1), "val": val}
         history["epochs"].append(record)
         val_score = val.get("recall", {}).get("1", -epoch_loss / max(epoch_steps, 1))
         if val_score > best["score"]:
@@ -302,10 +310,12 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         })
         if on_epoch:
             on_epoch(record)
-        if cfg.progress:
-            tqdm.write(f"epoch {epoch}: loss {record['loss']:.3f}"
-                       + (f", val R@1 {val['recall']['1']:.1f} R@5 {val['recall']['5']:.1f}"
-                          f" Rs@1 {val.get('recall_subset', {}).get('1', float('nan')):.1f}" if val else ""))
+        # One line per epoch on stderr, also when no progress bar is shown (make demo logs).
+        print(f"epoch {epoch}: loss {record['loss']:.3f}, {record['seconds']:.0f} s"
+              f" ({record['cpu_seconds']:.0f} CPU s)"
+              + (f", val R@1 {val['recall']['1']:.1f} R@5 {val['recall']['5']:.1f}"
+                 f" Rsubset@1 {val.get('recall_subset', {}).get('1', float('nan')):.1f}" if val else ""),
+              file=sys.stderr, flush=True)
         if not done:
             done = out_of_budget()
     bar.close()
@@ -313,6 +323,8 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     history["summary"] = {
         "epochs": epoch, "steps": step, "seconds": round(seconds, 1),
         "train_seconds": round(train_seconds, 1),
+        "cpu_seconds": round(time.process_time() - cpu_started, 1),
+        "threads": torch.get_num_threads(),
         "triplets_per_second": round(triplets_seen / max(train_seconds, 1e-9), 1),
         "train_triplets": len(train_set), "val_triplets": len(val_set), "best": best,
     }

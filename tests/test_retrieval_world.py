@@ -79,7 +79,7 @@ def make_world_store(root: Path, pairs: int = 90, seed: int = 0) -> Path:
             "reference_id": ref_id, "target_id": tgt_id, "split": split,
             "original_captions": json.dumps(captions),
             "img_set": json.dumps(img_set) if img_set else None,
-            "extra": json.dumps({"heldout": {"phrasing_captions": [1]}} if split == "test" else {}),
+            "extra": json.dumps({"heldout": ["phrasing"] if n % 2 else []} if split == "test" else {}),
             "created_at": now,
         })
     with transaction(db):

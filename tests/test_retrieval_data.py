@@ -1,0 +1,94 @@
+"""Which captions training reads: --source, --captions, review state, edits and flags."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_retrieval_world import make_world_store
+
+from retrieval.data import load_file_triplets, load_store_triplets, load_triplets, train_val_split
+from store.annotations import annotation_id_for, complete_annotation, create_run, ensure_annotations
+from store.db import open_db
+from store.review import add_flag, edit_caption, set_review_status
+
+
+@pytest.fixture()
+def annotated(tmp_path):
+    """A store where pair p0000 has an approved annotation (one caption edited, one
+    flagged), p0001 an unreviewed one, p0002 a rejected one."""
+    db_path = make_world_store(tmp_path, pairs=12)
+    db = open_db(db_path)
+    run = create_run(db, "simulator", "sim-1")
+    ensure_annotations(db, run.id, ["p0000", "p0001", "p0002"])
+    for pair_id in ("p0000", "p0001", "p0002"):
+        complete_annotation(
+            db, annotation_id_for(run.id, pair_id), stage1_id=None, stage2_id=None,
+            captions=[f"{pair_id} first", f"{pair_id} second", f"{pair_id} third"],
+            compounds=[(f"{pair_id} first and second", [0, 1], 9)],
+        )
+    first = annotation_id_for(run.id, "p0000")
+    edit_caption(db, f"{first}:c0", "p0000 first, edited", "ann")
+    add_flag(db, first, "caption", f"{first}:c1", "ann", "object not there")
+    set_review_status(db, first, "approved", "ann")
+    set_review_status(db, annotation_id_for(run.id, "p0002"), "rejected", "ann")
+    db.conn.close()
+    return db_path
+
+
+def _captions(data, pair_id):
+    return next(t.captions for t in data.triplets if t.pair_id == pair_id)
+
+
+def test_default_uses_approved_generated_else_original(annotated):
+    data = load_store_triplets(annotated)
+    assert len(data.triplets) == 12
+    # approved: edited text wins, the flagged caption is left out, compound included
+    assert _captions(data, "p0000") == ["p0000 first, edited", "p0000 third", "p0000 first and second"]
+    # unreviewed / rejected pairs fall back to their original captions
+    original = json.loads(open_db(annotated).execute(
+        "SELECT original_captions FROM pairs WHERE id = 'p0001'").fetchone()[0])
+    assert _captions(data, "p0001") == original
+    assert not any("p0002" in c for c in _captions(data, "p0002"))
+
+
+def test_source_and_caption_kinds(annotated):
+    generated = load_store_triplets(annotated, source="generated", captions="individual")
+    assert [t.pair_id for t in generated.triplets] == ["p0000"]
+    assert generated.triplets[0].captions == ["p0000 first, edited", "p0000 third"]
+    assert any("no caption for --source generated" in p for p in generated.problems)
+    compound = load_store_triplets(annotated, source="generated", captions="compound")
+    assert compound.triplets[0].captions == ["p0000 first and second"]
+    both = load_store_triplets(annotated, source="both")
+    assert len(_captions(both, "p0000")) == 2 + 3
+    original = load_store_triplets(annotated, source="original")
+    assert not any("p0000" in c for c in _captions(original, "p0000"))
+    unreviewed = load_store_triplets(annotated, source="generated", include_unreviewed=True)
+    assert {t.pair_id for t in unreviewed.triplets} == {"p0000", "p0001"}  # never the rejected one
+    with pytest.raises(ValueError, match="--source"):
+        load_store_triplets(annotated, source="mine")
+
+
+def test_mixing_stores_and_an_exported_file(tmp_path, annotated):
+    other = make_world_store(tmp_path / "second", pairs=6, seed=3)
+    images = sorted((tmp_path / "second" / "images").glob("*.png"))
+    exported = tmp_path / "second" / "dataset.json"
+    exported.write_text(json.dumps([
+        {"reference_image": f"images/{images[0].name}", "target_image": str(images[1]),
+         "difference_captions": ["make it different"]},
+        {"reference_image": "images/missing.png", "target_image": f"images/{images[1].name}",
+         "difference_captions": ["x"]},
+        {"reference_image": f"images/{images[0].name}", "target_image": f"images/{images[2].name}"},
+    ]))
+    from_file = load_file_triplets(exported)
+    assert len(from_file.triplets) == 1 and len(from_file.problems) == 2
+    assert "missing.png not found" in from_file.problems[0]
+    assert "no caption" in from_file.problems[1]
+    soup = load_triplets([annotated, other], [exported])
+    assert len(soup.triplets) == 12 + 6 + 1
+    # the same file is one image, whichever dataset names it
+    assert soup.triplets[-1].reference in soup.image_paths
+    train, val = train_val_split(soup)
+    assert {t.split for t in val} <= {"val", None} and len(train) > len(val) > 0
+    with pytest.raises(ValueError, match="--db"):
+        load_triplets([], [])
