@@ -167,3 +167,16 @@ def test_reimport_after_moving_the_dataset_updates_image_paths(tmp_path):
     assert (report.pairs_added, report.pairs_skipped, report.images_moved) == (0, 3, 8)
     paths = [r[0] for r in db.execute("SELECT path FROM images")]
     assert len(paths) == 8 and all(p.startswith(str(moved.resolve())) and Path(p).is_file() for p in paths)
+
+
+def test_another_dataset_under_the_same_source_is_reported_not_skipped(tmp_path):
+    world = tmp_path / "world"
+    shutil.copytree(FIXTURES / "pairs", world)
+    db = open_db(tmp_path / "s.db")
+    import_dataset(db, "pairs", world, source="demo")
+    # A regenerated world: same pair ids, other pictures.
+    (world / "images" / "room0.png").write_bytes((FIXTURES / "pairs/images/room1.png").read_bytes())
+    report = import_dataset(db, "pairs", world, source="demo")
+    assert report.pairs_skipped == 2 and [p.item.split("'")[1] for p in report.problems] == ["p0"]
+    assert "--source" in report.problems[0].reason
+    assert import_dataset(db, "pairs", world, source="demo-2").pairs_added == 3

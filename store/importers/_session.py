@@ -75,15 +75,30 @@ class ImportSession:
     def warn(self, item: str, reason: str) -> None:
         self.report.warnings.append(ImportProblem(item=str(item), reason=reason))
 
-    def pair_exists(self, external_id: str) -> bool:
-        """True (and counted as skipped) when this pair was imported before."""
+    def pair_exists(self, external_id: str, item: Optional[str] = None,
+                    reference: Optional[str] = None, base: Optional[Path] = None) -> bool:
+        """True when this pair was imported before: counted as skipped, or, when its
+        reference image is now a different file (another dataset under the same source
+        name, e.g. a regenerated demo world), reported as a problem."""
         pair_id = pair_id_for(self.source, external_id)
-        if pair_id in self._seen_pairs or self.db.execute(
-            "SELECT 1 FROM pairs WHERE id = ?", [pair_id]
-        ).fetchone():
+        if pair_id in self._seen_pairs:
             self.report.pairs_skipped += 1
             return True
-        return False
+        row = self.db.execute("SELECT reference_id FROM pairs WHERE id = ?", [pair_id]).fetchone()
+        if row is None:
+            return False
+        if reference is not None and base is not None:
+            resolved = resolve_location(reference, base)
+            now = url_image_id(resolved) if isinstance(resolved, str) else self._by_path.get(str(resolved))
+            now_id = getattr(now, "id", now)
+            if isinstance(now_id, str) and now_id != row[0]:
+                self.problem(item or str(external_id),
+                             f"a pair {external_id!r} from source {self.source!r} is already stored "
+                             "with a different reference image; to keep both, import this one "
+                             "under another name with --source NAME")
+                return True
+        self.report.pairs_skipped += 1
+        return True
 
     def image(self, location: str, *, base: Path, name: Optional[str] = None,
               split: Optional[str] = None, scene: Optional[Any] = None) -> str:

@@ -53,7 +53,7 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
             continue
         reference, target = str(entry["reference_image"]), str(entry["target_image"])
         external_id = str(entry["id"]) if entry.get("id") is not None else f"{reference}|{target}"
-        if session.pair_exists(external_id):
+        if session.pair_exists(external_id, item, reference, folder):
             continue
         captions = entry.get("difference_captions") or []
         if isinstance(captions, str):

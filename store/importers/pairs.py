@@ -62,7 +62,7 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         pair_split = line_split or split
         external_id = str(obj["id"]) if obj.get("id") is not None else f"{obj['reference']}|{obj['target'] or ''}"
         item = f"pair {external_id!r} ({item})"
-        if session.pair_exists(external_id):
+        if session.pair_exists(external_id, item, obj["reference"], folder):
             continue
         captions = obj.get("captions") or []
         if isinstance(captions, str):
