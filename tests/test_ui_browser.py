@@ -85,7 +85,11 @@ def wait_message(page, pattern: str):
 
 
 def caption_field(page, kind: str, index: int):
-    return page.locator(f"#g4c-text-{kind}{index} textarea, #g4c-text-{kind}{index} input").first
+    return page.locator(f"#g4c-cap-{kind}{index} textarea")
+
+
+def wait_caption_status(page, pattern: str):
+    expect(page.locator(".g4c-capstatus")).to_have_text(re.compile(pattern))
 
 
 def shown(page):
@@ -114,7 +118,7 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     page.keyboard.press("Control+a")
     page.keyboard.type("Paint the walls yellow.")
     page.keyboard.press("Enter")
-    wait_message(page, "saved as version 1")
+    wait_caption_status(page, "saved as version 1")
     page.keyboard.press("Escape")
     page.keyboard.press("a")                          # approve, go on to pair 2
     expect(shown(page)).to_have_attribute("data-annotation", ids[1])
@@ -135,7 +139,7 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     expect(shown(page)).to_have_attribute("data-annotation", ids[0])
     expect(page.locator(f".g4c-board [data-item='{descriptor_id}']")).to_have_class(re.compile("g4c-flagged"))
     expect(caption_field(page, "i", 0)).to_have_value("Paint the walls yellow.")
-    assert page.locator("#g4c-flag-i1 input").is_checked()
+    assert page.locator("#g4c-cap-i1 input[data-flag]").is_checked()
     assert "APPROVED BY ANN" in page.locator(".g4c-meta").inner_text().upper()
     page.get_by_label("Show ground truth (demo world) (g)").check()
     expect(page.locator(".g4c-gt")).to_contain_text("Ground-truth edits")
@@ -164,12 +168,13 @@ def test_two_reviewers_edit_one_pair_at_once(world, browser, external_requests):
     caption_field(b, "i", 1).fill("Put a plant in the corner.")
     caption_field(a, "i", 0).press("Enter")
     caption_field(b, "i", 1).press("Enter")
-    wait_message(a, "saved as version 1")
-    wait_message(b, "saved as version 1")
+    wait_caption_status(a, "saved as version 1")
+    wait_caption_status(b, "saved as version 1")
     # the same caption from bob's now stale page: refused with a message, nothing overwritten
     caption_field(b, "i", 0).fill("Remove the lamp entirely.")
     caption_field(b, "i", 0).press("Enter")
-    wait_message(b, "NOT SAVED: ann changed this caption")
+    wait_caption_status(b, "NOT SAVED: ann changed this caption")
+    expect(b.locator("#g4c-cap-i0")).to_have_class(re.compile("g4c-conflict"))
     db = world["db"]
     current = dict(db.execute(
         "SELECT caption_id, text FROM caption_edits WHERE caption_id LIKE ? ORDER BY version", [pair + ":%"]).fetchall())
@@ -178,7 +183,7 @@ def test_two_reviewers_edit_one_pair_at_once(world, browser, external_requests):
     a.keyboard.press("Escape")
     a.locator("#g4c-reload").click()
     expect(caption_field(a, "i", 1)).to_have_value("Put a plant in the corner.")
-    expect(a.locator("#g4c-text-i1")).to_contain_text("edited by bob")
+    expect(a.locator("#g4c-cap-i1 .g4c-capmeta")).to_contain_text("edited by bob")
     ctx_a.close()
     ctx_b.close()
 
@@ -191,7 +196,7 @@ def test_markup_in_captions_is_text(world, browser, external_requests):
     page.wait_for_timeout(300)
     assert page.evaluate("window.g4cPwned") is None
     assert page.locator("img[src='x']").count() == 0
-    assert "49" not in page.locator("#g4c-text-i0").inner_text()
+    assert "49" not in page.locator("#g4c-cap-i0").inner_text()
     context.close()
 
 

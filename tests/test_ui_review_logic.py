@@ -159,3 +159,14 @@ def test_rendered_html_escapes_captions_and_descriptors(tmp_path):
     view.ground_truth = [{"op": "<script>alert(1)</script>"}]
     gt = rl.render_ground_truth_html(view)
     assert "<script>" not in gt and "&lt;script&gt;" in gt
+
+
+def test_captions_panel_carries_ids_versions_and_escapes(tmp_path):
+    info = build_review_store(tmp_path, 1, script_caption=True)
+    db = open_db(info["db_path"])
+    ann = info["annotation_ids"][0]
+    rl.save_caption(db, f"{ann}:c1", "Turn the square into a circle.", "ann", 0)
+    html = rl.render_captions_html(rl.load_pair(db, ann))
+    assert f"data-caption='{ann}:c1' data-version='1'" in html and "edited by ann" in html
+    assert "<script>" not in html and "&lt;script&gt;" in html and "${" not in html
+    assert html.count("<textarea") == 6

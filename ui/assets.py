@@ -45,9 +45,21 @@ CSS = """
 .g4c-empty { padding: 40px; text-align: center; color: #6b7280; font-size: 18px; }
 .g4c-gt { font-size: 13px; background: #fffbeb; color: #111; border-radius: 6px; padding: 6px 10px; }
 .g4c-score { font-weight: 600; margin-top: 6px; }
-.g4c-caprow { align-items: center !important; gap: 6px !important; }
-.g4c-caprow.g4c-selected { outline: 2px solid #2563eb; border-radius: 6px; }
-.g4c-flagbox { max-width: 92px !important; min-width: 92px !important; }
+.g4c-captions h4 { margin: 8px 0 4px 0; }
+.g4c-caprow { display: flex; gap: 8px; align-items: flex-start; padding: 4px 6px; margin-bottom: 4px;
+  border: 1px solid var(--border-color-primary); border-radius: 6px; }
+.g4c-caprow.g4c-selected { outline: 2px solid #2563eb; }
+.g4c-caprow.g4c-capflagged { border-color: #dc2626; background: #fef2f2; }
+.g4c-caprow.g4c-conflict { border-color: #b45309; background: #fffbeb; }
+.g4c-caprow.g4c-saving textarea { opacity: .6; }
+.g4c-flaglabel { white-space: nowrap; font-size: 14px; color: #991b1b; cursor: pointer; padding-top: 18px; }
+.g4c-capbody { flex: 1; }
+.g4c-capmeta { font-size: 11px; color: #6b7280; }
+.g4c-caprow textarea { width: 100%; box-sizing: border-box; font: inherit; font-size: 14px; resize: vertical;
+  border: 1px solid var(--border-color-primary); border-radius: 4px; padding: 3px 6px;
+  background: var(--input-background-fill); color: var(--body-text-color); }
+.g4c-capstatus { min-height: 1.3em; font-size: 13px; font-weight: 600; color: #15803d; }
+.g4c-capstatus.g4c-bad { color: #b91c1c; }
 .g4c-keys { font-size: 12px; }
 .g4c-results { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; }
 .g4c-result { border: 2px solid transparent; border-radius: 8px; padding: 4px; font-size: 12px; }
@@ -169,3 +181,71 @@ SHORTCUTS_MD = """**Keyboard** (outside text fields): `j` / `→` next · `k` / 
 `e` edit the selected caption · `Esc` leave a text field (saves it) · `u` reload the pair ·
 `g` show / hide ground truth. Click a descriptor to flag it; click an image to zoom.
 Captions save when you press Enter or leave the field."""
+
+# Captions panel: a caption is saved when its text area loses focus or on Enter (Shift+Enter
+# is a new line), through a server function that answers with the new version or the
+# conflict. A flag box change goes to Python as an event. Saves of one row never overlap:
+# a second save waits for the first, then compares again.
+CAPTIONS_JS = """
+function statusLine(text, bad) {
+  const s = element.querySelector('.g4c-capstatus');
+  if (s) { s.textContent = text || ''; s.classList.toggle('g4c-bad', !!bad); }
+}
+function reviewerName() {
+  const f = document.querySelector('#g4c-reviewer textarea, #g4c-reviewer input');
+  return f ? f.value.trim() : '';
+}
+function flagReason() {
+  const f = document.querySelector('#g4c-reason input');
+  return f ? f.value : '';
+}
+async function saveRow(area) {
+  const row = area.closest('.g4c-caprow');
+  if (!row) return;
+  while (row._saving) { await row._saving; }
+  if (area.value.trim() === area.defaultValue.trim()) return;
+  const job = (async () => {
+    row.classList.add('g4c-saving');
+    try {
+      let r = await server.save_caption({caption_id: row.dataset.caption, text: area.value,
+                                         version: parseInt(row.dataset.version, 10), reviewer: reviewerName()});
+      if (Array.isArray(r)) r = r[0];
+      if (r.saved) {
+        row.dataset.version = String(r.version);
+        area.defaultValue = r.text;
+        const meta = row.querySelector('.g4c-capmeta');
+        if (meta) meta.textContent = meta.textContent.replace(/ · v\\d+( · edited by [^·]*)?/, ' · v' + r.version + ' · edited by ' + r.editor + ' ');
+        row.classList.remove('g4c-conflict');
+      } else if (r.conflict) {
+        row.classList.add('g4c-conflict');
+      }
+      statusLine(r.message, r.conflict || r.error);
+    } catch (e) {
+      statusLine('NOT SAVED: ' + e, true);
+    } finally {
+      row.classList.remove('g4c-saving');
+    }
+  })();
+  row._saving = job;
+  await job;
+  row._saving = null;
+}
+element.addEventListener('focusout', (e) => { if (e.target.tagName === 'TEXTAREA') saveRow(e.target); });
+element.addEventListener('keydown', (e) => {
+  if (e.target.tagName === 'TEXTAREA' && e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); saveRow(e.target); }
+});
+element.addEventListener('change', (e) => {
+  const box = e.target;
+  if (!box.dataset || !box.dataset.flag) return;
+  const row = box.closest('.g4c-caprow');
+  const panel = box.closest('[data-annotation]');
+  if (!reviewerName()) {
+    box.checked = !box.checked;
+    statusLine('type your name in the Reviewer box first: every action is recorded with it', true);
+    return;
+  }
+  row.classList.toggle('g4c-capflagged', box.checked);
+  trigger('click', {caption: row.dataset.caption, flagged: box.checked,
+                    annotation: panel ? panel.dataset.annotation : '', reason: flagReason()});
+});
+"""

@@ -596,3 +596,40 @@ def score_pair_flags(db: sqlite_utils.Database, annotation_id: str) -> dict:
         raise ReviewActionError(f"flag scoring is not available: {exc}") from None
     result = score_flags(db, annotation_ids=[annotation_id])
     return result if isinstance(result, dict) else getattr(result, "model_dump", lambda: {"score": result})()
+
+
+def render_captions_html(view: Optional[PairView]) -> str:
+    """Stage 3 and stage 4 captions as editable text areas with a flag box each.
+
+    Each row carries the caption id and the version it shows, so a save names exactly
+    what the reviewer was looking at (the optimistic-concurrency check needs that).
+    """
+    if view is None:
+        return ""
+
+    def rows(title: str, caps: list[CaptionCell], prefix: str) -> str:
+        out = [f"<h4>{escape_text(title)}</h4>"]
+        if not caps:
+            out.append("<p class='g4c-muted'>none</p>")
+        for i, cap in enumerate(caps):
+            meta = f"{cap.position + 1} · v{cap.version}"
+            if cap.version and cap.edited_by:
+                meta += f" · edited by {cap.edited_by}"
+            if cap.kind == "compound" and cap.token_count:
+                meta += f" · {cap.token_count} CLIP tokens"
+            if cap.flagged and cap.reason:
+                meta += f" · flagged: {cap.reason}"
+            lines = 3 if len(cap.text) > 110 else 2 if len(cap.text) > 55 else 1
+            out.append(
+                f"<div class='g4c-caprow{' g4c-capflagged' if cap.flagged else ''}' id='g4c-cap-{prefix}{i}' "
+                f"data-caption='{escape_text(cap.id)}' data-version='{cap.version}'>"
+                f"<label class='g4c-flaglabel' title='flag as hallucination'><input type='checkbox' data-flag='1'"
+                f"{' checked' if cap.flagged else ''}> ⚑</label>"
+                f"<div class='g4c-capbody'><div class='g4c-capmeta'>{escape_text(meta)}</div>"
+                f"<textarea rows='{lines}' spellcheck='true'>{escape_text(cap.text)}</textarea></div></div>")
+        return "".join(out)
+
+    return (f"<div class='g4c-captions' data-annotation='{escape_text(view.annotation_id)}'>"
+            f"<div class='g4c-capstatus' role='status'></div>"
+            f"{rows('Stage 3 · modification captions', view.individual, 'i')}"
+            f"{rows('Stage 4 · compound captions', view.compound, 'k')}</div>")
