@@ -132,6 +132,8 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     page.keyboard.press("a")                          # approve pair 3
     expect(shown(page)).to_have_attribute("data-annotation", ids[3])
     assert "3 / 10 reviewed" in info_text(page) and "1 / 7 in 'unreviewed'" in info_text(page)
+    page.keyboard.press("k")                          # back past the reviewed pairs: start of the queue
+    wait_message(page, "start of the 'unreviewed' queue")
 
     # reload the first pair by its link: everything kept
     page.goto(world["server"].url + f"?pair={ids[0]}")
@@ -143,6 +145,8 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     assert "APPROVED BY ANN" in page.locator(".g4c-meta").inner_text().upper()
     page.get_by_label("Show ground truth (demo world) (g)").check()
     expect(page.locator(".g4c-gt")).to_contain_text("Ground-truth edits")
+    page.get_by_role("button", name="Score the flags against ground truth").click()
+    expect(page.locator(".g4c-score")).to_contain_text(re.compile(r"descriptors: \d+ of \d+ hallucinated caught"))
     page.screenshot(path=str(SHOTS / "review.png"), full_page=True)
     assert error_toasts(page) == 0
     context.close()
@@ -237,6 +241,7 @@ def test_stats_tab_plots(world, browser, external_requests):
     page.get_by_role("tab", name="Stats").click()
     table = page.locator("#g4c-stats-table")
     expect(table).to_contain_text("run 1", timeout=30_000)
+    expect(page.locator("#g4c-stats-catch")).to_contain_text("descriptors")   # ann's flags on run 1
     plots = page.get_by_role("img", name=re.compile("plot"))
     expect(plots).to_have_count(4)
     assert all(box["height"] > 150 for box in (plots.nth(i).bounding_box() for i in range(4)))
@@ -254,7 +259,7 @@ def test_export_tab_download_has_edited_approved_captions(world, browser, extern
     context, page = open_page(browser, world, external_requests, "ann")
     page.get_by_role("tab", name="Export").click()
     page.locator("#g4c-export-go").click()
-    expect(page.locator("#g4c-export-summary textarea").first).to_have_value(re.compile(r"pairs, .* captions written"))
+    expect(page.locator("#g4c-export-summary textarea").first).to_have_value(re.compile(r"pairs?, .* captions written"))
     link = page.locator("#g4c-export-file a").first
     expect(link).to_be_visible()
     body = page.request.get(link.get_attribute("href")).text()

@@ -297,7 +297,10 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         view = rl.load_pair(db, annotation_id) if annotation_id else None
         if view is None or not view.has_ground_truth:
             raise gr.Error("this pair has no ground truth to score against")
-        score = rl.score_pair_flags(db, annotation_id)
+        try:
+            score = rl.score_pair_flags(db, annotation_id)
+        except rl.ReviewActionError as exc:
+            raise gr.Error(str(exc)) from None
         return rl.render_ground_truth_html(view, score), True
 
     score_btn.click(on_score, cursor, [gt_html, gt_toggle], api_name="score_flags")
@@ -382,6 +385,8 @@ def _stats_tab(conns, gt_cache):
         "demo world's scene graphs and edit lists.")
     refresh_btn = gr.Button("⟳ Refresh the statistics", elem_id="g4c-stats-refresh")
     summary = gr.Dataframe(headers=sl.SUMMARY_HEADERS, interactive=False, label="Per run", elem_id="g4c-stats-table")
+    catches = gr.Dataframe(headers=sl.FLAG_CATCH_HEADERS, interactive=False, elem_id="g4c-stats-catch",
+                           label="Reviewer flags against ground truth (demo world): hallucinations caught")
     human_plot = gr.Plot(label="Reviewer flags")
     truth_plot = gr.Plot(label="Ground truth")
     progress_plot = gr.Plot(label="Review progress")
@@ -391,11 +396,11 @@ def _stats_tab(conns, gt_cache):
         db = conns.get()
         rows = sl.human_flag_counts(db)
         captions = sl.caption_stats(db)
-        return (sl.summary_rows(rows, captions), sl.plot_human_rates(rows),
+        return (sl.summary_rows(rows, captions), sl.flag_catch_rows(db, gt_cache), sl.plot_human_rates(rows),
                 sl.plot_ground_truth(sl.ground_truth_rates(db, gt_cache)),
                 sl.plot_review_progress(sl.review_progress(db)), sl.plot_caption_stats(captions))
 
-    outputs = [summary, human_plot, truth_plot, progress_plot, caption_plot]
+    outputs = [summary, catches, human_plot, truth_plot, progress_plot, caption_plot]
     refresh_btn.click(on_refresh, None, outputs, api_name="stats")
     return on_refresh, outputs
 

@@ -41,7 +41,9 @@ def export_to_download(
 
 def describe_export(stats: dict) -> str:
     """Plain text summary of what an export wrote."""
-    lines = [f"{stats.get('pairs', 0):,} pairs, {stats.get('captions', 0):,} captions written as {stats.get('format')}"]
+    pairs = stats.get("pairs", 0)
+    lines = [f"{pairs:,} pair{'' if pairs == 1 else 's'}, {stats.get('captions', 0):,} captions written as "
+             f"{stats.get('format')}"]
     if stats.get("flagged_captions_left_out"):
         lines.append(f"{stats['flagged_captions_left_out']:,} flagged captions left out")
     if stats.get("pairs_without_captions"):

@@ -110,7 +110,7 @@ class QueueStatus:
         c = self.counts
         where = (
             f"{self.position:,} / {self.queue_total:,} in '{self.queue}'"
-            if self.position else f"0 / {self.queue_total:,} in '{self.queue}'"
+            if self.position else f"not in '{self.queue}' ({self.queue_total:,} left there)"
         )
         return (
             f"{where}  ·  {self.reviewed:,} / {c.get('all', 0):,} reviewed  ·  "
@@ -567,13 +567,22 @@ def render_info_html(view: Optional[PairView], status: QueueStatus) -> str:
         f" · {flags} flag{'s' if flags != 1 else ''}</div>")
 
 
+def _compact(value) -> str:
+    if isinstance(value, dict):
+        return "(" + ", ".join(f"{k} {_compact(v)}" for k, v in value.items()) + ")"
+    if isinstance(value, list):
+        return "[" + ", ".join(_compact(v) for v in value) + "]"
+    return str(value)
+
+
 def render_ground_truth_html(view: Optional[PairView], score: Optional[dict] = None) -> str:
     if view is None or not view.has_ground_truth:
         return "<div class='g4c-muted'>No ground truth for this pair (only demo-world pairs have it).</div>"
     edits = []
     for edit in view.ground_truth or []:
         if isinstance(edit, dict):
-            edits.append(", ".join(f"{escape_text(k)}: {escape_text(v)}" for k, v in edit.items()))
+            edits.append(", ".join(
+                f"{escape_text(k)}: {escape_text(_compact(v))}" for k, v in edit.items()))
         else:
             edits.append(escape_text(edit))
     caps = "".join(f"<li>{escape_text(c)}</li>" for c in view.original_captions)
@@ -594,8 +603,21 @@ def score_pair_flags(db: sqlite_utils.Database, annotation_id: str) -> dict:
         from pipeline.scoring import score_flags
     except ImportError as exc:  # the scoring module is not there yet
         raise ReviewActionError(f"flag scoring is not available: {exc}") from None
-    result = score_flags(db, annotation_ids=[annotation_id])
-    return result if isinstance(result, dict) else getattr(result, "model_dump", lambda: {"score": result})()
+    return summarize_flag_score(score_flags(db, annotation_id))
+
+
+def summarize_flag_score(result: dict) -> dict[str, str]:
+    """score_flags' answer as short lines: what was truly hallucinated, what the flags caught."""
+    out = {}
+    for part in ("descriptors", "captions"):
+        r = result.get(part) or {}
+        out[part] = (f"{r.get('caught', 0)} of {r.get('hallucinated', 0)} hallucinated caught, "
+                     f"{len(r.get('false_flags') or [])} false flag(s)")
+    total = result.get("all") or {}
+    recall, precision = total.get("recall"), total.get("precision")
+    out["overall"] = (f"recall {'-' if recall is None else f'{100 * recall:.0f}%'}, "
+                      f"precision {'-' if precision is None else f'{100 * precision:.0f}%'}")
+    return out
 
 
 def render_captions_html(view: Optional[PairView]) -> str:

@@ -96,22 +96,33 @@ class GroundTruthCache:
         self._cache: dict[int, tuple[tuple, dict]] = {}
         self._lock = threading.Lock()
 
+    def _cached(self, db, what: str, run_id: int, compute) -> dict:
+        key = tuple(db.execute(
+            "SELECT COUNT(*), MAX(updated_at), (SELECT COUNT(*) FROM flags f JOIN annotations a ON a.id ="
+            " f.annotation_id WHERE a.run_id = ?) FROM annotations WHERE run_id = ? AND status = 'done'",
+            [run_id, run_id]).fetchone())
+        with self._lock:
+            hit = self._cache.get((what, run_id))
+            if hit and hit[0] == key:
+                return hit[1]
+        result = compute()
+        with self._lock:
+            self._cache[(what, run_id)] = (key, result)
+        return result
+
     def score(self, db, run_id: int) -> Optional[dict]:
         try:
             from pipeline.scoring import score_run
         except ImportError:
             return None
-        key = tuple(db.execute(
-            "SELECT COUNT(*), MAX(updated_at) FROM annotations WHERE run_id = ? AND status = 'done'", [run_id]
-        ).fetchone())
-        with self._lock:
-            hit = self._cache.get(run_id)
-            if hit and hit[0] == key:
-                return hit[1]
-        result = score_run(db, run_id)
-        with self._lock:
-            self._cache[run_id] = (key, result)
-        return result
+        return self._cached(db, "run", run_id, lambda: score_run(db, run_id))
+
+    def flags(self, db, run_id: int) -> Optional[dict]:
+        try:
+            from pipeline.scoring import score_flags
+        except ImportError:
+            return None
+        return self._cached(db, "flags", run_id, lambda: score_flags(db, run_id=run_id))
 
 
 GT_MEASURES = (
@@ -135,6 +146,35 @@ def ground_truth_rates(db, cache: GroundTruthCache) -> dict[str, dict[str, Optio
             continue
         out[info["label"]] = {label: (result.get(part) or {}).get(key) for part, key, label in GT_MEASURES}
     return out
+
+
+def flag_catch_rows(db, cache: GroundTruthCache) -> list[list]:
+    """Per run with ground truth and flags: how many true hallucinations the flags caught."""
+    rows = []
+    for run_id, info in _runs(db).items():
+        flagged = db.execute("SELECT COUNT(*) FROM flags f JOIN annotations a ON a.id = f.annotation_id"
+                             " WHERE a.run_id = ? AND f.removed_at IS NULL", [run_id]).fetchone()[0]
+        if not flagged:
+            continue
+        try:
+            result = cache.flags(db, run_id)
+        except Exception as exc:
+            log.warning("flag scoring of run %s failed: %s", run_id, exc)
+            continue
+        if not result or not result.get("annotations"):
+            continue
+
+        def pct(value):
+            return "-" if value is None else f"{100 * value:.0f}%"
+
+        for part in ("descriptors", "captions"):
+            r = result[part]
+            rows.append([info["label"], part, r["hallucinated"], r["flagged"], r["caught"],
+                         pct(r["recall"]), pct(r["precision"])])
+    return rows
+
+
+FLAG_CATCH_HEADERS = ["run", "items", "truly hallucinated", "flagged", "caught", "recall", "precision"]
 
 
 def review_progress(db: sqlite_utils.Database) -> dict[str, dict[str, int]]:

@@ -1,0 +1,170 @@
+"""The Pipeline, Stats, Export and Retrieve tabs' logic, without Gradio or a browser."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from store.db import open_db
+from ui import export_logic as el
+from ui import pipeline_logic as pl
+from ui import review_logic as rl
+from ui import stats_logic as sl
+from ui.retrieve_logic import DatasetQuery, RetrieveError, RetrieveService, dataset_queries, render_results_html
+from ui_store_builder import build_review_store
+
+
+@pytest.fixture
+def store(tmp_path):
+    info = build_review_store(tmp_path, 4)
+    info["db"] = open_db(info["db_path"])
+    return info
+
+
+# ---------------------------------------------------------------- pipeline
+
+def test_base_url_from_the_app_must_be_this_machine():
+    assert pl.check_base_url("") is None
+    assert pl.check_base_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert pl.check_base_url("http://localhost:11434/v1")
+    with pytest.raises(pl.PipelineControlError, match="not this machine"):
+        pl.check_base_url("https://evil.example.com/v1")
+    with pytest.raises(pl.PipelineControlError, match="look like"):
+        pl.check_base_url("ftp://127.0.0.1/")
+
+
+def test_run_form_is_checked():
+    options = pl.options_from_form(pl.RunForm(backend="simulator", limit="5", concurrency=" 4 ", error_rate=0.2))
+    assert (options.limit, options.concurrency, options.error_rate) == (5, 4, 0.2)
+    for bad, message in [(pl.RunForm(limit="0"), "at least 1"), (pl.RunForm(limit="2.5"), "whole number"),
+                         (pl.RunForm(concurrency="many"), "whole number"), (pl.RunForm(backend="gpt"), "backend"),
+                         (pl.RunForm(error_rate=1.5), "between 0 and 1")]:
+        with pytest.raises(pl.PipelineControlError, match=message):
+            pl.options_from_form(bad)
+
+
+def test_progress_text():
+    assert "No run" in pl.format_progress(None)
+    text = pl.format_progress({"run_id": 3, "status": "running", "pairs_total": 10, "pairs_done": 4,
+                               "pairs_failed": 1, "pairs_pending": 5, "calls": 12, "calls_reused": 2,
+                               "call_errors": 1, "cost_usd": 0.0123, "failures": {"invalid: x": 1},
+                               "last_error": "429", "thread_running": True, "started_by": "ann"})
+    assert "4 done + 1 failed of 10 (50%)" in text and "$0.0123" in text and "invalid: x: 1" in text
+
+
+def test_controller_runs_one_background_run_against_a_real_http_server(store, monkeypatch):
+    from openai_server import start_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    server = start_server(latency=0.2)
+    try:
+        controller = pl.PipelineController(str(store["db_path"]))
+        form = pl.RunForm(backend="openai", model="gpt-4o-mini", base_url=server.url, concurrency=2, limit=3)
+        handle = controller.start(form, "ann")
+        with pytest.raises(pl.PipelineControlError, match="still going"):
+            controller.start(form, "bob")
+        deadline = time.time() + 60
+        while controller.running and time.time() < deadline:
+            time.sleep(0.1)
+        snapshot = controller.snapshot()
+        assert snapshot["status"] == "finished" and snapshot["pairs_done"] == 3, snapshot
+        assert snapshot["started_by"] == "ann"
+        db = store["db"]
+        done = db.execute("SELECT COUNT(*) FROM annotations WHERE run_id = ? AND status = 'done'",
+                          [handle.run_id]).fetchone()[0]
+        assert done == 3
+        # the new pairs are in the review queue
+        assert rl.queue_status(db, rl.QueueFilter("all"), None).queue_total == 4 + 3
+        assert [row[0] for row in pl.runs_table(str(store["db_path"]))] == [1, handle.run_id]
+        assert controller.stop() == "no run is going"
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------- stats
+
+def test_human_flag_rates_count_decided_pairs_only(store):
+    db, ids = store["db"], store["annotation_ids"]
+    view = rl.load_pair(db, ids[0])
+    rl.set_flag(db, ids[0], "descriptor", view.stage2[0].descriptors[0].target_id, True, "ann")
+    rl.set_flag(db, ids[0], "caption", view.individual[0].id, True, "ann")
+    rl.set_flag(db, ids[0], "caption", view.compound[0].id, True, "ann")
+    rl.set_flag(db, ids[1], "caption", rl.load_pair(db, ids[1]).individual[0].id, True, "ann")  # undecided
+    rl.set_status(db, ids[0], "approved", "ann")
+    rl.set_status(db, ids[2], "rejected", "ann")
+    [row] = sl.human_flag_counts(db)
+    assert row["pairs"] == 2
+    assert row["stage 1 descriptors"] == {"items": 14, "flagged": 0}
+    assert row["stage 2 descriptors"] == {"items": 14, "flagged": 1}
+    assert row["stage 3 captions"] == {"items": 8, "flagged": 1}
+    assert row["stage 4 compounds"] == {"items": 4, "flagged": 1}
+    by_model = sl.human_rates_by([row], "model")
+    assert by_model["sim-1"]["stage 3 captions"] == pytest.approx(1 / 8)
+    progress = sl.review_progress(db)
+    assert progress["run 1 (test run)"] == {"approved": 1, "rejected": 1, "unreviewed": 2, "flagged": 2,
+                                            "annotating": 0, "failed": 0}
+    table = sl.summary_rows([row], sl.caption_stats(db))
+    assert table[0][:4] == ["run 1 (test run)", "sim-1", "-", 2] and table[0][6] == "12.5%"
+
+
+def test_caption_stats_use_current_text(store):
+    db, ann = store["db"], store["annotation_ids"][0]
+    before = sl.caption_stats(db)["run 1 (test run)"]
+    rl.save_caption(db, f"{ann}:c0", "one two three four five six seven eight nine ten eleven twelve", "ann", 0)
+    after = sl.caption_stats(db)["run 1 (test run)"]
+    assert after["captions"] == before["captions"] == 16
+    assert max(after["lengths"]) == 12 and after["mean_words"] > before["mean_words"]
+    assert 0 < after["distinct_1"] <= 1 and 0 < after["distinct_2"] <= 1
+
+
+def test_plots_render(store):
+    db = store["db"]
+    rows = sl.human_flag_counts(db)
+    for fig in (sl.plot_human_rates(rows), sl.plot_ground_truth({}), sl.plot_review_progress(sl.review_progress(db)),
+                sl.plot_caption_stats(sl.caption_stats(db))):
+        fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
+        assert fig.axes
+
+
+# ---------------------------------------------------------------- export
+
+def test_export_download_keeps_edits_and_drops_flagged(store, tmp_path):
+    db, ids = store["db"], store["annotation_ids"]
+    rl.save_caption(db, f"{ids[0]}:c0", "An edited caption.", "ann", 0)
+    rl.set_flag(db, ids[0], "caption", f"{ids[0]}:c3", True, "ann")
+    rl.set_status(db, ids[0], "approved", "ann")
+    path, stats = el.export_to_download(db, "good4cir", out_dir=tmp_path)
+    data = json.loads(path.read_text())
+    assert path.name == "dataset.json" and stats["pairs"] == 1 and len(data) == 1
+    texts = data[0]["difference_captions"]
+    assert "An edited caption." in texts and "Add a potted plant." not in texts
+    assert "flagged captions left out" in el.describe_export(stats)
+    path, stats = el.export_to_download(db, "jsonl", include_unreviewed=True, include_flagged=True, out_dir=tmp_path)
+    assert stats["pairs"] == 4 and len(path.read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="unknown export format"):
+        el.export_to_download(db, "csv", out_dir=tmp_path)
+    assert "nothing to export" in el.describe_export({"pairs": 0, "format": "cirr"})
+
+
+# ---------------------------------------------------------------- retrieve
+
+def test_dataset_queries_and_missing_index(store):
+    db = store["db"]
+    queries = dataset_queries(db)
+    assert len(queries) == 4 and queries[0].text.startswith("Make the box")  # the current first caption
+    service = RetrieveService(str(store["db_path"]), None)
+    assert not service.available
+    with pytest.raises(RetrieveError, match="--index"):
+        service.query(db, pair=queries[0], upload=None, text="make it blue", k=5)
+    with pytest.raises(RetrieveError, match="modification text"):
+        service.query(db, pair=queries[0], upload=None, text="  ", k=5)
+
+
+def test_results_html_marks_the_true_target_and_escapes():
+    pair = DatasetQuery("p", "p1 · test · x", "ref", "/x/ref.png", "tgt", "<b>target</b>", "text")
+    hits = [{"rank": 1, "name": "<img src=x>", "score": 0.5, "image_id": "aaa", "is_target": False},
+            {"rank": 2, "name": "t.png", "score": 0.4, "image_id": "tgt", "is_target": True}]
+    html = render_results_html(hits, pair, uploaded=False)
+    assert "rank 2" in html and "g4c-true" in html and "<img src=x>" not in html and "&lt;b&gt;" in html
