@@ -45,7 +45,9 @@ pair is marked failed with '<category>: <detail>' and the run goes on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import heapq
 import json
 import logging
 import random
@@ -179,7 +181,7 @@ class RunStoppedError(Exception):
 class _CallResult:
     text: str
     finish_reason: Optional[str]
-    call_id: Optional[int]
+    call: _CallRef
 
 
 def _hash(value: Any) -> str:
@@ -308,6 +310,134 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
 # ---------------------------------------------------------------- the run
 
 
+class _CallRef:
+    """The id of a stored call, filled in on the store's thread when the row is written."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, call_id: Optional[int] = None):
+        self.id = call_id
+
+
+class StoreWriteError(RuntimeError):
+    """A write to the store failed; the run stops rather than lose track of what it paid for."""
+
+
+class _StoreWorker:
+    """The run's one connection to the store, on its own thread.
+
+    Operations run in submission order. Writes are queued without waiting
+    (`later`): order alone guarantees that a call's row is committed before anything
+    made from its answer, and the event loop does not wait for sqlite. Reads and writes
+    whose result is needed are awaited (`call`). The loop is woken once per drained
+    batch of operations, not once per operation. After a failed write nothing more is
+    written and every later operation fails with StoreWriteError.
+    """
+
+    def __init__(self, db_path: str, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: deque = deque()
+        self._cv = threading.Condition()
+        self._idle = False
+        self._closing = False
+        self.error: Optional[BaseException] = None
+        self._opened = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(db_path,), name="g4c-store", daemon=True)
+        self._thread.start()
+        self._opened.wait()
+        if self.error is not None:
+            raise self.error
+
+    def _main(self, db_path: str) -> None:
+        try:
+            self.db = open_db(db_path)
+        except BaseException as exc:
+            self.error = exc
+            self._opened.set()
+            return
+        self._opened.set()
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._idle = True
+                    self._cv.wait()
+                self._idle = False
+                if not self._queue and self._closing:
+                    break
+            done = []
+            while self._queue:
+                fn, args, future = self._queue.popleft()
+                if self.error is not None:
+                    outcome = (False, StoreWriteError(f"the store stopped after an error: {self.error}"))
+                else:
+                    try:
+                        outcome = (True, fn(self.db, *args))
+                    except BaseException as exc:
+                        outcome = (False, exc)
+                        if future is None:  # nobody waits for this write: stop writing
+                            self.error = exc
+                            log.error("store write %s failed: %s", getattr(fn, "__name__", fn), exc)
+                if future is not None:
+                    done.append((future, outcome))
+            if done:
+                try:
+                    self._loop.call_soon_threadsafe(self._resolve, done)
+                except RuntimeError:  # the loop is gone; the blocking callers use events
+                    pass
+        self.db.conn.close()
+
+    @staticmethod
+    def _resolve(done) -> None:
+        for future, (ok, value) in done:
+            if future.done():
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _put(self, item) -> None:
+        self._queue.append(item)
+        if self._idle:
+            with self._cv:
+                self._cv.notify()
+
+    def later(self, fn, *args) -> None:
+        if self.error is not None:
+            raise StoreWriteError(f"the store stopped after an error: {self.error}")
+        self._put((fn, args, None))
+
+    async def call(self, fn, *args):
+        future = self._loop.create_future()
+        self._put((fn, args, future))
+        return await future
+
+    def call_blocking(self, fn, *args):
+        """Run fn on the store thread and wait, from outside the event loop's flow."""
+        box: dict = {}
+        event = threading.Event()
+
+        def run(db, *a):
+            try:
+                box["value"] = fn(db, *a)
+            except BaseException as exc:
+                box["error"] = exc
+            finally:
+                event.set()
+
+        self._put((run, args, None))
+        event.wait()
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout=60)
+
+
 class Runner:
     def __init__(self, db_path: str | Path, options: RunOptions,
                  on_progress: Optional[Callable[[Progress], None]] = None,
@@ -332,8 +462,12 @@ class Runner:
 
     # -- the database, from one thread so the event loop never waits on sqlite
     async def _db(self, fn, *args, **kwargs):
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._db_pool, partial(fn, self.db, *args, **kwargs))
+        """Run fn(db, ...) on the store's thread and wait for its result."""
+        return await self._store.call(partial(fn, **kwargs) if kwargs else fn, *args)
+
+    def _db_later(self, fn, *args, **kwargs) -> None:
+        """Queue fn(db, ...) on the store's thread; runs after everything queued before."""
+        self._store.later(partial(fn, **kwargs) if kwargs else fn, *args)
 
     def _emit(self) -> None:
         if self.on_progress is not None:
@@ -342,9 +476,8 @@ class Runner:
             except Exception:  # a broken progress display must not stop the run
                 log.exception("progress callback failed")
 
-    def _prepare(self) -> list[dict]:
+    def _prepare(self, db) -> list[dict]:
         """Create or resume the run row and its annotations; returns the pending work."""
-        db = self.db
         run = _find_run(db, self.options)
         if run is None:
             run = store_ann.create_run(
@@ -360,6 +493,8 @@ class Runner:
         store_ann.update_run(db, run.id, status="running", pairs_total=total,
                              started_at=run.started_at or utc_now(), finished_at=None)
         self._ok_hashes = store_ann.ok_call_hashes(db)
+        # Which descriptions exist, so only those are read back (no lookup per pair).
+        self._descriptions = {row[0] for row in db.execute("SELECT id FROM descriptions")}
         counts = store_ann.run_counts(db, run.id)
         self.progress = Progress(
             run_id=run.id, status="running", pairs_total=total, pairs_done=counts["pairs_done"],
@@ -370,14 +505,11 @@ class Runner:
         return store_ann.pending_work(db, run.id)
 
     async def run(self) -> Progress:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self._db_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="g4c-db")
-        self.db = await asyncio.get_running_loop().run_in_executor(self._db_pool, open_db, self.db_path)
+        self._store = _StoreWorker(self.db_path, asyncio.get_running_loop())
         backend = None
         status = "failed"
         try:
-            work = await self._db(lambda db: self._prepare())
+            work = await self._db(lambda db: self._prepare(db))
             self.started.set()
             self._emit()
             backend = create_backend(self.options.backend, **_backend_options(self.options, self.db_path))
@@ -387,10 +519,11 @@ class Runner:
             self._batch_pricing = bool(getattr(backend, "is_batch", False))
             budget = self.options.retry_budget
             self._retries_left = budget if budget is not None else 100 + 2 * len(work)
-            self._semaphore = asyncio.Semaphore(self.options.resolved_concurrency())
+            self._slots = _PrioritySlots(self.options.resolved_concurrency())
             self._inflight: dict[str, asyncio.Future] = {}
             self._stage1_futures: dict[str, asyncio.Future] = {}
             await self._run_work(work)
+            await self._db(lambda db: None)  # every queued write is in the store
             status = "stopped" if self._stopping else "finished"
             return self.progress
         except (KeyboardInterrupt, asyncio.CancelledError):
@@ -402,18 +535,26 @@ class Runner:
                     await backend.aclose()
                 except Exception:
                     log.exception("closing the backend failed")
-            if getattr(self, "run_id", None) is not None:
-                counts = store_ann.run_counts(self.db, self.run_id)
-                if status == "finished" and counts["pairs_pending"]:
-                    status = "stopped"
-                store_ann.update_run(self.db, self.run_id, status=status,
-                                     finished_at=utc_now() if status == "finished" else None)
-                self.progress.status = status
-                self.progress.pairs_pending = counts["pairs_pending"]
-                self._emit()
-            self.started.set()
-            self.db.conn.close()
-            self._db_pool.shutdown(wait=False)
+            try:
+                if getattr(self, "run_id", None) is not None and self._store.error is None:
+                    self._store.call_blocking(self._finish, status)
+                    self._emit()
+            finally:
+                self.started.set()
+                self._store.close()
+            if self._store.error is not None:
+                raise StoreWriteError(f"a write to the store failed: {self._store.error}")
+
+    def _finish(self, db, status: str) -> None:
+        counts = store_ann.run_counts(db, self.run_id)
+        if status == "finished" and counts["pairs_pending"]:
+            status = "stopped"
+        store_ann.update_run(db, self.run_id, status=status,
+                             finished_at=utc_now() if status == "finished" else None)
+        self.progress.status = status
+        self.progress.pairs_pending = counts["pairs_pending"]
+        self.progress.pairs_done = counts["pairs_done"]
+        self.progress.pairs_failed = counts["pairs_failed"]
 
     async def _run_work(self, work: list[dict]) -> None:
         queue = deque(work)
@@ -471,7 +612,7 @@ class Runner:
                     temperature=self.options.temperature, max_tokens=self.options.max_tokens))
             captions = answer.captions
             compounds = self._compose(captions, item["pair_id"])
-            await self._db(store_ann.complete_annotation, annotation_id, stage1_id=stage1_id,
+            self._db_later(store_ann.complete_annotation, annotation_id, stage1_id=stage1_id,
                            stage2_id=stage2_id, captions=captions, compounds=compounds)
             self.progress.pairs_done += 1
         except RunStoppedError:
@@ -488,7 +629,7 @@ class Runner:
             self._emit()
 
     async def _fail(self, annotation_id: str, reason: str) -> None:
-        await self._db(store_ann.fail_annotation, annotation_id, reason)
+        self._db_later(store_ann.fail_annotation, annotation_id, reason)
         category = reason.split(": ", 1)[0]
         self._failures[category] += 1
         self.progress.failures = dict(self._failures)
@@ -529,32 +670,33 @@ class Runner:
 
     async def _describe_reference(self, key: str, image_id: str, path: Optional[str],
                                   name: str) -> tuple[str, list[dict]]:
-        existing = await self._db(store_ann.get_description, key)
-        if existing is not None:
-            return key, [o.model_dump() for o in existing.objects]
+        if key in self._descriptions:
+            existing = await self._db(store_ann.get_description, key)
+            if existing is not None:
+                return key, [o.model_dump() for o in existing.objects]
         if not path:
             raise ItemFailedError("bad image", f"reference image {name} has no local file")
-        answer, call_id = await self._ask(stage1_request(
+        answer, call = await self._ask(stage1_request(
             image_id, path, temperature=self.options.temperature, max_tokens=self.options.max_tokens))
         objects = [o.model_dump() for o in answer.objects]
-        await self._db(store_ann.save_description, key, 1, image_id, objects,
-                       prompt_version=self.prompts["stage1"], model=self.model, call_id=call_id)
+        self._db_later(_save_description, call, key, 1, image_id, objects, None,
+                       self.prompts["stage1"], self.model)
         return key, objects
 
     async def _stage2(self, item: dict, stage1_id: str, objects1: list[dict]) -> tuple[str, list[dict]]:
         key = stage2_key(item["pair_id"], stage1_id, self.params, self.prompts)
-        existing = await self._db(store_ann.get_description, key)
-        if existing is not None:
-            return key, [o.model_dump() for o in existing.objects]
+        if key in self._descriptions:
+            existing = await self._db(store_ann.get_description, key)
+            if existing is not None:
+                return key, [o.model_dump() for o in existing.objects]
         if not item["target_path"]:
             raise ItemFailedError("bad image", f"target image {item['target_name']} has no local file")
-        answer, call_id = await self._ask(stage2_request(
+        answer, call = await self._ask(stage2_request(
             item["pair_id"], item["target_id"], item["target_path"], objects1,
             temperature=self.options.temperature, max_tokens=self.options.max_tokens))
         objects = [o.model_dump() for o in answer.objects]
-        await self._db(store_ann.save_description, key, 2, item["target_id"], objects,
-                       pair_id=item["pair_id"], prompt_version=self.prompts["stage2"],
-                       model=self.model, call_id=call_id)
+        self._db_later(_save_description, call, key, 2, item["target_id"], objects, item["pair_id"],
+                       self.prompts["stage2"], self.model)
         return key, objects
 
     # -- one validated answer: a call, then at most one repair
@@ -562,13 +704,13 @@ class Runner:
     async def _ask(self, request: VLMRequest):
         first = await self._call(request, request.stage)
         try:
-            return parse_answer(request.stage, first.text, first.finish_reason), first.call_id
+            return parse_answer(request.stage, first.text, first.finish_reason), first.call
         except InvalidAnswerError as exc:
             error = str(exc)
         repair = repair_request(request, first.text, error)
         second = await self._call(repair, "repair")
         try:
-            return parse_answer(request.stage, second.text, second.finish_reason), second.call_id
+            return parse_answer(request.stage, second.text, second.finish_reason), second.call
         except InvalidAnswerError as exc:
             raise ItemFailedError("invalid answer", f"{request.stage}: {exc} (after one repair; "
                                                     f"first answer: {error})") from None
@@ -601,14 +743,14 @@ class Runner:
             if stored is not None:
                 self.progress.calls_reused += 1
                 finish = "length" if stored.error == "finish_reason: length" else "stop"
-                return _CallResult(stored.response or "", finish, stored.id)
+                return _CallResult(stored.response or "", finish, _CallRef(stored.id))
         attempt = 0
         request_json = None
         while True:
             if self._stopping:
                 raise RunStoppedError()
             error: Optional[Exception] = None
-            async with self._semaphore:
+            async with self._slots.slot(_STAGE_PRIORITY.get(call_stage, 1)):
                 if self._stopping:
                     raise RunStoppedError()
                 started = time.perf_counter()
@@ -633,14 +775,16 @@ class Runner:
                     latency_ms=response.latency_ms if response.latency_ms is not None else latency_ms,
                     cost_usd=cost, batch_id=getattr(response, "batch_id", None),
                     custom_id=getattr(response, "custom_id", None))
-                # Stored before anything is done with it: a crash from here on never pays again.
-                call_id = await self._db(store_ann.record_call, call)
+                # Queued before anything made from the answer, so it is in the store first:
+                # a crash from here on never pays for it again.
+                ref = _CallRef()
+                self._db_later(_record_call, call, ref)
                 self._ok_hashes.add(key)
                 self.progress.calls += 1
                 self.progress.cost_usd += cost
-                return _CallResult(response.text, response.finish_reason, call_id)
+                return _CallResult(response.text, response.finish_reason, ref)
             message = str(error)
-            await self._db(store_ann.record_call, CallRecord(
+            self._db_later(store_ann.record_call, CallRecord(
                 run_id=self.run_id, stage=call_stage, request_hash=key,
                 prompt_version=request.prompt_version, model=self.model,
                 subject_id=request.subject_id, request=request_json, status="error",
@@ -666,6 +810,60 @@ class Runner:
             return min(self.options.backoff_max, retry_after) * self._rng.uniform(1.0, 1.2)
         ceiling = min(self.options.backoff_max, self.options.backoff_base * 2 ** (attempt - 1))
         return self._rng.uniform(0, ceiling)  # "full jitter"
+
+
+def _record_call(db, call: CallRecord, ref: _CallRef) -> None:
+    ref.id = store_ann.record_call(db, call)
+
+
+def _save_description(db, call: _CallRef, key: str, stage: int, image_id: str, objects: list,
+                      pair_id: Optional[str], prompt_version: str, model: str) -> None:
+    store_ann.save_description(db, key, stage, image_id, objects, pair_id=pair_id,
+                               prompt_version=prompt_version, model=model, call_id=call.id)
+
+
+# Later stages first: a pair that has started finishes before new pairs start, so the
+# run ends with few half-done pairs whose remaining calls can only go one after another.
+_STAGE_PRIORITY = {"stage3": 0, "repair": 0, "single": 1, "stage2": 1, "stage1": 2}
+
+
+class _PrioritySlots:
+    """A semaphore whose waiters are served by priority (lower first), then FIFO."""
+
+    def __init__(self, slots: int):
+        self._free = slots
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []
+        self._counter = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: int):
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+        else:
+            future = asyncio.get_running_loop().create_future()
+            self._counter += 1
+            heapq.heappush(self._waiters, (priority, self._counter, future))
+            try:
+                await future  # the releaser hands its slot over: _free unchanged
+            except asyncio.CancelledError:
+                if future.done() and not future.cancelled():
+                    self._release()  # handed a slot while being cancelled: pass it on
+                else:
+                    self._waiters = [w for w in self._waiters if w[2] is not future]
+                    heapq.heapify(self._waiters)
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+                return
+        self._free += 1
 
 
 class _BackendContext:
