@@ -8,7 +8,8 @@ Python API (the CLI and the review app call these):
     summary = run_pipeline("data.db", options)            # blocks; returns a Progress
 
     handle = start_run_in_thread("data.db", options, on_progress=callback)
-    handle.wait_started(timeout=10)   # the run row exists: handle.run_id is set
+    handle.wait_started(timeout=10)   # the run row exists (handle.run_id), or the run
+                                      # could not start (handle.error says why)
     handle.progress                   # Progress snapshot (see below), any time
     handle.running                    # False once the thread has ended
     handle.stop()                     # no new pairs; in-flight calls finish and are stored
@@ -509,11 +510,12 @@ class Runner:
         backend = None
         status = "failed"
         try:
+            # The backend first: a missing key or bad option fails before a run row exists.
+            backend = create_backend(self.options.backend, **_backend_options(self.options, self.db_path))
+            self.backend = backend
             work = await self._db(lambda db: self._prepare(db))
             self.started.set()
             self._emit()
-            backend = create_backend(self.options.backend, **_backend_options(self.options, self.db_path))
-            self.backend = backend
             if hasattr(backend, "start"):
                 await backend.start(_BackendContext(self))
             self._batch_pricing = bool(getattr(backend, "is_batch", False))
@@ -540,7 +542,6 @@ class Runner:
                     self._store.call_blocking(self._finish, status)
                     self._emit()
             finally:
-                self.started.set()
                 self._store.close()
             if self._store.error is not None:
                 raise StoreWriteError(f"a write to the store failed: {self._store.error}")
