@@ -183,7 +183,8 @@ def test_two_reviewers_edit_one_pair_at_once(world, browser, external_requests):
     current = dict(db.execute(
         "SELECT caption_id, text FROM caption_edits WHERE caption_id LIKE ? ORDER BY version", [pair + ":%"]).fetchall())
     assert current == {f"{pair}:c0": "Take away the lamp.", f"{pair}:c1": "Put a plant in the corner."}
-    # each sees the other's work on reload
+    # each is told of the other's work while looking at the pair, and sees it on reload
+    expect(a.locator(".g4c-activity")).to_contain_text("bob edited caption c1", timeout=15_000)
     a.keyboard.press("Escape")
     a.locator("#g4c-reload").click()
     expect(caption_field(a, "i", 1)).to_have_value("Put a plant in the corner.")
@@ -291,4 +292,35 @@ def test_retrieve_tab_returns_results_with_the_true_target(world, browser, exter
     page.wait_for_function("Array.from(document.querySelectorAll('#g4c-q-results img')).every(i => i.naturalWidth > 0)")
     page.screenshot(path=str(SHOTS / "retrieve.png"), full_page=True)
     context.close()
+    assert external_requests == []
+
+
+def test_login_user_is_the_reviewer(world, browser, external_requests):
+    from ui.server import AppServer
+
+    with AppServer(world["db_path"], auth=[("carol", "pw-carol")]) as server:
+        context = browser.new_context(viewport={"width": 1440, "height": 1000})
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.on("request", lambda r: None if r.url.startswith((server.url, "data:", "blob:"))
+                else external_requests.append(r.url))
+        page.goto(server.url)
+        page.locator("input[type=password]").wait_for()
+        page.locator("input:not([type=password])").first.fill("carol")
+        page.locator("input[type=password]").fill("pw-carol")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".g4c-progress")
+        reviewer = page.locator("#g4c-reviewer textarea, #g4c-reviewer input").first
+        expect(reviewer).to_have_value("carol")
+        assert not reviewer.is_editable()
+        annotation_id = shown(page).get_attribute("data-annotation")
+        page.wait_for_function("Array.from(document.querySelectorAll('.g4c-images img')).every(i => i.naturalWidth > 0)")
+        page.locator("#g4c-reject").click()
+        expect(shown(page)).not_to_have_attribute("data-annotation", annotation_id)
+        context.close()
+    row = world["db"].execute("SELECT review_status, reviewer FROM annotations WHERE id = ?", [annotation_id]).fetchone()
+    assert row == ("rejected", "carol")
+
+
+def test_nothing_left_this_machine(external_requests):
     assert external_requests == []

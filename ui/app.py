@@ -15,6 +15,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
 
+from store.db import utc_now  # noqa: E402
 from store.models import FLAG_REASONS  # noqa: E402
 from store.queue import QUEUES  # noqa: E402
 
@@ -25,6 +26,8 @@ from .connections import Connections  # noqa: E402
 # Reviewers each run several events at once (a blur, a click, a timer); Gradio's
 # default of one event at a time per handler would make them wait on each other.
 CONCURRENCY_LIMIT = 16
+# How often each open review page asks whether someone else changed the shown pair.
+LIVE_SECONDS = 4.0
 
 
 def _theme():
@@ -118,6 +121,9 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         split_dd = gr.Dropdown([rl.ANY], value=rl.ANY, label="Split", scale=1)
         goto_box = gr.Textbox(label="Go to pair", placeholder="pair id or annotation id, Enter", scale=2)
     info_html = gr.HTML("", elem_id="g4c-info", js_on_load=None)
+    activity_html = gr.HTML("", elem_id="g4c-activity", js_on_load=None)
+    opened_at = gr.State("")  # when the shown pair was read, to tell others' later work apart
+    live_timer = gr.Timer(LIVE_SECONDS)
     images_html = gr.HTML("", elem_id="g4c-images", js_on_load=IMAGES_JS)
     with gr.Row():
         prev_btn = gr.Button("◀ Previous (k)", elem_id="g4c-prev", size="sm")
@@ -147,7 +153,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
 
     filters = [queue_radio, run_dd, model_dd, split_dd]
     pair_outputs = [cursor, info_html, images_html, board_html, captions_html, note_box,
-                    gt_html, current_box, message_box]
+                    gt_html, current_box, message_box, activity_html, opened_at]
 
     def show(annotation_id, flt, gt_on, message=""):
         db = conns.get()
@@ -157,7 +163,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
                   rl.render_board_html(view)]
         values.append(rl.render_captions_html(view))
         values += [view.note if view else "", rl.render_ground_truth_html(view) if gt_on else "",
-                   annotation_id or "", message]
+                   annotation_id or "", message, "", utc_now()]
         return values
 
     def load(wanted, request):
@@ -304,6 +310,16 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         return rl.render_ground_truth_html(view, score), True
 
     score_btn.click(on_score, cursor, [gt_html, gt_toggle], api_name="score_flags")
+
+    def on_live(annotation_id, since, typed, request: gr.Request):
+        """Tell the reviewer what others did to the shown pair since it was read."""
+        if not annotation_id or not since:
+            return gr.skip()
+        lines = rl.activity_since(conns.get(), annotation_id, since, reviewer_of(request, typed))
+        return rl.render_activity_html(lines)
+
+    live_timer.tick(on_live, [cursor, opened_at, reviewer_box], activity_html, api_name=False,
+                    show_progress="hidden")
 
     return {"load": load, "load_outputs": [run_dd, model_dd, split_dd, *pair_outputs]}
 

@@ -41,6 +41,8 @@ CSS = """
 .g4c-chip.g4c-flagged { background: #fee2e2; border-color: #dc2626; color: #991b1b; font-weight: 600; }
 .g4c-legend { font-size: 12px; margin-bottom: 8px; display: flex; flex-wrap: wrap; gap: 6px; align-items: center; }
 .g4c-legend .g4c-badge { margin-left: 0; }
+.g4c-activity { font-size: 13px; background: #eff6ff; color: #1e3a8a; border: 1px solid #93c5fd;
+  border-radius: 6px; padding: 4px 10px; }
 .g4c-muted { color: #6b7280; font-size: 13px; }
 .g4c-empty { padding: 40px; text-align: center; color: #6b7280; font-size: 18px; }
 .g4c-gt { font-size: 13px; background: #fffbeb; color: #111; border-radius: 6px; padding: 6px 10px; }

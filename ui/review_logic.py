@@ -575,6 +575,13 @@ def _compact(value) -> str:
     return str(value)
 
 
+def render_activity_html(lines: list[str]) -> str:
+    if not lines:
+        return ""
+    return ("<div class='g4c-activity'>Since you opened this pair: " + escape_text("; ".join(lines[-6:]))
+            + " — press <b>u</b> (Reload) to see it.</div>")
+
+
 def render_ground_truth_html(view: Optional[PairView], score: Optional[dict] = None) -> str:
     if view is None or not view.has_ground_truth:
         return "<div class='g4c-muted'>No ground truth for this pair (only demo-world pairs have it).</div>"
