@@ -120,6 +120,9 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     page.keyboard.press("Enter")
     wait_caption_status(page, "saved as version 1")
     page.keyboard.press("Escape")
+    page.locator("#g4c-note textarea").fill("plant colour looks off")
+    page.locator("body").click(position={"x": 5, "y": 5})  # leaving the field saves the note
+    wait_message(page, "note saved")
     page.keyboard.press("a")                          # approve, go on to pair 2
     expect(shown(page)).to_have_attribute("data-annotation", ids[1])
     assert "1 / 10 reviewed" in info_text(page)
@@ -143,6 +146,7 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     expect(caption_field(page, "i", 0)).to_have_value("Paint the walls yellow.")
     assert page.locator("#g4c-cap-i1 input[data-flag]").is_checked()
     assert "APPROVED BY ANN" in page.locator(".g4c-meta").inner_text().upper()
+    expect(page.locator("#g4c-note textarea")).to_have_value("plant colour looks off")
     page.get_by_label("Show ground truth (demo world) (g)").check()
     expect(page.locator(".g4c-gt")).to_contain_text("Ground-truth edits")
     page.get_by_role("button", name="Score the flags against ground truth").click()
@@ -159,6 +163,7 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     assert flags == [("caption", f"{ids[0]}:c1", "ann"), ("descriptor", descriptor_id, "ann")]
     edits = db.execute("SELECT caption_id, version, text, editor FROM caption_edits WHERE editor = 'ann'").fetchall()
     assert edits == [(f"{ids[0]}:c0", 1, "Paint the walls yellow.", "ann")]
+    assert db.execute("SELECT note FROM annotations WHERE id = ?", [ids[0]]).fetchone()[0] == "plant colour looks off"
     events = db.execute("SELECT annotation_id, value, reviewer FROM review_events WHERE action = 'status'"
                         " ORDER BY id").fetchall()
     assert events == [(ids[0], "approved", "ann"), (ids[1], "rejected", "ann"), (ids[2], "approved", "ann")]
@@ -291,6 +296,13 @@ def test_retrieve_tab_returns_results_with_the_true_target(world, browser, exter
     expect(page.locator("#g4c-q-results .g4c-true")).to_have_count(1)   # the gallery is smaller than 50
     page.wait_for_function("Array.from(document.querySelectorAll('#g4c-q-results img')).every(i => i.naturalWidth > 0)")
     page.screenshot(path=str(SHOTS / "retrieve.png"), full_page=True)
+    # an uploaded reference: results, and no true target to mark
+    page.locator("input[type=file]").first.set_input_files(str(world["world_dir"] / "images" / "000000.png"))
+    page.wait_for_timeout(500)
+    page.locator("#g4c-q-go").click()
+    expect(page.locator("#g4c-q-results")).not_to_contain_text("True target")
+    gallery = world["db"].execute("SELECT COUNT(*) FROM images").fetchone()[0]
+    expect(page.locator("#g4c-q-results .g4c-result")).to_have_count(min(50, gallery))
     context.close()
     assert external_requests == []
 

@@ -129,3 +129,19 @@ def test_http_refuses_paths_outside_the_dataset_and_requires_login(served):
         status, body = _get(server.url + path, opener)
         assert status in (403, 404), (path, status)
         assert b"root:" not in body
+
+
+def test_app_command_refuses_an_open_address_without_login(tmp_path):
+    from good4cir.cli import CommandError, main
+
+    info = build_review_store(tmp_path, 1)
+    with pytest.raises(CommandError, match="--auth"):
+        main(["app", "--db", str(info["db_path"]), "--host", "0.0.0.0"])
+    bad = tmp_path / "users.txt"
+    bad.write_text("no-colon-here\n")
+    with pytest.raises(CommandError, match="line 1"):
+        main(["app", "--db", str(info["db_path"]), "--host", "0.0.0.0", "--auth", str(bad)])
+    with pytest.raises(CommandError, match="does not exist"):
+        main(["app", "--db", str(tmp_path / "missing.db")])
+    with pytest.raises(CommandError, match="good4cir index"):
+        main(["app", "--db", str(info["db_path"]), "--index", str(tmp_path / "no-index")])

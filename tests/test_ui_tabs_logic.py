@@ -83,6 +83,26 @@ def test_controller_runs_one_background_run_against_a_real_http_server(store, mo
         server.stop()
 
 
+def test_controller_stops_a_run(store, monkeypatch):
+    from openai_server import start_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    server = start_server(latency=1.5)
+    try:
+        controller = pl.PipelineController(str(store["db_path"]))
+        controller.start(pl.RunForm(backend="openai", base_url=server.url, concurrency=1, new_run=True), "ann")
+        assert controller.running
+        assert controller.stop().startswith("stopping run")
+        deadline = time.time() + 60
+        while controller.running and time.time() < deadline:
+            time.sleep(0.1)
+        snapshot = controller.snapshot()
+        assert snapshot["status"] == "stopped" and snapshot["pairs_done"] < 4, snapshot
+        assert "stopped" in pl.format_progress(snapshot)
+    finally:
+        server.stop()
+
+
 # ---------------------------------------------------------------- stats
 
 def test_human_flag_rates_count_decided_pairs_only(store):
