@@ -124,6 +124,9 @@ def run_annotate(args: argparse.Namespace) -> int:
               f"{progress.pairs_failed} failed, {progress.pairs_pending} pending; "
               f"{progress.calls} calls, {progress.calls_reused} answers reused, "
               f"${progress.cost_usd:.4f}; failures: {failures}")
+    if progress.status == "stopped":
+        print("rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -52,6 +52,8 @@ import heapq
 import json
 import logging
 import random
+import signal
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -577,9 +579,11 @@ class Runner:
             await asyncio.gather(*workers, return_exceptions=False)
         finally:
             watcher.cancel()
-            for task in workers:
+            # Shared stage 1 calls run as their own tasks: they end with the workers.
+            others = [f for f in self._stage1_futures.values() if not f.done()]
+            for task in [*workers, *others]:
                 task.cancel()
-            await asyncio.gather(*workers, watcher, return_exceptions=True)
+            await asyncio.gather(*workers, *others, watcher, return_exceptions=True)
 
     async def _watch_stop(self, workers: list[asyncio.Task]) -> None:
         while not self.stop_event.is_set():
@@ -885,9 +889,42 @@ class _BackendContext:
 def run_pipeline(db_path: str | Path, options: RunOptions,
                  on_progress: Optional[Callable[[Progress], None]] = None,
                  stop_event: Optional[threading.Event] = None) -> Progress:
-    """Run (or resume) to the end, or until stop_event is set; returns the final Progress."""
+    """Run (or resume) to the end, or until stop_event is set; returns the final Progress.
+
+    From the main thread, a first Ctrl-C stops gracefully (no new pairs; calls in flight
+    finish and are stored), a second one aborts at once (calls in flight are lost).
+    """
     runner = Runner(db_path, options, on_progress, stop_event)
-    return asyncio.run(runner.run())
+
+    async def main() -> Progress:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        installed = False
+
+        def on_sigint() -> None:
+            if runner.stop_event.is_set():
+                task.cancel()
+            else:
+                print("\nstopping: calls in flight finish and are stored (Ctrl-C again to abort)",
+                      file=sys.stderr)
+                runner.stop_event.set()
+
+        if threading.current_thread() is threading.main_thread():
+            try:
+                loop.add_signal_handler(signal.SIGINT, on_sigint)
+                installed = True
+            except (NotImplementedError, RuntimeError):  # no signal support here
+                pass
+        try:
+            return await runner.run()
+        finally:
+            if installed:
+                loop.remove_signal_handler(signal.SIGINT)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        raise KeyboardInterrupt from None
 
 
 class RunHandle:

@@ -75,3 +75,25 @@ def test_sigkill_at_several_points_then_rerun_equals_an_uninterrupted_run(server
                                  " GROUP BY request_hash HAVING COUNT(*) > 1") == []
     assert expected_calls <= paid_with_kills <= expected_calls + kills * CONCURRENCY
     assert table_rows(killed_db, "SELECT COUNT(*), MIN(status) FROM runs") == [(1, "finished")]
+
+
+def test_ctrl_c_stops_gracefully_and_the_rerun_finishes_without_paying_twice(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=REFS, pairs=PAIRS)
+    process = _annotate(db_path, server)
+    deadline = time.time() + 60
+    while server.stats["completions_ok"] < 8:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    assert b"rerun the same command to resume" in stderr
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+    # the calls that were in flight at Ctrl-C finished and were stored
+    paid = server.stats["completions_ok"]
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'")[0][0] == paid
+    progress = run_pipeline(db_path, RunOptions(base_url=server.url, concurrency=CONCURRENCY))
+    assert progress.pairs_done == PAIRS and progress.status == "finished"
+    assert server.stats["completions_ok"] == REFS + 2 * PAIRS  # nothing paid twice
