@@ -243,7 +243,13 @@ def test_pipeline_tab_runs_in_background_and_fills_the_queue(world, browser, ext
 
 
 def test_stats_tab_plots(world, browser, external_requests):
+    from store.annotations import create_run
+
+    # a run name is user text too: it reaches tables, dropdowns and plot legends
+    create_run(world["db"], "simulator", "sim-x", name="<img src=x onerror=\"window.g4cPwned=3\">")
     context, page = open_page(browser, world, external_requests, "ann")
+    page.get_by_role("tab", name="Pipeline").click()
+    expect(page.locator("#g4c-runs")).to_contain_text("<img src=x")
     page.get_by_role("tab", name="Stats").click()
     table = page.locator("#g4c-stats-table")
     expect(table).to_contain_text("run 1", timeout=30_000)
@@ -254,6 +260,7 @@ def test_stats_tab_plots(world, browser, external_requests):
     page.wait_for_timeout(500)
     page.screenshot(path=str(SHOTS / "stats.png"), full_page=True)
     assert error_toasts(page) == 0
+    assert page.evaluate("window.g4cPwned") is None and page.locator("img[src='x']").count() == 0
     context.close()
 
 

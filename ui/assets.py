@@ -7,7 +7,7 @@ network: system fonts only, no external scripts.
 CSS = """
 .g4c-images { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
 .g4c-fig { margin: 0; background: #111; border-radius: 8px; overflow: hidden; text-align: center; }
-.g4c-fig img { width: 100%; max-height: 46vh; object-fit: contain; cursor: zoom-in; display: block;
+.g4c-fig img { width: 100%; max-height: 40vh; object-fit: contain; cursor: zoom-in; display: block;
   image-rendering: auto; background: #111; }
 .g4c-fig figcaption, .g4c-fig figcaption b { color: #eee; font-size: 13px; padding: 4px 8px; text-align: left; }
 .g4c-noimg { color: #bbb; padding: 80px 10px; }
