@@ -96,14 +96,16 @@ def run_annotate(args: argparse.Namespace) -> int:
         return 0
 
     bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(unit="pair", desc="annotate", file=sys.stderr, dynamic_ncols=True)
 
     def on_progress(progress) -> None:
-        if bar is None:
+        nonlocal bar
+        if args.no_progress:
             return
+        if bar is None:  # made on the first report, once the run exists
+            from tqdm import tqdm
+
+            bar = tqdm(unit="pair", desc="annotate", file=sys.stderr, dynamic_ncols=True,
+                       total=progress.pairs_total, initial=progress.pairs_done + progress.pairs_failed)
         if bar.total != progress.pairs_total:
             bar.total = progress.pairs_total
         bar.set_postfix(done=progress.pairs_done, failed=progress.pairs_failed,

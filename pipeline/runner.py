@@ -482,13 +482,17 @@ class Runner:
     def _prepare(self, db) -> list[dict]:
         """Create or resume the run row and its annotations; returns the pending work."""
         run = _find_run(db, self.options)
+        pair_ids = store_ann.select_pair_ids(db, split=self.options.split, limit=self.options.limit)
+        if not pair_ids and run is None:
+            where = f" of split {self.options.split!r}" if self.options.split else ""
+            raise ValueError(f"the store has no pairs{where} to annotate: import some first "
+                             "(good4cir import --db DB --format pairs DIR)")
         if run is None:
             run = store_ann.create_run(
                 db, self.options.backend, self.model, base_url=self.options.base_url,
                 method=self.options.method, settings=_settings(self.options),
                 prompt_versions=self.prompts, name=self.options.name)
         self.run_id = run.id
-        pair_ids = store_ann.select_pair_ids(db, split=self.options.split, limit=self.options.limit)
         store_ann.ensure_annotations(db, run.id, pair_ids)
         if self.options.retry_failed:
             store_ann.reset_failed_annotations(db, run.id)
