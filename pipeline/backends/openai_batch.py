@@ -75,6 +75,7 @@ class _Watch:
     results: dict[str, Any] = field(default_factory=dict)  # custom_id -> BatchVLMResponse | Exception
     status: Optional[str] = None
     cancel_sent: bool = False
+    note: str = ""
 
 
 @dataclass
@@ -242,7 +243,16 @@ class OpenAIBatchBackend:
             if self._pool and (quiet or len(self._pool) >= self.max_batch_requests):
                 pool, self._pool = self._pool, []
                 for chunk in self._chunks(pool):
-                    await self._send(chunk)
+                    try:
+                        await self._send(chunk)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # the flusher must live on; these lines fail
+                        log.exception("sending a batch failed")
+                        for pending in chunk:
+                            if not pending.future.done():
+                                pending.future.set_exception(TransientError(f"sending the batch failed: {exc}"))
+                                pending.future.exception()
 
     def _chunks(self, pool: list[_Pending]) -> list[list[_Pending]]:
         chunks, current, size = [], [], 0
@@ -289,7 +299,8 @@ class OpenAIBatchBackend:
             return
         result = watch.results.pop(pending.custom_id, None)
         if result is None:
-            result = BatchLineError(f"batch {watch.batch_id} ended '{watch.status}' without this line",
+            note = f": {watch.note}" if watch.note else ""
+            result = BatchLineError(f"batch {watch.batch_id} ended '{watch.status}' without this line{note}",
                                     watch.batch_id, pending.custom_id)
         if isinstance(result, Exception):
             pending.future.set_exception(result)
@@ -313,8 +324,16 @@ class OpenAIBatchBackend:
                     await self._poll(watch)
                 except asyncio.CancelledError:
                     raise
-                except Exception as exc:  # a failed poll is retried at the next tick
-                    log.warning("polling batch %s failed: %s", watch.batch_id, exc)
+                except Exception as exc:
+                    mapped = map_openai_error(exc, self._secret)
+                    if isinstance(mapped, PermanentError):
+                        # e.g. 404: a stored batch this key cannot see; its lines go out again
+                        log.warning("batch %s cannot be read (%s): resubmitting its lines",
+                                    watch.batch_id, mapped)
+                        watch.status = "unreadable"
+                        watch.done.set()
+                    else:  # a failed poll is retried at the next tick
+                        log.warning("polling batch %s failed: %s", watch.batch_id, exc)
             await asyncio.sleep(self.poll_interval)
 
     async def _poll(self, watch: _Watch) -> None:
@@ -339,6 +358,7 @@ class OpenAIBatchBackend:
                 results.setdefault(row["custom_id"], self._line_result(watch.batch_id, row))
         if batch.status == "failed" and not results:
             errors = getattr(batch, "errors", None)
+            watch.note = str(errors)[:300] if errors else ""
             log.warning("batch %s failed: %s", watch.batch_id, errors)
         watch.results = results
         await self._ctx.db(store_ann.update_batch, watch.batch_id, status=batch.status,
