@@ -138,6 +138,23 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     page.keyboard.press("k")                          # back past the reviewed pairs: start of the queue
     wait_message(page, "start of the 'unreviewed' queue")
 
+    # a mouse click on a flag box leaves focus there; the keys still work
+    page.locator("#g4c-cap-i0 input[data-flag]").click()
+    wait_message(page, "caption c0 flagged")
+    page.locator("#g4c-cap-i0 input[data-flag]").click()
+    wait_message(page, "caption c0 unflagged")
+    page.keyboard.press("j")
+    expect(shown(page)).to_have_attribute("data-annotation", ids[4])
+    # zoom: click an image, Esc closes
+    page.locator(".g4c-images img").first.click()
+    expect(page.locator(".g4c-lightbox img")).to_be_visible()
+    page.keyboard.press("Escape")
+    expect(page.locator(".g4c-lightbox")).to_have_count(0)
+    # the approved queue holds the two approved pairs
+    page.get_by_label("approved", exact=True).check()
+    expect(shown(page)).to_have_attribute("data-annotation", ids[0])
+    expect(page.locator(".g4c-progress")).to_contain_text("1 / 2 in 'approved'")
+
     # reload the first pair by its link: everything kept
     page.goto(world["server"].url + f"?pair={ids[0]}")
     page.wait_for_selector(".g4c-progress")

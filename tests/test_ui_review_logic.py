@@ -170,3 +170,16 @@ def test_captions_panel_carries_ids_versions_and_escapes(tmp_path):
     assert f"data-caption='{ann}:c1' data-version='1'" in html and "edited by ann" in html
     assert "<script>" not in html and "&lt;script&gt;" in html and "${" not in html
     assert html.count("<textarea") == 6
+
+
+def test_pair_without_target_or_local_file_is_shown(store):
+    db, ann = store["db"], store["annotation_ids"][0]
+    pair_id = ann.split(":", 1)[1]
+    db.execute("UPDATE pairs SET target_id = NULL WHERE id = ?", [pair_id])
+    ref = db.execute("SELECT reference_id FROM pairs WHERE id = ?", [pair_id]).fetchone()[0]
+    db.execute("UPDATE images SET path = NULL, url = 'https://example.com/a.png' WHERE id = ?", [ref])
+    view = rl.load_pair(db, ann)
+    assert view.target.url is None and "no target" in view.target.name
+    assert view.reference.url is None  # remote images are never fetched or linked
+    html = rl.render_images_html(view)
+    assert "example.com" not in html and html.count("no local file") == 2

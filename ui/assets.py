@@ -95,7 +95,9 @@ HEAD = """
   window.g4cSelectCaption = select;
   document.addEventListener('keydown', function (e) {
     const t = e.target;
-    const typing = t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.tagName === 'SELECT' || t.isContentEditable);
+    // Text fields keep their keys; a focused checkbox, radio or button does not.
+    const textInput = t && t.tagName === 'INPUT' && !['checkbox', 'radio', 'button', 'submit', 'range', 'file'].includes(t.type);
+    const typing = t && (textInput || t.tagName === 'TEXTAREA' || t.tagName === 'SELECT' || t.isContentEditable);
     if (typing) {
       if (e.key === 'Escape') { t.blur(); }
       return;

@@ -269,7 +269,9 @@ def diff_objects(
     return left, right
 
 
-def _image_cell(db, image_id: str) -> ImageCell:
+def _image_cell(db, image_id: Optional[str]) -> ImageCell:
+    if not image_id:  # CIRR test pairs have no target
+        return ImageCell(id="", name="(no target image in this dataset)", url=None)
     row = db.execute("SELECT name, path, scene_json FROM images WHERE id = ?", [image_id]).fetchone()
     if row is None:
         return ImageCell(id=image_id, name=f"(missing image {image_id})", url=None)
