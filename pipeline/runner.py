@@ -46,9 +46,7 @@ pair is marked failed with '<category>: <detail>' and the run goes on.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import heapq
 import json
 import logging
 import random
@@ -71,6 +69,8 @@ from .backends.base import PermanentError, TransientError, VLMRequest
 from .images import BadImageError
 from .pricing import PriceTable
 from .prompts import prompt_versions
+from .slots import STAGE_PRIORITY, PrioritySlots
+from .store_worker import CallRef, StoreWorker, StoreWriteError
 from .stages import (
     InvalidAnswerError,
     parse_answer,
@@ -184,7 +184,7 @@ class RunStoppedError(Exception):
 class _CallResult:
     text: str
     finish_reason: Optional[str]
-    call: _CallRef
+    call: CallRef
 
 
 def _hash(value: Any) -> str:
@@ -313,134 +313,6 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
 # ---------------------------------------------------------------- the run
 
 
-class _CallRef:
-    """The id of a stored call, filled in on the store's thread when the row is written."""
-
-    __slots__ = ("id",)
-
-    def __init__(self, call_id: Optional[int] = None):
-        self.id = call_id
-
-
-class StoreWriteError(RuntimeError):
-    """A write to the store failed; the run stops rather than lose track of what it paid for."""
-
-
-class _StoreWorker:
-    """The run's one connection to the store, on its own thread.
-
-    Operations run in submission order. Writes are queued without waiting
-    (`later`): order alone guarantees that a call's row is committed before anything
-    made from its answer, and the event loop does not wait for sqlite. Reads and writes
-    whose result is needed are awaited (`call`). The loop is woken once per drained
-    batch of operations, not once per operation. After a failed write nothing more is
-    written and every later operation fails with StoreWriteError.
-    """
-
-    def __init__(self, db_path: str, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._queue: deque = deque()
-        self._cv = threading.Condition()
-        self._idle = False
-        self._closing = False
-        self.error: Optional[BaseException] = None
-        self._opened = threading.Event()
-        self._thread = threading.Thread(target=self._main, args=(db_path,), name="g4c-store", daemon=True)
-        self._thread.start()
-        self._opened.wait()
-        if self.error is not None:
-            raise self.error
-
-    def _main(self, db_path: str) -> None:
-        try:
-            self.db = open_db(db_path)
-        except BaseException as exc:
-            self.error = exc
-            self._opened.set()
-            return
-        self._opened.set()
-        while True:
-            with self._cv:
-                while not self._queue and not self._closing:
-                    self._idle = True
-                    self._cv.wait()
-                self._idle = False
-                if not self._queue and self._closing:
-                    break
-            done = []
-            while self._queue:
-                fn, args, future = self._queue.popleft()
-                if self.error is not None:
-                    outcome = (False, StoreWriteError(f"the store stopped after an error: {self.error}"))
-                else:
-                    try:
-                        outcome = (True, fn(self.db, *args))
-                    except BaseException as exc:
-                        outcome = (False, exc)
-                        if future is None:  # nobody waits for this write: stop writing
-                            self.error = exc
-                            log.error("store write %s failed: %s", getattr(fn, "__name__", fn), exc)
-                if future is not None:
-                    done.append((future, outcome))
-            if done:
-                try:
-                    self._loop.call_soon_threadsafe(self._resolve, done)
-                except RuntimeError:  # the loop is gone; the blocking callers use events
-                    pass
-        self.db.conn.close()
-
-    @staticmethod
-    def _resolve(done) -> None:
-        for future, (ok, value) in done:
-            if future.done():
-                continue
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
-    def _put(self, item) -> None:
-        self._queue.append(item)
-        if self._idle:
-            with self._cv:
-                self._cv.notify()
-
-    def later(self, fn, *args) -> None:
-        if self.error is not None:
-            raise StoreWriteError(f"the store stopped after an error: {self.error}")
-        self._put((fn, args, None))
-
-    async def call(self, fn, *args):
-        future = self._loop.create_future()
-        self._put((fn, args, future))
-        return await future
-
-    def call_blocking(self, fn, *args):
-        """Run fn on the store thread and wait, from outside the event loop's flow."""
-        box: dict = {}
-        event = threading.Event()
-
-        def run(db, *a):
-            try:
-                box["value"] = fn(db, *a)
-            except BaseException as exc:
-                box["error"] = exc
-            finally:
-                event.set()
-
-        self._put((run, args, None))
-        event.wait()
-        if "error" in box:
-            raise box["error"]
-        return box.get("value")
-
-    def close(self) -> None:
-        with self._cv:
-            self._closing = True
-            self._cv.notify()
-        self._thread.join(timeout=60)
-
-
 class Runner:
     def __init__(self, db_path: str | Path, options: RunOptions,
                  on_progress: Optional[Callable[[Progress], None]] = None,
@@ -512,7 +384,7 @@ class Runner:
         return store_ann.pending_work(db, run.id)
 
     async def run(self) -> Progress:
-        self._store = _StoreWorker(self.db_path, asyncio.get_running_loop())
+        self._store = StoreWorker(self.db_path, asyncio.get_running_loop())
         backend = None
         status = "failed"
         try:
@@ -527,7 +399,7 @@ class Runner:
             self._batch_pricing = bool(getattr(backend, "is_batch", False))
             budget = self.options.retry_budget
             self._retries_left = budget if budget is not None else 100 + 2 * len(work)
-            self._slots = _PrioritySlots(self.options.resolved_concurrency())
+            self._slots = PrioritySlots(self.options.resolved_concurrency())
             self._inflight: dict[str, asyncio.Future] = {}
             self._stage1_futures: dict[str, asyncio.Future] = {}
             await self._run_work(work)
@@ -752,14 +624,14 @@ class Runner:
             if stored is not None:
                 self.progress.calls_reused += 1
                 finish = "length" if stored.error == "finish_reason: length" else "stop"
-                return _CallResult(stored.response or "", finish, _CallRef(stored.id))
+                return _CallResult(stored.response or "", finish, CallRef(stored.id))
         attempt = 0
         request_json = None
         while True:
             if self._stopping:
                 raise RunStoppedError()
             error: Optional[Exception] = None
-            async with self._slots.slot(_STAGE_PRIORITY.get(call_stage, 1)):
+            async with self._slots.slot(STAGE_PRIORITY.get(call_stage, 1)):
                 if self._stopping:
                     raise RunStoppedError()
                 started = time.perf_counter()
@@ -786,7 +658,7 @@ class Runner:
                     custom_id=getattr(response, "custom_id", None))
                 # Queued before anything made from the answer, so it is in the store first:
                 # a crash from here on never pays for it again.
-                ref = _CallRef()
+                ref = CallRef()
                 self._db_later(_record_call, call, ref)
                 self._ok_hashes.add(key)
                 self.progress.calls += 1
@@ -821,58 +693,14 @@ class Runner:
         return self._rng.uniform(0, ceiling)  # "full jitter"
 
 
-def _record_call(db, call: CallRecord, ref: _CallRef) -> None:
+def _record_call(db, call: CallRecord, ref: CallRef) -> None:
     ref.id = store_ann.record_call(db, call)
 
 
-def _save_description(db, call: _CallRef, key: str, stage: int, image_id: str, objects: list,
+def _save_description(db, call: CallRef, key: str, stage: int, image_id: str, objects: list,
                       pair_id: Optional[str], prompt_version: str, model: str) -> None:
     store_ann.save_description(db, key, stage, image_id, objects, pair_id=pair_id,
                                prompt_version=prompt_version, model=model, call_id=call.id)
-
-
-# Later stages first: a pair that has started finishes before new pairs start, so the
-# run ends with few half-done pairs whose remaining calls can only go one after another.
-_STAGE_PRIORITY = {"stage3": 0, "repair": 0, "single": 1, "stage2": 1, "stage1": 2}
-
-
-class _PrioritySlots:
-    """A semaphore whose waiters are served by priority (lower first), then FIFO."""
-
-    def __init__(self, slots: int):
-        self._free = slots
-        self._waiters: list[tuple[int, int, asyncio.Future]] = []
-        self._counter = 0
-
-    @contextlib.asynccontextmanager
-    async def slot(self, priority: int):
-        if self._free > 0 and not self._waiters:
-            self._free -= 1
-        else:
-            future = asyncio.get_running_loop().create_future()
-            self._counter += 1
-            heapq.heappush(self._waiters, (priority, self._counter, future))
-            try:
-                await future  # the releaser hands its slot over: _free unchanged
-            except asyncio.CancelledError:
-                if future.done() and not future.cancelled():
-                    self._release()  # handed a slot while being cancelled: pass it on
-                else:
-                    self._waiters = [w for w in self._waiters if w[2] is not future]
-                    heapq.heapify(self._waiters)
-                raise
-        try:
-            yield
-        finally:
-            self._release()
-
-    def _release(self) -> None:
-        while self._waiters:
-            _, _, future = heapq.heappop(self._waiters)
-            if not future.done():
-                future.set_result(None)
-                return
-        self._free += 1
 
 
 class _BackendContext:
