@@ -162,3 +162,61 @@ def test_bad_image_files_raise_bad_image_error_naming_the_file(tmp_path):
     text.write_text("not an image")
     with pytest.raises(BadImageError, match="notes.png"):
         encode_image(text, 100)
+
+
+def test_priority_slots_serve_later_stages_first_and_survive_cancellation():
+    import asyncio
+
+    from pipeline.slots import PrioritySlots
+
+    async def scenario():
+        slots = PrioritySlots(1)
+        order = []
+        release = asyncio.Event()
+
+        async def holder():
+            async with slots.slot(2):
+                await release.wait()
+
+        async def user(name, priority):
+            async with slots.slot(priority):
+                order.append(name)
+
+        first = asyncio.create_task(holder())
+        await asyncio.sleep(0)
+        tasks = [asyncio.create_task(user(n, p)) for n, p in [("s1", 2), ("s2", 1), ("s3", 0)]]
+        doomed = asyncio.create_task(user("cancelled", 0))
+        await asyncio.sleep(0)
+        doomed.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(first, *tasks)
+        assert order == ["s3", "s2", "s1"]
+        async with slots.slot(5):  # every slot came back
+            pass
+        assert slots._free == 1 and not slots._waiters
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_store_write_stops_later_writes_and_is_reported(tmp_path):
+    import asyncio
+
+    from pipeline.store_worker import StoreWorker, StoreWriteError
+
+    async def scenario():
+        worker = StoreWorker(str(tmp_path / "s.db"), asyncio.get_running_loop())
+        worker.later(lambda db: db.execute("CREATE TABLE t (x INTEGER NOT NULL)"))
+        worker.later(lambda db: db.execute("INSERT INTO t VALUES (NULL)"))  # fails
+        worker.later(lambda db: db.execute("INSERT INTO t VALUES (1)"))     # must not run
+        with pytest.raises(StoreWriteError):
+            await worker.call(lambda db: db.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+        assert worker.error is not None
+        with pytest.raises(StoreWriteError):
+            worker.later(lambda db: None)
+        worker.close()
+
+    asyncio.run(scenario())
+    import sqlite3
+
+    assert sqlite3.connect(tmp_path / "s.db").execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
