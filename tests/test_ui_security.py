@@ -124,11 +124,15 @@ def test_http_refuses_paths_outside_the_dataset_and_requires_login(served):
         f"gradio_api/file={info['image_dir']}/ref0.png",          # only by id, never by path
         f"gradio_api/file={info['db_path']}",
         "gradio_api/file=http://example.com/x.png",               # the server fetches nothing
+        "gradio_api/file=HTTPS://example.com/x.png",
+        "gradio_api/file=%68ttp://example.com/x.png",
     ]
     for path in crafted:
         status, body = _get(server.url + path, opener)
         assert status in (403, 404), (path, status)
         assert b"root:" not in body
+        if "example.com" in path:  # refused before Gradio could fetch it
+            assert body == b"remote files are not served", path
 
 
 def test_app_command_refuses_an_open_address_without_login(tmp_path):

@@ -53,8 +53,8 @@ def create_server_app(
     async def refuse_remote_fetches(request: fastapi.Request, call_next):
         # Gradio's file route fetches http(s) URLs on the server's behalf; this app
         # makes no network requests, so such requests are refused outright.
-        path = request.url.path
-        if "/file=http" in path or "/proxy=" in path:
+        path = request.url.path.lower()
+        if "/file=http" in path or "/file=//" in path or "/proxy=" in path:
             return PlainTextResponse("remote files are not served", status_code=403)
         return await call_next(request)
 
