@@ -188,3 +188,21 @@ def test_results_html_marks_the_true_target_and_escapes():
             {"rank": 2, "name": "t.png", "score": 0.4, "image_id": "tgt", "is_target": True}]
     html = render_results_html(hits, pair, uploaded=False)
     assert "rank 2" in html and "g4c-true" in html and "<img src=x>" not in html and "&lt;b&gt;" in html
+
+
+def test_ground_truth_cache_recomputes_only_on_change(store):
+    db, ann = store["db"], store["annotation_ids"][0]
+    cache, calls = sl.GroundTruthCache(), []
+
+    def compute():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    assert cache._cached(db, "flags", 1, compute) == {"n": 1}
+    rl.set_status(db, ann, "approved", "ann")              # a review alone changes no score
+    assert cache._cached(db, "flags", 1, compute) == {"n": 1}
+    rl.set_flag(db, ann, "caption", f"{ann}:c0", True, "ann")
+    assert cache._cached(db, "flags", 1, compute) == {"n": 2}
+    assert cache._cached(db, "run", 1, compute) == {"n": 3}
+    rl.set_flag(db, ann, "caption", f"{ann}:c0", False, "ann")
+    assert cache._cached(db, "run", 1, compute) == {"n": 3}  # the VLM's answers did not change

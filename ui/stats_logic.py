@@ -97,10 +97,13 @@ class GroundTruthCache:
         self._lock = threading.Lock()
 
     def _cached(self, db, what: str, run_id: int, compute) -> dict:
-        key = tuple(db.execute(
-            "SELECT COUNT(*), MAX(updated_at), (SELECT COUNT(*) FROM flags f JOIN annotations a ON a.id ="
-            " f.annotation_id WHERE a.run_id = ?) FROM annotations WHERE run_id = ? AND status = 'done'",
-            [run_id, run_id]).fetchone())
+        # The VLM's answers change only when more pairs finish; the flags when flags do.
+        key = db.execute("SELECT COUNT(*) FROM annotations WHERE run_id = ? AND status = 'done'",
+                         [run_id]).fetchone()
+        if what == "flags":
+            key += db.execute(
+                "SELECT COUNT(*), MAX(f.id), COUNT(f.removed_at) FROM flags f JOIN annotations a"
+                " ON a.id = f.annotation_id WHERE a.run_id = ?", [run_id]).fetchone()
         with self._lock:
             hit = self._cache.get((what, run_id))
             if hit and hit[0] == key:
