@@ -331,6 +331,9 @@ class Runner:
         self.params = answer_params(options)
         self.prompts = prompt_versions()
         self.prices = PriceTable.load(options.prices_path)
+        if self.prices.price_for(self.model) is None:
+            log.warning("no price known for model %s: its calls are counted at $0; pass a price "
+                        "file (--prices FILE) to count them", self.model)
         self._rng = random.Random(options.seed)
         self._failures: Counter[str] = Counter()
         self._stopping = False

@@ -58,6 +58,8 @@ class ServerConfig:
     reject_json_schema: bool = False
     reject_json_object: bool = False
     reject_auth: bool = False       # 401 that echoes the key, as some servers do
+    reject_max_tokens: bool = False  # 400 unless max_completion_tokens (newer OpenAI models)
+    reject_temperature: bool = False  # 400 for any temperature but the default
     keep_requests: int = 200        # how many request bodies to keep for inspection
     batch_delay: float = 0.2        # seconds from batch creation to completion
     batch_expire_after: Optional[int] = None  # lines done before a batch expires
@@ -206,6 +208,16 @@ class FakeOpenAI:
     def completion(self, body: dict, *, count: bool = True) -> tuple[int, Any, dict]:
         """(status, JSON body, headers) for one chat request, faults not included."""
         fmt = (body.get("response_format") or {}).get("type")
+        if self.config.reject_max_tokens and "max_tokens" in body:
+            self.stats["rejected_max_tokens"] += 1
+            return 400, {"error": {"message": "Unsupported parameter: 'max_tokens' is not supported "
+                                   "with this model. Use 'max_completion_tokens' instead.",
+                                   "type": "invalid_request_error"}}, {}
+        if self.config.reject_temperature and body.get("temperature", 1) != 1:
+            self.stats["rejected_temperature"] += 1
+            return 400, {"error": {"message": "Unsupported value: 'temperature' does not support "
+                                   f"{body['temperature']} with this model.",
+                                   "type": "invalid_request_error"}}, {}
         if fmt == "json_schema" and self.config.reject_json_schema:
             self.stats["rejected_json_schema"] += 1
             return 400, {"error": {"message": "response_format json_schema is not supported",

@@ -115,3 +115,12 @@ def test_restart_after_sigkill_waits_for_stored_batches_instead_of_paying_again(
     stage1_batches = table_rows(db_path, "SELECT DISTINCT batch_id FROM calls WHERE stage = 'stage1'")
     assert stage1_batches == [(first_batch,)]
     assert table_rows(db_path, "SELECT status, collected FROM batches WHERE id = ?", [first_batch]) == [("completed", 1)]
+
+
+def test_lines_refused_for_newer_model_parameters_go_out_again_adapted(server, tmp_path):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=1, pairs=2)
+    server.config.reject_max_tokens = True
+    progress = run_pipeline(db_path, _options(server, model="gpt-5-mini"))
+    assert progress.pairs_done == 2
+    assert server.stats["rejected_max_tokens"] == 1  # one refused line, then adapted

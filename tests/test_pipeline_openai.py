@@ -159,6 +159,18 @@ def test_response_format_falls_back_json_schema_then_json_object_then_text(
     assert texts and not any("```" in t or "Sure" in t for t in texts)
 
 
+def test_newer_models_parameters_are_adapted_once_not_mistaken_for_format_refusals(server, tmp_path):
+    db_path, _ = _world(tmp_path, references=1, pairs=2)
+    server.config.reject_max_tokens = True
+    server.config.reject_temperature = True
+    progress = run_pipeline(db_path, _options(server, concurrency=1, model="gpt-5-mini"))
+    assert progress.pairs_done == 2
+    assert server.stats["rejected_max_tokens"] == 1 and server.stats["rejected_temperature"] == 1
+    last = server.requests[-1]
+    assert "max_completion_tokens" in last and "temperature" not in last
+    assert last["response_format"]["type"] == "json_schema"  # the format was never stepped down
+
+
 def test_invalid_answer_gets_one_repair_quoting_the_error_then_fails_with_reason(server, tmp_path):
     db_path, _ = _world(tmp_path, references=1, pairs=2)
     server.config.rate_invalid_answer = 1.0

@@ -9,6 +9,8 @@ PermanentError, so nothing else imports `openai`.
 Structured output falls back in steps: `json_schema` (strict) → `json_object` → plain
 text (the prompt asks for JSON either way, and the stages extract it). A 400 answer to
 one mode is retried at once with the next; the mode that works is kept for the run.
+A 400 that names `max_completion_tokens` or `temperature` (newer OpenAI models) first
+adapts those parameters and retries the same mode.
 The API key is read from the environment and is scrubbed from every error message.
 """
 
@@ -131,6 +133,7 @@ class OpenAIBackend:
         self.detail = detail
         self.response_mode = response_mode
         self.max_tokens_param = max_tokens_param
+        self.send_temperature = True
         self._secret = resolve_api_key(api_key_env, base_url)
         self.encoder = encoder or ImageEncoder(max_side=image_max_side)
         self.client = AsyncOpenAI(base_url=base_url, api_key=self._secret, timeout=timeout,
@@ -141,11 +144,23 @@ class OpenAIBackend:
         """Settings that change the answer, hence part of every cache key."""
         return {"detail": self.detail, "image_max_side": self.encoder.max_side}
 
+    def _adapt_parameters(self, message: str) -> bool:
+        """Newer OpenAI models refuse `max_tokens` (they want `max_completion_tokens`)
+        and any temperature but the default: adapt once, say whether anything changed."""
+        lowered = message.lower()
+        if "max_completion_tokens" in lowered and self.max_tokens_param == "max_tokens":
+            self.max_tokens_param = "max_completion_tokens"
+            return True
+        if "temperature" in lowered and self.send_temperature:
+            self.send_temperature = False
+            return True
+        return False
+
     def _body(self, request: VLMRequest, messages: list[dict], mode: str) -> dict:
-        body: dict[str, Any] = {
-            "model": self.model, "messages": messages, "temperature": request.temperature,
-            self.max_tokens_param: request.max_tokens,
-        }
+        body: dict[str, Any] = {"model": self.model, "messages": messages,
+                                self.max_tokens_param: request.max_tokens}
+        if self.send_temperature:
+            body["temperature"] = request.temperature
         response_format = response_format_for(request, mode)
         if response_format is not None:
             body["response_format"] = response_format
@@ -155,14 +170,19 @@ class OpenAIBackend:
         import openai
 
         messages = await build_messages(request, self.encoder, self.detail)
-        modes = RESPONSE_MODES[RESPONSE_MODES.index(self.response_mode):]
+        modes = list(RESPONSE_MODES[RESPONSE_MODES.index(self.response_mode):])
         started = time.perf_counter()
-        for i, mode in enumerate(modes):
+        i = 0
+        while i < len(modes):
+            mode = modes[i]
             try:
                 completion = await self.client.chat.completions.create(
                     **self._body(request, messages, mode))
             except openai.BadRequestError as exc:
+                if self._adapt_parameters(str(exc)):
+                    continue  # same mode again, with the parameter this model wants
                 if i + 1 < len(modes):
+                    i += 1
                     continue  # many local servers reject response_format: step down
                 raise map_openai_error(exc, self._secret) from None
             except (openai.OpenAIError, ValueError) as exc:

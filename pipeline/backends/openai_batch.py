@@ -115,6 +115,7 @@ class OpenAIBatchBackend:
         self.detail = detail
         self.response_mode = response_mode
         self.max_tokens_param = max_tokens_param
+        self.send_temperature = True
         self.poll_interval = poll_interval
         self.batch_timeout = batch_timeout
         self.flush_interval = flush_interval
@@ -166,8 +167,9 @@ class OpenAIBatchBackend:
 
     def _body(self, request: VLMRequest, messages: list[dict]) -> dict:
         body: dict[str, Any] = {"model": self.model, "messages": messages,
-                                "temperature": request.temperature,
                                 self.max_tokens_param: request.max_tokens}
+        if self.send_temperature:
+            body["temperature"] = request.temperature
         response_format = response_format_for(request, self.response_mode)
         if response_format is not None:
             body["response_format"] = response_format
@@ -404,4 +406,19 @@ class OpenAIBatchBackend:
         message = f"batch {batch_id}: status {status}: {body_error}"[:500]
         if status == 429 or (status or 500) >= 500:
             return BatchLineError(message, batch_id, custom_id)
+        if status == 400 and self._adapt_parameters(body_error):
+            return BatchLineError(f"{message} (adapted; resubmitting)", batch_id, custom_id)
         return BatchRejectedError(message, batch_id, custom_id)
+
+    def _adapt_parameters(self, message: str) -> bool:
+        """As the `openai` backend: newer models want max_completion_tokens and no
+        temperature. True when a line refused for that should simply go out again."""
+        lowered = message.lower()
+        if "max_completion_tokens" in lowered:
+            if self.max_tokens_param == "max_tokens":
+                self.max_tokens_param = "max_completion_tokens"
+            return True
+        if "temperature" in lowered:
+            self.send_temperature = False
+            return True
+        return False
