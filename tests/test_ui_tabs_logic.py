@@ -206,3 +206,11 @@ def test_ground_truth_cache_recomputes_only_on_change(store):
     assert cache._cached(db, "run", 1, compute) == {"n": 3}
     rl.set_flag(db, ann, "caption", f"{ann}:c0", False, "ann")
     assert cache._cached(db, "run", 1, compute) == {"n": 3}  # the VLM's answers did not change
+
+
+def test_a_run_that_cannot_start_says_why(store, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    controller = pl.PipelineController(str(store["db_path"]))
+    with pytest.raises(pl.PipelineControlError, match="OPENAI_API_KEY"):
+        controller.start(pl.RunForm(backend="openai"), "ann")
+    assert not controller.running

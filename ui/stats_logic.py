@@ -128,6 +128,13 @@ class GroundTruthCache:
         return self._cached(db, "flags", run_id, lambda: score_flags(db, run_id=run_id))
 
 
+def has_ground_truth(db, run_id: int) -> bool:
+    """Whether any done pair of the run has demo-world ground truth (else scoring is moot)."""
+    return db.execute(
+        "SELECT 1 FROM annotations a JOIN pairs p ON p.id = a.pair_id WHERE a.run_id = ? AND a.status = 'done'"
+        " AND p.ground_truth IS NOT NULL LIMIT 1", [run_id]).fetchone() is not None
+
+
 GT_MEASURES = (
     ("stage1", "object_rate", "S1 objects"), ("stage1", "attribute_rate", "S1 attributes"),
     ("stage2", "object_rate", "S2 objects"), ("stage2", "attribute_rate", "S2 attributes"),
@@ -140,6 +147,8 @@ def ground_truth_rates(db, cache: GroundTruthCache) -> dict[str, dict[str, Optio
     """Per run with ground truth: the GT_MEASURES rates."""
     out = {}
     for run_id, info in _runs(db).items():
+        if not has_ground_truth(db, run_id):
+            continue
         try:
             result = cache.score(db, run_id)
         except Exception as exc:  # one run the scorer cannot read must not hide the others
@@ -157,7 +166,7 @@ def flag_catch_rows(db, cache: GroundTruthCache) -> list[list]:
     for run_id, info in _runs(db).items():
         flagged = db.execute("SELECT COUNT(*) FROM flags f JOIN annotations a ON a.id = f.annotation_id"
                              " WHERE a.run_id = ? AND f.removed_at IS NULL", [run_id]).fetchone()[0]
-        if not flagged:
+        if not flagged or not has_ground_truth(db, run_id):
             continue
         try:
             result = cache.flags(db, run_id)
