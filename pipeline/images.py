@@ -76,6 +76,10 @@ class ImageEncoder:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="g4c-image")
 
     async def data_url(self, path: str, key: Optional[str] = None) -> str:
+        """A data URL for a local file; an http(s) URL (an image recorded only by its URL)
+        is passed on as it is, for the provider to fetch."""
+        if path.startswith(("https://", "http://")):
+            return path
         key = key or path
         cached = self._cache.get(key)
         if cached is not None:

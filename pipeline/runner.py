@@ -535,7 +535,7 @@ class Runner:
     def _check_paths(item: dict) -> None:
         for role in ("reference", "target"):
             if not item[f"{role}_path"]:
-                raise ItemFailedError("bad image", f"{role} image {item[f'{role}_name']} has no local file")
+                raise ItemFailedError("bad image", f"{role} image {item[f'{role}_name']} has no file or URL")
 
     async def _stage1(self, image_id: str, path: Optional[str], name: str) -> tuple[str, list[dict]]:
         key = stage1_key(image_id, self.params, self.prompts)
@@ -559,7 +559,7 @@ class Runner:
             if existing is not None:
                 return key, [o.model_dump() for o in existing.objects]
         if not path:
-            raise ItemFailedError("bad image", f"reference image {name} has no local file")
+            raise ItemFailedError("bad image", f"reference image {name} has no file or URL")
         answer, call = await self._ask(stage1_request(
             image_id, path, temperature=self.options.temperature, max_tokens=self.options.max_tokens))
         objects = [o.model_dump() for o in answer.objects]
@@ -574,7 +574,7 @@ class Runner:
             if existing is not None:
                 return key, [o.model_dump() for o in existing.objects]
         if not item["target_path"]:
-            raise ItemFailedError("bad image", f"target image {item['target_name']} has no local file")
+            raise ItemFailedError("bad image", f"target image {item['target_name']} has no file or URL")
         answer, call = await self._ask(stage2_request(
             item["pair_id"], item["target_id"], item["target_path"], objects1,
             temperature=self.options.temperature, max_tokens=self.options.max_tokens))

@@ -228,10 +228,10 @@ def select_pair_ids(db: sqlite_utils.Database, *, split: Optional[str] = None,
 
 def pending_work(db: sqlite_utils.Database, run_id: int) -> list[dict]:
     """The run's pending annotations with what annotating them needs: pair, image ids,
-    image paths and names, in queue order."""
+    image paths (the URL for an image recorded only by URL) and names, in queue order."""
     cursor = db.execute(
         "SELECT a.id AS annotation_id, a.pair_id, p.reference_id, p.target_id,"
-        " ri.path AS reference_path, ti.path AS target_path,"
+        " COALESCE(ri.path, ri.url) AS reference_path, COALESCE(ti.path, ti.url) AS target_path,"
         " ri.name AS reference_name, ti.name AS target_name"
         " FROM annotations a JOIN pairs p ON p.id = a.pair_id"
         " JOIN images ri ON ri.id = p.reference_id LEFT JOIN images ti ON ti.id = p.target_id"

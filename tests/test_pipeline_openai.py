@@ -253,3 +253,19 @@ def test_background_thread_reports_progress_stops_and_resumes(server, tmp_path):
     dup = table_rows(db_path, "SELECT request_hash FROM calls WHERE status = 'ok'"
                               " GROUP BY request_hash HAVING COUNT(*) > 1")
     assert dup == []
+
+
+def test_an_image_known_only_by_url_is_sent_as_that_url(server, tmp_path):
+    import sqlite3
+
+    db_path, world = _world(tmp_path, references=1, pairs=1)
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE images SET path = NULL, url = 'https://example.com/ref.png' WHERE name = 'ref0000'")
+    conn.commit()
+    conn.close()
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.pairs_done == 1
+    urls = [p["image_url"]["url"] for body in server.requests for m in body["messages"]
+            if m["role"] == "user" and isinstance(m["content"], list)
+            for p in m["content"] if p["type"] == "image_url"]
+    assert urls[0] == "https://example.com/ref.png" and urls[1].startswith("data:image/jpeg;base64,")
