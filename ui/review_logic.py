@@ -17,7 +17,7 @@ from store import queue as store_queue
 from store import review as store_review
 from store.annotations import get_annotation, get_description
 from store.errors import ConflictError, NotFoundError, StoreError
-from store.models import FLAG_REASONS, CaptionRecord, DescribedObject, FlagRecord
+from store.models import FLAG_REASONS, DescribedObject, FlagRecord
 
 from .security import escape_text, image_url
 
