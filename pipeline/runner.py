@@ -30,7 +30,10 @@ base URL, method, prompt versions, image and sampling parameters, split). Runnin
 same options again resumes the latest matching run: done pairs are skipped, stored
 descriptions are reused, and every request whose answer is already stored (by request
 hash, any run) is answered from the store instead of the backend. Calls are stored
-(store.annotations.record_call) before their answer is acted on.
+(store.annotations.record_call) before their answer is acted on: all writes go through
+one store thread in order (pipeline.store_worker), so a call's row is committed before
+anything made from it, and the event loop never waits on sqlite. `--retry-failed`
+(retry_failed=True) puts a resumed run's failed pairs back to pending.
 
 Stage 1 runs once per reference image: its description id is a hash of (image id,
 prompt version, model, parameters), shared by every pair and every run with that key,
@@ -40,7 +43,14 @@ Failures: a transient error (429, 5xx, timeout, malformed body) is retried with
 exponential backoff and full jitter, or after Retry-After when the server sends one, up
 to `max_attempts` per request and `retry_budget` retries per run session. An answer that
 does not validate gets one repair request quoting the validation error. After that the
-pair is marked failed with '<category>: <detail>' and the run goes on.
+pair is marked failed with '<category>: <detail>' and the run goes on. Categories:
+bad image, no target, request rejected, retries exhausted, retry budget spent, invalid
+answer, stage 4 error, internal error.
+
+Scheduling: `concurrency` request slots, served later stages first (pipeline.slots), and
+twice as many pair workers, so pairs waiting on a shared stage 1 never leave a slot idle.
+Stop (handle.stop(), or a first Ctrl-C in run_pipeline): no new calls; calls in flight
+get `stop_grace` seconds to finish and be stored; unfinished pairs stay pending.
 """
 
 from __future__ import annotations
