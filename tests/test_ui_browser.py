@@ -349,12 +349,21 @@ def test_login_user_is_the_reviewer(world, browser, external_requests):
         expect(reviewer).to_have_value("carol")
         assert not reviewer.is_editable()
         annotation_id = shown(page).get_attribute("data-annotation")
+        # the page cannot claim another reviewer: the login decides
+        page.evaluate("document.querySelector('#g4c-reviewer textarea, #g4c-reviewer input').value = 'mallory'")
+        field = page.locator("#g4c-cap-i0 textarea")
+        field.fill("Written while logged in as carol.")
+        field.press("Enter")
+        wait_caption_status(page, "saved as version")
+        edited = (annotation_id + ":c0", "Written while logged in as carol.")
         page.wait_for_function("Array.from(document.querySelectorAll('.g4c-images img')).every(i => i.naturalWidth > 0)")
         page.locator("#g4c-reject").click()
         expect(shown(page)).not_to_have_attribute("data-annotation", annotation_id)
         context.close()
     row = world["db"].execute("SELECT review_status, reviewer FROM annotations WHERE id = ?", [annotation_id]).fetchone()
     assert row == ("rejected", "carol")
+    editor = world["db"].execute("SELECT editor FROM caption_edits WHERE caption_id = ? AND text = ?", edited).fetchone()
+    assert editor == ("carol",)
 
 
 def test_nothing_left_this_machine(external_requests):

@@ -22,6 +22,7 @@ from store.queue import QUEUES  # noqa: E402
 from . import review_logic as rl  # noqa: E402
 from .assets import BOARD_JS, CAPTIONS_JS, IMAGES_JS, SHORTCUTS_MD, URL_JS  # noqa: E402
 from .connections import Connections  # noqa: E402
+from .security import login_user  # noqa: E402
 
 # Reviewers each run several events at once (a blur, a click, a timer); Gradio's
 # default of one event at a time per handler would make them wait on each other.
@@ -51,9 +52,15 @@ def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_ena
     gt_cache = GroundTruthCache()
     service = RetrieveService(str(db_path), index_path)
 
-    def reviewer_of(request: Optional[gr.Request], typed: Optional[str]) -> str:
-        user = getattr(request, "username", None) if request is not None else None
-        return user or (typed or "").strip()
+    def reviewer_of(request, typed: Optional[str]) -> str:
+        """The logged-in user when there is a login (never what the page claims), else
+        the name typed in the Reviewer box."""
+        if auth_enabled:
+            user = login_user(request)
+            if not user:
+                raise gr.Error("your login has expired: reload the page and log in again")
+            return user
+        return (typed or "").strip()
 
     with gr.Blocks(title="good4cir review", analytics_enabled=False, fill_width=True) as demo:
         name_store = gr.BrowserState("", storage_key="g4c-reviewer")

@@ -95,6 +95,26 @@ def parse_auth(spec: Optional[str]) -> Optional[list[tuple[str, str]]]:
     return pairs
 
 
+def login_user(request) -> Optional[str]:
+    """The logged-in user behind a request: a gr.Request from an event, or the raw
+    Starlette request a component's server function receives (read from Gradio's own
+    login cookie, as Gradio's routes do)."""
+    if request is None:
+        return None
+    user = getattr(request, "username", None)
+    if user:
+        return user
+    raw = getattr(request, "request", None) or request
+    scope = getattr(raw, "scope", None) or {}
+    app = scope.get("app")
+    tokens, cookie_id = getattr(app, "tokens", None), getattr(app, "cookie_id", None)
+    if not tokens or cookie_id is None:
+        return None
+    cookies = getattr(raw, "cookies", {}) or {}
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+    return tokens.get(token) if token else None
+
+
 # ---------------------------------------------------------------- images
 
 @dataclass(frozen=True)
