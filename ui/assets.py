@@ -15,8 +15,11 @@ CSS = """
   align-items: center; justify-content: center; cursor: zoom-out; overflow: hidden; }
 .g4c-lightbox img { width: 92vw; height: 92vh; object-fit: contain; transform-origin: center; }
 .g4c-lightbox .g4c-hint { position: absolute; bottom: 10px; color: #ddd; font-size: 13px; }
-.g4c-progress { font-size: 16px; font-weight: 600; padding: 6px 10px; border-radius: 6px;
-  background: var(--background-fill-secondary); }
+/* Position and counts stay in view however far the reviewer scrolls (only while the
+   Review tab is shown: the bar lives inside it). */
+.g4c-progress { position: fixed; left: 0; right: 0; bottom: 0; z-index: 60; font-size: 15px; font-weight: 600;
+  padding: 6px 16px; background: #1f2937; color: #f9fafb; box-shadow: 0 -2px 6px rgba(0,0,0,.2); }
+body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-meta { font-size: 13px; padding: 4px 10px; }
 .g4c-status { font-weight: 700; text-transform: uppercase; }
 .g4c-s-approved { color: #15803d; } .g4c-s-rejected { color: #b91c1c; } .g4c-s-unreviewed { color: #6b7280; }
