@@ -415,6 +415,9 @@ class Runner:
             self._slots = PrioritySlots(self.options.resolved_concurrency())
             self._inflight: dict[str, asyncio.Future] = {}
             self._stage1_futures: dict[str, asyncio.Future] = {}
+            # Stage 4's CLIP tokenizer takes seconds to import (torch): load it on a
+            # thread while the first calls are out, not on the event loop at the first pair.
+            self._stage4_ready = asyncio.get_running_loop().run_in_executor(None, _load_stage4)
             await self._run_work(work)
             await self._db(lambda db: None)  # every queued write is in the store
             status = "stopped" if self._stopping else "finished"
@@ -505,6 +508,7 @@ class Runner:
                     (item["target_id"], item["target_path"]),
                     temperature=self.options.temperature, max_tokens=self.options.max_tokens))
             captions = answer.captions
+            await asyncio.shield(self._stage4_ready)
             compounds = self._compose(captions, item["pair_id"])
             self._db_later(store_ann.complete_annotation, annotation_id, stage1_id=stage1_id,
                            stage2_id=stage2_id, captions=captions, compounds=compounds)
@@ -704,6 +708,15 @@ class Runner:
             return min(self.options.backoff_max, retry_after) * self._rng.uniform(1.0, 1.2)
         ceiling = min(self.options.backoff_max, self.options.backoff_base * 2 ** (attempt - 1))
         return self._rng.uniform(0, ceiling)  # "full jitter"
+
+
+def _load_stage4() -> None:
+    try:
+        from .compound import compose_captions
+
+        compose_captions(["Make the lamp red", "Add a plant", "Remove the rug"], seed="warm-up")
+    except Exception:  # reported per pair by _compose, with the reason
+        log.exception("loading stage 4 failed")
 
 
 def _record_call(db, call: CallRecord, ref: CallRef) -> None:
