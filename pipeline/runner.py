@@ -248,7 +248,13 @@ def _settings(options: RunOptions) -> dict:
 
 def _find_run(db, options: RunOptions):
     if options.run_id is not None:
-        return store_ann.get_run(db, options.run_id)
+        run = store_ann.get_run(db, options.run_id)
+        if run.settings.get("fingerprint") != run_fingerprint(options):
+            raise ValueError(
+                f"run {run.id} was made with other settings (backend {run.backend}, model "
+                f"{run.model}, method {run.method}, or other prompts or parameters); give the "
+                "same options to resume it, or leave out --run to start or resume a matching run")
+        return run
     if options.new_run:
         return None
     fingerprint = run_fingerprint(options)

@@ -269,3 +269,11 @@ def test_an_image_known_only_by_url_is_sent_as_that_url(server, tmp_path):
             if m["role"] == "user" and isinstance(m["content"], list)
             for p in m["content"] if p["type"] == "image_url"]
     assert urls[0] == "https://example.com/ref.png" and urls[1].startswith("data:image/jpeg;base64,")
+
+
+def test_resuming_a_run_by_id_with_other_settings_is_refused(server, tmp_path):
+    db_path, _ = _world(tmp_path, references=1, pairs=1)
+    run_pipeline(db_path, _options(server))
+    assert run_pipeline(db_path, _options(server, run_id=1)).run_id == 1
+    with pytest.raises(ValueError, match="run 1 was made with other settings"):
+        run_pipeline(db_path, _options(server, run_id=1, model="gpt-4o"))
