@@ -128,7 +128,6 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         split_dd = gr.Dropdown([rl.ANY], value=rl.ANY, label="Split", scale=1)
         goto_box = gr.Textbox(label="Go to pair", placeholder="pair id or annotation id, Enter", scale=2)
     info_html = gr.HTML("", elem_id="g4c-info", js_on_load=None)
-    activity_html = gr.HTML("", elem_id="g4c-activity", js_on_load=None)
     opened_at = gr.State("")  # when the shown pair was read, to tell others' later work apart
     live_timer = gr.Timer(LIVE_SECONDS)
     images_html = gr.HTML("", elem_id="g4c-images", js_on_load=IMAGES_JS)
@@ -148,6 +147,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         with gr.Column(scale=5):
             board_html = gr.HTML("", elem_id="g4c-board", js_on_load=BOARD_JS)
         with gr.Column(scale=4):
+            activity_html = gr.HTML("", elem_id="g4c-activity", js_on_load=None)
             captions_html = gr.HTML("", elem_id="g4c-captions", js_on_load=CAPTIONS_JS,
                                     server_functions=[save_caption])
             note_box = gr.Textbox(label="Note (saved when you leave the field)", lines=2, elem_id="g4c-note")
