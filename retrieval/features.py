@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from store.images import load_image_rgb
@@ -182,12 +183,19 @@ class FeatureCache:
                 pooled[start:start + n] = out.pooled.half()
                 tokens[start:start + n, :length] = out.tokens.half()
                 mask[start:start + n, :length] = out.padding_mask
+            # Stored only as wide as the longest caption: most are far below 77 tokens.
+            width = max(int((~mask).sum(dim=1).max().item()), 1)
             self.text_shards.write([_digest(t) for t in missing],
-                                   {"pooled": pooled, "tokens": tokens, "padding_mask": mask})
+                                   {"pooled": pooled, "tokens": tokens[:, :width].contiguous(),
+                                    "padding_mask": mask[:, :width].contiguous()})
             stored, data = self.text_shards.read()
             where = {key: i for i, key in enumerate(stored)}
         rows = torch.tensor([where[_digest(t)] for t in texts], dtype=torch.long)
-        return {name: torch.cat(parts)[rows] for name, parts in data.items()}
+        width = max(part.shape[1] for part in data["tokens"])
+        tokens = torch.cat([F.pad(p, (0, 0, 0, width - p.shape[1])) for p in data["tokens"]])
+        mask = torch.cat([F.pad(m, (0, width - m.shape[1]), value=True) for m in data["padding_mask"]])
+        return {"pooled": torch.cat(data["pooled"])[rows], "tokens": tokens[rows],
+                "padding_mask": mask[rows]}
 
 
 def trim_text_features(tokens: torch.Tensor, padding_mask: torch.Tensor

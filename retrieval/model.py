@@ -190,8 +190,9 @@ def _as_pil(image):
     from PIL import Image
 
     if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        from store.images import load_image_rgb  # EXIF, CMYK, 16-bit, alpha handled once
+
+        return load_image_rgb(image)
     if isinstance(image, Image.Image):
         return image.convert("RGB") if image.mode != "RGB" else image
     raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")

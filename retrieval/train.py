@@ -70,7 +70,7 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     resume: bool = False
     threads: Optional[int] = None
-    val_queries: int = 1000
+    val_queries: int = 400
     progress: bool = True
 
 

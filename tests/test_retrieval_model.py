@@ -162,3 +162,33 @@ def test_info_nce_masks_repeated_targets():
     plain = info_nce(q, t)
     masked = info_nce(q, t, target_ids=torch.tensor([7, 7, 8, 9]))
     assert masked < plain
+
+
+@torch.no_grad()
+def test_feature_cache_holds_what_the_encoder_computes(tmp_path, encoder):
+    from retrieval.features import FeatureCache, PixelCache, trim_text_features
+
+    texts = ["a", "make the lamp red and remove the two green plants", "a"]
+    first = FeatureCache(tmp_path, encoder).text_features(texts, progress=False)
+    again = FeatureCache(tmp_path, encoder).text_features([texts[1], "new text"], progress=False)
+    fresh = encoder.encode_text_ids(encoder.tokenize(texts))
+    tokens, mask = trim_text_features(first["tokens"], first["padding_mask"])
+    assert torch.equal(mask, fresh.padding_mask)
+    torch.testing.assert_close(tokens.float()[~mask], fresh.tokens[~mask], atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(again["pooled"][0], first["pooled"][1])
+    # images: keyed by content hash, computed from the uint8 pixel cache
+    paths = {}
+    for i in range(3):
+        path = tmp_path / f"im{i}.png"
+        Image.fromarray(np.full((40, 40, 3), 60 * i, dtype=np.uint8)).save(path)
+        paths[f"key{i}"] = str(path)
+    pil, _, _ = split_preprocess(encoder.preprocess)
+    pixels, row_of, failures = PixelCache(tmp_path, pil).load({**paths, "bad": str(tmp_path / "no.png")},
+                                                             progress=False)
+    assert set(row_of) == set(paths) and "bad" in failures
+    model = build_model({**SMALL, "fusion": "sum"})
+    model.encoder = encoder
+    cached = FeatureCache(tmp_path, encoder).image_features(
+        list(paths), lambda keys: model.normalize_pixels(pixels[[row_of[k] for k in keys]]), progress=False)
+    direct = encoder.encode_image_tokens(model.normalize_pixels(pixels))
+    torch.testing.assert_close(cached["pooled"].float(), direct.pooled, atol=2e-2, rtol=1e-2)

@@ -21,7 +21,7 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
-    return root, make_world_store(root, pairs=80)
+    return root, make_world_store(root, pairs=60)
 
 
 def _config(root, out, **overrides):
@@ -46,36 +46,46 @@ def _train_set_loss(model, root) -> float:
     return float(info_nce(model.query_embedding(ref, ids), model.target_embedding(tgt), target_ids=targets))
 
 
-def test_training_lowers_the_loss_and_writes_checkpoints(world):
+@pytest.fixture(scope="module")
+def trained(world):
+    """One residual model trained 3 epochs, shared by the tests below; and its init."""
     root, _ = world
-    cfg = _config(root, "residual", epochs=4)
+    cfg = _config(root, "residual", epochs=3)
     torch.manual_seed(cfg.seed)  # train() seeds the same way before building its model
     initial = build_model({"model": "tiny", "image_size": 32, "fusion": "residual"})
-    result = train(cfg)
+    return train(cfg), initial
+
+
+def test_training_lowers_the_loss_and_writes_checkpoints(world, trained):
+    root, _ = world
+    result, initial = trained
     for name in ("config.json", "best.pt", "last.pt", "history.json", "curves.png"):
         assert (result.out / name).is_file(), name
-    trained, info = load_model(result.out, which="last")
-    before, after = _train_set_loss(initial, root), _train_set_loss(trained, root)
+    model, info = load_model(result.out, which="last")
+    before, after = _train_set_loss(initial, root), _train_set_loss(model, root)
     assert after < 0.85 * before, (before, after)
     history = json.loads((result.out / "history.json").read_text())
-    assert len(history["epochs"]) == 4 and "recall" in history["epochs"][0]["val"]
+    assert len(history["epochs"]) == 3 and "recall" in history["epochs"][0]["val"]
     assert history["summary"]["triplets_per_second"] > 0
-    assert info["epoch"] == 4
+    assert info["epoch"] == 3
 
 
-def test_resume_continues_from_last(world):
+def test_resume_continues_from_last(world, trained):
+    import shutil
+
     root, _ = world
-    first = train(_config(root, "resumed", epochs=1))
-    second = train(_config(root, "resumed", epochs=2, resume=True))
-    assert second.epochs == 2 and second.steps == 2 * first.steps
-    assert [e["epoch"] for e in second.history["epochs"]] == [1, 2]
+    result, _ = trained
+    shutil.copytree(result.out, root / "resumed")
+    resumed = train(_config(root, "resumed", epochs=4, resume=True))
+    assert resumed.epochs == 4 and resumed.steps == 4 * (result.steps // 3)
+    assert [e["epoch"] for e in resumed.history["epochs"]] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="cannot resume"):
-        train(_config(root, "resumed", epochs=3, resume=True, fusion="paper"))
+        train(_config(root, "resumed", epochs=5, resume=True, fusion="paper"))
 
 
 def test_frozen_encoders_use_the_feature_cache(world):
     root, _ = world
-    cfg = _config(root, "frozen", freeze_encoders=True, epochs=2, fusion="paper",
+    cfg = _config(root, "frozen", freeze_encoders=True, epochs=1, fusion="paper",
                   cache_dir=str(root / "frozen-cache"))
     torch.manual_seed(cfg.seed)
     initial = build_model({"model": "tiny", "image_size": 32, "fusion": "paper"})
