@@ -199,13 +199,16 @@ def test_ground_truth_cache_recomputes_only_on_change(store):
         return {"n": len(calls)}
 
     assert cache._cached(db, "flags", 1, compute) == {"n": 1}
-    rl.set_status(db, ann, "approved", "ann")              # a review alone changes no score
-    assert cache._cached(db, "flags", 1, compute) == {"n": 1}
+    rl.save_note(db, ann, "a note", "ann")
+    assert cache._cached(db, "flags", 1, compute) == {"n": 1}   # a note changes no score
+    rl.set_status(db, ann, "approved", "ann")
+    assert cache._cached(db, "flags", 1, compute) == {"n": 2}   # one more decided pair
     rl.set_flag(db, ann, "caption", f"{ann}:c0", True, "ann")
-    assert cache._cached(db, "flags", 1, compute) == {"n": 2}
-    assert cache._cached(db, "run", 1, compute) == {"n": 3}
+    assert cache._cached(db, "flags", 1, compute) == {"n": 3}   # one more flag
+    assert cache._cached(db, "run", 1, compute) == {"n": 4}
     rl.set_flag(db, ann, "caption", f"{ann}:c0", False, "ann")
-    assert cache._cached(db, "run", 1, compute) == {"n": 3}  # the VLM's answers did not change
+    assert cache._cached(db, "run", 1, compute) == {"n": 4}     # the VLM's answers did not change
+    assert cache._cached(db, "flags", 1, compute) == {"n": 5}
 
 
 def test_a_run_that_cannot_start_says_why(store, monkeypatch):

@@ -101,6 +101,8 @@ class GroundTruthCache:
         key = db.execute("SELECT COUNT(*) FROM annotations WHERE run_id = ? AND status = 'done'",
                          [run_id]).fetchone()
         if what == "flags":
+            key += db.execute(f"SELECT COUNT(*) FROM annotations a WHERE a.run_id = ? AND {_DECIDED}",
+                              [run_id]).fetchone()
             key += db.execute(
                 "SELECT COUNT(*), MAX(f.id), COUNT(f.removed_at) FROM flags f JOIN annotations a"
                 " ON a.id = f.annotation_id WHERE a.run_id = ?", [run_id]).fetchone()
@@ -125,7 +127,24 @@ class GroundTruthCache:
             from pipeline.scoring import score_flags
         except ImportError:
             return None
-        return self._cached(db, "flags", run_id, lambda: score_flags(db, run_id=run_id))
+        def decided_pairs() -> dict:
+            # Only pairs a reviewer decided on: an unreviewed pair's hallucinations were
+            # not missed by anyone.
+            totals = {part: {"hallucinated": 0, "flagged": 0, "caught": 0} for part in ("descriptors", "captions")}
+            scored = 0
+            for (annotation_id,) in db.execute(
+                    f"SELECT a.id FROM annotations a WHERE a.run_id = ? AND {_DECIDED}", [run_id]).fetchall():
+                result = score_flags(db, annotation_id)
+                scored += result.get("annotations", 0)
+                for part, total in totals.items():
+                    for key in total:
+                        total[key] += result[part][key]
+            for total in totals.values():
+                total["recall"] = rate(total["caught"], total["hallucinated"])
+                total["precision"] = rate(total["caught"], total["flagged"])
+            return {"annotations": scored, **totals}
+
+        return self._cached(db, "flags", run_id, decided_pairs)
 
 
 def has_ground_truth(db, run_id: int) -> bool:
@@ -186,7 +205,8 @@ def flag_catch_rows(db, cache: GroundTruthCache) -> list[list]:
     return rows
 
 
-FLAG_CATCH_HEADERS = ["run", "items", "truly hallucinated", "flagged", "caught", "recall", "precision"]
+FLAG_CATCH_HEADERS = ["run", "items (decided pairs)", "truly hallucinated", "flagged", "caught", "recall",
+                      "precision"]
 
 
 def review_progress(db: sqlite_utils.Database) -> dict[str, dict[str, int]]:
