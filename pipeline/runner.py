@@ -665,6 +665,7 @@ class Runner:
                 except (TransientError, PermanentError) as exc:
                     error = exc
             latency_ms = (time.perf_counter() - started) * 1000
+            answered_at = utc_now()  # when it happened, not when the store thread writes it
             if request_json is None:
                 request_json = _request_json(request, self.params)
             if error is None:
@@ -678,7 +679,7 @@ class Runner:
                     tokens_in=response.tokens_in, tokens_out=response.tokens_out,
                     latency_ms=response.latency_ms if response.latency_ms is not None else latency_ms,
                     cost_usd=cost, batch_id=getattr(response, "batch_id", None),
-                    custom_id=getattr(response, "custom_id", None))
+                    custom_id=getattr(response, "custom_id", None), created_at=answered_at)
                 # Queued before anything made from the answer, so it is in the store first:
                 # a crash from here on never pays for it again.
                 ref = CallRef()
@@ -693,7 +694,8 @@ class Runner:
                 prompt_version=request.prompt_version, model=self.model,
                 subject_id=request.subject_id, request=request_json, status="error",
                 error=message[:2000], latency_ms=latency_ms,
-                batch_id=getattr(error, "batch_id", None), custom_id=getattr(error, "custom_id", None)))
+                batch_id=getattr(error, "batch_id", None), custom_id=getattr(error, "custom_id", None),
+                created_at=answered_at))
             self.progress.calls += 1
             self.progress.call_errors += 1
             self.progress.last_error = message[:300]
