@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the app reaches no network
 
 import gradio as gr  # noqa: E402
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the app reaches no network
 
 import fastapi  # noqa: E402
 from fastapi.responses import FileResponse, PlainTextResponse  # noqa: E402
