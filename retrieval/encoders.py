@@ -8,6 +8,7 @@ configs plus ours in `model_configs/`), preprocessing from the same factory.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +177,14 @@ def create_encoder(
     )
     if checkpoint is not None:
         load_open_clip_weights(clip, checkpoint)
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = _tokenizer(name)
     return Encoder(clip, name, tokenizer, preprocess)
+
+
+@functools.lru_cache(maxsize=8)
+def _tokenizer(name: str):
+    """open_clip's tokenizer for a model; reading its BPE vocabulary costs ~0.3 s, once."""
+    return open_clip.get_tokenizer(name)
 
 
 def load_open_clip_weights(clip: nn.Module, path: str | Path) -> None:
