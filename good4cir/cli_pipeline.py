@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="downscale images to fit PX x PX before sending (default 512)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     parser.add_argument("--max-attempts", type=int, default=6, help="attempts per request on transient errors")
-    parser.add_argument("--retry-budget", type=int, help="retries allowed in this session (default 100 + 2 per pair)")
+    parser.add_argument("--retry-budget", type=int, help="retries allowed for the whole run, all sessions (default 100 + 2 per pair)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key (default OPENAI_API_KEY)")
     parser.add_argument("--prices", metavar="FILE",

@@ -41,7 +41,8 @@ and concurrent pairs with one reference wait on a single call.
 
 Failures: a transient error (429, 5xx, timeout, malformed body) is retried with
 exponential backoff and full jitter, or after Retry-After when the server sends one, up
-to `max_attempts` per request and `retry_budget` retries per run session. An answer that
+to `max_attempts` per request and `retry_budget` retries per run (its earlier sessions'
+retries count; pass a larger budget to resume a run that spent its own). An answer that
 does not validate gets one repair request quoting the validation error. After that the
 pair is marked failed with '<category>: <detail>' and the run goes on. Categories:
 bad image, no target, request rejected, retries exhausted, retry budget spent, invalid
@@ -121,7 +122,7 @@ class RunOptions:
     temperature: float = 0.2
     max_tokens: int = 1500
     max_attempts: int = 6                    # per request, transient errors
-    retry_budget: Optional[int] = None       # retries per session; default 2 per pending pair + 100
+    retry_budget: Optional[int] = None       # retries per run (all sessions); default 100 + 2 per pair
     backoff_base: float = 1.0
     backoff_max: float = 60.0
     prices_path: Optional[str] = None
@@ -400,6 +401,10 @@ class Runner:
             calls=counts["calls"], call_errors=counts["call_errors"], cost_usd=counts["cost_usd"],
             failures=dict(counts["failures"]))
         self._failures = Counter(counts["failures"])
+        # Retries earlier sessions made (saved when a session ends; a killed session's
+        # retries are not counted, which errs on the generous side).
+        self._retries_used = int(run.settings.get("retries_used", 0))
+        self._run_settings = dict(run.settings)
         return store_ann.pending_work(db, run.id)
 
     async def run(self) -> Progress:
@@ -417,7 +422,11 @@ class Runner:
                 await backend.start(_BackendContext(self))
             self._batch_pricing = bool(getattr(backend, "is_batch", False))
             budget = self.options.retry_budget
-            self._retries_left = budget if budget is not None else 100 + 2 * len(work)
+            if budget is None:
+                budget = 100 + 2 * self.progress.pairs_total
+            # The budget is the run's: retries earlier sessions of this run made count.
+            self._retries_budget = budget
+            self._retries_left = budget - self._retries_used
             self._slots = PrioritySlots(self.options.resolved_concurrency())
             self._inflight: dict[str, asyncio.Future] = {}
             self._stage1_futures: dict[str, asyncio.Future] = {}
@@ -450,7 +459,10 @@ class Runner:
         counts = store_ann.run_counts(db, self.run_id)
         if status == "finished" and counts["pairs_pending"]:
             status = "stopped"
-        store_ann.update_run(db, self.run_id, status=status,
+        settings = self._run_settings
+        if hasattr(self, "_retries_budget"):
+            settings["retries_used"] = self._retries_budget - self._retries_left
+        store_ann.update_run(db, self.run_id, status=status, settings=settings,
                              finished_at=utc_now() if status == "finished" else None)
         self.progress.status = status
         self.progress.pairs_pending = counts["pairs_pending"]

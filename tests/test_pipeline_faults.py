@@ -75,3 +75,20 @@ def test_retry_budget_bounds_the_retries_of_a_run(server, tmp_path, monkeypatch)
     assert set(progress.failures) <= {"retry budget spent"}
     # 3 retries in all, plus one first attempt per distinct request that was tried
     assert server.stats["chat_requests"] == 3 + 2
+
+
+def test_the_retry_budget_is_the_runs_across_sessions(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-storm-0123456789")
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=1, pairs=2)
+    for name in ("rate_429", "rate_timeout", "rate_malformed_body", "rate_malformed_answer",
+                 "rate_length", "rate_invalid_answer"):
+        setattr(server.config, name, 0.0)
+    server.config.rate_500 = 1.0
+    options = dict(base_url=server.url, concurrency=1, retry_budget=2, backoff_base=0.01, max_attempts=10)
+    run_pipeline(db_path, RunOptions(**options))
+    assert server.stats["chat_requests"] == 1 + 2
+    run_pipeline(db_path, RunOptions(**options, retry_failed=True))
+    assert server.stats["chat_requests"] == 3 + 1  # one first attempt, no retries left
+    run_pipeline(db_path, RunOptions(**{**options, "retry_budget": 4}, retry_failed=True))
+    assert server.stats["chat_requests"] == 4 + 1 + 2  # a budget of 4 leaves 2 retries after 2 used
