@@ -33,7 +33,9 @@ hash, any run) is answered from the store instead of the backend. Calls are stor
 (store.annotations.record_call) before their answer is acted on: all writes go through
 one store thread in order (pipeline.store_worker), so a call's row is committed before
 anything made from it, and the event loop never waits on sqlite. `--retry-failed`
-(retry_failed=True) puts a resumed run's failed pairs back to pending.
+(retry_failed=True) puts a resumed run's failed pairs back to pending; for pairs that
+failed on an invalid answer, the run's stored answers about that pair (and its
+reference image) are not reused, so the model is asked again.
 
 Stage 1 runs once per reference image: its description id is a hash of (image id,
 prompt version, model, parameters), shared by every pair and every run with that key,
@@ -386,12 +388,14 @@ class Runner:
                 prompt_versions=self.prompts, name=self.options.name)
         self.run_id = run.id
         store_ann.ensure_annotations(db, run.id, pair_ids)
+        stale: set[str] = set()
         if self.options.retry_failed:
+            stale = self._stale_answers(db, run.id)
             store_ann.reset_failed_annotations(db, run.id)
         total = db.execute("SELECT COUNT(*) FROM annotations WHERE run_id = ?", [run.id]).fetchone()[0]
         store_ann.update_run(db, run.id, status="running", pairs_total=total,
                              started_at=run.started_at or utc_now(), finished_at=None)
-        self._ok_hashes = store_ann.ok_call_hashes(db)
+        self._ok_hashes = store_ann.ok_call_hashes(db) - stale
         # Which descriptions exist, so only those are read back (no lookup per pair).
         self._descriptions = {row[0] for row in db.execute("SELECT id FROM descriptions")}
         counts = store_ann.run_counts(db, run.id)
@@ -406,6 +410,23 @@ class Runner:
         self._retries_used = int(run.settings.get("retries_used", 0))
         self._run_settings = dict(run.settings)
         return store_ann.pending_work(db, run.id)
+
+    @staticmethod
+    def _stale_answers(db, run_id: int) -> set[str]:
+        """Request hashes whose stored answers made a pair of this run fail as an invalid
+        answer: asking again is the point of retrying it, so they are not reused."""
+        failed = db.execute(
+            "SELECT a.pair_id, p.reference_id FROM annotations a JOIN pairs p ON p.id = a.pair_id"
+            " WHERE a.run_id = ? AND a.status = 'failed' AND a.error LIKE 'invalid answer%'",
+            [run_id]).fetchall()
+        subjects = sorted({s for row in failed for s in row if s})
+        stale: set[str] = set()
+        for i in range(0, len(subjects), 500):
+            chunk = subjects[i:i + 500]
+            stale |= {row[0] for row in db.execute(
+                f"SELECT request_hash FROM calls WHERE run_id = ? AND status = 'ok' AND subject_id IN"
+                f" ({','.join('?' * len(chunk))})", [run_id, *chunk])}
+        return stale
 
     async def run(self) -> Progress:
         self._store = StoreWorker(self.db_path, asyncio.get_running_loop())

@@ -186,6 +186,13 @@ def test_invalid_answer_gets_one_repair_quoting_the_error_then_fails_with_reason
     assert "objects" in repair_body["messages"][-1]["content"]
     assert "at least 1 item" in repair_body["messages"][-1]["content"]  # pydantic's own words
 
+    # retrying the failed pairs asks the model again instead of reusing the stored answers
+    server.config.rate_invalid_answer = 0.0
+    before = server.stats["completions_ok"]
+    progress = run_pipeline(db_path, _options(server, concurrency=1, retry_failed=True))
+    assert progress.pairs_done == 2 and progress.pairs_failed == 0
+    assert server.stats["completions_ok"] - before == 1 + 2 * 2
+
     # a repaired answer is used: invalid first answers, valid second ones
     server.state.reset()
     server.config.seed = 3
