@@ -314,3 +314,16 @@ def list_batches(db: sqlite_utils.Database, run_id: Optional[int] = None) -> lis
     for row in rows:
         row["custom_ids"] = json.loads(row["custom_ids"] or "[]")
     return rows
+
+
+def adopt_batch(db: sqlite_utils.Database, placeholder_id: str, batch_id: str, status: str) -> None:
+    """Give a batch row saved before its batch existed (id 'pending:<input file id>')
+    the provider's batch id."""
+    with transaction(db):
+        db.execute("UPDATE batches SET id = ?, status = ?, updated_at = ? WHERE id = ?",
+                   [batch_id, status, utc_now(), placeholder_id])
+
+
+def delete_batch(db: sqlite_utils.Database, batch_id: str) -> None:
+    with transaction(db):
+        db.execute("DELETE FROM batches WHERE id = ?", [batch_id])

@@ -64,6 +64,7 @@ class ServerConfig:
     batch_delay: float = 0.2        # seconds from batch creation to completion
     batch_expire_after: Optional[int] = None  # lines done before a batch expires
     batch_line_error_rate: float = 0.0       # per-line 500s inside a batch
+    batch_create_response_delay: float = 0.0  # the batch exists at once; the answer comes late
 
 
 OBJECTS = {
@@ -346,6 +347,8 @@ class FakeOpenAI:
         self.stats["batches_created"] += 1
         self.stats["batch_lines_submitted"] += len(lines)
         asyncio.get_running_loop().create_task(self._process(batch_id, lines))
+        if self.config.batch_create_response_delay:
+            await asyncio.sleep(self.config.batch_create_response_delay)
         return JSONResponse(batch)
 
     async def _process(self, batch_id: str, lines: list[str]) -> None:
@@ -398,6 +401,12 @@ class FakeOpenAI:
         batch["request_counts"] = {"total": len(lines), "completed": len(outputs), "failed": len(errors)}
         batch["status"] = final
 
+    async def list_batches(self, request: Request) -> Response:
+        batches = sorted(self.batches.values(), key=lambda b: b["id"], reverse=True)
+        return JSONResponse({"object": "list", "data": batches, "has_more": False,
+                             "first_id": batches[0]["id"] if batches else None,
+                             "last_id": batches[-1]["id"] if batches else None})
+
     async def get_batch(self, request: Request) -> Response:
         batch = self.batches.get(request.path_params["batch_id"])
         self.stats["batch_polls"] += 1
@@ -436,6 +445,7 @@ class FakeOpenAI:
             Route("/v1/files/{file_id}", self.get_file, methods=["GET"]),
             Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
             Route("/v1/batches", self.create_batch, methods=["POST"]),
+            Route("/v1/batches", self.list_batches, methods=["GET"]),
             Route("/v1/batches/{batch_id}", self.get_batch, methods=["GET"]),
             Route("/v1/batches/{batch_id}/cancel", self.cancel_batch, methods=["POST"]),
             Route("/_stats", self.get_stats, methods=["GET"]),

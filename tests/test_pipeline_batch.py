@@ -13,7 +13,7 @@ import pytest
 
 from openai_server import start_server
 from pipeline.pricing import PriceTable
-from pipeline.runner import RunOptions, run_pipeline
+from pipeline.runner import RunOptions, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-batch-0123456789"
@@ -87,34 +87,55 @@ def test_a_batch_past_its_deadline_is_cancelled_and_its_items_fail_with_a_reason
     assert set(s for (s,) in table_rows(db_path, "SELECT status FROM batches")) == {"cancelled"}
 
 
-def test_restart_after_sigkill_waits_for_stored_batches_instead_of_paying_again(server, tmp_path):
+def test_restart_waits_for_stored_batches_instead_of_paying_again(server, tmp_path):
     db_path = tmp_path / "store.db"
     build_world(db_path, tmp_path / "images", references=3, pairs=5)
-    server.config.batch_delay = 2.0
+    server.config.batch_delay = 30.0
+    handle = start_run_in_thread(db_path, _options(server))
+    deadline = time.time() + 60
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE status = 'validating'")[0][0]:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    (first_batch,), = table_rows(db_path, "SELECT id FROM batches")
+    assert server.stats["batch_lines_submitted"] == 3
+
+    server.config.batch_delay = 0.1  # the open batch now finishes on the provider's side
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.run_id == 1 and progress.pairs_done == 5
+    # the stage 1 lines came from the batch the first session submitted
+    assert server.stats["batch_lines_submitted"] == 3 + 2 * 5
+    assert table_rows(db_path, "SELECT DISTINCT batch_id FROM calls WHERE stage = 'stage1'") == [(first_batch,)]
+
+
+def test_sigkill_between_creating_a_batch_and_storing_its_id_adopts_it_on_restart(server, tmp_path):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=3, pairs=5)
+    # The provider creates the batch at once but answers late: the kill lands in between.
+    server.config.batch_create_response_delay = 30.0
     process = subprocess.Popen(
         [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai-batch",
          "--base-url", server.url, "--poll-interval", "0.05", "--flush-interval", "0.1",
          "--image-size", "128", "--no-progress"],
         env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while not table_rows(db_path, "SELECT COUNT(*) FROM batches")[0][0]:
+    while not server.stats["batches_created"]:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         assert time.time() < deadline
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
-    (first_batch, status), = table_rows(db_path, "SELECT id, status FROM batches")
-    assert status in ("validating", "in_progress")
-    assert server.stats["batch_lines_submitted"] == 3
+    (row_id, status, input_file), = table_rows(db_path, "SELECT id, status, input_file_id FROM batches")
+    assert row_id == f"pending:{input_file}" and status == "submitting"
 
-    server.config.batch_delay = 0.1
+    server.config.batch_create_response_delay = 0.0
     progress = run_pipeline(db_path, _options(server))
-    assert progress.run_id == 1 and progress.pairs_done == 5
-    # the stage 1 lines were taken from the batch the killed process submitted
-    assert server.stats["batch_lines_submitted"] == 3 + 2 * 5
-    stage1_batches = table_rows(db_path, "SELECT DISTINCT batch_id FROM calls WHERE stage = 'stage1'")
-    assert stage1_batches == [(first_batch,)]
-    assert table_rows(db_path, "SELECT status, collected FROM batches WHERE id = ?", [first_batch]) == [("completed", 1)]
+    assert progress.pairs_done == 5
+    assert server.stats["batch_lines_submitted"] == 3 + 2 * 5  # the stage 1 batch was not sent again
+    (adopted,), = table_rows(db_path, "SELECT id FROM batches WHERE input_file_id = ?", [input_file])
+    assert not adopted.startswith("pending:")
+    assert table_rows(db_path, "SELECT DISTINCT batch_id FROM calls WHERE stage = 'stage1'") == [(adopted,)]
 
 
 def test_lines_refused_for_newer_model_parameters_go_out_again_adapted(server, tmp_path):

@@ -145,11 +145,34 @@ class OpenAIBatchBackend:
         """Load this run's stored batches; start the flusher and the poller."""
         self._ctx = ctx
         self._run_id = ctx.run_id
-        for row in await ctx.db(store_ann.list_batches, ctx.run_id):
+        rows = await ctx.db(store_ann.list_batches, ctx.run_id)
+        if any(row["id"].startswith("pending:") for row in rows):
+            rows = await self._adopt_placeholders(rows)
+        for row in rows:
             for custom_id in row["custom_ids"]:
                 self._known.setdefault(custom_id, []).append(row["id"])
         self._wake = asyncio.Event()
         self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._poller())]
+
+    async def _adopt_placeholders(self, rows: list[dict]) -> list[dict]:
+        """Rows saved just before a batch was created, by a session that died before it
+        stored the batch's id: find each batch by its input file, or forget the row."""
+        by_input: dict[str, str] = {}
+        async for batch in self.client.batches.list(limit=100):
+            by_input.setdefault(batch.input_file_id, batch.id)
+        kept = []
+        for row in rows:
+            if not row["id"].startswith("pending:"):
+                kept.append(row)
+                continue
+            batch_id = by_input.get(row["input_file_id"])
+            if batch_id is None:  # never created: its lines simply go out again
+                await self._ctx.db(store_ann.delete_batch, row["id"])
+                continue
+            log.info("adopting batch %s, created by a session that stopped before storing it", batch_id)
+            await self._ctx.db(store_ann.adopt_batch, row["id"], batch_id, "validating")
+            kept.append({**row, "id": batch_id})
+        return kept
 
     async def aclose(self) -> None:
         for task in self._tasks:
@@ -274,22 +297,28 @@ class OpenAIBatchBackend:
 
         data = b"".join(p.line for p in chunk)
         stages = ",".join(sorted({p.stage for p in chunk}))
+        custom_ids = [p.custom_id for p in chunk]
+        placeholder = None
         try:
             uploaded = await self.client.files.create(file=("good4cir-batch.jsonl", data), purpose="batch")
+            # Saved before the batch exists: if we die between creating it and storing its
+            # id, a restart finds it by this input file instead of paying for it again.
+            placeholder = f"pending:{uploaded.id}"
+            await self._ctx.db(store_ann.save_batch, placeholder, self._run_id, stages,
+                               input_file_id=uploaded.id, status="submitting", custom_ids=custom_ids)
             batch = await self.client.batches.create(
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                 metadata={"good4cir_run": str(self._run_id), "stages": stages})
         except (openai.OpenAIError, ValueError) as exc:
+            if placeholder is not None:  # the batch was refused: nothing to find later
+                await self._ctx.db(store_ann.delete_batch, placeholder)
             error = map_openai_error(exc, self._secret) or TransientError(str(exc))
             for pending in chunk:
                 if not pending.future.done():
                     pending.future.set_exception(error)
                     pending.future.exception()
             return
-        custom_ids = [p.custom_id for p in chunk]
-        # Stored at once: a restart from here on waits for this batch instead of paying again.
-        await self._ctx.db(store_ann.save_batch, batch.id, self._run_id, stages,
-                           input_file_id=uploaded.id, status=batch.status, custom_ids=custom_ids)
+        await self._ctx.db(store_ann.adopt_batch, placeholder, batch.id, batch.status)
         log.info("submitted batch %s: %d requests (%s), %d bytes", batch.id, len(chunk), stages, len(data))
         watch = self._watch(batch.id)
         for pending in chunk:
