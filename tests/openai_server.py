@@ -476,6 +476,7 @@ class ServerHandle:
 
     def stop(self) -> None:
         self._server.should_exit = True
+        self._server.force_exit = True  # do not wait for answers a test left hanging
         self._thread.join(timeout=10)
 
     def __enter__(self):
