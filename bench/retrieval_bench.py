@@ -69,8 +69,8 @@ def training_throughput(model_name: str, batch_size: int, steps: int, rounds: in
         step_fn(*batches[0])  # warm-up (allocator, kernels), not timed
         started = time.perf_counter()
         for ref, tgt, txt in batches:
-            queries, targets = step_fn(ref, tgt, txt)
-            loss = info_nce(queries, targets, target_ids=tgt)
+            queries, targets, references = step_fn(ref, tgt, txt)
+            loss = info_nce(queries, targets, target_ids=tgt, extra_negatives=references, extra_ids=ref)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

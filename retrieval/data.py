@@ -59,7 +59,8 @@ class TripletSet:
         """Every image of these triplets (references, targets, image-set members), once."""
         seen: dict[str, None] = {}
         for t in triplets:
-            for key in [t.reference, t.target, *(t.img_set or [])]:
+            for key in [t.reference, t.target, *(t.img_set or []),
+                        *((t.extra or {}).get("gt_image_ids") or [])]:
                 if key in self.image_paths:
                     seen.setdefault(key, None)
         return list(seen)
@@ -160,11 +161,13 @@ def load_store_triplets(
             result.problems.append(f"pair {pair_id}: no caption for --source {source}")
             continue
         img_set = [k for k in _json(img_set_json, None) or [] if _usable(images.get(k))] or None
-        for key in [ref, tgt, *(img_set or [])]:
-            result.image_paths[key] = images[key][0]
+        extra = _json(extra_json, {}) or {}
+        for key in [ref, tgt, *(img_set or []), *(extra.get("gt_image_ids") or [])]:
+            if _usable(images.get(key)):
+                result.image_paths[key] = images[key][0]
         result.triplets.append(Triplet(
             pair_id=pair_id, reference=ref, target=tgt, captions=texts, caption_kinds=kinds,
-            split=split, source=pair_source, img_set=img_set, extra=_json(extra_json, {}) or {},
+            split=split, source=pair_source, img_set=img_set, extra=extra,
             ground_truth=_json(gt_json, None),
         ))
     return result

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import metrics
 from .data import Triplet
+from .submission import circo_query_text
 
 RECALL_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
@@ -74,10 +75,14 @@ def build_queries(triplets: Sequence[Triplet], all_captions: bool = True,
             queries.pair_ids.append(t.pair_id)
             queries.reference_keys.append(t.reference)
             queries.target_keys.append(t.target)
-            queries.texts.append(t.captions[i])
+            extra = t.extra or {}
+            # CIRCO: the query text joins the shared concept with the caption, as for
+            # the test server; several ground truths, kept as store image ids.
+            concept = extra.get("shared_concept")
+            queries.texts.append(circo_query_text(concept, t.captions[i]) if concept else t.captions[i])
             queries.img_sets.append(t.img_set)
-            gts = (t.extra or {}).get("ground_truth_keys")
-            queries.ground_truths.append(list(gts) if gts else [t.target])
+            gts = extra.get("gt_image_ids")
+            queries.ground_truths.append(list(dict.fromkeys([t.target, *gts])) if gts else [t.target])
             queries.tags.append(caption_tags(t, i))
     if max_queries is not None and len(queries) > max_queries:
         rows = np.linspace(0, len(queries) - 1, max_queries).round().astype(int)

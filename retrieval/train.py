@@ -61,6 +61,10 @@ class TrainConfig:
     source: str = "auto"
     include_unreviewed: bool = False
     batch_size: int = 64
+    # Batches hold whole groups of pairs that share a reference image, and each query
+    # also scores against the batch's reference images: negatives as hard as the test
+    # gallery's near-duplicates, which random in-batch negatives (other rooms) never are.
+    hard_negatives: bool = True
     lr: Optional[float] = None
     encoder_lr_scale: Optional[float] = None
     weight_decay: float = 0.05
@@ -112,17 +116,33 @@ def _param_groups(model: ComposedRetriever, lr: float, encoder_scale: float, wei
 
 
 class _Batches:
-    """The epoch's batches: (reference rows, target rows, text rows) as tensors."""
+    """The epoch's batches: (reference rows, target rows, text rows) as tensors.
 
-    def __init__(self, samples: list[tuple[int, int, list[int]]], batch_size: int, seed: int):
+    With `group_by_reference`, pairs sharing a reference image stay in one batch, so
+    their targets (the same room with different edits) are each other's negatives."""
+
+    def __init__(self, samples: list[tuple[int, int, list[int]]], batch_size: int, seed: int,
+                 group_by_reference: bool = False):
         self.samples = samples
         self.batch_size = min(batch_size, len(samples))
         self.seed = seed
+        self.group_by_reference = group_by_reference
+
+    def _order(self, rng: random.Random) -> list[int]:
+        if not self.group_by_reference:
+            order = list(range(len(self.samples)))
+            rng.shuffle(order)
+            return order
+        groups: dict[int, list[int]] = {}
+        for i, sample in enumerate(self.samples):
+            groups.setdefault(sample[0], []).append(i)
+        chunks = list(groups.values())
+        rng.shuffle(chunks)
+        return [i for chunk in chunks for i in chunk]
 
     def epoch(self, number: int):
         rng = random.Random(self.seed * 100_003 + number)
-        order = list(range(len(self.samples)))
-        rng.shuffle(order)
+        order = self._order(rng)
         for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
             chosen = [self.samples[i] for i in order[start:start + self.batch_size]]
             yield (torch.tensor([c[0] for c in chosen]), torch.tensor([c[1] for c in chosen]),
@@ -199,7 +219,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     text_row = {text: i for i, text in enumerate(texts)}
     samples = [(row_of[t.reference], row_of[t.target], [text_row[c] for c in t.captions])
                for t in train_set]
-    batches = _Batches(samples, cfg.batch_size, cfg.seed)
+    batches = _Batches(samples, cfg.batch_size, cfg.seed, group_by_reference=cfg.hard_negatives)
     if len(batches) == 0:
         raise ValueError("too few training triplets for one batch")
 
@@ -264,10 +284,15 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             if frozen is not None:
-                queries, targets = frozen.batch(model, ref_rows, tgt_rows, text_rows)
+                queries, targets, references = frozen.batch(model, ref_rows, tgt_rows, text_rows)
             else:
-                queries, targets = _full_batch(model, pixels, token_ids, ref_rows, tgt_rows, text_rows)
-            loss = info_nce(queries, targets, target_ids=tgt_rows)
+                queries, targets, references = _full_batch(
+                    model, pixels, token_ids, ref_rows, tgt_rows, text_rows)
+            if cfg.hard_negatives:
+                loss = info_nce(queries, targets, target_ids=tgt_rows,
+                                extra_negatives=references, extra_ids=ref_rows)
+            else:
+                loss = info_nce(queries, targets, target_ids=tgt_rows)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -336,7 +361,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
 
 
 def _full_batch(model: ComposedRetriever, pixels, token_ids, ref_rows, tgt_rows, text_rows):
-    """Queries and targets of one batch, encoders included in the graph.
+    """Queries, targets and the references' embeddings of one batch, encoders in the graph.
 
     Reference and target images share one pass through the vision tower."""
     n = len(ref_rows)
@@ -344,7 +369,7 @@ def _full_batch(model: ComposedRetriever, pixels, token_ids, ref_rows, tgt_rows,
     pooled, tokens = model.encoder.clip.visual(images)
     text = model.encoder.encode_text_ids(token_ids[text_rows])
     queries = model.query_from_features(ImageTokens(pooled[:n], tokens[:n]), text)
-    return queries, F.normalize(pooled[n:], dim=-1)
+    return queries, F.normalize(pooled[n:], dim=-1), F.normalize(pooled[:n], dim=-1)
 
 
 class _FrozenFeatures:
@@ -376,7 +401,8 @@ class _FrozenFeatures:
         image = ImageTokens(self.image_pooled[ref_rows].float(), self.image_tokens[ref_rows].float())
         text = TextTokens(self.text_pooled[text_rows].float(), tokens.float(), mask)
         queries = model.query_from_features(image, text)
-        return queries, F.normalize(self.image_pooled[tgt_rows].float(), dim=-1)
+        return (queries, F.normalize(self.image_pooled[tgt_rows].float(), dim=-1),
+                F.normalize(image.pooled, dim=-1))
 
 
 @torch.no_grad()

@@ -192,3 +192,20 @@ def test_feature_cache_holds_what_the_encoder_computes(tmp_path, encoder):
         list(paths), lambda keys: model.normalize_pixels(pixels[[row_of[k] for k in keys]]), progress=False)
     direct = encoder.encode_image_tokens(model.normalize_pixels(pixels))
     torch.testing.assert_close(cached["pooled"].float(), direct.pooled, atol=2e-2, rtol=1e-2)
+
+
+def test_references_as_negatives_punish_a_query_that_ignores_its_text():
+    torch.manual_seed(0)
+    targets = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1)
+    references = torch.nn.functional.normalize(targets + 0.8 * torch.randn(6, 16), dim=-1)
+    ids = torch.arange(6)
+    lazy = torch.nn.functional.normalize(references + 0.5 * targets, dim=-1)  # close to its reference
+    plain = info_nce(lazy, targets, target_ids=ids)
+    hard = info_nce(lazy, targets, target_ids=ids, extra_negatives=references, extra_ids=ids + 100)
+    assert hard > plain
+    # a reference that is also a query's own target is not a negative for it
+    one = targets[:1]
+    masked = info_nce(one, one, target_ids=ids[:1], extra_negatives=one, extra_ids=ids[:1])
+    unmasked = info_nce(one, one, target_ids=ids[:1], extra_negatives=one, extra_ids=ids[:1] + 1)
+    assert float(masked) == pytest.approx(0.0, abs=1e-6)
+    assert float(unmasked) == pytest.approx(0.5 * np.log(2), rel=1e-4)

@@ -137,3 +137,19 @@ def test_cli_train_and_eval_json(world, capsys):
     with pytest.raises(ValueError, match="no pairs in split"):
         main(["eval", "--db", str(db_path), "--checkpoint", str(out), "--split", "nope",
               "--cache-dir", cache])
+
+
+def test_batches_keep_pairs_of_one_reference_together():
+    from retrieval.train import _Batches
+
+    samples = [(ref, 100 + i, [i]) for i, ref in enumerate([0, 0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 5])]
+    batches = _Batches(samples, batch_size=4, seed=0, group_by_reference=True)
+    seen = []
+    for refs, targets, texts in batches.epoch(0):
+        seen.extend(refs.tolist())
+        assert torch.equal(targets - 100, texts)
+    # each reference's pairs are consecutive (a group is split only at a batch edge)
+    runs = [ref for i, ref in enumerate(seen) if i == 0 or seen[i - 1] != ref]
+    assert len(runs) == len(set(runs))
+    shuffled = [refs.tolist() for refs, _, _ in _Batches(samples, 4, seed=0).epoch(0)]
+    assert len(shuffled) == len(list(batches.epoch(1))) == 3
