@@ -175,16 +175,21 @@ def default_num_workers() -> int:
 
 
 def checkpoint_fingerprint(model_info: dict[str, Any]) -> str:
-    """Content hash of the checkpoint's config and weights: cached embeddings and an index
-    are valid only for the exact model that made them."""
+    """Content hash of the checkpoint's weights file and its config.json: cached
+    embeddings and an index are valid only for the exact model that made them, wherever
+    the checkpoint directory is (paths are not part of the hash)."""
     digest = hashlib.sha256()
-    public = {k: v for k, v in sorted(model_info.items()) if _jsonable(v)}
-    digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     weights = model_info.get("weights")
     if weights and Path(weights).is_file():
+        config = Path(weights).parent / "config.json"
+        if config.is_file():
+            digest.update(config.read_bytes())
         with open(weights, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 22), b""):
                 digest.update(block)
+    else:  # no file to read: the model's description is all there is
+        public = {k: v for k, v in sorted(model_info.items()) if k != "weights" and _jsonable(v)}
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:16]
 
 

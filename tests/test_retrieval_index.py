@@ -247,3 +247,17 @@ def test_query_engine_takes_pil_images_and_checks_the_model(tmp_path, tiny_check
     meta_path.write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match="another version of the model"):
         ix.QueryEngine(tmp_path / "idx", retriever=retriever)
+
+
+def test_checkpoint_fingerprint_follows_content_not_location(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from retrieval.model import load_retriever
+
+    copy = tmp_path / "moved"
+    shutil.copytree(tiny_checkpoint, copy)
+    original = ix.checkpoint_fingerprint(load_retriever(tiny_checkpoint).model_info)
+    assert ix.checkpoint_fingerprint(load_retriever(copy).model_info) == original
+    with open(copy / "best.pt", "ab") as fh:  # any change to the weights file
+        fh.write(b"\0")
+    assert ix.checkpoint_fingerprint({"weights": str(copy / "best.pt")}) != original
