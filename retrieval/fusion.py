@@ -4,7 +4,8 @@ Three heads behind one interface, `head(image, text) -> (B, embed_dim)`:
 - `paper`: the good4cir paper's 4 cross-attention layers, stacked as in the authors'
   code (no residual connections, no norms), then attention pooling to one vector.
 - `residual`: the same cross-attention as pre-norm transformer layers with residual
-  connections and an MLP, then attention pooling.
+  connections and an MLP, then attention pooling, added to the reference image's own
+  (normalised) embedding: the head predicts the change.
 - `sum`: the classic baseline, reference image embedding + text embedding.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import AttentionalPooler
 from torch import nn
 
@@ -107,7 +109,13 @@ class CrossAttentionFusion(nn.Module):
         if mask is not None and mask.shape[1] != t.shape[1]:
             raise ValueError("text padding mask and text tokens disagree in length")
         x = self.cross(x, t, mask)
-        return self.pool(x)[:, 0]
+        pooled = self.pool(x)[:, 0]
+        if self.variant == "residual":
+            # The reference's own embedding (target space) plus what the text changes:
+            # the head starts as image retrieval and learns the modification, instead of
+            # first re-learning to pool patch tokens into the target space.
+            pooled = pooled + F.normalize(image.pooled, dim=-1)
+        return pooled
 
 
 class SumFusion(nn.Module):
