@@ -209,3 +209,19 @@ def test_references_as_negatives_punish_a_query_that_ignores_its_text():
     unmasked = info_nce(one, one, target_ids=ids[:1], extra_negatives=one, extra_ids=ids[:1] + 1)
     assert float(masked) == pytest.approx(0.0, abs=1e-6)
     assert float(unmasked) == pytest.approx(0.5 * np.log(2), rel=1e-4)
+
+
+def test_cli_fusion_choices_match_the_model_without_importing_torch():
+    import subprocess
+    import sys
+
+    from good4cir.cli_retrieval import FUSIONS as cli_fusions
+    from retrieval.fusion import FUSIONS
+
+    assert cli_fusions == FUSIONS
+    # Registering the train/eval subcommands must not pull torch in (`good4cir --help`).
+    code = ("import sys, argparse; from good4cir import cli_retrieval; "
+            "cli_retrieval.register(argparse.ArgumentParser().add_subparsers()); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
