@@ -111,6 +111,29 @@ async def build_messages(request: VLMRequest, encoder: ImageEncoder, detail: str
     return messages
 
 
+def configure_openai(backend: Any, *, model: str, base_url: Optional[str], api_key_env: str,
+                     timeout: float, image_max_side: int, detail: str, response_mode: str,
+                     max_tokens_param: str, encoder: Optional[ImageEncoder],
+                     max_retries: int) -> None:
+    """The settings both OpenAI backends share, checked, and their client."""
+    from openai import AsyncOpenAI
+
+    if detail not in DETAILS:
+        raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
+    if response_mode not in RESPONSE_MODES:
+        raise ValueError(f"response mode must be one of {', '.join(RESPONSE_MODES)}")
+    backend.model = model
+    backend.base_url = base_url
+    backend.detail = detail
+    backend.response_mode = response_mode
+    backend.max_tokens_param = max_tokens_param
+    backend.send_temperature = True
+    backend._secret = resolve_api_key(api_key_env, base_url)
+    backend.encoder = encoder or ImageEncoder(max_side=image_max_side)
+    backend.client = AsyncOpenAI(base_url=base_url, api_key=backend._secret, timeout=timeout,
+                                 max_retries=max_retries)
+
+
 class OpenAIBackend:
     name: ClassVar[str] = "openai"
     supports_images: ClassVar[bool] = True
@@ -122,22 +145,10 @@ class OpenAIBackend:
                  image_max_side: int = 512, detail: str = "low",
                  response_mode: str = "json_schema", max_tokens_param: str = "max_tokens",
                  encoder: Optional[ImageEncoder] = None):
-        from openai import AsyncOpenAI
-
-        if detail not in DETAILS:
-            raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
-        if response_mode not in RESPONSE_MODES:
-            raise ValueError(f"response mode must be one of {', '.join(RESPONSE_MODES)}")
-        self.model = model
-        self.base_url = base_url
-        self.detail = detail
-        self.response_mode = response_mode
-        self.max_tokens_param = max_tokens_param
-        self.send_temperature = True
-        self._secret = resolve_api_key(api_key_env, base_url)
-        self.encoder = encoder or ImageEncoder(max_side=image_max_side)
-        self.client = AsyncOpenAI(base_url=base_url, api_key=self._secret, timeout=timeout,
-                                  max_retries=0)
+        configure_openai(self, model=model, base_url=base_url, api_key_env=api_key_env,
+                         timeout=timeout, image_max_side=image_max_side, detail=detail,
+                         response_mode=response_mode, max_tokens_param=max_tokens_param,
+                         encoder=encoder, max_retries=0)
 
     @property
     def cache_params(self) -> dict:

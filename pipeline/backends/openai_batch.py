@@ -33,9 +33,9 @@ from typing import Any, ClassVar, Optional
 
 from store import annotations as store_ann
 
-from ..images import DETAILS, ImageEncoder
+from ..images import ImageEncoder
 from .base import PermanentError, TransientError, VLMRequest, VLMResponse
-from .openai_backend import RESPONSE_MODES, build_messages, map_openai_error, resolve_api_key, response_format_for
+from .openai_backend import build_messages, configure_openai, map_openai_error, response_format_for
 
 log = logging.getLogger("good4cir.pipeline.batch")
 
@@ -105,26 +105,16 @@ class OpenAIBatchBackend:
                  flush_interval: float = 5.0, max_batch_requests: int = MAX_REQUESTS_PER_FILE,
                  max_batch_bytes: int = MAX_BYTES_PER_FILE, max_tokens_param: str = "max_tokens",
                  encoder: Optional[ImageEncoder] = None):
-        from openai import AsyncOpenAI
-
-        if detail not in DETAILS:
-            raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
-        if response_mode not in RESPONSE_MODES:
-            raise ValueError(f"response mode must be one of {', '.join(RESPONSE_MODES)}")
-        self.model = model
-        self.detail = detail
-        self.response_mode = response_mode
-        self.max_tokens_param = max_tokens_param
-        self.send_temperature = True
+        # max_retries=2: this client makes only the file and batch bookkeeping calls.
+        configure_openai(self, model=model, base_url=base_url, api_key_env=api_key_env,
+                         timeout=timeout, image_max_side=image_max_side, detail=detail,
+                         response_mode=response_mode, max_tokens_param=max_tokens_param,
+                         encoder=encoder, max_retries=2)
         self.poll_interval = poll_interval
         self.batch_timeout = batch_timeout
         self.flush_interval = flush_interval
         self.max_batch_requests = min(max_batch_requests, MAX_REQUESTS_PER_FILE)
         self.max_batch_bytes = min(max_batch_bytes, MAX_BYTES_PER_FILE)
-        self._secret = resolve_api_key(api_key_env, base_url)
-        self.encoder = encoder or ImageEncoder(max_side=image_max_side)
-        self.client = AsyncOpenAI(base_url=base_url, api_key=self._secret, timeout=timeout,
-                                  max_retries=2)  # file and batch bookkeeping calls only
         self._ctx = None
         self._run_id: Optional[int] = None
         self._known: dict[str, list[str]] = {}       # custom_id -> stored batch ids, oldest first
