@@ -89,6 +89,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", help="which split (default test)")
     parser.add_argument("--which", default="best", choices=["best", "last"],
                         help="which weights of the folder (default best)")
+    parser.add_argument("--submission", metavar="OUT_DIR",
+                        help="also write the test-server files for the split to OUT_DIR: "
+                        "CIRR recall_submission_<split>.json and "
+                        "recall_subset_submission_<split>.json, or CIRCO "
+                        "circo_submission_<split>.json. Every query is ranked, including "
+                        "those whose target the split withholds (test1, CIRCO test); metrics "
+                        "cover the others. One query per pair, from the dataset's own caption "
+                        "unless --source says otherwise")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(handler=run_eval)
 
@@ -136,6 +144,8 @@ def run_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.submission:
+        return _run_submission(args)
     result = evaluate_checkpoint(
         args.checkpoint, dbs=args.db, files=args.data, split=args.split, source=args.source,
         captions=args.captions, include_unreviewed=args.include_unreviewed,
@@ -146,6 +156,11 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     print(f"split {result['split']}: {result['queries']} queries over {result['pairs']} pairs, "
           f"gallery of {result['gallery']} images")
+    _print_metrics(result)
+    return 0
+
+
+def _print_metrics(result: dict) -> None:
     rows = [("model", result)] + [(f"baseline {name}", values)
                                    for name, values in result["baselines"].items()]
     for name, group in (result.get("subsets") or {}).items():
@@ -156,4 +171,36 @@ def run_eval(args: argparse.Namespace) -> int:
         cells = [recall.get(k) for k in ("1", "5", "10", "50")] + [subset.get(k) for k in ("1", "2", "3")]
         print(f"{name:24} " + " ".join(f"{c:6.1f}" if c is not None else f"{'-':>6}" for c in cells)
               + f" {values['median_rank']:6.1f}")
+
+
+def _run_submission(args: argparse.Namespace) -> int:
+    from retrieval.submit import write_checkpoint_submission
+
+    # A server's queries are the dataset's own captions; auto would prefer generated ones.
+    source = "original" if args.source == "auto" else args.source
+    result = write_checkpoint_submission(
+        args.checkpoint, args.submission, dbs=args.db, files=args.data, split=args.split,
+        source=source, captions=args.captions, include_unreviewed=args.include_unreviewed,
+        cache_dir=args.cache_dir, which=args.which, progress=sys.stderr.isatty(),
+    )
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({
+            **(result.metrics or {}),
+            "submission": {"kind": result.kind, "split": result.split,
+                           "files": [str(f) for f in result.files], "queries": result.queries,
+                           "without_target": result.without_target, "gallery": result.gallery},
+        }, indent=2))
+        return 0
+    print(f"split {result.split}: {result.queries} queries ranked against a gallery of "
+          f"{result.gallery} images ({result.kind.upper()} submission)")
+    if result.without_target:
+        print(f"metrics skipped for {result.without_target} of {result.queries} queries: "
+              f"split {result.split} withholds their target (the server scores them)")
+    if result.metrics:
+        print(f"metrics over the {result.metrics['queries']} queries with a target:")
+        _print_metrics(result.metrics)
+    for path in result.files:
+        print(f"wrote {path}")
     return 0

@@ -34,7 +34,7 @@ CAPTION_KINDS = ("individual", "compound", "both")
 class Triplet:
     pair_id: str
     reference: str  # image key (sha256 of the file)
-    target: str
+    target: Optional[str]  # None only with keep_targetless (CIRR test1, CIRCO test)
     captions: list[str]
     caption_kinds: list[str]  # per caption: original / individual / compound
     split: Optional[str] = None
@@ -49,6 +49,7 @@ class TripletSet:
     triplets: list[Triplet]
     image_paths: dict[str, str]  # image key -> local file path
     problems: list[str] = field(default_factory=list)  # per-item reasons for what was left out
+    image_names: dict[str, str] = field(default_factory=dict)  # image key -> the dataset's name
 
     def split(self, name: Optional[str]) -> list[Triplet]:
         if name is None:
@@ -117,19 +118,22 @@ def load_store_triplets(
     captions: str = "both",
     include_unreviewed: bool = False,
     splits: Optional[Iterable[str]] = None,
+    keep_targetless: bool = False,
 ) -> TripletSet:
     """Triplets of one store. Pairs without a usable caption or a local image are left
-    out, each with its reason in `problems`."""
+    out, each with its reason in `problems`; so are pairs without a target (test splits
+    that withhold it) unless `keep_targetless`, for test-server submissions."""
     _check_options(source, captions)
     db_path = Path(db_path)
     if not db_path.is_file():
         raise FileNotFoundError(f"store {db_path} does not exist")
     db = open_db(db_path)
     try:
-        images = {
-            row[0]: (row[1], row[2])
-            for row in db.execute("SELECT id, path, url FROM images").fetchall()
-        }
+        images = {}
+        names = {}
+        for image_id, path, url, name in db.execute("SELECT id, path, url, name FROM images"):
+            images[image_id] = (path, url)
+            names[image_id] = name
         generated: dict[str, list[tuple[str, str]]] = {}
         review = ("a.review_status != 'rejected'" if include_unreviewed
                   else "a.review_status = 'approved'")
@@ -148,7 +152,10 @@ def load_store_triplets(
     for pair_id, pair_source, ref, tgt, split, orig_json, img_set_json, gt_json, extra_json in rows:
         if wanted_splits is not None and split not in wanted_splits:
             continue
-        missing = [key for key in (ref, tgt) if not _usable(images.get(key))]
+        if tgt is None and not keep_targetless:
+            result.problems.append(f"pair {pair_id}: no target (split {split} withholds it)")
+            continue
+        missing = [key for key in (ref, tgt) if key is not None and not _usable(images.get(key))]
         if missing:
             result.problems.append(
                 f"pair {pair_id}: image {missing[0][:12]} has no local file (remote or missing)"
@@ -165,6 +172,7 @@ def load_store_triplets(
         for key in [ref, tgt, *(img_set or []), *(extra.get("gt_image_ids") or [])]:
             if _usable(images.get(key)):
                 result.image_paths[key] = images[key][0]
+                result.image_names[key] = names[key]
         result.triplets.append(Triplet(
             pair_id=pair_id, reference=ref, target=tgt, captions=texts, caption_kinds=kinds,
             split=split, source=pair_source, img_set=img_set, extra=extra,
@@ -191,10 +199,11 @@ _TARGET_KEYS = ("target_image", "target", "target_hard", "target_path")
 _CAPTION_KEYS = ("difference_captions", "captions", "caption", "modification")
 
 
-def load_file_triplets(path: str | Path) -> TripletSet:
+def load_file_triplets(path: str | Path, keep_targetless: bool = False) -> TripletSet:
     """Triplets of an exported file: the authors' dataset.json (a list of
     reference_image / target_image / difference_captions) or JSONL with the same or the
-    pairs-format keys. Relative image paths are taken from the file's folder."""
+    pairs-format keys. Relative image paths are taken from the file's folder. Records
+    without a target are kept (target None) only with `keep_targetless`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training file {path} does not exist")
@@ -227,6 +236,7 @@ def load_file_triplets(path: str | Path) -> TripletSet:
                 raise FileNotFoundError(f"image {location} not found")
             hashes[resolved] = hash_file(image_path)
             result.image_paths[hashes[resolved]] = resolved
+            result.image_names.setdefault(hashes[resolved], image_path.stem)
         return hashes[resolved]
 
     for where, rec in records:
@@ -237,7 +247,7 @@ def load_file_triplets(path: str | Path) -> TripletSet:
                 raise ValueError("not a JSON object")
             ref = next((rec[k] for k in _REFERENCE_KEYS if rec.get(k)), None)
             tgt = next((rec[k] for k in _TARGET_KEYS if rec.get(k)), None)
-            if not ref or not tgt:
+            if not ref or not (tgt or keep_targetless):
                 raise ValueError("needs a reference and a target image")
             raw = next((rec[k] for k in _CAPTION_KEYS if rec.get(k)), [])
             texts = [raw] if isinstance(raw, str) else [str(t) for t in raw if str(t).strip()]
@@ -246,7 +256,7 @@ def load_file_triplets(path: str | Path) -> TripletSet:
             img_set = rec.get("img_set")
             result.triplets.append(Triplet(
                 pair_id=str(rec.get("id") or rec.get("pairid") or where),
-                reference=key_of(ref), target=key_of(tgt), captions=texts,
+                reference=key_of(ref), target=key_of(tgt) if tgt else None, captions=texts,
                 caption_kinds=["original"] * len(texts), split=rec.get("split"),
                 source=path.stem,
                 img_set=[key_of(m) for m in img_set] if isinstance(img_set, list) else None,
@@ -264,6 +274,7 @@ def load_triplets(
     source: str = "auto",
     captions: str = "both",
     include_unreviewed: bool = False,
+    keep_targetless: bool = False,
 ) -> TripletSet:
     """Mix several stores and exported files into one TripletSet."""
     _check_options(source, captions)
@@ -272,10 +283,11 @@ def load_triplets(
     merged = TripletSet([], {})
     for db_path in dbs:
         part = load_store_triplets(db_path, source=source, captions=captions,
-                                   include_unreviewed=include_unreviewed)
+                                   include_unreviewed=include_unreviewed,
+                                   keep_targetless=keep_targetless)
         _merge(merged, part)
     for file_path in files:
-        _merge(merged, load_file_triplets(file_path))
+        _merge(merged, load_file_triplets(file_path, keep_targetless=keep_targetless))
     for problem in merged.problems[:20]:
         log.warning("left out: %s", problem)
     return merged
@@ -285,6 +297,8 @@ def _merge(into: TripletSet, part: TripletSet) -> None:
     into.triplets.extend(part.triplets)
     into.image_paths.update(part.image_paths)
     into.problems.extend(part.problems)
+    for key, name in part.image_names.items():
+        into.image_names.setdefault(key, name)
 
 
 def train_val_split(data: TripletSet, val_fraction: float = 0.1,

@@ -1,0 +1,160 @@
+"""`good4cir eval --submission DIR`: rank a split with a trained model and write the
+files a test server wants (`submission.py` holds the formats).
+
+The split, gallery, queries and embeddings are those of `evaluate.py` (same loaders,
+`build_queries`, `embed`), with two differences a server needs: pairs whose target is
+withheld (CIRR test1, CIRCO test) are kept and ranked, and each pair gives exactly one
+query, from its first caption (the dataset's own with the default --source), because a
+server keys its answers by pair. Metrics are computed over the queries that have a
+target; the others are only ranked.
+
+- CIRR-style data (pairs with an image set): recall_submission_<split>.json and
+  recall_subset_submission_<split>.json, keyed by CIRR's pairid, listing CIRR image names.
+- CIRCO data (pairs with a shared concept): circo_submission_<split>.json, query id ->
+  the top 50 COCO image ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .data import Triplet, TripletSet
+from .submission import circo_submission, cirr_submissions, write_submission
+
+
+@dataclass
+class SubmissionResult:
+    kind: str  # "cirr" or "circo"
+    split: str
+    files: list[Path]
+    queries: int
+    without_target: int
+    gallery: int
+    metrics: Optional[dict[str, Any]] = None  # evaluate's shape, over queries with a target
+    notes: list[str] = field(default_factory=list)
+
+
+def is_circo(triplet: Triplet) -> bool:
+    extra = triplet.extra or {}
+    return "circo_id" in extra or "shared_concept" in extra
+
+
+def submission_kind(triplets: Sequence[Triplet], split: str) -> str:
+    """'circo' or 'cirr' for a split; a split holding both, or neither, has no format."""
+    circo = [t for t in triplets if is_circo(t)]
+    if circo and len(circo) < len(triplets):
+        raise ValueError(f"split {split!r} mixes CIRCO queries with other pairs "
+                         f"(e.g. pair {next(t for t in triplets if not is_circo(t)).pair_id}); "
+                         "evaluate one dataset at a time for a submission")
+    if circo:
+        return "circo"
+    no_set = [t for t in triplets if not t.img_set]
+    if no_set:
+        raise ValueError(f"pair {no_set[0].pair_id} of split {split!r} has neither a CIRR image "
+                         "set nor a CIRCO shared concept: no test-server format fits "
+                         f"({len(no_set)} such pairs)")
+    return "cirr"
+
+
+def cirr_pair_id(triplet: Triplet) -> int | str:
+    pairid = (triplet.extra or {}).get("pairid")
+    if pairid is None:
+        raise ValueError(f"pair {triplet.pair_id}: no CIRR pairid (extra.pairid); the CIRR "
+                         "server keys answers by it: import the data with --format cirr")
+    return pairid
+
+
+def circo_query_id(triplet: Triplet) -> int | str:
+    query_id = (triplet.extra or {}).get("circo_id")
+    if query_id is None:
+        raise ValueError(f"pair {triplet.pair_id}: no CIRCO query id (extra.circo_id); the "
+                         "CIRCO server keys answers by it: import the data with --format circo")
+    return query_id
+
+
+def image_name(data: TripletSet, key: str, triplet: Optional[Triplet] = None) -> str:
+    name = data.image_names.get(key)
+    if not name:
+        where = f" (pair {triplet.pair_id})" if triplet else ""
+        raise ValueError(f"image {key[:12]}{where} has no dataset name to submit")
+    return name
+
+
+def write_checkpoint_submission(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    dbs: Sequence[str | Path] = (),
+    files: Sequence[str | Path] = (),
+    split: str = "test1",
+    source: str = "original",
+    captions: str = "both",
+    include_unreviewed: bool = False,
+    cache_dir: Optional[str | Path] = None,
+    which: str = "best",
+    progress: bool = True,
+) -> SubmissionResult:
+    """Rank every query of `split` against its gallery and write the submission files."""
+    from .data import load_triplets
+    from .evaluate import build_queries, embed, evaluate_embeddings
+    from .features import PixelCache, default_cache_dir
+    from .model import load_model, split_preprocess
+
+    model, _ = load_model(checkpoint_dir, which=which)
+    data = load_triplets(dbs, files, source=source, captions=captions,
+                         include_unreviewed=include_unreviewed, keep_targetless=True)
+    triplets = data.split(split)
+    if not triplets:
+        found = sorted({str(t.split) for t in data.triplets})
+        raise ValueError(f"no pairs in split {split!r} (splits present: {', '.join(found) or 'none'})")
+    kind = submission_kind(triplets, split)
+    notes = []
+    if data.problems:
+        notes.append(f"{len(data.problems)} pairs left out while loading (any split), first: "
+                     f"{data.problems[0]}")
+
+    pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
+    cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
+    gallery_keys = data.gallery_keys(triplets)
+    pixels, row_of, failures = cache.load({k: data.image_paths[k] for k in gallery_keys}, progress)
+    gallery_keys = [k for k in gallery_keys if k in row_of]
+    for t in triplets:
+        # A server scores every query: a missing one would be counted as a miss, silently.
+        if t.reference not in row_of:
+            raise ValueError(f"pair {t.pair_id}: reference image could not be read "
+                             f"({failures.get(t.reference, 'not in the gallery')})")
+    notes += [f"gallery image left out: {reason}" for reason in failures.values()]
+
+    queries = build_queries(triplets, all_captions=False)  # one query per pair
+    with_target = [i for i, key in enumerate(queries.target_keys) if key is not None and key in row_of]
+    emb = embed(model, pixels, row_of, gallery_keys, queries, baselines=bool(with_target))
+    metrics = None
+    if with_target:
+        emb_scored = {name: values[with_target] for name, values in emb.items() if name != "gallery"}
+        emb_scored["gallery"] = emb["gallery"]
+        metrics = evaluate_embeddings(emb_scored, gallery_keys, queries.subset(with_target))
+    scores = emb["query"] @ emb["gallery"].T
+
+    out_dir = Path(out_dir)
+    if kind == "cirr":
+        gallery_names = [image_name(data, k) for k in gallery_keys]
+        pair_ids = [cirr_pair_id(t) for t in triplets]
+        references = [image_name(data, t.reference, t) for t in triplets]
+        members = [[image_name(data, k, t) for k in t.img_set if k in row_of] for t in triplets]
+        recall, subset = cirr_submissions(scores, gallery_names, references, pair_ids, members)
+        written = [write_submission(out_dir / f"recall_submission_{split}.json", recall),
+                   write_submission(out_dir / f"recall_subset_submission_{split}.json", subset)]
+    else:
+        gallery_names = [image_name(data, k) for k in gallery_keys]
+        query_ids = [circo_query_id(t) for t in triplets]
+        # The reference is never a CIRCO ground truth: removed, as eval's mAP does.
+        references = [image_name(data, t.reference, t) for t in triplets]
+        submission = circo_submission(scores, gallery_names, query_ids, reference_names=references)
+        written = [write_submission(out_dir / f"circo_submission_{split}.json", submission)]
+        notes.append(f"the gallery is the {len(gallery_keys)} images the data holds for split "
+                     f"{split}; CIRCO's server ranks against all of COCO 2017 unlabeled "
+                     f"(about 120k images), so rankings over a smaller gallery score lower there")
+    return SubmissionResult(kind=kind, split=split, files=written, queries=len(queries),
+                            without_target=len(queries) - len(with_target),
+                            gallery=len(gallery_keys), metrics=metrics, notes=notes)
