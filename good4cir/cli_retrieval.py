@@ -97,6 +97,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "those whose target the split withholds (test1, CIRCO test); metrics "
                         "cover the others. One query per pair, from the dataset's own caption "
                         "unless --source says otherwise")
+    parser.add_argument("--gallery-images", action="append", default=[], metavar="DIR",
+                        help="with --submission: add every image of DIR to the gallery, named "
+                        "by file name (CIRCO: COCO 2017 unlabeled2017/, which the server ranks "
+                        "against; a store holds only the images its pairs name). Repeatable")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(handler=run_eval)
 
@@ -146,6 +150,8 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.submission:
         return _run_submission(args)
+    if args.gallery_images:
+        raise ValueError("--gallery-images needs --submission (eval's gallery is the split's own images)")
     result = evaluate_checkpoint(
         args.checkpoint, dbs=args.db, files=args.data, split=args.split, source=args.source,
         captions=args.captions, include_unreviewed=args.include_unreviewed,
@@ -182,6 +188,7 @@ def _run_submission(args: argparse.Namespace) -> int:
         args.checkpoint, args.submission, dbs=args.db, files=args.data, split=args.split,
         source=source, captions=args.captions, include_unreviewed=args.include_unreviewed,
         cache_dir=args.cache_dir, which=args.which, progress=sys.stderr.isatty(),
+        gallery_dirs=args.gallery_images,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

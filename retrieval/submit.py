@@ -12,6 +12,10 @@ target; the others are only ranked.
   recall_subset_submission_<split>.json, keyed by CIRR's pairid, listing CIRR image names.
 - CIRCO data (pairs with a shared concept): circo_submission_<split>.json, query id ->
   the top 50 COCO image ids.
+
+A store holds only the images its pairs name; CIRCO's server ranks against all of COCO
+2017 unlabeled, so `gallery_dirs` adds every image of a folder to the gallery (named by
+file stem, keyed by content hash like the store, so an image is never there twice).
 """
 
 from __future__ import annotations
@@ -20,8 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from tqdm import tqdm
+
 from .data import Triplet, TripletSet
 from .submission import circo_submission, cirr_submissions, write_submission
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 @dataclass
@@ -94,6 +103,7 @@ def write_checkpoint_submission(
     cache_dir: Optional[str | Path] = None,
     which: str = "best",
     progress: bool = True,
+    gallery_dirs: Sequence[str | Path] = (),
 ) -> SubmissionResult:
     """Rank every query of `split` against its gallery and write the submission files."""
     from .data import load_triplets
@@ -109,6 +119,8 @@ def write_checkpoint_submission(
         found = sorted({str(t.split) for t in data.triplets})
         raise ValueError(f"no pairs in split {split!r} (splits present: {', '.join(found) or 'none'})")
     kind = submission_kind(triplets, split)
+    # Ids first: a pair the server cannot key fails the command before any image work.
+    ids = [cirr_pair_id(t) if kind == "cirr" else circo_query_id(t) for t in triplets]
     notes = []
     if data.problems:
         notes.append(f"{len(data.problems)} pairs left out while loading (any split), first: "
@@ -117,6 +129,8 @@ def write_checkpoint_submission(
     pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
     cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
     gallery_keys = data.gallery_keys(triplets)
+    for folder in gallery_dirs:
+        gallery_keys += add_gallery_folder(data, folder, set(gallery_keys), progress)
     pixels, row_of, failures = cache.load({k: data.image_paths[k] for k in gallery_keys}, progress)
     gallery_keys = [k for k in gallery_keys if k in row_of]
     for t in triplets:
@@ -139,22 +153,46 @@ def write_checkpoint_submission(
     out_dir = Path(out_dir)
     if kind == "cirr":
         gallery_names = [image_name(data, k) for k in gallery_keys]
-        pair_ids = [cirr_pair_id(t) for t in triplets]
         references = [image_name(data, t.reference, t) for t in triplets]
         members = [[image_name(data, k, t) for k in t.img_set if k in row_of] for t in triplets]
-        recall, subset = cirr_submissions(scores, gallery_names, references, pair_ids, members)
+        recall, subset = cirr_submissions(scores, gallery_names, references, ids, members)
         written = [write_submission(out_dir / f"recall_submission_{split}.json", recall),
                    write_submission(out_dir / f"recall_subset_submission_{split}.json", subset)]
     else:
         gallery_names = [image_name(data, k) for k in gallery_keys]
-        query_ids = [circo_query_id(t) for t in triplets]
         # The reference is never a CIRCO ground truth: removed, as eval's mAP does.
         references = [image_name(data, t.reference, t) for t in triplets]
-        submission = circo_submission(scores, gallery_names, query_ids, reference_names=references)
+        submission = circo_submission(scores, gallery_names, ids, reference_names=references)
         written = [write_submission(out_dir / f"circo_submission_{split}.json", submission)]
-        notes.append(f"the gallery is the {len(gallery_keys)} images the data holds for split "
-                     f"{split}; CIRCO's server ranks against all of COCO 2017 unlabeled "
-                     f"(about 120k images), so rankings over a smaller gallery score lower there")
+        if not gallery_dirs:
+            notes.append(f"the gallery is the {len(gallery_keys)} images the data holds for "
+                         f"split {split}; CIRCO's server ranks against all of COCO 2017 "
+                         "unlabeled (about 120k images): pass --gallery-images "
+                         "unlabeled2017/ to rank those")
     return SubmissionResult(kind=kind, split=split, files=written, queries=len(queries),
                             without_target=len(queries) - len(with_target),
                             gallery=len(gallery_keys), metrics=metrics, notes=notes)
+
+
+def add_gallery_folder(data: TripletSet, folder: str | Path, known: set[str],
+                       progress: bool = True) -> list[str]:
+    """Keys of the images of `folder` not yet in `known`, registered in `data` (path and
+    name = file stem). Hashing makes an image the store already holds the same key."""
+    from store.images import hash_file
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"gallery folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"gallery folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    added = []
+    for path in tqdm(files, desc=f"hashing {folder.name}", unit="img", disable=not progress):
+        key = hash_file(path)
+        if key in known:
+            continue
+        known.add(key)
+        data.image_paths[key] = str(path.resolve())
+        data.image_names.setdefault(key, path.stem)
+        added.append(key)
+    return added

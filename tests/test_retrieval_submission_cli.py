@@ -186,6 +186,19 @@ def test_circo_files_hold_int_ids_for_every_query(tmp_path, checkpoint, capsys):
         assert all(type(i) is int for i in ranked)
         assert len(ranked) == len(gallery) - 1 and set(ranked) == gallery - {query["reference_img_id"]}
 
+    # With the images folder as gallery (as the server's whole unlabeled set): every image
+    # once, the store's references not twice, the reference still left out.
+    folder = root / "COCO2017_unlabeled" / "unlabeled2017"
+    everything = {int(p.stem) for p in folder.iterdir()}
+    _eval(capsys, "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
+          "--submission", str(out_dir), "--cache-dir", str(tmp_path / "cache"),
+          "--gallery-images", str(folder))
+    submission = json.loads((out_dir / "circo_submission_test.json").read_text())
+    assert len(everything) == 6
+    for query in test_queries:
+        ranked = submission[str(query["id"])]
+        assert len(ranked) == 5 and set(ranked) == everything - {query["reference_img_id"]}
+
     printed = _eval(capsys, "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
                     "--submission", str(out_dir), "--cache-dir", str(tmp_path / "cache"), "--json")
     result = json.loads(printed)
