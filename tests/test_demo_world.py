@@ -78,10 +78,7 @@ def test_cli_writes_the_pairs_format(world):
         assert pair["reference"] != pair["target"]
         assert pair["reference"] in scenes and pair["target"] in scenes
         assert 1 <= len(pair["edits"]) <= 3 and len(pair["captions"]) >= 2
-        if pair["split"] == "train":
-            assert "img_set" not in pair
-        else:
-            assert all(name in scenes for name in pair["img_set"])
+        assert all(name in scenes for name in pair["img_set"])
     assert len({p["id"] for p in pairs}) == 30
     for name, row in scenes.items():
         validate_scene(row["scene"])
@@ -194,8 +191,6 @@ def test_img_set_holds_six_with_hard_negatives(plan):
     scenes = {i["image"]: i["scene"] for i in plan.images}
     checked = 0
     for pair in plan.pairs:
-        if pair["split"] == "train":
-            continue
         img_set = pair["img_set"]
         assert len(img_set) == len(set(img_set)) == 6
         assert pair["reference"] in img_set and pair["target"] in img_set

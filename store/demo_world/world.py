@@ -2,7 +2,7 @@
 
     DIR/images/<000123>.png   256 px renders
     DIR/pairs.jsonl           {"id", "reference", "target", "split", "captions", "edits",
-                               "img_set" (val/test only), "heldout" (list; test only non-empty)}
+                               "img_set", "heldout" (list; test only non-empty)}
     DIR/scenes.jsonl          {"image", "split", "role", "scene"} for every image
     DIR/world.json            seed, counts, vocabulary and the held-out phrasings and combos
 
@@ -57,6 +57,8 @@ IMG_SET_NEGATIVES = 4
 # steered to show a held-out kind x attribute combination.
 HELDOUT_PHRASING_SHARE = 0.35
 HELDOUT_COMBO_SHARE = 0.35
+# Odds of a pair having 1, 2 or 3 edits.
+EDIT_COUNT_WEIGHTS = (5, 3, 2)
 _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
 
 
@@ -97,13 +99,16 @@ class _Planner:
                 return scene
 
     def pair(self, reference: Scene, split: str, forbid: tuple) -> tuple[list[Edit], Scene, list[Scene], bool]:
-        """Edits, target, (val/test) negatives and whether to phrase it with held-out templates."""
+        """Edits, target, near-duplicate negatives and whether to phrase it with held-out templates.
+
+        Every split gets its image set, as CIRR's train split has one: training needs the
+        near-duplicates as negatives to learn that one attribute changes the answer."""
         rng = self.rng
         want_phrasing = split == "test" and rng.random() < HELDOUT_PHRASING_SHARE
         want_combo = split == "test" and rng.random() < HELDOUT_COMBO_SHARE
         ref_key = scene_key(reference)
         for _attempt in range(200):
-            n_edits = rng.choices((1, 2, 3), weights=(5, 3, 2))[0]
+            n_edits = rng.choices((1, 2, 3), weights=EDIT_COUNT_WEIGHTS)[0]
             first = None
             if want_combo:
                 combos = list(HELDOUT_COMBOS)
@@ -115,12 +120,10 @@ class _Planner:
                 continue
             if forbid and scene_has_combo(target, forbid):
                 continue
-            negatives: list[Scene] = []
-            if split != "train":
-                found = near_duplicates(rng, target, edits, IMG_SET_NEGATIVES, self.used_keys | {ref_key, key}, forbid)
-                if len(found) < IMG_SET_NEGATIVES:
-                    continue
-                negatives = [s for s, _change in found]
+            found = near_duplicates(rng, target, edits, IMG_SET_NEGATIVES, self.used_keys | {ref_key, key}, forbid)
+            if len(found) < IMG_SET_NEGATIVES:
+                continue
+            negatives = [s for s, _change in found]
             return edits, target, negatives, want_phrasing
         raise RuntimeError("could not find a new edit for a reference scene after 200 tries")
 
@@ -157,10 +160,9 @@ def plan_world(n_pairs: int, seed: int) -> WorldPlan:
                     "captions": make_captions(edits, rng, CAPTIONS_PER_PAIR, heldout=phrasing),
                     "edits": edits,
                 }
-                if split != "train":
-                    img_set = [ref_name, target_name] + [planner.add_image(s, split, "negative") for s in negatives]
-                    rng.shuffle(img_set)
-                    record["img_set"] = img_set
+                img_set = [ref_name, target_name] + [planner.add_image(s, split, "negative") for s in negatives]
+                rng.shuffle(img_set)
+                record["img_set"] = img_set
                 record["heldout"] = heldout
                 planner.plan.pairs.append(record)
     plan = planner.plan
