@@ -59,25 +59,30 @@ def training_throughput(model_name: str, batch_size: int, steps: int, rounds: in
     texts = [f"{CAPTIONS[i % len(CAPTIONS)]} {i}" for i in range(num_images)]
     token_ids = model.encoder.tokenize(texts)
     gen = torch.Generator().manual_seed(1)
+    # As training does by default: two image-set negatives per query.
     batches = [(torch.randint(0, num_images, (batch_size,), generator=gen),
                 torch.randint(0, num_images, (batch_size,), generator=gen),
-                torch.randint(0, len(texts), (batch_size,), generator=gen)) for _ in range(steps)]
+                torch.randint(0, len(texts), (batch_size,), generator=gen),
+                torch.randint(0, num_images, (2 * batch_size,), generator=gen))
+               for _ in range(steps)]
 
     def run(step_fn, params) -> float:
         optimizer = torch.optim.AdamW(_param_groups(model, 1e-4, 1.0, 0.05), fused=True) \
             if params else None
         step_fn(*batches[0])  # warm-up (allocator, kernels), not timed
         started = time.perf_counter()
-        for ref, tgt, txt in batches:
-            queries, targets, references = step_fn(ref, tgt, txt)
-            loss = info_nce(queries, targets, target_ids=tgt, extra_negatives=references, extra_ids=ref)
+        for ref, tgt, txt, neg in batches:
+            queries, targets, references, negatives, _text = step_fn(ref, tgt, txt, neg)
+            loss = info_nce(queries, targets, target_ids=tgt,
+                            extra_negatives=torch.cat([references, negatives]),
+                            extra_ids=torch.cat([ref, neg]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         return steps * batch_size / (time.perf_counter() - started)
 
-    def full_step(ref, tgt, txt):
-        return _full_batch(model, pixels, token_ids, ref, tgt, txt)
+    def full_step(ref, tgt, txt, neg):
+        return _full_batch(model, pixels, token_ids, ref, tgt, txt, neg)
 
     started = time.perf_counter()
     model.encoder.requires_grad_(False)
@@ -85,8 +90,8 @@ def training_throughput(model_name: str, batch_size: int, steps: int, rounds: in
     cache_seconds = time.perf_counter() - started
     per_image_cache_s = cache_seconds / (num_images + len(texts))
 
-    def frozen_step(ref, tgt, txt):
-        return frozen.batch(model, ref, tgt, txt)
+    def frozen_step(ref, tgt, txt, neg):
+        return frozen.batch(model, ref, tgt, txt, neg)
 
     full_rates, frozen_rates = [], []
     for _ in range(rounds):  # alternate, keep the best of each: the machine is shared

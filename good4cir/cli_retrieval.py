@@ -68,6 +68,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, help="peak learning rate of the fusion head (default "
                         "2e-3 from scratch, encoders at a quarter of it; 5e-4 frozen; 1e-4 "
                         "fine-tuning pretrained weights, encoders at a tenth)")
+    parser.add_argument("--set-negatives", type=int, default=2, metavar="N",
+                        help="per query, N members of its image set (CIRR's img_set, the "
+                        "demo world's near-duplicates) join the negatives (default 2; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from --out's last.pt (same model and fusion)")
@@ -120,6 +123,7 @@ def run_train(args: argparse.Namespace) -> int:
         minutes=args.minutes, epochs=args.epochs, freeze_encoders=args.freeze_encoders,
         fusion=args.fusion or DEFAULT_FUSION, captions=args.captions, source=args.source,
         include_unreviewed=args.include_unreviewed, batch_size=args.batch_size, lr=args.lr,
+        set_negatives=args.set_negatives,
         seed=args.seed, cache_dir=args.cache_dir, resume=args.resume, threads=args.threads,
         progress=sys.stderr.isatty(),
     )

@@ -54,14 +54,17 @@ class Encoder(nn.Module):
 
     def __init__(self, clip: nn.Module, model_name: str, tokenizer, preprocess):
         super().__init__()
-        if not hasattr(clip, "visual") or not hasattr(clip.visual, "output_tokens"):
-            raise ValueError(f"model {model_name!r}: only open_clip ViT models are supported")
+        visual = getattr(clip, "visual", None)
+        self.is_resnet = visual is not None and hasattr(visual, "attnpool") and hasattr(visual, "layer4")
+        if visual is None or not (hasattr(visual, "output_tokens") or self.is_resnet):
+            raise ValueError(f"model {model_name!r}: only open_clip ViT and ResNet models are supported")
         self.clip = clip
         self.model_name = model_name
         self.tokenizer = tokenizer
         self.preprocess = preprocess
-        # Eager attribute; open_clip's VisionTransformer then returns (pooled, tokens).
-        self.clip.visual.output_tokens = True
+        if not self.is_resnet:
+            # Eager attribute; open_clip's VisionTransformer then returns (pooled, tokens).
+            self.clip.visual.output_tokens = True
 
     # -- sizes -------------------------------------------------------------------
     @property
@@ -70,6 +73,8 @@ class Encoder(nn.Module):
 
     @property
     def vision_width(self) -> int:
+        if self.is_resnet:
+            return int(self.clip.visual.attnpool.k_proj.in_features)
         return int(self.clip.visual.transformer.width)
 
     @property
@@ -128,7 +133,13 @@ class Encoder(nn.Module):
 
     # -- images ------------------------------------------------------------------------
     def encode_image_tokens(self, pixels: torch.Tensor) -> ImageTokens:
-        pooled, tokens = self.clip.visual(pixels)
+        visual = self.clip.visual
+        if self.is_resnet:
+            # The last feature map's cells are the tokens; attention pooling as open_clip's.
+            x = visual.stem(pixels)
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+            return ImageTokens(pooled=visual.attnpool(x), tokens=x.flatten(2).transpose(1, 2))
+        pooled, tokens = visual(pixels)
         return ImageTokens(pooled=pooled, tokens=tokens)
 
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -140,6 +151,8 @@ class Encoder(nn.Module):
 
 
 def _embed_dim_of(clip: nn.Module) -> int:
+    if hasattr(clip.visual, "attnpool"):
+        return int(clip.visual.output_dim)
     proj = clip.visual.proj
     if proj is not None:
         return int(proj.shape[1])

@@ -43,6 +43,26 @@ def test_encoder_tokens_and_trimmed_text_match_open_clip(encoder):
     torch.testing.assert_close(image.pooled, reference_image, atol=1e-5, rtol=1e-4)
 
 
+def test_resnet_encoder_gives_feature_map_tokens_and_open_clips_embedding(tmp_path):
+    # CLIP's ResNets (RN50, RN50x4 as CLIP4Cir uses) work too: the last feature map's
+    # cells are the tokens, and the pooled embedding is open_clip's own.
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8},
+              "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "g4c-test-rn.json").write_text(__import__("json").dumps(config))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    encoder = create_encoder("g4c-test-rn")
+    encoder.eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    image = encoder.encode_image_tokens(pixels)
+    assert image.tokens.shape == (2, 4, encoder.vision_width) and encoder.vision_width == 8 * 32
+    torch.testing.assert_close(image.pooled, encoder.clip.encode_image(pixels), atol=1e-5, rtol=1e-4)
+    fusion = create_fusion("residual", encoder.vision_width, encoder.text_width, encoder.embed_dim,
+                           width=32, heads=2, layers=1)
+    text = encoder.encode_text_ids(encoder.tokenize(["make the lamp red", "remove the rug"]))
+    assert fusion(image, text).shape == (2, 32)
+
+
 @pytest.mark.parametrize("variant", ["paper", "residual", "sum"])
 def test_fusion_shapes_and_gradients(encoder, variant):
     torch.manual_seed(1)
