@@ -33,6 +33,9 @@ def register(subparsers) -> None:
     index.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
     index.add_argument("--workers", type=int, help="image-loading processes (default: cores - 1, at most 4)")
     index.add_argument("--fresh", action="store_true", help="discard cached embeddings and encode everything again")
+    index.add_argument("--cache-dir", metavar="DIR",
+                       help="pixel cache of `train`/`eval`: images decoded there are not decoded again "
+                       "(default $GOOD4CIR_CACHE or ~/.cache/good4cir)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
     index.set_defaults(handler=run_index)
 
@@ -62,6 +65,7 @@ def run_index(args: argparse.Namespace) -> int:
         args.db, args.checkpoint, args.out, factory=args.factory, split=args.split,
         search_params=args.search_params, batch_size=args.batch_size,
         num_workers=args.workers, fresh=args.fresh, progress=not args.quiet,
+        cache_dir=args.cache_dir,
     )
     print(
         f"indexed {report.count} images ({report.encoded} encoded now) into {report.out_dir} "

@@ -115,6 +115,17 @@ class PixelCache:
         rows = torch.tensor([where[key] for key in wanted])
         return cached[rows], {key: i for i, key in enumerate(wanted)}, failures
 
+    def lookup(self, keys) -> tuple[torch.Tensor, dict[str, int]]:
+        """The pixels already decoded for any of `keys`, without decoding the rest:
+        (tensor, key -> row) for the keys found."""
+        wanted = set(keys)
+        cached_keys, data = self.shards.read()
+        found = {key: i for i, key in enumerate(cached_keys) if key in wanted}
+        if not found:
+            return torch.zeros((0, 3, 1, 1), dtype=torch.uint8), {}
+        rows = torch.tensor(list(found.values()))
+        return torch.cat(data["pixels"])[rows], {key: i for i, key in enumerate(found)}
+
     def _flush(self, keys: list[str], arrays: list[np.ndarray]) -> None:
         if keys:
             self.shards.write(keys, {"pixels": torch.from_numpy(np.stack(arrays))})

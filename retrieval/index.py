@@ -134,12 +134,17 @@ def gallery_from_paths(paths: Sequence[str | Path]) -> list[GalleryEntry]:
 
 class _GalleryImages:
     """Dataset over gallery positions: decode + preprocess in the worker; a bad image
-    becomes an error string instead of an exception, so one file never stops a run."""
+    becomes an error string instead of an exception, so one file never stops a run.
+    Positions in `cached` (position -> uint8 pixels, already resized and cropped) skip
+    the decode and only get `normalize`."""
 
-    def __init__(self, entries: Sequence[GalleryEntry], transform, as_tensor: bool):
+    def __init__(self, entries: Sequence[GalleryEntry], transform, as_tensor: bool,
+                 cached: Optional[dict] = None, normalize=None):
         self.entries = entries
         self.transform = transform
         self.as_tensor = as_tensor
+        self.cached = cached or {}
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -147,6 +152,9 @@ class _GalleryImages:
     def __getitem__(self, position: int):
         from store.images import load_image_rgb
 
+        pixels = self.cached.get(position)
+        if pixels is not None:
+            return position, self.normalize(pixels[None])[0], None
         entry = self.entries[position]
         try:
             if not entry.path:
@@ -219,9 +227,15 @@ def encode_gallery(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: bool = True,
     fresh: bool = False,
+    pixel_cache=None,
 ) -> EncodedGallery:
     """Encode every gallery image, resumably: finished chunks of `chunk_size` images are
-    saved under cache_dir and skipped by a later call with the same model and gallery."""
+    saved under cache_dir and skipped by a later call with the same model and gallery.
+
+    `pixel_cache` (a features.PixelCache for this model's preprocessing): images that
+    training or `eval` already decoded are taken from it instead of their files. A
+    PNG decode costs several times a small model's forward pass, so without it a tiny
+    model waits on the loader."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -249,10 +263,18 @@ def encode_gallery(
     use_pixels = hasattr(retriever, "encode_pixels")
     done_before = len(entries) - sum(len(b) for b in batches)
     encoded = 0
+    cached: dict[int, Any] = {}
+    if batches and use_pixels and pixel_cache is not None:
+        ids = {p: entries[p].image_id for b in batches for p in b if entries[p].image_id}
+        pixels, row_of = pixel_cache.lookup(ids.values())
+        cached = {p: pixels[row_of[key]] for p, key in ids.items() if key in row_of}
     if batches:
         workers = default_num_workers() if num_workers is None else num_workers
+        if len(cached) == sum(len(b) for b in batches):
+            workers = 0  # nothing to decode: worker processes would only add copying
         loader = DataLoader(
-            _GalleryImages(entries, retriever.image_transform, as_tensor=use_pixels),
+            _GalleryImages(entries, retriever.image_transform, as_tensor=use_pixels, cached=cached,
+                           normalize=getattr(getattr(retriever, "model", None), "normalize_pixels", None)),
             batch_sampler=batches,
             num_workers=workers,
             collate_fn=_collate,
@@ -536,11 +558,15 @@ def build_gallery_index(
     fresh: bool = False,
     progress: bool = True,
     retriever=None,
+    cache_dir: Optional[str | Path] = None,
 ) -> IndexReport:
-    """`good4cir index`: encode a store's gallery with a checkpoint and save the index."""
+    """`good4cir index`: encode a store's gallery with a checkpoint and save the index.
+    Images already decoded by `train` or `eval` come from the pixel cache in `cache_dir`
+    (default: theirs); nothing is added to it here, so a large gallery never fills it."""
     import time
 
-    from .model import load_retriever
+    from .features import PixelCache, default_cache_dir
+    from .model import load_retriever, split_preprocess
 
     entries = gallery_from_db(db_path, split=split)
     if retriever is None:
@@ -548,9 +574,15 @@ def build_gallery_index(
     fingerprint = checkpoint_fingerprint(retriever.model_info)
     out_dir = Path(out_dir)
     started = time.perf_counter()
+    model = getattr(retriever, "model", None)
+    pixel_cache = None
+    if model is not None:
+        pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
+        pixel_cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
     encoded = encode_gallery(
         retriever, entries, out_dir / EMBEDDINGS_DIR, model_fingerprint=fingerprint,
         batch_size=batch_size, num_workers=num_workers, fresh=fresh, progress=progress,
+        pixel_cache=pixel_cache,
     )
     encoded_at = time.perf_counter()
     index = build_faiss_index(encoded.embeddings, factory, search_params=search_params, progress=progress)

@@ -160,6 +160,34 @@ def test_encode_gallery_matches_the_model_skips_bad_images_and_resumes(tmp_path,
     assert again.encoded == 40
 
 
+def test_encode_gallery_takes_already_decoded_pixels_from_the_pixel_cache(tmp_path, tiny_checkpoint, image_paths):
+    import shutil
+
+    from retrieval.features import PixelCache
+    from retrieval.model import load_retriever, split_preprocess
+
+    retriever = load_retriever(tiny_checkpoint)
+    copies = []
+    for path in image_paths[:12]:
+        copies.append(tmp_path / path.name)
+        shutil.copy(path, copies[-1])
+    expected = retriever.encode_images([Image.open(p).convert("RGB") for p in copies])
+    entries = [ix.GalleryEntry(name=p.stem, path=str(p), image_id=f"key{i}") for i, p in enumerate(copies)]
+    pil_transform, _, _ = split_preprocess(retriever.model.encoder.preprocess)
+    pixel_cache = PixelCache(tmp_path / "pixels", pil_transform)
+    pixel_cache.load({f"key{i}": str(p) for i, p in enumerate(copies[:8])}, progress=False)
+    for path in copies[:8]:
+        path.unlink()  # from now on only the cache has these eight
+
+    encoded = ix.encode_gallery(retriever, entries, tmp_path / "emb", batch_size=5, num_workers=1,
+                                progress=False, pixel_cache=pixel_cache)
+    assert encoded.skipped == [] and [e.name for e in encoded.entries] == [p.stem for p in copies]
+    np.testing.assert_allclose(encoded.embeddings, expected, atol=1e-5)
+    # Without the cache the deleted files are reported, each by name.
+    without = ix.encode_gallery(retriever, entries, tmp_path / "emb2", batch_size=5, num_workers=0, progress=False)
+    assert sorted(s["name"] for s in without.skipped) == sorted(p.stem for p in copies[:8])
+
+
 def _store_with_images(db_path, image_paths):
     from store import open_db, utc_now
 
