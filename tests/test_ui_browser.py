@@ -195,15 +195,22 @@ def test_two_reviewers_edit_one_pair_at_once(world, browser, external_requests):
     caption_field(b, "i", 1).press("Enter")
     wait_caption_status(a, "saved as version 1")
     wait_caption_status(b, "saved as version 1")
-    # the same caption from bob's now stale page: refused with a message, nothing overwritten
-    caption_field(b, "i", 0).fill("Remove the lamp entirely.")
-    caption_field(b, "i", 0).press("Enter")
+    # one caption edited by both: bob starts typing, ann saves first; bob's save is
+    # refused with a message, nothing overwritten (bob's page may have been refreshed
+    # meanwhile: his unsaved text and the version he started from are kept)
+    caption_field(b, "i", 2).fill("Remove the lamp entirely.")
+    caption_field(a, "i", 2).fill("Take the lamp off the table.")
+    caption_field(a, "i", 2).press("Enter")
+    wait_caption_status(a, "saved as version 1")
+    caption_field(b, "i", 2).press("Enter")
     wait_caption_status(b, "NOT SAVED: ann changed this caption")
-    expect(b.locator("#g4c-cap-i0")).to_have_class(re.compile("g4c-conflict"))
+    expect(b.locator("#g4c-cap-i2")).to_have_class(re.compile("g4c-conflict"))
+    expect(caption_field(b, "i", 2)).to_have_value("Remove the lamp entirely.")
     db = world["db"]
     current = dict(db.execute(
         "SELECT caption_id, text FROM caption_edits WHERE caption_id LIKE ? ORDER BY version", [pair + ":%"]).fetchall())
-    assert current == {f"{pair}:c0": "Take away the lamp.", f"{pair}:c1": "Put a plant in the corner."}
+    assert current == {f"{pair}:c0": "Take away the lamp.", f"{pair}:c1": "Put a plant in the corner.",
+                       f"{pair}:c2": "Take the lamp off the table."}
     # each is told of the other's work while looking at the pair, and sees it on reload
     expect(a.locator(".g4c-activity")).to_contain_text("bob edited caption c1", timeout=15_000)
     a.keyboard.press("Escape")
@@ -212,6 +219,127 @@ def test_two_reviewers_edit_one_pair_at_once(world, browser, external_requests):
     expect(a.locator("#g4c-cap-i1 .g4c-capmeta")).to_contain_text("edited by bob")
     ctx_a.close()
     ctx_b.close()
+
+
+def test_undo_a_caption_edit_and_see_its_history(world, browser, external_requests):
+    db, pair = world["db"], world["annotation_ids"][6]
+    original = rl.load_pair(db, pair).individual[0].text
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    field, undo = caption_field(page, "i", 0), page.locator("#g4c-cap-i0 button[data-undo]")
+    expect(field).to_have_value(original)
+    expect(undo).to_be_disabled()                     # the pipeline's text: nothing to undo
+    field.fill("First edit of the caption.")
+    field.press("Enter")
+    wait_caption_status(page, "saved as version 1")
+    field.fill("Second edit <b>of</b> the caption.")
+    field.press("Enter")
+    wait_caption_status(page, "saved as version 2")
+    undo.click()
+    wait_caption_status(page, "caption c0: undone")
+    expect(field).to_have_value("First edit of the caption.")
+    expect(page.locator("#g4c-cap-i0 .g4c-capmeta")).to_contain_text("v3 · undone by ann (back to v1)")
+    # the keyboard: select caption 1, z
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("1")
+    page.keyboard.press("z")
+    wait_caption_status(page, "caption c0: undone, back to")
+    expect(field).to_have_value(original)
+    expect(undo).to_be_disabled()
+    # the caption's history: every version with text, editor and time, newest first
+    page.locator("#g4c-cap-i0 details.g4c-caphist summary").click()
+    versions = page.locator("#g4c-cap-i0 .g4c-histlist li")
+    expect(versions).to_have_count(5)
+    expect(versions.nth(0)).to_contain_text(re.compile(r"v4 · undo → text of v0 · ann · \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC · current"))
+    expect(versions.nth(2)).to_contain_text("Second edit <b>of</b> the caption.")   # markup shown as text
+    expect(versions.nth(4)).to_contain_text("v0 · original (pipeline)")
+    assert page.locator("#g4c-cap-i0 .g4c-histlist b").count() == 0
+    # the pair's history: flags and notes with who and when
+    page.locator("#g4c-cap-i1 input[data-flag]").click()
+    wait_message(page, "caption c1 flagged")
+    page.locator("#g4c-note textarea").fill("c0 was fine as it was")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    wait_message(page, "note saved")
+    page.locator("#g4c-history-box").get_by_text("History of this pair").click()
+    history = page.locator("#g4c-history")
+    expect(history).to_contain_text("flagged caption c1")
+    expect(history).to_contain_text("note: “c0 was fine as it was”", timeout=15_000)   # the next live tick
+    expect(history).to_contain_text("undid caption c0 back to v0 (v4)")
+    expect(page.locator("#g4c-cap-i0 details.g4c-caphist")).to_have_attribute("open", "")  # kept open by the tick
+    page.wait_for_function("Array.from(document.querySelectorAll('.g4c-images img')).every(i => i.naturalWidth > 0)")
+    page.screenshot(path=str(SHOTS / "review_history.png"), full_page=True)
+    rows = db.execute("SELECT version, action, restores, editor FROM caption_edits WHERE caption_id = ?"
+                      " ORDER BY version", [f"{pair}:c0"]).fetchall()
+    assert rows == [(1, "edit", 1, "ann"), (2, "edit", 2, "ann"), (3, "undo", 1, "ann"), (4, "undo", 0, "ann")]
+    # a box that was typed in shows the next pair's own caption after a move
+    field.fill("Third edit.")
+    field.press("Enter")
+    wait_caption_status(page, "saved as version 5")
+    page.keyboard.press("Escape")
+    page.locator("#g4c-next").click()
+    expect(shown(page)).not_to_have_attribute("data-annotation", pair)
+    now_shown = shown(page).get_attribute("data-annotation")
+    expect(field).to_have_value(rl.load_pair(db, now_shown).individual[0].text)
+    assert error_toasts(page) == 0
+    context.close()
+
+
+def test_other_reviewers_changes_appear_live_and_unsaved_text_is_kept(world, browser, external_requests):
+    from store import review as store_review
+
+    db, pair = world["db"], world["annotation_ids"][7]
+    view = rl.load_pair(db, pair)
+    c0, c1, c2 = view.individual[:3]
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    mine, theirs = caption_field(page, "i", 0), caption_field(page, "i", 1)
+    expect(mine).to_have_value(c0.text)
+    mine.fill("Ann is still typing this")              # focused, not saved
+    store_review.edit_caption(db, c1.id, "Bob's new text for caption one.", "bob", expected_version=0)
+    store_review.add_flag(db, pair, "caption", c2.id, "bob", "wrong count")
+    store_review.set_review_status(db, pair, "approved", "bob")
+    expect(theirs).to_have_value("Bob's new text for caption one.", timeout=15_000)   # no reload
+    expect(page.locator("#g4c-cap-i1 .g4c-capmeta")).to_contain_text("v1 · edited by bob")
+    expect(page.locator("#g4c-cap-i2 input[data-flag]")).to_be_checked()
+    expect(page.locator(".g4c-meta")).to_contain_text(re.compile("approved by bob", re.I))
+    expect(page.locator(".g4c-activity")).to_contain_text("bob edited caption c1")
+    expect(mine).to_have_value("Ann is still typing this")
+    assert page.evaluate("document.activeElement === document.querySelector('#g4c-cap-i0 textarea')")
+
+    # nothing changed: two ticks go by without a single change to what the pair panels
+    # show (their parents: Gradio's own status tracker sits beside them and is not ours)
+    page.evaluate("""() => {
+      window.g4cMutations = 0;
+      const seen = new MutationObserver((list) => { window.g4cMutations += list.length; });
+      for (const sel of ['.g4c-captions', '.g4c-board', '.g4c-progress', '.g4c-activity'])
+        seen.observe(document.querySelector(sel).parentElement,
+                     {subtree: true, childList: true, attributes: true, characterData: true});
+    }""")
+    page.wait_for_timeout(9_000)
+    assert page.evaluate("window.g4cMutations") == 0
+
+    # ann's edit of c0 saves: nobody else touched c0
+    mine.press("Enter")
+    wait_caption_status(page, "saved as version 1")
+    # ann types again; bob saves c0 meanwhile: the refresh keeps ann's text, says so, and
+    # her save is refused (optimistic check against the version she started from)
+    mine.fill("Ann's second thought")
+    store_review.edit_caption(db, c0.id, "Bob's text for caption zero.", "bob", expected_version=1)
+    wait_caption_status(page, "caption c0: changed by someone else while you are editing")
+    assert page.evaluate("window.g4cMutations") > 0
+    expect(mine).to_have_value("Ann's second thought")
+    expect(page.locator("#g4c-cap-i0")).to_have_class(re.compile("g4c-conflict"))
+    mine.press("Enter")
+    wait_caption_status(page, "NOT SAVED: bob changed this caption")
+    undo = page.locator("#g4c-cap-i0 button[data-undo]")
+    undo.click()                                        # undo from the stale version: refused too
+    wait_caption_status(page, "NOT UNDONE: bob changed caption c0 after your page showed it")
+    assert store_review.get_caption(db, c0.id).current_text == "Bob's text for caption zero."
+    # a reload shows the stored text
+    page.keyboard.press("Escape")
+    page.locator("#g4c-reload").click()
+    expect(mine).to_have_value("Bob's text for caption zero.")
+    expect(page.locator("#g4c-cap-i0")).not_to_have_class(re.compile("g4c-conflict"))
+    assert error_toasts(page) == 0
+    context.close()
 
 
 def test_markup_in_captions_is_text(world, browser, external_requests):

@@ -120,7 +120,27 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         except (rl.ReviewActionError, KeyError, ValueError, rl.StoreError) as exc:
             return {"saved": False, "conflict": False, "error": True, "message": f"NOT SAVED: {exc}"}
         return {"saved": result.saved, "conflict": result.conflict, "error": False, "version": result.version,
-                "text": result.text, "editor": editor, "message": result.message}
+                "text": result.text, "editor": editor, "message": result.message,
+                "state": None if result.conflict else _row_state(str(payload["caption_id"]))}
+
+    def undo_caption(payload: dict, request: gr.Request) -> dict:
+        """Called from the captions panel's script: revert one caption's last edit."""
+        if isinstance(payload, list):
+            payload = payload[0]
+        editor = reviewer_of(request, payload.get("reviewer"))
+        try:
+            result = rl.undo_caption(conns.get(), str(payload["caption_id"]), editor, int(payload["version"]))
+        except (rl.ReviewActionError, KeyError, ValueError, rl.StoreError) as exc:
+            return {"saved": False, "conflict": False, "error": True, "message": f"NOT UNDONE: {exc}"}
+        return {"saved": result.saved, "conflict": result.conflict, "error": not result.saved,
+                "message": result.message,
+                "state": _row_state(str(payload["caption_id"])) if result.saved else None}
+
+    def _row_state(caption_id: str) -> Optional[dict]:
+        try:
+            return rl.caption_state(rl.load_caption(conns.get(), caption_id))
+        except rl.StoreError:
+            return None
     with gr.Row(equal_height=True):
         queue_radio = gr.Radio(list(QUEUES), value="unreviewed", label="Queue", scale=3, elem_id="g4c-queue")
         run_dd = gr.Dropdown([rl.ANY], value=rl.ANY, label="Run", scale=2, allow_custom_value=False)
@@ -129,6 +149,8 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         goto_box = gr.Textbox(label="Go to pair", placeholder="pair id or annotation id, Enter", scale=2)
     info_html = gr.HTML("", elem_id="g4c-info", js_on_load=None)
     opened_at = gr.State("")  # when the shown pair was read, to tell others' later work apart
+    shown_stamp = gr.State("")  # rl.pair_stamp of the pair as shown: the timer re-renders when it moves
+    shown_note = gr.State("")   # the stored note as shown, to tell a note being typed apart
     live_timer = gr.Timer(LIVE_SECONDS)
     images_html = gr.HTML("", elem_id="g4c-images", js_on_load=IMAGES_JS)
     with gr.Row():
@@ -149,8 +171,11 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         with gr.Column(scale=4):
             activity_html = gr.HTML("", elem_id="g4c-activity", js_on_load=None)
             captions_html = gr.HTML("", elem_id="g4c-captions", js_on_load=CAPTIONS_JS,
-                                    server_functions=[save_caption])
+                                    server_functions=[save_caption, undo_caption])
             note_box = gr.Textbox(label="Note (saved when you leave the field)", lines=2, elem_id="g4c-note")
+            with gr.Accordion("History of this pair (approve / reject / flags / notes / edits)", open=False,
+                              elem_id="g4c-history-box"):
+                history_html = gr.HTML("", elem_id="g4c-history", js_on_load=None)
             with gr.Row(equal_height=True):
                 gt_toggle = gr.Checkbox(False, label="Show ground truth (demo world) (g)", elem_id="g4c-gt-toggle")
                 score_btn = gr.Button("Score the flags against ground truth", size="sm")
@@ -160,17 +185,23 @@ def _review_tab(conns, reviewer_of, reviewer_box):
 
     filters = [queue_radio, run_dd, model_dd, split_dd]
     pair_outputs = [cursor, info_html, images_html, board_html, captions_html, note_box,
-                    gt_html, current_box, message_box, activity_html, opened_at]
+                    gt_html, current_box, message_box, activity_html, opened_at, history_html,
+                    shown_stamp, shown_note]
 
     def show(annotation_id, flt, gt_on, message=""):
         db = conns.get()
+        # The stamp is read before the pair: a write landing in between makes the next
+        # tick see a newer stamp and refresh, never the other way round.
+        stamp = rl.pair_stamp(db, annotation_id) if annotation_id else ""
+        opened = utc_now()
         view = rl.load_pair(db, annotation_id) if annotation_id else None
         status = rl.queue_status(db, flt, annotation_id)
         values = [annotation_id, rl.render_info_html(view, status), rl.render_images_html(view),
                   rl.render_board_html(view)]
         values.append(rl.render_captions_html(view))
-        values += [view.note if view else "", rl.render_ground_truth_html(view) if gt_on else "",
-                   annotation_id or "", message, "", utc_now()]
+        note = view.note if view else ""
+        values += [note, rl.render_ground_truth_html(view) if gt_on else "",
+                   annotation_id or "", message, "", opened, rl.render_pair_history_html(view), stamp, note]
         return values
 
     def load(wanted, request):
@@ -252,9 +283,9 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         data = getattr(evt, "_data", None) or {}
         item = data.get("item")
         if not item or not annotation_id:
-            return gr.skip(), gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         if data.get("annotation") and data["annotation"] != annotation_id:
-            return gr.skip(), gr.skip(), "that descriptor belongs to a pair no longer shown; nothing flagged"
+            return gr.skip(), gr.skip(), "that descriptor belongs to a pair no longer shown; nothing flagged", gr.skip()
         db = conns.get()
         try:
             now = rl.toggle_flag(db, annotation_id, "descriptor", item, reviewer_of(request, typed), reason)
@@ -263,16 +294,16 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         view = rl.load_pair(db, annotation_id)
         flt = rl.make_filter(queue, run, model, split)
         return (rl.render_board_html(view), rl.render_info_html(view, rl.queue_status(db, flt, annotation_id)),
-                f"descriptor {'flagged' if now else 'unflagged'}")
+                f"descriptor {'flagged' if now else 'unflagged'}", rl.render_pair_history_html(view))
 
     board_html.click(on_board_click, [cursor, *filters, reason_dd, reviewer_box],
-                     [board_html, info_html, message_box], api_name="flag_descriptor")
+                     [board_html, info_html, message_box, history_html], api_name="flag_descriptor")
 
     def on_caption_flag(annotation_id, queue, run, model, split, typed, evt: gr.EventData, request: gr.Request):
         data = getattr(evt, "_data", None) or {}
         caption_id = data.get("caption")
         if not caption_id or not annotation_id:
-            return gr.skip(), gr.skip()
+            return gr.skip(), gr.skip(), gr.skip()
         target = data.get("annotation") or annotation_id
         db = conns.get()
         try:
@@ -283,21 +314,23 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         view = rl.load_pair(db, annotation_id)
         flt = rl.make_filter(queue, run, model, split)
         return (rl.render_info_html(view, rl.queue_status(db, flt, annotation_id)),
-                f"caption {caption_id.rsplit(':', 1)[-1]} {'flagged' if now else 'unflagged'}")
+                f"caption {caption_id.rsplit(':', 1)[-1]} {'flagged' if now else 'unflagged'}",
+                rl.render_pair_history_html(view))
 
-    captions_html.click(on_caption_flag, [cursor, *filters, reviewer_box], [info_html, message_box],
+    captions_html.click(on_caption_flag, [cursor, *filters, reviewer_box], [info_html, message_box, history_html],
                         api_name="flag_caption")
 
     def on_note(annotation_id, note, typed, request: gr.Request):
         if not annotation_id:
-            return gr.skip()
+            return gr.skip(), gr.skip()
         try:
             changed = rl.save_note(conns.get(), annotation_id, note, reviewer_of(request, typed))
         except rl.ReviewActionError as exc:
             raise gr.Error(str(exc)) from None
-        return "note saved" if changed else gr.skip()
+        # The saved note is now the shown one: a later refresh may replace it again.
+        return ("note saved", (note or "").strip()) if changed else (gr.skip(), gr.skip())
 
-    note_box.blur(on_note, [cursor, note_box, reviewer_box], message_box, api_name="save_note")
+    note_box.blur(on_note, [cursor, note_box, reviewer_box], [message_box, shown_note], api_name="save_note")
 
     def on_gt(annotation_id, gt_on):
         view = rl.load_pair(conns.get(), annotation_id) if annotation_id else None
@@ -318,15 +351,31 @@ def _review_tab(conns, reviewer_of, reviewer_box):
 
     score_btn.click(on_score, cursor, [gt_html, gt_toggle], api_name="score_flags")
 
-    def on_live(annotation_id, since, typed, request: gr.Request):
-        """Tell the reviewer what others did to the shown pair since it was read."""
-        if not annotation_id or not since:
-            return gr.skip()
-        lines = rl.activity_since(conns.get(), annotation_id, since, reviewer_of(request, typed))
-        return rl.render_activity_html(lines)
+    live_outputs = [info_html, board_html, captions_html, history_html, activity_html, note_box, shown_note,
+                    shown_stamp]
 
-    live_timer.tick(on_live, [cursor, opened_at, reviewer_box], activity_html, api_name=False,
-                    show_progress="hidden")
+    def on_live(annotation_id, since, stamp, queue, run, model, split, note, note_shown, typed,
+                request: gr.Request):
+        """Redraw the shown pair when anyone changed it since it was drawn, and say what
+        others did. Nothing is sent when nothing changed. Caption text being typed is
+        kept by the captions panel's script; a note being typed is not replaced."""
+        if not annotation_id:
+            return [gr.skip()] * len(live_outputs)
+        db = conns.get()
+        now_stamp = rl.pair_stamp(db, annotation_id)
+        if now_stamp == stamp:
+            return [gr.skip()] * len(live_outputs)
+        view = rl.load_pair(db, annotation_id)
+        flt = rl.make_filter(queue, run, model, split)
+        lines = rl.activity_since(db, annotation_id, since, reviewer_of(request, typed)) if since else []
+        typing_note = (note or "").strip() != (note_shown or "").strip()
+        return [rl.render_info_html(view, rl.queue_status(db, flt, annotation_id)), rl.render_board_html(view),
+                rl.render_captions_html(view, live=True), rl.render_pair_history_html(view),
+                rl.render_activity_html(lines), gr.skip() if typing_note else view.note,
+                gr.skip() if typing_note else view.note, now_stamp]
+
+    live_timer.tick(on_live, [cursor, opened_at, shown_stamp, *filters, note_box, shown_note, reviewer_box],
+                    live_outputs, api_name=False, show_progress="hidden")
 
     return {"load": load, "load_outputs": [run_dd, model_dd, split_dd, *pair_outputs]}
 

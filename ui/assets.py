@@ -65,6 +65,20 @@ body, .gradio-container { padding-bottom: 48px !important; }
   background: var(--input-background-fill); color: var(--body-text-color); }
 .g4c-capstatus { min-height: 1.3em; font-size: 13px; font-weight: 600; color: #15803d; }
 .g4c-capstatus.g4c-bad { color: #b91c1c; }
+.g4c-captools { display: flex; gap: 8px; align-items: flex-start; margin-top: 2px; }
+.g4c-undo { font-size: 12px; padding: 0 8px; border: 1px solid var(--border-color-primary); border-radius: 4px;
+  background: var(--button-secondary-background-fill); color: var(--body-text-color); cursor: pointer;
+  white-space: nowrap; line-height: 1.6; }
+.g4c-undo:disabled { opacity: .45; cursor: default; }
+.g4c-caphist { flex: 1; font-size: 12px; }
+.g4c-caphist summary { cursor: pointer; color: #6b7280; line-height: 1.6; }
+.g4c-histlist { margin: 2px 0 4px 0; padding-left: 0; list-style: none; max-height: 220px; overflow-y: auto; }
+.g4c-histlist li { border-left: 3px solid #d1d5db; padding: 1px 0 1px 8px; margin-bottom: 3px; }
+.g4c-histlist li.g4c-current { border-left-color: #2563eb; }
+.g4c-histmeta { color: #6b7280; font-size: 11px; }
+.g4c-history { max-height: 320px; overflow-y: auto; }
+.g4c-histtable { width: 100%; }
+.g4c-histtable .g4c-when { white-space: nowrap; color: #6b7280; }
 .g4c-keys { font-size: 12px; }
 .g4c-results { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; }
 .g4c-result { border: 2px solid transparent; border-radius: 8px; padding: 4px; font-size: 12px; }
@@ -96,6 +110,7 @@ HEAD = """
     rows.forEach((r, k) => r.classList.toggle('g4c-selected', k === selected));
   }
   window.g4cSelectCaption = select;
+  window.g4cReselect = function () { select(selected); };
   document.addEventListener('keydown', function (e) {
     const t = e.target;
     // Text fields keep their keys; a focused checkbox, radio or button does not.
@@ -115,6 +130,13 @@ HEAD = """
       const row = rows[Math.min(selected, rows.length - 1)];
       const box = row && row.querySelector('input[type=checkbox]');
       if (box) { box.click(); e.preventDefault(); }
+      return;
+    }
+    if (e.key === 'z') {
+      const rows = visibleRows();
+      const row = rows[Math.min(selected, rows.length - 1)];
+      const undo = row && row.querySelector('button[data-undo]');
+      if (undo) { undo.click(); e.preventDefault(); }
       return;
     }
     if (e.key === 'e') {
@@ -185,15 +207,25 @@ URL_JS = """
 
 SHORTCUTS_MD = """**Keyboard** (outside text fields): `j` / `→` next · `k` / `←` previous · `a` approve (and go on) ·
 `r` reject (and go on) · `1`–`9` select a caption · `f` flag / unflag the selected caption ·
-`e` edit the selected caption · `Esc` leave a text field (saves it) · `u` reload the pair ·
-`g` show / hide ground truth. Click a descriptor to flag it; click an image to zoom.
-Captions save when you press Enter or leave the field."""
+`e` edit the selected caption · `z` undo the selected caption's last edit · `Esc` leave a text field
+(saves it) · `u` reload the pair · `g` show / hide ground truth. Click a descriptor to flag it; click an
+image to zoom. Captions save when you press Enter or leave the field. Other reviewers' changes to the
+shown pair appear within a few seconds; text you are typing is kept."""
 
 # Captions panel: a caption is saved when its text area loses focus or on Enter (Shift+Enter
 # is a new line), through a server function that answers with the new version or the
-# conflict. A flag box change goes to Python as an event. Saves of one row never overlap:
-# a second save waits for the first, then compares again.
+# conflict. Undo reverts a caption's last edit the same way. A flag box change goes to
+# Python as an event. Saves and undos of one row never overlap: each waits for the last.
+#
+# Gradio morphs each new rendering into the old DOM (the same elements stay). After each
+# one (told apart from this script's own changes by the panel's data-render token),
+# `reconcile` decides what every text area shows: a box now holding another caption
+# takes the stored text; a box with text typed and not saved keeps it on a live refresh
+# (another reviewer's change), and keeps the version it was started from, so its save
+# is checked against that version and refused if someone else saved meanwhile. A move
+# or reload shows the stored text.
 CAPTIONS_JS = """
+const openHistory = new Set();   // caption ids whose history box the reviewer opened
 function statusLine(text, bad) {
   const s = element.querySelector('.g4c-capstatus');
   if (s) { s.textContent = text || ''; s.classList.toggle('g4c-bad', !!bad); }
@@ -206,41 +238,130 @@ function flagReason() {
   const f = document.querySelector('#g4c-reason input');
   return f ? f.value : '';
 }
-async function saveRow(area) {
-  const row = area.closest('.g4c-caprow');
-  if (!row) return;
+function captionLabel(row) { return 'caption ' + row.dataset.caption.split(':').pop(); }
+// Typed by the reviewer and not saved. A redraw may change an untouched box's value too,
+// so only typing counts.
+function unsaved(area) { return !!area._typed && !!area._stored && area.value.trim() !== area._stored.text.trim(); }
+let renderSeen = null;
+function reconcile() {
+  const panel = element.querySelector('.g4c-captions');
+  if (!panel || panel.dataset.render === renderSeen) return;
+  renderSeen = panel.dataset.render;
+  const live = panel.dataset.live === '1';
+  const overtaken = [];
+  panel.querySelectorAll('.g4c-caprow').forEach((row) => {
+    const area = row.querySelector('textarea');
+    if (!area) return;
+    const caption = row.dataset.caption, version = parseInt(row.dataset.version, 10);
+    if (live && area._caption === caption && unsaved(area)) {
+      if (version !== area._stored.version || area._conflict) {
+        row.classList.add('g4c-conflict');
+        if (version !== area._stored.version) overtaken.push(captionLabel(row));
+      }
+    } else {
+      area._caption = caption;
+      area._stored = {text: area.defaultValue, version: version};
+      area._conflict = false;
+      area._typed = false;
+      if (area.value !== area.defaultValue) area.value = area.defaultValue;
+    }
+    const box = row.querySelector('input[data-flag]');
+    if (box) box.checked = box.defaultChecked;
+    const details = row.querySelector('details.g4c-caphist');
+    if (details && openHistory.has(caption) && !details.open) details.open = true;
+  });
+  if (overtaken.length) {
+    statusLine(overtaken.join(', ') + ': changed by someone else while you are editing. Your text is kept ' +
+               'but not saved; saving it will be refused. Reload (u) shows theirs.', true);
+  }
+  if (window.g4cReselect) window.g4cReselect();
+}
+function applyState(row, area, state, force) {
+  if (!state || row.dataset.caption !== state.caption_id) return;
+  const typedSince = !force && unsaved(area) && area.value.trim() !== state.text.trim();
+  area._stored = {text: state.text, version: state.version};
+  area._conflict = false;
+  row.dataset.version = String(state.version);
+  area.defaultValue = state.text;
+  if (!typedSince) { area.value = state.text; area._typed = false; }
+  const meta = row.querySelector('.g4c-capmeta');
+  if (meta) meta.textContent = state.meta;
+  const undo = row.querySelector('button[data-undo]');
+  if (undo) undo.disabled = !state.can_undo;
+  const details = row.querySelector('details.g4c-caphist');
+  if (details) details.innerHTML = state.history_html;
+  row.classList.remove('g4c-conflict');
+}
+async function serialized(row, work) {
   while (row._saving) { await row._saving; }
-  if (area.value.trim() === area.defaultValue.trim()) return;
   const job = (async () => {
     row.classList.add('g4c-saving');
+    try { await work(); }
+    finally { row.classList.remove('g4c-saving'); }
+  })();
+  row._saving = job;
+  try { await job; } finally { row._saving = null; }
+}
+function saveRow(area) {
+  const row = area.closest('.g4c-caprow');
+  if (!row) return;
+  return serialized(row, async () => {
+    if (!area._stored || !unsaved(area)) return;
+    const caption = row.dataset.caption, sent = area.value;
     try {
-      let r = await server.save_caption({caption_id: row.dataset.caption, text: area.value,
-                                         version: parseInt(row.dataset.version, 10), reviewer: reviewerName()});
+      let r = await server.save_caption({caption_id: caption, text: sent, version: area._stored.version,
+                                         reviewer: reviewerName()});
       if (Array.isArray(r)) r = r[0];
-      if (r.saved) {
-        row.dataset.version = String(r.version);
-        area.defaultValue = r.text;
-        const meta = row.querySelector('.g4c-capmeta');
-        if (meta) meta.textContent = meta.textContent.replace(/ · v\\d+( · edited by [^·]*)?/, ' · v' + r.version + ' · edited by ' + r.editor + ' ');
-        row.classList.remove('g4c-conflict');
-      } else if (r.conflict) {
-        row.classList.add('g4c-conflict');
-      }
+      if (row.dataset.caption !== caption) return;   // another pair is shown by now
+      if (r.conflict) { row.classList.add('g4c-conflict'); area._conflict = true; }
+      else if (r.state && (r.saved || r.text.trim() === r.state.text.trim())) applyState(row, area, r.state, false);
       statusLine(r.message, r.conflict || r.error);
     } catch (e) {
       statusLine('NOT SAVED: ' + e, true);
-    } finally {
-      row.classList.remove('g4c-saving');
     }
-  })();
-  row._saving = job;
-  await job;
-  row._saving = null;
+  });
 }
+function undoRow(row) {
+  const area = row.querySelector('textarea');
+  if (!reviewerName()) {
+    statusLine('type your name in the Reviewer box first: every action is recorded with it', true);
+    return;
+  }
+  // A blur just before the click may be saving an edit of this row: undo waits for it
+  // and then reverts it.
+  return serialized(row, async () => {
+    const caption = row.dataset.caption;
+    try {
+      let r = await server.undo_caption({caption_id: caption, version: area._stored.version,
+                                         reviewer: reviewerName()});
+      if (Array.isArray(r)) r = r[0];
+      if (row.dataset.caption !== caption) return;
+      if (r.saved) applyState(row, area, r.state, true);
+      else if (r.conflict) { row.classList.add('g4c-conflict'); area._conflict = true; }
+      statusLine(r.message, !r.saved);
+    } catch (e) {
+      statusLine('NOT UNDONE: ' + e, true);
+    }
+  });
+}
+element.addEventListener('input', (e) => { if (e.target.tagName === 'TEXTAREA') e.target._typed = true; });
 element.addEventListener('focusout', (e) => { if (e.target.tagName === 'TEXTAREA') saveRow(e.target); });
 element.addEventListener('keydown', (e) => {
   if (e.target.tagName === 'TEXTAREA' && e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); saveRow(e.target); }
 });
+element.addEventListener('click', (e) => {
+  const undo = e.target.closest('button[data-undo]');
+  if (undo && !undo.disabled) undoRow(undo.closest('.g4c-caprow'));
+});
+// toggle does not bubble; a capturing listener still sees it. Read .open when it fires:
+// a redraw may close and reopen a box within one task.
+element.addEventListener('toggle', (e) => {
+  const details = e.target;
+  if (!details.classList || !details.classList.contains('g4c-caphist')) return;
+  const row = details.closest('.g4c-caprow');
+  if (!row) return;
+  if (details.open) openHistory.add(row.dataset.caption); else openHistory.delete(row.dataset.caption);
+}, true);
 element.addEventListener('change', (e) => {
   const box = e.target;
   if (!box.dataset || !box.dataset.flag) return;
@@ -255,4 +376,8 @@ element.addEventListener('change', (e) => {
   trigger('click', {caption: row.dataset.caption, flagged: box.checked,
                     annotation: panel ? panel.dataset.annotation : '', reason: flagReason()});
 });
+// Runs after Gradio's morph of a new rendering, before the page is painted again.
+new MutationObserver(reconcile).observe(element, {subtree: true, childList: true, characterData: true,
+                                                  attributes: true, attributeFilter: ['data-render']});
+reconcile();
 """

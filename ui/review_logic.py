@@ -8,6 +8,7 @@ A descriptor is addressed as '<description id>/<object index>/<descriptor index>
 from __future__ import annotations
 
 import json
+import secrets
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -17,7 +18,7 @@ from store import queue as store_queue
 from store import review as store_review
 from store.annotations import get_annotation, get_description
 from store.errors import ConflictError, NotFoundError, StoreError
-from store.models import FLAG_REASONS, DescribedObject, FlagRecord
+from store.models import FLAG_REASONS, CaptionEdit, DescribedObject, FlagRecord, ReviewEvent
 
 from .security import escape_text, image_url
 
@@ -173,6 +174,12 @@ class CaptionCell:
     reason: Optional[str] = None
     edited_by: Optional[str] = None
     token_count: Optional[int] = None
+    history: list[CaptionEdit] = field(default_factory=list)  # edit rows, oldest first
+
+    @property
+    def can_undo(self) -> bool:
+        # The store's undo steps back through effective versions; it stops at the original.
+        return bool(self.history) and self.history[-1].restores != 0
 
 
 @dataclass
@@ -208,6 +215,7 @@ class PairView:
     ground_truth: Optional[list] = None
     original_captions: list[str] = field(default_factory=list)
     updated_at: Optional[str] = None
+    events: list["PairEvent"] = field(default_factory=list)  # the pair's review history, oldest first
 
     @property
     def has_ground_truth(self) -> bool:
@@ -288,7 +296,8 @@ def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
     cursor = db.execute("SELECT * FROM pairs WHERE id = ?", [ann.pair_id])
     pair = dict(zip([d[0] for d in cursor.description], cursor.fetchone()))
     run = db.execute("SELECT name, backend, model FROM runs WHERE id = ?", [ann.run_id]).fetchone()
-    flags = store_review.list_flags(db, annotation_id)
+    all_flags = store_review.list_flags(db, annotation_id, include_removed=True)
+    flags = [f for f in all_flags if f.removed_at is None]
     flag_by_target = {(f.target_kind, f.target_id): f for f in flags}
 
     stage1 = get_description(db, ann.stage1_id) if ann.stage1_id else None
@@ -303,18 +312,10 @@ def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
             if flag:
                 cell.flagged, cell.reason = True, flag.reason
 
-    editors = dict(db.execute(
-        "SELECT e.caption_id, e.editor FROM caption_edits e JOIN captions c ON c.id = e.caption_id"
-        " WHERE c.annotation_id = ? ORDER BY e.version", [annotation_id]).fetchall())
+    history = _edits_of_annotation(db, annotation_id)
     individual, compound = [], []
     for cap in store_review.list_captions(db, annotation_id):
-        flag = flag_by_target.get(("caption", cap.id))
-        cell = CaptionCell(
-            id=cap.id, kind=cap.kind, position=cap.position, text=cap.current_text or cap.text,
-            original=cap.text, version=cap.version, flagged=flag is not None,
-            reason=flag.reason if flag else None, edited_by=editors.get(cap.id) if cap.version else None,
-            token_count=cap.token_count,
-        )
+        cell = _caption_cell(cap, history.get(cap.id, []), flag_by_target.get(("caption", cap.id)))
         (individual if cap.kind == "individual" else compound).append(cell)
 
     ground_truth = json.loads(pair["ground_truth"]) if pair.get("ground_truth") else None
@@ -329,7 +330,105 @@ def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
         individual=individual, compound=compound, flags=flags, ground_truth=ground_truth,
         original_captions=json.loads(pair.get("original_captions") or "[]"),
         updated_at=ann.updated_at,
+        events=pair_events(store_review.review_history(db, annotation_id), all_flags, history,
+                           _descriptor_names(left, right)),
     )
+
+
+def _edits_of_annotation(db, annotation_id: str) -> dict[str, list[CaptionEdit]]:
+    """Every caption edit of one annotation in one query, by caption, oldest first."""
+    cursor = db.execute(
+        "SELECT e.* FROM caption_edits e JOIN captions c ON c.id = e.caption_id"
+        " WHERE c.annotation_id = ? ORDER BY e.caption_id, e.version", [annotation_id])
+    names = [d[0] for d in cursor.description]
+    out: dict[str, list[CaptionEdit]] = {}
+    for row in cursor.fetchall():
+        edit = CaptionEdit.from_row(dict(zip(names, row)))
+        out.setdefault(edit.caption_id, []).append(edit)
+    return out
+
+
+def _caption_cell(cap, history: list[CaptionEdit], flag: Optional[FlagRecord]) -> CaptionCell:
+    return CaptionCell(
+        id=cap.id, kind=cap.kind, position=cap.position, text=cap.current_text or cap.text,
+        original=cap.text, version=cap.version, flagged=flag is not None,
+        reason=flag.reason if flag else None, edited_by=history[-1].editor if history else None,
+        token_count=cap.token_count, history=history,
+    )
+
+
+def load_caption(db: sqlite_utils.Database, caption_id: str) -> CaptionCell:
+    """One caption as the captions panel shows it (after a save or an undo)."""
+    cap = store_review.get_caption(db, caption_id)
+    flag_row = db.execute(
+        "SELECT * FROM flags WHERE annotation_id = ? AND target_kind = 'caption' AND target_id = ?"
+        " AND removed_at IS NULL", [cap.annotation_id, caption_id])
+    row = flag_row.fetchone()
+    flag = FlagRecord.from_row(dict(zip([d[0] for d in flag_row.description], row))) if row else None
+    return _caption_cell(cap, store_review.caption_history(db, caption_id), flag)
+
+
+def pair_stamp(db: sqlite_utils.Database, annotation_id: str) -> str:
+    """A cheap fingerprint of everything reviewers change on a pair: it differs whenever a
+    caption edit, flag, status or note was written since it was taken. Index lookups
+    only, so every open page can ask for it every few seconds."""
+    row = db.execute(
+        "SELECT a.updated_at, a.flag_count, a.review_status,"
+        " (SELECT MAX(e.id) FROM caption_edits e JOIN captions c ON c.id = e.caption_id"
+        "  WHERE c.annotation_id = a.id),"
+        " (SELECT MAX(id) FROM flags WHERE annotation_id = a.id),"
+        " (SELECT MAX(id) FROM review_events WHERE annotation_id = a.id)"
+        " FROM annotations a WHERE a.id = ?", [annotation_id]).fetchone()
+    return "" if row is None else "|".join("" if v is None else str(v) for v in row)
+
+
+# ---------------------------------------------------------------- history
+
+@dataclass
+class PairEvent:
+    at: str
+    who: str
+    what: str
+
+
+def caption_label(caption_id: str) -> str:
+    """'caption c0' for '<annotation id>:c0', as the page's messages name captions."""
+    return f"caption {caption_id.rsplit(':', 1)[-1]}"
+
+
+def _descriptor_names(*sides: list[ObjectCell]) -> dict[str, str]:
+    return {cell.target_id: f"“{cell.text}” ({obj.name})"
+            for objects in sides for obj in objects for cell in obj.descriptors}
+
+
+def pair_events(
+    events: list[ReviewEvent], flags: list[FlagRecord], edits: dict[str, list[CaptionEdit]],
+    descriptor_names: dict[str, str],
+) -> list[PairEvent]:
+    """The pair's review history in time order: approve / reject / reset, notes, flags
+    set and removed, caption edits and undos."""
+    out = []
+    for ev in events:
+        if ev.action == "note":
+            what = f"note: “{ev.value}”" if ev.value else "cleared the note"
+        else:
+            what = {"approved": "approved the pair", "rejected": "rejected the pair",
+                    "unreviewed": "reset the pair to unreviewed"}.get(ev.value or "", f"{ev.action}: {ev.value}")
+        out.append(PairEvent(ev.created_at, ev.reviewer, what))
+    for flag in flags:
+        target = (caption_label(flag.target_id) if flag.target_kind == "caption"
+                  else "descriptor " + descriptor_names.get(flag.target_id, flag.target_id))
+        out.append(PairEvent(flag.created_at, flag.reviewer,
+                             f"flagged {target}" + (f" ({flag.reason})" if flag.reason else "")))
+        if flag.removed_at:
+            out.append(PairEvent(flag.removed_at, flag.removed_by or "?", f"unflagged {target}"))
+    for caption_id, rows in edits.items():
+        for edit in rows:
+            what = (f"edited {caption_label(caption_id)} (v{edit.version})" if edit.action == "edit"
+                    else f"undid {caption_label(caption_id)} back to v{edit.restores} (v{edit.version})")
+            out.append(PairEvent(edit.created_at, edit.editor, what))
+    out.sort(key=lambda e: e.at)
+    return out
 
 
 # ---------------------------------------------------------------- actions
@@ -433,31 +532,53 @@ def save_caption(
     try:
         saved = store_review.edit_caption(db, caption_id, text, editor, expected_version=expected_version)
     except ConflictError:
-        editor_row = db.execute(
-            "SELECT editor FROM caption_edits WHERE caption_id = ? ORDER BY version DESC LIMIT 1",
-            [caption_id]).fetchone()
-        by = editor_row[0] if editor_row else "someone else"
+        by = _last_editor(db, caption_id) or "someone else"
         return EditResult(
             False, current.version, current.current_text or current.text,
-            f"NOT SAVED: {by} changed this caption while you were editing it (now version "
-            f"{current.version}, you started from version {expected_version}). Their text is "
-            f"kept: “{current.current_text}”. Reload the pair and edit again.",
+            f"NOT SAVED: {by} changed this caption ({caption_label(caption_id)}) while you were editing it "
+            f"(now version {current.version}, you started from version {expected_version}). Their text is "
+            f"kept: “{current.current_text}”. Reload the pair (u) to see it, then edit again.",
             conflict=True,
         )
     return EditResult(True, saved.version, saved.current_text, f"caption saved as version {saved.version}")
 
 
 def undo_caption(db: sqlite_utils.Database, caption_id: str, editor: str, expected_version: Optional[int]) -> EditResult:
+    """Revert the caption's last edit, made against version `expected_version`.
+
+    If someone saved a newer version since the reviewer's page showed
+    `expected_version`, nothing is written and the result says who and what is kept.
+    """
     editor = require_reviewer(editor)
+    label = caption_label(caption_id)
+    try:
+        current = store_review.get_caption(db, caption_id)
+    except NotFoundError:
+        raise ReviewActionError(f"{label} ({caption_id!r}) does not exist") from None
     try:
         saved = store_review.undo_caption_edit(db, caption_id, editor, expected_version=expected_version)
-    except ConflictError as exc:
+    except ConflictError:
         current = store_review.get_caption(db, caption_id)
-        return EditResult(False, current.version, current.current_text, f"NOT UNDONE: {exc}", conflict=True)
-    except StoreError as exc:
+        by = _last_editor(db, caption_id) or "someone else"
+        return EditResult(
+            False, current.version, current.current_text,
+            f"NOT UNDONE: {by} changed {label} after your page showed it (now version {current.version}, "
+            f"you saw version {expected_version}). Nothing was undone; their text is kept: "
+            f"“{current.current_text}”.",
+            conflict=True,
+        )
+    except StoreError:
         current = store_review.get_caption(db, caption_id)
-        return EditResult(False, current.version, current.current_text, str(exc))
-    return EditResult(True, saved.version, saved.current_text, f"undone: now version {saved.version}")
+        return EditResult(False, current.version, current.current_text,
+                          f"{label}: nothing to undo, it shows the pipeline's original text")
+    return EditResult(True, saved.version, saved.current_text,
+                      f"{label}: undone, back to “{saved.current_text}” (version {saved.version})")
+
+
+def _last_editor(db, caption_id: str) -> Optional[str]:
+    row = db.execute("SELECT editor FROM caption_edits WHERE caption_id = ? ORDER BY version DESC LIMIT 1",
+                     [caption_id]).fetchone()
+    return row[0] if row else None
 
 
 def set_status(db: sqlite_utils.Database, annotation_id: str, status: str, reviewer: str) -> None:
@@ -581,7 +702,65 @@ def render_activity_html(lines: list[str]) -> str:
     if not lines:
         return ""
     return ("<div class='g4c-activity'>Since you opened this pair: " + escape_text("; ".join(lines[-6:]))
-            + " — press <b>u</b> (Reload) to see it.</div>")
+            + " — shown below (text you have not saved yet is kept).</div>")
+
+
+def _when(iso: Optional[str]) -> str:
+    """'2026-11-26 21:30:01 UTC' from a stored ISO time (UTC, milliseconds)."""
+    if not iso:
+        return ""
+    return iso[:19].replace("T", " ") + (" UTC" if iso.endswith("+00:00") else "")
+
+
+def render_pair_history_html(view: Optional[PairView]) -> str:
+    """The pair's review history, newest first."""
+    if view is None:
+        return ""
+    if not view.events:
+        return "<div class='g4c-history g4c-muted'>No review actions on this pair yet.</div>"
+    rows = "".join(
+        f"<tr><td class='g4c-when'>{escape_text(_when(ev.at))}</td><td><b>{escape_text(ev.who)}</b></td>"
+        f"<td>{escape_text(ev.what)}</td></tr>" for ev in reversed(view.events))
+    return (f"<div class='g4c-history' data-annotation='{escape_text(view.annotation_id)}'>"
+            f"<table class='g4c-table g4c-histtable'><thead><tr><th>when</th><th>who</th><th>what</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table></div>")
+
+
+def caption_meta(cap: CaptionCell) -> str:
+    """The small line above a caption's text: position, version, who changed it last."""
+    meta = f"{cap.position + 1} · v{cap.version}"
+    if cap.version and cap.history:
+        last = cap.history[-1]
+        meta += (f" · edited by {last.editor}" if last.action == "edit"
+                 else f" · undone by {last.editor} (back to v{last.restores})")
+    if cap.kind == "compound" and cap.token_count:
+        meta += f" · {cap.token_count} CLIP tokens"
+    if cap.flagged and cap.reason:
+        meta += f" · flagged: {cap.reason}"
+    return meta
+
+
+def render_caption_history_html(cap: CaptionCell) -> str:
+    """The inside of a caption's history box: every version, newest first, with text,
+    editor and time. Version 0 is the pipeline's text."""
+    def item(head: str, text: str, current: bool) -> str:
+        return (f"<li class='{'g4c-current' if current else ''}'><span class='g4c-histmeta'>"
+                f"{escape_text(head + (' · current' if current else ''))}</span><div>{escape_text(text)}</div></li>")
+
+    items = []
+    for i, edit in enumerate(reversed(cap.history)):
+        how = "edit" if edit.action == "edit" else f"undo → text of v{edit.restores}"
+        items.append(item(f"v{edit.version} · {how} · {edit.editor} · {_when(edit.created_at)}", edit.text, i == 0))
+    items.append(item("v0 · original (pipeline)", cap.original, not cap.history))
+    n = len(cap.history) + 1
+    return (f"<summary>History · {n} version{'s' if n != 1 else ''}</summary>"
+            f"<ol class='g4c-histlist'>{''.join(items)}</ol>")
+
+
+def caption_state(cap: CaptionCell) -> dict:
+    """What the captions panel's script needs to redraw one row after a save or an undo."""
+    return {"caption_id": cap.id, "version": cap.version, "text": cap.text, "can_undo": cap.can_undo,
+            "meta": caption_meta(cap), "history_html": render_caption_history_html(cap)}
 
 
 def render_ground_truth_html(view: Optional[PairView], score: Optional[dict] = None) -> str:
@@ -629,38 +808,44 @@ def summarize_flag_score(result: dict) -> dict[str, str]:
     return out
 
 
-def render_captions_html(view: Optional[PairView]) -> str:
-    """Stage 3 and stage 4 captions as editable text areas with a flag box each.
+def render_captions_html(view: Optional[PairView], *, live: bool = False) -> str:
+    """Stage 3 and stage 4 captions as editable text areas with a flag box, an Undo
+    button and a history box each.
 
     Each row carries the caption id and the version it shows, so a save names exactly
     what the reviewer was looking at (the optimistic-concurrency check needs that).
+    `live`: a refresh because someone else changed the pair; the page's script then keeps
+    text the reviewer has typed and not saved (a move or reload shows the stored text).
     """
     if view is None:
         return ""
+    # A fresh token per rendering lets the page's script tell Gradio's redraw of this
+    # panel apart from its own changes to it.
+    live_attr = f" data-render='{secrets.token_hex(6)}'" + (" data-live='1'" if live else "")
 
     def rows(title: str, caps: list[CaptionCell], prefix: str) -> str:
         out = [f"<h4>{escape_text(title)}</h4>"]
         if not caps:
             out.append("<p class='g4c-muted'>none</p>")
         for i, cap in enumerate(caps):
-            meta = f"{cap.position + 1} · v{cap.version}"
-            if cap.version and cap.edited_by:
-                meta += f" · edited by {cap.edited_by}"
-            if cap.kind == "compound" and cap.token_count:
-                meta += f" · {cap.token_count} CLIP tokens"
-            if cap.flagged and cap.reason:
-                meta += f" · flagged: {cap.reason}"
             lines = 3 if len(cap.text) > 110 else 2 if len(cap.text) > 55 else 1
+            undo_tip = ("revert this caption's last edit (z)" if cap.can_undo
+                        else "nothing to undo: the pipeline's original text")
             out.append(
                 f"<div class='g4c-caprow{' g4c-capflagged' if cap.flagged else ''}' id='g4c-cap-{prefix}{i}' "
                 f"data-caption='{escape_text(cap.id)}' data-version='{cap.version}'>"
                 f"<label class='g4c-flaglabel' title='flag as hallucination'><input type='checkbox' data-flag='1'"
                 f"{' checked' if cap.flagged else ''}> ⚑</label>"
-                f"<div class='g4c-capbody'><div class='g4c-capmeta'>{escape_text(meta)}</div>"
-                f"<textarea rows='{lines}' spellcheck='true'>{escape_text(cap.text)}</textarea></div></div>")
+                f"<div class='g4c-capbody'><div class='g4c-capmeta'>{escape_text(caption_meta(cap))}</div>"
+                f"<textarea rows='{lines}' spellcheck='true'>{escape_text(cap.text)}</textarea>"
+                f"<div class='g4c-captools'><button type='button' class='g4c-undo' data-undo='1' "
+                f"title='{escape_text(undo_tip)}'{'' if cap.can_undo else ' disabled'}>↶ Undo</button>"
+                f"<details class='g4c-caphist'>{render_caption_history_html(cap)}</details></div>"
+                f"</div></div>")
         return "".join(out)
 
-    return (f"<div class='g4c-captions' data-annotation='{escape_text(view.annotation_id)}'>"
+    return (f"<div class='g4c-captions' data-annotation='{escape_text(view.annotation_id)}'"
+            f"{live_attr}>"
             f"<div class='g4c-capstatus' role='status'></div>"
             f"{rows('Stage 3 · modification captions', view.individual, 'i')}"
             f"{rows('Stage 4 · compound captions', view.compound, 'k')}</div>")
