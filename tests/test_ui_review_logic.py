@@ -183,3 +183,111 @@ def test_pair_without_target_or_local_file_is_shown(store):
     assert view.reference.url is None  # remote images are never fetched or linked
     html = rl.render_images_html(view)
     assert "example.com" not in html and html.count("no local file") == 2
+
+
+def test_undo_reverts_the_last_edit_and_refuses_a_stale_version(store):
+    db, ann = store["db"], store["annotation_ids"][3]
+    caption = rl.load_pair(db, ann).individual[0]
+    assert not caption.can_undo and "nothing to undo" in rl.undo_caption(db, caption.id, "alice", 0).message
+    rl.save_caption(db, caption.id, "First try.", "alice", 0)
+    rl.save_caption(db, caption.id, "Second try.", "alice", 1)
+    undone = rl.undo_caption(db, caption.id, "alice", 2)
+    assert undone.saved and (undone.version, undone.text) == (3, "First try.")
+    assert undone.message.startswith("caption c0: undone")
+    # bob saves meanwhile; alice's page still shows version 3: nothing is undone
+    rl.save_caption(db, caption.id, "Bob's text.", "bob", 3)
+    stale = rl.undo_caption(db, caption.id, "alice", 3)
+    assert stale.conflict and not stale.saved
+    assert stale.message.startswith("NOT UNDONE: bob changed caption c0 after your page showed it")
+    assert "now version 4, you saw version 3" in stale.message and "“Bob's text.”" in stale.message
+    assert rl.load_caption(db, caption.id).text == "Bob's text."
+    # undo walks back through what was shown: v1's text, then the pipeline's, then stops
+    assert rl.undo_caption(db, caption.id, "alice", 4).text == "First try."
+    back = rl.undo_caption(db, caption.id, "alice", 5)
+    assert back.saved and back.text == caption.original and not rl.load_caption(db, caption.id).can_undo
+    end = rl.undo_caption(db, caption.id, "alice", 6)
+    assert not end.saved and not end.conflict and "nothing to undo" in end.message
+    rows = db.execute("SELECT version, action, restores, editor FROM caption_edits WHERE caption_id = ?"
+                      " ORDER BY version", [caption.id]).fetchall()
+    assert rows == [(1, "edit", 1, "alice"), (2, "edit", 2, "alice"), (3, "undo", 1, "alice"),
+                    (4, "edit", 4, "bob"), (5, "undo", 1, "alice"), (6, "undo", 0, "alice")]
+    with pytest.raises(rl.ReviewActionError, match="Reviewer"):
+        rl.undo_caption(db, caption.id, " ", 6)
+    with pytest.raises(rl.ReviewActionError, match="does not exist"):
+        rl.undo_caption(db, caption.id + "9", "alice", 0)
+
+
+def test_caption_and_pair_history_are_complete_ordered_and_escaped(store):
+    db, ann = store["db"], store["annotation_ids"][4]
+    view = rl.load_pair(db, ann)
+    caption, descriptor = view.individual[1], view.stage2[2].descriptors[0]
+    rl.save_caption(db, caption.id, "<b>bold</b> ${x}", "<i>eve</i>", 0)
+    rl.undo_caption(db, caption.id, "dan", 1)
+    rl.set_flag(db, ann, "descriptor", descriptor.target_id, True, "dan", "object not there")
+    rl.set_flag(db, ann, "descriptor", descriptor.target_id, False, "erin")
+    rl.save_note(db, ann, "<script>x</script>", "dan")
+    rl.set_status(db, ann, "rejected", "erin")
+    view = rl.load_pair(db, ann)
+    cell = view.individual[1]
+    assert [(e.version, e.action, e.editor) for e in cell.history] == [(1, "edit", "<i>eve</i>"), (2, "undo", "dan")]
+    assert rl.caption_meta(cell) == "2 · v2 · undone by dan (back to v0)"
+    inner = rl.render_caption_history_html(cell)
+    assert inner.startswith("<summary>History · 3 versions</summary>")
+    assert inner.index("v2 · undo → text of v0 · dan") < inner.index("v1 · edit · &lt;i&gt;eve") < inner.index("v0 · original")
+    assert "<b>bold" not in inner and "&lt;b&gt;bold&lt;/b&gt; &#36;&#123;x&#125;" in inner
+    # times are kept to the millisecond, so writes this quick may tie: order by time only
+    assert sorted((e.who, e.what) for e in view.events) == sorted([
+        ("<i>eve</i>", "edited caption c1 (v1)"),
+        ("dan", "undid caption c1 back to v0 (v2)"),
+        ("dan", "flagged descriptor “green leaves” (plant) (object not there)"),
+        ("erin", "unflagged descriptor “green leaves” (plant)"),
+        ("dan", "note: “<script>x</script>”"),
+        ("erin", "rejected the pair"),
+    ])
+    assert [e.at for e in view.events] == sorted(e.at for e in view.events)
+    html = rl.render_pair_history_html(view)
+    shown = [html.index(f"<td>{rl.escape_text(e.what)}</td>") for e in view.events]
+    assert shown == sorted(shown, reverse=True)                     # newest first
+    assert "<script>" not in html and "<i>eve" not in html and "&lt;script&gt;" in html
+    assert rl.render_pair_history_html(rl.load_pair(db, store["annotation_ids"][0])).count("No review actions") == 1
+
+
+def test_pair_stamp_moves_on_every_review_write_and_only_then(store):
+    db, ann, other = store["db"], store["annotation_ids"][1], store["annotation_ids"][2]
+    caption = rl.load_pair(db, ann).individual[0]
+    descriptor = rl.load_pair(db, ann).stage1[0].descriptors[0].target_id
+    seen = [rl.pair_stamp(db, ann)]
+    assert rl.pair_stamp(db, ann) == seen[0]                   # nothing written: same stamp
+    rl.save_caption(db, rl.load_pair(db, other).individual[0].id, "Elsewhere.", "bob", 0)
+    rl.set_status(db, other, "approved", "bob")
+    assert rl.pair_stamp(db, ann) == seen[0]                   # another pair's writes
+    writes = [
+        lambda: rl.save_caption(db, caption.id, "Edited.", "bob", 0),
+        lambda: rl.undo_caption(db, caption.id, "bob", 1),
+        lambda: rl.set_flag(db, ann, "descriptor", descriptor, True, "bob"),
+        lambda: rl.set_flag(db, ann, "descriptor", descriptor, False, "bob"),
+        lambda: rl.set_status(db, ann, "approved", "bob"),
+        lambda: rl.save_note(db, ann, "a note", "bob"),
+    ]
+    for write in writes:
+        write()
+        stamp = rl.pair_stamp(db, ann)
+        assert stamp not in seen
+        seen.append(stamp)
+    assert rl.pair_stamp(db, "no-such-annotation") == ""
+
+
+def test_captions_panel_has_undo_history_and_marks_live_redraws(store):
+    db, ann = store["db"], store["annotation_ids"][0]
+    rl.save_caption(db, f"{ann}:c2", "Drop the lamp.", "ann", 0)
+    view = rl.load_pair(db, ann)
+    html = rl.render_captions_html(view)
+    assert html.count("data-undo='1'") == 6 and html.count("data-undo='1' title") == 6
+    assert html.count(" disabled>↶ Undo") == 5                 # only the edited caption can be undone
+    assert html.count("<details class='g4c-caphist'>") == 6 and "History · 2 versions" in html
+    assert "data-live" not in html and "data-live='1'" in rl.render_captions_html(view, live=True)
+    tokens = {rl.render_captions_html(view).split("data-render='")[1][:12] for _ in range(3)}
+    assert len(tokens) == 3                                      # each redraw is told apart
+    state = rl.caption_state(rl.load_caption(db, f"{ann}:c2"))
+    assert state["version"] == 1 and state["text"] == "Drop the lamp." and state["can_undo"]
+    assert state["meta"] == "3 · v1 · edited by ann" and "History · 2 versions" in state["history_html"]
