@@ -145,3 +145,23 @@ def test_lines_refused_for_newer_model_parameters_go_out_again_adapted(server, t
     progress = run_pipeline(db_path, _options(server, model="gpt-5-mini"))
     assert progress.pairs_done == 2
     assert server.stats["rejected_max_tokens"] == 1  # one refused line, then adapted
+
+
+@pytest.mark.parametrize("refuse, refused", [
+    ({"reject_json_schema": True}, {"rejected_json_schema": 1}),
+    ({"reject_json_schema": True, "reject_json_object": True},
+     {"rejected_json_schema": 1, "rejected_json_object": 1}),
+])
+def test_lines_refused_for_their_response_format_step_down_once_and_go_out_again(
+        server, tmp_path, refuse, refused):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=1, pairs=2)
+    for name, value in refuse.items():
+        setattr(server.config, name, value)
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.pairs_done == 2 and progress.status == "finished"
+    # Only the first line (stage 1) is refused per mode; every later line uses the lower one.
+    for name, count in refused.items():
+        assert server.stats[name] == count, (name, dict(server.stats))
+    # 1 stage 1 + 2 stage 2 + 2 stage 3 answered, plus the refused lines
+    assert server.stats["batch_lines_answered"] == 5 + sum(refused.values())

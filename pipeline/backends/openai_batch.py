@@ -17,8 +17,10 @@ wrote it, by custom_id. A line the batch did not finish (expired, cancelled, or 
 5xx inside the batch) becomes a TransientError, so the runner asks again and the
 request goes into a new batch; finished lines are never resubmitted.
 
-The response format is not stepped down here as in the `openai` backend: a line
-rejected with 400 fails its item (PermanentError).
+The response format steps down as in the `openai` backend (json_schema → json_object →
+text): a line refused with a 400 that names the response format lowers the mode for
+every later request and goes out again in the next batch; a 400 for anything else
+fails its item (PermanentError).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from store import annotations as store_ann
 
 from ..images import ImageEncoder
 from .base import PermanentError, TransientError, VLMRequest, VLMResponse
-from .openai_backend import build_messages, configure_openai, map_openai_error, response_format_for
+from .openai_backend import (RESPONSE_MODES, build_messages, configure_openai, map_openai_error,
+                             response_format_for)
 
 log = logging.getLogger("good4cir.pipeline.batch")
 
@@ -120,6 +123,7 @@ class OpenAIBatchBackend:
         self._known: dict[str, list[str]] = {}       # custom_id -> stored batch ids, oldest first
         self._watches: dict[str, _Watch] = {}
         self._waiters: dict[str, asyncio.Future] = {}  # custom_id -> shared answer
+        self._line_mode: dict[str, str] = {}  # custom_id -> response mode it was sent with
         self._pool: list[_Pending] = []
         self._last_added = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -239,6 +243,7 @@ class OpenAIBatchBackend:
             raise PermanentError(f"request of {len(line)} bytes does not fit a batch file "
                                  f"({self.max_batch_bytes} bytes); lower --image-size")
         future = asyncio.get_running_loop().create_future()
+        self._line_mode[custom_id] = self.response_mode
         self._pool.append(_Pending(custom_id, request.stage, line, future))
         self._last_added = time.monotonic()
         if len(self._pool) >= self.max_batch_requests:
@@ -427,7 +432,27 @@ class OpenAIBatchBackend:
             return BatchLineError(message, batch_id, custom_id)
         if status == 400 and self._adapt_parameters(body_error):
             return BatchLineError(f"{message} (adapted; resubmitting)", batch_id, custom_id)
+        if status == 400 and self._step_down_format(custom_id, body_error):
+            return BatchLineError(f"{message} (response format now {self.response_mode}; resubmitting)",
+                                  batch_id, custom_id)
         return BatchRejectedError(message, batch_id, custom_id)
+
+    def _step_down_format(self, custom_id: str, message: str) -> bool:
+        """A line refused for its response format: later requests use the next mode down.
+        Many lines of one batch fail together, so the step is taken from the mode the
+        line was sent with, not once per refused line."""
+        lowered = message.lower()
+        if not any(word in lowered for word in ("response_format", "json_schema", "json_object")):
+            return False
+        sent = self._line_mode.get(custom_id, self.response_mode)
+        position = RESPONSE_MODES.index(sent)
+        if position + 1 >= len(RESPONSE_MODES):
+            return False
+        if RESPONSE_MODES.index(self.response_mode) <= position:
+            log.warning("the server refused response format %s; stepping down to %s",
+                        sent, RESPONSE_MODES[position + 1])
+            self.response_mode = RESPONSE_MODES[position + 1]
+        return True
 
     def _adapt_parameters(self, message: str) -> bool:
         """As the `openai` backend: newer models want max_completion_tokens and no
