@@ -120,11 +120,21 @@ class PixelCache:
         (tensor, key -> row) for the keys found."""
         wanted = set(keys)
         cached_keys, data = self.shards.read()
-        found = {key: i for i, key in enumerate(cached_keys) if key in wanted}
-        if not found:
+        found: dict[str, int] = {}
+        parts = []
+        offset = 0
+        for shard in data.get("pixels", []):  # picked shard by shard: no copy of the whole cache
+            rows = []
+            for i, key in enumerate(cached_keys[offset:offset + len(shard)]):
+                if key in wanted and key not in found:
+                    found[key] = len(found)
+                    rows.append(i)
+            if rows:
+                parts.append(shard[torch.tensor(rows)])
+            offset += len(shard)
+        if not parts:
             return torch.zeros((0, 3, 1, 1), dtype=torch.uint8), {}
-        rows = torch.tensor(list(found.values()))
-        return torch.cat(data["pixels"])[rows], {key: i for i, key in enumerate(found)}
+        return torch.cat(parts), found
 
     def _flush(self, keys: list[str], arrays: list[np.ndarray]) -> None:
         if keys:
