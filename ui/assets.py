@@ -125,25 +125,14 @@ HEAD = """
     if (!review || review.offsetParent === null) return;   // another tab is shown
     if (e.key === 'Escape') { const lb = document.querySelector('.g4c-lightbox'); if (lb) lb.remove(); return; }
     if (/^[1-9]$/.test(e.key)) { select(parseInt(e.key, 10) - 1); e.preventDefault(); return; }
-    if (e.key === 'f') {
+    // f flags, z undoes, e edits the selected caption
+    const inRow = {f: ['input[type=checkbox]', 'click'], z: ['button[data-undo]', 'click'],
+                   e: ['textarea, input[type=text]', 'focus']}[e.key];
+    if (inRow) {
       const rows = visibleRows();
       const row = rows[Math.min(selected, rows.length - 1)];
-      const box = row && row.querySelector('input[type=checkbox]');
-      if (box) { box.click(); e.preventDefault(); }
-      return;
-    }
-    if (e.key === 'z') {
-      const rows = visibleRows();
-      const row = rows[Math.min(selected, rows.length - 1)];
-      const undo = row && row.querySelector('button[data-undo]');
-      if (undo) { undo.click(); e.preventDefault(); }
-      return;
-    }
-    if (e.key === 'e') {
-      const rows = visibleRows();
-      const row = rows[Math.min(selected, rows.length - 1)];
-      const field = row && row.querySelector('textarea, input[type=text]');
-      if (field) { field.focus(); e.preventDefault(); }
+      const el = row && row.querySelector(inRow[0]);
+      if (el) { el[inRow[1]](); e.preventDefault(); }
       return;
     }
     const id = KEYS[e.key];
