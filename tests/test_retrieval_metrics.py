@@ -262,3 +262,25 @@ def test_circo_submission_and_query_text():
     assert all(isinstance(x, int) for x in submission["1"])
     with pytest.raises(ValueError, match="appears twice"):
         circo_submission(scores, gallery, [3, 3])
+
+
+def test_pixel_baseline_ranks_by_squared_distance_to_the_reference():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "pixel_baseline.py"
+    spec = importlib.util.spec_from_file_location("pixel_baseline", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(0)
+    gallery = rng.random((6, 12)).astype(np.float32)
+    queries = gallery[[0, 3]] + 0.01
+    scores = bench.pixel_scores(queries, gallery)
+    brute = -((queries[:, None, :] - gallery[None, :, :]) ** 2).sum(-1)
+    np.testing.assert_allclose(scores, brute, rtol=1e-4, atol=1e-4)
+    assert scores.argmax(1).tolist() == [0, 3]
+    # Through the CIRR metrics with the reference removed: the next-closest image wins.
+    names = [f"g{i}" for i in range(6)]
+    second = [int(np.argsort(-s)[1]) for s in scores]
+    result = recall_at_k(scores, names, ["g0", "g3"], [names[i] for i in second], [1])
+    assert result[1] == pytest.approx(100.0)
