@@ -24,9 +24,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.data import load_triplets  # noqa: E402
-from retrieval.evaluate import build_queries, embed, evaluate_embeddings, score  # noqa: E402
-from retrieval.features import PixelCache, default_cache_dir  # noqa: E402
-from retrieval.model import load_model, split_preprocess  # noqa: E402
+from retrieval.evaluate import (build_queries, embed, evaluate_embeddings,  # noqa: E402
+                                 load_split_pixels, score)
+from retrieval.model import load_model  # noqa: E402
 
 
 def pixel_vectors(pixels, row_of: dict[str, int], keys: Sequence[str]) -> np.ndarray:
@@ -44,15 +44,7 @@ def pixel_scores(query_vectors: np.ndarray, gallery_vectors: np.ndarray) -> np.n
 def compare(checkpoint: str, dbs: Sequence[str], split: str, cache_dir: str | None) -> dict[str, Any]:
     model, _info = load_model(checkpoint)
     data = load_triplets(dbs, [], source="original")
-    triplets = data.split(split)
-    if not triplets:
-        raise SystemExit(f"no pairs in split {split!r} of {', '.join(dbs)}")
-    pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
-    cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
-    gallery = data.gallery_keys(triplets)
-    pixels, row_of, _failures = cache.load({k: data.image_paths[k] for k in gallery}, False)
-    gallery = [k for k in gallery if k in row_of]
-    triplets = [t for t in triplets if t.reference in row_of and t.target in row_of]
+    triplets, gallery, pixels, row_of, _failures = load_split_pixels(model, data, split, cache_dir, False)
     queries = build_queries(triplets)
 
     emb = embed(model, pixels, row_of, gallery, queries)

@@ -182,6 +182,27 @@ def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
     return result
 
 
+def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] = None,
+                      progress: bool = True):
+    """One split's triplets and gallery, pixels decoded through the pixel cache at the
+    model's preprocessing: (triplets, gallery_keys, pixels, row_of, failures). Images
+    that fail to decode leave the gallery, and triplets that need them are left out."""
+    from .features import PixelCache, default_cache_dir
+    from .model import split_preprocess
+
+    triplets = data.split(split)
+    if not triplets:
+        found = sorted({str(t.split) for t in data.triplets})
+        raise ValueError(f"no pairs in split {split!r} (splits present: {', '.join(found) or 'none'})")
+    pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
+    cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
+    gallery_keys = data.gallery_keys(triplets)
+    pixels, row_of, failures = cache.load({k: data.image_paths[k] for k in gallery_keys}, progress)
+    gallery_keys = [k for k in gallery_keys if k in row_of]
+    triplets = [t for t in triplets if t.reference in row_of and t.target in row_of]
+    return triplets, gallery_keys, pixels, row_of, failures
+
+
 def evaluate_checkpoint(
     checkpoint_dir: str | Path,
     dbs: Sequence[str | Path] = (),
@@ -196,22 +217,13 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """`good4cir eval`: the trained model and the three baselines on one split."""
     from .data import load_triplets
-    from .features import PixelCache, default_cache_dir
-    from .model import load_model, split_preprocess
+    from .model import load_model
 
     model, info = load_model(checkpoint_dir, which=which)
     data = load_triplets(dbs, files, source=source, captions=captions,
                          include_unreviewed=include_unreviewed)
-    triplets = data.split(split)
-    if not triplets:
-        found = sorted({str(t.split) for t in data.triplets})
-        raise ValueError(f"no pairs in split {split!r} (splits present: {', '.join(found) or 'none'})")
-    pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
-    cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
-    gallery_keys = data.gallery_keys(triplets)
-    pixels, row_of, failures = cache.load({k: data.image_paths[k] for k in gallery_keys}, progress)
-    gallery_keys = [k for k in gallery_keys if k in row_of]
-    triplets = [t for t in triplets if t.reference in row_of and t.target in row_of]
+    triplets, gallery_keys, pixels, row_of, failures = load_split_pixels(
+        model, data, split, cache_dir, progress)
     queries = build_queries(triplets)
     emb = embed(model, pixels, row_of, gallery_keys, queries)
     result = evaluate_embeddings(emb, gallery_keys, queries)
