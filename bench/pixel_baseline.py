@@ -5,7 +5,8 @@ pixels and each gallery image's, at the model's input resolution: no learning, n
 On the demo world every query's image set holds near-duplicates of its target, so the
 image closest to the reference is often the target itself; a model that composes the
 text with the image should beat this by a wide margin. The ratio printed is the model's
-R@1 (and Rsubset@1) over the pixel baseline's, both measured in this run.
+R@1 (and Rsubset@1), re-ranked where the checkpoint has a re-ranker, over the pixel
+baseline's, both measured in this run.
 
     .venv/bin/python bench/pixel_baseline.py --db demo/good4cir.db --checkpoint demo/model \
         [--split test] [--json]
@@ -25,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retrieval.data import load_triplets  # noqa: E402
 from retrieval.evaluate import (build_queries, embed, evaluate_embeddings,  # noqa: E402
-                                 load_split_pixels, score)
+                                 load_split_pixels, score_matrix)
 from retrieval.model import load_model  # noqa: E402
+from retrieval.rerank import load_pair_scorer, rerank_matrix  # noqa: E402
 
 
 def pixel_vectors(pixels, row_of: dict[str, int], keys: Sequence[str]) -> np.ndarray:
@@ -48,21 +50,31 @@ def compare(checkpoint: str, dbs: Sequence[str], split: str, cache_dir: str | No
     queries = build_queries(triplets)
 
     emb = embed(model, pixels, row_of, gallery, queries)
-    learned = evaluate_embeddings(emb, gallery, queries)
+    first = emb["query"] @ emb["gallery"].T
+    second = load_pair_scorer(checkpoint, model.encoder)
+    final = first
+    if second is not None:  # the model as `good4cir eval` scores it: re-ranked
+        scorer, info = second
+        final = rerank_matrix(scorer, first, queries.reference_keys, model.encoder.tokenize(queries.texts),
+                              gallery, pixels, row_of, top_k=int(info["top_k"]))
+    learned = evaluate_embeddings(emb, gallery, queries, model_scores=final)
 
     gallery_vectors = pixel_vectors(pixels, row_of, gallery)
     index_of = {k: i for i, k in enumerate(gallery)}
     query_vectors = gallery_vectors[[index_of[k] for k in queries.reference_keys]]
-    scores = pixel_scores(query_vectors, gallery_vectors)
-    # `score` takes embeddings; an identity gallery turns the score matrix into them.
-    pixels_only = score(scores, np.eye(len(gallery), dtype=scores.dtype), gallery, queries)
-    return {
+    pixels_only = score_matrix(pixel_scores(query_vectors, gallery_vectors), gallery, queries)
+    keep = ("recall", "recall_subset")
+    result = {
         "split": split, "queries": len(queries), "gallery": len(gallery),
-        "model": {k: learned[k] for k in ("recall", "recall_subset") if k in learned},
+        "model": {k: learned[k] for k in keep if k in learned},
         "image_baseline": {k: learned["baselines"]["image"][k]
-                           for k in ("recall", "recall_subset") if k in learned["baselines"]["image"]},
-        "pixels": {k: pixels_only[k] for k in ("recall", "recall_subset") if k in pixels_only},
+                           for k in keep if k in learned["baselines"]["image"]},
+        "pixels": {k: pixels_only[k] for k in keep if k in pixels_only},
     }
+    if second is not None:
+        alone = score_matrix(first, gallery, queries)
+        result["fusion_alone"] = {k: alone[k] for k in keep if k in alone}
+    return result
 
 
 def main() -> int:
@@ -78,8 +90,10 @@ def main() -> int:
         print(json.dumps(result, indent=1))
         return 0
     print(f"{args.split}: {result['queries']} queries, gallery of {result['gallery']} images")
-    for name, label in (("model", "trained model"), ("image_baseline", "its image-only baseline"),
-                        ("pixels", "raw pixels, image only")):
+    for name, label in (("model", "trained model"), ("fusion_alone", "its fusion model alone"),
+                        ("image_baseline", "its image-only baseline"), ("pixels", "raw pixels, image only")):
+        if name not in result:
+            continue
         r, s = result[name]["recall"], result[name].get("recall_subset", {})
         print(f"  {label:26s} R@1 {r['1']:5.1f}  R@5 {r['5']:5.1f}  R@10 {r['10']:5.1f}"
               f"  Rsubset@1 {s.get('1', float('nan')):5.1f}")

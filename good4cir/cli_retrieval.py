@@ -39,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train a composed-retrieval model on (reference, caption, target) triplets: "
             "symmetric InfoNCE at temperature 0.07, AdamW, warm-up then cosine. Writes "
-            "config.json, best.pt, last.pt, history.json and curves.png to --out. "
+            "config.json, best.pt, last.pt, rerank.pt, history.json and curves.png to "
+            "--out. Then, in the same budget, a re-ranker (a pair scorer over reference, "
+            "candidate and their difference) for the fusion model's top candidates. "
             "Default: the tiny open_clip model from scratch, residual cross-attention "
             "fusion, 8 minutes."
         ),
@@ -71,9 +73,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--set-negatives", type=int, default=2, metavar="N",
                         help="per query, N members of its image set (CIRR's img_set, the "
                         "demo world's near-duplicates) join the negatives (default 2; 0: none)")
+    parser.add_argument("--no-rerank", dest="rerank", action="store_false",
+                        help="skip the second stage: the pair scorer that re-ranks the "
+                        "fusion model's top candidates by looking at the reference and each "
+                        "candidate together (by default it trains after the fusion model and "
+                        "is kept only if it beats it on validation)")
+    parser.add_argument("--rerank-share", type=float, default=0.75, metavar="F",
+                        help="share of --minutes the pair scorer trains for (default 0.75)")
+    parser.add_argument("--rerank-top-k", type=int, default=50, metavar="K",
+                        help="how many first-stage candidates the pair scorer re-ranks (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from --out's last.pt (same model and fusion)")
+                        help="continue from --out's last.pt (same model and fusion); the pair "
+                        "scorer then trains afresh")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(handler=run_train)
 
@@ -104,6 +116,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="with --submission: add every image of DIR to the gallery, named "
                         "by file name (CIRCO: COCO 2017 unlabeled2017/, which the server ranks "
                         "against; a store holds only the images its pairs name). Repeatable")
+    parser.add_argument("--no-rerank", dest="rerank", action="store_false",
+                        help="score with the fusion model alone, even where the checkpoint "
+                        "has a trained re-ranker")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(handler=run_eval)
 
@@ -123,8 +138,8 @@ def run_train(args: argparse.Namespace) -> int:
         minutes=args.minutes, epochs=args.epochs, freeze_encoders=args.freeze_encoders,
         fusion=args.fusion or DEFAULT_FUSION, captions=args.captions, source=args.source,
         include_unreviewed=args.include_unreviewed, batch_size=args.batch_size, lr=args.lr,
-        set_negatives=args.set_negatives,
-        seed=args.seed, cache_dir=args.cache_dir, resume=args.resume, threads=args.threads,
+        set_negatives=args.set_negatives, rerank=args.rerank, rerank_share=args.rerank_share,
+        rerank_top_k=args.rerank_top_k, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume, threads=args.threads,
         progress=sys.stderr.isatty(),
     )
     result = train(cfg)
@@ -136,12 +151,22 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"trained {summary['epochs']} epochs ({summary['steps']} steps, "
           f"{summary['seconds']:.0f} s, {summary['triplets_per_second']:.0f} triplets/s) "
           f"on {summary['train_triplets']} triplets; checkpoints in {result.out}")
+    first = summary["best"].get("first_stage")
+    if first and first.get("val"):
+        print(f"fusion model alone, best validation (epoch {first.get('epoch')}): {_brief(first['val'])}")
     if val:
-        print(f"best validation (epoch {summary['best'].get('epoch')}): "
-              f"R@1 {val['recall']['1']:.1f}  R@5 {val['recall']['5']:.1f}  "
-              f"R@10 {val['recall']['10']:.1f}"
-              + (f"  Rsubset@1 {val['recall_subset']['1']:.1f}" if "recall_subset" in val else ""))
+        label = (f"with the re-ranker (its epoch {summary['best'].get('rerank_epoch')})" if first
+                 else f"best validation (epoch {summary['best'].get('epoch')})")
+        print(f"{label}: {_brief(val)}")
+    rerank = result.history.get("rerank")
+    if rerank and not rerank.get("enabled"):
+        print("the re-ranker did not beat the fusion model on validation: not used")
     return 0
+
+
+def _brief(val: dict) -> str:
+    return (f"R@1 {val['recall']['1']:.1f}  R@5 {val['recall']['5']:.1f}  R@10 {val['recall']['10']:.1f}"
+            + (f"  Rsubset@1 {val['recall_subset']['1']:.1f}" if "recall_subset" in val else ""))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -160,6 +185,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.checkpoint, dbs=args.db, files=args.data, split=args.split, source=args.source,
         captions=args.captions, include_unreviewed=args.include_unreviewed,
         cache_dir=args.cache_dir, which=args.which, progress=sys.stderr.isatty(),
+        rerank=args.rerank,
     )
     if args.json:
         print(json.dumps(result, indent=2))
@@ -171,7 +197,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _print_metrics(result: dict) -> None:
-    rows = [("model", result)] + [(f"baseline {name}", values)
+    rows = [("model", result)]
+    if result.get("first_stage"):
+        rows.append(("  fusion model alone", result["first_stage"]))
+    rows += [(f"baseline {name}", values)
                                    for name, values in result["baselines"].items()]
     for name, group in (result.get("subsets") or {}).items():
         rows.append((f"[{name}] model", group))
@@ -181,6 +210,9 @@ def _print_metrics(result: dict) -> None:
         cells = [recall.get(k) for k in ("1", "5", "10", "50")] + [subset.get(k) for k in ("1", "2", "3")]
         print(f"{name:24} " + " ".join(f"{c:6.1f}" if c is not None else f"{'-':>6}" for c in cells)
               + f" {values['median_rank']:6.1f}")
+    if result.get("first_stage"):
+        print(f"model: the fusion model's top {result['rerank']['top_k']} per query re-ranked by the "
+              "pair scorer (--no-rerank: the fusion model alone)")
 
 
 def _run_submission(args: argparse.Namespace) -> int:
@@ -192,7 +224,7 @@ def _run_submission(args: argparse.Namespace) -> int:
         args.checkpoint, args.submission, dbs=args.db, files=args.data, split=args.split,
         source=source, captions=args.captions, include_unreviewed=args.include_unreviewed,
         cache_dir=args.cache_dir, which=args.which, progress=sys.stderr.isatty(),
-        gallery_dirs=args.gallery_images,
+        gallery_dirs=args.gallery_images, rerank=args.rerank,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -79,7 +79,7 @@ class Encoder(nn.Module):
 
     @property
     def text_width(self) -> int:
-        return int(self._text_tower()["token_embedding"].embedding_dim)
+        return int(self.text_tower()["token_embedding"].embedding_dim)
 
     @property
     def image_size(self) -> int:
@@ -88,13 +88,13 @@ class Encoder(nn.Module):
 
     @property
     def context_length(self) -> int:
-        return int(self._text_tower()["positional_embedding"].shape[0])
+        return int(self.text_tower()["positional_embedding"].shape[0])
 
     # -- text ------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
-    def _text_tower(self) -> dict[str, Any]:
+    def text_tower(self) -> dict[str, Any]:
         """The text tower's parts, for both CLIP and CustomTextCLIP layouts."""
         owner = getattr(self.clip, "text", None) or self.clip
         return {
@@ -107,29 +107,8 @@ class Encoder(nn.Module):
         }
 
     def encode_text_ids(self, ids: torch.Tensor) -> TextTokens:
-        """Run the text tower on token ids (B, context_length).
-
-        The causal mask makes every position depend only on earlier ones, so trimming
-        the batch to its longest caption gives the same outputs and saves most of the
-        compute on short modification texts.
-        """
-        tower = self._text_tower()
-        lengths = (ids != 0).sum(dim=1)
-        length = max(int(lengths.max().item()), 1)
-        ids = ids[:, :length]
-        x = tower["token_embedding"](ids)
-        x = x + tower["positional_embedding"][:length].to(x.dtype)
-        mask = tower["attn_mask"]
-        if mask is not None:
-            mask = mask[:length, :length]
-        x = tower["transformer"](x, attn_mask=mask)
-        x = tower["ln_final"](x)
-        # CLIP pools at the end-of-text token, which has the largest id.
-        pooled = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
-        proj = tower["text_projection"]
-        if proj is not None:
-            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return TextTokens(pooled=pooled, tokens=x, padding_mask=ids == 0)
+        """Run the text tower on token ids (B, context_length)."""
+        return run_text_tower(self.text_tower(), ids)
 
     # -- images ------------------------------------------------------------------------
     def encode_image_tokens(self, pixels: torch.Tensor) -> ImageTokens:
@@ -149,6 +128,31 @@ class Encoder(nn.Module):
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.encode_text_ids(ids).pooled, dim=-1)
 
+
+
+def run_text_tower(tower: dict[str, Any], ids: torch.Tensor) -> TextTokens:
+    """An open_clip text tower (the parts `Encoder.text_tower` names) on token ids.
+
+    The causal mask makes every position depend only on earlier ones, so trimming
+    the batch to its longest caption gives the same outputs and saves most of the
+    compute on short modification texts.
+    """
+    lengths = (ids != 0).sum(dim=1)
+    length = max(int(lengths.max().item()), 1)
+    ids = ids[:, :length]
+    x = tower["token_embedding"](ids)
+    x = x + tower["positional_embedding"][:length].to(x.dtype)
+    mask = tower["attn_mask"]
+    if mask is not None:
+        mask = mask[:length, :length]
+    x = tower["transformer"](x, attn_mask=mask)
+    x = tower["ln_final"](x)
+    # CLIP pools at the end-of-text token, which has the largest id.
+    pooled = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
+    proj = tower["text_projection"]
+    if proj is not None:
+        pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
+    return TextTokens(pooled=pooled, tokens=x, padding_mask=ids == 0)
 
 def _embed_dim_of(clip: nn.Module) -> int:
     if hasattr(clip.visual, "attnpool"):

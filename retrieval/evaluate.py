@@ -128,7 +128,11 @@ def _stack(parts: list[torch.Tensor]) -> np.ndarray:
 def score(query_emb: np.ndarray, gallery_emb: np.ndarray, gallery_keys: Sequence[str],
           queries: Queries) -> dict[str, Any]:
     """The metrics of one set of query embeddings, in the `eval --json` shape."""
-    scores = query_emb @ gallery_emb.T
+    return score_matrix(query_emb @ gallery_emb.T, gallery_keys, queries)
+
+
+def score_matrix(scores: np.ndarray, gallery_keys: Sequence[str], queries: Queries) -> dict[str, Any]:
+    """The metrics of a (queries, gallery) score matrix, in the `eval --json` shape."""
     result: dict[str, Any] = {
         "queries": len(queries),
         "recall": _str_keys(metrics.recall_at_k(
@@ -153,9 +157,13 @@ def _str_keys(values: dict) -> dict[str, float]:
 
 
 def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
-                        queries: Queries) -> dict[str, Any]:
-    """Model metrics, baselines, and the same per tagged subset (held-out, seen)."""
-    result = score(emb["query"], emb["gallery"], gallery_keys, queries)
+                        queries: Queries, model_scores: Optional[np.ndarray] = None) -> dict[str, Any]:
+    """Model metrics, baselines, and the same per tagged subset (held-out, seen).
+
+    `model_scores` replaces the model's query x gallery scores (the re-ranked ones)."""
+    if model_scores is None:
+        model_scores = emb["query"] @ emb["gallery"].T
+    result = score_matrix(model_scores, gallery_keys, queries)
     baselines = {name: score(emb[name], emb["gallery"], gallery_keys, queries)
                  for name in ("image", "text", "sum") if name in emb}
     for values in baselines.values():
@@ -170,7 +178,7 @@ def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
             if not rows:
                 continue
             sub = queries.subset(rows)
-            entry = score(emb["query"][rows], emb["gallery"], gallery_keys, sub)
+            entry = score_matrix(model_scores[rows], gallery_keys, sub)
             entry["baselines"] = {
                 b: {k: v for k, v in score(emb[b][rows], emb["gallery"], gallery_keys, sub).items()
                     if k != "queries"}
@@ -214,10 +222,15 @@ def evaluate_checkpoint(
     cache_dir: Optional[str | Path] = None,
     which: str = "best",
     progress: bool = True,
+    rerank: bool = True,
 ) -> dict[str, Any]:
-    """`good4cir eval`: the trained model and the three baselines on one split."""
+    """`good4cir eval`: the trained model and the three baselines on one split.
+
+    Where the checkpoint has a pair scorer (and `rerank`), the model's scores are the
+    re-ranked ones and `first_stage` holds the fusion model's alone."""
     from .data import load_triplets
     from .model import load_model
+    from .rerank import load_pair_scorer, rerank_matrix
 
     model, info = load_model(checkpoint_dir, which=which)
     data = load_triplets(dbs, files, source=source, captions=captions,
@@ -226,7 +239,19 @@ def evaluate_checkpoint(
         model, data, split, cache_dir, progress)
     queries = build_queries(triplets)
     emb = embed(model, pixels, row_of, gallery_keys, queries)
-    result = evaluate_embeddings(emb, gallery_keys, queries)
+    second = load_pair_scorer(checkpoint_dir, model.encoder) if rerank else None
+    if second is None:
+        result = evaluate_embeddings(emb, gallery_keys, queries)
+    else:
+        scorer, rerank_info = second
+        first = emb["query"] @ emb["gallery"].T
+        final = rerank_matrix(scorer, first, queries.reference_keys,
+                              model.encoder.tokenize(queries.texts), gallery_keys, pixels, row_of,
+                              top_k=int(rerank_info["top_k"]), progress=progress)
+        result = evaluate_embeddings(emb, gallery_keys, queries, model_scores=final)
+        result["first_stage"] = score_matrix(first, gallery_keys, queries)
+        result["rerank"] = {"top_k": rerank_info["top_k"], "epoch": rerank_info.get("epoch"),
+                            "val": rerank_info.get("val")}
     result.update({
         "split": split, "gallery": len(gallery_keys), "pairs": len(triplets),
         "model": {k: info.get(k) for k in ("model", "fusion", "weights", "epoch", "val")},
@@ -234,3 +259,4 @@ def evaluate_checkpoint(
     if failures:
         result["images_failed"] = len(failures)
     return result
+

@@ -656,9 +656,32 @@ class QueryEngine:
             image = load_image_rgb(path)
         elif not isinstance(image, Image.Image):
             raise TypeError(f"query image must be a PIL image or a path, got {type(image).__name__}")
+        top_k = getattr(self.retriever, "rerank_top_k", 0)
         with self._lock:
             vector = self.retriever.encode_queries([image], [text or ""])
-        return self.index.search(vector, k, exclude=[exclude])[0]
+        hits = self.index.search(vector, max(k, top_k), exclude=[exclude])[0]
+        if top_k:
+            hits = self._rerank(image, text, hits, top_k)
+        return hits[:k]
+
+    def _rerank(self, image, text: str, hits: list[Hit], top_k: int) -> list[Hit]:
+        """The first `top_k` hits in the pair scorer's order (their score becomes its
+        score), then the rest in the index's order. A candidate whose file cannot be
+        read keeps its place after the re-ranked ones."""
+        from store.images import ImageError, load_image_rgb
+
+        readable, unreadable = [], []
+        for hit in hits[:top_k]:
+            try:
+                readable.append((hit, load_image_rgb(hit.path)))
+            except ImageError as exc:
+                warnings.warn(f"re-ranking left out {hit.path}: {exc}", stacklevel=3)
+                unreadable.append(hit)
+        with self._lock:
+            scores = self.retriever.rerank_scores(image, text, [im for _, im in readable])
+        order = np.argsort(-scores, kind="stable")
+        reranked = [readable[i][0]._replace(score=float(scores[i])) for i in order]
+        return reranked + unreadable + hits[top_k:]
 
 
 # ------------------------------------------------------------------------ helpers

@@ -138,11 +138,16 @@ def load_model(checkpoint_dir: str | Path, which: str = "best") -> tuple[Compose
 class Retriever:
     """Inference over a trained checkpoint: gallery and query embeddings, same space."""
 
-    def __init__(self, model: ComposedRetriever, model_info: dict[str, Any], batch_size: int = 64):
+    def __init__(self, model: ComposedRetriever, model_info: dict[str, Any], batch_size: int = 64,
+                 pair_scorer=None, rerank_top_k: int = 0):
         self.model = model.eval()
         self.model_info = model_info
         self.batch_size = batch_size
         self.image_transform = model.encoder.preprocess
+        # The second stage (retrieval.rerank), where the checkpoint has a trained one.
+        self.pair_scorer = pair_scorer.eval() if pair_scorer is not None else None
+        self.rerank_top_k = rerank_top_k if pair_scorer is not None else 0
+        self._pil_transform = split_preprocess(self.image_transform)[0]
 
     @property
     def embed_dim(self) -> int:
@@ -186,6 +191,28 @@ class Retriever:
         return _to_numpy(out, self.embed_dim)
 
 
+    def uint8_pixels(self, images: Sequence) -> torch.Tensor:
+        """PIL images or paths -> (N, 3, H, W) uint8 at the model's input size, exactly
+        what the decode cache holds for the same files."""
+        arrays = [np.asarray(self._pil_transform(_as_pil(im)), dtype=np.uint8).transpose(2, 0, 1)
+                  for im in images]
+        return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+
+    @torch.no_grad()
+    def rerank_scores(self, reference, text: str, candidates: Sequence) -> np.ndarray:
+        """The pair scorer's score of each candidate (PIL image or path) for one query."""
+        if self.pair_scorer is None:
+            raise ValueError("this checkpoint has no re-ranker")
+        if not candidates:
+            return np.zeros(0, dtype=np.float32)
+        ref = self.uint8_pixels([reference])
+        cands = self.uint8_pixels(candidates)
+        pairs = torch.cat([self.pair_scorer.encode_pairs(ref.expand(len(cands[s]), -1, -1, -1), cands[s])
+                           for s in self._batches(len(cands))])
+        text_emb = self.pair_scorer.encode_texts(self.model.encoder.tokenize([text or ""]))[0]
+        return (pairs @ text_emb).numpy().astype(np.float32)
+
+
 def _as_pil(image):
     from PIL import Image
 
@@ -204,7 +231,15 @@ def _to_numpy(chunks: list[torch.Tensor], dim: int) -> np.ndarray:
     return np.ascontiguousarray(torch.cat(chunks).float().numpy(), dtype=np.float32)
 
 
-def load_retriever(checkpoint_dir: str | Path, which: str = "best") -> Retriever:
-    """The trained model of `good4cir train --out DIR`, ready for inference on CPU."""
+def load_retriever(checkpoint_dir: str | Path, which: str = "best", rerank: bool = True) -> Retriever:
+    """The trained model of `good4cir train --out DIR`, ready for inference on CPU, with
+    its re-ranker where it has one (and `rerank`)."""
+    from .rerank import load_pair_scorer
+
     model, info = load_model(checkpoint_dir, which=which)
-    return Retriever(model, info)
+    second = load_pair_scorer(checkpoint_dir, model.encoder) if rerank else None
+    if second is None:
+        return Retriever(model, info)
+    scorer, rerank_info = second
+    return Retriever(model, {**info, "rerank": rerank_info}, pair_scorer=scorer,
+                     rerank_top_k=int(rerank_info["top_k"]))

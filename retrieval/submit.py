@@ -104,12 +104,15 @@ def write_checkpoint_submission(
     which: str = "best",
     progress: bool = True,
     gallery_dirs: Sequence[str | Path] = (),
+    rerank: bool = True,
 ) -> SubmissionResult:
-    """Rank every query of `split` against its gallery and write the submission files."""
+    """Rank every query of `split` against its gallery and write the submission files;
+    with the checkpoint's re-ranker where it has one (and `rerank`)."""
     from .data import load_triplets
     from .evaluate import build_queries, embed, evaluate_embeddings
     from .features import PixelCache, default_cache_dir
     from .model import load_model, split_preprocess
+    from .rerank import load_pair_scorer, rerank_matrix
 
     model, _ = load_model(checkpoint_dir, which=which)
     data = load_triplets(dbs, files, source=source, captions=captions,
@@ -143,12 +146,19 @@ def write_checkpoint_submission(
     queries = build_queries(triplets, all_captions=False)  # one query per pair
     with_target = [i for i, key in enumerate(queries.target_keys) if key is not None and key in row_of]
     emb = embed(model, pixels, row_of, gallery_keys, queries, baselines=bool(with_target))
+    scores = emb["query"] @ emb["gallery"].T
+    second = load_pair_scorer(checkpoint_dir, model.encoder) if rerank else None
+    if second is not None:
+        scorer, rerank_info = second
+        scores = rerank_matrix(scorer, scores, queries.reference_keys,
+                               model.encoder.tokenize(queries.texts), gallery_keys, pixels, row_of,
+                               top_k=int(rerank_info["top_k"]), progress=progress)
     metrics = None
     if with_target:
         emb_scored = {name: values[with_target] for name, values in emb.items() if name != "gallery"}
         emb_scored["gallery"] = emb["gallery"]
-        metrics = evaluate_embeddings(emb_scored, gallery_keys, queries.subset(with_target))
-    scores = emb["query"] @ emb["gallery"].T
+        metrics = evaluate_embeddings(emb_scored, gallery_keys, queries.subset(with_target),
+                                      model_scores=scores[with_target])
 
     out_dir = Path(out_dir)
     if kind == "cirr":

@@ -39,6 +39,7 @@ from .features import FeatureCache, PixelCache, default_cache_dir, trim_text_fea
 from .loss import TEMPERATURE, info_nce
 from .model import (BEST_FILE, LAST_FILE, ComposedRetriever, build_model, read_config,
                     save_weights, split_preprocess, write_config)
+from .rerank import RERANK_FILE
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,13 @@ class TrainConfig:
     resume: bool = False
     threads: Optional[int] = None
     val_queries: int = 400
+    # The pair scorer (retrieval.rerank) trains after the first stage, in the same
+    # budget: it takes `rerank_share` of --minutes (the first stage peaks within its
+    # first epochs on the demo world) and re-ranks the first stage's top `rerank_top_k`.
+    rerank: bool = True
+    rerank_share: float = 0.75
+    rerank_top_k: int = 50
+    rerank_epochs: Optional[int] = None  # with --epochs; default: the same number
     progress: bool = True
 
 
@@ -192,9 +200,13 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         cfg.minutes = DEFAULT_MINUTES
     if cfg.minutes is not None and cfg.minutes <= 0 or cfg.epochs is not None and cfg.epochs <= 0:
         raise ValueError("--minutes and --epochs must be positive")
+    if cfg.rerank and not 0.0 < cfg.rerank_share < 1.0:
+        raise ValueError(f"--rerank-share must be between 0 and 1, got {cfg.rerank_share}")
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    # A pair scorer belongs to the first stage it was trained on: never reuse an old one.
+    (out / RERANK_FILE).unlink(missing_ok=True)
     started = time.monotonic()
     cpu_started = time.process_time()
 
@@ -282,6 +294,8 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         triplets_seen = resume_state.get("triplets_seen", 0)
 
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
+    if budget is not None and cfg.rerank:
+        budget *= 1.0 - cfg.rerank_share
     total_steps = cfg.epochs * len(batches) if cfg.epochs is not None else None
     setup_seconds = time.monotonic() - started
     loop_start = time.monotonic()
@@ -381,6 +395,24 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         if not done:
             done = out_of_budget()
     bar.close()
+    if cfg.rerank:
+        from .train_rerank import train_pair_scorer
+
+        model.load_state_dict(torch.load(str(out / BEST_FILE), map_location="cpu",
+                                         weights_only=False)["model"])
+        first_seconds = elapsed()
+        rerank = train_pair_scorer(
+            model, pixels, row_of, train_set, val_set, val_gallery, out,
+            seconds=cfg.minutes * 60.0 - first_seconds if cfg.minutes is not None else None,
+            epochs=None if cfg.minutes is not None else (cfg.rerank_epochs or cfg.epochs),
+            seed=cfg.seed, top_k=cfg.rerank_top_k, val_queries=cfg.val_queries,
+            progress=cfg.progress)
+        history["rerank"] = {**rerank.history, "enabled": rerank.enabled, "best": rerank.best,
+                             "seconds": round(elapsed() - first_seconds, 1)}
+        if rerank.enabled:
+            best = {**best, "first_stage": {"epoch": best.get("epoch"), "val": best.get("val")},
+                    "score": rerank.best["score"], "val": rerank.best["val"],
+                    "rerank_epoch": rerank.best["epoch"]}
     seconds = elapsed()
     history["summary"] = {
         "epochs": epoch, "steps": step, "seconds": round(seconds, 1),
@@ -472,7 +504,9 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
+    rerank = history.get("rerank")
+    fig, axes = plt.subplots(1, 3 if rerank else 2, figsize=(15 if rerank else 10, 3.8))
+    ax_loss, ax_val = axes[0], axes[1]
     if history["loss"]:
         steps, losses = np.array(history["loss"]).T
         window = max(1, len(losses) // 50)
@@ -494,6 +528,29 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
     ax_val.set_ylim(0, 100)
     if epochs:
         ax_val.legend(loc="lower right")
+    if rerank:
+        _plot_rerank(axes[2], rerank)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_rerank(ax, rerank: dict[str, Any]) -> None:
+    """The re-ranker's validation per epoch against the fixed first stage's."""
+    epochs = [e for e in rerank["epochs"] if e.get("val")]
+    first = rerank.get("first_stage_val") or {}
+    for (metric, k, label), colour in zip((("recall", "1", "R@1"), ("recall_subset", "1", "R_subset@1")),
+                                          ("tab:blue", "tab:green")):
+        values = [e["val"].get(metric, {}).get(k) for e in epochs]
+        if any(v is not None for v in values):
+            ax.plot([e["epoch"] for e in epochs], values, marker="o", color=colour,
+                    label=f"{label} re-ranked")
+        if first.get(metric, {}).get(k) is not None:
+            ax.axhline(first[metric][k], color=colour, linestyle="--", label=f"{label} fusion alone")
+    ax.set_xlabel("re-ranker epoch")
+    ax.set_ylabel("percent")
+    ax.set_title("validation, re-ranker" + ("" if rerank.get("enabled") else " (not used)"))
+    ax.set_ylim(0, 100)
+    if epochs or first:
+        ax.legend(loc="lower right", fontsize=8)
+

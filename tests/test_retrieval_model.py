@@ -84,7 +84,7 @@ def test_fusion_shapes_and_gradients(encoder, variant):
     for name, param in fusion.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
     assert encoder.clip.visual.conv1.weight.grad.abs().sum() > 0
-    assert encoder._text_tower()["token_embedding"].weight.grad.abs().sum() > 0
+    assert encoder.text_tower()["token_embedding"].weight.grad.abs().sum() > 0
     # The caption changes the query (composition, not image retrieval).
     other = encoder.encode_text_ids(encoder.tokenize(["remove the bed"] * 4))
     assert not torch.allclose(fusion(image, other), out)

@@ -1,0 +1,193 @@
+"""The second stage: a pair scorer that re-ranks the first stage's top candidates.
+
+The fusion model embeds the query and every gallery image apart, so it must squeeze
+"what changed" out of two independent vectors. Near-duplicates differ in one object's
+colour or size; on the demo world that detail is lost in the embeddings (the trained
+fusion model ranks below plain pixel distance). The pair scorer looks at the reference
+and one candidate together, through their pixel difference, and matches what changed
+against the caption. It cannot index a gallery, so it re-scores the first stage's
+top `top_k` per query: in `good4cir eval`, `good4cir query` and the Retrieve tab alike.
+
+Score of (reference r, candidate c, caption t): cos(f(r, c, c - r), g(t)), where f is a
+small CNN over the three stacked images and g a copy of the checkpoint's text tower.
+Pair embeddings do not depend on the caption, so all captions of one reference share
+them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .encoders import Encoder, run_text_tower
+
+RERANK_FILE = "rerank.pt"
+DEFAULT_TOP_K = 50
+INPUT_SIZE = 64  # pixels per side the CNN reads; other input sizes are resized to it
+
+
+class _TextCopy(nn.Module):
+    """An independent copy of an open_clip text tower (the parts `run_text_tower` uses)."""
+
+    def __init__(self, parts: dict[str, Any]):
+        super().__init__()
+        self.token_embedding = copy.deepcopy(parts["token_embedding"])
+        self.transformer = copy.deepcopy(parts["transformer"])
+        self.ln_final = copy.deepcopy(parts["ln_final"])
+        self.positional_embedding = nn.Parameter(parts["positional_embedding"].detach().clone())
+        projection = parts["text_projection"]
+        if isinstance(projection, nn.Module):
+            self.text_projection = copy.deepcopy(projection)
+        elif projection is not None:
+            self.text_projection = nn.Parameter(projection.detach().clone())
+        else:
+            self.text_projection = None
+        mask = parts["attn_mask"]
+        self.register_buffer("attn_mask", None if mask is None else mask.clone(), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        projection = self.text_projection
+        if projection is None:
+            return int(self.token_embedding.embedding_dim)
+        return int(projection.out_features if isinstance(projection, nn.Linear) else projection.shape[1])
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        parts = {"token_embedding": self.token_embedding, "positional_embedding": self.positional_embedding,
+                 "transformer": self.transformer, "ln_final": self.ln_final,
+                 "text_projection": self.text_projection, "attn_mask": self.attn_mask}
+        return run_text_tower(parts, ids).pooled
+
+
+def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+    )
+
+
+class PairScorer(nn.Module):
+    """cos(CNN(reference, candidate, candidate - reference), text tower(caption))."""
+
+    def __init__(self, text_parts: dict[str, Any], width: int = 32):
+        super().__init__()
+        self.width = width
+        self.text = _TextCopy(text_parts)
+        dim = self.text.out_dim
+        # 64 -> 32 (stride) -> 16 -> 8 (pools) -> 4x4 cells: a coarse map of where things
+        # changed survives into the embedding, so "on the left" can be checked.
+        self.blocks = nn.ModuleList([_block(9, width, stride=2), _block(width, 2 * width),
+                                     _block(2 * width, 4 * width)])
+        self.head = nn.Linear(4 * width * 16, dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    @staticmethod
+    def _prepare(images_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_uint8.float() / 255.0
+        if x.shape[-1] != INPUT_SIZE or x.shape[-2] != INPUT_SIZE:
+            x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
+        return (x - 0.5) / 0.25
+
+    def encode_pairs(self, references: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 each -> (N, D) unit vectors."""
+        r, c = self._prepare(references), self._prepare(candidates)
+        x = torch.cat([r, c, c - r], dim=1)
+        x = F.max_pool2d(self.blocks[0](x), 2)
+        x = F.max_pool2d(self.blocks[1](x), 2)
+        x = F.adaptive_max_pool2d(self.blocks[2](x), 4).flatten(1)
+        return F.normalize(self.head(x), dim=-1)
+
+    def encode_texts(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text(ids), dim=-1)
+
+
+def build_pair_scorer(encoder: Encoder, width: int = 32) -> PairScorer:
+    """A pair scorer whose text tower starts as a copy of `encoder`'s."""
+    return PairScorer(encoder.text_tower(), width=width)
+
+
+def save_pair_scorer(path: Path, scorer: PairScorer, extra: Optional[dict] = None) -> None:
+    payload = {"state": scorer.state_dict(), "width": scorer.width, **(extra or {})}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, str(tmp))
+    tmp.replace(path)
+
+
+def load_pair_scorer(checkpoint_dir: str | Path, encoder: Encoder
+                     ) -> Optional[tuple[PairScorer, dict[str, Any]]]:
+    """The checkpoint's pair scorer and what training recorded, or None when it has none
+    or training found it no better than the first stage on validation."""
+    path = Path(checkpoint_dir) / RERANK_FILE
+    if not path.is_file():
+        return None
+    payload = torch.load(str(path), map_location="cpu", weights_only=False)
+    info = {k: v for k, v in payload.items() if k != "state"}
+    if not info.get("enabled", True):
+        return None
+    scorer = build_pair_scorer(encoder, width=int(payload.get("width", 32)))
+    scorer.load_state_dict(payload["state"])
+    return scorer.eval(), info
+
+
+def top_candidates(first: np.ndarray, exclude_cols: Sequence[Optional[int]], top_k: int) -> np.ndarray:
+    """Per row of a (Q, G) score matrix, the columns of its `top_k` best scores, best
+    first, leaving out that row's excluded column (its reference)."""
+    scores = first.astype(np.float32, copy=True)
+    for row, col in enumerate(exclude_cols):
+        if col is not None:
+            scores[row, col] = -np.inf
+    k = min(top_k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+def merge_reranked(first: np.ndarray, candidates: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """The final score matrix: each row's candidates rank by the second-stage scores,
+    all above the rest, which keep their first-stage order."""
+    out = first.astype(np.float32, copy=True)
+    lift = np.nan_to_num(first.max(axis=1, keepdims=True), neginf=0.0) + 3.0
+    np.put_along_axis(out, candidates, lift + second.astype(np.float32), axis=1)
+    return out
+
+
+@torch.no_grad()
+def rerank_matrix(scorer: PairScorer, first: np.ndarray, reference_keys: Sequence[str],
+                  text_ids: torch.Tensor, gallery_keys: Sequence[str], pixels: torch.Tensor,
+                  row_of: dict[str, int], top_k: int = DEFAULT_TOP_K, batch_size: int = 256,
+                  progress: bool = False) -> np.ndarray:
+    """Re-rank every query of a first-stage (Q, G) score matrix; returns the final one.
+
+    Each distinct (reference, candidate) pair is encoded once, shared by every caption
+    that asks about that reference."""
+    scorer.eval()
+    col_of = {key: i for i, key in enumerate(gallery_keys)}
+    candidates = top_candidates(first, [col_of.get(k) for k in reference_keys], top_k)
+    pair_of: dict[tuple[int, int], int] = {}
+    for q, ref in enumerate(reference_keys):
+        ref_row = row_of[ref]
+        for col in candidates[q]:
+            pair_of.setdefault((ref_row, row_of[gallery_keys[col]]), len(pair_of))
+    pairs = torch.tensor(list(pair_of), dtype=torch.long).view(-1, 2)
+    pair_emb = []
+    for s in tqdm(range(0, len(pairs), batch_size), desc="re-ranking", unit="batch",
+                  disable=not progress):
+        chunk = pairs[s:s + batch_size]
+        pair_emb.append(scorer.encode_pairs(pixels[chunk[:, 0]], pixels[chunk[:, 1]]))
+    pair_emb = torch.cat(pair_emb) if pair_emb else torch.zeros((0, 1))
+    text_emb = torch.cat([scorer.encode_texts(text_ids[s:s + batch_size])
+                          for s in range(0, len(text_ids), batch_size)])
+    second = np.zeros(candidates.shape, dtype=np.float32)
+    for q, ref in enumerate(reference_keys):
+        ref_row = row_of[ref]
+        rows = [pair_of[(ref_row, row_of[gallery_keys[col]])] for col in candidates[q]]
+        second[q] = (pair_emb[rows] @ text_emb[q]).numpy()
+    return merge_reranked(first, candidates, second)

@@ -1,0 +1,217 @@
+"""Training the pair scorer (`retrieval.rerank`) once the first stage is trained.
+
+Each training query scores its target against the negatives a re-ranker meets in the
+first stage's top candidates: the members of its image set (near-duplicates of the
+target), the images of other pairs with the same reference (siblings: the same room
+edited otherwise) and a few other pairs' targets. Symmetric InfoNCE is not possible
+here (candidates are pairs, not a shared gallery), so the loss is a softmax over each
+query's own candidates.
+
+Validation re-ranks the first stage's top candidates of the validation queries each
+epoch. The scorer is kept (`enabled`) only if its best epoch beats the first stage
+alone on validation Recall@1.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import Triplet
+from .evaluate import build_queries, embed, score_matrix
+from .rerank import DEFAULT_TOP_K, RERANK_FILE, build_pair_scorer, rerank_matrix, save_pair_scorer
+
+log = logging.getLogger(__name__)
+
+# Measured on the demo world (2,000 pairs, 8 minutes, scripts in the README's report):
+# lr 1e-3 and 16 queries per step with about 13 candidates each.
+LR = 1e-3
+QUERIES_PER_STEP = 16
+SIBLINGS = 4
+OTHER_TARGETS = 4
+
+
+@dataclass
+class RerankOutcome:
+    enabled: bool
+    best: dict[str, Any]
+    first_stage_val: dict[str, Any]
+    history: dict[str, Any]
+
+
+class _Candidates:
+    """Per training pair: rows of its target first, then its negatives."""
+
+    def __init__(self, triplets: Sequence[Triplet], row_of: dict[str, int]):
+        self.samples = []
+        by_reference: dict[str, list[int]] = {}
+        for i, t in enumerate(triplets):
+            by_reference.setdefault(t.reference, []).append(i)
+        for i, t in enumerate(triplets):
+            own = [row_of[k] for k in (t.img_set or [])
+                   if k in row_of and k not in (t.reference, t.target)]
+            siblings = []
+            for j in by_reference[t.reference]:
+                if j == i:
+                    continue
+                other = triplets[j]
+                siblings += [row_of[k] for k in [other.target, *(other.img_set or [])]
+                             if k in row_of and k not in (t.reference, t.target)]
+            self.samples.append((row_of[t.reference], row_of[t.target],
+                                 list(dict.fromkeys(own)), list(dict.fromkeys(siblings))))
+
+    def for_batch(self, indexes: Sequence[int], rng: random.Random) -> list[list[int]]:
+        targets = [self.samples[i][1] for i in indexes]
+        out = []
+        for i in indexes:
+            ref, target, own, siblings = self.samples[i]
+            others = [t for t in rng.sample(targets, min(OTHER_TARGETS + 1, len(targets)))
+                      if t != target][:OTHER_TARGETS]
+            picked = rng.sample(siblings, min(SIBLINGS, len(siblings)))
+            rows = [target] + [r for r in dict.fromkeys(own + picked + others) if r not in (target, ref)]
+            out.append(rows)
+        return out
+
+
+def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
+                      train_set: Sequence[Triplet], val_set: Sequence[Triplet],
+                      val_gallery: Sequence[str], out: Path, seconds: Optional[float] = None,
+                      epochs: Optional[int] = None, seed: int = 0, top_k: int = DEFAULT_TOP_K,
+                      val_queries: int = 400, progress: bool = True) -> RerankOutcome:
+    """Train on top of the (trained, fixed) first stage `model`; writes `out/rerank.pt`."""
+    from .train import lr_factor
+
+    if seconds is None and epochs is None:
+        raise ValueError("give the pair scorer a time budget or a number of epochs")
+    started = time.monotonic()
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model.eval()
+    scorer = build_pair_scorer(model.encoder)
+    scorer.requires_grad_(True)  # the copy inherits frozen flags in frozen-encoder mode
+    params = [p for n, p in scorer.named_parameters() if n != "logit_scale"]
+    optimizer = torch.optim.AdamW([{"params": params, "weight_decay": 0.05, "base_lr": LR},
+                                   {"params": [scorer.logit_scale], "weight_decay": 0.0, "base_lr": LR}],
+                                  lr=LR)
+
+    texts = list(dict.fromkeys(c for t in train_set for c in t.captions))
+    text_row = {text: i for i, text in enumerate(texts)}
+    token_ids = model.encoder.tokenize(texts)
+    caption_rows = [[text_row[c] for c in t.captions] for t in train_set]
+    candidates = _Candidates(train_set, row_of)
+    steps_per_epoch = len(train_set) // QUERIES_PER_STEP
+    if steps_per_epoch == 0:
+        raise ValueError(f"too few training pairs for the pair scorer ({len(train_set)})")
+
+    # The first stage is fixed: its validation scores are computed once.
+    queries = build_queries(val_set, max_queries=val_queries) if val_set else None
+    first = first_val = None
+    if queries is not None and len(queries):
+        emb = embed(model, pixels, row_of, val_gallery, queries, baselines=False)
+        first = emb["query"] @ emb["gallery"].T
+        first_val = score_matrix(first, val_gallery, queries)
+        val_ids = model.encoder.tokenize(queries.texts)
+
+    history: dict[str, Any] = {"loss": [], "epochs": [], "first_stage_val": first_val}
+    best: dict[str, Any] = {"score": -1.0}
+    total_steps = epochs * steps_per_epoch if epochs is not None else None
+    step, epoch, val_seconds = 0, 0, 0.0
+
+    def elapsed() -> float:
+        return time.monotonic() - started
+
+    def fraction() -> float:
+        return elapsed() / seconds if seconds is not None else step / total_steps
+
+    def out_of_budget() -> bool:
+        if seconds is not None:
+            return elapsed() + val_seconds >= seconds
+        return step >= total_steps
+
+    def save(val: dict, enabled: bool) -> None:
+        save_pair_scorer(out / RERANK_FILE, scorer, {
+            "epoch": epoch, "val": val, "first_stage_val": first_val, "top_k": top_k,
+            "enabled": enabled})
+
+    bar = tqdm(total=int(seconds) if seconds is not None else total_steps, disable=not progress,
+               unit="s" if seconds is not None else "step", desc="training re-ranker")
+    done = out_of_budget()
+    while not done:
+        scorer.train()
+        order = list(range(len(train_set)))
+        rng.shuffle(order)
+        losses = []
+        for s in range(0, steps_per_epoch * QUERIES_PER_STEP, QUERIES_PER_STEP):
+            factor = lr_factor(min(fraction(), 1.0), 0.05, 0.02)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            batch = order[s:s + QUERIES_PER_STEP]
+            rows = candidates.for_batch(batch, rng)
+            refs = torch.tensor([candidates.samples[i][0] for i, r in zip(batch, rows) for _ in r])
+            cands = torch.tensor([c for r in rows for c in r])
+            pair_emb = scorer.encode_pairs(pixels[refs], pixels[cands])
+            text_emb = scorer.encode_texts(token_ids[[rng.choice(caption_rows[i]) for i in batch]])
+            loss, at = 0.0, 0
+            for j, r in enumerate(rows):
+                logits = scorer.logit_scale.exp() * (pair_emb[at:at + len(r)] @ text_emb[j])
+                loss = loss + F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long))
+                at += len(r)
+            loss = loss / len(rows)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(scorer.parameters(), 5.0)
+            optimizer.step()
+            with torch.no_grad():
+                scorer.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            losses.append(loss.item())
+            history["loss"].append([step, round(loss.item(), 5)])
+            if seconds is not None:
+                bar.n = min(int(elapsed()), int(seconds))
+                bar.refresh()
+            else:
+                bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            if out_of_budget():
+                done = True
+                break
+        epoch += 1
+        if epochs is not None and epoch >= epochs:
+            done = True
+        t0 = time.monotonic()
+        val: dict[str, Any] = {}
+        if first is not None:
+            final = rerank_matrix(scorer, first, queries.reference_keys, val_ids, val_gallery,
+                                  pixels, row_of, top_k=top_k)
+            val = score_matrix(final, val_gallery, queries)
+        val_seconds = time.monotonic() - t0
+        mean_loss = float(np.mean(losses)) if losses else float("nan")
+        history["epochs"].append({"epoch": epoch, "step": step, "loss": mean_loss,
+                                  "seconds": round(elapsed(), 1), "val": val})
+        score = val.get("recall", {}).get("1", -mean_loss)
+        if score > best["score"]:
+            best = {"score": score, "epoch": epoch, "val": val}
+            save(val, enabled=first_val is None or score > first_val["recall"]["1"])
+        print(f"re-ranker epoch {epoch}: loss {mean_loss:.3f}, {elapsed():.0f} s"
+              + (f", val R@1 {val['recall']['1']:.1f} R@5 {val['recall']['5']:.1f}"
+                 f" Rsubset@1 {val.get('recall_subset', {}).get('1', float('nan')):.1f}" if val else ""),
+              file=sys.stderr, flush=True)
+        if not done:
+            done = out_of_budget()
+    bar.close()
+    enabled = first_val is None or best["score"] > first_val["recall"]["1"]
+    if not enabled:
+        log.warning("the re-ranker (val R@1 %.1f) did not beat the first stage alone (%.1f); "
+                    "it is saved but not used", best["score"], first_val["recall"]["1"])
+    return RerankOutcome(enabled=enabled, best=best, first_stage_val=first_val or {}, history=history)
