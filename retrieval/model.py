@@ -210,7 +210,7 @@ class Retriever:
         pairs = torch.cat([self.pair_scorer.encode_pairs(ref.expand(len(cands[s]), -1, -1, -1), cands[s])
                            for s in self._batches(len(cands))])
         text_emb = self.pair_scorer.encode_texts(self.model.encoder.tokenize([text or ""]))[0]
-        return (pairs @ text_emb).numpy().astype(np.float32)
+        return self.pair_scorer.score(pairs, text_emb).numpy().astype(np.float32)
 
 
 def _as_pil(image):

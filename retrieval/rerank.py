@@ -108,6 +108,10 @@ class PairScorer(nn.Module):
     def encode_texts(self, ids: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text(ids), dim=-1)
 
+    def score(self, pairs: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(N, D) pair embeddings against one caption's (D,) embedding -> (N,) scores."""
+        return pairs @ text
+
 
 def build_pair_scorer(encoder: Encoder, width: int = 32) -> PairScorer:
     """A pair scorer whose text tower starts as a copy of `encoder`'s."""
@@ -189,5 +193,5 @@ def rerank_matrix(scorer: PairScorer, first: np.ndarray, reference_keys: Sequenc
     for q, ref in enumerate(reference_keys):
         ref_row = row_of[ref]
         rows = [pair_of[(ref_row, row_of[gallery_keys[col]])] for col in candidates[q]]
-        second[q] = (pair_emb[rows] @ text_emb[q]).numpy()
+        second[q] = scorer.score(pair_emb[rows], text_emb[q]).numpy()
     return merge_reranked(first, candidates, second)

@@ -164,7 +164,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
             text_emb = scorer.encode_texts(token_ids[[rng.choice(caption_rows[i]) for i in batch]])
             loss, at = 0.0, 0
             for j, r in enumerate(rows):
-                logits = scorer.logit_scale.exp() * (pair_emb[at:at + len(r)] @ text_emb[j])
+                logits = scorer.logit_scale.exp() * scorer.score(pair_emb[at:at + len(r)], text_emb[j])
                 loss = loss + F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long))
                 at += len(r)
             loss = loss / len(rows)

@@ -83,8 +83,8 @@ def test_rerank_matrix_scores_each_top_candidate_with_its_own_pair(encoder):
     with torch.no_grad():
         for q, ref in enumerate(references):
             cands = candidates[q]
-            direct = (scorer.encode_pairs(pixels[[row_of[ref]] * 4], pixels[cands])
-                      @ scorer.encode_texts(ids[q:q + 1])[0]).numpy()
+            direct = scorer.score(scorer.encode_pairs(pixels[[row_of[ref]] * 4], pixels[cands]),
+                                  scorer.encode_texts(ids[q:q + 1])[0]).numpy()
             expected = cands[np.argsort(-direct, kind="stable")].tolist()
             assert np.argsort(-final[q], kind="stable")[:4].tolist() == expected
             rest = [c for c in range(12) if c not in cands]
@@ -112,7 +112,7 @@ def _candidate_loss(scorer, samples, pixels, token_ids, caption_rows) -> float:
     total = 0.0
     for (ref, _, _, _), rows, caps in zip(samples, _fixed_candidates(samples), caption_rows):
         emb = scorer.encode_pairs(pixels[[ref] * len(rows)], pixels[rows])
-        logits = scorer.logit_scale.exp() * (emb @ scorer.encode_texts(token_ids[caps[:1]])[0])
+        logits = scorer.logit_scale.exp() * scorer.score(emb, scorer.encode_texts(token_ids[caps[:1]])[0])
         total += float(torch.nn.functional.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long)))
     return total / len(samples)
 
