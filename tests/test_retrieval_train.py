@@ -70,6 +70,11 @@ def test_training_lowers_the_loss_and_writes_checkpoints(world, trained):
     assert len(history["epochs"]) == 12 and "recall" in history["epochs"][0]["val"]
     assert history["summary"]["triplets_per_second"] > 0
     assert info["epoch"] == 12
+    # Then the re-ranker, as many epochs, measured against the fusion model alone.
+    rerank = history["rerank"]
+    assert len(rerank["epochs"]) == 12 and "recall" in rerank["first_stage_val"]
+    saved = torch.load(str(result.out / "rerank.pt"), weights_only=False)
+    assert saved["enabled"] == rerank["enabled"] == (rerank["best"]["score"] > rerank["first_stage_val"]["recall"]["1"])
 
 
 def test_resume_continues_from_last(world, trained):

@@ -528,7 +528,8 @@ def _retrieve_tab(conns, service):
         gr.Markdown("**No retrieval index loaded.** Train a model (`good4cir train`), build an index "
                     "(`good4cir index`), then start the app with `--index DIR`.")
     else:
-        gr.Markdown(f"Composed retrieval with the index `{service.index_path}` (the trained fusion model). "
+        gr.Markdown(f"Composed retrieval with the index `{service.index_path}` (the trained fusion model; where "
+                    "the checkpoint has a re-ranker, it re-orders the fusion model's top candidates). "
                     "Choose a dataset pair (its true target is marked) or upload a reference image.")
     with gr.Row():
         with gr.Column(scale=2):
