@@ -668,19 +668,20 @@ class QueryEngine:
         """The first `top_k` hits in the pair scorer's order (their score becomes its
         score), then the rest in the index's order. A candidate whose file cannot be
         read keeps its place after the re-ranked ones."""
-        from store.images import ImageError, load_image_rgb
+        from store.images import ImageError
 
         readable, unreadable = [], []
-        for hit in hits[:top_k]:
-            try:
-                readable.append((hit, load_image_rgb(hit.path)))
-            except ImageError as exc:
-                warnings.warn(f"re-ranking left out {hit.path}: {exc}", stacklevel=3)
-                unreadable.append(hit)
         with self._lock:
-            scores = self.retriever.rerank_scores(image, text, [im for _, im in readable])
+            for hit in hits[:top_k]:
+                try:
+                    self.retriever.uint8_pixels([hit.path])
+                    readable.append(hit)
+                except ImageError as exc:
+                    warnings.warn(f"re-ranking left out a candidate: {exc}", stacklevel=3)
+                    unreadable.append(hit)
+            scores = self.retriever.rerank_scores(image, text, [hit.path for hit in readable])
         order = np.argsort(-scores, kind="stable")
-        reranked = [readable[i][0]._replace(score=float(scores[i])) for i in order]
+        reranked = [readable[i]._replace(score=float(scores[i])) for i in order]
         return reranked + unreadable + hits[top_k:]
 
 

@@ -13,6 +13,8 @@ rebuilds the model without downloading anything: the encoder weights are inside.
 from __future__ import annotations
 
 import json
+import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -28,6 +30,7 @@ from .fusion import create_fusion
 CONFIG_FILE = "config.json"
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
+DECODED_CACHE_BYTES = 256 << 20  # decoded re-ranking candidates a Retriever keeps
 
 
 def split_preprocess(preprocess) -> tuple[T.Compose, tuple, tuple]:
@@ -148,6 +151,10 @@ class Retriever:
         self.pair_scorer = pair_scorer.eval() if pair_scorer is not None else None
         self.rerank_top_k = rerank_top_k if pair_scorer is not None else 0
         self._pil_transform = split_preprocess(self.image_transform)[0]
+        # Decoded candidates for the re-ranker, by (path, mtime): the Retrieve tab asks
+        # about the same gallery images again and again, and decoding is most of a query.
+        self._decoded: "OrderedDict[tuple[str, int], np.ndarray]" = OrderedDict()
+        self._decoded_bytes = 0
 
     @property
     def embed_dim(self) -> int:
@@ -193,10 +200,31 @@ class Retriever:
 
     def uint8_pixels(self, images: Sequence) -> torch.Tensor:
         """PIL images or paths -> (N, 3, H, W) uint8 at the model's input size, exactly
-        what the decode cache holds for the same files."""
-        arrays = [np.asarray(self._pil_transform(_as_pil(im)), dtype=np.uint8).transpose(2, 0, 1)
+        what the decode cache holds for the same files. Paths are decoded once (a file
+        that cannot be read raises store.ImageError)."""
+        arrays = [self._decoded_file(im) if isinstance(im, (str, Path)) else self._decode(im)
                   for im in images]
         return torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
+
+    def _decode(self, image) -> np.ndarray:
+        return np.ascontiguousarray(
+            np.asarray(self._pil_transform(_as_pil(image)), dtype=np.uint8).transpose(2, 0, 1))
+
+    def _decoded_file(self, path) -> np.ndarray:
+        try:
+            key = (str(path), os.stat(path).st_mtime_ns)
+        except OSError:
+            key = None  # _decode names the missing file
+        if key is not None and key in self._decoded:
+            self._decoded.move_to_end(key)
+            return self._decoded[key]
+        array = self._decode(path)
+        if key is not None:
+            self._decoded[key] = array
+            self._decoded_bytes += array.nbytes
+            while self._decoded_bytes > DECODED_CACHE_BYTES and self._decoded:
+                self._decoded_bytes -= self._decoded.popitem(last=False)[1].nbytes
+        return array
 
     @torch.no_grad()
     def rerank_scores(self, reference, text: str, candidates: Sequence) -> np.ndarray:

@@ -221,6 +221,24 @@ def test_query_engine_reranks_like_eval(world, checkpoint_with_scorer, tmp_path)
     assert [h.path for h in hits] == expected
     assert hits[0].score == pytest.approx(float(scores.max()), abs=1e-5)
 
+    # A gallery file that went bad after indexing: named, and placed after the re-ranked.
+    from retrieval.index import GalleryEntry
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    entry = engine.index.entries[order[0]]
+    engine.index.entries[order[0]] = GalleryEntry(name=entry.name, path=str(broken), image_id=entry.image_id)
+    with pytest.warns(UserWarning, match="re-ranking left out a candidate: .*broken.png"):
+        hits = engine.query(paths[0], text, k=10)
+    readable = [i for i in range(6) if i != 0]
+    scores = engine.retriever.rerank_scores(paths[0], text, [top[i] for i in readable])
+    assert [h.path for h in hits[:6]] == [top[readable[i]] for i in np.argsort(-scores, kind="stable")] + [str(broken)]
+    # Decoded candidates are kept: asking again decodes nothing new.
+    decoded = dict(engine.retriever._decoded)
+    with pytest.warns(UserWarning, match="broken.png"):
+        engine.query(paths[0], text, k=10)
+    assert engine.retriever._decoded.keys() == decoded.keys()
+
 
 def test_training_replaces_an_old_scorer(world, checkpoint_with_scorer, tmp_path):
     import shutil
