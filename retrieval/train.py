@@ -395,9 +395,13 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         if not done:
             done = out_of_budget()
     bar.close()
-    if cfg.rerank:
-        from .train_rerank import train_pair_scorer
+    from .train_rerank import QUERIES_PER_STEP, train_pair_scorer
 
+    use_rerank = cfg.rerank and len(train_set) >= QUERIES_PER_STEP
+    if cfg.rerank and not use_rerank:
+        log.warning("re-ranker skipped: %d training pairs, it needs at least %d",
+                    len(train_set), QUERIES_PER_STEP)
+    if use_rerank:
         model.load_state_dict(torch.load(str(out / BEST_FILE), map_location="cpu",
                                          weights_only=False)["model"])
         first_seconds = elapsed()

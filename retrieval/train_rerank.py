@@ -232,6 +232,9 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
         if not done:
             done = out_of_budget()
     bar.close()
+    if not history["epochs"]:
+        log.warning("no time left in the budget for the re-ranker: not trained")
+        return RerankOutcome(enabled=False, best=best, first_stage_val=first_val or {}, history=history)
     enabled = first_val is None or best["score"] > first_val["recall"]["1"]
     if not enabled:
         log.warning("the re-ranker (val R@1 %.1f) did not beat the first stage alone (%.1f); "

@@ -253,3 +253,17 @@ def test_training_replaces_an_old_scorer(world, checkpoint_with_scorer, tmp_path
     assert not (out / RERANK_FILE).exists()
     model, _ = load_model(out)
     assert load_pair_scorer(out, model.encoder) is None
+
+
+def test_too_few_pairs_for_the_re_ranker_skip_it_with_a_warning(world, tmp_path, monkeypatch, caplog):
+    import retrieval.train_rerank as train_rerank
+    from retrieval.train import TrainConfig, train
+
+    root, _ = world
+    monkeypatch.setattr(train_rerank, "QUERIES_PER_STEP", 10_000)
+    with caplog.at_level("WARNING"):
+        result = train(TrainConfig(out=str(tmp_path / "model"), dbs=[str(root / "world.db")], image_size=32,
+                                   batch_size=16, epochs=1, cache_dir=str(root / "cache"), progress=False))
+    assert "re-ranker skipped" in caplog.text
+    assert "rerank" not in result.history and not (tmp_path / "model" / RERANK_FILE).exists()
+    assert (tmp_path / "model" / "best.pt").is_file()
