@@ -115,6 +115,24 @@ class TrainResult:
     history: dict[str, Any]
 
 
+def show_step(bar, budget: Optional[float], elapsed: float, epoch: int, loss: float) -> None:
+    """Move a training progress bar: in seconds under a time budget, else in steps."""
+    if budget:
+        bar.n = min(int(elapsed), int(budget))
+        bar.refresh()
+    else:
+        bar.update(1)
+    bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}")
+
+
+def val_brief(val: dict[str, Any]) -> str:
+    """The validation part of an epoch's log line ("" without validation)."""
+    if not val:
+        return ""
+    return (f", val R@1 {val['recall']['1']:.1f} R@5 {val['recall']['5']:.1f}"
+            f" Rsubset@1 {val.get('recall_subset', {}).get('1', float('nan')):.1f}")
+
+
 def lr_factor(fraction: float, warmup: float, min_ratio: float) -> float:
     """Linear warm-up to 1 over `warmup` of the budget, then cosine down to min_ratio."""
     fraction = min(max(fraction, 0.0), 1.0)
@@ -354,12 +372,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
             epoch_loss += loss.item()
             train_seconds += time.monotonic() - t0
             history["loss"].append([step, round(loss.item(), 5)])
-            if budget:
-                bar.n = min(int(elapsed()), int(budget))
-                bar.refresh()
-            else:
-                bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            show_step(bar, budget, elapsed(), epoch, loss.item())
             if out_of_budget():
                 done = True
                 break
@@ -388,10 +401,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
             on_epoch(record)
         # One line per epoch on stderr, also when no progress bar is shown (make demo logs).
         print(f"epoch {epoch}: loss {record['loss']:.3f}, {record['seconds']:.0f} s"
-              f" ({record['cpu_seconds']:.0f} CPU s)"
-              + (f", val R@1 {val['recall']['1']:.1f} R@5 {val['recall']['5']:.1f}"
-                 f" Rsubset@1 {val.get('recall_subset', {}).get('1', float('nan')):.1f}" if val else ""),
-              file=sys.stderr, flush=True)
+              f" ({record['cpu_seconds']:.0f} CPU s)" + val_brief(val), file=sys.stderr, flush=True)
         if not done:
             done = out_of_budget()
     bar.close()

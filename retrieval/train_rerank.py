@@ -97,7 +97,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
                       epochs: Optional[int] = None, seed: int = 0, top_k: int = DEFAULT_TOP_K,
                       val_queries: int = 400, progress: bool = True) -> RerankOutcome:
     """Train on top of the (trained, fixed) first stage `model`; writes `out/rerank.pt`."""
-    from .train import lr_factor
+    from .train import lr_factor, show_step, val_brief
 
     if seconds is None and epochs is None:
         raise ValueError("give the pair scorer a time budget or a number of epochs")
@@ -199,12 +199,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
             step += 1
             losses.append(loss.item())
             history["loss"].append([step, round(loss.item(), 5)])
-            if seconds is not None:
-                bar.n = min(int(elapsed()), int(seconds))
-                bar.refresh()
-            else:
-                bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
+            show_step(bar, seconds, elapsed(), epoch, loss.item())
             if out_of_budget():
                 done = True
                 break
@@ -225,9 +220,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
         if score > best["score"]:
             best = {"score": score, "epoch": epoch, "val": val}
             save(val, enabled=first_val is None or score > first_val["recall"]["1"])
-        print(f"re-ranker epoch {epoch}: loss {mean_loss:.3f}, {elapsed():.0f} s"
-              + (f", val R@1 {val['recall']['1']:.1f} R@5 {val['recall']['5']:.1f}"
-                 f" Rsubset@1 {val.get('recall_subset', {}).get('1', float('nan')):.1f}" if val else ""),
+        print(f"re-ranker epoch {epoch}: loss {mean_loss:.3f}, {elapsed():.0f} s" + val_brief(val),
               file=sys.stderr, flush=True)
         if not done:
             done = out_of_budget()
