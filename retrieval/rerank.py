@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -32,6 +33,21 @@ from .encoders import Encoder, run_text_tower
 RERANK_FILE = "rerank.pt"
 DEFAULT_TOP_K = 50
 INPUT_SIZE = 64  # pixels per side the CNN reads; other input sizes are resized to it
+HEAD_DROPOUT = 0.0
+
+
+def bf16_is_fast() -> bool:
+    """Whether this CPU has bf16 matrix units (AMX or AVX512-BF16).
+
+    There the scorer's convolutions run about 3x faster in bf16 with channels-last
+    memory (0.31 -> 0.10 s for a training step's 208 pairs on the 2-core dev machine),
+    so the re-ranker gets about 2.5x more epochs in the same budget. Elsewhere bf16 is
+    emulated and slower, so the scorer stays in fp32.
+    """
+    if os.environ.get("GOOD4CIR_BF16", "").strip() == "0":
+        return False
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check is not None and bool(check()) for check in checks)
 
 
 class _TextCopy(nn.Module):
@@ -88,6 +104,9 @@ class PairScorer(nn.Module):
                                      _block(2 * width, 4 * width)])
         self.head = nn.Linear(4 * width * 16, dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.low_precision = bf16_is_fast()
+        if self.low_precision:
+            self.blocks.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _prepare(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -100,9 +119,15 @@ class PairScorer(nn.Module):
         """(N, 3, H, W) uint8 each -> (N, D) unit vectors."""
         r, c = self._prepare(references), self._prepare(candidates)
         x = torch.cat([r, c, c - r], dim=1)
-        x = F.max_pool2d(self.blocks[0](x), 2)
-        x = F.max_pool2d(self.blocks[1](x), 2)
-        x = F.adaptive_max_pool2d(self.blocks[2](x), 4).flatten(1)
+        low = self.low_precision and x.device.type == "cpu"
+        if low:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            x = F.max_pool2d(self.blocks[0](x), 2)
+            x = F.max_pool2d(self.blocks[1](x), 2)
+            x = F.adaptive_max_pool2d(self.blocks[2](x), 4).flatten(1)
+        # The head and the cosine stay in fp32: bf16 scores would tie among near-duplicates.
+        x = F.dropout(x.float(), HEAD_DROPOUT, self.training)
         return F.normalize(self.head(x), dim=-1)
 
     def encode_texts(self, ids: torch.Tensor) -> torch.Tensor:

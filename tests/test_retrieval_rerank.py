@@ -267,3 +267,29 @@ def test_too_few_pairs_for_the_re_ranker_skip_it_with_a_warning(world, tmp_path,
     assert "re-ranker skipped" in caplog.text
     assert "rerank" not in result.history and not (tmp_path / "model" / RERANK_FILE).exists()
     assert (tmp_path / "model" / "best.pt").is_file()
+
+
+def test_bf16_convolutions_score_like_fp32(encoder, monkeypatch):
+    """Where the CPU has bf16 units the scorer's convolutions run in bf16 (faster); its
+    scores must stay close to fp32's. The bf16 path is forced here whatever the CPU."""
+    torch.manual_seed(2)
+    scorer = build_pair_scorer(encoder).eval()
+    refs, cands = _random_pixels(6, seed=6), _random_pixels(6, seed=7)
+    text = scorer.encode_texts(encoder.tokenize(["make the chair red"]))[0]
+    scorer.low_precision = False
+    exact = scorer.encode_pairs(refs, cands)
+    scorer.low_precision = True
+    low = scorer.encode_pairs(refs, cands)
+    assert low.dtype == torch.float32
+    assert torch.allclose(low.norm(dim=-1), torch.ones(6), atol=1e-5)
+    assert (low - exact).abs().max() < 0.05
+    assert (scorer.score(low, text) - scorer.score(exact, text)).abs().max() < 0.02
+    monkeypatch.setenv("GOOD4CIR_BF16", "0")
+    assert build_pair_scorer(encoder).low_precision is False
+
+
+def test_mirrored_captions_swap_left_and_right_only():
+    from retrieval.train_rerank import mirror_caption
+    assert mirror_caption("Move the Left chair to the right; the lamp on the left stays.") == \
+        "Move the Right chair to the left; the lamp on the right stays."
+    assert mirror_caption("brighten the leftover lamp") == "brighten the leftover lamp"
