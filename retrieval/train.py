@@ -82,7 +82,8 @@ class TrainConfig:
     # costs R@1 21 -> 12 where before it changed nothing). Skipped with frozen encoders.
     delta_loss: float = 1.0
     # Full fine-tuning: half the batches are mirrored, images and captions alike ("left"
-    # and "right" swapped), so the model sees twice the rooms it would.
+    # and "right" swapped), so the model sees twice the rooms it would. The re-ranker's
+    # training steps are mirrored the same way.
     mirror: bool = True
     lr: Optional[float] = None
     encoder_lr_scale: Optional[float] = None
@@ -419,7 +420,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
             model, pixels, row_of, train_set, val_set, val_gallery, out,
             seconds=cfg.minutes * 60.0 - first_seconds if cfg.minutes is not None else None,
             epochs=None if cfg.minutes is not None else (cfg.rerank_epochs or cfg.epochs),
-            seed=cfg.seed, top_k=cfg.rerank_top_k, val_queries=cfg.val_queries,
+            seed=cfg.seed, top_k=cfg.rerank_top_k, val_queries=cfg.val_queries, mirror=cfg.mirror,
             progress=cfg.progress)
         history["rerank"] = {**rerank.history, "enabled": rerank.enabled, "best": rerank.best,
                              "seconds": round(elapsed() - first_seconds, 1)}

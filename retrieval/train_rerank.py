@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -50,15 +49,9 @@ TEXT_LR = 1.0
 SIBLINGS = 4
 OTHER_TARGETS = 4
 # Odds that a training step sees its images mirrored, with "left" and "right" swapped in
-# every caption: the scorer overfits its 1,600 demo-world pairs within about 10 epochs.
+# every caption (`train.mirror_text`): the scorer overfits its 1,600 demo-world pairs
+# within about 10 epochs.
 FLIP = 0.5
-_SIDES = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
-_MIRROR = {"left": "right", "right": "left", "Left": "Right", "Right": "Left", "LEFT": "RIGHT", "RIGHT": "LEFT"}
-
-
-def mirror_caption(text: str) -> str:
-    """The caption of the mirrored pair: "left" and "right" swapped, case kept."""
-    return _SIDES.sub(lambda m: _MIRROR[m.group(1)], text)
 
 
 @dataclass
@@ -108,9 +101,9 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
                       train_set: Sequence[Triplet], val_set: Sequence[Triplet],
                       val_gallery: Sequence[str], out: Path, seconds: Optional[float] = None,
                       epochs: Optional[int] = None, seed: int = 0, top_k: int = DEFAULT_TOP_K,
-                      val_queries: int = 400, progress: bool = True) -> RerankOutcome:
+                      val_queries: int = 400, mirror: bool = True, progress: bool = True) -> RerankOutcome:
     """Train on top of the (trained, fixed) first stage `model`; writes `out/rerank.pt`."""
-    from .train import lr_factor, show_step, val_brief
+    from .train import lr_factor, mirror_text, show_step, val_brief
 
     if seconds is None and epochs is None:
         raise ValueError("give the pair scorer a time budget or a number of epochs")
@@ -130,7 +123,8 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
     texts = list(dict.fromkeys(c for t in train_set for c in t.captions))
     text_row = {text: i for i, text in enumerate(texts)}
     token_ids = model.encoder.tokenize(texts)
-    mirrored_ids = model.encoder.tokenize([mirror_caption(t) for t in texts]) if FLIP else token_ids
+    flip_odds = FLIP if mirror else 0.0
+    mirrored_ids = model.encoder.tokenize([mirror_text(t) for t in texts]) if flip_odds else token_ids
     caption_rows = [[text_row[c] for c in t.captions] for t in train_set]
     candidates = _Candidates(train_set, row_of)
     steps_per_epoch = len(train_set) // QUERIES_PER_STEP
@@ -183,7 +177,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
             rows = candidates.for_batch(batch, rng)
             refs = torch.tensor([candidates.samples[i][0] for i, r in zip(batch, rows) for _ in r])
             cands = torch.tensor([c for r in rows for c in r])
-            flip = FLIP > 0 and rng.random() < FLIP
+            flip = flip_odds > 0 and rng.random() < flip_odds
             ref_px, cand_px = pixels[refs], pixels[cands]
             if flip:
                 ref_px, cand_px = ref_px.flip(-1), cand_px.flip(-1)

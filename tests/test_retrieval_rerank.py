@@ -289,7 +289,7 @@ def test_bf16_convolutions_score_like_fp32(encoder, monkeypatch):
 
 
 def test_mirrored_captions_swap_left_and_right_only():
-    from retrieval.train_rerank import mirror_caption
-    assert mirror_caption("Move the Left chair to the right; the lamp on the left stays.") == \
+    from retrieval.train import mirror_text
+    assert mirror_text("Move the Left chair to the right; the lamp on the left stays.") == \
         "Move the Right chair to the left; the lamp on the right stays."
-    assert mirror_caption("brighten the leftover lamp") == "brighten the leftover lamp"
+    assert mirror_text("brighten the leftover lamp") == "brighten the leftover lamp"
