@@ -44,8 +44,10 @@ QUERIES_PER_STEP = 16
 # 7.1 min on one first stage: val R@1 45 (four other runs: 42.5-46.6) -> 49.5, test R@1
 # 44.8 -> 47.8 and R@5 91.9 -> 94.7, Rsubset@1 55.7 -> 52.9 (noise is about 3).
 TEXT_LOSS = 1.0
-# Learning rate of the copied text tower, relative to LR.
-TEXT_LR = 1.0
+# Learning rate of the copied text tower, relative to LR. At the full rate it memorises
+# the training captions: demo world, one first stage, 7.1 min, val R@1 53.3 -> 60.4 and
+# Rsubset@1 58.0 -> 65.1 at a tenth (test 51.4 -> 61.2, 54.2 -> 64.6).
+TEXT_LR = 0.1
 SIBLINGS = 4
 OTHER_TARGETS = 4
 # Odds that a training step sees its images mirrored, with "left" and "right" swapped in
