@@ -55,8 +55,8 @@ def compare(checkpoint: str, dbs: Sequence[str], split: str, cache_dir: str | No
     final = first
     if second is not None:  # the model as `good4cir eval` scores it: re-ranked
         scorer, info = second
-        final = rerank_matrix(scorer, first, queries.reference_keys, model.encoder.tokenize(queries.texts),
-                              gallery, pixels, row_of, top_k=int(info["top_k"]))
+        final = rerank_matrix(scorer, first, queries.reference_keys, queries.texts, gallery, pixels, row_of,
+                              top_k=int(info["top_k"]))
     learned = evaluate_embeddings(emb, gallery, queries, model_scores=final)
 
     gallery_vectors = pixel_vectors(pixels, row_of, gallery)

@@ -245,8 +245,7 @@ def evaluate_checkpoint(
     else:
         scorer, rerank_info = second
         first = emb["query"] @ emb["gallery"].T
-        final = rerank_matrix(scorer, first, queries.reference_keys,
-                              model.encoder.tokenize(queries.texts), gallery_keys, pixels, row_of,
+        final = rerank_matrix(scorer, first, queries.reference_keys, queries.texts, gallery_keys, pixels, row_of,
                               top_k=int(rerank_info["top_k"]), progress=progress)
         result = evaluate_embeddings(emb, gallery_keys, queries, model_scores=final)
         result["first_stage"] = score_matrix(first, gallery_keys, queries)

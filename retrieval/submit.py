@@ -150,8 +150,7 @@ def write_checkpoint_submission(
     second = load_pair_scorer(checkpoint_dir, model.encoder) if rerank else None
     if second is not None:
         scorer, rerank_info = second
-        scores = rerank_matrix(scorer, scores, queries.reference_keys,
-                               model.encoder.tokenize(queries.texts), gallery_keys, pixels, row_of,
+        scores = rerank_matrix(scorer, scores, queries.reference_keys, queries.texts, gallery_keys, pixels, row_of,
                                top_k=int(rerank_info["top_k"]), progress=progress)
     metrics = None
     if with_target:

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import random
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ from .encoders import ImageTokens, TextTokens
 from .evaluate import build_queries, embed, evaluate_embeddings
 from .features import FeatureCache, PixelCache, default_cache_dir, trim_text_features
 from .loss import TEMPERATURE, info_nce
+from .mirror import mirror_text
 from .model import (BEST_FILE, LAST_FILE, ComposedRetriever, build_model, read_config,
                     save_weights, split_preprocess, write_config)
 from .rerank import RERANK_FILE
@@ -443,15 +443,6 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
                        triplets_per_second=history["summary"]["triplets_per_second"],
                        best=best, history=history)
 
-
-_SIDES = re.compile(r"\b(left|right|Left|Right|LEFT|RIGHT)\b")
-_OTHER_SIDE = {"left": "right", "right": "left", "Left": "Right", "Right": "Left",
-               "LEFT": "RIGHT", "RIGHT": "LEFT"}
-
-
-def mirror_text(text: str) -> str:
-    """The caption of the mirrored pair: left and right swapped."""
-    return _SIDES.sub(lambda m: _OTHER_SIDE[m.group(1)], text)
 
 
 def _full_batch(model: ComposedRetriever, pixels, token_ids, ref_rows, tgt_rows, text_rows,

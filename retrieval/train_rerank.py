@@ -9,8 +9,8 @@ candidates, and the (reference, target) pair over its caption, its siblings' cap
 and the batch's other captions.
 
 Validation re-ranks the first stage's top candidates of the validation queries each
-epoch. The scorer is kept (`enabled`) only if its best epoch beats the first stage
-alone on validation Recall@1.
+epoch, in the plain view only (the mirrored view doubles its cost). The scorer is kept
+(`enabled`) only if its best epoch beats the first stage alone on validation Recall@1.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .data import Triplet
 from .evaluate import build_queries, embed, score_matrix
+from .mirror import mirror_text
 from .rerank import DEFAULT_TOP_K, RERANK_FILE, build_pair_scorer, rerank_matrix, save_pair_scorer
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ TEXT_LR = 0.1
 SIBLINGS = 4
 OTHER_TARGETS = 4
 # Odds that a training step sees its images mirrored, with "left" and "right" swapped in
-# every caption (`train.mirror_text`): the scorer overfits its 1,600 demo-world pairs
+# every caption (`mirror.mirror_text`): the scorer overfits its 1,600 demo-world pairs
 # within about 10 epochs.
 FLIP = 0.5
 
@@ -105,7 +106,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
                       epochs: Optional[int] = None, seed: int = 0, top_k: int = DEFAULT_TOP_K,
                       val_queries: int = 400, mirror: bool = True, progress: bool = True) -> RerankOutcome:
     """Train on top of the (trained, fixed) first stage `model`; writes `out/rerank.pt`."""
-    from .train import lr_factor, mirror_text, show_step, val_brief
+    from .train import lr_factor, show_step, val_brief
 
     if seconds is None and epochs is None:
         raise ValueError("give the pair scorer a time budget or a number of epochs")
@@ -140,7 +141,6 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
         emb = embed(model, pixels, row_of, val_gallery, queries, baselines=False)
         first = emb["query"] @ emb["gallery"].T
         first_val = score_matrix(first, val_gallery, queries)
-        val_ids = model.encoder.tokenize(queries.texts)
 
     history: dict[str, Any] = {"loss": [], "epochs": [], "first_stage_val": first_val}
     best: dict[str, Any] = {"score": -1.0}
@@ -161,7 +161,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
     def save(val: dict, enabled: bool) -> None:
         save_pair_scorer(out / RERANK_FILE, scorer, {
             "epoch": epoch, "val": val, "first_stage_val": first_val, "top_k": top_k,
-            "enabled": enabled})
+            "enabled": enabled, "mirror": flip_odds > 0})
 
     bar = tqdm(total=int(seconds) if seconds is not None else total_steps, disable=not progress,
                unit="s" if seconds is not None else "step", desc="training re-ranker")
@@ -225,7 +225,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
         t0 = time.monotonic()
         val: dict[str, Any] = {}
         if first is not None:
-            final = rerank_matrix(scorer, first, queries.reference_keys, val_ids, val_gallery,
+            final = rerank_matrix(scorer, first, queries.reference_keys, queries.texts, val_gallery,
                                   pixels, row_of, top_k=top_k)
             val = score_matrix(final, val_gallery, queries)
         val_seconds = time.monotonic() - t0

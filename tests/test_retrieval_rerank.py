@@ -68,25 +68,36 @@ def test_top_candidates_leave_out_the_reference_and_merge_keeps_the_rest_in_orde
     assert top_candidates(np.zeros((1, 4), np.float32), [None], 2).tolist() == [[0, 1]]
 
 
-def test_rerank_matrix_scores_each_top_candidate_with_its_own_pair(encoder):
+@pytest.mark.parametrize("mirror", [False, True])
+def test_rerank_matrix_scores_each_top_candidate_with_its_own_pair(encoder, mirror):
     torch.manual_seed(1)
     scorer = build_pair_scorer(encoder).eval()
+    scorer.mirror = mirror
     pixels = _random_pixels(12, seed=4)
     keys = [f"img{i}" for i in range(12)]
     row_of = {k: i for i, k in enumerate(keys)}
     rng = np.random.default_rng(5)
     first = rng.normal(size=(3, 12)).astype(np.float32)
     references = ["img0", "img0", "img5"]
-    ids = encoder.tokenize(["make it red", "add a lamp", "remove the rug"])
-    final = rerank_matrix(scorer, first, references, ids, keys, pixels, row_of, top_k=4, batch_size=3)
+    texts = ["make it red", "move the lamp to the left", "remove the rug on the right"]
+    final = rerank_matrix(scorer, first, references, texts, keys, pixels, row_of, top_k=4, batch_size=3)
     candidates = top_candidates(first, [0, 0, 5], 4)
     with torch.no_grad():
         for q, ref in enumerate(references):
             cands = candidates[q]
-            direct = scorer.score(scorer.encode_pairs(pixels[[row_of[ref]] * 4], pixels[cands]),
-                                  scorer.encode_texts(ids[q:q + 1])[0]).numpy()
+            refs = pixels[[row_of[ref]] * 4]
+            direct = scorer.score(scorer.encode_pairs(refs, pixels[cands]),
+                                  scorer.encode_texts(encoder.tokenize(texts[q:q + 1]))[0]).numpy()
+            if mirror:
+                # The mirrored view: images flipped, "left" and "right" swapped; averaged.
+                swapped = texts[q].replace("left", "LEFT").replace("right", "left").replace("LEFT", "right")
+                flipped = scorer.score(scorer.encode_pairs(refs.flip(-1), pixels[cands].flip(-1)),
+                                       scorer.encode_texts(encoder.tokenize([swapped]))[0]).numpy()
+                direct = (direct + flipped) / 2
             expected = cands[np.argsort(-direct, kind="stable")].tolist()
             assert np.argsort(-final[q], kind="stable")[:4].tolist() == expected
+            assert np.allclose(np.sort(final[q, cands])[::-1] - final[q, cands].max(),
+                               np.sort(direct)[::-1] - direct.max(), atol=1e-5)
             rest = [c for c in range(12) if c not in cands]
             assert np.allclose(final[q, rest], first[q, rest])
 
@@ -145,10 +156,12 @@ def test_training_lowers_the_loss_and_the_saved_scorer_reloads_identically(world
     saved = torch.load(str(tmp_path / RERANK_FILE), weights_only=False)
     assert saved["epoch"] == outcome.best["epoch"] and saved["top_k"] == 50
     assert saved["enabled"] == (outcome.best["score"] > outcome.first_stage_val["recall"]["1"])
+    assert saved["mirror"] is True  # trained on mirrored steps, so scored in both views
 
     saved["enabled"] = True  # load whatever came out, to compare scores
     torch.save(saved, str(tmp_path / RERANK_FILE))
     scorer, info = load_pair_scorer(tmp_path, model.encoder)
+    assert scorer.mirror
     after = _candidate_loss(scorer, samples, pixels, token_ids, caption_rows)
     # 12 epochs of 3 steps: measured 1.66 -> 0.08
     assert after < 0.9 * before, (before, after)
@@ -289,7 +302,25 @@ def test_bf16_convolutions_score_like_fp32(encoder, monkeypatch):
 
 
 def test_mirrored_captions_swap_left_and_right_only():
-    from retrieval.train import mirror_text
+    from retrieval.mirror import mirror_text
     assert mirror_text("Move the Left chair to the right; the lamp on the left stays.") == \
         "Move the Right chair to the left; the lamp on the right stays."
     assert mirror_text("brighten the leftover lamp") == "brighten the leftover lamp"
+
+
+def test_query_engine_scores_a_mirroring_scorer_in_both_views(world, checkpoint_with_scorer):
+    from retrieval.model import load_retriever
+
+    retriever = load_retriever(checkpoint_with_scorer)
+    scorer = retriever.pair_scorer
+    scorer.mirror = True
+    paths = [str(p) for p in sorted((world[0] / "images").glob("*.png"))[:5]]
+    text = "move the chair to the left"
+    scores = retriever.rerank_scores(paths[0], text, paths[1:])
+    ref, cands = retriever.uint8_pixels(paths[:1]).expand(4, -1, -1, -1), retriever.uint8_pixels(paths[1:])
+    with torch.no_grad():
+        plain = scorer.score(scorer.encode_pairs(ref, cands), scorer.encode_texts(scorer.tokenize([text]))[0])
+        flipped = scorer.score(scorer.encode_pairs(ref.flip(-1), cands.flip(-1)),
+                               scorer.encode_texts(scorer.tokenize(["move the chair to the right"]))[0])
+    assert np.allclose(scores, ((plain + flipped) / 2).numpy(), atol=1e-5)
+    assert not np.allclose(scores, plain.numpy(), atol=1e-4)
