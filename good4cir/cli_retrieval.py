@@ -80,8 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "is kept only if it beats it on validation)")
     parser.add_argument("--rerank-share", type=float, default=0.75, metavar="F",
                         help="share of --minutes the pair scorer trains for (default 0.75)")
-    parser.add_argument("--rerank-top-k", type=int, default=50, metavar="K",
-                        help="how many first-stage candidates the pair scorer re-ranks (default 50)")
+    parser.add_argument("--rerank-top-k", type=int, default=100, metavar="K",
+                        help="how many first-stage candidates the pair scorer re-ranks (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from --out's last.pt (same model and fusion); the pair "

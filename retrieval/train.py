@@ -39,7 +39,7 @@ from .loss import TEMPERATURE, info_nce
 from .mirror import mirror_text
 from .model import (BEST_FILE, LAST_FILE, ComposedRetriever, build_model, read_config,
                     save_weights, split_preprocess, write_config)
-from .rerank import RERANK_FILE
+from .rerank import DEFAULT_TOP_K, RERANK_FILE
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class TrainConfig:
     # first epochs on the demo world) and re-ranks the first stage's top `rerank_top_k`.
     rerank: bool = True
     rerank_share: float = 0.75
-    rerank_top_k: int = 50
+    rerank_top_k: int = DEFAULT_TOP_K
     rerank_epochs: Optional[int] = None  # with --epochs; default: the same number
     progress: bool = True
 

@@ -14,7 +14,7 @@ from good4cir.cli import main
 from retrieval.data import load_triplets, train_val_split
 from retrieval.features import PixelCache
 from retrieval.model import build_model, load_model, save_weights, split_preprocess, write_config
-from retrieval.rerank import (RERANK_FILE, build_pair_scorer, load_pair_scorer, merge_reranked,
+from retrieval.rerank import (DEFAULT_TOP_K, RERANK_FILE, build_pair_scorer, load_pair_scorer, merge_reranked,
                               rerank_matrix, save_pair_scorer, top_candidates)
 
 torch.set_num_threads(2)
@@ -154,7 +154,7 @@ def test_training_lowers_the_loss_and_the_saved_scorer_reloads_identically(world
     assert len(outcome.history["epochs"]) == 12
     assert "recall" in outcome.first_stage_val and "recall" in outcome.best["val"]
     saved = torch.load(str(tmp_path / RERANK_FILE), weights_only=False)
-    assert saved["epoch"] == outcome.best["epoch"] and saved["top_k"] == 50
+    assert saved["epoch"] == outcome.best["epoch"] and saved["top_k"] == DEFAULT_TOP_K
     assert saved["enabled"] == (outcome.best["score"] > outcome.first_stage_val["recall"]["1"])
     assert saved["mirror"] is True  # trained on mirrored steps, so scored in both views
 
