@@ -45,8 +45,8 @@ def bf16_is_fast() -> bool:
 
     There the scorer's convolutions run about 3x faster in bf16 with channels-last
     memory (0.31 -> 0.10 s for a training step's 208 pairs on the 2-core dev machine),
-    so the re-ranker gets about twice the epochs in its budget (demo world: 12 -> 26). Elsewhere bf16 is
-    emulated and slower, so the scorer stays in fp32.
+    so the re-ranker gets about twice the epochs in its budget (demo world: 12 -> 26).
+    Elsewhere bf16 is emulated and slower, so the scorer stays in fp32.
     """
     if os.environ.get("GOOD4CIR_BF16", "").strip() == "0":
         return False
