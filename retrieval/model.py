@@ -237,7 +237,7 @@ class Retriever:
         cands = self.uint8_pixels(candidates)
         pairs = torch.cat([self.pair_scorer.encode_pair_views(ref.expand(len(cands[s]), -1, -1, -1), cands[s])
                            for s in self._batches(len(cands))], dim=1)
-        text_emb = self.pair_scorer.encode_caption_views([text or ""])[:, 0]
+        text_emb = self.pair_scorer.encode_caption_views([text])[:, 0]
         return self.pair_scorer.score(pairs, text_emb).numpy().astype(np.float32)
 
 

@@ -444,7 +444,6 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
                        best=best, history=history)
 
 
-
 def _full_batch(model: ComposedRetriever, pixels, token_ids, ref_rows, tgt_rows, text_rows,
                 neg_rows, flip: bool = False):
     """Queries, targets, the references' and the image-set negatives' embeddings of one

@@ -34,10 +34,6 @@ from .evaluate import build_queries, embed, score_matrix
 from .mirror import mirror_text
 from .rerank import DEFAULT_TOP_K, RERANK_FILE, build_pair_scorer, rerank_matrix, save_pair_scorer
 
-# Validation each epoch re-ranks at most this many candidates: it only picks the epoch,
-# and at the full depth it would take a fifth of the re-ranker's training time.
-VAL_TOP_K = 50
-
 log = logging.getLogger(__name__)
 
 # Measured on the demo world (2,000 pairs, 8 minutes, scripts in the README's report):
@@ -59,6 +55,9 @@ OTHER_TARGETS = 4
 # every caption (`mirror.mirror_text`): the scorer overfits its 1,600 demo-world pairs
 # within about 10 epochs.
 FLIP = 0.5
+# Validation each epoch re-ranks at most this many candidates: it only picks the epoch,
+# and at the full depth it would take a fifth of the re-ranker's training time.
+VAL_TOP_K = 50
 
 
 @dataclass
