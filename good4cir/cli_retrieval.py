@@ -153,7 +153,8 @@ def run_train(args: argparse.Namespace) -> int:
           f"on {summary['train_triplets']} triplets; checkpoints in {result.out}")
     first = summary["best"].get("first_stage")
     if first and first.get("val"):
-        print(f"fusion model alone, best validation (epoch {first.get('epoch')}): {_brief(first['val'])}")
+        print(f"fusion model alone, epoch {first.get('epoch')} (picked for validation recall at the"
+              f" re-ranker's depth): {_brief(first['val'])}")
     if val:
         label = (f"with the re-ranker (its epoch {summary['best'].get('rerank_epoch')})" if first
                  else f"best validation (epoch {summary['best'].get('epoch')})")

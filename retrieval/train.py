@@ -10,7 +10,8 @@ out) or `epochs`. Two modes:
   of a batch go through the vision tower in one pass; half the batches are mirrored;
 - frozen encoders: image and text features are computed once into a disk cache keyed
   by the encoder's weights, and each step costs only the fusion head.
-Validation each epoch; `best.pt` (by validation Recall@1) and `last.pt` (with the
+Validation each epoch; `best.pt` (by validation Recall@1, or recall at the re-ranker's
+depth when one trains after it: `selection_score`) and `last.pt` (with the
 optimiser, for `resume`), `history.json` and `curves.png` in the output folder.
 """
 
@@ -312,6 +313,10 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         history, best = resume_state["history"], resume_state["best"]
         triplets_seen = resume_state.get("triplets_seen", 0)
 
+    from .train_rerank import QUERIES_PER_STEP, train_pair_scorer
+
+    use_rerank = cfg.rerank and len(train_set) >= QUERIES_PER_STEP
+    rerank_depth = cfg.rerank_top_k if use_rerank else 0
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
     if budget is not None and cfg.rerank:
         budget *= 1.0 - cfg.rerank_share
@@ -389,7 +394,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
                   # would overstate what an idle machine needs.
                   "cpu_seconds": round(time.process_time() - cpu_started, 1), "val": val}
         history["epochs"].append(record)
-        val_score = val.get("recall", {}).get("1", -epoch_loss / max(epoch_steps, 1))
+        val_score = selection_score(val, rerank_depth, fallback=-epoch_loss / max(epoch_steps, 1))
         if val_score > best["score"]:
             best = {"score": val_score, "epoch": epoch, "val": val}
             save_weights(out / BEST_FILE, model, {"epoch": epoch, "val": val})
@@ -406,9 +411,6 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         if not done:
             done = out_of_budget()
     bar.close()
-    from .train_rerank import QUERIES_PER_STEP, train_pair_scorer
-
-    use_rerank = cfg.rerank and len(train_set) >= QUERIES_PER_STEP
     if cfg.rerank and not use_rerank:
         log.warning("re-ranker skipped: %d training pairs, it needs at least %d",
                     len(train_set), QUERIES_PER_STEP)
@@ -495,6 +497,22 @@ class _FrozenFeatures:
 
 
 @torch.no_grad()
+def selection_score(val: dict[str, Any], rerank_depth: int, fallback: float) -> float:
+    """What picks `best.pt`: validation Recall@1, or, when a re-ranker re-scores the top
+    `rerank_depth`, recall at the deepest validated k within that depth (Recall@1 breaks
+    ties), since the re-ranker can only find targets the first stage ranks that high.
+
+    Demo world (one run, the same re-ranker on both): the R@1-best epoch 3 had val R@50
+    93.5, epoch 8 had 96.8; re-ranked test R@1 63.1 -> 64.0, R@5 95.2 -> 96.4."""
+    recall = val.get("recall") or {}
+    if "1" not in recall:
+        return fallback
+    depths = [int(k) for k in recall if int(k) <= rerank_depth]
+    if rerank_depth and depths:
+        return float(recall[str(max(depths))]) + float(recall["1"]) / 1000.0
+    return float(recall["1"])
+
+
 def validate(model, pixels, row_of, gallery_keys, triplets, max_queries: int) -> dict[str, Any]:
     queries = build_queries(triplets, max_queries=max_queries)
     emb = embed(model, pixels, row_of, gallery_keys, queries, baselines=False)

@@ -13,7 +13,7 @@ from retrieval.data import load_triplets, train_val_split
 from retrieval.features import PixelCache
 from retrieval.loss import info_nce
 from retrieval.model import build_model, load_model, split_preprocess
-from retrieval.train import TrainConfig, lr_factor, train
+from retrieval.train import TrainConfig, lr_factor, selection_score, train
 
 torch.set_num_threads(2)
 
@@ -70,11 +70,25 @@ def test_training_lowers_the_loss_and_writes_checkpoints(world, trained):
     assert len(history["epochs"]) == 12 and "recall" in history["epochs"][0]["val"]
     assert history["summary"]["triplets_per_second"] > 0
     assert info["epoch"] == 12
+    # With a re-ranker after it, best.pt is the epoch with the best recall at its depth.
+    depth = [e["val"]["recall"]["50"] + e["val"]["recall"]["1"] / 1000 for e in history["epochs"]]
+    best_epoch = max(range(12), key=lambda i: (depth[i], -i)) + 1
+    assert load_model(result.out)[1]["epoch"] == best_epoch
     # Then the re-ranker, as many epochs, measured against the fusion model alone.
     rerank = history["rerank"]
     assert len(rerank["epochs"]) == 12 and "recall" in rerank["first_stage_val"]
     saved = torch.load(str(result.out / "rerank.pt"), weights_only=False)
     assert saved["enabled"] == rerank["enabled"] == (rerank["best"]["score"] > rerank["first_stage_val"]["recall"]["1"])
+
+
+def test_selection_score_is_recall_at_the_re_ranking_depth():
+    val = {"recall": {"1": 20.0, "5": 60.0, "10": 80.0, "50": 93.5}}
+    assert selection_score(val, 0, fallback=-1.0) == 20.0  # no re-ranker: Recall@1
+    assert selection_score(val, 100, fallback=-1.0) == pytest.approx(93.52)  # deepest k <= 100
+    assert selection_score(val, 10, fallback=-1.0) == pytest.approx(80.02)
+    later = {"recall": {"1": 15.0, "5": 58.0, "10": 79.0, "50": 96.8}}
+    assert selection_score(later, 100, fallback=-1.0) > selection_score(val, 100, fallback=-1.0)
+    assert selection_score({}, 100, fallback=-2.5) == -2.5  # no validation set: minus the loss
 
 
 def test_resume_continues_from_last(world, trained):
