@@ -57,8 +57,9 @@ OTHER_TARGETS = 4
 # within about 10 epochs.
 FLIP = 0.5
 # Odds that a training query gets another image pasted where its reference and candidates
-# agree (`paste.paste_unchanged`). Demo world, one first stage, 7.1 min: val + test R@1
-# 61.3 -> 64.2 and Rsubset@1 65.4 -> 68.4 (two runs without, one with).
+# agree (`paste.paste_unchanged`). Demo world, one first stage, 7.1 min, val + test:
+# R@1 61.3 -> 64.2, Rsubset@1 65.4 -> 68.4 (two runs without, one with); at odds 1.0,
+# 61.2 / 66.6.
 PASTE = 0.5
 # Validation each epoch re-ranks at most this many candidates: it only picks the epoch,
 # and at the full depth it would take a fifth of the re-ranker's training time.
