@@ -1,4 +1,4 @@
-"""Pasting over what a training pair left unchanged, so the scorer cannot learn rooms.
+"""Pasting over what a training pair left unchanged: the room varies, the change stays.
 
 The pair scorer fits its training pairs far better than new ones (demo world: Rsubset@1
 97 on train, 67-70 on validation and test). One rectangle of another image is pasted

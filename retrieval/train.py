@@ -496,7 +496,6 @@ class _FrozenFeatures:
         return queries, gallery(tgt_rows), gallery(ref_rows), gallery(neg_rows), text.pooled
 
 
-@torch.no_grad()
 def selection_score(val: dict[str, Any], rerank_depth: int, fallback: float) -> float:
     """What picks `best.pt`: validation Recall@1, or, when a re-ranker re-scores the top
     `rerank_depth`, recall at the deepest validated k within that depth (Recall@1 breaks
@@ -513,6 +512,7 @@ def selection_score(val: dict[str, Any], rerank_depth: int, fallback: float) -> 
     return float(recall["1"])
 
 
+@torch.no_grad()
 def validate(model, pixels, row_of, gallery_keys, triplets, max_queries: int) -> dict[str, Any]:
     queries = build_queries(triplets, max_queries=max_queries)
     emb = embed(model, pixels, row_of, gallery_keys, queries, baselines=False)
