@@ -507,7 +507,7 @@ def selection_score(val: dict[str, Any], rerank_depth: int, fallback: float) -> 
     if "1" not in recall:
         return fallback
     depths = [int(k) for k in recall if int(k) <= rerank_depth]
-    if rerank_depth and depths:
+    if depths:
         return float(recall[str(max(depths))]) + float(recall["1"]) / 1000.0
     return float(recall["1"])
 

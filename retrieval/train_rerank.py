@@ -57,9 +57,8 @@ OTHER_TARGETS = 4
 # within about 10 epochs.
 FLIP = 0.5
 # Odds that a training query gets another image pasted where its reference and candidates
-# agree (`paste.paste_unchanged`). Demo world, one first stage, 7.1 min, val + test:
-# R@1 61.3 -> 64.2, Rsubset@1 65.4 -> 68.4 (two runs without, one with); at odds 1.0,
-# 61.2 / 66.6.
+# agree (`paste.paste_unchanged`; what it was measured to do is in that module). At odds
+# 1.0, demo world val + test R@1 / Rsubset@1 61.2 / 66.6 against 64.2 / 68.4 at 0.5.
 PASTE = 0.5
 # Validation each epoch re-ranks at most this many candidates: it only picks the epoch,
 # and at the full depth it would take a fifth of the re-ranker's training time.
