@@ -211,6 +211,12 @@ def _print_metrics(result: dict) -> None:
         cells = [recall.get(k) for k in ("1", "5", "10", "50")] + [subset.get(k) for k in ("1", "2", "3")]
         print(f"{name:24} " + " ".join(f"{c:6.1f}" if c is not None else f"{'-':>6}" for c in cells)
               + f" {values['median_rank']:6.1f}")
+    interval = result.get("interval")
+    if interval:
+        spans = [f"{name} {low:.1f}-{high:.1f}" for name, (low, high) in
+                 [("R@1", interval["recall"]["1"])]
+                 + ([("Rs@1", interval["recall_subset"]["1"])] if "recall_subset" in interval else [])]
+        print(f"model, {100 * interval['level']:.0f}% bootstrap intervals over pairs: " + ", ".join(spans))
     if result.get("first_stage"):
         print(f"model: the fusion model's top {result['rerank']['top_k']} per query re-ranked by the "
               "pair scorer (--no-rerank: the fusion model alone)")

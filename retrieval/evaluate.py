@@ -152,6 +152,30 @@ def score_matrix(scores: np.ndarray, gallery_keys: Sequence[str], queries: Queri
     return result
 
 
+def intervals(scores: np.ndarray, gallery_keys: Sequence[str], queries: Queries,
+              level: float = 0.95) -> dict[str, Any]:
+    """Bootstrap intervals (`metrics.bootstrap_interval`, pairs resampled) of each recall
+    and recall_subset, in the `eval --json` shape: {"recall": {"1": [low, high], ...}}.
+
+    Runs of one configuration differ by a few points on a small test split; an interval
+    says whether a difference between two runs is more than the split's own noise."""
+    groups = queries.pair_ids
+    ranks = metrics.target_ranks(scores, gallery_keys, queries.reference_keys, queries.target_keys)
+    out: dict[str, Any] = {"level": level, "recall": {
+        str(k): [round(v, 2) for v in metrics.bootstrap_interval(ranks <= k, groups, level)]
+        for k in RECALL_KS}}
+    with_set = [i for i, members in enumerate(queries.img_sets) if members]
+    if with_set:
+        ranks = metrics.subset_ranks(
+            scores[with_set], gallery_keys, [queries.reference_keys[i] for i in with_set],
+            [queries.target_keys[i] for i in with_set], [queries.img_sets[i] for i in with_set])
+        out["recall_subset"] = {
+            str(k): [round(v, 2) for v in metrics.bootstrap_interval(
+                ranks <= k, [groups[i] for i in with_set], level)]
+            for k in SUBSET_KS}
+    return out
+
+
 def _str_keys(values: dict) -> dict[str, float]:
     return {str(k): round(float(v), 2) for k, v in values.items()}
 
@@ -164,6 +188,7 @@ def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
     if model_scores is None:
         model_scores = emb["query"] @ emb["gallery"].T
     result = score_matrix(model_scores, gallery_keys, queries)
+    result["interval"] = intervals(model_scores, gallery_keys, queries)
     baselines = {name: score(emb[name], emb["gallery"], gallery_keys, queries)
                  for name in ("image", "text", "sum") if name in emb}
     for values in baselines.values():
@@ -179,6 +204,7 @@ def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
                 continue
             sub = queries.subset(rows)
             entry = score_matrix(model_scores[rows], gallery_keys, sub)
+            entry["interval"] = intervals(model_scores[rows], gallery_keys, sub)
             entry["baselines"] = {
                 b: {k: v for k, v in score(emb[b][rows], emb["gallery"], gallery_keys, sub).items()
                     if k != "queries"}

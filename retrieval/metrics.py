@@ -103,6 +103,19 @@ def recall_subset_at_k(
 ) -> dict[int, float]:
     """CIRR Recall_subset@k: the ranking is restricted to the query's image set
     (`group_members[q]`, CIRR's img_set) without the reference image."""
+    ks = _check_ks(ks)
+    ranks = subset_ranks(scores, gallery_names, reference_names, target_names, group_members)
+    return {int(k): _percent(ranks <= k) for k in ks}
+
+
+def subset_ranks(
+    scores,
+    gallery_names: Sequence[Hashable],
+    reference_names: Sequence[Hashable] | None,
+    target_names: Sequence[Hashable],
+    group_members: Sequence[Sequence[Hashable]],
+) -> np.ndarray:
+    """1-based rank of each query's target within its image set minus the reference."""
     scores = _check_scores(scores, gallery_names)
     num_queries = scores.shape[0]
     position = _gallery_positions(gallery_names)
@@ -110,7 +123,6 @@ def recall_subset_at_k(
     reference_cols = _reference_columns(reference_names, position, num_queries)
     if len(group_members) != num_queries:
         raise ValueError(f"group_members has {len(group_members)} entries for {num_queries} queries")
-    ks = _check_ks(ks)
     ranks = np.empty(num_queries, dtype=np.int64)
     for q, members in enumerate(group_members):
         cols = []
@@ -129,7 +141,32 @@ def recall_subset_at_k(
         member_scores = scores[q, cols]
         target_score = scores[q, target]
         ranks[q] = (member_scores > target_score).sum() + (member_scores == target_score).sum()
-    return {int(k): _percent(ranks <= k) for k in ks}
+    return ranks
+
+
+def bootstrap_interval(hits, groups: Sequence[Hashable], level: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval, in percent, for the mean of per-query `hits`.
+
+    Queries that share a group (the captions of one pair ask for the same target from
+    the same reference) succeed or fail together, so whole groups are resampled; resampling
+    queries alone would give too narrow an interval."""
+    hits = np.asarray(hits, dtype=np.float64)
+    if hits.ndim != 1 or len(groups) != len(hits):
+        raise ValueError(f"hits and groups must be two equal-length lists, got {hits.shape} and {len(groups)}")
+    if not len(hits):
+        raise ValueError("no queries to resample")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be between 0 and 1, got {level}")
+    index: dict[Hashable, int] = {}
+    group_of = np.array([index.setdefault(g, len(index)) for g in groups])
+    sums = np.bincount(group_of, weights=hits)
+    counts = np.bincount(group_of).astype(np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(index), size=(resamples, len(index)))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = 100.0 * (1 - level) / 2
+    low, high = np.percentile(100.0 * means, [tail, 100.0 - tail])
+    return float(low), float(high)
 
 
 def map_at_k(

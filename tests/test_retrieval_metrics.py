@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from retrieval.metrics import (
+    bootstrap_interval,
     map_at_k,
     median_rank,
     recall_at_k,
     recall_subset_at_k,
+    subset_ranks,
     target_ranks,
     top_k_indices,
 )
@@ -84,6 +86,42 @@ def test_recall_subset_ranks_within_the_image_set_without_the_reference():
     # Ties inside the set are pessimistic too.
     scores[0, 2] = 0.75
     assert recall_subset_at_k(scores, GALLERY, ["a"], ["e"], members, [1, 2]) == {1: 0.0, 2: 100.0}
+
+
+def test_bootstrap_interval_by_hand():
+    # Every query right (or wrong): nothing to vary.
+    assert bootstrap_interval([1, 1, 1], ["p", "q", "r"]) == (100.0, 100.0)
+    assert bootstrap_interval([0, 0], ["p", "q"]) == (0.0, 0.0)
+    # Two groups, one all right, one all wrong: a resample holds 0, 1 or 2 of the right
+    # one, so the mean is 0, 50 or 100 with odds 1/4, 1/2, 1/4.
+    low, high = bootstrap_interval([1, 1, 0, 0], ["p", "p", "q", "q"], level=0.9)
+    assert (low, high) == (0.0, 100.0)
+    low, high = bootstrap_interval([1, 1, 0, 0], ["p", "p", "q", "q"], level=0.4)
+    assert low == high == 50.0
+    # Groups of unequal size weigh by their queries: the point estimate is inside.
+    hits, groups = [1, 1, 1, 0], ["p", "p", "p", "q"]
+    low, high = bootstrap_interval(hits, groups, level=0.5)
+    assert low <= 75.0 <= high
+
+
+def test_bootstrap_interval_resamples_whole_groups_and_is_seeded():
+    rng = np.random.default_rng(0)
+    pair_hits = rng.random(100) < 0.6
+    hits = np.repeat(pair_hits, 4)  # four captions per pair, right or wrong together
+    by_pair = bootstrap_interval(hits, np.repeat(np.arange(100), 4))
+    by_query = bootstrap_interval(hits, np.arange(400))
+    assert by_pair == bootstrap_interval(hits, np.repeat(np.arange(100), 4))  # same seed, same answer
+    assert by_pair != bootstrap_interval(hits, np.repeat(np.arange(100), 4), seed=1)
+    # The correlated captions make the honest interval about twice as wide (sqrt(4)).
+    width_pair, width_query = by_pair[1] - by_pair[0], by_query[1] - by_query[0]
+    assert 1.6 < width_pair / width_query < 2.5, (by_pair, by_query)
+    # About 19 points wide for 100 pairs at 60%: 2 x 1.96 x sqrt(0.6 x 0.4 / 100) x 100.
+    assert 15 < width_pair < 23
+    assert by_pair[0] < 100 * pair_hits.mean() < by_pair[1]
+    with pytest.raises(ValueError, match="equal-length"):
+        bootstrap_interval([1, 0], ["p"])
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval([1, 0], ["p", "q"], level=95)
 
 
 def test_map_several_ground_truths_by_hand():
@@ -193,6 +231,7 @@ def test_against_brute_force(seed, quantised):
     assert target_ranks(scores, gallery, refs, targets).tolist() == expected_ranks.tolist()
     recall = recall_at_k(scores, gallery, refs, targets, ks)
     assert recall == {k: pytest.approx(100 * np.mean(expected_ranks <= k)) for k in ks}
+    assert subset_ranks(scores, gallery, refs, targets, members).tolist() == expected_subset.tolist()
     subset = recall_subset_at_k(scores, gallery, refs, targets, members, [1, 2, 3])
     assert subset == {k: pytest.approx(100 * np.mean(expected_subset <= k)) for k in [1, 2, 3]}
     assert median_rank(scores, gallery, refs, targets) == float(np.median(expected_ranks))

@@ -144,6 +144,12 @@ def test_cli_train_and_eval_json(world, capsys):
     result = json.loads(capsys.readouterr().out)
     assert set(result["recall"]) == {"1", "5", "10", "50"}
     assert set(result["recall_subset"]) == {"1", "2", "3"}
+    interval = result["interval"]
+    for metric, ks in (("recall", ("1", "5", "10", "50")), ("recall_subset", ("1", "2", "3"))):
+        for k in ks:
+            low, high = interval[metric][k]
+            assert 0 <= low <= result[metric][k] <= high <= 100, (metric, k, low, high)
+    assert set(result["subsets"]["seen"]["interval"]["recall"]) == {"1", "5", "10", "50"}
     assert isinstance(result["median_rank"], float)
     assert set(result["baselines"]) == {"image", "text", "sum"}
     for values in result["baselines"].values():
@@ -155,6 +161,7 @@ def test_cli_train_and_eval_json(world, capsys):
     assert main(["eval", "--db", str(db_path), "--checkpoint", str(out), "--cache-dir", cache]) == 0
     table = capsys.readouterr().out
     assert "baseline image" in table and "R@1" in table
+    assert "95% bootstrap intervals over pairs: R@1 " in table
     with pytest.raises(ValueError, match="no pairs in split"):
         main(["eval", "--db", str(db_path), "--checkpoint", str(out), "--split", "nope",
               "--cache-dir", cache])
