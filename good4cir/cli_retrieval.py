@@ -156,7 +156,9 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"fusion model alone, epoch {first.get('epoch')} (picked for validation recall at the"
               f" re-ranker's depth): {_brief(first['val'])}")
     if val:
-        label = (f"with the re-ranker (its epoch {summary['best'].get('rerank_epoch')})" if first
+        averaged = summary["best"].get("rerank_averaged_epochs") or []
+        label = (f"with the re-ranker (the average of its epochs {averaged[0]}-{averaged[-1]})" if first and averaged
+                 else f"with the re-ranker (its epoch {summary['best'].get('rerank_epoch')})" if first
                  else f"best validation (epoch {summary['best'].get('epoch')})")
         print(f"{label}: {_brief(val)}")
     rerank = result.history.get("rerank")

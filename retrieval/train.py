@@ -429,7 +429,8 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         if rerank.enabled:
             best = {**best, "first_stage": {"epoch": best.get("epoch"), "val": best.get("val")},
                     "score": rerank.best["score"], "val": rerank.best["val"],
-                    "rerank_epoch": rerank.best["epoch"]}
+                    "rerank_epoch": rerank.best["epoch"],
+                    "rerank_averaged_epochs": rerank.best.get("averaged_epochs")}
     seconds = elapsed()
     history["summary"] = {
         "epochs": epoch, "steps": step, "seconds": round(seconds, 1),
@@ -570,6 +571,11 @@ def _plot_rerank(ax, rerank: dict[str, Any]) -> None:
                     label=f"{label} re-ranked")
         if first.get(metric, {}).get(k) is not None:
             ax.axhline(first[metric][k], color=colour, linestyle="--", label=f"{label} fusion alone")
+        kept = rerank.get("best") or {}
+        if kept.get("averaged_epochs") and kept.get("val", {}).get(metric, {}).get(k) is not None:
+            averaged = kept["averaged_epochs"]
+            ax.scatter([averaged[-1]], [kept["val"][metric][k]], marker="*", s=140, color=colour, zorder=3,
+                       label=f"{label} saved: epochs {averaged[0]}-{averaged[-1]} averaged")
     ax.set_xlabel("re-ranker epoch")
     ax.set_ylabel("percent")
     ax.set_title("validation, re-ranker" + ("" if rerank.get("enabled") else " (not used)"))

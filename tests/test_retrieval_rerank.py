@@ -4,6 +4,7 @@ training, save/reload, and the same re-ranking through eval, the query engine an
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -51,6 +52,32 @@ def test_pair_scorer_shapes_gradients_and_its_own_text_tower(encoder):
     # A candidate equal to the reference differs from a changed one.
     same = scorer.eval().encode_pairs(refs[:1], refs[:1])
     assert not torch.allclose(same, scorer.encode_pairs(refs[:1], cands[:1]))
+
+
+def test_weight_average_and_batch_norm_recalibration(encoder, world):
+    from retrieval.train_rerank import _average, _Candidates, _recalibrate_batch_norm
+
+    torch.manual_seed(5)
+    a, b = build_pair_scorer(encoder), build_pair_scorer(encoder)
+    a.blocks[0][1].num_batches_tracked.fill_(3)
+    b.blocks[0][1].num_batches_tracked.fill_(7)
+    mean = _average([a.state_dict(), b.state_dict()])
+    conv = "blocks.0.0.weight"
+    assert torch.allclose(mean[conv], (a.state_dict()[conv] + b.state_dict()[conv]) / 2)
+    assert mean["blocks.0.1.num_batches_tracked"].item() == 7  # counters are not averaged
+    scorer = build_pair_scorer(encoder)
+    scorer.load_state_dict(mean)
+
+    root, _ = world
+    model = build_model({"model": "tiny", "image_size": 32, "fusion": "residual"})
+    data, train_set, _, pixels, row_of = _world_pixels(root, model)
+    norm = scorer.blocks[0][1]
+    _recalibrate_batch_norm(scorer, pixels, _Candidates(train_set, row_of), random.Random(0), 0.5, batches=2)
+    # The statistics are now those of the training pairs' first-layer activations, not the
+    # initial zeros and ones, and the scorer is left ready to score.
+    assert not scorer.training and norm.momentum == 0.1
+    assert norm.running_mean.abs().sum() > 0 and not torch.allclose(norm.running_var, torch.ones_like(norm.running_var))
+    assert torch.isfinite(norm.running_var).all()
 
 
 def test_top_candidates_leave_out_the_reference_and_merge_keeps_the_rest_in_order():
@@ -154,7 +181,10 @@ def test_training_lowers_the_loss_and_the_saved_scorer_reloads_identically(world
     assert len(outcome.history["epochs"]) == 12
     assert "recall" in outcome.first_stage_val and "recall" in outcome.best["val"]
     saved = torch.load(str(tmp_path / RERANK_FILE), weights_only=False)
-    assert saved["epoch"] == outcome.best["epoch"] and saved["top_k"] == DEFAULT_TOP_K
+    assert saved["epoch"] == outcome.best["epoch"] == 12 and saved["top_k"] == DEFAULT_TOP_K
+    # The saved scorer averages the last epochs; the best single one stays in the history.
+    assert saved["averaged_epochs"] == outcome.best["averaged_epochs"] == [8, 9, 10, 11, 12]
+    assert outcome.history["best_epoch"]["epoch"] in range(1, 13)
     assert saved["enabled"] == (outcome.best["score"] > outcome.first_stage_val["recall"]["1"])
     assert saved["mirror"] is True  # trained on mirrored steps, so scored in both views
 
