@@ -157,9 +157,12 @@ def run_train(args: argparse.Namespace) -> int:
               f" re-ranker's depth): {_brief(first['val'])}")
     if val:
         averaged = summary["best"].get("rerank_averaged_epochs") or []
-        label = (f"with the re-ranker (the average of its epochs {averaged[0]}-{averaged[-1]})" if first and averaged
-                 else f"with the re-ranker (its epoch {summary['best'].get('rerank_epoch')})" if first
-                 else f"best validation (epoch {summary['best'].get('epoch')})")
+        if first and averaged:
+            label = f"with the re-ranker (the average of its epochs {averaged[0]}-{averaged[-1]})"
+        elif first:
+            label = f"with the re-ranker (its epoch {summary['best'].get('rerank_epoch')})"
+        else:
+            label = f"best validation (epoch {summary['best'].get('epoch')})"
         print(f"{label}: {_brief(val)}")
     rerank = result.history.get("rerank")
     if rerank and not rerank.get("enabled"):

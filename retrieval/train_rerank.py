@@ -69,8 +69,9 @@ PASTE = 0.5
 # the average of the last 5: 59.0 / 63.2 -> 61.5 / 65.3, 61.5 / 66.4 -> 61.3 / 66.4,
 # 53.2 / 57.9 -> 54.7 / 60.3 (the last with half the training pairs).
 AVERAGE_LAST = 5
-# Validation each epoch re-ranks at most this many candidates: it only picks the epoch,
-# and at the full depth it would take a fifth of the re-ranker's training time.
+# Validation each epoch re-ranks at most this many candidates: it only draws the curve and
+# checks the saved scorer, and at the full depth it would take a fifth of the re-ranker's
+# training time.
 VAL_TOP_K = 50
 
 
@@ -95,6 +96,7 @@ def _recalibrate_batch_norm(scorer, pixels: torch.Tensor, candidates: "_Candidat
     time (not pasted). Averaged weights shift every layer's activations, so the averaged
     running statistics no longer describe them."""
     norms = [m for m in scorer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches below
@@ -109,8 +111,8 @@ def _recalibrate_batch_norm(scorer, pixels: torch.Tensor, candidates: "_Candidat
         if flip_odds and rng.random() < flip_odds:
             refs, cands = refs.flip(-1), cands.flip(-1)
         scorer.encode_pairs(refs, cands)
-    for m in norms:
-        m.momentum = 0.1
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
     scorer.eval()
 
 
