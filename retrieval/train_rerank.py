@@ -105,9 +105,8 @@ def _recalibrate_batch_norm(scorer, pixels: torch.Tensor, candidates: "_Candidat
     rng.shuffle(order)
     for s in range(0, min(len(order), batches * QUERIES_PER_STEP), QUERIES_PER_STEP):
         batch = order[s:s + QUERIES_PER_STEP]
-        rows = candidates.for_batch(batch, rng)
-        refs = pixels[torch.tensor([candidates.samples[i][0] for i, r in zip(batch, rows) for _ in r])]
-        cands = pixels[torch.tensor([c for r in rows for c in r])]
+        _, ref_rows, cand_rows = candidates.pairs_for_batch(batch, rng)
+        refs, cands = pixels[ref_rows], pixels[cand_rows]
         if flip_odds and rng.random() < flip_odds:
             refs, cands = refs.flip(-1), cands.flip(-1)
         scorer.encode_pairs(refs, cands)
@@ -149,6 +148,14 @@ class _Candidates:
             rows = [target] + [r for r in dict.fromkeys(own + picked + others) if r not in (target, ref)]
             out.append(rows)
         return out
+
+    def pairs_for_batch(self, indexes: Sequence[int], rng: random.Random
+                        ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """`for_batch`'s candidate rows, and the pixel rows of every (reference, candidate)
+        pair they make, flattened in that order."""
+        rows = self.for_batch(indexes, rng)
+        refs = torch.tensor([self.samples[i][0] for i, r in zip(indexes, rows) for _ in r])
+        return rows, refs, torch.tensor([c for r in rows for c in r])
 
 
 def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
@@ -235,9 +242,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             batch = order[s:s + QUERIES_PER_STEP]
-            rows = candidates.for_batch(batch, rng)
-            refs = torch.tensor([candidates.samples[i][0] for i, r in zip(batch, rows) for _ in r])
-            cands = torch.tensor([c for r in rows for c in r])
+            rows, refs, cands = candidates.pairs_for_batch(batch, rng)
             flip = flip_odds > 0 and rng.random() < flip_odds
             ref_px, cand_px = paste_unchanged(pixels[refs], pixels[cands], [len(r) for r in rows], rng, PASTE)
             if flip:
