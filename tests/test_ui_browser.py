@@ -338,6 +338,9 @@ def test_other_reviewers_changes_appear_live_and_unsaved_text_is_kept(world, bro
     page.locator("#g4c-reload").click()
     expect(mine).to_have_value("Bob's text for caption zero.")
     expect(page.locator("#g4c-cap-i0")).not_to_have_class(re.compile("g4c-conflict"))
+    # bob's note shows live (`rl.live_note` decides when the box may be replaced)
+    store_review.set_note(db, pair, "Bob: check the lamp", "bob")
+    expect(page.locator("#g4c-note textarea")).to_have_value("Bob: check the lamp", timeout=15_000)
     assert error_toasts(page) == 0
     context.close()
 

@@ -135,6 +135,19 @@ def test_note_saved_only_when_changed(store):
     assert events == [("note", "box colour is off", "carol")]
 
 
+def test_live_refresh_replaces_the_note_only_when_the_stored_note_moved():
+    # another reviewer's new note replaces an untouched box
+    assert rl.live_note("check the lamp", "", "") == "check the lamp"
+    assert rl.live_note("", "old note", "old note") == ""
+    # the pair changed otherwise (a flag, an approval): the box is left alone, so text
+    # typed while the refresh was in flight survives
+    assert rl.live_note("old note", "old note", "old note") is None
+    assert rl.live_note(None, "", "") is None
+    # a note being typed is never replaced
+    assert rl.live_note("check the lamp", "", "I was writing this") is None
+    assert rl.live_note(" same ", "same", "same ") is None
+
+
 def test_goto_by_external_id_and_activity_of_others(store):
     db, ann = store["db"], store["annotation_ids"][2]
     assert rl.resolve_goto(db, "p2") == ann

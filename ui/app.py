@@ -368,11 +368,12 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         view = rl.load_pair(db, annotation_id)
         flt = rl.make_filter(queue, run, model, split)
         lines = rl.activity_since(db, annotation_id, since, reviewer_of(request, typed)) if since else []
-        typing_note = (note or "").strip() != (note_shown or "").strip()
+        new_note = rl.live_note(view.note, note_shown, note)
+        keep_note = new_note is None
         return [rl.render_info_html(view, rl.queue_status(db, flt, annotation_id)), rl.render_board_html(view),
                 rl.render_captions_html(view, live=True), rl.render_pair_history_html(view),
-                rl.render_activity_html(lines), gr.skip() if typing_note else view.note,
-                gr.skip() if typing_note else view.note, now_stamp]
+                rl.render_activity_html(lines), gr.skip() if keep_note else new_note,
+                gr.skip() if keep_note else new_note, now_stamp]
 
     live_timer.tick(on_live, [cursor, opened_at, shown_stamp, *filters, note_box, shown_note, reviewer_box],
                     live_outputs, api_name=False, show_progress="hidden")

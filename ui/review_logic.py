@@ -597,6 +597,19 @@ def save_note(db: sqlite_utils.Database, annotation_id: str, note: str, reviewer
     return True
 
 
+def live_note(stored: Optional[str], shown: Optional[str], in_box: Optional[str]) -> Optional[str]:
+    """The note a live refresh puts in the note box, or None to leave the box alone.
+
+    Only a stored note that moved since the page showed it is sent, and only while the
+    box still holds what was shown. A refresh for another change (a flag, an approval)
+    sends nothing: the box's value travelled with the request, so typing that starts
+    while the request is in flight would otherwise be overwritten by the stored note."""
+    stored, shown, in_box = (stored or "").strip(), (shown or "").strip(), (in_box or "").strip()
+    if in_box != shown or stored == shown:
+        return None
+    return stored
+
+
 def activity_since(db: sqlite_utils.Database, annotation_id: str, since: str, me: str) -> list[str]:
     """What other reviewers did to this pair after `since` (ISO time), newest last."""
     lines = []
