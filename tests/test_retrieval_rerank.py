@@ -54,6 +54,37 @@ def test_pair_scorer_shapes_gradients_and_its_own_text_tower(encoder):
     assert not torch.allclose(same, scorer.encode_pairs(refs[:1], cands[:1]))
 
 
+def test_word_bag_takes_part_and_old_scorers_load_without_it(encoder, tmp_path):
+    torch.manual_seed(3)
+    scorer = build_pair_scorer(encoder)
+    assert scorer.word_bag
+    ids = encoder.tokenize(["make the bed red", "red the bed make", "make the bed blue", ""])
+    texts = scorer.encode_texts(ids)
+    pairs = scorer.encode_pairs(_random_pixels(4), _random_pixels(4, seed=1))
+    (pairs * texts).sum().backward()
+    assert scorer.words.weight.grad.abs().sum() > 0 and scorer.words_head.weight.grad.abs().sum() > 0
+    # Only the caption's own words enter the bag: not the start, end or padding tokens.
+    red, blue = ids[0, 4].item(), ids[2, 4].item()
+    used = scorer.words.weight.grad.abs().sum(dim=1).nonzero().flatten().tolist()
+    assert red in used and blue in used and 0 not in used and ids[0, 0].item() not in used
+    # The bag ignores word order; the tower does not, so the sum still does.
+    words = [sorted(ids[row, 1:ids[row].argmax()].tolist()) for row in (0, 1)]
+    assert words[0] == words[1] and not torch.allclose(texts[0], texts[1])
+
+    # A scorer saved before the word bag existed has no key for it in its payload.
+    old = build_pair_scorer(encoder, word_bag=False)
+    assert not hasattr(old, "words")
+    save_pair_scorer(tmp_path / RERANK_FILE, old, {"enabled": True})
+    payload = torch.load(str(tmp_path / RERANK_FILE), weights_only=False)
+    del payload["word_bag"]
+    torch.save(payload, str(tmp_path / RERANK_FILE))
+    loaded, _ = load_pair_scorer(tmp_path, encoder)
+    assert not loaded.word_bag
+    refs, cands = _random_pixels(3, seed=4), _random_pixels(3, seed=5)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_pairs(refs, cands), old.eval().encode_pairs(refs, cands))
+
+
 def test_weight_average_and_batch_norm_recalibration(encoder, world):
     from retrieval.train_rerank import _average, _Candidates, _recalibrate_batch_norm
 
