@@ -180,3 +180,19 @@ def test_another_dataset_under_the_same_source_is_reported_not_skipped(tmp_path)
     assert report.pairs_skipped == 2 and [p.item.split("'")[1] for p in report.problems] == ["p0"]
     assert "--source" in report.problems[0].reason
     assert import_dataset(db, "pairs", world, source="demo-2").pairs_added == 3
+
+
+def test_pairs_line_with_captions_or_img_set_of_the_wrong_type_is_a_problem_not_a_crash(tmp_path):
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    with (folder / "pairs.jsonl").open("a") as handle:
+        handle.write('{"id": "c5", "reference": "images/room0.png", "target": "images/room1.png", "captions": 5}\n')
+        handle.write('{"id": "s7", "reference": "images/room1.png", "target": "images/room0.png", "img_set": 7}\n')
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "pairs", folder)
+    # the good lines (before and after) import; each bad one is reported by id and line
+    assert report.pairs_added == 3 and set(pairs_of(db)) == {"p0", "p1", "p2"}
+    problems = {p.item: p.reason for p in report.problems}
+    assert set(problems) == {"pair 'c5' (pairs.jsonl line 4)", "pair 's7' (pairs.jsonl line 5)"}
+    assert '"captions"' in problems["pair 'c5' (pairs.jsonl line 4)"]
+    assert '"img_set"' in problems["pair 's7' (pairs.jsonl line 5)"]

@@ -67,6 +67,13 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         captions = obj.get("captions") or []
         if isinstance(captions, str):
             captions = [captions]
+        # Checked before any image is staged: a wrongly typed field drops only this line.
+        if not isinstance(captions, list):
+            session.problem(item, '"captions" must be a list of strings (or one string)')
+            continue
+        if obj.get("img_set") is not None and not isinstance(obj["img_set"], list):
+            session.problem(item, '"img_set" must be a list of image paths')
+            continue
         try:
             reference_id = session.image(obj["reference"], base=folder, split=pair_split,
                                          scene=scenes.get(_norm(obj["reference"], folder)))
