@@ -91,11 +91,16 @@ def run_export(args: argparse.Namespace) -> int:
 
     if not Path(args.db).is_file():
         raise FileNotFoundError(f"{args.db}: no such store; create one with `good4cir import`")
+    from .cli import CommandError
+
     db = open_db(args.db)
-    report = export_dataset(
-        db, args.format, args.out, run_id=args.run, include_unreviewed=args.include_unreviewed,
-        include_flagged=args.include_flagged, split=args.split, progress=sys.stderr.isatty(),
-    )
+    try:
+        report = export_dataset(
+            db, args.format, args.out, run_id=args.run, include_unreviewed=args.include_unreviewed,
+            include_flagged=args.include_flagged, split=args.split, progress=sys.stderr.isatty(),
+        )
+    except OSError as exc:  # the store is SQLite (not OSError): this is the output path
+        raise CommandError(f"cannot write the export to {args.out}: {exc}") from None
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

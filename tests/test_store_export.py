@@ -194,3 +194,17 @@ def test_cirr_through_jsonl_keeps_every_pair_including_test1(tmp_path):
     export_dataset(again, "cirr", tmp_path / "test1.json", include_unreviewed=True, split="test1")
     assert json.loads((tmp_path / "test1.json").read_text()) == json.loads(
         (FIXTURES / "cirr/captions/cap.rc2.test1.json").read_text())
+
+
+def test_cli_export_to_a_path_it_cannot_write_is_a_clear_error(reviewed, tmp_path, capsys, monkeypatch):
+    db, run, ids = reviewed
+    db_path = db.conn.execute("PRAGMA database_list").fetchone()[2]
+    monkeypatch.delenv("PYTEST_CURRENT_TEST", raising=False)  # the CLI re-raises under pytest
+    monkeypatch.delenv("GOOD4CIR_RAISE", raising=False)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for out in (blocker / "out.json", tmp_path):  # a folder that is a file; an existing folder
+        assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot write the export to {out}:"), err
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no half-written file
