@@ -78,8 +78,12 @@ def _options(args: argparse.Namespace):
 
 
 def run_annotate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from pipeline.runner import plan_run, run_pipeline
 
+    if not Path(args.db).is_file():  # opening it would create an empty store at a typo
+        raise FileNotFoundError(f"{args.db}: no such store; create one with `good4cir import`")
     options = _options(args)
     if args.dry_run:
         plan = plan_run(args.db, options)

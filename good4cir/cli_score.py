@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,6 +36,8 @@ def run_score(args: argparse.Namespace) -> int:
 
     from .cli import CommandError
 
+    if not Path(args.db).is_file():  # opening it would create an empty store at a typo
+        raise FileNotFoundError(f"{args.db}: no such store; create one with `good4cir import`")
     db = open_db(args.db)
     run_ids = args.run or [run.id for run in list_runs(db)]
     if not run_ids:

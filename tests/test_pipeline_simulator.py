@@ -77,3 +77,13 @@ def test_a_run_that_cannot_start_reports_why(tmp_path, monkeypatch):
     assert handle.wait_started(timeout=30)
     assert isinstance(handle.error, ValueError) and "OPENAI_API_KEY" in str(handle.error)
     assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]  # nothing half-made
+
+
+def test_annotate_and_score_refuse_a_store_that_does_not_exist(tmp_path):
+    missing = tmp_path / "typo" / "store.db"
+    for args in (["annotate", "--db", str(missing), "--backend", "simulator"],
+                 ["annotate", "--db", str(missing), "--backend", "simulator", "--dry-run"],
+                 ["score", "--db", str(missing)]):
+        with pytest.raises(FileNotFoundError, match="no such store"):
+            cli_main(args)
+        assert not missing.parent.exists(), args  # a mistyped path leaves no empty store behind
