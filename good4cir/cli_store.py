@@ -107,6 +107,7 @@ def run_export(args: argparse.Namespace) -> int:
     print(
         f"wrote {report['pairs']} pairs, {report['captions']} captions to {args.out} "
         f"({args.format}); left out: {report['flagged_captions_left_out']} flagged captions, "
+        f"{report['stale_compounds_left_out']} compounds quoting an edited caption, "
         f"{report['pairs_without_captions']} pairs with no caption to export"
     )
     return 0

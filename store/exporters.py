@@ -3,7 +3,9 @@
 Rules shared by all formats: for each pair, the newest finished annotation (or the one
 of `run_id`); only approved ones unless include_unreviewed (rejected ones never); each
 caption's current text (edits win over the VLM's); flagged captions (and compounds built
-from a flagged caption) left out unless include_flagged. With include_unreviewed, a pair
+from a flagged caption) left out unless include_flagged; a compound that still quotes a
+caption whose text a reviewer changed (and was not edited itself) left out, since it
+carries the text the edit replaced. With include_unreviewed, a pair
 that has no annotation is exported with its imported captions, so an imported dataset
 can be written back unchanged.
 """
@@ -64,8 +66,8 @@ def export_dataset(
     if run_id is not None:
         get_run(db, run_id)  # a clear NotFoundError for a wrong id
     stats = {"format": format, "out": str(out), "pairs": 0, "captions": 0,
-             "flagged_captions_left_out": 0, "pairs_without_captions": 0,
-             "pairs_without_target": 0}
+             "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
+             "pairs_without_captions": 0, "pairs_without_target": 0}
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
                           progress=progress)
@@ -90,7 +92,8 @@ def collect_items(
     progress: bool = False,
 ) -> Iterator[ExportItem]:
     """The pairs an export would write, in import order, with their chosen captions."""
-    stats = stats if stats is not None else {"flagged_captions_left_out": 0, "pairs_without_captions": 0}
+    stats = stats if stats is not None else {"flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
+                                             "pairs_without_captions": 0}
     annotated, chosen = _chosen_annotations(db, run_id, include_unreviewed)
     runs: dict[int, RunRecord] = {}
     sql = "SELECT * FROM pairs" + (" WHERE split = ?" if split else "") + " ORDER BY rowid"
@@ -120,12 +123,17 @@ def collect_items(
                     runs[annotation.run_id] = get_run(db, annotation.run_id)
                 run = runs[annotation.run_id]
                 flagged = flags_of.get(annotation.id, set())
+                edited = {c.id for c in captions_of[annotation.id]
+                          if c.current_text is not None and c.current_text != c.text}
                 kept = []
                 for caption in captions_of[annotation.id]:
                     if not include_flagged and (
                         caption.id in flagged or any(s in flagged for s in caption.sources or ())
                     ):
                         stats["flagged_captions_left_out"] += 1
+                        continue
+                    if caption.id not in edited and any(s in edited for s in caption.sources or ()):
+                        stats["stale_compounds_left_out"] += 1
                         continue
                     kept.append(caption)
                 texts = [c.current_text or c.text for c in kept]

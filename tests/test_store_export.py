@@ -61,8 +61,9 @@ def test_defaults_approved_only_edits_win_flags_left_out(reviewed, tmp_path):
     assert (stats["pairs"], stats["captions"], stats["flagged_captions_left_out"]) == (1, 2, 2)
 
     export_dataset(db, "good4cir", tmp_path / "flagged.json", include_flagged=True)
+    # the compound of captions 0 and 1 stays out: it still quotes caption 0's replaced text
     assert read_good4cir(tmp_path / "flagged.json")[("room0.png", "room0_edit.png")] == [
-        "the lamp is now red", "pair 0 caption 1", "pair 0 caption 2", "pair 0 caption 0 and caption 1"]
+        "the lamp is now red", "pair 0 caption 1", "pair 0 caption 2"]
 
     export_dataset(db, "good4cir", tmp_path / "all.json", include_unreviewed=True)
     everything = read_good4cir(tmp_path / "all.json")
@@ -208,3 +209,31 @@ def test_cli_export_to_a_path_it_cannot_write_is_a_clear_error(reviewed, tmp_pat
         err = capsys.readouterr().err
         assert err.startswith(f"error: cannot write the export to {out}:"), err
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no half-written file
+
+
+def test_a_compound_still_quoting_a_caption_the_reviewer_edited_is_left_out(tmp_path):
+    db = open_db(tmp_path / "s.db")
+    import_dataset(db, "pairs", FIXTURES / "pairs")
+    run, ids = annotate_all(db)
+    caps = {c.id.rsplit(":", 1)[1]: c for c in review.list_captions(db, ids[0])}
+    review.edit_caption(db, caps["c0"].id, "the lamp is now green", "ana", expected_version=0)
+    review.set_review_status(db, ids[0], "approved", "ana")
+    out = tmp_path / "out.json"
+    stats = export_dataset(db, "good4cir", out)
+    # k0 joins c0 and c1 and still reads "pair 0 caption 0": the text the reviewer replaced
+    assert read_good4cir(out)[("room0.png", "room0_edit.png")] == [
+        "the lamp is now green", "pair 0 caption 1", "pair 0 caption 2"]
+    assert stats["stale_compounds_left_out"] == 1
+    export_dataset(db, "good4cir", out, include_flagged=True)  # not a flag: left out all the same
+    assert len(read_good4cir(out)[("room0.png", "room0_edit.png")]) == 3
+    # once the reviewer edits the compound too, it is their text and goes out
+    review.edit_caption(db, caps["k0"].id, "the lamp is now green and caption 1", "ana", expected_version=0)
+    export_dataset(db, "good4cir", out)
+    assert read_good4cir(out)[("room0.png", "room0_edit.png")][-1] == "the lamp is now green and caption 1"
+    # a source edit undone leaves nothing stale
+    review.undo_caption_edit(db, caps["k0"].id, "ana")
+    review.undo_caption_edit(db, caps["c0"].id, "ana")
+    stats = export_dataset(db, "good4cir", out)
+    assert read_good4cir(out)[("room0.png", "room0_edit.png")] == [
+        "pair 0 caption 0", "pair 0 caption 1", "pair 0 caption 2", "pair 0 caption 0 and caption 1"]
+    assert stats["stale_compounds_left_out"] == 0
