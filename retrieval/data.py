@@ -6,8 +6,10 @@ image present in two datasets is one image, and caches keyed by it survive re-im
 
 Caption sources (`--source`):
 - `original`: the captions a dataset came with (CIRR's own, the demo world's ground truth);
-- `generated`: the pipeline's captions of approved pairs (edited text wins, flagged
-  captions left out), individual and/or stage 4 compound (`--captions`);
+- `generated`: the pipeline's captions of approved pairs, individual and/or stage 4
+  compound (`--captions`), chosen by `good4cir export`'s rules (`store.exporters`): the
+  newest finished annotation only, edited text wins, flagged captions and compounds built
+  on them left out, and so are compounds still quoting a caption a reviewer edited;
 - `both`: the two together;
 - `auto` (default): the generated captions where a pair has any, else the original.
 """
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from store.db import open_db
+from store.exporters import collect_items
 from store.images import hash_file
 
 log = logging.getLogger(__name__)
@@ -93,24 +96,6 @@ def _pick_captions(original: list[str], generated: list[tuple[str, str]], source
     return list(seen), list(seen.values())
 
 
-_GENERATED_SQL = """
-WITH chosen AS (
-    -- As the exporter does: each pair's newest finished annotation that passes review.
-    SELECT pair_id, MAX(run_id) AS run_id FROM annotations a
-    WHERE a.status = 'done' AND {review} GROUP BY pair_id
-)
-SELECT a.pair_id, c.kind,
-       COALESCE((SELECT e.text FROM caption_edits e WHERE e.caption_id = c.id
-                 ORDER BY e.version DESC LIMIT 1), c.text) AS text
-FROM captions c
-JOIN annotations a ON a.id = c.annotation_id
-JOIN chosen ON chosen.pair_id = a.pair_id AND chosen.run_id = a.run_id
-WHERE NOT EXISTS (SELECT 1 FROM flags f WHERE f.target_kind = 'caption'
-                  AND f.target_id = c.id AND f.removed_at IS NULL)
-ORDER BY a.pair_id, c.kind DESC, c.position
-"""
-
-
 def load_store_triplets(
     db_path: str | Path,
     *,
@@ -134,12 +119,12 @@ def load_store_triplets(
         for image_id, path, url, name in db.execute("SELECT id, path, url, name FROM images"):
             images[image_id] = (path, url)
             names[image_id] = name
+        # The exporter's choice, so training reads what `good4cir export` would write.
         generated: dict[str, list[tuple[str, str]]] = {}
-        review = ("a.review_status != 'rejected'" if include_unreviewed
-                  else "a.review_status = 'approved'")
-        for pair_id, kind, text in db.execute(_GENERATED_SQL.format(review=review)).fetchall():
-            if text and text.strip():
-                generated.setdefault(pair_id, []).append((text, kind))
+        for item in collect_items(db, include_unreviewed=include_unreviewed):
+            if item.annotation is not None:
+                generated[item.pair.id] = [(c.current_text or c.text, c.kind) for c in item.captions
+                                           if (c.current_text or c.text).strip()]
         cursor = db.execute(
             "SELECT id, source, reference_id, target_id, split, original_captions, img_set,"
             " ground_truth, extra FROM pairs ORDER BY id"

@@ -15,8 +15,9 @@ from store.review import add_flag, edit_caption, set_review_status
 
 @pytest.fixture()
 def annotated(tmp_path):
-    """A store where pair p0000 has an approved annotation (one caption edited, one
-    flagged), p0001 an unreviewed one, p0002 a rejected one."""
+    """A store where pair p0000 has an approved annotation (caption c0 edited, c1
+    flagged; compounds of c0+c1, c0+c2 and c2+c3), p0001 an unreviewed one, p0002 a
+    rejected one."""
     db_path = make_world_store(tmp_path, pairs=12)
     db = open_db(db_path)
     run = create_run(db, "simulator", "sim-1")
@@ -24,8 +25,9 @@ def annotated(tmp_path):
     for pair_id in ("p0000", "p0001", "p0002"):
         complete_annotation(
             db, annotation_id_for(run.id, pair_id), stage1_id=None, stage2_id=None,
-            captions=[f"{pair_id} first", f"{pair_id} second", f"{pair_id} third"],
-            compounds=[(f"{pair_id} first and second", [0, 1], 9)],
+            captions=[f"{pair_id} first", f"{pair_id} second", f"{pair_id} third", f"{pair_id} fourth"],
+            compounds=[(f"{pair_id} first and second", [0, 1], 9), (f"{pair_id} first and third", [0, 2], 9),
+                       (f"{pair_id} third and fourth", [2, 3], 9)],
         )
     first = annotation_id_for(run.id, "p0000")
     edit_caption(db, f"{first}:c0", "p0000 first, edited", "ann")
@@ -43,8 +45,10 @@ def _captions(data, pair_id):
 def test_default_uses_approved_generated_else_original(annotated):
     data = load_store_triplets(annotated)
     assert len(data.triplets) == 12
-    # approved: edited text wins, the flagged caption is left out, compound included
-    assert _captions(data, "p0000") == ["p0000 first, edited", "p0000 third", "p0000 first and second"]
+    # approved: edited text wins; the flagged caption and the compound built on it are left
+    # out, and so is the compound that still quotes the edited caption's old text
+    assert _captions(data, "p0000") == ["p0000 first, edited", "p0000 third", "p0000 fourth",
+                                        "p0000 third and fourth"]
     # unreviewed / rejected pairs fall back to their original captions
     original = json.loads(open_db(annotated).execute(
         "SELECT original_captions FROM pairs WHERE id = 'p0001'").fetchone()[0])
@@ -55,18 +59,40 @@ def test_default_uses_approved_generated_else_original(annotated):
 def test_source_and_caption_kinds(annotated):
     generated = load_store_triplets(annotated, source="generated", captions="individual")
     assert [t.pair_id for t in generated.triplets] == ["p0000"]
-    assert generated.triplets[0].captions == ["p0000 first, edited", "p0000 third"]
+    assert generated.triplets[0].captions == ["p0000 first, edited", "p0000 third", "p0000 fourth"]
     assert any("no caption for --source generated" in p for p in generated.problems)
     compound = load_store_triplets(annotated, source="generated", captions="compound")
-    assert compound.triplets[0].captions == ["p0000 first and second"]
+    assert compound.triplets[0].captions == ["p0000 third and fourth"]
     both = load_store_triplets(annotated, source="both")
-    assert len(_captions(both, "p0000")) == 2 + 3
+    original_count = len(_captions(load_store_triplets(annotated, source="original"), "p0000"))
+    assert len(_captions(both, "p0000")) == original_count + 4
     original = load_store_triplets(annotated, source="original")
     assert not any("p0000" in c for c in _captions(original, "p0000"))
     unreviewed = load_store_triplets(annotated, source="generated", include_unreviewed=True)
     assert {t.pair_id for t in unreviewed.triplets} == {"p0000", "p0001"}  # never the rejected one
     with pytest.raises(ValueError, match="--source"):
         load_store_triplets(annotated, source="mine")
+
+
+def test_training_reads_what_export_writes(annotated):
+    from store.exporters import collect_items
+
+    db = open_db(annotated)
+    # A newer run's annotation of p0000, rejected: export does not fall back to the older
+    # approved one, and neither does training.
+    run = create_run(db, "simulator", "sim-2")
+    ensure_annotations(db, run.id, ["p0000"])
+    complete_annotation(db, annotation_id_for(run.id, "p0000"), stage1_id=None, stage2_id=None,
+                        captions=["p0000 newer"], compounds=[])
+    set_review_status(db, annotation_id_for(run.id, "p0000"), "rejected", "ann")
+    for unreviewed in (False, True):
+        exported = {item.pair.id: item.texts for item in collect_items(db, include_unreviewed=unreviewed)
+                    if item.annotation is not None}
+        data = load_store_triplets(annotated, source="generated", include_unreviewed=unreviewed)
+        assert {t.pair_id: t.captions for t in data.triplets} == exported
+    db.conn.close()
+    assert load_store_triplets(annotated, source="generated").triplets == []
+    assert not any("p0000" in c for c in _captions(load_store_triplets(annotated), "p0000"))
 
 
 def test_mixing_stores_and_an_exported_file(tmp_path, annotated):
