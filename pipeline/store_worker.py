@@ -100,9 +100,11 @@ class StoreWorker:
                 future.set_exception(value)
 
     def _put(self, item) -> None:
-        self._queue.append(item)
-        if self._idle:
-            with self._cv:
+        # Under the lock: the store thread checks the queue and goes idle under it, so an
+        # item appended between its check and its wait cannot go unnoticed.
+        with self._cv:
+            self._queue.append(item)
+            if self._idle:
                 self._cv.notify()
 
     def later(self, fn, *args) -> None:
