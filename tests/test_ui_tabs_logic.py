@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +13,8 @@ from ui import export_logic as el
 from ui import pipeline_logic as pl
 from ui import review_logic as rl
 from ui import stats_logic as sl
-from ui.retrieve_logic import DatasetQuery, RetrieveError, RetrieveService, dataset_queries, render_results_html
+from ui.retrieve_logic import (DatasetQuery, RetrieveError, RetrieveService, dataset_queries, load_upload,
+                               render_results_html)
 from ui_store_builder import build_review_store
 
 
@@ -180,6 +182,20 @@ def test_dataset_queries_and_missing_index(store):
         service.query(db, pair=queries[0], upload=None, text="make it blue", k=5)
     with pytest.raises(RetrieveError, match="modification text"):
         service.query(db, pair=queries[0], upload=None, text="  ", k=5)
+
+
+def test_an_uploaded_file_that_is_not_an_image_is_named_plainly(store, tmp_path):
+    # The Retrieve tab hands the upload over undecoded ({'path', 'orig_name'}, Gradio's
+    # preprocessing off); a text file renamed .png must give one plain sentence.
+    db = store["db"]
+    bad = tmp_path / "cached-upload.png"
+    bad.write_text("this is not an image")
+    service = RetrieveService(str(store["db_path"]), None)
+    with pytest.raises(RetrieveError, match=r"uploaded file 'notes\.png' is not an image"):
+        service.query(db, pair=None, upload={"path": str(bad), "orig_name": "notes.png"}, text="add a lamp", k=5)
+    good = next(Path(store["image_dir"]).glob("ref*.png"))
+    image = load_upload({"path": str(good), "orig_name": good.name})
+    assert image.mode == "RGB" and image.size == (256, 256)
 
 
 def test_results_html_marks_the_true_target_and_escapes():

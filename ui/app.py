@@ -564,8 +564,11 @@ def _retrieve_tab(conns, service):
         return qr.render_results_html(hits, pair, uploaded=image is not None)
 
     pair_dd.input(on_pair, pair_dd, [reference_html, text], api_name=False)
-    go.click(on_search, [pair_dd, upload, text, k], results, api_name="retrieve")
-    text.submit(on_search, [pair_dd, upload, text, k], results, api_name=False)
+    # preprocess=False: the upload reaches on_search as the uploaded file (Gradio still
+    # checks it lies in its upload folder), and retrieve_logic decodes it, so a file that
+    # is not an image gets a plain message instead of Gradio's preprocessing error.
+    go.click(on_search, [pair_dd, upload, text, k], results, api_name="retrieve", preprocess=False)
+    text.submit(on_search, [pair_dd, upload, text, k], results, api_name=False, preprocess=False)
 
     def refresh():
         return gr.update(choices=choices())

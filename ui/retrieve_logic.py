@@ -51,6 +51,32 @@ def dataset_queries(db: sqlite_utils.Database, limit: int = 300) -> list[Dataset
     return out
 
 
+def load_upload(upload):
+    """The uploaded reference image as 8-bit RGB, or RetrieveError naming the file.
+
+    The tab's image box hands over what the browser uploaded without Gradio's own
+    decoding (a dict with the cached file's path and its original name), because that
+    decoding turns a file that is not an image into a long internal error. A PIL image
+    is taken as it is."""
+    from PIL import Image
+
+    from store.errors import ImageError
+    from store.images import load_image_rgb
+
+    if isinstance(upload, Image.Image):
+        return upload
+    path = upload.get("path") if isinstance(upload, dict) else None
+    name = (upload.get("orig_name") if isinstance(upload, dict) else None) or (Path(path).name if path else "")
+    if not path:
+        raise RetrieveError("the upload did not arrive: upload the reference image again")
+    try:
+        return load_image_rgb(path)
+    except ImageError:
+        raise RetrieveError(
+            f"the uploaded file {name!r} is not an image that can be read: upload a PNG, JPEG, WebP, GIF "
+            "or BMP file") from None
+
+
 class RetrieveService:
     """Loads the QueryEngine on first use and keeps it (it is thread-safe)."""
 
@@ -93,7 +119,7 @@ class RetrieveService:
         if not text:
             raise RetrieveError("type a modification text")
         if upload is not None:
-            image, exclude = upload, False
+            image, exclude = load_upload(upload), False
         elif pair is not None and pair.reference_path:
             image, exclude = pair.reference_path, True
         else:
