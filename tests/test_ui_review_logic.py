@@ -135,6 +135,20 @@ def test_note_saved_only_when_changed(store):
     assert events == [("note", "box colour is off", "carol")]
 
 
+def test_a_note_saved_by_someone_else_meanwhile_is_not_overwritten(store):
+    db, ann = store["db"], store["annotation_ids"][0]
+    # ann and bob both see an empty note; ann saves hers first
+    assert rl.save_note(db, ann, "the lamp is not there", "ann", expected="") is True
+    with pytest.raises(rl.ReviewActionError, match="NOT SAVED: ann changed this pair's note"):
+        rl.save_note(db, ann, "looks fine", "bob", expected="")
+    assert db.execute("SELECT note FROM annotations WHERE id = ?", [ann]).fetchone()[0] == "the lamp is not there"
+    # once bob's page shows ann's note, his edit of it is saved
+    assert rl.save_note(db, ann, "lamp missing; otherwise fine", "bob", expected="the lamp is not there") is True
+    events = db.execute("SELECT value, reviewer FROM review_events WHERE annotation_id = ? AND action = 'note'",
+                        [ann]).fetchall()
+    assert events == [("the lamp is not there", "ann"), ("lamp missing; otherwise fine", "bob")]
+
+
 def test_live_refresh_replaces_the_note_only_when_the_stored_note_moved():
     # another reviewer's new note replaces an untouched box
     assert rl.live_note("check the lamp", "", "") == "check the lamp"

@@ -320,17 +320,21 @@ def _review_tab(conns, reviewer_of, reviewer_box):
     captions_html.click(on_caption_flag, [cursor, *filters, reviewer_box], [info_html, message_box, history_html],
                         api_name="flag_caption")
 
-    def on_note(annotation_id, note, typed, request: gr.Request):
+    def on_note(annotation_id, note, note_shown, typed, request: gr.Request):
         if not annotation_id:
             return gr.skip(), gr.skip()
         try:
-            changed = rl.save_note(conns.get(), annotation_id, note, reviewer_of(request, typed))
+            # note_shown: the stored note this page last showed; a note someone else
+            # saved since is not overwritten.
+            changed = rl.save_note(conns.get(), annotation_id, note, reviewer_of(request, typed),
+                                   expected=note_shown or "")
         except rl.ReviewActionError as exc:
             raise gr.Error(str(exc)) from None
         # The saved note is now the shown one: a later refresh may replace it again.
         return ("note saved", (note or "").strip()) if changed else (gr.skip(), gr.skip())
 
-    note_box.blur(on_note, [cursor, note_box, reviewer_box], [message_box, shown_note], api_name="save_note")
+    note_box.blur(on_note, [cursor, note_box, shown_note, reviewer_box], [message_box, shown_note],
+                  api_name="save_note")
 
     def on_gt(annotation_id, gt_on):
         view = rl.load_pair(conns.get(), annotation_id) if annotation_id else None

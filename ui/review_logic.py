@@ -585,14 +585,28 @@ def set_status(db: sqlite_utils.Database, annotation_id: str, status: str, revie
     store_review.set_review_status(db, annotation_id, status, require_reviewer(reviewer))
 
 
-def save_note(db: sqlite_utils.Database, annotation_id: str, note: str, reviewer: str) -> bool:
-    """Save the note if it changed; returns whether anything was written."""
+def save_note(db: sqlite_utils.Database, annotation_id: str, note: str, reviewer: str,
+              expected: Optional[str] = None) -> bool:
+    """Save the note if it changed; returns whether anything was written.
+
+    `expected` is the stored note the reviewer's page showed when they started typing.
+    If someone saved another note since, nothing is written (ReviewActionError says
+    who and what is kept) instead of silently replacing theirs."""
     note = (note or "").strip()
     row = db.execute("SELECT note FROM annotations WHERE id = ?", [annotation_id]).fetchone()
     if row is None:
         raise ReviewActionError(f"pair {annotation_id} does not exist")
-    if (row[0] or "") == note:
+    stored = (row[0] or "").strip()
+    if stored == note:
         return False
+    if expected is not None and stored != (expected or "").strip():
+        last = db.execute(
+            "SELECT reviewer FROM review_events WHERE annotation_id = ? AND action = 'note' ORDER BY id DESC LIMIT 1",
+            [annotation_id]).fetchone()
+        raise ReviewActionError(
+            f"NOT SAVED: {last[0] if last else 'someone else'} changed this pair's note while you were typing "
+            f"yours. Their note is kept: “{stored}”. Your text is still in the box: copy it, reload the pair "
+            "(u), then edit the note again.")
     store_review.set_note(db, annotation_id, note, require_reviewer(reviewer))
     return True
 
