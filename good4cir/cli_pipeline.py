@@ -152,12 +152,18 @@ def run_status_command(args: argparse.Namespace) -> int:
     if not report["runs"]:
         print("no runs yet: start one with `good4cir annotate`")
         return 0
-    header = f"{'run':>4}  {'backend':<13} {'model':<16} {'status':<9} {'done':>7} {'failed':>7} " \
+    header = f"{'run':>4}  {'backend':<13} {'model':<16} {'status':<11} {'done':>7} {'failed':>7} " \
              f"{'pending':>7} {'calls':>7} {'cost $':>9}  failures"
     print(header)
     for r in report["runs"]:
         failures = ", ".join(f"{k}: {v}" for k, v in r["failures"].items()) or "-"
-        print(f"{r['id']:>4}  {r['backend']:<13} {r['model'][:16]:<16} {r['status']:<9} "
+        print(f"{r['id']:>4}  {r['backend']:<13} {r['model'][:16]:<16} {r['status']:<11} "
               f"{r['pairs_done']:>7} {r['pairs_failed']:>7} {r['pairs_pending']:>7} "
               f"{r['calls']:>7} {r['cost_usd']:>9.4f}  {failures}")
+    for r in report["runs"]:
+        if r.get("session"):
+            print(f"run {r['id']} is being worked on by {r['session']}")
+    if any(r["status"] == "interrupted" for r in report["runs"]):
+        print("interrupted: the session running it is gone; rerun the same `good4cir annotate` "
+              "command (or pass --run RUN_ID) to resume")
     return 0

@@ -37,6 +37,12 @@ anything made from it, and the event loop never waits on sqlite. `--retry-failed
 failed on an invalid answer, the run's stored answers about that pair (and its
 reference image) are not reused, so the model is asked again.
 
+One session per run: a session takes the run's lease (store.leases) before any work is
+handed out and renews it every few seconds; a second session on the same run (another
+terminal, or the app's Pipeline tab) fails at once with RunBusyError, making no call.
+A killed session's lease is taken over as soon as its process is gone (same host), or
+once its heartbeat is stale; `run_status` reports such a run as 'interrupted'.
+
 Stage 1 runs once per reference image: its description id is a hash of (image id,
 prompt version, model, parameters), shared by every pair and every run with that key,
 and concurrent pairs with one reference wait on a single call.
@@ -67,6 +73,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -74,7 +81,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from store import annotations as store_ann
-from store.db import open_db, utc_now
+from store import leases
+from store.db import open_db, transaction, utc_now
+from store.errors import LeaseHeldError
 from store.models import CallRecord
 
 from .backends import create_backend
@@ -191,6 +200,10 @@ class ItemFailedError(Exception):
 
 class RunStoppedError(Exception):
     """The run was asked to stop before this pair finished (it stays pending)."""
+
+
+class RunBusyError(ValueError):
+    """Another live session is working on the run; this one made no call and changed nothing."""
 
 
 @dataclass
@@ -356,6 +369,9 @@ class Runner:
         self._rng = random.Random(options.seed)
         self._failures: Counter[str] = Counter()
         self._stopping = False
+        # This session's id in the run's lease (store.leases): random, never a secret.
+        self.session_id = uuid.uuid4().hex
+        self._lease_lost = False
 
     # -- the database, from one thread so the event loop never waits on sqlite
     async def _db(self, fn, *args, **kwargs):
@@ -374,18 +390,36 @@ class Runner:
                 log.exception("progress callback failed")
 
     def _prepare(self, db) -> list[dict]:
-        """Create or resume the run row and its annotations; returns the pending work."""
-        run = _find_run(db, self.options)
-        pair_ids = store_ann.select_pair_ids(db, split=self.options.split, limit=self.options.limit)
-        if not pair_ids and run is None:
-            where = f" of split {self.options.split!r}" if self.options.split else ""
-            raise ValueError(f"the store has no pairs{where} to annotate: import some first "
-                             "(good4cir import --db DB --format pairs DIR)")
-        if run is None:
-            run = store_ann.create_run(
-                db, self.options.backend, self.model, base_url=self.options.base_url,
-                method=self.options.method, settings=_settings(self.options),
-                prompt_versions=self.prompts, name=self.options.name)
+        """Create or resume the run row and its annotations; returns the pending work.
+
+        Raises RunBusyError, having changed nothing, when another live session holds the run.
+        """
+        # Finding (or creating) the run and taking its lease are one transaction, so two
+        # sessions started at once cannot both create a run, or both take one.
+        with transaction(db):
+            run = _find_run(db, self.options)
+            pair_ids = store_ann.select_pair_ids(db, split=self.options.split, limit=self.options.limit)
+            if not pair_ids and run is None:
+                where = f" of split {self.options.split!r}" if self.options.split else ""
+                raise ValueError(f"the store has no pairs{where} to annotate: import some first "
+                                 "(good4cir import --db DB --format pairs DIR)")
+            if run is None:
+                run = store_ann.create_run(
+                    db, self.options.backend, self.model, base_url=self.options.base_url,
+                    method=self.options.method, settings=_settings(self.options),
+                    prompt_versions=self.prompts, name=self.options.name)
+            try:
+                replaced = leases.acquire_lease(db, run.id, self.session_id)
+            except LeaseHeldError as exc:
+                raise RunBusyError(
+                    f"{exc}. It would pay again for answers that session is paying for; wait "
+                    "for it to finish, or stop it (Ctrl-C in its terminal, or Stop in the app's "
+                    "Pipeline tab) and run this again. A killed session frees the run as soon as "
+                    f"its process is gone, or {leases.STALE_AFTER_S:.0f} s after its last "
+                    "heartbeat") from None
+        if replaced is not None:
+            log.warning("run %s: taking over from a session that is gone (%s)", run.id,
+                        leases.describe_lease(replaced))
         self.run_id = run.id
         store_ann.ensure_annotations(db, run.id, pair_ids)
         stale: set[str] = set()
@@ -431,12 +465,14 @@ class Runner:
     async def run(self) -> Progress:
         self._store = StoreWorker(self.db_path, asyncio.get_running_loop())
         backend = None
+        heartbeat: Optional[asyncio.Task] = None
         status = "failed"
         try:
             # The backend first: a missing key or bad option fails before a run row exists.
             backend = create_backend(self.options.backend, **_backend_options(self.options, self.db_path))
             self.backend = backend
             work = await self._db(lambda db: self._prepare(db))
+            heartbeat = asyncio.create_task(self._heartbeat())
             self.started.set()
             self._emit()
             if hasattr(backend, "start"):
@@ -462,6 +498,9 @@ class Runner:
             status = "stopped"
             raise
         finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
             if backend is not None and hasattr(backend, "aclose"):
                 try:
                     await backend.aclose()
@@ -477,18 +516,37 @@ class Runner:
                 raise StoreWriteError(f"a write to the store failed: {self._store.error}")
 
     def _finish(self, db, status: str) -> None:
-        counts = store_ann.run_counts(db, self.run_id)
-        if status == "finished" and counts["pairs_pending"]:
-            status = "stopped"
-        settings = self._run_settings
-        if hasattr(self, "_retries_budget"):
-            settings["retries_used"] = self._retries_budget - self._retries_left
-        store_ann.update_run(db, self.run_id, status=status, settings=settings,
-                             finished_at=utc_now() if status == "finished" else None)
+        """Record how the session ended and give the run's lease back."""
+        try:
+            counts = store_ann.run_counts(db, self.run_id)
+            if status == "finished" and counts["pairs_pending"]:
+                status = "stopped"
+            # A session whose lease was taken over leaves the run row to its new holder.
+            if not self._lease_lost:
+                settings = self._run_settings
+                if hasattr(self, "_retries_budget"):
+                    settings["retries_used"] = self._retries_budget - self._retries_left
+                store_ann.update_run(db, self.run_id, status=status, settings=settings,
+                                     finished_at=utc_now() if status == "finished" else None)
+        finally:
+            leases.release_lease(db, self.run_id, self.session_id)
         self.progress.status = status
         self.progress.pairs_pending = counts["pairs_pending"]
         self.progress.pairs_done = counts["pairs_done"]
         self.progress.pairs_failed = counts["pairs_failed"]
+
+    async def _heartbeat(self) -> None:
+        """Renew the run's lease until the session ends. If another session took the run
+        over (this one hung past the stale limit), stop: two sessions would pay twice."""
+        while True:
+            await asyncio.sleep(leases.HEARTBEAT_EVERY_S)
+            if not await self._db(leases.heartbeat_lease, self.run_id, self.session_id):
+                self._lease_lost = True
+                self.progress.last_error = (f"run {self.run_id} was taken over by another session "
+                                            "(this one missed its heartbeats); stopping")
+                log.error("%s", self.progress.last_error)
+                self.stop_event.set()
+                return
 
     async def _run_work(self, work: list[dict]) -> None:
         queue = deque(work)
@@ -881,18 +939,30 @@ def start_run_in_thread(db_path: str | Path, options: RunOptions,
 def run_status(db_path: str | Path) -> dict:
     """Every run's progress: {"runs": [{"id", "backend", "model", "pairs_done",
     "pairs_failed", "pairs_pending", "calls", "cost_usd", "failures": {reason: count}}]}
-    (plus "status", "method" and "name", which scripts may ignore)."""
+    (plus "status", "method", "name" and "session", which scripts may ignore).
+
+    A run whose row says 'running' but that no live session holds (its process was
+    killed, or stopped renewing its lease) is reported as 'interrupted': rerunning the
+    same command resumes it. "session" describes the live holder ('pid 12 on host, last
+    heartbeat 3 s ago'), or is None.
+    """
     db = open_db(db_path)
     try:
+        live = leases.live_leases(db)
         runs = []
         for run in store_ann.list_runs(db):
             counts = store_ann.run_counts(db, run.id)
+            lease = live.get(run.id)
+            status = run.status
+            if status == "running" and lease is None:
+                status = "interrupted"
             runs.append({
                 "id": run.id, "backend": run.backend, "model": run.model,
                 "pairs_done": counts["pairs_done"], "pairs_failed": counts["pairs_failed"],
                 "pairs_pending": counts["pairs_pending"], "calls": counts["calls"],
                 "cost_usd": counts["cost_usd"], "failures": counts["failures"],
-                "status": run.status, "method": run.method, "name": run.name,
+                "status": status, "method": run.method, "name": run.name,
+                "session": leases.describe_lease(lease) if lease is not None else None,
             })
         return {"runs": runs}
     finally:

@@ -19,3 +19,11 @@ class ImageError(StoreError):
 
 class FormatError(StoreError):
     """An import file does not follow the format it claims."""
+
+
+class LeaseHeldError(StoreError):
+    """Another live session holds the lease on a run; `lease` is its LeaseRecord."""
+
+    def __init__(self, message: str, lease):
+        super().__init__(message)
+        self.lease = lease

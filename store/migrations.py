@@ -293,3 +293,21 @@ def m003_flagged_queue_index(db: sqlite_utils.Database) -> None:
     """The flagged queue and its count as index seeks: flagged annotations are few, and
     without this index finding the next one scanned every done annotation."""
     db.execute("CREATE INDEX annotations_flagged ON annotations(status, seq) WHERE flag_count > 0")
+
+
+@migration
+def m004_run_leases(db: sqlite_utils.Database) -> None:
+    """One row per run a session is working on (store/leases.py): two sessions on one
+    run would both pay for every answer. No secrets here: owner is a random session id."""
+    db.executescript(
+        """
+        CREATE TABLE run_leases (
+            run_id INTEGER PRIMARY KEY REFERENCES runs(id),
+            owner TEXT NOT NULL,            -- a uuid per Runner session
+            pid INTEGER NOT NULL,           -- the session's process, on host
+            host TEXT NOT NULL,
+            acquired_at REAL NOT NULL,      -- unix time
+            heartbeat_at REAL NOT NULL      -- unix time of the last heartbeat
+        );
+        """
+    )

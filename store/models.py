@@ -218,3 +218,14 @@ class ImportReport(BaseModel):
     images_moved: int = 0       # known images found at a new path (the dataset moved)
     problems: list[ImportProblem] = Field(default_factory=list)   # items not imported
     warnings: list[ImportProblem] = Field(default_factory=list)   # imported, but note this
+
+
+class LeaseRecord(Record):
+    """A session's claim on a run (store.leases); times are unix seconds."""
+
+    run_id: int
+    owner: str
+    pid: int
+    host: str
+    acquired_at: float
+    heartbeat_at: float
