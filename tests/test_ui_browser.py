@@ -221,6 +221,30 @@ def test_two_reviewers_edit_one_pair_at_once(world, browser, external_requests):
     ctx_b.close()
 
 
+def test_a_click_on_a_board_not_yet_refreshed_never_undoes_another_reviewers_flag(world, browser,
+                                                                                     external_requests):
+    # bob's board is drawn before ann's flag lands; his click on the descriptor (shown
+    # unflagged) asks to flag it, so ann's flag must stay, not be toggled off.
+    from store import review as store_review
+
+    db, pair = world["db"], world["annotation_ids"][7]
+    ctx_b, b = open_page(browser, world, external_requests, "bob", f"?pair={pair}")
+    items = b.locator(".g4c-chip[data-item]").evaluate_all("chips => chips.map(c => c.dataset.item)")
+    for item in items[:3]:
+        store_review.add_flag(db, pair, "descriptor", item, "ann")
+        was_flagged = b.evaluate(
+            "(item) => { const c = document.querySelector(`#g4c-board [data-item='${item}']`);"
+            " const was = c.classList.contains('g4c-flagged'); c.click(); return was; }", item)
+        if not was_flagged:   # a live refresh did not land in between: the board was stale
+            break
+    assert not was_flagged
+    wait_message(b, "descriptor flagged")
+    rows = db.execute("SELECT reviewer, removed_at FROM flags WHERE annotation_id = ? AND target_id = ?",
+                      [pair, item]).fetchall()
+    assert rows == [("ann", None)]
+    ctx_b.close()
+
+
 def test_undo_a_caption_edit_and_see_its_history(world, browser, external_requests):
     db, pair = world["db"], world["annotation_ids"][6]
     original = rl.load_pair(db, pair).individual[0].text

@@ -288,7 +288,11 @@ def _review_tab(conns, reviewer_of, reviewer_box):
             return gr.skip(), gr.skip(), "that descriptor belongs to a pair no longer shown; nothing flagged", gr.skip()
         db = conns.get()
         try:
-            now = rl.toggle_flag(db, annotation_id, "descriptor", item, reviewer_of(request, typed), reason)
+            if "flagged" in data:  # what the reviewer saw decides, not what is stored now
+                now = rl.set_flag(db, annotation_id, "descriptor", item, bool(data["flagged"]),
+                                  reviewer_of(request, typed), reason)
+            else:
+                now = rl.toggle_flag(db, annotation_id, "descriptor", item, reviewer_of(request, typed), reason)
         except rl.ReviewActionError as exc:
             raise gr.Error(str(exc)) from None
         view = rl.load_pair(db, annotation_id)

@@ -170,13 +170,16 @@ element.addEventListener('click', function (e) {
 });
 """
 
-# Descriptor board: a click on a descriptor sends its id to Python.
+# Descriptor board: a click on a descriptor sends its id to Python, with the state the
+# reviewer asked for (flag what is shown unflagged, unflag what is shown flagged), so a
+# board that is a few seconds behind another reviewer's flag never undoes it.
 BOARD_JS = """
 element.addEventListener('click', function (e) {
   const chip = e.target.closest('[data-item]');
   if (!chip) return;
   const board = chip.closest('[data-annotation]');
-  trigger('click', {item: chip.dataset.item, annotation: board ? board.dataset.annotation : ''});
+  trigger('click', {item: chip.dataset.item, annotation: board ? board.dataset.annotation : '',
+                    flagged: !chip.classList.contains('g4c-flagged')});
 });
 """
 
