@@ -54,7 +54,8 @@ retries count; pass a larger budget to resume a run that spent its own). An answ
 does not validate gets one repair request quoting the validation error. After that the
 pair is marked failed with '<category>: <detail>' and the run goes on. Categories:
 bad image, no target, request rejected, retries exhausted, retry budget spent, invalid
-answer, stage 4 error, internal error.
+answer, stage 4 error, internal error. A refused key (401) is no item's fault: the run
+stops at once with RunAuthError, its pairs left pending for a rerun with a good key.
 
 Scheduling: `concurrency` request slots, served later stages first (pipeline.slots), and
 twice as many pair workers, so pairs waiting on a shared stage 1 never leave a slot idle.
@@ -87,7 +88,7 @@ from store.errors import LeaseHeldError
 from store.models import CallRecord
 
 from .backends import create_backend
-from .backends.base import PermanentError, TransientError, VLMRequest
+from .backends.base import AuthenticationError, PermanentError, TransientError, VLMRequest
 from .images import BadImageError
 from .pricing import PriceTable
 from .prompts import prompt_versions
@@ -204,6 +205,10 @@ class RunStoppedError(Exception):
 
 class RunBusyError(ValueError):
     """Another live session is working on the run; this one made no call and changed nothing."""
+
+
+class RunAuthError(ValueError):
+    """The backend refused the credentials; the run stopped with its pairs pending."""
 
 
 @dataclass
@@ -372,6 +377,7 @@ class Runner:
         # This session's id in the run's lease (store.leases): random, never a secret.
         self.session_id = uuid.uuid4().hex
         self._lease_lost = False
+        self._auth_error: Optional[str] = None  # the first refusal of the credentials
 
     # -- the database, from one thread so the event loop never waits on sqlite
     async def _db(self, fn, *args, **kwargs):
@@ -493,6 +499,11 @@ class Runner:
             await self._run_work(work)
             await self._db(lambda db: None)  # every queued write is in the store
             status = "stopped" if self._stopping else "finished"
+            if self._auth_error is not None:
+                raise RunAuthError(
+                    f"run {self.run_id} stopped: {self._auth_error}. Set {self.options.api_key_env} "
+                    "to a valid key (or pass --api-key-env NAME) and rerun the same command to "
+                    "resume; the pairs not yet annotated stay pending")
             return self.progress
         except (KeyboardInterrupt, asyncio.CancelledError):
             status = "stopped"
@@ -545,7 +556,7 @@ class Runner:
                 self.progress.last_error = (f"run {self.run_id} was taken over by another session "
                                             "(this one missed its heartbeats); stopping")
                 log.error("%s", self.progress.last_error)
-                self.stop_event.set()
+                self._stopping = True
                 return
 
     async def _run_work(self, work: list[dict]) -> None:
@@ -790,6 +801,14 @@ class Runner:
             self.progress.calls += 1
             self.progress.call_errors += 1
             self.progress.last_error = message[:300]
+            if isinstance(error, AuthenticationError):
+                # Every request would be refused: stop, and leave the pairs pending for a
+                # rerun with a good key rather than failing each of them.
+                if self._auth_error is None:
+                    self._auth_error = message
+                    log.error("%s: stopping the run", message)
+                self._stopping = True
+                raise RunStoppedError()
             if isinstance(error, PermanentError):
                 raise ItemFailedError("request rejected", f"{request.stage}: {message}")
             attempt += 1

@@ -14,7 +14,7 @@ from PIL import Image
 
 from good4cir.cli import main as cli_main
 from openai_server import start_server
-from pipeline.runner import RunOptions, run_pipeline, start_run_in_thread
+from pipeline.runner import RunAuthError, RunOptions, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, corrupt_image, table_rows
 
 KEY = "sk-test-secret-0123456789abcdef"
@@ -226,14 +226,40 @@ def test_api_key_is_never_stored(server, tmp_path):
     db_path, _ = _world(tmp_path, references=1, pairs=2)
     run_pipeline(db_path, _options(server))
     server.config.reject_auth = True  # the server echoes the key in its 401 message
-    progress = run_pipeline(db_path, _options(server, new_run=True, model="gpt-4.1-mini"))
-    assert progress.failures == {"request rejected": 2}
+    with pytest.raises(RunAuthError) as caught:
+        run_pipeline(db_path, _options(server, new_run=True, model="gpt-4.1-mini"))
+    assert KEY not in str(caught.value)
     error = table_rows(db_path, "SELECT error FROM calls WHERE status = 'error' LIMIT 1")[0][0]
     assert "Incorrect API key provided" in error and KEY not in error
     for path in tmp_path.glob("store.db*"):
         assert KEY.encode() not in path.read_bytes(), path
     settings = table_rows(db_path, "SELECT settings FROM runs")
     assert all(KEY not in s for (s,) in settings)
+
+
+def test_a_refused_api_key_stops_the_run_once_with_pairs_left_pending(server, tmp_path, monkeypatch, capsys):
+    db_path, _ = _world(tmp_path, references=3, pairs=12)
+    server.config.reject_auth = True
+    with pytest.raises(RunAuthError) as caught:
+        run_pipeline(db_path, _options(server, concurrency=2))
+    message = str(caught.value)
+    assert message.startswith("run 1 stopped: authentication failed (401)")
+    assert "Set OPENAI_API_KEY to a valid key" in message and KEY not in message
+    # no pair failed; the few calls in flight when the first 401 came are all that was sent
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 12)]
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+    assert server.stats["rejected_auth"] <= 2  # concurrency 2: not one per pair
+    # the CLI says it in one line, with exit status 1 and no traceback
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # else the CLI re-raises, for pytest
+    args = ["annotate", "--db", str(db_path), "--backend", "openai", "--base-url", server.url,
+            "--concurrency", "2", "--no-progress"]
+    capsys.readouterr()
+    assert cli_main(args) == 1
+    assert capsys.readouterr().err.startswith("error: run 1 stopped: authentication failed (401)")
+    # with the key accepted again, the same command resumes and finishes every pair
+    server.config.reject_auth = False
+    assert cli_main(args) == 0
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("done", 12)]
 
 
 def test_background_thread_reports_progress_stops_and_resumes(server, tmp_path):

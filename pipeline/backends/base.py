@@ -61,6 +61,11 @@ class PermanentError(BackendError):
     """Retrying the same request will not help (400, auth, content filter)."""
 
 
+class AuthenticationError(PermanentError):
+    """The server refused the credentials (401): every request would fail the same way,
+    so the runner stops the run instead of failing each item."""
+
+
 class Backend(Protocol):
     name: ClassVar[str]
     supports_images: ClassVar[bool]

@@ -22,7 +22,7 @@ import time
 from typing import Any, ClassVar, Optional
 
 from ..images import DETAILS, ImageEncoder
-from .base import PermanentError, TransientError, VLMRequest, VLMResponse
+from .base import AuthenticationError, PermanentError, TransientError, VLMRequest, VLMResponse
 
 RESPONSE_MODES = ("json_schema", "json_object", "text")
 
@@ -82,6 +82,8 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None):
             return TransientError(f"rate limited (429): {message}", retry_after=retry_after)
         if status in (408, 409) or status >= 500:
             return TransientError(f"server error ({status}): {message}", retry_after=retry_after)
+        if status == 401:
+            return AuthenticationError(f"authentication failed (401): {message}")
         return PermanentError(f"request rejected ({status}): {message}")
     if isinstance(exc, ValueError):  # a body that is not JSON, from a broken server
         return TransientError(f"malformed response: {message}")
