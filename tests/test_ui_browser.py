@@ -413,6 +413,37 @@ def test_pipeline_tab_runs_in_background_and_fills_the_queue(world, browser, ext
     context.close()
 
 
+def test_pipeline_progress_is_live_in_every_browser_that_opens_the_tab(world, browser, external_requests):
+    # ann starts a run against a slow local OpenAI-protocol server; bob opens the
+    # Pipeline tab while it goes and must watch it finish without pressing Refresh.
+    from openai_server import start_server
+
+    server = start_server(latency=0.3)
+    try:
+        ctx_a, a = open_page(browser, world, external_requests, "ann")
+        ctx_b, b = open_page(browser, world, external_requests, "bob")
+        a.get_by_role("tab", name="Pipeline").click()
+        a.locator("#g4c-run-backend input").first.click()
+        a.get_by_role("option", name="openai (chat completions)").click()
+        a.get_by_role("textbox", name="Model").fill("live-progress-model")
+        a.get_by_label("Base URL").fill(server.url)
+        a.get_by_label("Concurrency (requests in flight)").fill("1")
+        a.locator("#g4c-run-limit input, #g4c-run-limit textarea").first.fill("4")
+        a.locator("#g4c-run-start").click()
+        progress_a = a.locator("#g4c-run-progress textarea").first
+        expect(progress_a).to_have_value(re.compile(r"· running"))
+        b.get_by_role("tab", name="Pipeline").click()
+        progress_b = b.locator("#g4c-run-progress textarea").first
+        expect(progress_b).to_have_value(re.compile(r"· running"))
+        expect(progress_b).to_have_value(re.compile(r"· finished"), timeout=60_000)
+        assert "4 done" in progress_b.input_value()
+        assert error_toasts(a) == 0 and error_toasts(b) == 0
+        ctx_a.close()
+        ctx_b.close()
+    finally:
+        server.stop()
+
+
 def test_stats_tab_plots(world, browser, external_requests):
     from store.annotations import create_run
 

@@ -452,7 +452,9 @@ def _pipeline_tab(conns, controller, reviewer_of, reviewer_box):
     stop_btn.click(on_stop, None, [progress_box, runs_table], api_name="pipeline_stop")
     refresh_btn.click(snapshot, None, [progress_box, runs_table], api_name="pipeline_status")
     timer.tick(on_tick, None, [progress_box, runs_table, timer], api_name=False, show_progress="hidden")
-    return snapshot, [progress_box, runs_table]
+    # Opening the tab starts the live updates whenever a run is going, so they show in
+    # every reviewer's browser (and after a reload), not only in the one that clicked Start.
+    return on_tick, [progress_box, runs_table, timer]
 
 
 # ---------------------------------------------------------------------- stats tab
