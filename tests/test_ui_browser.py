@@ -227,7 +227,7 @@ def test_a_click_on_a_board_not_yet_refreshed_never_undoes_another_reviewers_fla
     # unflagged) asks to flag it, so ann's flag must stay, not be toggled off.
     from store import review as store_review
 
-    db, pair = world["db"], world["annotation_ids"][7]
+    db, pair = world["db"], world["annotation_ids"][9]
     ctx_b, b = open_page(browser, world, external_requests, "bob", f"?pair={pair}")
     items = b.locator(".g4c-chip[data-item]").evaluate_all("chips => chips.map(c => c.dataset.item)")
     for item in items[:3]:
@@ -243,6 +243,24 @@ def test_a_click_on_a_board_not_yet_refreshed_never_undoes_another_reviewers_fla
                       [pair, item]).fetchall()
     assert rows == [("ann", None)]
     ctx_b.close()
+
+
+def test_queue_counts_follow_other_reviewers_without_a_move(world, browser, external_requests):
+    # the position and counts line is the reviewer's view of overall progress: another
+    # reviewer's decision on another pair shows in it within a few seconds
+    from store import queue as store_queue
+    from store import review as store_review
+
+    db, ids = world["db"], world["annotation_ids"]
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={ids[8]}")
+    before = store_queue.counts(db)
+    expect(page.locator(".g4c-progress")).to_contain_text(f"{before['rejected']:,} rejected")
+    store_review.set_review_status(db, ids[9], "rejected", "bob")
+    after = store_queue.counts(db)
+    assert after["rejected"] == before["rejected"] + 1
+    expect(page.locator(".g4c-progress")).to_contain_text(f"{after['rejected']:,} rejected", timeout=15_000)
+    expect(page.locator("#g4c-current textarea, #g4c-current input").first).to_have_value(ids[8])
+    context.close()
 
 
 def test_undo_a_caption_edit_and_see_its_history(world, browser, external_requests):

@@ -151,6 +151,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
     opened_at = gr.State("")  # when the shown pair was read, to tell others' later work apart
     shown_stamp = gr.State("")  # rl.pair_stamp of the pair as shown: the timer re-renders when it moves
     shown_note = gr.State("")   # the stored note as shown, to tell a note being typed apart
+    shown_counts = gr.State("")  # the queue position and counts line as shown: the timer redraws it when it moves
     live_timer = gr.Timer(LIVE_SECONDS)
     images_html = gr.HTML("", elem_id="g4c-images", js_on_load=IMAGES_JS)
     with gr.Row():
@@ -186,7 +187,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
     filters = [queue_radio, run_dd, model_dd, split_dd]
     pair_outputs = [cursor, info_html, images_html, board_html, captions_html, note_box,
                     gt_html, current_box, message_box, activity_html, opened_at, history_html,
-                    shown_stamp, shown_note]
+                    shown_stamp, shown_note, shown_counts]
 
     def show(annotation_id, flt, gt_on, message=""):
         db = conns.get()
@@ -201,7 +202,8 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         values.append(rl.render_captions_html(view))
         note = view.note if view else ""
         values += [note, rl.render_ground_truth_html(view) if gt_on else "",
-                   annotation_id or "", message, "", opened, rl.render_pair_history_html(view), stamp, note]
+                   annotation_id or "", message, "", opened, rl.render_pair_history_html(view), stamp, note,
+                   status.text()]
         return values
 
     def load(wanted, request):
@@ -360,31 +362,36 @@ def _review_tab(conns, reviewer_of, reviewer_box):
     score_btn.click(on_score, cursor, [gt_html, gt_toggle], api_name="score_flags")
 
     live_outputs = [info_html, board_html, captions_html, history_html, activity_html, note_box, shown_note,
-                    shown_stamp]
+                    shown_stamp, shown_counts]
 
-    def on_live(annotation_id, since, stamp, queue, run, model, split, note, note_shown, typed,
+    def on_live(annotation_id, since, stamp, queue, run, model, split, note, note_shown, typed, counts_shown,
                 request: gr.Request):
         """Redraw the shown pair when anyone changed it since it was drawn, and say what
-        others did. Nothing is sent when nothing changed. Caption text being typed is
-        kept by the captions panel's script; a note being typed is not replaced."""
-        if not annotation_id:
-            return [gr.skip()] * len(live_outputs)
+        others did; redraw the position and counts line alone when only they moved (other
+        reviewers' decisions, pairs the pipeline finished). Nothing is sent when nothing
+        changed. Caption text being typed is kept by the captions panel's script; a note
+        being typed is not replaced."""
+        skip = [gr.skip()] * len(live_outputs)
         db = conns.get()
-        now_stamp = rl.pair_stamp(db, annotation_id)
-        if now_stamp == stamp:
-            return [gr.skip()] * len(live_outputs)
-        view = rl.load_pair(db, annotation_id)
         flt = rl.make_filter(queue, run, model, split)
+        status = rl.queue_status(db, flt, annotation_id)
+        now_stamp = rl.pair_stamp(db, annotation_id) if annotation_id else ""
+        if now_stamp == stamp:
+            if status.text() == counts_shown:
+                return skip
+            view = rl.load_pair(db, annotation_id) if annotation_id else None
+            return [rl.render_info_html(view, status), *skip[1:-1], status.text()]
+        view = rl.load_pair(db, annotation_id)
         lines = rl.activity_since(db, annotation_id, since, reviewer_of(request, typed)) if since else []
         new_note = rl.live_note(view.note, note_shown, note)
         keep_note = new_note is None
-        return [rl.render_info_html(view, rl.queue_status(db, flt, annotation_id)), rl.render_board_html(view),
+        return [rl.render_info_html(view, status), rl.render_board_html(view),
                 rl.render_captions_html(view, live=True), rl.render_pair_history_html(view),
                 rl.render_activity_html(lines), gr.skip() if keep_note else new_note,
-                gr.skip() if keep_note else new_note, now_stamp]
+                gr.skip() if keep_note else new_note, now_stamp, status.text()]
 
-    live_timer.tick(on_live, [cursor, opened_at, shown_stamp, *filters, note_box, shown_note, reviewer_box],
-                    live_outputs, api_name=False, show_progress="hidden")
+    live_timer.tick(on_live, [cursor, opened_at, shown_stamp, *filters, note_box, shown_note, reviewer_box,
+                              shown_counts], live_outputs, api_name=False, show_progress="hidden")
 
     return {"load": load, "load_outputs": [run_dd, model_dd, split_dd, *pair_outputs]}
 
