@@ -45,6 +45,7 @@ from starlette.routing import Route
 @dataclass
 class ServerConfig:
     latency: float = 0.0            # seconds added to every chat completion
+    hold: bool = False              # completions wait while True: a test keeps a session mid-run
     seed: int = 0
     rate_429: float = 0.0
     rate_500: float = 0.0
@@ -272,6 +273,8 @@ class FakeOpenAI:
                     break
         if cfg.latency:
             await asyncio.sleep(cfg.latency)
+        while cfg.hold:
+            await asyncio.sleep(0.01)
         if fault:
             self.stats[f"fault_{fault}"] += 1
         if fault == "429":

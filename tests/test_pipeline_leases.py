@@ -88,8 +88,10 @@ def _dead_pid() -> int:
 
 def test_a_second_session_on_a_running_run_fails_fast_and_pays_for_nothing(server, tmp_path):
     db_path = _world(tmp_path)
-    server.config.latency = 0.05  # the first session is still going when the others start
-    first = start_run_in_thread(db_path, _options(server))
+    # The first session's answers are held until the others have been refused, so it is
+    # still going however slowly they start (a CLI process takes seconds to import).
+    server.config.hold = True
+    first = start_run_in_thread(db_path, _options(server, timeout=300))
     assert first.wait_started(timeout=30) and first.error is None and first.running
 
     # In-process (the app's Pipeline tab runs a Runner this way) ...
@@ -111,6 +113,7 @@ def test_a_second_session_on_a_running_run_fails_fast_and_pays_for_nothing(serve
     assert cli.stderr.startswith(f"error: run {first.run_id} is being worked on by another session")
     assert "Traceback" not in cli.stderr
 
+    server.config.hold = False
     final = first.join(timeout=60)
     assert final is not None and first.error is None and final.status == "finished"
     assert final.pairs_done == PAIRS
@@ -122,10 +125,12 @@ def test_a_second_session_on_a_running_run_fails_fast_and_pays_for_nothing(serve
 
 def test_two_sessions_started_together_on_a_new_run_make_one_run(server, tmp_path):
     db_path = _world(tmp_path)
-    server.config.latency = 0.05
-    handles = [start_run_in_thread(db_path, _options(server)) for _ in range(2)]
+    server.config.hold = True  # neither can finish before both have started
+    handles = [start_run_in_thread(db_path, _options(server, timeout=300)) for _ in range(2)]
     for handle in handles:
         assert handle.wait_started(timeout=30)
+    server.config.hold = False
+    for handle in handles:
         handle.join(timeout=60)
     errors = [h.error for h in handles]
     assert sum(e is None for e in errors) == 1, errors
@@ -207,7 +212,7 @@ def test_status_shows_a_killed_run_as_interrupted_and_the_rerun_resumes_it(serve
     from good4cir.cli import main as cli_main
 
     db_path = _world(tmp_path)
-    server.config.latency = 0.05
+    server.config.latency = 0.2
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     process = subprocess.Popen(
         [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai",
@@ -217,6 +222,8 @@ def test_status_shows_a_killed_run_as_interrupted_and_the_rerun_resumes_it(serve
     while server.stats["completions_ok"] < 3:
         assert process.poll() is None and time.time() < deadline, "the run made no progress"
         time.sleep(0.005)
+    server.config.hold = True  # it cannot finish before it is killed
+    assert process.poll() is None
     assert run_status(db_path)["runs"][0]["status"] == "running"  # alive: its lease is live
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
@@ -228,6 +235,7 @@ def test_status_shows_a_killed_run_as_interrupted_and_the_rerun_resumes_it(serve
     row = out.splitlines()[1]
     assert row.split()[:4] == ["1", "openai", "gpt-4o-mini", "interrupted"], out
     assert "rerun the same `good4cir annotate` command" in out
+    server.config.hold = False
     progress = run_pipeline(db_path, _options(server))
     assert progress.status == "finished" and progress.pairs_done == PAIRS
     assert run_status(db_path)["runs"][0]["status"] == "finished"
