@@ -521,6 +521,19 @@ def start_server(**config: Any) -> ServerHandle:
     return ServerHandle(state, server, thread, sock.getsockname()[1])
 
 
+def server_fixture(**config: Any):
+    """A module-scoped pytest fixture serving start_server(**config) and stopping it after."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def server():
+        handle = start_server(**config)
+        yield handle
+        handle.stop()
+
+    return server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="A local OpenAI-protocol server for tests and benchmarks.")
     parser.add_argument("--port", type=int, default=0)

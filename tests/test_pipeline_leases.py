@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from openai_server import start_server
+from openai_server import server_fixture
 from pipeline.runner import RunBusyError, RunOptions, run_pipeline, run_status, start_run_in_thread
 from pipeline_world import build_world, table_rows
 from store import leases
@@ -27,11 +27,7 @@ REFS, PAIRS = 2, 6
 CALLS = REFS + 2 * PAIRS
 
 
-@pytest.fixture(scope="module")
-def server():
-    handle = start_server()
-    yield handle
-    handle.stop()
+server = server_fixture()
 
 
 @pytest.fixture(autouse=True)

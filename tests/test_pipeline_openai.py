@@ -13,18 +13,14 @@ import pytest
 from PIL import Image
 
 from good4cir.cli import main as cli_main
-from openai_server import start_server
+from openai_server import server_fixture
 from pipeline.runner import RunAuthError, RunOptions, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, corrupt_image, table_rows
 
 KEY = "sk-test-secret-0123456789abcdef"
 
 
-@pytest.fixture(scope="module")
-def server():
-    handle = start_server()
-    yield handle
-    handle.stop()
+server = server_fixture()
 
 
 @pytest.fixture(autouse=True)
