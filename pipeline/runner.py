@@ -331,12 +331,18 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
             if options.method == "single":
                 calls["single"] = len(todo)
             else:
-                refs = {row[0] for row in db.execute(
-                    f"SELECT DISTINCT reference_id FROM pairs WHERE id IN ({marks})", todo)}
-                keys = [stage1_key(r, params, prompts) for r in refs]
+                reference_of = dict(db.execute(
+                    f"SELECT id, reference_id FROM pairs WHERE id IN ({marks})", todo).fetchall())
+                keys = list({stage1_key(r, params, prompts) for r in reference_of.values()})
+                # A session stopped or killed mid-run left stage 2 descriptions of pairs
+                # still pending: the rerun reads them back instead of asking again.
+                keys2 = [stage2_key(p, stage1_key(reference_of[p], params, prompts), params, prompts)
+                         for p in todo if p in reference_of]
                 cached = {row[0] for row in db.execute(
-                    f"SELECT id FROM descriptions WHERE id IN ({','.join('?' * len(keys))})", keys)}
-                calls = {"stage1": len(keys) - len(cached), "stage2": len(todo), "stage3": len(todo)}
+                    f"SELECT id FROM descriptions WHERE id IN ({','.join('?' * len(keys + keys2))})",
+                    keys + keys2)}
+                calls = {"stage1": len(set(keys) - cached), "stage2": len(todo) - len(cached & set(keys2)),
+                         "stage3": len(todo)}
         prices = PriceTable.load(options.prices_path)
         model = options.resolved_model()
         estimate = prices.estimate(model, calls, detail=options.detail,

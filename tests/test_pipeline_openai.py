@@ -16,6 +16,7 @@ from good4cir.cli import main as cli_main
 from openai_server import server_fixture
 from pipeline.runner import RunAuthError, RunOptions, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, corrupt_image, table_rows
+from store.db import open_db
 
 KEY = "sk-test-secret-0123456789abcdef"
 
@@ -117,6 +118,16 @@ def test_cli_dry_run_annotate_rerun_and_status_json(server, tmp_path, capsys):
 
     assert cli_main(args + ["--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["calls"] == 0
+    # Two pairs left pending with their descriptions stored, as a session killed between
+    # stage 2 and stage 3 leaves them: only stage 3 is counted for them.
+    db = open_db(db_path)
+    db.execute("UPDATE annotations SET status = 'pending' WHERE rowid IN (SELECT rowid FROM annotations LIMIT 2)")
+    db.conn.commit()
+    db.conn.close()
+    assert cli_main(args + ["--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["calls_by_stage"] == {"stage1": 0, "stage2": 0, "stage3": 2}
+    assert cli_main(args) == 0  # resumes: stage 3's answers are stored too, so no call
+    capsys.readouterr()
     assert cli_main(args) == 0  # rerun: resumes the finished run, makes no call
     assert server.stats["completions_ok"] == 13
     assert "run 1 finished" in capsys.readouterr().out
