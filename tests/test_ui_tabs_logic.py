@@ -54,6 +54,9 @@ def test_progress_text():
                                "call_errors": 1, "cost_usd": 0.0123, "failures": {"invalid: x": 1},
                                "last_error": "429", "thread_running": True, "started_by": "ann"})
     assert "4 done + 1 failed of 10 (50%)" in text and "$0.0123" in text and "invalid: x: 1" in text
+    assert text.splitlines()[0] == "run 3 · running · started by ann"  # "running" once
+    winding = pl.format_progress({"run_id": 3, "status": "stopped", "thread_running": True, "started_by": "ann"})
+    assert winding.splitlines()[0] == "run 3 · stopped · still finishing · started by ann"
 
 
 def test_controller_runs_one_background_run_against_a_real_http_server(store, monkeypatch):

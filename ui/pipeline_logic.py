@@ -143,7 +143,8 @@ def format_progress(progress: Optional[dict]) -> str:
     share = f" ({100 * (done + failed) / total:.0f}%)" if total else ""
     lines = [
         f"run {progress.get('run_id')} · {progress.get('status')}"
-        + (" · running" if progress.get("thread_running") else "")
+        # The session's thread outlives the status only while a stopped run winds down.
+        + (" · still finishing" if progress.get("thread_running") and progress.get("status") != "running" else "")
         + f" · started by {progress.get('started_by')}",
         f"pairs: {done:,} done + {failed:,} failed of {total:,}{share}, {progress.get('pairs_pending', 0):,} pending",
         f"calls: {progress.get('calls', 0):,} stored ({progress.get('calls_reused', 0):,} reused from the store),"
