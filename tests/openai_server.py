@@ -58,6 +58,7 @@ class ServerConfig:
     timeout_sleep: float = 3.0      # how late a "timeout" answer comes
     reject_json_schema: bool = False
     reject_json_object: bool = False
+    reject_format_status: int = 400  # 422: servers that refuse an unknown field as unprocessable
     reject_auth: bool = False       # 401 that echoes the key, as some servers do
     reject_max_tokens: bool = False  # 400 unless max_completion_tokens (newer OpenAI models)
     reject_temperature: bool = False  # 400 for any temperature but the default
@@ -222,11 +223,11 @@ class FakeOpenAI:
                                    "type": "invalid_request_error"}}, {}
         if fmt == "json_schema" and self.config.reject_json_schema:
             self.stats["rejected_json_schema"] += 1
-            return 400, {"error": {"message": "response_format json_schema is not supported",
+            return self.config.reject_format_status, {"error": {"message": "response_format json_schema is not supported",
                                    "type": "invalid_request_error"}}, {}
         if fmt == "json_object" and self.config.reject_json_object:
             self.stats["rejected_json_object"] += 1
-            return 400, {"error": {"message": "response_format json_object is not supported",
+            return self.config.reject_format_status, {"error": {"message": "response_format json_object is not supported",
                                    "type": "invalid_request_error"}}, {}
         kind, content = answer_for(body)
         if fmt is None:  # text mode: prose around the JSON, as chatty models answer

@@ -7,8 +7,8 @@ module is the one place where openai's error classes are mapped to TransientErro
 PermanentError, so nothing else imports `openai`.
 
 Structured output falls back in steps: `json_schema` (strict) → `json_object` → plain
-text (the prompt asks for JSON either way, and the stages extract it). A 400 answer to
-one mode is retried at once with the next; the mode that works is kept for the run.
+text (the prompt asks for JSON either way, and the stages extract it). A 400 (or 422)
+answer to one mode is retried at once with the next; the mode that works is kept for the run.
 A 400 that names `max_completion_tokens` or `temperature` (newer OpenAI models) first
 adapts those parameters and retries the same mode.
 The API key is read from the environment and is scrubbed from every error message.
@@ -191,7 +191,9 @@ class OpenAIBackend:
             try:
                 completion = await self.client.chat.completions.create(
                     **self._body(request, messages, mode))
-            except openai.BadRequestError as exc:
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+                # 422 too: FastAPI-style servers (TGI, many wrappers) refuse an unknown or
+                # unsupported field such as response_format as unprocessable, not 400.
                 if self._adapt_parameters(str(exc)):
                     continue  # same mode again, with the parameter this model wants
                 if i + 1 < len(modes):

@@ -18,7 +18,7 @@ wrote it, by custom_id. A line the batch did not finish (expired, cancelled, or 
 request goes into a new batch; finished lines are never resubmitted.
 
 The response format steps down as in the `openai` backend (json_schema → json_object →
-text): a line refused with a 400 that names the response format lowers the mode for
+text): a line refused with a 400 (or 422) that names the response format lowers the mode for
 every later request and goes out again in the next batch; a 400 for anything else
 fails its item (PermanentError).
 """
@@ -430,9 +430,10 @@ class OpenAIBatchBackend:
         message = f"batch {batch_id}: status {status}: {body_error}"[:500]
         if status == 429 or (status or 500) >= 500:
             return BatchLineError(message, batch_id, custom_id)
-        if status == 400 and self._adapt_parameters(body_error):
+        refused = status in (400, 422)  # 422: servers that refuse a field as unprocessable
+        if refused and self._adapt_parameters(body_error):
             return BatchLineError(f"{message} (adapted; resubmitting)", batch_id, custom_id)
-        if status == 400 and self._step_down_format(custom_id, body_error):
+        if refused and self._step_down_format(custom_id, body_error):
             return BatchLineError(f"{message} (response format now {self.response_mode}; resubmitting)",
                                   batch_id, custom_id)
         return BatchRejectedError(message, batch_id, custom_id)

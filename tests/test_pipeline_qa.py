@@ -1,0 +1,50 @@
+"""Less-travelled paths of the pipeline, each test a regression test for a defect found
+by exercising it as a user would (the real `openai` client against the local server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from openai_server import server_fixture
+from pipeline.runner import RunOptions, run_pipeline
+from pipeline_world import build_world
+
+KEY = "sk-test-qa-0123456789abcdef"
+
+server = server_fixture()
+
+
+@pytest.fixture(autouse=True)
+def fresh_server(server, monkeypatch):
+    server.state.config.__init__()  # every test starts from a well-behaved server
+    server.state.reset()
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+
+
+def _world(tmp_path, references: int, pairs: int):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=references, pairs=pairs)
+    return db_path
+
+
+def _options(server, backend: str = "openai", **kw) -> RunOptions:
+    base = dict(backend=backend, base_url=server.url, concurrency=2, backoff_base=0.01, timeout=10,
+                image_max_side=128)
+    if backend == "openai-batch":
+        base.update(concurrency=None, poll_interval=0.05, flush_interval=0.1)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch"])
+def test_a_server_refusing_response_format_with_422_steps_down_like_a_400(server, tmp_path, backend):
+    # FastAPI-style OpenAI-compatible servers (TGI, many wrappers) answer an unknown or
+    # unsupported field with 422 Unprocessable Entity, not 400: every pair used to fail
+    # as 'request rejected (422)' instead of the run stepping down to plain text.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.batch_delay = 0.05
+    server.config.reject_json_schema = server.config.reject_json_object = True
+    server.config.reject_format_status = 422
+    progress = run_pipeline(db_path, _options(server, backend, model="local-vlm"))
+    assert progress.pairs_done == 2 and progress.pairs_failed == 0, progress.failures
+    assert server.stats["rejected_json_schema"] == 1 and server.stats["rejected_json_object"] == 1
