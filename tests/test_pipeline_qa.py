@@ -7,7 +7,7 @@ import pytest
 
 from openai_server import server_fixture
 from pipeline.runner import RunOptions, run_pipeline
-from pipeline_world import build_world
+from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-qa-0123456789abcdef"
 
@@ -48,3 +48,22 @@ def test_a_server_refusing_response_format_with_422_steps_down_like_a_400(server
     progress = run_pipeline(db_path, _options(server, backend, model="local-vlm"))
     assert progress.pairs_done == 2 and progress.pairs_failed == 0, progress.failures
     assert server.stats["rejected_json_schema"] == 1 and server.stats["rejected_json_object"] == 1
+
+
+def test_a_batch_create_that_times_out_after_the_provider_made_it_is_adopted_not_paid_again(
+        server, tmp_path):
+    # The provider makes the batch at once but answers the create after the client's
+    # timeout. The client's own retries used to make two more batches, and the lines then
+    # went out again as new batches: one stage 1 line paid 18 times, and the pairs failed.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.batch_delay = 0.05
+    server.config.batch_create_response_delay = 1.0
+    earlier = set(server.state.batches)  # the server is shared by this module's tests
+    progress = run_pipeline(db_path, _options(server, "openai-batch", timeout=0.4))
+    assert progress.pairs_done == 2, progress.failures
+    # one batch per stage, each line answered once: 1 stage 1 + 2 stage 2 + 2 stage 3
+    assert server.stats["batches_created"] == 3
+    assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 5
+    stored = table_rows(db_path, "SELECT id, status FROM batches ORDER BY created_at")
+    assert [status for _, status in stored] == ["completed"] * 3
+    assert {batch_id for batch_id, _ in stored} == set(server.state.batches) - earlier

@@ -38,7 +38,7 @@ from store import annotations as store_ann
 from ..images import ImageEncoder
 from .base import PermanentError, TransientError, VLMRequest, VLMResponse
 from .openai_backend import (RESPONSE_MODES, build_messages, configure_openai, map_openai_error,
-                             response_format_for)
+                             response_format_for, scrub)
 
 log = logging.getLogger("good4cir.pipeline.batch")
 
@@ -301,23 +301,43 @@ class OpenAIBatchBackend:
             placeholder = f"pending:{uploaded.id}"
             await self._ctx.db(store_ann.save_batch, placeholder, self._run_id, stages,
                                input_file_id=uploaded.id, status="submitting", custom_ids=custom_ids)
-            batch = await self.client.batches.create(
+            # No automatic retries here: a create that times out (or meets a 5xx or a
+            # dropped connection) may have made the batch, and a retry makes another one,
+            # paid again. Such a batch is looked up by its input file instead.
+            batch = await self.client.with_options(max_retries=0).batches.create(
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                 metadata={"good4cir_run": str(self._run_id), "stages": stages})
         except (openai.OpenAIError, ValueError) as exc:
-            if placeholder is not None:  # the batch was refused: nothing to find later
-                await self._ctx.db(store_ann.delete_batch, placeholder)
             error = map_openai_error(exc, self._secret) or TransientError(str(exc))
-            for pending in chunk:
-                if not pending.future.done():
-                    pending.future.set_exception(error)
-                    pending.future.exception()
-            return
+            batch = None
+            if placeholder is not None and not isinstance(error, PermanentError):
+                batch = await self._find_created(uploaded.id, exc)
+            if batch is None:
+                if placeholder is not None:  # no batch was made: nothing to find later
+                    await self._ctx.db(store_ann.delete_batch, placeholder)
+                for pending in chunk:
+                    if not pending.future.done():
+                        pending.future.set_exception(error)
+                        pending.future.exception()
+                return
         await self._ctx.db(store_ann.adopt_batch, placeholder, batch.id, batch.status)
         log.info("submitted batch %s: %d requests (%s), %d bytes", batch.id, len(chunk), stages, len(data))
         watch = self._watch(batch.id)
         for pending in chunk:
             asyncio.create_task(self._deliver(watch, pending))
+
+    async def _find_created(self, input_file_id: str, exc: BaseException):
+        """The batch a create that failed without an answer (timeout, 5xx, lost
+        connection) may still have made, found by its input file; None if there is none."""
+        try:
+            async for batch in self.client.batches.list(limit=100):
+                if batch.input_file_id == input_file_id:
+                    log.warning("creating a batch failed (%s), but the provider made it: %s",
+                                scrub(str(exc), self._secret)[:200], batch.id)
+                    return batch
+        except Exception as lookup_error:  # the lines go out again; a restart can still adopt
+            log.warning("could not look up the batch of input file %s: %s", input_file_id, lookup_error)
+        return None
 
     async def _deliver(self, watch: _Watch, pending: _Pending) -> None:
         await watch.done.wait()
