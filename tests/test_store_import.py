@@ -196,3 +196,153 @@ def test_pairs_line_with_captions_or_img_set_of_the_wrong_type_is_a_problem_not_
     assert set(problems) == {"pair 'c5' (pairs.jsonl line 4)", "pair 's7' (pairs.jsonl line 5)"}
     assert '"captions"' in problems["pair 'c5' (pairs.jsonl line 4)"]
     assert '"img_set"' in problems["pair 's7' (pairs.jsonl line 5)"]
+
+
+def test_cirr_official_layout_with_images_under_img_raw(tmp_path):
+    # CIRR's README: image_splits paths ("./train/34/x.png") are relative to img_raw/.
+    root = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", root)
+    (root / "img_raw").mkdir()
+    for folder in ("train", "dev", "test1"):
+        (root / folder).rename(root / "img_raw" / folder)
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "cirr", root)
+    assert (report.pairs_added, report.images_added, report.problems) == (5, 11, [])
+
+
+def _append_json(path: Path, *entries) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data + list(entries)))
+
+
+def test_wrongly_typed_fields_are_problems_naming_the_item_not_a_crash(tmp_path):
+    cirr = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", cirr)
+    _append_json(cirr / "captions/cap.rc2.val.json",
+                 {"pairid": 10, "reference": ["dev-0-0-img0"], "target_hard": "dev-0-0-img1"},
+                 {"pairid": 11, "reference": "dev-0-0-img0", "target_hard": "dev-0-0-img1", "caption": 5},
+                 {"pairid": 12, "reference": "dev-0-0-img0", "img_set": {"id": 1, "members": "dev-0-0-img0"}})
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "cirr", cirr, split="val")
+    assert report.pairs_added == 2 and set(pairs_of(db)) == {"val:0", "val:1"}
+    reasons = {p.item: p.reason for p in report.problems}
+    assert reasons == {"val pairid 10": "reference must be a string, not list",
+                       "val pairid 11": "caption must be a string, not int",
+                       "val pairid 12": 'img_set must be {"id": ..., "members": [image names]}'}
+
+    circo = tmp_path / "circo"
+    shutil.copytree(FIXTURES / "circo", circo)
+    _append_json(circo / "annotations/val.json",
+                 {"id": 7, "reference_img_id": 11, "target_img_id": 12, "gt_img_ids": 12},
+                 {"id": 8, "reference_img_id": 11.5, "target_img_id": 12},
+                 {"id": 9, "reference_img_id": True, "target_img_id": 12})
+    report = import_dataset(db, "circo", circo, split="val")
+    assert report.pairs_added == 2
+    reasons = {p.item: p.reason for p in report.problems}
+    assert reasons["val query 7"] == "gt_img_ids must be a list of image ids, not int"
+    assert "not a CIRCO image id" in reasons["val query 8"] and "not a CIRCO image id" in reasons["val query 9"]
+
+    g4c = tmp_path / "g4c"
+    shutil.copytree(FIXTURES / "good4cir", g4c)
+    _append_json(g4c / "dataset.json",
+                 {"reference_image": {"path": "images/hotel_a.jpg"}, "target_image": "images/hotel_b.jpg"},
+                 {"id": "g9", "reference_image": "images/hotel_a.jpg", "target_image": "images/hotel_b.jpg",
+                  "difference_captions": [None, 3]})
+    report = import_dataset(db, "good4cir", g4c / "dataset.json", split="train")
+    assert report.pairs_added == 3
+    assert [(p.item, p.reason.split(",")[0]) for p in report.problems] == [
+        ("dataset.json[3]", "reference_image must be an image path or URL (a string)"),
+        ("dataset.json[4]", "difference_captions must be a list of strings")]
+
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    with (folder / "pairs.jsonl").open("a") as handle:
+        handle.write('{"id": "t", "reference": "images/room0.png", "target": 7}\n')
+        handle.write('{"id": "c", "reference": "images/room0.png", "target": "images/room1.png", "captions": [1]}\n')
+    report = import_dataset(db, "pairs", folder)
+    assert report.pairs_added == 3
+    assert [p.item for p in report.problems] == ["pairs.jsonl line 4", "pair 'c' (pairs.jsonl line 5)"]
+    assert report.problems[0].reason == '"target" must be an image path or URL (a string), not int'
+
+
+def test_text_that_is_not_utf8_names_the_file_or_line_and_a_bom_is_fine(tmp_path):
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    lines = (FIXTURES / "pairs/pairs.jsonl").read_bytes().splitlines()
+    # line 2 in Latin-1; a caption holding U+2028 (valid raw inside a JSON string); a BOM
+    lines[1] = lines[1].replace(b'"add a plant"', b'"caf\xe9"')
+    lines[2] = lines[2].replace(b'"remove the chair"', '"remove\u2028the chair"'.encode())
+    (folder / "pairs.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")
+    (folder / "scenes.jsonl").write_bytes(b"\xff\xfe\n" + (FIXTURES / "pairs/scenes.jsonl").read_bytes())
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "pairs", folder)
+    assert report.pairs_added == 2 and set(pairs_of(db)) == {"p0", "p2"}
+    assert [(p.item, p.reason) for p in report.problems] == [
+        ("pairs.jsonl line 2", "not UTF-8 text (byte 114: invalid continuation byte)")]
+    assert [w.item for w in report.warnings] == ["scenes.jsonl line 1"]
+    assert pairs_of(db)["p2"].original_captions == ["remove\u2028the chair"]
+
+    cirr = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", cirr)
+    (cirr / "captions/cap.rc2.val.json").write_bytes(b'[{"caption": "caf\xe9"}]')
+    with pytest.raises(FormatError, match=r"cap\.rc2\.val\.json: not UTF-8 text"):
+        import_dataset(db, "cirr", cirr, split="val")
+    circo = tmp_path / "circo"
+    shutil.copytree(FIXTURES / "circo", circo)
+    (circo / "annotations/val.json").write_bytes(b"\xef\xbb\xbf" + (FIXTURES / "circo/annotations/val.json").read_bytes())
+    assert import_dataset(db, "circo", circo, split="val").pairs_added == 2
+
+
+def test_a_duplicate_id_in_one_file_is_a_problem_and_reimport_adds_nothing(tmp_path):
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    with (folder / "pairs.jsonl").open("a") as handle:
+        handle.write('{"id": "p0", "reference": "images/room1.png", "target": "images/room0.png"}\n')
+    db = open_db(tmp_path / "s.db")
+    for _ in range(2):
+        report = import_dataset(db, "pairs", folder)
+        assert [p.item for p in report.problems] == ["pair 'p0' (pairs.jsonl line 4)"]
+        assert "duplicate id 'p0'" in report.problems[0].reason
+    assert db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 3
+    assert report.pairs_added == 0 and report.pairs_skipped == 3
+    cirr = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", cirr)
+    entries = json.loads((cirr / "captions/cap.rc2.val.json").read_text())
+    _append_json(cirr / "captions/cap.rc2.val.json", dict(entries[0], caption="another caption"))
+    report = import_dataset(db, "cirr", cirr, split="val")
+    assert report.pairs_added == 2 and [p.item for p in report.problems] == ["val pairid 0"]
+
+
+def test_images_named_outside_the_dataset_folder(tmp_path):
+    from ui.security import ImageRefusedError, resolve_image
+
+    # An export names its images by absolute path: imported elsewhere, the app still
+    # shows them (each is served from the folder the file named it in).
+    db = open_db(tmp_path / "a.db")
+    import_dataset(db, "pairs", FIXTURES / "pairs")
+    from store.exporters import export_dataset
+    export_dataset(db, "jsonl", tmp_path / "out" / "export.jsonl", include_unreviewed=True)
+    other = open_db(tmp_path / "b.db")
+    assert import_dataset(other, "pairs", tmp_path / "out" / "export.jsonl").pairs_added == 3
+    for (image_id,) in other.execute("SELECT id FROM images").fetchall():
+        assert resolve_image(other, image_id).media_type == "image/png"
+    # A file linked in from elsewhere is imported, noted, and refused by the app;
+    # "../../etc/passwd" is a problem naming its line.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    elsewhere = tmp_path / "elsewhere.png"
+    from PIL import Image
+    Image.new("RGB", (32, 32), "teal").save(elsewhere)  # content of its own (ids are hashes)
+    (folder / "images" / "link.png").symlink_to(elsewhere)
+    deep = "../" * len(folder.resolve().parts) + "etc/passwd"
+    with (folder / "pairs.jsonl").open("a") as handle:
+        handle.write(json.dumps({"id": "l", "reference": "images/link.png", "target": "images/room0.png"}) + "\n")
+        handle.write(json.dumps({"id": "x", "reference": deep, "target": "images/room0.png"}) + "\n")
+    third = open_db(tmp_path / "c.db")
+    report = import_dataset(third, "pairs", folder)
+    assert report.pairs_added == 4 and [p.item for p in report.problems] == ["pair 'x' (pairs.jsonl line 5)"]
+    assert "not an image" in report.problems[0].reason
+    assert [w.item for w in report.warnings] == ["images/link.png"]
+    assert "will not show" in report.warnings[0].reason
+    with pytest.raises(ImageRefusedError, match="outside"):
+        resolve_image(third, pairs_of(third)["l"].reference_id)

@@ -14,7 +14,7 @@ import sqlite_utils
 from tqdm import tqdm
 
 from ..db import transaction, utc_now
-from ..errors import ImageError
+from ..errors import FormatError, ImageError
 from ..images import ImageInfo, hash_file, inspect_image, is_url, url_image_id
 from ..models import ImportProblem, ImportReport
 
@@ -39,6 +39,31 @@ def resolve_location(location: str, base: Path) -> str | Path:
     return path if path.is_absolute() else base / path
 
 
+def read_text(path: Path) -> str:
+    """A dataset file's text. UTF-8, with or without a BOM (Windows editors add one);
+    anything else is a FormatError naming the file, not a bare UnicodeDecodeError."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise FormatError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                          "save it as UTF-8 and import again") from None
+
+
+def read_lines(path: Path) -> list[tuple[Optional[str], Optional[str]]]:
+    """A JSON-lines file as (text, None) per line, or (None, why) for a line that is not
+    UTF-8: one bad line is reported on its own while the others import."""
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = []
+    for raw in data.splitlines():
+        try:
+            lines.append((raw.decode("utf-8"), None))
+        except UnicodeDecodeError as exc:
+            lines.append((None, f"not UTF-8 text (byte {exc.start}: {exc.reason})"))
+    return lines
+
+
 class ImportSession:
     """One import run into one store. Call `image()` per image, `add_pair()` per pair,
     `problem()` for a bad item, and `finish()` at the end."""
@@ -52,12 +77,13 @@ class ImportSession:
         self.report = ImportReport()
         self._by_path: dict[str, ImageInfo | ImageError] = {}
         self._known_ids: set[str] = set()
-        self._moved: dict[str, str] = {}
+        self._moved: dict[str, tuple[str, str]] = {}  # image id -> (path, root)
         self._staged: list[tuple[str, dict, Optional[Any]]] = []
         self._pending_images: dict[str, dict] = {}
         self._pending_scenes: dict[str, str] = {}
         self._pending_pairs: list[dict] = []
         self._seen_pairs: set[str] = set()
+        self._outside_noted: set[str] = set()
 
     # ---- items -----------------------------------------------------------------------
 
@@ -82,11 +108,16 @@ class ImportSession:
         name, e.g. a regenerated demo world), reported as a problem."""
         pair_id = pair_id_for(self.source, external_id)
         if pair_id in self._seen_pairs:
-            self.report.pairs_skipped += 1
+            # Twice in one dataset: the second is a different item under the same id
+            # (or a copy); it would be silently lost if merely counted as skipped.
+            self.problem(item or str(external_id),
+                         f"duplicate id {external_id!r}: an earlier item of this import has the "
+                         "same id, so this one is left out; give each pair its own id")
             return True
         row = self.db.execute("SELECT reference_id FROM pairs WHERE id = ?", [pair_id]).fetchone()
         if row is None:
             return False
+        self._seen_pairs.add(pair_id)  # a second copy in this import is still a duplicate
         if reference is not None and base is not None:
             resolved = resolve_location(reference, base)
             now = url_image_id(resolved) if isinstance(resolved, str) else self._by_path.get(str(resolved))
@@ -119,12 +150,29 @@ class ImportSession:
             self._by_path[key] = cached
         if isinstance(cached, ImageError):
             raise cached
+        root = self._root_for(resolved, Path(cached.path))
+        if root is None:
+            root = self.root
+            if cached.path not in self._outside_noted:
+                self._outside_noted.add(cached.path)
+                self.warn(str(location), f"{resolved} is a link to {cached.path}, outside the folder that "
+                          "names it: the review app will not show this image (copy the file in instead)")
         self._staged.append((cached.id, {
             "id": cached.id, "name": name or str(location), "path": cached.path, "url": None,
-            "root": str(self.root), "width": cached.width, "height": cached.height,
+            "root": str(root), "width": cached.width, "height": cached.height,
             "size_bytes": cached.size_bytes, "format": cached.format, "split": split,
         }, scene))
         return cached.id
+
+    def _root_for(self, given: Path, real: Path) -> Optional[Path]:
+        """The dataset folder recorded for an image, which the review app serves it from:
+        the import's root when the file lies inside it, else the folder the dataset named
+        it in (an absolute path, as exports write, "../", or a folder linked in). None for
+        a file that is itself a link to elsewhere: the app refuses those."""
+        if _inside(real, self.root):
+            return self.root
+        named_in = given.parent.resolve()
+        return named_in if _inside(real, named_in) else None
 
     def prefetch(self, locations: Iterable[str], base: Path) -> None:
         """Validate many local images at once, on all cores (decoding releases the GIL),
@@ -161,7 +209,8 @@ class ImportSession:
         self._known_ids.add(image_id)
         if row[4] is not None and not Path(row[4]).exists():
             # The dataset moved: point the stored row at the file found now.
-            self._moved[image_id] = str(path.resolve())
+            real = path.resolve()
+            self._moved[image_id] = (str(real), str(self._root_for(path, real) or self.root))
         return ImageInfo(id=image_id, path=str(path.resolve()), width=row[0], height=row[1],
                          size_bytes=row[2], format=row[3])
 
@@ -225,7 +274,7 @@ class ImportSession:
             if self._moved:
                 conn.executemany(
                     "UPDATE images SET path = ?, root = ? WHERE id = ?",
-                    [(path, str(self.root), image_id) for image_id, path in self._moved.items()],
+                    [(path, root, image_id) for image_id, (path, root) in self._moved.items()],
                 )
                 self.report.images_moved += len(self._moved)
             if self._pending_scenes:
@@ -252,6 +301,14 @@ class ImportSession:
     def finish(self) -> ImportReport:
         self.flush()
         return self.report
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
 
 
 def _hash_or_none(path: Path) -> Optional[str]:

@@ -21,7 +21,7 @@ import sqlite_utils
 
 from ..errors import FormatError, ImageError
 from ..models import ImportReport
-from ._session import ImportSession
+from ._session import ImportSession, read_text
 
 IMAGE_DIRS = ("COCO2017_unlabeled/unlabeled2017", "unlabeled2017", "images")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -48,7 +48,7 @@ def import_circo(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     session = ImportSession(db, source or "circo", images_dir, progress=progress)
     for annotations_file, split_name in file_splits:
         try:
-            entries = json.loads(annotations_file.read_text(encoding="utf-8"))
+            entries = json.loads(read_text(annotations_file))
         except json.JSONDecodeError as exc:
             raise FormatError(f"{annotations_file}: not valid JSON ({exc})") from exc
         if not isinstance(entries, list):
@@ -83,10 +83,21 @@ def _referenced_files(entries: list, by_id: dict[int, Path]):
     for entry in entries:
         if not isinstance(entry, dict):
             continue
-        ids = [entry.get("reference_img_id"), entry.get("target_img_id"), *(entry.get("gt_img_ids") or ())]
+        gt = entry.get("gt_img_ids")
+        ids = [entry.get("reference_img_id"), entry.get("target_img_id"), *(gt if isinstance(gt, list) else ())]
         for coco_id in ids:
             if isinstance(coco_id, int) and coco_id in by_id:
                 yield str(by_id[coco_id].resolve())
+
+
+def _wrongly_typed(entry: dict) -> Optional[str]:
+    """Why an entry's fields cannot be imported as they are, or None."""
+    for key in ("relative_caption", "shared_concept"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            return f"{key} must be a string, not {type(entry[key]).__name__}"
+    if entry.get("gt_img_ids") is not None and not isinstance(entry["gt_img_ids"], list):
+        return f"gt_img_ids must be a list of image ids, not {type(entry['gt_img_ids']).__name__}"
+    return None
 
 
 def _import_entry(session: ImportSession, images_dir: Path, by_id: dict[int, Path], split: str,
@@ -95,16 +106,24 @@ def _import_entry(session: ImportSession, images_dir: Path, by_id: dict[int, Pat
     if not isinstance(entry, dict) or "id" not in entry or entry.get("reference_img_id") is None:
         session.problem(item, "needs id and reference_img_id")
         return
+    if isinstance(entry["id"], bool) or not isinstance(entry["id"], (int, str)):
+        session.problem(item, f"id must be a number, not {type(entry['id']).__name__}")
+        return
     item = f"{split} query {entry['id']}"
+    wrong = _wrongly_typed(entry)
+    if wrong:
+        session.problem(item, wrong)
+        return
     external_id = f"{split}:{entry['id']}"
-    if session.pair_exists(external_id):
+    if session.pair_exists(external_id, item):
         return
 
     def image_id(coco_id) -> str:
-        try:
-            file = by_id.get(int(coco_id))
-        except (TypeError, ValueError):
-            raise ImageError(f"{coco_id!r}: not a CIRCO image id") from None
+        # An int, or digits in a string; not a bool or 11.5 (int() would make them 1, 11).
+        if isinstance(coco_id, bool) or not (isinstance(coco_id, int)
+                                             or (isinstance(coco_id, str) and coco_id.isdigit())):
+            raise ImageError(f"{coco_id!r}: not a CIRCO image id")
+        file = by_id.get(int(coco_id))
         if file is None:
             raise ImageError(f"image {coco_id}: no file {int(coco_id):012d}.jpg in {images_dir}")
         return session.image(str(file.resolve()), base=images_dir, name=str(int(coco_id)), split=split)

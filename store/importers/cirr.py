@@ -1,5 +1,7 @@
 """CIRR: PATH is a root holding captions/cap.rc2.{train,val,test1}.json and
-image_splits/split.rc2.{split}.json (image name -> path relative to the root).
+image_splits/split.rc2.{split}.json (image name -> path like "./train/34/x.png"). Those
+paths are relative to img_raw/ when the root has one (the layout CIRR's README gives),
+else to the root itself.
 
 Each caption entry becomes one pair (CIRR has one caption per pairid), with external id
 "<split>:<pairid>", the caption as its original caption, img_set as image ids, and
@@ -17,7 +19,7 @@ import sqlite_utils
 
 from ..errors import FormatError, ImageError
 from ..models import ImportReport
-from ._session import ImportSession
+from ._session import ImportSession, read_text
 
 SPLITS = ("train", "val", "test1")
 
@@ -32,6 +34,7 @@ def import_cirr(db: sqlite_utils.Database, path: str | Path, *, split: Optional[
     if not splits:
         raise FormatError(f"{root}/captions: no cap.rc2.{{train,val,test1}}.json file")
     session = ImportSession(db, source or "cirr", root, progress=progress)
+    images = root / "img_raw" if (root / "img_raw").is_dir() else root
     for split_name in splits:
         captions_file = root / "captions" / f"cap.rc2.{split_name}.json"
         names_file = root / "image_splits" / f"split.rc2.{split_name}.json"
@@ -40,9 +43,9 @@ def import_cirr(db: sqlite_utils.Database, path: str | Path, *, split: Optional[
                 raise FormatError(f"{needed}: missing (needed for CIRR split {split_name!r})")
         entries = _load_json(captions_file, list)
         name_to_path = _load_json(names_file, dict)
-        session.prefetch(_referenced_paths(entries, name_to_path), root)
+        session.prefetch(_referenced_paths(entries, name_to_path), images)
         for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=f"cirr {split_name}"):
-            _import_entry(session, root, split_name, captions_file.name, index, entry, name_to_path)
+            _import_entry(session, images, split_name, captions_file.name, index, entry, name_to_path)
     return session.finish()
 
 
@@ -52,12 +55,21 @@ def _import_entry(session: ImportSession, root: Path, split: str, file_name: str
     if not isinstance(entry, dict) or "pairid" not in entry or not entry.get("reference"):
         session.problem(item, "needs pairid and reference")
         return
+    if isinstance(entry["pairid"], bool) or not isinstance(entry["pairid"], (int, str)):
+        session.problem(item, f"pairid must be a number, not {type(entry['pairid']).__name__}")
+        return
     item = f"{split} pairid {entry['pairid']}"
+    wrong = _wrongly_typed(entry)
+    if wrong:
+        session.problem(item, wrong)
+        return
     external_id = f"{split}:{entry['pairid']}"
-    if session.pair_exists(external_id):
+    if session.pair_exists(external_id, item):
         return
 
     def image_id(name: str) -> str:
+        if not isinstance(name, str):
+            raise ImageError(f"{name!r}: not an image name")
         relative = name_to_path.get(name)
         if relative is None:
             raise ImageError(f"{name}: not listed in image_splits/split.rc2.{split}.json")
@@ -95,6 +107,18 @@ def _import_entry(session: ImportSession, root: Path, split: str, file_name: str
                      img_set=member_ids if members else None, extra=extra)
 
 
+def _wrongly_typed(entry: dict) -> Optional[str]:
+    """Why an entry's fields cannot be imported as they are, or None."""
+    for key in ("reference", "target_hard", "caption"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            return f"{key} must be a string, not {type(entry[key]).__name__}"
+    img_set = entry.get("img_set")
+    if img_set is not None and not (isinstance(img_set, dict)
+                                    and isinstance(img_set.get("members", []), list)):
+        return 'img_set must be {"id": ..., "members": [image names]}'
+    return None
+
+
 def _referenced_paths(entries: list, name_to_path: dict):
     for entry in entries:
         if not isinstance(entry, dict):
@@ -107,7 +131,7 @@ def _referenced_paths(entries: list, name_to_path: dict):
 
 def _load_json(path: Path, kind: type):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: not valid JSON ({exc})") from exc
     if not isinstance(data, kind):

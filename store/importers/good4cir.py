@@ -17,7 +17,7 @@ import sqlite_utils
 from ..errors import FormatError, ImageError
 from ..images import is_url
 from ..models import ImportReport
-from ._session import ImportSession
+from ._session import ImportSession, read_text
 
 _KNOWN_KEYS = {"reference_image", "target_image", "difference_captions", "id", "split"}
 
@@ -31,7 +31,7 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
             raise FormatError(f"{path}: pass the dataset JSON file itself (found {len(candidates)} .json files)")
         path = candidates[0]
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: not valid JSON ({exc})") from exc
     if isinstance(entries, dict):  # tolerate {"pairs": [...]} / {"data": [...]} wrappers
@@ -42,11 +42,18 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
     folder = path.parent
     session = ImportSession(db, source or path.stem, folder, progress=progress)
     session.prefetch((str(e[k]) for e in entries if isinstance(e, dict)
-                      for k in ("reference_image", "target_image") if e.get(k)), folder)
+                      for k in ("reference_image", "target_image") if isinstance(e.get(k), str)), folder)
     for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=session.source):
         item = f"{path.name}[{index}]"
         if not isinstance(entry, dict) or not entry.get("reference_image") or not entry.get("target_image"):
             session.problem(item, "needs an object with reference_image and target_image")
+            continue
+        wrong = next((f"{key} must be an image path or URL (a string), not {type(entry[key]).__name__}"
+                      for key in ("reference_image", "target_image") if not isinstance(entry[key], str)), None)
+        if wrong is None and entry.get("split") is not None and not isinstance(entry["split"], str):
+            wrong = f"split must be a string, not {type(entry['split']).__name__}"
+        if wrong:
+            session.problem(item, wrong)
             continue
         entry_split = entry.get("split")
         if split is not None and entry_split is not None and entry_split != split:
@@ -58,7 +65,7 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
         captions = entry.get("difference_captions") or []
         if isinstance(captions, str):
             captions = [captions]
-        if not isinstance(captions, list):
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             session.problem(item, "difference_captions must be a list of strings")
             continue
         try:

@@ -16,7 +16,7 @@ import sqlite_utils
 
 from ..errors import FormatError, ImageError
 from ..models import ImportReport
-from ._session import ImportSession
+from ._session import ImportSession, read_lines
 
 PAIRS_FILE = "pairs.jsonl"
 SCENES_FILE = "scenes.jsonl"
@@ -39,12 +39,16 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         source = "demo" if (folder / "world.json").is_file() else folder.resolve().name
     session = ImportSession(db, source, folder, progress=progress)
     scenes = _read_scenes(folder / SCENES_FILE, folder, session)
-    lines = pairs_file.read_text(encoding="utf-8").splitlines()
-    session.prefetch(_image_locations(lines, split), folder)
-    for number, line in session.iterate(enumerate(lines, start=1), total=len(lines), desc=source):
+    lines = read_lines(pairs_file)
+    session.prefetch(_image_locations([text for text, _ in lines if text is not None], split), folder)
+    for number, (line, undecodable) in session.iterate(enumerate(lines, start=1), total=len(lines),
+                                                        desc=source):
+        item = f"{pairs_file.name} line {number}"
+        if undecodable:
+            session.problem(item, undecodable)
+            continue
         if not line.strip():
             continue
-        item = f"{pairs_file.name} line {number}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -55,6 +59,10 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         if (not isinstance(obj, dict) or not obj.get("reference")
                 or not (obj.get("target") or ("target" in obj and obj["target"] is None))):
             session.problem(item, 'needs an object with "reference" and "target" image paths')
+            continue
+        wrong = _wrongly_typed(obj)
+        if wrong:
+            session.problem(item, wrong)
             continue
         line_split = obj.get("split")
         if split is not None and line_split is not None and line_split != split:
@@ -68,7 +76,7 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         if isinstance(captions, str):
             captions = [captions]
         # Checked before any image is staged: a wrongly typed field drops only this line.
-        if not isinstance(captions, list):
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             session.problem(item, '"captions" must be a list of strings (or one string)')
             continue
         if obj.get("img_set") is not None and not isinstance(obj["img_set"], list):
@@ -101,6 +109,19 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     return session.finish()
 
 
+def _wrongly_typed(obj: dict) -> Optional[str]:
+    """Why a line's fields cannot be imported as they are, or None. (A number where a path
+    belongs would otherwise be looked up as a file named "7".)"""
+    for key in ("reference", "target"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            return f'"{key}" must be an image path or URL (a string), not {type(obj[key]).__name__}'
+    if obj.get("split") is not None and not isinstance(obj["split"], str):
+        return f'"split" must be a string, not {type(obj["split"]).__name__}'
+    if obj.get("id") is not None and not isinstance(obj["id"], (str, int)):
+        return f'"id" must be a string or a number, not {type(obj["id"]).__name__}'
+    return None
+
+
 def _image_locations(lines: list[str], split: Optional[str]):
     """Every image path the lines of `split` name (bad lines are reported later, in order)."""
     for line in lines:
@@ -126,7 +147,10 @@ def _read_scenes(scenes_file: Path, folder: Path, session: ImportSession) -> dic
     if not scenes_file.is_file():
         return {}
     scenes: dict[str, dict] = {}
-    for number, line in enumerate(scenes_file.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, (line, undecodable) in enumerate(read_lines(scenes_file), start=1):
+        if undecodable:
+            session.warn(f"{scenes_file.name} line {number}", f"ignored: {undecodable}")
+            continue
         if not line.strip():
             continue
         try:
