@@ -149,3 +149,52 @@ def test_app_command_refuses_an_open_address_without_login(tmp_path):
         main(["app", "--db", str(tmp_path / "missing.db")])
     with pytest.raises(CommandError, match="good4cir index"):
         main(["app", "--db", str(info["db_path"]), "--index", str(tmp_path / "no-index")])
+
+
+def _login(url, user, password):
+    data = urllib.parse.urlencode({"username": user, "password": password}).encode()
+    try:
+        with urllib.request.urlopen(url + "login", data=data, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_a_wrong_user_and_a_wrong_password_get_the_same_answer_after_the_same_work(served, monkeypatch):
+    import hmac
+
+    server, _, _ = served
+    real, compared = hmac.compare_digest, []
+
+    def counting(a, b):
+        compared.append(1)
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    answers = set()
+    for user, password in [("nobody", "pw1"), ("ann", "wrong"), ("ann", "pw1-and-longer")]:
+        compared.clear()
+        status, body = _login(server.url, user, password)
+        answers.add((status, body, len(compared)))
+    # One answer, after as many comparisons, whichever part was wrong: a name is not
+    # answered sooner for not existing (Gradio's own check compares nothing then).
+    assert len(answers) == 1, answers
+    status, _, count = answers.pop()
+    assert status == 400 and count > 0
+    assert _login(server.url, "ann", "pw1")[0] == 200
+
+
+def test_users_file_with_a_bom_or_not_utf8_or_unreadable(tmp_path):
+    users = tmp_path / "users.txt"
+    users.write_bytes("\ufeffann:one\r\nbob:tw\u00f6\r\n".encode("utf-8"))
+    assert parse_auth(str(users)) == [("ann", "one"), ("bob", "tw\u00f6")]
+    users.write_bytes(b"ann:caf\xe9\n")
+    with pytest.raises(SecurityError, match=r"users\.txt: cannot read the users file: not UTF-8"):
+        parse_auth(str(users))
+    with pytest.raises(SecurityError, match="no such file"):
+        parse_auth(str(tmp_path / "typo.txt"))
+    if os.geteuid() != 0:  # root reads anything
+        users.write_text("ann:one\n")
+        users.chmod(0)
+        with pytest.raises(SecurityError, match="cannot read the users file"):
+            parse_auth(str(users))

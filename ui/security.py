@@ -12,12 +12,14 @@ files it may serve, and how untrusted text reaches the page.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import html
 import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 from urllib.parse import quote
 
 import sqlite_utils
@@ -74,9 +76,16 @@ def parse_auth(spec: Optional[str]) -> Optional[list[tuple[str, str]]]:
     if not spec:
         return None
     if os.path.isfile(spec):
-        lines = Path(spec).read_text(encoding="utf-8").splitlines()
+        try:
+            # utf-8-sig: a BOM from a Windows editor would otherwise join the first user name
+            lines = Path(spec).read_text(encoding="utf-8-sig").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else f"not UTF-8 text ({exc.reason})"
+            raise SecurityError(f"--auth {spec}: cannot read the users file: {why}") from None
         source = spec
     else:
+        if ":" not in spec:
+            raise SecurityError(f"--auth {spec!r}: no such file, and not USER:PASSWORD")
         lines = [spec]
         source = "--auth"
     pairs = []
@@ -93,6 +102,30 @@ def parse_auth(spec: Optional[str]) -> Optional[list[tuple[str, str]]]:
     if not pairs:
         raise SecurityError(f"{source}: no user:password entries found")
     return pairs
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def login_checker(users: list[tuple[str, str]]) -> Callable[[str, str], bool]:
+    """The login check given to Gradio. Gradio's own check for a list of users looks the
+    name up first and compares a password only for a known name, so a wrong user name
+    was answered sooner than a wrong password. Here every entry is compared, name and
+    password both, as equal-length digests with no early exit: the time taken does not
+    depend on which part was wrong, nor on where the first difference lies."""
+    entries = [(_digest(user), _digest(password)) for user, password in users]
+
+    def check(username: str, password: str) -> bool:
+        given_user, given_password = _digest(username), _digest(password)
+        accepted = False
+        for user, expected in entries:
+            same_user = hmac.compare_digest(user, given_user)
+            same_password = hmac.compare_digest(expected, given_password)
+            accepted |= same_user & same_password
+        return accepted
+
+    return check
 
 
 def login_user(request) -> Optional[str]:

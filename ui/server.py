@@ -20,7 +20,7 @@ from fastapi.responses import FileResponse, PlainTextResponse  # noqa: E402
 
 from .assets import CSS, HEAD  # noqa: E402
 from .connections import Connections  # noqa: E402
-from .security import ImageRefusedError, check_bind, resolve_image  # noqa: E402
+from .security import ImageRefusedError, check_bind, login_checker, resolve_image  # noqa: E402
 
 
 def create_server_app(
@@ -73,7 +73,7 @@ def create_server_app(
 
     blocked = [str(Path(db_path).resolve().parent / (Path(db_path).name + suffix)) for suffix in ("", "-wal", "-shm")]
     gr.mount_gradio_app(
-        app, blocks, path="/", auth=auth, theme=_theme(), css=CSS, head=HEAD,
+        app, blocks, path="/", auth=login_checker(auth) if auth else None, theme=_theme(), css=CSS, head=HEAD,
         allowed_paths=[], blocked_paths=blocked, footer_links=[], show_error=True,
         ssr_mode=False, mcp_server=False, run_history=False,
         auth_message="good4cir review: log in with the user name and password you were given.",
