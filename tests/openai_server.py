@@ -67,6 +67,7 @@ class ServerConfig:
     batch_expire_after: Optional[int] = None  # lines done before a batch expires
     batch_line_error_rate: float = 0.0       # per-line 500s inside a batch
     batch_create_response_delay: float = 0.0  # the batch exists at once; the answer comes late
+    batch_queue_limit: Optional[int] = None  # lines enqueued at once; a batch over it fails
 
 
 OBJECTS = {
@@ -347,8 +348,21 @@ class FakeOpenAI:
                  "status": "validating", "created_at": int(time.time()), "output_file_id": None,
                  "error_file_id": None, "metadata": body.get("metadata"),
                  "request_counts": {"total": len(lines), "completed": 0, "failed": 0}}
+        limit = self.config.batch_queue_limit
+        enqueued = sum(b["request_counts"]["total"] for b in self.batches.values()
+                       if b["status"] in ("validating", "in_progress", "finalizing", "cancelling"))
         self.batches[batch_id] = batch
         self.stats["batches_created"] += 1
+        if limit is not None and enqueued + len(lines) > limit:
+            # As the Batch API does past the organisation's enqueued token limit: the batch
+            # fails without running a line (nothing is paid).
+            batch["status"] = "failed"
+            batch["errors"] = {"object": "list", "data": [{
+                "code": "token_limit_exceeded", "line": None, "param": None,
+                "message": "Enqueued token limit reached for this model. Please try again once "
+                           "some in_progress batches have been completed."}]}
+            self.stats["batches_failed"] += 1
+            return JSONResponse(batch)
         self.stats["batch_lines_submitted"] += len(lines)
         asyncio.get_running_loop().create_task(self._process(batch_id, lines))
         if self.config.batch_create_response_delay:

@@ -67,3 +67,20 @@ def test_a_batch_create_that_times_out_after_the_provider_made_it_is_adopted_not
     stored = table_rows(db_path, "SELECT id, status FROM batches ORDER BY created_at")
     assert [status for _, status in stored] == ["completed"] * 3
     assert {batch_id for batch_id, _ in stored} == set(server.state.batches) - earlier
+
+
+def test_a_batch_refused_for_a_full_queue_waits_for_room_instead_of_failing_its_pairs(server, tmp_path):
+    # Past the enqueued token limit the Batch API fails a new batch at once
+    # (token_limit_exceeded). Its lines used to go out again at once, fail the same way,
+    # and their pairs failed as 'retries exhausted' within seconds while the batches
+    # already queued were still running.
+    db_path = _world(tmp_path, references=4, pairs=4)
+    server.config.batch_delay = 0.4
+    server.config.batch_queue_limit = 2  # lines enqueued at once
+    progress = run_pipeline(db_path, _options(server, "openai-batch", max_batch_requests=1,
+                                              max_attempts=2))
+    assert progress.pairs_done == 4 and progress.failures == {}
+    assert server.stats["batches_failed"] >= 2  # the queue did overflow
+    # nothing ran in a refused batch, nothing was paid twice, and no attempt was spent
+    assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 4 + 4 + 4
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'error'") == [(0,)]

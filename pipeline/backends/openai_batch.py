@@ -15,7 +15,10 @@ checks open batches every `poll_interval` seconds and gives up on one after
 output and error files are downloaded and each line goes back to the request that
 wrote it, by custom_id. A line the batch did not finish (expired, cancelled, or a 429 /
 5xx inside the batch) becomes a TransientError, so the runner asks again and the
-request goes into a new batch; finished lines are never resubmitted.
+request goes into a new batch; finished lines are never resubmitted. A batch that fails
+because the provider's queue for the model is full (`token_limit_exceeded`) ran nothing:
+its lines wait until another batch of this session ends, then go out again, without
+counting as an attempt (an immediate resubmission would fail the same way).
 
 The response format steps down as in the `openai` backend (json_schema → json_object →
 text): a line refused with a 400 (or 422) that names the response format lowers the mode for
@@ -45,6 +48,9 @@ log = logging.getLogger("good4cir.pipeline.batch")
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 TERMINAL = {"completed", "expired", "cancelled", "failed"}
+# A batch that fails with these ran nothing (nothing was paid): the provider's queue for
+# the model is full until some of the batches already in it finish.
+QUEUE_FULL_CODES = {"token_limit_exceeded", "request_limit_exceeded"}
 
 
 class BatchVLMResponse(VLMResponse):
@@ -79,6 +85,7 @@ class _Watch:
     status: Optional[str] = None
     cancel_sent: bool = False
     note: str = ""
+    error_codes: set = field(default_factory=set)  # of a batch that failed as a whole
 
 
 @dataclass
@@ -344,6 +351,12 @@ class OpenAIBatchBackend:
         if pending.future.done():
             return
         result = watch.results.pop(pending.custom_id, None)
+        if result is None and watch.error_codes & QUEUE_FULL_CODES and await self._wait_for_room(watch):
+            # Not an attempt: nothing ran. The line goes out again in the next batch.
+            if not pending.future.done():
+                self._pool.append(pending)
+                self._last_added = time.monotonic()
+            return
         if result is None:
             note = f": {watch.note}" if watch.note else ""
             result = BatchLineError(f"batch {watch.batch_id} ended '{watch.status}' without this line{note}",
@@ -353,6 +366,21 @@ class OpenAIBatchBackend:
             pending.future.exception()
         else:
             pending.future.set_result(result)
+
+    async def _wait_for_room(self, failed: _Watch) -> bool:
+        """After a batch refused for a full queue: wait until one of this session's open
+        batches ends (making room). False when none is open (the queue is full of
+        others' batches) or the run is stopping: the line then fails as an attempt."""
+        others = [w for w in self._watches.values() if w is not failed and not w.done.is_set()]
+        if not others or self._ctx.stopping:
+            return False
+        waits = [asyncio.ensure_future(w.done.wait()) for w in others]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        return not self._ctx.stopping
 
     # -- polling
 
@@ -403,9 +431,10 @@ class OpenAIBatchBackend:
             for row in await self._lines(batch.error_file_id):
                 results.setdefault(row["custom_id"], self._line_result(watch.batch_id, row))
         if batch.status == "failed" and not results:
-            errors = getattr(batch, "errors", None)
-            watch.note = str(errors)[:300] if errors else ""
-            log.warning("batch %s failed: %s", watch.batch_id, errors)
+            errors = list(getattr(getattr(batch, "errors", None), "data", None) or [])
+            watch.error_codes = {e.code for e in errors if getattr(e, "code", None)}
+            watch.note = "; ".join(f"{e.code}: {e.message}" for e in errors)[:300]
+            log.warning("batch %s failed: %s", watch.batch_id, watch.note or "no reason given")
         watch.results = results
         await self._ctx.db(store_ann.update_batch, watch.batch_id, status=batch.status,
                            output_file_id=batch.output_file_id, error_file_id=batch.error_file_id,
