@@ -3,10 +3,12 @@ by exercising it as a user would (the real `openai` client against the local ser
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from openai_server import server_fixture
-from pipeline.runner import RunOptions, run_pipeline
+from pipeline.runner import RunOptions, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-qa-0123456789abcdef"
@@ -84,3 +86,32 @@ def test_a_batch_refused_for_a_full_queue_waits_for_room_instead_of_failing_its_
     # nothing ran in a refused batch, nothing was paid twice, and no attempt was spent
     assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 4 + 4 + 4
     assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'error'") == [(0,)]
+
+
+def test_the_batch_deadline_counts_from_submission_across_a_restart(server, tmp_path):
+    # A restarted session used to start a stored batch's clock again, so a run resumed
+    # now and then never gave up on a batch the provider left hanging.
+    db_path = _world(tmp_path, references=1, pairs=1)
+    server.config.batch_delay = 120.0  # the provider never finishes it
+    timeout = 3.0
+    options = _options(server, "openai-batch", batch_timeout=timeout)
+    handle = start_run_in_thread(db_path, options)
+    deadline = time.time() + 30
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE status = 'validating'")[0][0]:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    submitted = time.time()
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    (batch_id,), = table_rows(db_path, "SELECT id FROM batches")
+    time.sleep(max(0.0, submitted + timeout + 0.2 - time.time()))  # its window is over
+
+    handle = start_run_in_thread(db_path, options)
+    assert handle.wait_started(timeout=30)
+    resumed = time.time()
+    # cancelled at the first poll, not a whole window after the restart
+    while server.state.batches[batch_id]["status"] not in ("cancelling", "cancelled"):
+        assert time.time() - resumed < timeout * 0.75, "the restarted session gave the batch a new window"
+        time.sleep(0.02)
+    handle.stop()
+    handle.join(timeout=30)

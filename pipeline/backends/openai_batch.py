@@ -10,8 +10,8 @@ which go out in the next batch. A pool larger than the API's limits (50,000 requ
 
 Every submitted batch is stored (table `batches`: id, input file, custom ids), so a
 restarted run finds its batches and waits for them instead of paying again. A poller
-checks open batches every `poll_interval` seconds and gives up on one after
-`batch_timeout` (it is cancelled; its finished lines are kept). When a batch ends, its
+checks open batches every `poll_interval` seconds and gives up on one `batch_timeout`
+after it was submitted, restarts included (it is cancelled; its finished lines are kept). When a batch ends, its
 output and error files are downloaded and each line goes back to the request that
 wrote it, by custom_id. A line the batch did not finish (expired, cancelled, or a 429 /
 5xx inside the batch) becomes a TransientError, so the runner asks again and the
@@ -34,6 +34,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, ClassVar, Optional
 
 from store import annotations as store_ann
@@ -96,6 +97,13 @@ class _Pending:
     future: asyncio.Future
 
 
+def _epoch(stamp: Optional[str]) -> Optional[float]:
+    try:
+        return datetime.fromisoformat(stamp).timestamp() if stamp else None
+    except ValueError:
+        return None
+
+
 def custom_id_for(body_without_images: dict) -> str:
     digest = hashlib.sha256(json.dumps(body_without_images, sort_keys=True, ensure_ascii=False)
                             .encode()).hexdigest()
@@ -129,6 +137,9 @@ class OpenAIBatchBackend:
         self._run_id: Optional[int] = None
         self._known: dict[str, list[str]] = {}       # custom_id -> stored batch ids, oldest first
         self._watches: dict[str, _Watch] = {}
+        # When stored batches were submitted (epoch s): batch_timeout counts from then,
+        # not from this session's start, or every restart would grant a new window.
+        self._submitted_at: dict[str, Optional[float]] = {}
         self._waiters: dict[str, asyncio.Future] = {}  # custom_id -> shared answer
         self._line_mode: dict[str, str] = {}  # custom_id -> response mode it was sent with
         self._pool: list[_Pending] = []
@@ -152,6 +163,7 @@ class OpenAIBatchBackend:
         for row in rows:
             for custom_id in row["custom_ids"]:
                 self._known.setdefault(custom_id, []).append(row["id"])
+            self._submitted_at[row["id"]] = _epoch(row["created_at"])
         self._wake = asyncio.Event()
         self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._poller())]
 
@@ -388,6 +400,9 @@ class OpenAIBatchBackend:
         watch = self._watches.get(batch_id)
         if watch is None:
             watch = self._watches[batch_id] = _Watch(batch_id)
+            submitted = self._submitted_at.get(batch_id)
+            if submitted is not None:
+                watch.created -= max(0.0, time.time() - submitted)
         return watch
 
     async def _poller(self) -> None:
