@@ -11,7 +11,8 @@ combinations) are also reported on their own.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from . import metrics
 from .data import Triplet
 from .submission import circo_query_text
+
+log = logging.getLogger(__name__)
 
 RECALL_KS = (1, 5, 10, 50)
 SUBSET_KS = (1, 2, 3)
@@ -216,6 +219,25 @@ def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
     return result
 
 
+def drop_unreadable_members(triplets: Sequence[Triplet], row_of: dict[str, int]) -> list[Triplet]:
+    """The triplets with image-set members and extra ground truths that could not be
+    decoded (not in `row_of`) left out of them, so that one corrupt near-duplicate costs
+    its own place in the gallery, not the whole evaluation (recall_subset would find a
+    member missing from the gallery). The reference and target are the caller's to check."""
+    out = []
+    for t in triplets:
+        extra = t.extra or {}
+        truths = extra.get("gt_image_ids")
+        if truths and any(k not in row_of for k in truths):
+            extra = {**extra, "gt_image_ids": [k for k in truths if k in row_of]}
+        img_set = t.img_set
+        if img_set and any(k not in row_of for k in img_set):
+            img_set = [k for k in img_set if k in row_of] or None
+        out.append(t if (img_set is t.img_set and extra is t.extra) else
+                   replace(t, img_set=img_set, extra=extra))
+    return out
+
+
 def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] = None,
                       progress: bool = True):
     """One split's triplets and gallery, pixels decoded through the pixel cache at the
@@ -232,9 +254,11 @@ def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] =
     cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
     gallery_keys = data.gallery_keys(triplets)
     pixels, row_of, failures = cache.load({k: data.image_paths[k] for k in gallery_keys}, progress)
+    for reason in failures.values():
+        log.warning("image left out: %s", reason)
     gallery_keys = [k for k in gallery_keys if k in row_of]
     triplets = [t for t in triplets if t.reference in row_of and t.target in row_of]
-    return triplets, gallery_keys, pixels, row_of, failures
+    return drop_unreadable_members(triplets, row_of), gallery_keys, pixels, row_of, failures
 
 
 def evaluate_checkpoint(

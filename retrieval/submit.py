@@ -109,7 +109,7 @@ def write_checkpoint_submission(
     """Rank every query of `split` against its gallery and write the submission files;
     with the checkpoint's re-ranker where it has one (and `rerank`)."""
     from .data import load_triplets
-    from .evaluate import build_queries, embed, evaluate_embeddings
+    from .evaluate import build_queries, drop_unreadable_members, embed, evaluate_embeddings
     from .features import PixelCache, default_cache_dir
     from .model import load_model, split_preprocess
     from .rerank import load_pair_scorer, rerank_matrix
@@ -142,6 +142,7 @@ def write_checkpoint_submission(
             raise ValueError(f"pair {t.pair_id}: reference image could not be read "
                              f"({failures.get(t.reference, 'not in the gallery')})")
     notes += [f"gallery image left out: {reason}" for reason in failures.values()]
+    triplets = drop_unreadable_members(triplets, row_of)
 
     queries = build_queries(triplets, all_captions=False)  # one query per pair
     with_target = [i for i, key in enumerate(queries.target_keys) if key is not None and key in row_of]

@@ -1,0 +1,86 @@
+"""What a user meets on the retrieval journeys with bad inputs: each gives a clear error
+naming the item (a ValueError or FileNotFoundError, which the CLI prints as
+'error: ...'), or leaves the bad item out and carries on."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import torch
+from test_retrieval_world import make_world_store
+
+from good4cir.cli import main
+from retrieval.evaluate import evaluate_checkpoint
+from retrieval.train import TrainConfig, train
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    return root, make_world_store(root, pairs=40)
+
+
+def _config(root, out, **overrides):
+    values = dict(out=str(root / out), dbs=[str(root / "world.db")], image_size=32, batch_size=16,
+                  epochs=1, cache_dir=str(root / "cache"), progress=False, rerank=False)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(world):
+    root, _ = world
+    train(_config(root, "model"))
+    return root / "model"
+
+
+def _set_only_members(db_path, split: str) -> list[tuple[str, str]]:
+    """(image id, path) of image-set members of `split` that are no pair's reference or target."""
+    conn = sqlite3.connect(db_path)
+    used = {k for row in conn.execute("SELECT reference_id, target_id FROM pairs") for k in row}
+    members = {k for (img_set,) in conn.execute("SELECT img_set FROM pairs WHERE split = ?", [split])
+               for k in json.loads(img_set)} - used
+    paths = dict(conn.execute("SELECT id, path FROM images"))
+    conn.close()
+    return sorted((k, paths[k]) for k in members)
+
+
+def test_an_unreadable_image_set_member_is_left_out_not_fatal(tmp_path):
+    """A near-duplicate that no longer decodes leaves the gallery and its image set;
+    validation during training and `eval` go on (they stopped on 'image-set member
+    <hash> is not in the gallery')."""
+    db_path = make_world_store(tmp_path, pairs=40)
+    broken = [_set_only_members(db_path, split)[0] for split in ("val", "test")]
+    for _, path in broken:
+        with open(path, "wb") as fh:
+            fh.write(b"\x89PNG\r\n\x1a\n not really")
+    result = train(_config(tmp_path, "model"))
+    assert result.history["epochs"][0]["val"]["recall_subset"]
+    metrics = evaluate_checkpoint(tmp_path / "model", dbs=[db_path], split="test",
+                                  cache_dir=tmp_path / "cache", progress=False)
+    assert metrics["images_failed"] == 1
+    assert set(metrics["recall_subset"]) == {"1", "2", "3"}
+    assert metrics["queries"] > 0
+
+
+def test_submission_metrics_survive_an_unreadable_image_set_member(tmp_path, checkpoint, capsys):
+    """`eval --submission` on a split with targets: the files skip the broken member, and
+    the metrics over the queries with a target no longer stop on it."""
+    from test_retrieval_submission_cli import _cirr_root
+
+    _cirr_root(tmp_path / "root")
+    db_path = tmp_path / "cirr.db"
+    assert main(["import", "--db", str(db_path), "--format", "cirr", str(tmp_path / "root")]) == 0
+    (tmp_path / "root" / "val" / "val-0-0-img3.png").write_bytes(b"not an image")  # after import
+    capsys.readouterr()
+    assert main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
+                 "--cache-dir", str(tmp_path / "cache"), "--submission", str(tmp_path / "sub"),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["recall_subset"]) == {"1", "2", "3"}
+    subset = json.loads((tmp_path / "sub" / "recall_subset_submission_val.json").read_text())
+    assert all("val-0-0-img3" not in names for key, names in subset.items() if key not in ("version", "metric"))
