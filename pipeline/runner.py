@@ -328,11 +328,19 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         calls: dict[str, int] = {}
         if todo:
             marks = ",".join("?" * len(todo))
+            # Answers already stored (any run) are read back, not paid: a --new-run, or
+            # another split over the same pairs, asks only what was never answered.
+            stale = Runner._stale_answers(db, run.id) if run is not None and options.retry_failed else set()
+            images_of = {pair: (ref, tgt) for pair, ref, tgt in db.execute(
+                f"SELECT id, reference_id, target_id FROM pairs WHERE id IN ({marks})", todo)}
             if options.method == "single":
-                calls["single"] = len(todo)
+                hashes = {p: request_hash(single_request(
+                    p, (ref, ""), (tgt, ""), temperature=options.temperature,
+                    max_tokens=options.max_tokens), params) for p, (ref, tgt) in images_of.items()}
+                answered = _stored_ok(db, set(hashes.values())) - stale
+                calls["single"] = len(todo) - sum(h in answered for h in hashes.values())
             else:
-                reference_of = dict(db.execute(
-                    f"SELECT id, reference_id FROM pairs WHERE id IN ({marks})", todo).fetchall())
+                reference_of = {pair: ref for pair, (ref, _) in images_of.items()}
                 keys = list({stage1_key(r, params, prompts) for r in reference_of.values()})
                 # A session stopped or killed mid-run left stage 2 descriptions of pairs
                 # still pending: the rerun reads them back instead of asking again.
@@ -341,8 +349,19 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
                 cached = {row[0] for row in db.execute(
                     f"SELECT id FROM descriptions WHERE id IN ({','.join('?' * len(keys + keys2))})",
                     keys + keys2)}
+                stage3 = {}
+                for p in todo:
+                    if p not in reference_of:
+                        continue
+                    key1 = stage1_key(reference_of[p], params, prompts)
+                    key2 = stage2_key(p, key1, params, prompts)
+                    if key1 in cached and key2 in cached:
+                        stage3[p] = request_hash(stage3_request(
+                            p, _stored_objects(db, key1), _stored_objects(db, key2),
+                            temperature=options.temperature, max_tokens=options.max_tokens), params)
+                answered = _stored_ok(db, set(stage3.values())) - stale
                 calls = {"stage1": len(set(keys) - cached), "stage2": len(todo) - len(cached & set(keys2)),
-                         "stage3": len(todo)}
+                         "stage3": len(todo) - sum(h in answered for h in stage3.values())}
         prices = PriceTable.load(options.prices_path)
         model = options.resolved_model()
         estimate = prices.estimate(model, calls, detail=options.detail,
@@ -351,6 +370,22 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
                     estimated_cost_usd=estimate, unknown_price=bool(prices.unknown))
     finally:
         db.conn.close()
+
+
+def _stored_objects(db, key: str) -> list[dict]:
+    return [o.model_dump() for o in store_ann.get_description(db, key).objects]
+
+
+def _stored_ok(db, hashes: set[str]) -> set[str]:
+    """Those of `hashes` with a stored successful answer."""
+    found: set[str] = set()
+    ordered = sorted(hashes)
+    for i in range(0, len(ordered), 500):
+        chunk = ordered[i:i + 500]
+        found |= {row[0] for row in db.execute(
+            f"SELECT DISTINCT request_hash FROM calls WHERE status = 'ok' AND request_hash IN"
+            f" ({','.join('?' * len(chunk))})", chunk)}
+    return found
 
 
 # ---------------------------------------------------------------- the run

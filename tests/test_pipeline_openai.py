@@ -118,14 +118,14 @@ def test_cli_dry_run_annotate_rerun_and_status_json(server, tmp_path, capsys):
 
     assert cli_main(args + ["--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["calls"] == 0
-    # Two pairs left pending with their descriptions stored, as a session killed between
-    # stage 2 and stage 3 leaves them: only stage 3 is counted for them.
+    # Two pairs left pending with their descriptions and stage 3 answers stored, as a
+    # session killed just before completing them leaves them: nothing is counted.
     db = open_db(db_path)
     db.execute("UPDATE annotations SET status = 'pending' WHERE rowid IN (SELECT rowid FROM annotations LIMIT 2)")
     db.conn.commit()
     db.conn.close()
     assert cli_main(args + ["--dry-run", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["calls_by_stage"] == {"stage1": 0, "stage2": 0, "stage3": 2}
+    assert json.loads(capsys.readouterr().out)["calls_by_stage"] == {"stage1": 0, "stage2": 0, "stage3": 0}
     assert cli_main(args) == 0  # resumes: stage 3's answers are stored too, so no call
     capsys.readouterr()
     assert cli_main(args) == 0  # rerun: resumes the finished run, makes no call

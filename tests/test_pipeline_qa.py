@@ -8,7 +8,7 @@ import time
 import pytest
 
 from openai_server import server_fixture
-from pipeline.runner import RunOptions, run_pipeline, start_run_in_thread
+from pipeline.runner import RunOptions, plan_run, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-qa-0123456789abcdef"
@@ -115,3 +115,19 @@ def test_the_batch_deadline_counts_from_submission_across_a_restart(server, tmp_
         time.sleep(0.02)
     handle.stop()
     handle.join(timeout=30)
+
+
+@pytest.mark.parametrize("method", ["staged", "single"])
+def test_dry_run_counts_only_the_calls_a_new_run_will_pay_for(server, tmp_path, method):
+    # A second run over pairs already answered (--new-run, or another split) reads every
+    # stored answer back and pays nothing, but the dry run used to count a stage 3 (or
+    # single) call for every pair.
+    db_path = _world(tmp_path, references=2, pairs=4)
+    run_pipeline(db_path, _options(server, method=method, limit=3))
+    paid = server.stats["chat_requests"]
+    plan = plan_run(db_path, _options(server, method=method, new_run=True))
+    progress = run_pipeline(db_path, _options(server, method=method, new_run=True))
+    assert progress.pairs_done == 4
+    made = server.stats["chat_requests"] - paid
+    assert plan.calls == made == (2 if method == "staged" else 1)  # the one pair never annotated
+    assert plan.calls_by_stage.get("stage3", 0) == (1 if method == "staged" else 0)
