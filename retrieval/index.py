@@ -569,10 +569,15 @@ def build_gallery_index(
     from .model import load_retriever, split_preprocess
 
     entries = gallery_from_db(db_path, split=split)
+    out_dir = Path(out_dir)
+    try:  # before any encoding: a file where the folder should be, or no permission
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot write the index to {out_dir}: "
+                         + ("it is a file, not a folder" if out_dir.is_file() else exc.strerror or str(exc))) from None
     if retriever is None:
         retriever = load_retriever(checkpoint_dir)
     fingerprint = checkpoint_fingerprint(retriever.model_info)
-    out_dir = Path(out_dir)
     started = time.perf_counter()
     model = getattr(retriever, "model", None)
     pixel_cache = None

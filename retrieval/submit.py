@@ -114,6 +114,12 @@ def write_checkpoint_submission(
     from .model import load_model, split_preprocess
     from .rerank import load_pair_scorer, rerank_matrix
 
+    out_dir = Path(out_dir)
+    try:  # before any ranking: a file where the folder should be, or no permission
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot write the submission files to {out_dir}: "
+                         + ("it is a file, not a folder" if out_dir.is_file() else exc.strerror or str(exc))) from None
     model, _ = load_model(checkpoint_dir, which=which)
     data = load_triplets(dbs, files, source=source, captions=captions,
                          include_unreviewed=include_unreviewed, keep_targetless=True)
@@ -160,7 +166,6 @@ def write_checkpoint_submission(
         metrics = evaluate_embeddings(emb_scored, gallery_keys, queries.subset(with_target),
                                       model_scores=scores[with_target])
 
-    out_dir = Path(out_dir)
     if kind == "cirr":
         gallery_names = [image_name(data, k) for k in gallery_keys]
         references = [image_name(data, t.reference, t) for t in triplets]

@@ -224,7 +224,11 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         raise ValueError(f"--rerank-share must be between 0 and 1, got {cfg.rerank_share}")
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where the folder should be, or no permission
+        raise ValueError(f"cannot write checkpoints to {out}: "
+                         + ("it is a file, not a folder" if out.is_file() else exc.strerror or str(exc))) from None
     # A pair scorer belongs to the first stage it was trained on: never reuse an old one.
     (out / RERANK_FILE).unlink(missing_ok=True)
     started = time.monotonic()

@@ -84,3 +84,24 @@ def test_submission_metrics_survive_an_unreadable_image_set_member(tmp_path, che
     assert set(result["recall_subset"]) == {"1", "2", "3"}
     subset = json.loads((tmp_path / "sub" / "recall_subset_submission_val.json").read_text())
     assert all("val-0-0-img3" not in names for key, names in subset.items() if key not in ("version", "metric"))
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_an_out_folder_that_is_a_file_is_a_clear_error(world, checkpoint, below):
+    """train --out, index --out and eval --submission given a file (or a path under one)
+    say so, before any work, instead of a FileExistsError / NotADirectoryError traceback."""
+    root, db_path = world
+    a_file = root / "a-file"
+    a_file.write_text("not a folder")
+    out = a_file / "sub" if below else a_file
+    cache = str(root / "cache")
+    with pytest.raises(ValueError, match=f"cannot write .* to {out}"):
+        main(["train", "--db", str(db_path), "--out", str(out), "--epochs", "1", "--image-size", "32",
+              "--no-rerank", "--cache-dir", cache])
+    with pytest.raises(ValueError, match=f"cannot write .* to {out}"):
+        main(["index", "--db", str(db_path), "--checkpoint", str(checkpoint), "--out", str(out),
+              "--quiet", "--cache-dir", cache])
+    with pytest.raises(ValueError, match=f"cannot write .* to {out}"):
+        main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
+              "--submission", str(out), "--cache-dir", cache])
+    assert a_file.read_text() == "not a folder"
