@@ -55,7 +55,9 @@ does not validate gets one repair request quoting the validation error. After th
 pair is marked failed with '<category>: <detail>' and the run goes on. Categories:
 bad image, no target, request rejected, retries exhausted, retry budget spent, invalid
 answer, stage 4 error, internal error. A refused key (401) is no item's fault: the run
-stops at once with RunAuthError, its pairs left pending for a rerun with a good key.
+stops at once with RunAuthError, its pairs left pending for a rerun with a good key; so
+does an account out of credits (429 insufficient_quota: RunQuotaError), which waiting
+and retrying would not mend.
 
 Scheduling: `concurrency` request slots, served later stages first (pipeline.slots), and
 twice as many pair workers, so pairs waiting on a shared stage 1 never leave a slot idle.
@@ -88,7 +90,7 @@ from store.errors import LeaseHeldError
 from store.models import CallRecord
 
 from .backends import create_backend
-from .backends.base import AuthenticationError, PermanentError, TransientError, VLMRequest
+from .backends.base import AccountError, PermanentError, QuotaExceededError, TransientError, VLMRequest
 from .images import BadImageError
 from .pricing import PriceTable
 from .prompts import prompt_versions
@@ -209,6 +211,11 @@ class RunBusyError(ValueError):
 
 class RunAuthError(ValueError):
     """The backend refused the credentials; the run stopped with its pairs pending."""
+
+
+class RunQuotaError(RunAuthError):
+    """The account has no credits left (429 insufficient_quota); the run stopped with its
+    pairs pending."""
 
 
 @dataclass
@@ -419,6 +426,7 @@ class Runner:
         self.session_id = uuid.uuid4().hex
         self._lease_lost = False
         self._auth_error: Optional[str] = None  # the first refusal of the credentials
+        self._account_error_type: Optional[type] = None  # or of the account (no credits)
 
     # -- the database, from one thread so the event loop never waits on sqlite
     async def _db(self, fn, *args, **kwargs):
@@ -541,6 +549,11 @@ class Runner:
             await self._db(lambda db: None)  # every queued write is in the store
             status = "stopped" if self._stopping else "finished"
             if self._auth_error is not None:
+                if self._account_error_type is QuotaExceededError:
+                    raise RunQuotaError(
+                        f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. Add credits to the account "
+                        "(or raise its spending limit) and rerun the same command to resume; the "
+                        "pairs not yet annotated stay pending")
                 raise RunAuthError(
                     f"run {self.run_id} stopped: {self._auth_error}. Set {self.options.api_key_env} "
                     "to a valid key (or pass --api-key-env NAME) and rerun the same command to "
@@ -842,11 +855,13 @@ class Runner:
             self.progress.calls += 1
             self.progress.call_errors += 1
             self.progress.last_error = message[:300]
-            if isinstance(error, AuthenticationError):
-                # Every request would be refused: stop, and leave the pairs pending for a
-                # rerun with a good key rather than failing each of them.
+            if isinstance(error, AccountError):
+                # Every request would be refused (a bad key, no credits left): stop, and
+                # leave the pairs pending for a rerun once the account is put right,
+                # rather than failing (or retrying) each of them.
                 if self._auth_error is None:
                     self._auth_error = message
+                    self._account_error_type = type(error)
                     log.error("%s: stopping the run", message)
                 self._stopping = True
                 raise RunStoppedError()

@@ -60,6 +60,7 @@ class ServerConfig:
     reject_json_object: bool = False
     reject_format_status: int = 400  # 422: servers that refuse an unknown field as unprocessable
     reject_auth: bool = False       # 401 that echoes the key, as some servers do
+    reject_quota: bool = False      # 429 insufficient_quota: the account is out of credits
     reject_max_tokens: bool = False  # 400 unless max_completion_tokens (newer OpenAI models)
     reject_temperature: bool = False  # 400 for any temperature but the default
     keep_requests: int = 200        # how many request bodies to keep for inspection
@@ -262,6 +263,11 @@ class FakeOpenAI:
             self.stats["rejected_auth"] += 1
             return _error(401, f"Incorrect API key provided: {request.headers.get('authorization', '')}",
                           code="invalid_api_key")
+        if cfg.reject_quota:  # as OpenAI answers once the credits are spent: no Retry-After
+            self.stats["rejected_quota"] += 1
+            return JSONResponse({"error": {
+                "message": "You exceeded your current quota, please check your plan and billing details.",
+                "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}, status_code=429)
         with self.lock:
             self.stats["chat_requests"] += 1
             if cfg.keep_requests:

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from openai_server import server_fixture
-from pipeline.runner import RunOptions, plan_run, run_pipeline, start_run_in_thread
+from pipeline.runner import RunOptions, RunQuotaError, plan_run, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-qa-0123456789abcdef"
@@ -131,3 +131,20 @@ def test_dry_run_counts_only_the_calls_a_new_run_will_pay_for(server, tmp_path, 
     made = server.stats["chat_requests"] - paid
     assert plan.calls == made == (2 if method == "staged" else 1)  # the one pair never annotated
     assert plan.calls_by_stage.get("stage3", 0) == (1 if method == "staged" else 0)
+
+
+def test_an_account_out_of_credits_stops_the_run_with_its_pairs_pending(server, tmp_path):
+    # OpenAI answers 429 insufficient_quota once the credits are spent. It was retried as a
+    # rate limit, every pair failed as 'retries exhausted' and the run said 'finished'.
+    db_path = _world(tmp_path, references=3, pairs=12)
+    server.config.reject_quota = True
+    with pytest.raises(RunQuotaError) as caught:
+        run_pipeline(db_path, _options(server))
+    assert str(caught.value).startswith("run 1 stopped: quota exceeded (429)")
+    assert "Add credits to the account" in str(caught.value)
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 12)]
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+    assert server.stats["rejected_quota"] <= 2  # concurrency 2: not retried, not one per pair
+    server.config.reject_quota = False  # credits added: the same options resume and finish
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.run_id == 1 and progress.pairs_done == 12

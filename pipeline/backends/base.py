@@ -61,9 +61,18 @@ class PermanentError(BackendError):
     """Retrying the same request will not help (400, auth, content filter)."""
 
 
-class AuthenticationError(PermanentError):
-    """The server refused the credentials (401): every request would fail the same way,
-    so the runner stops the run instead of failing each item."""
+class AccountError(PermanentError):
+    """No request can succeed until the account is put right: every request would fail
+    the same way, so the runner stops the run instead of failing each item."""
+
+
+class AuthenticationError(AccountError):
+    """The server refused the credentials (401)."""
+
+
+class QuotaExceededError(AccountError):
+    """429 `insufficient_quota`: the account has no credits left. Unlike a rate limit,
+    waiting does not help."""
 
 
 class Backend(Protocol):

@@ -22,7 +22,8 @@ import time
 from typing import Any, ClassVar, Optional
 
 from ..images import DETAILS, ImageEncoder
-from .base import AuthenticationError, PermanentError, TransientError, VLMRequest, VLMResponse
+from .base import (AuthenticationError, PermanentError, QuotaExceededError, TransientError, VLMRequest,
+                   VLMResponse)
 
 RESPONSE_MODES = ("json_schema", "json_object", "text")
 
@@ -78,6 +79,8 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None):
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = parse_retry_after(getattr(exc.response, "headers", None))
+        if status == 429 and "insufficient_quota" in (getattr(exc, "code", None), getattr(exc, "type", None)):
+            return QuotaExceededError(f"quota exceeded (429): {message}")
         if status == 429:
             return TransientError(f"rate limited (429): {message}", retry_after=retry_after)
         if status in (408, 409) or status >= 500:
