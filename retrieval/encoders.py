@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -206,7 +207,16 @@ def _tokenizer(name: str):
 
 def load_open_clip_weights(clip: nn.Module, path: str | Path) -> None:
     """Load a file of open_clip weights into `clip`, with a clear error on mismatch."""
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # not a torch file, truncated (OSError too), or more than weights
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text is a page on weights_only
+            reason = "not a torch.save file of tensors"
+        else:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"{path}: not a file of open_clip weights that torch can load ({reason})") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -105,3 +105,20 @@ def test_an_out_folder_that_is_a_file_is_a_clear_error(world, checkpoint, below)
         main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
               "--submission", str(out), "--cache-dir", cache])
     assert a_file.read_text() == "not a folder"
+
+
+def test_a_checkpoint_file_that_is_not_open_clip_weights_is_named(tmp_path):
+    """--checkpoint FILE: a text file or a truncated weights file is a ValueError naming
+    the file, not torch's UnpicklingError / PytorchStreamReader traceback."""
+    from retrieval.encoders import create_encoder
+
+    weights = tmp_path / "weights.pt"
+    torch.save(create_encoder("tiny").clip.state_dict(), weights)
+    create_encoder("tiny", checkpoint=weights)  # the whole file loads
+    text = tmp_path / "notes.txt"
+    text.write_text('{"not": "weights"}\n')
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(weights.read_bytes()[:5000])
+    for path in (text, truncated):
+        with pytest.raises(ValueError, match=f"{path}: not a file of open_clip weights"):
+            create_encoder("tiny", checkpoint=path)
