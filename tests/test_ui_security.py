@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import http.cookiejar
+import json
 import os
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -198,3 +200,46 @@ def test_users_file_with_a_bom_or_not_utf8_or_unreadable(tmp_path):
         users.chmod(0)
         with pytest.raises(SecurityError, match="cannot read the users file"):
             parse_auth(str(users))
+
+
+def _retrieve_call(url, opener, upload):
+    """The Retrieve tab's API ('retrieve') called as a crafted client would; its SSE answer."""
+    body = json.dumps({"data": [None, upload, "make it red", 5]}).encode()
+    request = urllib.request.Request(url + "gradio_api/call/retrieve", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with opener.open(request, timeout=10) as response:
+        event_id = json.loads(response.read())["event_id"]
+    with opener.open(url + f"gradio_api/call/retrieve/{event_id}", timeout=30) as response:
+        return response.read().decode()
+
+
+def test_an_api_call_cannot_make_the_app_open_a_file_that_was_not_uploaded(served, tmp_path):
+    import uuid
+
+    from PIL import Image
+    from gradio.utils import get_upload_folder
+
+    server, _, _ = served
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+    login = urllib.parse.urlencode({"username": "ann", "password": "pw1"}).encode()
+    opener.open(server.url + "login", data=login, timeout=10)
+    secret = tmp_path / f"secret-{uuid.uuid4().hex}.png"
+    Image.new("RGB", (16, 16), "red").save(secret)
+    for upload in ({"path": str(secret)}, {"path": str(secret), "meta": {"_type": "gradio.FileData"}}):
+        answer = _retrieve_call(server.url, opener, upload)
+        # Refused before it is opened: not read (that would go on to "no retrieval index"),
+        # and not copied into Gradio's cache, which the app serves.
+        assert "no retrieval index" not in answer, (upload, answer)
+        assert "event: error" in answer
+        assert list(Path(get_upload_folder()).glob(f"*/{secret.name}")) == []
+    # A real upload still reaches the search (which then says there is no index).
+    boundary = "g4cboundary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"q.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + secret.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(server.url + "gradio_api/upload", data=form,
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    with opener.open(request, timeout=10) as response:
+        uploaded = json.loads(response.read())[0]
+    answer = _retrieve_call(server.url, opener, {"path": uploaded, "meta": {"_type": "gradio.FileData"}})
+    assert "no retrieval index" in answer, answer

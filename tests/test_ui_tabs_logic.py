@@ -187,16 +187,18 @@ def test_dataset_queries_and_missing_index(store):
         service.query(db, pair=queries[0], upload=None, text="  ", k=5)
 
 
-def test_an_uploaded_file_that_is_not_an_image_is_named_plainly(store, tmp_path):
+def test_an_uploaded_file_that_is_not_an_image_is_named_plainly(store, tmp_path, monkeypatch):
     # The Retrieve tab hands the upload over undecoded ({'path', 'orig_name'}, Gradio's
     # preprocessing off); a text file renamed .png must give one plain sentence.
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path))  # uploads lie in Gradio's upload folder
     db = store["db"]
     bad = tmp_path / "cached-upload.png"
     bad.write_text("this is not an image")
     service = RetrieveService(str(store["db_path"]), None)
     with pytest.raises(RetrieveError, match=r"uploaded file 'notes\.png' is not an image"):
         service.query(db, pair=None, upload={"path": str(bad), "orig_name": "notes.png"}, text="add a lamp", k=5)
-    good = next(Path(store["image_dir"]).glob("ref*.png"))
+    good = tmp_path / "upload.png"
+    good.write_bytes(next(Path(store["image_dir"]).glob("ref*.png")).read_bytes())
     image = load_upload({"path": str(good), "orig_name": good.name})
     assert image.mode == "RGB" and image.size == (256, 256)
 

@@ -12,7 +12,7 @@ from typing import Optional
 
 import sqlite_utils
 
-from .security import escape_text, image_url
+from .security import SecurityError, escape_text, image_url, uploaded_file
 
 
 class RetrieveError(Exception):
@@ -70,6 +70,10 @@ def load_upload(upload):
     if not path:
         raise RetrieveError("the upload did not arrive: upload the reference image again")
     try:
+        path = uploaded_file(path)  # not any path an API call names
+    except SecurityError:
+        raise RetrieveError("the upload did not arrive: upload the reference image again") from None
+    try:
         return load_image_rgb(path)
     except ImageError:
         raise RetrieveError(
@@ -115,16 +119,31 @@ class RetrieveService:
 
     def query(self, db, *, pair: Optional[DatasetQuery], upload, text: str, k: int) -> list[dict]:
         """Top-k hits as dicts: rank, name, score, image_id, is_target."""
+        from store.errors import ImageError
+
         text = (text or "").strip()
         if not text:
             raise RetrieveError("type a modification text")
+        try:  # the API (api_name="retrieve") takes any value, not only the slider's
+            k = int(k)
+        except (TypeError, ValueError):
+            raise RetrieveError(f"top k must be a whole number, got {k!r}") from None
+        if k < 1:
+            raise RetrieveError(f"top k must be at least 1, got {k}")
         if upload is not None:
             image, exclude = load_upload(upload), False
         elif pair is not None and pair.reference_path:
             image, exclude = pair.reference_path, True
         else:
             raise RetrieveError("choose a dataset pair or upload a reference image")
-        hits = self.engine().query(image, text, k=int(k), exclude_reference=exclude)
+        try:
+            hits = self.engine().query(image, text, k=k, exclude_reference=exclude)
+        except (FileNotFoundError, ImageError) as exc:
+            if upload is not None:
+                raise
+            # The store names a file that was moved, deleted or damaged since the import.
+            raise RetrieveError(f"the reference image of pair {pair.label.split(' · ')[0]} cannot be "
+                                f"read: {exc}") from None
         ids = self.image_ids(db)
         target_id = pair.target_id if (pair is not None and upload is None) else None
         out = []

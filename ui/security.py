@@ -192,6 +192,18 @@ def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     return ServedImage(path=path, media_type=media_type)
 
 
+def uploaded_file(path_text: str) -> Path:
+    """The file behind an upload's "path", or SecurityError. A browser's upload lies in
+    Gradio's upload folder; an API call can name any path there, so anything else is
+    refused before it is opened (it would otherwise be read, decoded and searched with)."""
+    from gradio.utils import get_upload_folder
+
+    path = Path(path_text).resolve()
+    if not _inside(path, Path(get_upload_folder()).resolve()):
+        raise SecurityError(f"{path_text!r} is not an uploaded file")
+    return path
+
+
 def image_url(image_id: Optional[str]) -> Optional[str]:
     """The app's URL for a stored image: by id, never by path."""
     if not image_id:

@@ -78,6 +78,10 @@ def create_server_app(
         ssr_mode=False, mcp_server=False, run_history=False,
         auth_message="good4cir review: log in with the user name and password you were given.",
     )
+    # Gradio checks that a file an event receives was uploaded (and not any path a
+    # crafted API call names) only once the Blocks "has launched", which a mounted app
+    # never does; without this it copies the named file into its cache for the handler.
+    blocks.has_launched = True
     for route in app.routes:
         if getattr(route, "path", None) in ("", "/") and hasattr(route, "app"):
             holder["gradio"] = route.app
