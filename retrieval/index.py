@@ -651,6 +651,8 @@ class QueryEngine:
 
         from store.images import load_image_rgb
 
+        if k < 1:  # hits[:k] would quietly drop the last -k hits instead
+            raise ValueError(f"k must be at least 1, got {k}")
         exclude = set()
         if isinstance(image, (str, Path)):
             path = Path(image)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,32 @@ def test_a_checkpoint_file_that_is_not_open_clip_weights_is_named(tmp_path):
     for path in (text, truncated):
         with pytest.raises(ValueError, match=f"{path}: not a file of open_clip weights"):
             create_encoder("tiny", checkpoint=path)
+
+
+def test_retrieve_tab_and_query_engine_refuse_a_top_k_below_one_and_name_a_lost_reference(tmp_path, checkpoint):
+    """The Retrieve tab's API (api_name="retrieve") takes any k: k=-3 gave the top 97
+    (hits[:-3] of the re-ranker's 100), k=0 nothing. A dataset pair whose reference file
+    has gone is a RetrieveError naming the pair, like every other refusal of the tab."""
+    import sqlite_utils
+
+    from retrieval.index import QueryEngine, build_gallery_index
+    from ui.retrieve_logic import RetrieveError, RetrieveService, dataset_queries
+
+    db_path = make_world_store(tmp_path, pairs=20)
+    build_gallery_index(db_path, checkpoint, tmp_path / "index", progress=False,
+                        cache_dir=tmp_path / "cache", num_workers=0)
+    db = sqlite_utils.Database(db_path)
+    service = RetrieveService(str(db_path), str(tmp_path / "index"))
+    pair = dataset_queries(db)[0]
+    assert len(service.query(db, pair=pair, upload=None, text=pair.text, k=3)) == 3
+    for k in (0, -3, None, "many"):
+        with pytest.raises(RetrieveError, match="top k"):
+            service.query(db, pair=pair, upload=None, text=pair.text, k=k)
+    engine = QueryEngine(tmp_path / "index")
+    for k in (0, -3):
+        with pytest.raises(ValueError, match="k must be at least 1"):
+            engine.query(pair.reference_path, pair.text, k=k)
+    other = next(q for q in dataset_queries(db) if q.reference_path != pair.reference_path)
+    Path(other.reference_path).unlink()
+    with pytest.raises(RetrieveError, match=f"reference image of pair {other.label.split(' · ')[0]}"):
+        service.query(db, pair=other, upload=None, text=other.text, k=3)
