@@ -243,3 +243,30 @@ def test_an_api_call_cannot_make_the_app_open_a_file_that_was_not_uploaded(serve
         uploaded = json.loads(response.read())[0]
     answer = _retrieve_call(server.url, opener, {"path": uploaded, "meta": {"_type": "gradio.FileData"}})
     assert "no retrieval index" in answer, answer
+
+
+def test_without_a_login_the_app_answers_only_to_its_loopback_names(tmp_path):
+    import http.client
+
+    from ui.security import loopback_host_header
+    from ui.server import AppServer
+
+    for header in ("127.0.0.1:7860", "localhost:7860", "LOCALHOST", "[::1]:7860", "::1", "127.0.0.2", None):
+        assert loopback_host_header(header), header
+    for header in ("evil.example:7860", "127.0.0.1.evil.example", "localhost.evil.example", "[::2]:80", "0.0.0.0"):
+        assert not loopback_host_header(header), header
+    info = build_review_store(tmp_path, 1)
+
+    def status(port, host):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/config", headers={"Host": host})
+        response = connection.getresponse()
+        response.read()
+        connection.close()
+        return response.status
+
+    with AppServer(info["db_path"]) as server:
+        # a page at evil.example re-pointed to 127.0.0.1 (DNS rebinding) gets nothing
+        assert status(server.port, f"evil.example:{server.port}") == 403
+        assert status(server.port, f"127.0.0.1:{server.port}") == 200
+        assert status(server.port, f"localhost:{server.port}") == 200

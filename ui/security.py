@@ -71,6 +71,22 @@ def check_bind(host: str, auth: Optional[list[tuple[str, str]]]) -> None:
         )
 
 
+def loopback_host_header(host_header: Optional[str]) -> bool:
+    """Whether a request's Host header names this machine ("127.0.0.1:7860", "[::1]:7860",
+    "localhost", ...). Without a login the app answers only those: a web page whose own
+    name an attacker re-points at 127.0.0.1 (DNS rebinding) is then not same-origin with
+    the app, so it cannot read the store or start runs paid with the server's API key."""
+    if not host_header:
+        return True  # no Host: not a browser (every browser sends one)
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        host = host[1:].split("]", 1)[0]
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    host = host.rstrip(".")
+    return is_loopback(host) or host.endswith(".localhost")
+
+
 def parse_auth(spec: Optional[str]) -> Optional[list[tuple[str, str]]]:
     """`user:password`, or the path of a file with one `user:password` per line."""
     if not spec:

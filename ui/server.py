@@ -20,7 +20,9 @@ from fastapi.responses import FileResponse, PlainTextResponse  # noqa: E402
 
 from .assets import CSS, HEAD  # noqa: E402
 from .connections import Connections  # noqa: E402
-from .security import ImageRefusedError, check_bind, login_checker, resolve_image  # noqa: E402
+from .security import (  # noqa: E402
+    ImageRefusedError, check_bind, login_checker, loopback_host_header, resolve_image,
+)
 
 
 def create_server_app(
@@ -48,6 +50,16 @@ def create_server_app(
         token = request.cookies.get(f"access-token-{gradio_app.cookie_id}") or request.cookies.get(
             f"access-token-unsecure-{gradio_app.cookie_id}")
         return bool(token) and gradio_app.tokens.get(token) is not None
+
+    @app.middleware("http")
+    async def refuse_foreign_hosts(request: fastapi.Request, call_next):
+        # With no login the app listens on loopback only; a request naming another host
+        # comes from a page that re-pointed its own name here (DNS rebinding).
+        if not auth and not loopback_host_header(request.headers.get("host")):
+            return PlainTextResponse(
+                "this app answers only at http://127.0.0.1 (or localhost) unless started with --auth",
+                status_code=403)
+        return await call_next(request)
 
     @app.middleware("http")
     async def refuse_remote_fetches(request: fastapi.Request, call_next):
