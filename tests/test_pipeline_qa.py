@@ -148,3 +148,32 @@ def test_an_account_out_of_credits_stops_the_run_with_its_pairs_pending(server, 
     server.config.reject_quota = False  # credits added: the same options resume and finish
     progress = run_pipeline(db_path, _options(server))
     assert progress.run_id == 1 and progress.pairs_done == 12
+
+
+def test_a_restart_finds_lines_an_earlier_session_sent_in_a_lower_response_format(server, tmp_path):
+    # A batch's lines are known by a hash that includes the response format. A session
+    # that had stepped down (the server refuses json_schema) left a batch in json_object;
+    # the restarted session, back at json_schema, did not recognise it and paid again.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.batch_delay = 0.05
+    server.config.reject_json_schema = True
+    options = _options(server, "openai-batch")
+    handle = start_run_in_thread(db_path, options)
+    deadline = time.time() + 30
+    while table_rows(db_path, "SELECT status FROM batches") != [("completed",)]:  # the refused one
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.01)
+    server.config.batch_delay = 120.0  # the stage 1 line, sent again as json_object, stays open
+    while len(table_rows(db_path, "SELECT id FROM batches WHERE status = 'validating'")) < 1:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.01)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    assert server.stats["batch_lines_submitted"] == 2
+
+    server.config.batch_delay = 0.05  # the open batch finishes on the provider's side
+    progress = run_pipeline(db_path, options)
+    assert progress.pairs_done == 2
+    # 2 stage 1 lines (refused, then json_object) + 2 stage 2 + 2 stage 3: none paid twice,
+    # and the restarted session kept the format the first one had learned
+    assert server.stats["batch_lines_submitted"] == 6 and server.stats["rejected_json_schema"] == 1

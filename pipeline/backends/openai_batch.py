@@ -136,6 +136,7 @@ class OpenAIBatchBackend:
         self._ctx = None
         self._run_id: Optional[int] = None
         self._known: dict[str, list[str]] = {}       # custom_id -> stored batch ids, oldest first
+        self._order: dict[str, int] = {}             # stored batch id -> its place, oldest first
         self._watches: dict[str, _Watch] = {}
         # When stored batches were submitted (epoch s): batch_timeout counts from then,
         # not from this session's start, or every restart would grant a new window.
@@ -160,7 +161,8 @@ class OpenAIBatchBackend:
         rows = await ctx.db(store_ann.list_batches, ctx.run_id)
         if any(row["id"].startswith("pending:") for row in rows):
             rows = await self._adopt_placeholders(rows)
-        for row in rows:
+        for position, row in enumerate(rows):  # oldest first
+            self._order[row["id"]] = position
             for custom_id in row["custom_ids"]:
                 self._known.setdefault(custom_id, []).append(row["id"])
             self._submitted_at[row["id"]] = _epoch(row["created_at"])
@@ -211,9 +213,9 @@ class OpenAIBatchBackend:
             body["response_format"] = response_format
         return body
 
-    def _custom_id(self, request: VLMRequest) -> str:
+    def _custom_id(self, request: VLMRequest, mode: Optional[str] = None) -> str:
         return custom_id_for({"model": self.model, "params": self.cache_params,
-                              "mode": self.response_mode, "stage": request.stage,
+                              "mode": mode or self.response_mode, "stage": request.stage,
                               "system": request.system, "text": request.text,
                               "images": request.image_ids, "history": request.history,
                               "schema": request.schema_name, "temperature": request.temperature,
@@ -240,19 +242,35 @@ class OpenAIBatchBackend:
             self._waiters.pop(custom_id, None)
 
     async def _answer(self, request: VLMRequest, custom_id: str) -> VLMResponse:
-        # A batch stored by an earlier session may hold this line: wait for it first.
-        candidates = self._known.get(custom_id, [])
-        while candidates:
-            batch_id = candidates[-1]
+        # A batch stored by an earlier session may hold this request: wait for it first.
+        # That session may have stepped the response format down (a new session starts
+        # from the top again), so the request is looked for as sent in every mode.
+        for batch_id, line_id, mode in self._stored_lines(request):
             watch = self._watch(batch_id)
             await watch.done.wait()
-            result = watch.results.get(custom_id)
+            result = watch.results.get(line_id)
             if isinstance(result, VLMResponse):
+                if RESPONSE_MODES.index(mode) > RESPONSE_MODES.index(self.response_mode):
+                    log.info("an earlier session of this run stepped the response format down "
+                             "to %s: keeping it", mode)
+                    self.response_mode = mode
                 return result
-            candidates.pop()  # not answered there: never wait on that batch for it again
+            if batch_id in self._known.get(line_id, []):  # not answered there: never wait on it again
+                self._known[line_id].remove(batch_id)
             if result is not None and not isinstance(result, BatchLineError):
                 raise result
-        return await self._submit(request, custom_id)
+        return await self._submit(request, self._custom_id(request))
+
+    def _stored_lines(self, request: VLMRequest) -> list[tuple[str, str, str]]:
+        """(batch id, custom id, response mode) of the stored batches holding this
+        request, newest first."""
+        found = []
+        for mode in RESPONSE_MODES:
+            line_id = self._custom_id(request, mode)
+            for batch_id in self._known.get(line_id, []):
+                found.append((self._order.get(batch_id, 0), batch_id, line_id, mode))
+        found.sort(reverse=True)
+        return [(batch_id, line_id, mode) for _, batch_id, line_id, mode in found]
 
     async def _submit(self, request: VLMRequest, custom_id: str) -> VLMResponse:
         messages = await build_messages(request, self.encoder, self.detail)
