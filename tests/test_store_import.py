@@ -346,3 +346,25 @@ def test_images_named_outside_the_dataset_folder(tmp_path):
     assert "will not show" in report.warnings[0].reason
     with pytest.raises(ImageRefusedError, match="outside"):
         resolve_image(third, pairs_of(third)["l"].reference_id)
+
+
+def test_a_broken_split_file_is_a_problem_and_the_other_splits_import_whole(tmp_path, monkeypatch):
+    import store.importers._session as session
+
+    monkeypatch.setattr(session, "BATCH_PAIRS", 1)  # writes as a large import does, in batches
+    cirr = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", cirr)
+    (cirr / "captions/cap.rc2.test1.json").write_text("[{")
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "cirr", cirr)
+    assert set(pairs_of(db)) == {"train:0", "train:1", "val:0", "val:1"} and report.pairs_added == 4
+    assert [p.item for p in report.problems] == ["CIRR split test1"]
+    assert "cap.rc2.test1.json: not valid JSON" in report.problems[0].reason
+    (cirr / "image_splits/split.rc2.val.json").unlink()
+    with pytest.raises(FormatError, match=r"split\.rc2\.val\.json: missing"):
+        import_dataset(open_db(tmp_path / "t.db"), "cirr", cirr, split="val")  # the split asked for
+    circo = tmp_path / "circo"
+    shutil.copytree(FIXTURES / "circo", circo)
+    (circo / "annotations/test.json").write_text('{"not": "a list"}')
+    report = import_dataset(db, "circo", circo)
+    assert report.pairs_added == 2 and [p.item for p in report.problems] == ["test.json"]

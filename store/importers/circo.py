@@ -46,17 +46,32 @@ def import_circo(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     images_dir = Path(images_dir)
     by_id = _index_images(images_dir)
     session = ImportSession(db, source or "circo", images_dir, progress=progress)
+    # Every file is read before anything is written (a broken one found halfway used to
+    # stop the import after earlier files were partly stored). With several files, a
+    # broken one is a problem and the others import; a single file is an error.
+    loaded = []
     for annotations_file, split_name in file_splits:
         try:
-            entries = json.loads(read_text(annotations_file))
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{annotations_file}: not valid JSON ({exc})") from exc
-        if not isinstance(entries, list):
-            raise FormatError(f"{annotations_file}: expected a JSON list of CIRCO queries")
+            loaded.append((annotations_file, split_name, _load_annotations(annotations_file)))
+        except FormatError as exc:
+            if len(file_splits) == 1:
+                raise
+            session.problem(annotations_file.name, f"not imported: {exc}")
+    for annotations_file, split_name, entries in loaded:
         session.prefetch(_referenced_files(entries, by_id), images_dir)
         for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=f"circo {split_name}"):
             _import_entry(session, images_dir, by_id, split_name, annotations_file.name, index, entry)
     return session.finish()
+
+
+def _load_annotations(annotations_file: Path) -> list:
+    try:
+        entries = json.loads(read_text(annotations_file))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{annotations_file}: not valid JSON ({exc})") from exc
+    if not isinstance(entries, list):
+        raise FormatError(f"{annotations_file}: expected a JSON list of CIRCO queries")
+    return entries
 
 
 def _annotation_files(root: Path, split: Optional[str]) -> list[Path]:

@@ -35,18 +35,31 @@ def import_cirr(db: sqlite_utils.Database, path: str | Path, *, split: Optional[
         raise FormatError(f"{root}/captions: no cap.rc2.{{train,val,test1}}.json file")
     session = ImportSession(db, source or "cirr", root, progress=progress)
     images = root / "img_raw" if (root / "img_raw").is_dir() else root
+    # Every split's files are read before anything is written: a broken file found
+    # halfway used to stop the import after earlier splits were partly stored.
+    loaded = []
     for split_name in splits:
-        captions_file = root / "captions" / f"cap.rc2.{split_name}.json"
-        names_file = root / "image_splits" / f"split.rc2.{split_name}.json"
-        for needed in (captions_file, names_file):
-            if not needed.is_file():
-                raise FormatError(f"{needed}: missing (needed for CIRR split {split_name!r})")
-        entries = _load_json(captions_file, list)
-        name_to_path = _load_json(names_file, dict)
+        try:
+            loaded.append((split_name, *_load_split(root, split_name)))
+        except FormatError as exc:
+            if split:  # the one split asked for
+                raise
+            session.problem(f"CIRR split {split_name}", f"not imported: {exc}")
+    for split_name, file_name, entries, name_to_path in loaded:
         session.prefetch(_referenced_paths(entries, name_to_path), images)
         for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=f"cirr {split_name}"):
-            _import_entry(session, images, split_name, captions_file.name, index, entry, name_to_path)
+            _import_entry(session, images, split_name, file_name, index, entry, name_to_path)
     return session.finish()
+
+
+def _load_split(root: Path, split_name: str) -> tuple[str, list, dict]:
+    """(captions file name, its entries, image name -> path) for one split, or FormatError."""
+    captions_file = root / "captions" / f"cap.rc2.{split_name}.json"
+    names_file = root / "image_splits" / f"split.rc2.{split_name}.json"
+    for needed in (captions_file, names_file):
+        if not needed.is_file():
+            raise FormatError(f"{needed}: missing (needed for CIRR split {split_name!r})")
+    return captions_file.name, _load_json(captions_file, list), _load_json(names_file, dict)
 
 
 def _import_entry(session: ImportSession, root: Path, split: str, file_name: str, index: int,
