@@ -631,6 +631,11 @@ class Runner:
         watcher = asyncio.create_task(self._watch_stop(workers))
         try:
             await asyncio.gather(*workers, return_exceptions=False)
+        except asyncio.CancelledError:
+            # Workers a stop cancelled (at once for the batch backend, else after the
+            # grace): a stop, not an abort. Only a cancel of this task itself goes on up.
+            if asyncio.current_task().cancelling() or not self._stopping:
+                raise
         finally:
             watcher.cancel()
             # Shared stage 1 calls run as their own tasks: they end with the workers.

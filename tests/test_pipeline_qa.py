@@ -177,3 +177,22 @@ def test_a_restart_finds_lines_an_earlier_session_sent_in_a_lower_response_forma
     # 2 stage 1 lines (refused, then json_object) + 2 stage 2 + 2 stage 3: none paid twice,
     # and the restarted session kept the format the first one had learned
     assert server.stats["batch_lines_submitted"] == 6 and server.stats["rejected_json_schema"] == 1
+
+
+def test_stopping_a_batch_run_is_a_stop_not_an_error(server, tmp_path):
+    # A stop cancels the batch run's waiting pairs at once (no grace: answers may be hours
+    # away). That cancellation used to escape as the run's error: the app's Pipeline tab
+    # showed 'CancelledError', and Ctrl-C in the CLI said 'interrupted' instead of
+    # 'rerun the same command to resume'.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.batch_delay = 120.0
+    handle = start_run_in_thread(db_path, _options(server, "openai-batch"))
+    deadline = time.time() + 30
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE status = 'validating'")[0][0]:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    handle.stop()
+    progress = handle.join(timeout=30)
+    assert progress.status == "stopped" and progress.pairs_pending == 2
+    assert handle.error is None, repr(handle.error)
+    assert handle.result is not None and handle.result.status == "stopped"
