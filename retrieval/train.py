@@ -229,8 +229,6 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     except OSError as exc:  # a file where the folder should be, or no permission
         raise ValueError(f"cannot write checkpoints to {out}: "
                          + ("it is a file, not a folder" if out.is_file() else exc.strerror or str(exc))) from None
-    # A pair scorer belongs to the first stage it was trained on: never reuse an old one.
-    (out / RERANK_FILE).unlink(missing_ok=True)
     started = time.monotonic()
     cpu_started = time.process_time()
 
@@ -251,6 +249,9 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
             if saved.get(key) != _model_config(cfg).get(key):
                 raise ValueError(f"cannot resume {out}: it was trained with {key}={saved.get(key)!r}")
         resume_state = torch.load(str(out / LAST_FILE), map_location="cpu", weights_only=False)
+        _check_budget_left(cfg, out, resume_state)
+    # A pair scorer belongs to the first stage it was trained on: never reuse an old one.
+    (out / RERANK_FILE).unlink(missing_ok=True)
     model_config = _model_config(cfg)
     model = build_model(model_config, pretrained=None if resume_state else cfg.pretrained,
                         checkpoint=None if resume_state else cfg.checkpoint)
@@ -310,13 +311,14 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
 
     history: dict[str, Any] = {"loss": [], "epochs": [], "config": model_config}
     best: dict[str, Any] = {"score": -1.0}
-    epoch, step, elapsed_before, triplets_seen = 0, 0, 0.0, 0
+    epoch, step, elapsed_before, triplets_seen, train_seconds_before = 0, 0, 0.0, 0, 0.0
     if resume_state:
         optimizer.load_state_dict(resume_state["optimizer"])
         epoch, step = resume_state["epoch"], resume_state["step"]
         elapsed_before = resume_state["elapsed"]
         history, best = resume_state["history"], resume_state["best"]
         triplets_seen = resume_state.get("triplets_seen", 0)
+        train_seconds_before = resume_state.get("train_seconds", 0.0)
 
     from .train_rerank import QUERIES_PER_STEP, train_pair_scorer
 
@@ -329,7 +331,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     setup_seconds = time.monotonic() - started
     loop_start = time.monotonic()
     val_seconds = 0.0
-    train_seconds = 0.0
+    train_seconds = train_seconds_before  # with triplets_seen: the throughput of all runs
 
     def elapsed() -> float:
         # The minutes budget covers everything, data preparation included.
@@ -406,7 +408,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         save_weights(out / LAST_FILE, model, {
             "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
             "elapsed": elapsed(), "history": history, "best": best, "val": val,
-            "triplets_seen": triplets_seen,
+            "triplets_seen": triplets_seen, "train_seconds": train_seconds,
         })
         if on_epoch:
             on_epoch(record)
@@ -442,7 +444,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         "train_seconds": round(train_seconds, 1),
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
         "threads": torch.get_num_threads(),
-        "triplets_per_second": round(triplets_seen / max(train_seconds, 1e-9), 1),
+        "triplets_per_second": round(triplets_seen / train_seconds, 1) if train_seconds > 0 else 0.0,
         "train_triplets": len(train_set), "val_triplets": len(val_set), "best": best,
     }
     (out / "history.json").write_text(json.dumps(history, indent=1))
@@ -450,6 +452,22 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     return TrainResult(out=out, epochs=epoch, steps=step, seconds=seconds,
                        triplets_per_second=history["summary"]["triplets_per_second"],
                        best=best, history=history)
+
+
+def _check_budget_left(cfg: TrainConfig, out: Path, state: dict[str, Any]) -> None:
+    """Refuse a resume that would train nothing: the saved run already spent the
+    --epochs or --minutes asked for (it would only have re-run the pair scorer, and
+    reported the throughput of zero steps)."""
+    epochs, seconds = state["epoch"], state["elapsed"]
+    if cfg.epochs is not None and epochs >= cfg.epochs:
+        asked = f"--epochs {cfg.epochs}"
+    elif cfg.minutes is not None and seconds >= cfg.minutes * 60.0 * (1.0 - cfg.rerank_share if cfg.rerank else 1.0):
+        asked = f"--minutes {cfg.minutes:g}" + (f" ({1.0 - cfg.rerank_share:.0%} of it for the fusion model, "
+                                                "the rest for the re-ranker)" if cfg.rerank else "")
+    else:
+        return
+    raise ValueError(f"nothing to resume: {out} has trained {epochs} epoch{'' if epochs == 1 else 's'} in {seconds:.0f} s, "
+                     f"which already spends {asked}; raise it to train on")
 
 
 def _full_batch(model: ComposedRetriever, pixels, token_ids, ref_rows, tgt_rows, text_rows,

@@ -152,3 +152,22 @@ def test_retrieve_tab_and_query_engine_refuse_a_top_k_below_one_and_name_a_lost_
     Path(other.reference_path).unlink()
     with pytest.raises(RetrieveError, match=f"reference image of pair {other.label.split(' · ')[0]}"):
         service.query(db, pair=other, upload=None, text=other.text, k=3)
+
+
+def test_resume_with_the_budget_spent_is_refused_and_throughput_counts_all_runs(world):
+    """--resume when last.pt already reached --epochs/--minutes trained nothing, deleted
+    the re-ranker and reported ~1e11 triplets/s (triplets of the first run over zero
+    seconds); a resume that trains on reports the throughput of both runs together."""
+    root, _ = world
+    first = train(_config(root, "resumed", epochs=3))
+    rerank_file = root / "resumed" / "rerank.pt"
+    rerank_file.write_bytes(b"a re-ranker")  # stands for the one a full run leaves
+    for budget in ({"epochs": 3}, {"epochs": None, "minutes": 0.001}):
+        with pytest.raises(ValueError, match="nothing to resume: .* has trained 3 epochs"):
+            train(_config(root, "resumed", resume=True, **budget))
+    assert rerank_file.read_bytes() == b"a re-ranker"
+    rerank_file.unlink()
+    again = train(_config(root, "resumed", resume=True, epochs=4))
+    summary, before = again.history["summary"], first.history["summary"]
+    assert summary["epochs"] == 4 and summary["train_seconds"] >= before["train_seconds"]
+    assert 0 < summary["triplets_per_second"] < 100 * before["triplets_per_second"]
