@@ -237,9 +237,12 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
                              include_unreviewed=cfg.include_unreviewed)
     train_set, val_set = train_val_split(data, seed=cfg.seed)
     if not train_set:
+        splits = sorted({str(t.split) for t in data.triplets})
         raise ValueError(
             f"no training triplets (--source {cfg.source}, --captions {cfg.captions}); "
-            + (f"first problem: {data.problems[0]}" if data.problems else "is the store empty?")
+            + (f"the data's {len(data.triplets)} pairs are all in split {', '.join(splits)}, and "
+               "training reads pairs of split train (or with no split)" if data.triplets else
+               f"first problem: {data.problems[0]}" if data.problems else "is the store empty?")
         )
 
     resume_state = None

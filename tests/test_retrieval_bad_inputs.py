@@ -171,3 +171,14 @@ def test_resume_with_the_budget_spent_is_refused_and_throughput_counts_all_runs(
     summary, before = again.history["summary"], first.history["summary"]
     assert summary["epochs"] == 4 and summary["train_seconds"] >= before["train_seconds"]
     assert 0 < summary["triplets_per_second"] < 100 * before["triplets_per_second"]
+
+
+def test_a_store_with_only_test_pairs_says_so(tmp_path):
+    """It said 'is the store empty?' of a store holding pairs, all of them test pairs."""
+    db_path = make_world_store(tmp_path, pairs=10)
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE pairs SET split = 'test'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(ValueError, match="the data's 10 pairs are all in split test"):
+        train(_config(tmp_path, "model"))
