@@ -86,6 +86,8 @@ def run_query(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise ValueError("-k must be at least 1")
+    if not args.text.strip():  # a composed query without its modification: refused, as the app does
+        raise ValueError("--text is empty: give the modification to apply to the reference image")
     engine = QueryEngine(args.index, checkpoint_dir=args.checkpoint, search_params=args.search_params)
     hits = engine.query(args.image, args.text, k=args.k, exclude_reference=not args.keep_reference)
     if args.json:

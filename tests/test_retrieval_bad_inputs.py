@@ -182,3 +182,19 @@ def test_a_store_with_only_test_pairs_says_so(tmp_path):
     conn.close()
     with pytest.raises(ValueError, match="the data's 10 pairs are all in split test"):
         train(_config(tmp_path, "model"))
+
+
+def test_query_with_an_empty_text_is_refused(world, checkpoint, capsys):
+    """`query --text ""` ranked by the image alone without a word; the Retrieve tab refuses it."""
+    root, db_path = world
+    index_dir = root / "index"
+    assert main(["index", "--db", str(db_path), "--checkpoint", str(checkpoint), "--out", str(index_dir),
+                 "--quiet", "--workers", "0", "--cache-dir", str(root / "cache")]) == 0
+    image = next((root / "images").glob("*.png"))
+    for text in ("", "   "):
+        with pytest.raises(ValueError, match="--text is empty"):
+            main(["query", "--index", str(index_dir), "--image", str(image), "--text", text])
+    capsys.readouterr()
+    assert main(["query", "--index", str(index_dir), "--image", str(image), "--text", "make it red",
+                 "-k", "2", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 2
