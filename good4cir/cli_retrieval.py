@@ -216,6 +216,12 @@ def _print_metrics(result: dict) -> None:
         cells = [recall.get(k) for k in ("1", "5", "10", "50")] + [subset.get(k) for k in ("1", "2", "3")]
         print(f"{name:24} " + " ".join(f"{c:6.1f}" if c is not None else f"{'-':>6}" for c in cells)
               + f" {values['median_rank']:6.1f}")
+    with_map = [(name, values["map"]) for name, values in rows if values.get("map")]
+    if with_map:  # CIRCO's measure: queries with several ground truths
+        ks = list(with_map[0][1])
+        print(f"{'':24} " + " ".join(f"{'mAP@' + k:>7}" for k in ks))
+        for name, values in with_map:
+            print(f"{name:24} " + " ".join(f"{values[k]:7.1f}" for k in ks))
     interval = result.get("interval")
     if interval:
         spans = [f"{name} {low:.1f}-{high:.1f}" for name, (low, high) in

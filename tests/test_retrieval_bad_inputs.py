@@ -198,3 +198,25 @@ def test_query_with_an_empty_text_is_refused(world, checkpoint, capsys):
     assert main(["query", "--index", str(index_dir), "--image", str(image), "--text", "make it red",
                  "-k", "2", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out)["results"]) == 2
+
+
+def test_eval_table_shows_circo_map(tmp_path, checkpoint, capsys):
+    """Queries with several ground truths (CIRCO): `eval --json` had "map", the table
+    printed without --json left CIRCO's own measure out."""
+    from pathlib import Path as _Path
+
+    fixture = _Path(__file__).parent / "fixtures" / "circo"
+    db_path = tmp_path / "circo.db"
+    assert main(["import", "--db", str(db_path), "--format", "circo", str(fixture)]) == 0
+    args = ["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
+            "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if "mAP@5" in line)
+    assert header.split() == ["mAP@5", "mAP@10", "mAP@25", "mAP@50"]
+    model_row = table.splitlines()[table.splitlines().index(header) + 1].split()
+    assert model_row[0] == "model" and float(model_row[1]) == pytest.approx(result["map"]["5"], abs=0.051)
+    assert any(line.split()[:2] == ["baseline", "text"] for line in table.splitlines()[table.splitlines().index(header):])
