@@ -9,6 +9,7 @@ price.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -31,6 +32,38 @@ BATCH_DISCOUNT = 0.5
 # Rough token counts for --dry-run estimates (OpenAI's image accounting for 'low' detail
 # is a flat 85 tokens; 'high' at 512 px is 85 + 170 per 512-px tile).
 EST_IMAGE_TOKENS = {"low": 85, "high": 255, "auto": 255}
+# How OpenAI bills an image, per model family (for the estimates). Tile models: a base,
+# plus per 512-px tile at 'high'/'auto' (the short side scaled to 768 px at most); 'low' is
+# the base alone. gpt-4o-mini bills about 33x gpt-4o's tokens for an image, so that an
+# image costs the same dollars on both. Patch models: one token per 32-px patch (at most
+# 1536) times a multiplier, whatever the detail.
+IMAGE_TILE_TOKENS: dict[str, tuple[int, int]] = {
+    "gpt-4o": (85, 170), "gpt-4o-mini": (2833, 5667), "gpt-4.1": (85, 170), "gpt-5": (70, 140),
+}
+IMAGE_PATCH_MULTIPLIER: dict[str, float] = {
+    "gpt-4.1-mini": 1.62, "gpt-4.1-nano": 2.46, "o4-mini": 1.72, "gpt-5-mini": 1.62, "gpt-5-nano": 2.46,
+}
+
+
+def _family(model: str, names) -> Optional[str]:
+    """The entry of `names` a model belongs to: itself, or its longest prefix (snapshots)."""
+    if model in names:
+        return model
+    return max((k for k in names if model.startswith(k + "-")), key=len, default=None)
+
+
+def image_tokens(model: str, detail: str, max_side: int) -> int:
+    """Input tokens one image of at most max_side px is billed for (an estimate)."""
+    family = _family(model, set(IMAGE_TILE_TOKENS) | set(IMAGE_PATCH_MULTIPLIER))
+    if family in IMAGE_PATCH_MULTIPLIER:
+        patches = min(1536, math.ceil(max_side / 32) ** 2)
+        return round(patches * IMAGE_PATCH_MULTIPLIER[family])
+    if family is None:  # not an OpenAI model: the usual accounting, a guess
+        return EST_IMAGE_TOKENS.get(detail, 255)
+    base, tile = IMAGE_TILE_TOKENS[family]
+    if detail == "low":
+        return base
+    return base + tile * math.ceil(min(max_side, 768) / 512) ** 2
 EST_TOKENS_OUT = {"stage1": 350, "stage2": 350, "stage3": 180, "single": 180}
 EST_TEXT_TOKENS_IN = {"stage1": 250, "stage2": 650, "stage3": 900, "single": 300}
 
@@ -78,11 +111,12 @@ class PriceTable:
         return usd * (BATCH_DISCOUNT if batch else 1.0)
 
     def estimate(self, model: str, calls_by_stage: dict[str, int], *, detail: str = "low",
-                 batch: bool = False) -> float:
+                 batch: bool = False, image_max_side: int = 512) -> float:
         """Estimated USD for the given number of calls per stage (for --dry-run)."""
         images = {"stage1": 1, "stage2": 1, "stage3": 0, "single": 2}
+        per_image = image_tokens(model, detail, image_max_side)
         total = 0.0
         for stage, n in calls_by_stage.items():
-            tokens_in = EST_TEXT_TOKENS_IN[stage] + images[stage] * EST_IMAGE_TOKENS.get(detail, 255)
+            tokens_in = EST_TEXT_TOKENS_IN[stage] + images[stage] * per_image
             total += n * self.cost(model, tokens_in, EST_TOKENS_OUT[stage], batch=batch)
         return total

@@ -372,7 +372,8 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         prices = PriceTable.load(options.prices_path)
         model = options.resolved_model()
         estimate = prices.estimate(model, calls, detail=options.detail,
-                                   batch=options.backend == "openai-batch")
+                                   batch=options.backend == "openai-batch",
+                                   image_max_side=options.image_max_side)
         return Plan(run_id=run.id if run else None, pairs=len(todo), calls_by_stage=calls,
                     estimated_cost_usd=estimate, unknown_price=bool(prices.unknown))
     finally:

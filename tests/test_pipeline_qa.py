@@ -8,6 +8,7 @@ import time
 import pytest
 
 from openai_server import server_fixture
+from pipeline.pricing import EST_TEXT_TOKENS_IN, EST_TOKENS_OUT, PriceTable
 from pipeline.runner import RunOptions, RunQuotaError, plan_run, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
 
@@ -196,3 +197,21 @@ def test_stopping_a_batch_run_is_a_stop_not_an_error(server, tmp_path):
     assert progress.status == "stopped" and progress.pairs_pending == 2
     assert handle.error is None, repr(handle.error)
     assert handle.result is not None and handle.result.status == "stopped"
+
+
+def test_dry_run_estimates_images_as_openai_bills_them_for_the_default_model():
+    # gpt-4o-mini (the default model) bills an image as 2833 tokens at 'low' detail (the
+    # same dollars as gpt-4o's 85), so stage 1 and 2 cost several times what the dry run
+    # said when it counted 85 for every model.
+    prices = PriceTable()
+    stage1 = EST_TEXT_TOKENS_IN["stage1"], EST_TOKENS_OUT["stage1"]
+    for model, detail, image in [("gpt-4o-mini", "low", 2833), ("gpt-4o-mini-2024-07-18", "high", 2833 + 5667),
+                                 ("gpt-4o", "low", 85), ("gpt-4o", "high", 85 + 170),
+                                 ("gpt-4.1-mini", "low", round(256 * 1.62))]:
+        expected = prices.cost(model, stage1[0] + image, stage1[1])
+        assert prices.estimate(model, {"stage1": 1}, detail=detail) == pytest.approx(expected), model
+    # a batch estimate is half; a larger image costs more where the model bills by size
+    assert prices.estimate("gpt-4o-mini", {"single": 2}, batch=True) == pytest.approx(
+        prices.estimate("gpt-4o-mini", {"single": 1}))
+    assert prices.estimate("gpt-4.1-mini", {"stage1": 1}, image_max_side=1024) > \
+        prices.estimate("gpt-4.1-mini", {"stage1": 1}, image_max_side=512)
