@@ -34,6 +34,9 @@ def run_app(args: argparse.Namespace) -> int:
 
     if not args.db.exists():
         raise CommandError(f"store {args.db} does not exist: create it with `good4cir import` or `good4cir demo-world`")
+    from store import open_db
+
+    open_db(args.db).conn.close()  # a file that is not a store fails here, before Gradio loads
     try:
         auth = parse_auth(args.auth)
         check_bind(args.host, auth)

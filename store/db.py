@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sqlite_utils
 
+from .errors import StoreError
 from .migrations import migrate
 
 # Long enough that a reviewer's write waits out a pipeline batch commit instead of failing.
@@ -27,12 +28,19 @@ def open_db(db_path: str | Path) -> sqlite_utils.Database:
     """
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(
-        str(db_path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
-        isolation_level=None,
-    )
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA journal_mode = WAL")
+    try:
+        conn = sqlite3.connect(
+            str(db_path), timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False,
+            isolation_level=None,
+        )
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA journal_mode = WAL")
+    except sqlite3.DatabaseError as exc:
+        # A --db naming some other file (or a folder) is the user's mistake: say so
+        # instead of a traceback. A busy store is not that, and keeps its own error.
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise
+        raise StoreError(f"{db_path}: not a good4cir store (an SQLite file): {exc}") from None
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA foreign_keys = ON")
     db = sqlite_utils.Database(conn)

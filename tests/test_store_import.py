@@ -368,3 +368,13 @@ def test_a_broken_split_file_is_a_problem_and_the_other_splits_import_whole(tmp_
     (circo / "annotations/test.json").write_text('{"not": "a list"}')
     report = import_dataset(db, "circo", circo)
     assert report.pairs_added == 2 and [p.item for p in report.problems] == ["test.json"]
+
+
+def test_cli_import_into_a_file_that_is_not_a_store_is_a_clear_error(tmp_path):
+    from store import StoreError
+
+    notes = tmp_path / "notes.db"
+    notes.write_text("these are notes, not a store\n" * 20)
+    with pytest.raises(StoreError, match="notes.db: not a good4cir store"):
+        main(["import", "--db", str(notes), "--format", "pairs", str(FIXTURES / "pairs")])
+    assert notes.read_text().startswith("these are notes")  # left as it was

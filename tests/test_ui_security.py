@@ -151,6 +151,11 @@ def test_app_command_refuses_an_open_address_without_login(tmp_path):
         main(["app", "--db", str(tmp_path / "missing.db")])
     with pytest.raises(CommandError, match="good4cir index"):
         main(["app", "--db", str(info["db_path"]), "--index", str(tmp_path / "no-index")])
+    not_a_store = tmp_path / "notes.db"
+    not_a_store.write_text("these are notes, not a store\n" * 20)
+    from store import StoreError
+    with pytest.raises(StoreError, match="notes.db: not a good4cir store"):
+        main(["app", "--db", str(not_a_store)])
 
 
 def _login(url, user, password):
