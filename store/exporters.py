@@ -266,6 +266,9 @@ def _cirr(items: Iterator[ExportItem], stats: dict) -> str:
             entry["target_soft"] = soft if isinstance(soft, dict) else {target_name: 1.0}
         entry["caption"] = text
         entry["img_set"] = {"id": set_id, "members": members}
+        ranks = item.pair.extra.get("img_set_extra")  # CIRR's reference_rank, target_rank
+        if isinstance(ranks, dict) and members == names.get("members"):
+            entry["img_set"].update({k: v for k, v in ranks.items() if k not in ("id", "members")})
         entries.append(entry)
     return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
 

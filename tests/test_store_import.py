@@ -378,3 +378,18 @@ def test_cli_import_into_a_file_that_is_not_a_store_is_a_clear_error(tmp_path):
     with pytest.raises(StoreError, match="notes.db: not a good4cir store"):
         main(["import", "--db", str(notes), "--format", "pairs", str(FIXTURES / "pairs")])
     assert notes.read_text().startswith("these are notes")  # left as it was
+
+
+def test_cirr_img_set_ranks_survive_import_and_export(tmp_path):
+    from store.exporters import export_dataset
+
+    cirr = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", cirr)
+    entries = json.loads((cirr / "captions/cap.rc2.test1.json").read_text())
+    for entry in entries:  # as CIRR's own files have them
+        entry["img_set"].update({"reference_rank": 3, "target_rank": 4})
+    (cirr / "captions/cap.rc2.test1.json").write_text(json.dumps(entries))
+    db = open_db(tmp_path / "s.db")
+    import_dataset(db, "cirr", cirr, split="test1")
+    export_dataset(db, "cirr", tmp_path / "test1.json", include_unreviewed=True, split="test1")
+    assert json.loads((tmp_path / "test1.json").read_text()) == entries

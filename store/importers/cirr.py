@@ -110,6 +110,10 @@ def _import_entry(session: ImportSession, root: Path, split: str, file_name: str
              "names": {"reference": entry["reference"], "target_hard": target, "members": members}}
     if isinstance(img_set, dict) and "id" in img_set:
         extra["img_set_id"] = img_set["id"]
+    if isinstance(img_set, dict):  # e.g. reference_rank, target_rank: given back on export
+        others = {k: v for k, v in img_set.items() if k not in ("id", "members")}
+        if others:
+            extra["img_set_extra"] = others
     if "target_soft" in entry:
         extra["target_soft"] = entry["target_soft"]
     extra.update({k: v for k, v in entry.items()
