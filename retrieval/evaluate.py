@@ -228,14 +228,31 @@ def drop_unreadable_members(triplets: Sequence[Triplet], row_of: dict[str, int])
     for t in triplets:
         extra = t.extra or {}
         truths = extra.get("gt_image_ids")
-        if truths and any(k not in row_of for k in truths):
-            extra = {**extra, "gt_image_ids": [k for k in truths if k in row_of]}
+        # The reference is out of every ranking, so it cannot be a ground truth either.
+        if truths and any(k not in row_of or k == t.reference for k in truths):
+            extra = {**extra, "gt_image_ids": [k for k in truths if k in row_of and k != t.reference]}
         img_set = t.img_set
         if img_set and any(k not in row_of for k in img_set):
             img_set = [k for k in img_set if k in row_of] or None
         out.append(t if (img_set is t.img_set and extra is t.extra) else
                    replace(t, img_set=img_set, extra=extra))
     return out
+
+
+def rankable_triplets(triplets: Sequence[Triplet], row_of: dict[str, int]) -> list[Triplet]:
+    """The triplets a CIRR-style ranking can score: reference and target decoded, the
+    target not the reference image itself (a pair naming one file twice, or two identical
+    files: the protocol removes the reference, so its target could never be found; left
+    out with a warning naming the pair), members per `drop_unreadable_members`."""
+    kept = []
+    for t in triplets:
+        if t.reference not in row_of or t.target not in row_of:
+            continue
+        if t.target == t.reference:
+            log.warning("pair %s left out of the ranking: its target is its reference image", t.pair_id)
+            continue
+        kept.append(t)
+    return drop_unreadable_members(kept, row_of)
 
 
 def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] = None,
@@ -257,8 +274,7 @@ def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] =
     for reason in failures.values():
         log.warning("image left out: %s", reason)
     gallery_keys = [k for k in gallery_keys if k in row_of]
-    triplets = [t for t in triplets if t.reference in row_of and t.target in row_of]
-    return drop_unreadable_members(triplets, row_of), gallery_keys, pixels, row_of, failures
+    return rankable_triplets(triplets, row_of), gallery_keys, pixels, row_of, failures
 
 
 def evaluate_checkpoint(

@@ -115,11 +115,14 @@ def write_checkpoint_submission(
     from .rerank import load_pair_scorer, rerank_matrix
 
     out_dir = Path(out_dir)
-    try:  # before any ranking: a file where the folder should be, or no permission
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
+    # Before any ranking, and without creating it yet (a refused split leaves nothing):
+    # a file where the folder, or one of its parents, should be.
+    existing = out_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
         raise ValueError(f"cannot write the submission files to {out_dir}: "
-                         + ("it is a file, not a folder" if out_dir.is_file() else exc.strerror or str(exc))) from None
+                         + ("it is a file, not a folder" if existing == out_dir else f"{existing} is a file"))
     model, _ = load_model(checkpoint_dir, which=which)
     data = load_triplets(dbs, files, source=source, captions=captions,
                          include_unreviewed=include_unreviewed, keep_targetless=True)
@@ -151,7 +154,9 @@ def write_checkpoint_submission(
     triplets = drop_unreadable_members(triplets, row_of)
 
     queries = build_queries(triplets, all_captions=False)  # one query per pair
-    with_target = [i for i, key in enumerate(queries.target_keys) if key is not None and key in row_of]
+    # Metrics only where the target can be ranked: it exists, decoded, and is not the reference.
+    with_target = [i for i, key in enumerate(queries.target_keys)
+                   if key is not None and key in row_of and key != queries.reference_keys[i]]
     emb = embed(model, pixels, row_of, gallery_keys, queries, baselines=bool(with_target))
     scores = emb["query"] @ emb["gallery"].T
     second = load_pair_scorer(checkpoint_dir, model.encoder) if rerank else None

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .data import TripletSet, load_triplets, train_val_split
 from .encoders import ImageTokens, TextTokens
-from .evaluate import build_queries, drop_unreadable_members, embed, evaluate_embeddings
+from .evaluate import build_queries, embed, evaluate_embeddings, rankable_triplets
 from .features import FeatureCache, PixelCache, default_cache_dir, trim_text_features
 from .loss import TEMPERATURE, info_nce
 from .mirror import mirror_text
@@ -272,8 +272,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     for reason in list(failures.values())[:10]:
         log.warning("image left out: %s", reason)
     train_set = [t for t in train_set if t.reference in row_of and t.target in row_of]
-    val_set = drop_unreadable_members(
-        [t for t in val_set if t.reference in row_of and t.target in row_of], row_of)
+    val_set = rankable_triplets(val_set, row_of)
     val_gallery = [k for k in val_gallery if k in row_of]
 
     # Every caption tokenised once.

@@ -68,7 +68,7 @@ def test_an_unreadable_image_set_member_is_left_out_not_fatal(tmp_path):
     assert metrics["queries"] > 0
 
 
-def test_submission_metrics_survive_an_unreadable_image_set_member(tmp_path, checkpoint, capsys):
+def test_submission_metrics_survive_an_unreadable_member_and_a_self_target(tmp_path, checkpoint, capsys):
     """`eval --submission` on a split with targets: the files skip the broken member, and
     the metrics over the queries with a target no longer stop on it."""
     from test_retrieval_submission_cli import _cirr_root
@@ -77,13 +77,19 @@ def test_submission_metrics_survive_an_unreadable_image_set_member(tmp_path, che
     db_path = tmp_path / "cirr.db"
     assert main(["import", "--db", str(db_path), "--format", "cirr", str(tmp_path / "root")]) == 0
     (tmp_path / "root" / "val" / "val-0-0-img3.png").write_bytes(b"not an image")  # after import
+    conn = sqlite3.connect(db_path)  # and a pair whose target is its reference: ranked, not scored
+    conn.execute("UPDATE pairs SET target_id = reference_id WHERE id = (SELECT MAX(id) FROM pairs WHERE split = 'val')")
+    conn.commit()
+    conn.close()
     capsys.readouterr()
     assert main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
                  "--cache-dir", str(tmp_path / "cache"), "--submission", str(tmp_path / "sub"),
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert set(result["recall_subset"]) == {"1", "2", "3"}
+    assert result["queries"] == 1 and result["submission"]["queries"] == 2
     subset = json.loads((tmp_path / "sub" / "recall_subset_submission_val.json").read_text())
+    assert len(subset) == 2 + 2
     assert all("val-0-0-img3" not in names for key, names in subset.items() if key not in ("version", "metric"))
 
 
@@ -220,3 +226,22 @@ def test_eval_table_shows_circo_map(tmp_path, checkpoint, capsys):
     model_row = table.splitlines()[table.splitlines().index(header) + 1].split()
     assert model_row[0] == "model" and float(model_row[1]) == pytest.approx(result["map"]["5"], abs=0.051)
     assert any(line.split()[:2] == ["baseline", "text"] for line in table.splitlines()[table.splitlines().index(header):])
+
+
+def test_a_pair_whose_target_is_its_reference_is_left_out_of_ranking(tmp_path):
+    """A pair naming one image (or two identical files) as reference and target cannot be
+    ranked under the CIRR protocol; it stopped training's validation and `eval` with
+    'query 0: the target <hash> is the reference image'. It is left out, by name."""
+    db_path = make_world_store(tmp_path, pairs=40)
+    conn = sqlite3.connect(db_path)
+    for split in ("val", "test"):
+        conn.execute("UPDATE pairs SET target_id = reference_id WHERE id = "
+                     "(SELECT id FROM pairs WHERE split = ? ORDER BY id LIMIT 1)", [split])
+    counts = dict(conn.execute("SELECT split, COUNT(*) FROM pairs GROUP BY split"))
+    conn.commit()
+    conn.close()
+    result = train(_config(tmp_path, "model"))
+    assert result.history["epochs"][0]["val"]["recall"]
+    metrics = evaluate_checkpoint(tmp_path / "model", dbs=[db_path], split="test",
+                                  cache_dir=tmp_path / "cache", progress=False)
+    assert metrics["pairs"] == counts["test"] - 1
