@@ -29,7 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--format", required=True, choices=IMPORT_FORMATS, help="the input format")
     parser.add_argument("--split", help="import only this split (formats that name splits), "
                         "or record pairs under it (formats that do not)")
-    parser.add_argument("--images", metavar="DIR", help="circo: the folder of CIRCO's images")
+    parser.add_argument("--images", metavar="DIR",
+                        help="circo: the folder of CIRCO's images; cirr: the folder image_splits' paths "
+                             "are relative to (default img_raw/ or the root); any format: a folder outside "
+                             "PATH holding images (e.g. an export's absolute paths) the review app may show")
     parser.add_argument("--source", help="dataset name recorded on the pairs (default: from the format)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run_import)

@@ -313,20 +313,29 @@ def test_a_duplicate_id_in_one_file_is_a_problem_and_reimport_adds_nothing(tmp_p
     assert report.pairs_added == 2 and [p.item for p in report.problems] == ["val pairid 0"]
 
 
-def test_images_named_outside_the_dataset_folder(tmp_path):
+def test_images_outside_the_dataset_folder_are_noted_and_shown_only_when_named(tmp_path):
+    from store.exporters import export_dataset
     from ui.security import ImageRefusedError, resolve_image
 
-    # An export names its images by absolute path: imported elsewhere, the app still
-    # shows them (each is served from the folder the file named it in).
+    # An export names its images by absolute path. Imported elsewhere, they are outside
+    # that folder: the import says so once per folder, and the app shows them only when
+    # --images names a folder that holds them (a dataset file cannot widen that itself).
     db = open_db(tmp_path / "a.db")
     import_dataset(db, "pairs", FIXTURES / "pairs")
-    from store.exporters import export_dataset
-    export_dataset(db, "jsonl", tmp_path / "out" / "export.jsonl", include_unreviewed=True)
+    export = tmp_path / "out" / "export.jsonl"
+    export_dataset(db, "jsonl", export, include_unreviewed=True)
     other = open_db(tmp_path / "b.db")
-    assert import_dataset(other, "pairs", tmp_path / "out" / "export.jsonl").pairs_added == 3
-    for (image_id,) in other.execute("SELECT id FROM images").fetchall():
-        assert resolve_image(other, image_id).media_type == "image/png"
-    # A file linked in from elsewhere is imported, noted, and refused by the app;
+    report = import_dataset(other, "pairs", export)
+    assert report.pairs_added == 3 and report.problems == []
+    assert len(report.warnings) == 1 and "--images" in report.warnings[0].reason
+    image_ids = [row[0] for row in other.execute("SELECT id FROM images").fetchall()]
+    with pytest.raises(ImageRefusedError, match="outside"):
+        resolve_image(other, image_ids[0])
+    third = open_db(tmp_path / "c.db")
+    report = import_dataset(third, "pairs", export, images_dir=FIXTURES / "pairs")
+    assert report.pairs_added == 3 and report.warnings == []
+    assert all(resolve_image(third, i).media_type == "image/png" for i in image_ids)
+    # A file linked in from elsewhere is imported and noted (the app refuses it);
     # "../../etc/passwd" is a problem naming its line.
     folder = tmp_path / "mine"
     shutil.copytree(FIXTURES / "pairs", folder)
@@ -338,14 +347,28 @@ def test_images_named_outside_the_dataset_folder(tmp_path):
     with (folder / "pairs.jsonl").open("a") as handle:
         handle.write(json.dumps({"id": "l", "reference": "images/link.png", "target": "images/room0.png"}) + "\n")
         handle.write(json.dumps({"id": "x", "reference": deep, "target": "images/room0.png"}) + "\n")
-    third = open_db(tmp_path / "c.db")
-    report = import_dataset(third, "pairs", folder)
+    fourth = open_db(tmp_path / "d.db")
+    report = import_dataset(fourth, "pairs", folder)
     assert report.pairs_added == 4 and [p.item for p in report.problems] == ["pair 'x' (pairs.jsonl line 5)"]
     assert "not an image" in report.problems[0].reason
     assert [w.item for w in report.warnings] == ["images/link.png"]
-    assert "will not show" in report.warnings[0].reason
     with pytest.raises(ImageRefusedError, match="outside"):
-        resolve_image(third, pairs_of(third)["l"].reference_id)
+        resolve_image(fourth, pairs_of(fourth)["l"].reference_id)
+
+
+def test_cirr_images_folder_elsewhere_with_images(tmp_path):
+    # The layout many CIR codebases use: annotations in cirr/, images beside it.
+    base = tmp_path / "cirr_dataset"
+    shutil.copytree(FIXTURES / "cirr", base / "cirr")
+    for folder in ("train", "dev", "test1"):
+        (base / "cirr" / folder).rename(base / folder)
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "cirr", base / "cirr", images_dir=base)
+    assert (report.pairs_added, report.problems, report.warnings) == (5, [], [])
+    from ui.security import resolve_image
+    assert all(resolve_image(db, i).path.is_file() for (i,) in db.execute("SELECT id FROM images"))
+    with pytest.raises(FormatError, match="no such folder"):
+        import_dataset(db, "cirr", base / "cirr", images_dir=tmp_path / "nope")
 
 
 def test_a_broken_split_file_is_a_problem_and_the_other_splits_import_whole(tmp_path, monkeypatch):

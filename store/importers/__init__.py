@@ -31,18 +31,21 @@ def import_dataset(
     progress: bool = False,
 ) -> ImportReport:
     """Import PATH in `format`. split filters formats that name splits and sets it for
-    those that do not; source overrides the dataset name pairs are recorded under."""
+    those that do not; source overrides the dataset name pairs are recorded under;
+    images_dir: CIRCO's images, CIRR's image folder, and for every format a folder
+    outside PATH whose images the review app may show."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder to import")
     if format == "pairs":
-        return import_pairs(db, path, split=split, source=source, progress=progress)
+        return import_pairs(db, path, split=split, source=source, images_dir=images_dir, progress=progress)
     if format == "good4cir":
         from .good4cir import import_good4cir
-        return import_good4cir(db, path, split=split, source=source, progress=progress)
+        return import_good4cir(db, path, split=split, source=source, images_dir=images_dir,
+                               progress=progress)
     if format == "cirr":
         from .cirr import import_cirr
-        return import_cirr(db, path, split=split, source=source, progress=progress)
+        return import_cirr(db, path, split=split, source=source, images_dir=images_dir, progress=progress)
     if format == "circo":
         from .circo import import_circo
         return import_circo(db, path, split=split, source=source, images_dir=images_dir,

@@ -69,10 +69,13 @@ class ImportSession:
     `problem()` for a bad item, and `finish()` at the end."""
 
     def __init__(self, db: sqlite_utils.Database, source: str, root: Path, *,
-                 progress: bool = False):
+                 progress: bool = False, images_dir: Optional[Path] = None):
         self.db = db
         self.source = source
         self.root = root.resolve()
+        # The folders the review app may serve this dataset's images from: the import's
+        # own, and the one `--images` names (an export's absolute paths, a linked folder).
+        self.roots = [self.root] + ([Path(images_dir).resolve()] if images_dir else [])
         self.progress = progress
         self.report = ImportReport()
         self._by_path: dict[str, ImageInfo | ImageError] = {}
@@ -150,13 +153,16 @@ class ImportSession:
             self._by_path[key] = cached
         if isinstance(cached, ImageError):
             raise cached
-        root = self._root_for(resolved, Path(cached.path))
+        root = self._root_for(Path(cached.path))
         if root is None:
             root = self.root
-            if cached.path not in self._outside_noted:
-                self._outside_noted.add(cached.path)
-                self.warn(str(location), f"{resolved} is a link to {cached.path}, outside the folder that "
-                          "names it: the review app will not show this image (copy the file in instead)")
+            folder = str(Path(cached.path).parent)
+            if folder not in self._outside_noted:  # once per folder, not per image
+                self._outside_noted.add(folder)
+                self.warn(str(location), f"{cached.path} lies outside the dataset folder {self.root} "
+                          "(named by an absolute path, '../' or a link): imported, but the review app "
+                          f"will not show images in {folder}; to let it, import again with --images "
+                          "naming a folder that holds them")
         self._staged.append((cached.id, {
             "id": cached.id, "name": name or str(location), "path": cached.path, "url": None,
             "root": str(root), "width": cached.width, "height": cached.height,
@@ -164,15 +170,10 @@ class ImportSession:
         }, scene))
         return cached.id
 
-    def _root_for(self, given: Path, real: Path) -> Optional[Path]:
-        """The dataset folder recorded for an image, which the review app serves it from:
-        the import's root when the file lies inside it, else the folder the dataset named
-        it in (an absolute path, as exports write, "../", or a folder linked in). None for
-        a file that is itself a link to elsewhere: the app refuses those."""
-        if _inside(real, self.root):
-            return self.root
-        named_in = given.parent.resolve()
-        return named_in if _inside(real, named_in) else None
+    def _root_for(self, real: Path) -> Optional[Path]:
+        """The dataset folder recorded for an image (the review app serves a file only
+        from inside it): the first of self.roots that holds the real file, else None."""
+        return next((root for root in self.roots if _inside(real, root)), None)
 
     def prefetch(self, locations: Iterable[str], base: Path) -> None:
         """Validate many local images at once, on all cores (decoding releases the GIL),
@@ -210,7 +211,7 @@ class ImportSession:
         if row[4] is not None and not Path(row[4]).exists():
             # The dataset moved: point the stored row at the file found now.
             real = path.resolve()
-            self._moved[image_id] = (str(real), str(self._root_for(path, real) or self.root))
+            self._moved[image_id] = (str(real), str(self._root_for(real) or self.root))
         return ImageInfo(id=image_id, path=str(path.resolve()), width=row[0], height=row[1],
                          size_bytes=row[2], format=row[3])
 

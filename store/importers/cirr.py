@@ -1,7 +1,7 @@
 """CIRR: PATH is a root holding captions/cap.rc2.{train,val,test1}.json and
 image_splits/split.rc2.{split}.json (image name -> path like "./train/34/x.png"). Those
-paths are relative to img_raw/ when the root has one (the layout CIRR's README gives),
-else to the root itself.
+paths are relative to images_dir (`--images DIR`) when given, else to img_raw/ when the
+root has one (the layout CIRR's README gives), else to the root itself.
 
 Each caption entry becomes one pair (CIRR has one caption per pairid), with external id
 "<split>:<pairid>", the caption as its original caption, img_set as image ids, and
@@ -25,7 +25,8 @@ SPLITS = ("train", "val", "test1")
 
 
 def import_cirr(db: sqlite_utils.Database, path: str | Path, *, split: Optional[str] = None,
-                source: Optional[str] = None, progress: bool = False) -> ImportReport:
+                source: Optional[str] = None, images_dir: Optional[str | Path] = None,
+                progress: bool = False) -> ImportReport:
     root = Path(path)
     if not (root / "captions").is_dir():
         raise FormatError(f"{root}: not a CIRR root (no captions/ folder; expected "
@@ -33,8 +34,10 @@ def import_cirr(db: sqlite_utils.Database, path: str | Path, *, split: Optional[
     splits = [split] if split else [s for s in SPLITS if (root / "captions" / f"cap.rc2.{s}.json").is_file()]
     if not splits:
         raise FormatError(f"{root}/captions: no cap.rc2.{{train,val,test1}}.json file")
-    session = ImportSession(db, source or "cirr", root, progress=progress)
-    images = root / "img_raw" if (root / "img_raw").is_dir() else root
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise FormatError(f"--images {images_dir}: no such folder")
+    session = ImportSession(db, source or "cirr", root, progress=progress, images_dir=images_dir)
+    images = Path(images_dir) if images_dir else root / "img_raw" if (root / "img_raw").is_dir() else root
     # Every split's files are read before anything is written: a broken file found
     # halfway used to stop the import after earlier splits were partly stored.
     loaded = []

@@ -23,7 +23,8 @@ _KNOWN_KEYS = {"reference_image", "target_image", "difference_captions", "id", "
 
 
 def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optional[str] = None,
-                    source: Optional[str] = None, progress: bool = False) -> ImportReport:
+                    source: Optional[str] = None, images_dir: Optional[str | Path] = None,
+                    progress: bool = False) -> ImportReport:
     path = Path(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.json"))
@@ -40,7 +41,7 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
     if not isinstance(entries, list):
         raise FormatError(f"{path}: expected a JSON list of pairs with reference_image and target_image")
     folder = path.parent
-    session = ImportSession(db, source or path.stem, folder, progress=progress)
+    session = ImportSession(db, source or path.stem, folder, progress=progress, images_dir=images_dir)
     session.prefetch((str(e[k]) for e in entries if isinstance(e, dict)
                       for k in ("reference_image", "target_image") if isinstance(e.get(k), str)), folder)
     for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=session.source):

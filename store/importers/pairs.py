@@ -27,7 +27,8 @@ _KNOWN_KEYS = {"id", "reference", "target", "split", "captions", "edits", "img_s
 
 
 def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional[str] = None,
-                 source: Optional[str] = None, progress: bool = False) -> ImportReport:
+                 source: Optional[str] = None, images_dir: Optional[str | Path] = None,
+                 progress: bool = False) -> ImportReport:
     path = Path(path)
     if path.is_dir():
         folder, pairs_file = path, path / PAIRS_FILE
@@ -37,7 +38,7 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         raise FormatError(f"{pairs_file}: not found; a pairs import needs a folder holding {PAIRS_FILE}")
     if source is None:
         source = "demo" if (folder / "world.json").is_file() else folder.resolve().name
-    session = ImportSession(db, source, folder, progress=progress)
+    session = ImportSession(db, source, folder, progress=progress, images_dir=images_dir)
     scenes = _read_scenes(folder / SCENES_FILE, folder, session)
     lines = read_lines(pairs_file)
     session.prefetch(_image_locations([text for text, _ in lines if text is not None], split), folder)
