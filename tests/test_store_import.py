@@ -416,3 +416,22 @@ def test_cirr_img_set_ranks_survive_import_and_export(tmp_path):
     import_dataset(db, "cirr", cirr, split="test1")
     export_dataset(db, "cirr", tmp_path / "test1.json", include_unreviewed=True, split="test1")
     assert json.loads((tmp_path / "test1.json").read_text()) == entries
+
+
+def test_an_empty_file_says_so(tmp_path):
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    (folder / "pairs.jsonl").write_text("\n  \n")
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "pairs", folder)
+    assert report.pairs_added == 0
+    assert [(w.item, w.reason) for w in report.warnings] == [("pairs.jsonl", "the file is empty: no pairs to import")]
+    cirr = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", cirr)
+    (cirr / "captions/cap.rc2.val.json").write_text("")
+    with pytest.raises(FormatError, match=r"cap\.rc2\.val\.json: the file is empty"):
+        import_dataset(db, "cirr", cirr, split="val")
+    good = tmp_path / "dataset.json"
+    good.write_text(" \n")
+    with pytest.raises(FormatError, match="dataset.json: the file is empty"):
+        import_dataset(db, "good4cir", good)

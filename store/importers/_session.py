@@ -43,10 +43,13 @@ def read_text(path: Path) -> str:
     """A dataset file's text. UTF-8, with or without a BOM (Windows editors add one);
     anything else is a FormatError naming the file, not a bare UnicodeDecodeError."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
         raise FormatError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
                           "save it as UTF-8 and import again") from None
+    if not text.strip():
+        raise FormatError(f"{path}: the file is empty")
+    return text
 
 
 def read_lines(path: Path) -> list[tuple[Optional[str], Optional[str]]]:

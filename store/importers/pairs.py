@@ -41,6 +41,8 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     session = ImportSession(db, source, folder, progress=progress, images_dir=images_dir)
     scenes = _read_scenes(folder / SCENES_FILE, folder, session)
     lines = read_lines(pairs_file)
+    if not any(text is None or text.strip() for text, _ in lines):
+        session.warn(pairs_file.name, "the file is empty: no pairs to import")
     session.prefetch(_image_locations([text for text, _ in lines if text is not None], split), folder)
     for number, (line, undecodable) in session.iterate(enumerate(lines, start=1), total=len(lines),
                                                         desc=source):
