@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_retrieval import non_negative_int, positive_int
+
 
 def register(subparsers) -> None:
     index = subparsers.add_parser(
@@ -30,8 +32,8 @@ def register(subparsers) -> None:
         "--search-params",
         help='FAISS search parameters saved with the index, e.g. "efSearch=128" or "nprobe=16"',
     )
-    index.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    index.add_argument("--workers", type=int, help="image-loading processes (default: cores - 1, at most 4)")
+    index.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
+    index.add_argument("--workers", type=non_negative_int, help="image-loading processes (default: cores - 1, at most 4)")
     index.add_argument("--fresh", action="store_true", help="discard cached embeddings and encode everything again")
     index.add_argument("--cache-dir", metavar="DIR",
                        help="pixel cache of `train`/`eval`: images decoded there are not decoded again "
@@ -47,7 +49,7 @@ def register(subparsers) -> None:
     query.add_argument("--index", required=True, type=Path, help="index directory from good4cir index")
     query.add_argument("--image", required=True, type=Path, help="the reference image")
     query.add_argument("--text", required=True, help="the modification text")
-    query.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    query.add_argument("-k", type=positive_int, default=10, help="how many results (default 10)")
     query.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the one the index names)")
     query.add_argument("--search-params", help='override the index\'s search parameters, e.g. "efSearch=256"')
     query.add_argument(

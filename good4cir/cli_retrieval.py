@@ -7,6 +7,26 @@ import json
 import sys
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (a batch of 0 divided by zero)."""
+    return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+    return value
+
+
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", action="append", default=[], metavar="DB",
                         help="a store to read pairs from (repeat to mix several datasets)")
@@ -25,7 +45,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="where decoded images and frozen features are cached "
                         "(default $GOOD4CIR_CACHE or ~/.cache/good4cir)")
-    parser.add_argument("--threads", type=int, metavar="N", help="CPU threads for torch")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
 
 
 # retrieval.fusion.FUSIONS, repeated here so that `good4cir --help` does not import torch
@@ -57,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--checkpoint", metavar="FILE", help="a local file of open_clip weights")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--minutes", type=float, help="wall-time budget (default 8)")
-    budget.add_argument("--epochs", type=int, help="number of epochs instead of a time budget")
+    budget.add_argument("--epochs", type=positive_int, help="number of epochs instead of a time budget")
     parser.add_argument("--freeze-encoders", action="store_true",
                         help="keep the encoders fixed and cache their features: only the "
                         "fusion head trains (fast; use with pretrained encoders)")
@@ -65,12 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="residual (default): pre-norm cross-attention layers; paper: "
                         "cross-attention stacked without residuals, as the authors' code; "
                         "sum: image + text embedding baseline")
-    parser.add_argument("--image-size", type=int, metavar="PX", help="override the model's input size")
-    parser.add_argument("--batch-size", type=int, default=32, help="triplets per step (default 32)")
+    parser.add_argument("--image-size", type=positive_int, metavar="PX", help="override the model's input size")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="triplets per step (default 32)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the fusion head (default "
                         "2e-3 from scratch, encoders at a quarter of it; 5e-4 frozen; 1e-4 "
                         "fine-tuning pretrained weights, encoders at a tenth)")
-    parser.add_argument("--set-negatives", type=int, default=2, metavar="N",
+    parser.add_argument("--set-negatives", type=non_negative_int, default=2, metavar="N",
                         help="per query, N members of its image set (CIRR's img_set, the "
                         "demo world's near-duplicates) join the negatives (default 2; 0: none)")
     parser.add_argument("--no-rerank", dest="rerank", action="store_false",
@@ -80,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "is kept only if it beats it on validation)")
     parser.add_argument("--rerank-share", type=float, default=0.75, metavar="F",
                         help="share of --minutes the pair scorer trains for (default 0.75)")
-    parser.add_argument("--rerank-top-k", type=int, default=100, metavar="K",
+    parser.add_argument("--rerank-top-k", type=positive_int, default=100, metavar="K",
                         help="how many first-stage candidates the pair scorer re-ranks (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--resume", action="store_true",

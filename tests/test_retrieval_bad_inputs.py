@@ -245,3 +245,21 @@ def test_a_pair_whose_target_is_its_reference_is_left_out_of_ranking(tmp_path):
     metrics = evaluate_checkpoint(tmp_path / "model", dbs=[db_path], split="test",
                                   cache_dir=tmp_path / "cache", progress=False)
     assert metrics["pairs"] == counts["test"] - 1
+
+
+@pytest.mark.parametrize("command, option, value", [
+    ("train", "--batch-size", "0"),  # ZeroDivisionError traceback
+    ("train", "--batch-size", "-4"),  # "__len__() should return >= 0"
+    ("train", "--set-negatives", "-1"),  # "Sample larger than population or is negative"
+    ("train", "--rerank-top-k", "0"),  # trained a re-ranker over no candidates
+    ("index", "--batch-size", "0"),  # "range() arg 3 must not be zero"
+    ("query", "-k", "0"),
+])
+def test_counts_below_their_minimum_are_refused_by_name(command, option, value, capsys):
+    required = {"train": ["--db", "x.db", "--out", "out"],
+                "index": ["--db", "x.db", "--checkpoint", "ck", "--out", "out"],
+                "query": ["--index", "idx", "--image", "a.png", "--text", "t"]}[command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *required, option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be at least" in capsys.readouterr().err
