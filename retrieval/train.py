@@ -131,8 +131,9 @@ def val_brief(val: dict[str, Any]) -> str:
     """The validation part of an epoch's log line ("" without validation)."""
     if not val:
         return ""
+    subset = val.get("recall_subset", {}).get("1")  # absent without image sets
     return (f", val R@1 {val['recall']['1']:.1f} R@5 {val['recall']['5']:.1f}"
-            f" Rsubset@1 {val.get('recall_subset', {}).get('1', float('nan')):.1f}")
+            + (f" Rsubset@1 {subset:.1f}" if subset is not None else ""))
 
 
 def lr_factor(fraction: float, warmup: float, min_ratio: float) -> float:

@@ -263,3 +263,13 @@ def test_counts_below_their_minimum_are_refused_by_name(command, option, value, 
         main([command, *required, option, value])
     assert exit_info.value.code == 2
     assert f"argument {option}: must be at least" in capsys.readouterr().err
+
+
+def test_epoch_line_leaves_out_recall_subset_without_image_sets():
+    """Data without image sets (the authors' dataset.json) printed 'Rsubset@1 nan' each epoch."""
+    from retrieval.train import val_brief
+
+    recall = {"1": 12.5, "5": 50.0, "10": 75.0, "50": 100.0}
+    assert val_brief({"recall": recall}) == ", val R@1 12.5 R@5 50.0"
+    assert val_brief({"recall": recall, "recall_subset": {"1": 40.0}}).endswith(" Rsubset@1 40.0")
+    assert val_brief({}) == ""
