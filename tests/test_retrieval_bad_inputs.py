@@ -273,3 +273,17 @@ def test_epoch_line_leaves_out_recall_subset_without_image_sets():
     assert val_brief({"recall": recall}) == ", val R@1 12.5 R@5 50.0"
     assert val_brief({"recall": recall, "recall_subset": {"1": 40.0}}).endswith(" Rsubset@1 40.0")
     assert val_brief({}) == ""
+
+
+def test_retrieve_tab_names_a_pair_whose_reference_has_no_local_file(world):
+    """A pair imported by URL has no reference file; the tab said 'choose a dataset pair
+    or upload a reference image' to someone who had chosen one."""
+    import sqlite_utils
+
+    from ui.retrieve_logic import DatasetQuery, RetrieveError, RetrieveService
+
+    root, db_path = world
+    pair = DatasetQuery("p1", "cirr-7 · test · make it red", "ref", None, "tgt", "t.png", "make it red")
+    service = RetrieveService(str(db_path), str(root / "no-index-needed"))
+    with pytest.raises(RetrieveError, match="reference image of pair cirr-7 is not a local file"):
+        service.query(sqlite_utils.Database(db_path), pair=pair, upload=None, text=pair.text, k=5)

@@ -134,6 +134,9 @@ class RetrieveService:
             image, exclude = load_upload(upload), False
         elif pair is not None and pair.reference_path:
             image, exclude = pair.reference_path, True
+        elif pair is not None:  # imported by URL (good4cir JSON): the store has no file for it
+            raise RetrieveError(f"the reference image of pair {pair.label.split(' · ')[0]} is not a local "
+                                "file (the store holds its URL only): upload it instead")
         else:
             raise RetrieveError("choose a dataset pair or upload a reference image")
         try:
