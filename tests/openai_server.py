@@ -67,6 +67,7 @@ class ServerConfig:
     batch_delay: float = 0.2        # seconds from batch creation to completion
     batch_expire_after: Optional[int] = None  # lines done before a batch expires
     batch_line_error_rate: float = 0.0       # per-line 500s inside a batch
+    batch_invalid_answer_rate: float = 0.0   # per-line answers that fail validation
     batch_create_response_delay: float = 0.0  # the batch exists at once; the answer comes late
     batch_queue_limit: Optional[int] = None  # lines enqueued at once; a batch over it fails
 
@@ -405,6 +406,13 @@ class FakeOpenAI:
                                "error": None})
                 continue
             status, payload, _ = self.completion(item["body"], count=False)
+            with self.lock:
+                invalid = status == 200 and self._roll(self.config.batch_invalid_answer_rate)
+            if invalid:  # valid JSON that fails the stage's validation, as in chat()
+                message = payload["choices"][0]["message"]
+                message["content"] = json.dumps({"captions": ["ok"]} if '"captions"' in message["content"]
+                                                else {"objects": []})
+                self.stats["batch_invalid_answers"] += 1
             self.stats["batch_lines_answered"] += 1
             outputs.append({"id": self._new_id("req"), "custom_id": custom_id, "error": None,
                             "response": {"status_code": status, "request_id": self._new_id("req"),

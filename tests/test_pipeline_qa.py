@@ -22,6 +22,10 @@ def fresh_server(server, monkeypatch):
     server.state.config.__init__()  # every test starts from a well-behaved server
     server.state.reset()
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    yield
+    for batch in server.state.batches.values():  # none finishes during the next test
+        if batch["status"] in ("validating", "in_progress"):
+            batch["status"] = "cancelling"
 
 
 def _world(tmp_path, references: int, pairs: int):
@@ -215,3 +219,25 @@ def test_dry_run_estimates_images_as_openai_bills_them_for_the_default_model():
         prices.estimate("gpt-4o-mini", {"single": 1}))
     assert prices.estimate("gpt-4.1-mini", {"stage1": 1}, image_max_side=1024) > \
         prices.estimate("gpt-4.1-mini", {"stage1": 1}, image_max_side=512)
+
+
+def test_retry_failed_with_the_batch_backend_asks_again_instead_of_rereading_the_old_batch(
+        server, tmp_path):
+    # --retry-failed discards the stored answers that did not validate. The batch backend
+    # then found the same lines in the run's stored batch and read the same bad answers
+    # back: nothing was retried, the pairs failed again, and their cost was counted twice.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.batch_delay = 0.05
+    server.config.batch_invalid_answer_rate = 1.0  # stage 1 and its repair both fail validation
+    options = _options(server, "openai-batch")
+    progress = run_pipeline(db_path, options)
+    assert progress.failures == {"invalid answer": 2}
+    assert server.stats["batch_lines_submitted"] == 2  # stage 1, then its repair
+
+    server.config.batch_invalid_answer_rate = 0.0
+    progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "retry_failed": True}))
+    assert progress.pairs_done == 2 and progress.failures == {}
+    assert server.stats["batch_lines_submitted"] == 2 + 1 + 2 + 2  # stage 1 asked again
+    # every stored call was paid once: one stored answer per line sent
+    calls, = table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'")
+    assert calls == (server.stats["batch_lines_submitted"],)

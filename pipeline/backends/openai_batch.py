@@ -104,6 +104,13 @@ def _epoch(stamp: Optional[str]) -> Optional[float]:
         return None
 
 
+def _recorded_lines(db, run_id: int) -> list[tuple[str, str]]:
+    """(batch id, custom id) of the batch lines stored as calls of the run."""
+    return [tuple(row) for row in db.execute(
+        "SELECT batch_id, custom_id FROM calls WHERE run_id = ? AND batch_id IS NOT NULL"
+        " AND custom_id IS NOT NULL", [run_id])]
+
+
 def custom_id_for(body_without_images: dict) -> str:
     digest = hashlib.sha256(json.dumps(body_without_images, sort_keys=True, ensure_ascii=False)
                             .encode()).hexdigest()
@@ -161,10 +168,16 @@ class OpenAIBatchBackend:
         rows = await ctx.db(store_ann.list_batches, ctx.run_id)
         if any(row["id"].startswith("pending:") for row in rows):
             rows = await self._adopt_placeholders(rows)
+        # Lines whose answer (or error) is already stored as a call: the runner asks again
+        # only on purpose (--retry-failed discards an answer that did not validate), so
+        # reading the same answer back from the old batch would retry nothing and count
+        # its cost twice.
+        recorded = set(await ctx.db(_recorded_lines, ctx.run_id))
         for position, row in enumerate(rows):  # oldest first
             self._order[row["id"]] = position
             for custom_id in row["custom_ids"]:
-                self._known.setdefault(custom_id, []).append(row["id"])
+                if (row["id"], custom_id) not in recorded:
+                    self._known.setdefault(custom_id, []).append(row["id"])
             self._submitted_at[row["id"]] = _epoch(row["created_at"])
         self._wake = asyncio.Event()
         self._tasks = [asyncio.create_task(self._flusher()), asyncio.create_task(self._poller())]
