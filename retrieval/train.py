@@ -458,9 +458,10 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
 
 
 def _check_budget_left(cfg: TrainConfig, out: Path, state: dict[str, Any]) -> None:
-    """Refuse a resume that would train nothing: the saved run already spent the
-    --epochs or --minutes asked for (it would only have re-run the pair scorer, and
-    reported the throughput of zero steps)."""
+    """Refuse a resume that would train nothing: the saved run's first stage already
+    spent the --epochs or --minutes asked for, and there is no re-ranker stage left to
+    finish (re-ranking off, the run ended, or no minutes left for it). Before, such a
+    resume deleted rerank.pt and reported the throughput of zero steps."""
     epochs, seconds = state["epoch"], state["elapsed"]
     if cfg.epochs is not None and epochs >= cfg.epochs:
         asked = f"--epochs {cfg.epochs}"
@@ -469,8 +470,21 @@ def _check_budget_left(cfg: TrainConfig, out: Path, state: dict[str, Any]) -> No
                                                 "the rest for the re-ranker)" if cfg.rerank else "")
     else:
         return
+    minutes_left = cfg.minutes is None or seconds < cfg.minutes * 60.0
+    if cfg.rerank and minutes_left and not _run_finished(out, state):
+        return  # stopped during the re-ranker's stage: the resume trains it
     raise ValueError(f"nothing to resume: {out} has trained {epochs} epoch{'' if epochs == 1 else 's'} in {seconds:.0f} s, "
                      f"which already spends {asked}; raise it to train on")
+
+
+def _run_finished(out: Path, state: dict[str, Any]) -> bool:
+    """Whether the run that wrote this last.pt also finished (history.json is written
+    last, with the same epoch and step)."""
+    try:
+        summary = json.loads((out / "history.json").read_text()).get("summary") or {}
+    except (OSError, ValueError):
+        return False
+    return summary.get("epochs") == state["epoch"] and summary.get("steps") == state["step"]
 
 
 def _full_batch(model: ComposedRetriever, pixels, token_ids, ref_rows, tgt_rows, text_rows,

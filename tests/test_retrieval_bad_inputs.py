@@ -173,6 +173,13 @@ def test_resume_with_the_budget_spent_is_refused_and_throughput_counts_all_runs(
             train(_config(root, "resumed", resume=True, **budget))
     assert rerank_file.read_bytes() == b"a re-ranker"
     rerank_file.unlink()
+    # Re-ranking on: a finished run has nothing left either, but a run stopped while its
+    # re-ranker trained (history.json not written yet) resumes into that stage.
+    with pytest.raises(ValueError, match="nothing to resume"):
+        train(_config(root, "resumed", resume=True, rerank=True, rerank_epochs=1))
+    (root / "resumed" / "history.json").unlink()
+    reranked = train(_config(root, "resumed", resume=True, rerank=True, rerank_epochs=1))
+    assert reranked.epochs == 3 and "rerank" in reranked.history
     again = train(_config(root, "resumed", resume=True, epochs=4))
     summary, before = again.history["summary"], first.history["summary"]
     assert summary["epochs"] == 4 and summary["train_seconds"] >= before["train_seconds"]
