@@ -57,7 +57,8 @@ bad image, no target, request rejected, retries exhausted, retry budget spent, i
 answer, stage 4 error, internal error. A refused key (401) is no item's fault: the run
 stops at once with RunAuthError, its pairs left pending for a rerun with a good key; so
 does an account out of credits (429 insufficient_quota: RunQuotaError), which waiting
-and retrying would not mend.
+and retrying would not mend, and a model or endpoint that does not exist (404: a mistyped
+--model, a --base-url without /v1: RunNotFoundError).
 
 Scheduling: `concurrency` request slots, served later stages first (pipeline.slots), and
 twice as many pair workers, so pairs waiting on a shared stage 1 never leave a slot idle.
@@ -90,7 +91,8 @@ from store.errors import LeaseHeldError
 from store.models import CallRecord
 
 from .backends import create_backend
-from .backends.base import AccountError, PermanentError, QuotaExceededError, TransientError, VLMRequest
+from .backends.base import (AccountError, NotFoundError, PermanentError, QuotaExceededError, TransientError,
+                            VLMRequest)
 from .images import BadImageError
 from .pricing import PriceTable
 from .prompts import prompt_versions
@@ -211,6 +213,10 @@ class RunBusyError(ValueError):
 
 class RunAuthError(ValueError):
     """The backend refused the credentials; the run stopped with its pairs pending."""
+
+
+class RunNotFoundError(RunAuthError):
+    """The backend has no such model or endpoint (404); the run stopped with its pairs pending."""
 
 
 class RunQuotaError(RunAuthError):
@@ -550,6 +556,12 @@ class Runner:
             await self._db(lambda db: None)  # every queued write is in the store
             status = "stopped" if self._stopping else "finished"
             if self._auth_error is not None:
+                if self._account_error_type is NotFoundError:
+                    raise RunNotFoundError(
+                        f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. Check the model "
+                        f"({self.model}) and the base URL ({self.options.base_url or 'OpenAI'}; an "
+                        "OpenAI-compatible server's usually ends in /v1), then run again; the pairs "
+                        "not yet annotated stay pending")
                 if self._account_error_type is QuotaExceededError:
                     raise RunQuotaError(
                         f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. Add credits to the account "

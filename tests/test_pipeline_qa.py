@@ -9,7 +9,7 @@ import pytest
 
 from openai_server import server_fixture
 from pipeline.pricing import EST_TEXT_TOKENS_IN, EST_TOKENS_OUT, PriceTable
-from pipeline.runner import RunOptions, RunQuotaError, plan_run, run_pipeline, start_run_in_thread
+from pipeline.runner import RunNotFoundError, RunOptions, RunQuotaError, plan_run, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-qa-0123456789abcdef"
@@ -241,3 +241,17 @@ def test_retry_failed_with_the_batch_backend_asks_again_instead_of_rereading_the
     # every stored call was paid once: one stored answer per line sent
     calls, = table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'")
     assert calls == (server.stats["batch_lines_submitted"],)
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch"])
+def test_a_base_url_without_v1_stops_the_run_instead_of_failing_every_pair(server, tmp_path, backend):
+    # A --base-url without /v1 (or, on OpenAI, a mistyped --model: 404 model_not_found) is
+    # no pair's fault: every pair used to fail as 'request rejected (404)', the run 'finished'.
+    db_path = _world(tmp_path, references=3, pairs=12)
+    options = _options(server, backend, base_url=server.url.removesuffix("/v1"))
+    with pytest.raises(RunNotFoundError) as caught:
+        run_pipeline(db_path, options)
+    assert str(caught.value).startswith("run 1 stopped: not found (404)")
+    assert "ends in /v1" in str(caught.value)
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 12)]
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]

@@ -62,12 +62,17 @@ class PermanentError(BackendError):
 
 
 class AccountError(PermanentError):
-    """No request can succeed until the account is put right: every request would fail
-    the same way, so the runner stops the run instead of failing each item."""
+    """No request can succeed until the account or the setup is put right: every request
+    would fail the same way, so the runner stops the run instead of failing each item."""
 
 
 class AuthenticationError(AccountError):
     """The server refused the credentials (401)."""
+
+
+class NotFoundError(AccountError):
+    """404: the model or the endpoint does not exist (a mistyped --model, or a --base-url
+    that lacks its /v1)."""
 
 
 class QuotaExceededError(AccountError):

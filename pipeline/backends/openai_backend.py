@@ -22,8 +22,8 @@ import time
 from typing import Any, ClassVar, Optional
 
 from ..images import DETAILS, ImageEncoder
-from .base import (AuthenticationError, PermanentError, QuotaExceededError, TransientError, VLMRequest,
-                   VLMResponse)
+from .base import (AuthenticationError, NotFoundError, PermanentError, QuotaExceededError, TransientError,
+                   VLMRequest, VLMResponse)
 
 RESPONSE_MODES = ("json_schema", "json_object", "text")
 
@@ -87,6 +87,8 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None):
             return TransientError(f"server error ({status}): {message}", retry_after=retry_after)
         if status == 401:
             return AuthenticationError(f"authentication failed (401): {message}")
+        if status == 404:
+            return NotFoundError(f"not found (404): {message}")
         return PermanentError(f"request rejected ({status}): {message}")
     if isinstance(exc, ValueError):  # a body that is not JSON, from a broken server
         return TransientError(f"malformed response: {message}")
