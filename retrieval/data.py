@@ -125,6 +125,12 @@ def load_store_triplets(
             if item.annotation is not None:
                 generated[item.pair.id] = [(c.current_text or c.text, c.kind) for c in item.captions
                                            if (c.current_text or c.text).strip()]
+        # Pairs whose generated captions only wait for a review, to say so when they are all
+        # a --source generated run could have used.
+        awaiting_review: set[str] = set()
+        if source == "generated" and not include_unreviewed:
+            awaiting_review = {item.pair.id for item in collect_items(db, include_unreviewed=True)
+                               if item.annotation is not None and item.captions} - set(generated)
         cursor = db.execute(
             "SELECT id, source, reference_id, target_id, split, original_captions, img_set,"
             " ground_truth, extra FROM pairs ORDER BY id"
@@ -150,7 +156,9 @@ def load_store_triplets(
             _json(orig_json, []), generated.get(pair_id, []), source, captions
         )
         if not texts:
-            result.problems.append(f"pair {pair_id}: no caption for --source {source}")
+            result.problems.append(f"pair {pair_id}: no caption for --source {source}" + (
+                " (its generated captions are not approved yet: approve them in the review app, "
+                "or pass --include-unreviewed)" if pair_id in awaiting_review else ""))
             continue
         img_set = [k for k in _json(img_set_json, None) or [] if _usable(images.get(k))] or None
         extra = _json(extra_json, {}) or {}

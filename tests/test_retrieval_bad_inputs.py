@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_retrieval_data import annotated  # noqa: F401  (a fixture)
 from test_retrieval_world import make_world_store
 
 from good4cir.cli import main
+from retrieval.data import load_store_triplets
 from retrieval.evaluate import evaluate_checkpoint
 from retrieval.train import TrainConfig, train
 
@@ -294,3 +296,13 @@ def test_retrieve_tab_names_a_pair_whose_reference_has_no_local_file(world):
     service = RetrieveService(str(db_path), str(root / "no-index-needed"))
     with pytest.raises(RetrieveError, match="reference image of pair cirr-7 is not a local file"):
         service.query(sqlite_utils.Database(db_path), pair=pair, upload=None, text=pair.text, k=5)
+
+
+def test_generated_source_says_when_captions_only_wait_for_review(annotated):
+    """A freshly annotated store trained with --source generated failed on 'no caption for
+    --source generated' for pairs that hold generated captions, none approved yet."""
+    data = load_store_triplets(annotated, source="generated")
+    problems = {p.split(":")[0]: p for p in data.problems}
+    assert "not approved yet" in problems["pair p0001"] and "--include-unreviewed" in problems["pair p0001"]
+    assert "not approved yet" not in problems["pair p0002"]  # rejected, not waiting
+    assert "not approved yet" not in problems["pair p0003"]  # no annotation at all
