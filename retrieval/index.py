@@ -657,7 +657,8 @@ class QueryEngine:
         if isinstance(image, (str, Path)):
             path = Path(image)
             if not path.is_file():
-                raise FileNotFoundError(f"query image {path} does not exist")
+                raise FileNotFoundError(f"query image {path} "
+                                        + ("is a folder, not an image file" if path.is_dir() else "does not exist"))
             if exclude_reference:
                 exclude = {str(path), str(path.resolve())}
             image = load_image_rgb(path)

@@ -209,6 +209,8 @@ def test_query_with_an_empty_text_is_refused(world, checkpoint, capsys):
     for text in ("", "   "):
         with pytest.raises(ValueError, match="--text is empty"):
             main(["query", "--index", str(index_dir), "--image", str(image), "--text", text])
+    with pytest.raises(FileNotFoundError, match="is a folder, not an image file"):  # not 'does not exist'
+        main(["query", "--index", str(index_dir), "--image", str(root / "images"), "--text", "make it red"])
     capsys.readouterr()
     assert main(["query", "--index", str(index_dir), "--image", str(image), "--text", "make it red",
                  "-k", "2", "--json"]) == 0
