@@ -58,6 +58,19 @@ class _Shards:
                 data.setdefault(name, []).append(tensor)
         return keys, data
 
+    def check_writable(self) -> None:
+        """Before the work whose result goes here: a cache folder that cannot be written
+        (a file in the way, no permission) is a ValueError naming it, not a traceback
+        after every image was decoded."""
+        existing = self.directory
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+            return
+        problem = "is a file, not a folder" if existing.exists() and not existing.is_dir() else "is not writable"
+        raise ValueError(f"cannot write the cache in {self.directory}: {existing} {problem}; "
+                         "pass --cache-dir DIR (or set GOOD4CIR_CACHE) to a folder that can be written")
+
     def write(self, keys: list[str], data: dict[str, torch.Tensor]) -> None:
         if not keys:
             return
@@ -92,6 +105,8 @@ class PixelCache:
         cached = torch.cat(data["pixels"]) if data.get("pixels") else None
         where = {key: i for i, key in enumerate(keys)}
         missing = [key for key in paths if key not in where]
+        if missing:
+            self.shards.check_writable()
         failures: dict[str, str] = {}
         new_keys: list[str] = []
         new_arrays: list[np.ndarray] = []
@@ -171,6 +186,7 @@ class FeatureCache:
         where = {key: i for i, key in enumerate(stored)}
         missing = [key for key in dict.fromkeys(keys) if key not in where]
         if missing:
+            self.image_shards.check_writable()
             pooled, tokens = [], []
             for start in tqdm(range(0, len(missing), self.batch_size), desc="caching image features",
                               disable=not progress):
@@ -192,6 +208,7 @@ class FeatureCache:
         unique = list(dict.fromkeys(texts))
         missing = [t for t in unique if _digest(t) not in where]
         if missing:
+            self.text_shards.check_writable()
             ctx = self.encoder.context_length
             pooled = torch.zeros((len(missing), self.encoder.embed_dim), dtype=torch.float16)
             tokens = torch.zeros((len(missing), ctx, self.encoder.text_width), dtype=torch.float16)

@@ -308,3 +308,15 @@ def test_generated_source_says_when_captions_only_wait_for_review(annotated):
     assert "not approved yet" in problems["pair p0001"] and "--include-unreviewed" in problems["pair p0001"]
     assert "not approved yet" not in problems["pair p0002"]  # rejected, not waiting
     assert "not approved yet" not in problems["pair p0003"]  # no annotation at all
+
+
+def test_a_cache_dir_that_cannot_be_written_is_named_before_decoding(world, checkpoint, tmp_path):
+    """--cache-dir (or $GOOD4CIR_CACHE) naming a file: train and eval decoded every image,
+    then stopped on a NotADirectoryError traceback."""
+    root, db_path = world
+    a_file = tmp_path / "cache-file"
+    a_file.write_text("")
+    with pytest.raises(ValueError, match=f"cannot write the cache in {a_file}/pixels/.*: {a_file} is a file"):
+        train(_config(root, "uncached", cache_dir=str(a_file)))
+    with pytest.raises(ValueError, match="pass --cache-dir DIR"):
+        main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--cache-dir", str(a_file)])
