@@ -623,10 +623,15 @@ class QueryEngine:
         from .model import load_retriever
 
         self.index = load_index(index_path, search_params=search_params)
+        named = checkpoint_dir is None
         checkpoint_dir = checkpoint_dir or self.index.meta.get("checkpoint")
         if retriever is None:
             if not checkpoint_dir:
                 raise ValueError(f"{index_path} does not name its checkpoint; pass the checkpoint directory")
+            if named and not Path(checkpoint_dir).is_dir():
+                raise FileNotFoundError(
+                    f"the index {index_path} was built with the checkpoint {checkpoint_dir}, which is "
+                    "no longer there: pass --checkpoint DIR (the same model, moved) or rebuild the index")
             retriever = load_retriever(checkpoint_dir)
         self.retriever = retriever
         self.checkpoint_dir = checkpoint_dir

@@ -320,3 +320,22 @@ def test_a_cache_dir_that_cannot_be_written_is_named_before_decoding(world, chec
         train(_config(root, "uncached", cache_dir=str(a_file)))
     with pytest.raises(ValueError, match="pass --cache-dir DIR"):
         main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--cache-dir", str(a_file)])
+
+
+def test_query_names_the_index_s_checkpoint_when_it_has_moved(world, checkpoint, tmp_path):
+    """It said '<dir> is not a good4cir checkpoint directory ... train one', of a folder
+    the user never typed (the index's meta names it)."""
+    import shutil
+
+    root, db_path = world
+    moved = tmp_path / "model"
+    shutil.copytree(checkpoint, moved)
+    index_dir = tmp_path / "index"
+    assert main(["index", "--db", str(db_path), "--checkpoint", str(moved), "--out", str(index_dir),
+                 "--quiet", "--workers", "0", "--cache-dir", str(root / "cache")]) == 0
+    shutil.rmtree(moved)
+    image = next((root / "images").glob("*.png"))
+    with pytest.raises(FileNotFoundError, match=f"built with the checkpoint {moved}, which is no longer there"):
+        main(["query", "--index", str(index_dir), "--image", str(image), "--text", "make it red"])
+    assert main(["query", "--index", str(index_dir), "--checkpoint", str(checkpoint), "--image", str(image),
+                 "--text", "make it red", "-k", "1"]) == 0
