@@ -190,9 +190,24 @@ def create_encoder(
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
             raise FileNotFoundError(f"checkpoint file {checkpoint} does not exist")
-    clip, _, preprocess = open_clip.create_model_and_transforms(
-        name, pretrained=pretrained or None, **kwargs
-    )
+    if pretrained and not Path(pretrained).is_file():  # open_clip also takes a weights file
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        if pretrained not in tags:
+            raise ValueError(
+                f"open_clip has no pretrained weights {pretrained!r} for model {model!r}; "
+                + (f"its tags: {', '.join(tags)}" if tags else
+                   "it has none: train it from scratch (no --pretrained) or pass --checkpoint FILE"))
+    try:
+        clip, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained or None, **kwargs
+        )
+    except (RuntimeError, OSError) as exc:
+        if not pretrained:
+            raise
+        # The download failed (no network, a proxy, a full disk): say what was being fetched.
+        raise ValueError(f"could not load the pretrained weights {pretrained!r} of {model!r} through "
+                         f"open_clip ({str(exc)[:200]}); check the network, or download them and pass "
+                         "--checkpoint FILE") from None
     if checkpoint is not None:
         load_open_clip_weights(clip, checkpoint)
     tokenizer = _tokenizer(name)

@@ -339,3 +339,16 @@ def test_query_names_the_index_s_checkpoint_when_it_has_moved(world, checkpoint,
         main(["query", "--index", str(index_dir), "--image", str(image), "--text", "make it red"])
     assert main(["query", "--index", str(index_dir), "--checkpoint", str(checkpoint), "--image", str(image),
                  "--text", "make it red", "-k", "1"]) == 0
+
+
+def test_an_unknown_pretrained_tag_is_named_with_the_model_s_tags():
+    """--pretrained with a tag open_clip does not know for that model was open_clip's
+    RuntimeError traceback ('Pretrained value ... is not a known tag or valid file path');
+    `train --pretrained openai` with the default tiny model is the easy way to meet it.
+    Checked before anything is downloaded."""
+    from retrieval.encoders import create_encoder
+
+    with pytest.raises(ValueError, match="no pretrained weights 'openai' for model 'tiny'; it has none"):
+        create_encoder("tiny", pretrained="openai")
+    with pytest.raises(ValueError, match="no pretrained weights 'nosuchtag' for model 'RN50'; its tags: openai, "):
+        create_encoder("RN50", pretrained="nosuchtag")
