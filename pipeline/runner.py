@@ -505,7 +505,13 @@ class Runner:
         # retries are not counted, which errs on the generous side).
         self._retries_used = int(run.settings.get("retries_used", 0))
         self._run_settings = dict(run.settings)
-        return store_ann.pending_work(db, run.id)
+        work = store_ann.pending_work(db, run.id)
+        # --limit N caps this session at the first N pairs, even when an earlier session
+        # of the run (with a larger limit) left pairs beyond them pending.
+        self._scope = set(pair_ids) if self.options.limit is not None else None
+        if self._scope is not None:
+            work = [item for item in work if item["pair_id"] in self._scope]
+        return work
 
     @staticmethod
     def _stale_answers(db, run_id: int) -> set[str]:
@@ -597,7 +603,7 @@ class Runner:
         """Record how the session ended and give the run's lease back."""
         try:
             counts = store_ann.run_counts(db, self.run_id)
-            if status == "finished" and counts["pairs_pending"]:
+            if status == "finished" and counts["pairs_pending"] and self._pending_in_scope(db):
                 status = "stopped"
             # A session whose lease was taken over leaves the run row to its new holder.
             if not self._lease_lost:
@@ -612,6 +618,15 @@ class Runner:
         self.progress.pairs_pending = counts["pairs_pending"]
         self.progress.pairs_done = counts["pairs_done"]
         self.progress.pairs_failed = counts["pairs_failed"]
+
+    def _pending_in_scope(self, db) -> bool:
+        """Whether pairs this session was to annotate are still pending (pairs beyond its
+        --limit that an earlier session left pending do not make it 'stopped')."""
+        scope = getattr(self, "_scope", None)
+        if scope is None:
+            return True
+        return any(row[0] in scope for row in db.execute(
+            "SELECT pair_id FROM annotations WHERE run_id = ? AND status = 'pending'", [self.run_id]))
 
     async def _heartbeat(self) -> None:
         """Renew the run's lease until the session ends. If another session took the run

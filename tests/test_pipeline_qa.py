@@ -255,3 +255,25 @@ def test_a_base_url_without_v1_stops_the_run_instead_of_failing_every_pair(serve
     assert "ends in /v1" in str(caught.value)
     assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 12)]
     assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+
+
+def test_limit_caps_a_resumed_session_at_its_first_pairs(server, tmp_path):
+    # --limit is how a user caps spend. A session interrupted under a larger limit left its
+    # pairs pending, and a rerun with a smaller --limit annotated (and paid for) all of them.
+    db_path = _world(tmp_path, references=6, pairs=6)
+    server.config.hold = True  # the first session makes no progress before it is stopped
+    handle = start_run_in_thread(db_path, _options(server, limit=6, stop_grace=0.1))
+    assert handle.wait_started(timeout=30)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    server.config.hold = False
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 6)]
+
+    options = _options(server, limit=2)
+    plan = plan_run(db_path, options)
+    progress = run_pipeline(db_path, options)
+    assert progress.run_id == 1 and progress.status == "finished"
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [
+        ("done", 2), ("pending", 4)]
+    ok_calls, = table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'")
+    assert ok_calls == (plan.calls,) == (2 + 2 + 2,)  # stages 1, 2, 3 of two pairs
