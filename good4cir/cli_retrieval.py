@@ -133,9 +133,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "cover the others. One query per pair, from the dataset's own caption "
                         "unless --source says otherwise")
     parser.add_argument("--gallery-images", action="append", default=[], metavar="DIR",
-                        help="with --submission: add every image of DIR to the gallery, named "
-                        "by file name (CIRCO: COCO 2017 unlabeled2017/, which the server ranks "
-                        "against; a store holds only the images its pairs name). Repeatable")
+                        help="add every image of DIR to the gallery, named by file name (CIRCO: "
+                        "COCO 2017 unlabeled2017/, which its protocol and server rank against; a "
+                        "store holds only the images its pairs name). Repeatable")
     parser.add_argument("--no-rerank", dest="rerank", action="store_false",
                         help="score with the fusion model alone, even where the checkpoint "
                         "has a trained re-ranker")
@@ -205,14 +205,14 @@ def run_eval(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.submission:
         return _run_submission(args)
-    if args.gallery_images:
-        raise ValueError("--gallery-images needs --submission (eval's gallery is the split's own images)")
     result = evaluate_checkpoint(
         args.checkpoint, dbs=args.db, files=args.data, split=args.split, source=args.source,
         captions=args.captions, include_unreviewed=args.include_unreviewed,
         cache_dir=args.cache_dir, which=args.which, progress=sys.stderr.isatty(),
-        rerank=args.rerank,
+        rerank=args.rerank, gallery_dirs=args.gallery_images,
     )
+    for note in result.get("notes", []):
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

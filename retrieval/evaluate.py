@@ -256,12 +256,15 @@ def rankable_triplets(triplets: Sequence[Triplet], row_of: dict[str, int]) -> li
 
 
 def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] = None,
-                      progress: bool = True):
+                      progress: bool = True, gallery_dirs: Sequence[str | Path] = ()):
     """One split's triplets and gallery, pixels decoded through the pixel cache at the
     model's preprocessing: (triplets, gallery_keys, pixels, row_of, failures). Images
-    that fail to decode leave the gallery, and triplets that need them are left out."""
+    that fail to decode leave the gallery, and triplets that need them are left out.
+    Every image of each folder of `gallery_dirs` joins the gallery (CIRCO's protocol
+    ranks against all of COCO 2017 unlabeled, of which a store holds only its pairs')."""
     from .features import PixelCache, default_cache_dir
     from .model import split_preprocess
+    from .submit import add_gallery_folder
 
     triplets = data.split(split)
     if not triplets:
@@ -270,6 +273,8 @@ def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] =
     pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
     cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)
     gallery_keys = data.gallery_keys(triplets)
+    for folder in gallery_dirs:
+        gallery_keys += add_gallery_folder(data, folder, set(gallery_keys), progress)
     pixels, row_of, failures = cache.load({k: data.image_paths[k] for k in gallery_keys}, progress)
     for reason in failures.values():
         log.warning("image left out: %s", reason)
@@ -289,6 +294,7 @@ def evaluate_checkpoint(
     which: str = "best",
     progress: bool = True,
     rerank: bool = True,
+    gallery_dirs: Sequence[str | Path] = (),
 ) -> dict[str, Any]:
     """`good4cir eval`: the trained model and the three baselines on one split.
 
@@ -302,7 +308,7 @@ def evaluate_checkpoint(
     data = load_triplets(dbs, files, source=source, captions=captions,
                          include_unreviewed=include_unreviewed)
     triplets, gallery_keys, pixels, row_of, failures = load_split_pixels(
-        model, data, split, cache_dir, progress)
+        model, data, split, cache_dir, progress, gallery_dirs)
     queries = build_queries(triplets)
     emb = embed(model, pixels, row_of, gallery_keys, queries)
     second = load_pair_scorer(checkpoint_dir, model.encoder) if rerank else None
@@ -323,5 +329,10 @@ def evaluate_checkpoint(
     })
     if failures:
         result["images_failed"] = len(failures)
+    if not gallery_dirs and any("shared_concept" in (t.extra or {}) for t in triplets):
+        result["notes"] = [
+            f"the gallery is the {len(gallery_keys)} images the data holds for split {split}; CIRCO "
+            "ranks against all of COCO 2017 unlabeled (about 120k images), so these numbers are far "
+            "above the official ones: pass --gallery-images unlabeled2017/"]
     return result
 

@@ -352,3 +352,26 @@ def test_an_unknown_pretrained_tag_is_named_with_the_model_s_tags():
         create_encoder("tiny", pretrained="openai")
     with pytest.raises(ValueError, match="no pretrained weights 'nosuchtag' for model 'RN50'; its tags: openai, "):
         create_encoder("RN50", pretrained="nosuchtag")
+
+
+def test_circo_eval_ranks_against_the_gallery_folder_or_says_it_does_not(tmp_path, checkpoint, capsys):
+    """Plain `eval` on CIRCO data ranked only the images the store holds (CIRCO ranks all
+    of COCO unlabeled) without a word, and refused --gallery-images without --submission."""
+    from pathlib import Path as _Path
+
+    fixture = _Path(__file__).parent / "fixtures" / "circo"
+    db_path = tmp_path / "circo.db"
+    assert main(["import", "--db", str(db_path), "--format", "circo", str(fixture)]) == 0
+    args = ["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
+            "--cache-dir", str(tmp_path / "cache"), "--json"]
+    capsys.readouterr()
+    assert main(args) == 0
+    out = capsys.readouterr()
+    alone = json.loads(out.out)
+    assert "pass --gallery-images" in out.err and alone["notes"]
+    folder = fixture / "COCO2017_unlabeled" / "unlabeled2017"
+    assert main([*args, "--gallery-images", str(folder)]) == 0
+    out = capsys.readouterr()
+    full = json.loads(out.out)
+    assert full["gallery"] == len(list(folder.glob("*.jpg"))) > alone["gallery"]
+    assert "notes" not in full and "gallery-images" not in out.err
