@@ -70,6 +70,7 @@ class ServerConfig:
     batch_invalid_answer_rate: float = 0.0   # per-line answers that fail validation
     batch_create_response_delay: float = 0.0  # the batch exists at once; the answer comes late
     batch_queue_limit: Optional[int] = None  # lines enqueued at once; a batch over it fails
+    batch_cancel_refused: bool = False  # cancel answers 400, as for a batch past cancelling
 
 
 OBJECTS = {
@@ -448,6 +449,10 @@ class FakeOpenAI:
         batch = self.batches.get(request.path_params["batch_id"])
         if batch is None:
             return _error(404, "no such batch")
+        if self.config.batch_cancel_refused:
+            self.stats["batch_cancels_refused"] += 1
+            return _error(400, f"Cannot cancel a batch with status '{batch['status']}'.",
+                          code="invalid_request_error")
         if batch["status"] in ("validating", "in_progress"):
             batch["status"] = "cancelling"
         return JSONResponse(batch)

@@ -277,3 +277,16 @@ def test_limit_caps_a_resumed_session_at_its_first_pairs(server, tmp_path):
         ("done", 2), ("pending", 4)]
     ok_calls, = table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'")
     assert ok_calls == (plan.calls,) == (2 + 2 + 2,)  # stages 1, 2, 3 of two pairs
+
+
+def test_a_refused_cancel_of_a_late_batch_keeps_waiting_for_it_instead_of_paying_again(server, tmp_path):
+    # Past batch_timeout the backend cancels a batch. A refused cancel (the provider will
+    # not cancel a batch that is finalizing) marked the batch unreadable, and its lines
+    # went out again in a new batch while the first one still finished: paid twice.
+    db_path = _world(tmp_path, references=1, pairs=1)
+    server.config.batch_delay = 0.8
+    server.config.batch_cancel_refused = True
+    progress = run_pipeline(db_path, _options(server, "openai-batch", batch_timeout=0.2))
+    assert progress.pairs_done == 1
+    assert server.stats["batch_cancels_refused"] >= 1
+    assert server.stats["batch_lines_submitted"] == 3  # stages 1, 2 and 3, each sent once

@@ -466,7 +466,17 @@ class OpenAIBatchBackend:
                 # Past our deadline: cancel; the lines it finished still come back.
                 log.warning("batch %s still %s after %.0f s: cancelling", watch.batch_id,
                             batch.status, self.batch_timeout)
-                await self.client.batches.cancel(watch.batch_id)
+                try:
+                    await self.client.batches.cancel(watch.batch_id)
+                except Exception as exc:  # openai's errors, or a body that is not JSON
+                    # Refused (e.g. a batch already finalizing): it is still readable and
+                    # will end by itself; sending its lines again would pay twice. A
+                    # transient failure is tried again at the next poll.
+                    mapped = map_openai_error(exc, self._secret)
+                    log.warning("cancelling batch %s failed (%s): waiting for it to end",
+                                watch.batch_id, mapped or exc)
+                    if isinstance(mapped, TransientError):
+                        return
                 watch.cancel_sent = True
             return
         results: dict[str, Any] = {}
