@@ -192,11 +192,18 @@ _TARGET_KEYS = ("target_image", "target", "target_hard", "target_path")
 _CAPTION_KEYS = ("difference_captions", "captions", "caption", "modification")
 
 
-def load_file_triplets(path: str | Path, keep_targetless: bool = False) -> TripletSet:
+def load_file_triplets(path: str | Path, keep_targetless: bool = False, *,
+                       source: str = "auto", captions: str = "both") -> TripletSet:
     """Triplets of an exported file: the authors' dataset.json (a list of
     reference_image / target_image / difference_captions) or JSONL with the same or the
     pairs-format keys. Relative image paths are taken from the file's folder. Records
-    without a target are kept (target None) only with `keep_targetless`."""
+    without a target are kept (target None) only with `keep_targetless`.
+
+    `source` and `captions` pick as for a store where the record says what its captions
+    are: `good4cir export --format jsonl` writes the imported captions
+    ("original_captions") and each generated caption's kind ("provenance"). A record
+    that does not say (dataset.json, a user's own file) offers its captions to any source."""
+    _check_options(source, captions)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training file {path} does not exist")
@@ -246,11 +253,14 @@ def load_file_triplets(path: str | Path, keep_targetless: bool = False) -> Tripl
             texts = [raw] if isinstance(raw, str) else [str(t) for t in raw if str(t).strip()]
             if not texts:
                 raise ValueError("has no caption")
+            texts, kinds = _file_captions(rec, texts, source, captions)
+            if not texts:
+                raise ValueError(f"no caption for --source {source} --captions {captions}")
             img_set = rec.get("img_set")
             result.triplets.append(Triplet(
                 pair_id=str(rec.get("id") or rec.get("pairid") or where),
                 reference=key_of(ref), target=key_of(tgt) if tgt else None, captions=texts,
-                caption_kinds=["original"] * len(texts), split=rec.get("split"),
+                caption_kinds=kinds, split=rec.get("split"),
                 source=path.stem,
                 img_set=[key_of(m) for m in img_set] if isinstance(img_set, list) else None,
                 extra=rec.get("extra") or {},
@@ -258,6 +268,24 @@ def load_file_triplets(path: str | Path, keep_targetless: bool = False) -> Tripl
         except (ValueError, FileNotFoundError, OSError) as exc:
             result.problems.append(f"{where}: {exc}")
     return result
+
+
+def _file_captions(rec: dict, texts: list[str], source: str, captions: str) -> tuple[list[str], list[str]]:
+    """A file record's captions for --source / --captions, and their kinds."""
+    provenance = rec.get("provenance")
+    if not isinstance(provenance, dict):
+        return texts, ["original"] * len(texts)
+    if provenance.get("captions_from") != "annotation":  # the pair's imported captions
+        return _pick_captions(texts, [], source, captions)
+    kind_of = {}
+    for caption in provenance.get("captions") or []:
+        if isinstance(caption, dict):
+            text = caption.get("text") or caption.get("original_text") or ""
+            kind_of.setdefault(str(text).strip(), caption.get("kind") or "individual")
+    original = rec.get("original_captions")
+    original = [str(t) for t in original] if isinstance(original, list) else []
+    return _pick_captions(original, [(t, kind_of.get(t.strip(), "individual")) for t in texts],
+                          source, captions)
 
 
 def load_triplets(
@@ -280,7 +308,8 @@ def load_triplets(
                                    keep_targetless=keep_targetless)
         _merge(merged, part)
     for file_path in files:
-        _merge(merged, load_file_triplets(file_path, keep_targetless=keep_targetless))
+        _merge(merged, load_file_triplets(file_path, keep_targetless=keep_targetless,
+                                          source=source, captions=captions))
     for problem in merged.problems[:20]:
         log.warning("left out: %s", problem)
     return merged
