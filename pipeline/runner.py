@@ -433,6 +433,7 @@ class Runner:
         self.session_id = uuid.uuid4().hex
         self._lease_lost = False
         self._auth_error: Optional[str] = None  # the first refusal of the credentials
+        self._usage_warned = False  # said once that the server sends no token usage
         self._account_error_type: Optional[type] = None  # or of the account (no credits)
 
     # -- the database, from one thread so the event loop never waits on sqlite
@@ -860,6 +861,13 @@ class Runner:
             if error is None:
                 cost = self.prices.cost(self.model, response.tokens_in, response.tokens_out,
                                         batch=self._batch_pricing)
+                if not (response.tokens_in or response.tokens_out) and not self._usage_warned \
+                        and _priced(self.prices.price_for(self.model)):
+                    # Some OpenAI-compatible servers send no `usage`: say so once, rather
+                    # than let a priced model's run report $0 as if it were free.
+                    self._usage_warned = True
+                    log.warning("the server reported no token usage (model %s): its answers are "
+                                "counted at $0, so the run's cost is not known", self.model)
                 call = CallRecord(
                     run_id=self.run_id, stage=call_stage, request_hash=key,
                     prompt_version=request.prompt_version, model=response.model or self.model,
@@ -915,6 +923,10 @@ class Runner:
             return min(self.options.backoff_max, retry_after) * self._rng.uniform(1.0, 1.2)
         ceiling = min(self.options.backoff_max, self.options.backoff_base * 2 ** (attempt - 1))
         return self._rng.uniform(0, ceiling)  # "full jitter"
+
+
+def _priced(price) -> bool:
+    return price is not None and bool(price.input_per_1m or price.output_per_1m)
 
 
 def _load_stage4() -> None:

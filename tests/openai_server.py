@@ -71,6 +71,7 @@ class ServerConfig:
     batch_create_response_delay: float = 0.0  # the batch exists at once; the answer comes late
     batch_queue_limit: Optional[int] = None  # lines enqueued at once; a batch over it fails
     batch_cancel_refused: bool = False  # cancel answers 400, as for a batch past cancelling
+    omit_usage: bool = False        # answers without `usage`, as some compatible servers send
 
 
 OBJECTS = {
@@ -239,7 +240,10 @@ class FakeOpenAI:
         if count:
             self.stats["completions_ok"] += 1
             self.stats[f"answers_{kind}"] += 1
-        return 200, self._completion_body(body, content, "stop"), {}
+        payload = self._completion_body(body, content, "stop")
+        if self.config.omit_usage:
+            del payload["usage"]
+        return 200, payload, {}
 
     def _completion_body(self, body: dict, content: str, finish: str) -> dict:
         user_text = sum(len(_message_text(m.get("content"))) for m in body.get("messages", []))

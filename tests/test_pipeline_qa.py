@@ -290,3 +290,17 @@ def test_a_refused_cancel_of_a_late_batch_keeps_waiting_for_it_instead_of_paying
     assert progress.pairs_done == 1
     assert server.stats["batch_cancels_refused"] >= 1
     assert server.stats["batch_lines_submitted"] == 3  # stages 1, 2 and 3, each sent once
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch"])
+def test_a_server_without_usage_is_said_once_not_reported_as_free(server, tmp_path, caplog, backend):
+    # An OpenAI-compatible server (or proxy) that sends no `usage` made a priced model's
+    # run report $0, as if it had cost nothing, without a word.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.batch_delay = 0.05
+    server.config.omit_usage = True
+    with caplog.at_level("WARNING", logger="good4cir.pipeline"):
+        progress = run_pipeline(db_path, _options(server, backend, model="gpt-4o-mini"))
+    assert progress.pairs_done == 2 and progress.cost_usd == 0
+    said = [r.getMessage() for r in caplog.records if "reported no token usage" in r.getMessage()]
+    assert len(said) == 1 and "gpt-4o-mini" in said[0]
