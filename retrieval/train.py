@@ -252,6 +252,11 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         for key in ("model", "fusion", "image_size", "fusion_layers"):
             if saved.get(key) != _model_config(cfg).get(key):
                 raise ValueError(f"cannot resume {out}: it was trained with {key}={saved.get(key)!r}")
+        # The optimiser's parameter groups differ between the two modes.
+        was_frozen = bool((saved.get("training") or {}).get("freeze_encoders"))
+        if was_frozen != cfg.freeze_encoders:
+            raise ValueError(f"cannot resume {out}: it was trained {'with' if was_frozen else 'without'} "
+                             f"--freeze-encoders; resume it {'with' if was_frozen else 'without'} it too")
         resume_state = torch.load(str(out / LAST_FILE), map_location="cpu", weights_only=False)
         _check_budget_left(cfg, out, resume_state)
     # A pair scorer belongs to the first stage it was trained on: never reuse an old one.

@@ -402,3 +402,15 @@ def test_an_exported_jsonl_file_honours_source_and_captions_as_its_store_does(an
         assert got is not None and (got.captions, got.caption_kinds) == (t.captions, t.caption_kinds), t.pair_id
         compared += 1
     assert compared == len(from_file.triplets) and compared >= 2
+
+
+def test_resume_in_the_other_encoder_mode_is_named(world):
+    """--resume with --freeze-encoders toggled was 'loaded state dict has a different
+    number of parameter groups' (the optimiser's); it names the option now."""
+    root, _ = world
+    train(_config(root, "mode"))
+    with pytest.raises(ValueError, match="trained without --freeze-encoders; resume it without it too"):
+        train(_config(root, "mode", resume=True, epochs=2, freeze_encoders=True))
+    train(_config(root, "frozen", freeze_encoders=True))
+    with pytest.raises(ValueError, match="trained with --freeze-encoders; resume it with it too"):
+        train(_config(root, "frozen", resume=True, epochs=2))
