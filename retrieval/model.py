@@ -117,7 +117,10 @@ def read_config(checkpoint_dir: Path) -> dict[str, Any]:
             f"{checkpoint_dir} is not a good4cir checkpoint directory (no {CONFIG_FILE}); "
             "train one with `good4cir train --out DIR`"
         )
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:  # cut short or edited by hand
+        raise ValueError(f"{path} is not valid JSON ({exc}); retrain into a fresh --out") from None
 
 
 def load_model(checkpoint_dir: str | Path, which: str = "best") -> tuple[ComposedRetriever, dict]:
@@ -131,7 +134,16 @@ def load_model(checkpoint_dir: str | Path, which: str = "best") -> tuple[Compose
             raise FileNotFoundError(f"{checkpoint_dir} holds no weights ({BEST_FILE} or {LAST_FILE})")
         path = other
     model = build_model(config)
-    state = torch.load(str(path), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=False)
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # truncated or not a checkpoint (torch says OSError, RuntimeError, ...)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"{path} cannot be read as model weights ({reason}); "
+                         f"try --which {'last' if which == 'best' else 'best'}, or retrain") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path} holds no model weights (not written by good4cir train)")
     model.load_state_dict(state["model"])
     model.eval()
     info = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler")}

@@ -257,7 +257,14 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         if was_frozen != cfg.freeze_encoders:
             raise ValueError(f"cannot resume {out}: it was trained {'with' if was_frozen else 'without'} "
                              f"--freeze-encoders; resume it {'with' if was_frozen else 'without'} it too")
-        resume_state = torch.load(str(out / LAST_FILE), map_location="cpu", weights_only=False)
+        try:
+            resume_state = torch.load(str(out / LAST_FILE), map_location="cpu", weights_only=False)
+        except (PermissionError, IsADirectoryError):
+            raise
+        except Exception as exc:  # cut short (torch says OSError, RuntimeError, ...)
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+            raise ValueError(f"cannot resume {out}: {out / LAST_FILE} cannot be read ({reason}); "
+                             "train without --resume") from None
         _check_budget_left(cfg, out, resume_state)
     # A pair scorer belongs to the first stage it was trained on: never reuse an old one.
     (out / RERANK_FILE).unlink(missing_ok=True)

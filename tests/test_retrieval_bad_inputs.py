@@ -414,3 +414,27 @@ def test_resume_in_the_other_encoder_mode_is_named(world):
     train(_config(root, "frozen", freeze_encoders=True))
     with pytest.raises(ValueError, match="trained with --freeze-encoders; resume it with it too"):
         train(_config(root, "frozen", resume=True, epochs=2))
+
+
+def test_a_damaged_checkpoint_folder_is_named(checkpoint, tmp_path):
+    """eval on a checkpoint whose best.pt was cut short was an OSError traceback
+    ('Invalid argument'); a damaged config.json a bare JSON message naming no file."""
+    import shutil
+
+    from retrieval.model import load_model
+
+    damaged = tmp_path / "model"
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "best.pt").write_bytes((checkpoint / "best.pt").read_bytes()[:5000])
+    with pytest.raises(ValueError, match=f"{damaged / 'best.pt'} cannot be read as model weights .*--which last"):
+        load_model(damaged)
+    load_model(damaged, which="last")
+    (damaged / "config.json").write_text("{")
+    with pytest.raises(ValueError, match=f"{damaged / 'config.json'} is not valid JSON"):
+        load_model(damaged, which="last")
+    shutil.rmtree(damaged)
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "last.pt").write_bytes((checkpoint / "last.pt").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="cannot resume .*last.pt cannot be read"):
+        train(_config(tmp_path, "model", resume=True, epochs=2, cache_dir=str(tmp_path / "cache"),
+                      dbs=[str(checkpoint.parent / "world.db")]))
