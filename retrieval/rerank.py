@@ -206,7 +206,14 @@ def load_pair_scorer(checkpoint_dir: str | Path, encoder: Encoder
     path = Path(checkpoint_dir) / RERANK_FILE
     if not path.is_file():
         return None
-    payload = torch.load(str(path), map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=False)
+    except (PermissionError, IsADirectoryError):
+        raise
+    except Exception as exc:  # cut short (torch says OSError, RuntimeError, ...)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ValueError(f"{path} cannot be read as a re-ranker ({reason}); pass --no-rerank to use "
+                         "the fusion model alone, or retrain") from None
     info = {k: v for k, v in payload.items() if k != "state"}
     if not info.get("enabled", True):
         return None

@@ -422,6 +422,7 @@ def test_a_damaged_checkpoint_folder_is_named(checkpoint, tmp_path):
     import shutil
 
     from retrieval.model import load_model
+    from retrieval.rerank import load_pair_scorer
 
     damaged = tmp_path / "model"
     shutil.copytree(checkpoint, damaged)
@@ -434,6 +435,9 @@ def test_a_damaged_checkpoint_folder_is_named(checkpoint, tmp_path):
         load_model(damaged, which="last")
     shutil.rmtree(damaged)
     shutil.copytree(checkpoint, damaged)
+    (damaged / "rerank.pt").write_bytes((checkpoint / "best.pt").read_bytes()[:5000])
+    with pytest.raises(ValueError, match="rerank.pt cannot be read as a re-ranker .*--no-rerank"):
+        load_pair_scorer(damaged, load_model(damaged)[0].encoder)
     (damaged / "last.pt").write_bytes((checkpoint / "last.pt").read_bytes()[:5000])
     with pytest.raises(ValueError, match="cannot resume .*last.pt cannot be read"):
         train(_config(tmp_path, "model", resume=True, epochs=2, cache_dir=str(tmp_path / "cache"),
