@@ -323,8 +323,15 @@ def _request_json(request: VLMRequest, params: dict) -> str:
 # ---------------------------------------------------------------- planning
 
 
+def _check_limit(options: RunOptions) -> None:
+    # SQLite reads a negative LIMIT as none at all: a typo must not lift the cap on spend.
+    if options.limit is not None and options.limit < 1:
+        raise ValueError(f"limit must be at least 1, not {options.limit}")
+
+
 def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
     """How many calls a run of these options would make now, and roughly what they cost."""
+    _check_limit(options)
     db = open_db(db_path)
     try:
         params = answer_params(options)
@@ -413,6 +420,7 @@ class Runner:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {options.method!r}")
         if options.resolved_concurrency() < 1:
             raise ValueError("concurrency must be at least 1")
+        _check_limit(options)
         self.db_path = str(db_path)
         self.options = options
         self.model = options.resolved_model()

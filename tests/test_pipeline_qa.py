@@ -304,3 +304,15 @@ def test_a_server_without_usage_is_said_once_not_reported_as_free(server, tmp_pa
     assert progress.pairs_done == 2 and progress.cost_usd == 0
     said = [r.getMessage() for r in caplog.records if "reported no token usage" in r.getMessage()]
     assert len(said) == 1 and "gpt-4o-mini" in said[0]
+
+
+@pytest.mark.parametrize("limit", [-1, 0])
+def test_a_limit_below_one_is_refused_not_read_as_no_limit(server, tmp_path, limit):
+    # SQLite reads LIMIT -1 as no limit: `--limit -1` annotated (and paid for) every pair.
+    db_path = _world(tmp_path, references=1, pairs=3)
+    with pytest.raises(ValueError, match="limit must be at least 1"):
+        plan_run(db_path, _options(server, limit=limit))
+    with pytest.raises(ValueError, match="limit must be at least 1"):
+        run_pipeline(db_path, _options(server, limit=limit))
+    assert server.stats["chat_requests"] == 0
+    assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
