@@ -524,7 +524,11 @@ def load_index(path: str | Path, search_params: Optional[str] = None) -> Gallery
     for name in (INDEX_FILE, IDS_FILE, META_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a good4cir index (no {name}); build one with `good4cir index`")
-    meta = json.loads((path / META_FILE).read_text())
+    try:
+        meta = json.loads((path / META_FILE).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path / META_FILE} is not valid JSON ({exc}); rebuild the index with "
+                         "`good4cir index`") from None
     entries = []
     with open(path / IDS_FILE) as fh:
         for line_no, line in enumerate(fh, 1):
@@ -533,7 +537,11 @@ def load_index(path: str | Path, search_params: Optional[str] = None) -> Gallery
                     entries.append(GalleryEntry(**json.loads(line)))
                 except (json.JSONDecodeError, TypeError) as exc:
                     raise ValueError(f"{path / IDS_FILE} line {line_no}: {exc}") from None
-    index = faiss.read_index(str(path / INDEX_FILE))
+    try:
+        index = faiss.read_index(str(path / INDEX_FILE))
+    except RuntimeError as exc:  # cut short, or not a FAISS file
+        raise ValueError(f"{path / INDEX_FILE} cannot be read by FAISS ({_faiss_message(exc)}); "
+                         "rebuild the index with `good4cir index` (its embeddings are reused)") from None
     if index.ntotal != len(entries):
         raise ValueError(
             f"{path}: the index holds {index.ntotal} vectors but {IDS_FILE} has {len(entries)} entries; rebuild it"

@@ -442,3 +442,24 @@ def test_a_damaged_checkpoint_folder_is_named(checkpoint, tmp_path):
     with pytest.raises(ValueError, match="cannot resume .*last.pt cannot be read"):
         train(_config(tmp_path, "model", resume=True, epochs=2, cache_dir=str(tmp_path / "cache"),
                       dbs=[str(checkpoint.parent / "world.db")]))
+
+
+def test_a_damaged_index_folder_is_named(world, checkpoint, tmp_path):
+    """query on an index whose index.faiss was cut short was FAISS's RuntimeError traceback;
+    a damaged meta.json a bare JSON message naming no file."""
+    import shutil
+
+    from retrieval.index import build_gallery_index, load_index
+
+    root, db_path = world
+    built = tmp_path / "index"
+    build_gallery_index(db_path, checkpoint, built, progress=False, cache_dir=root / "cache", num_workers=0)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(built, damaged)
+    (damaged / "index.faiss").write_bytes((built / "index.faiss").read_bytes()[:3000])
+    with pytest.raises(ValueError, match="index.faiss cannot be read by FAISS .*rebuild the index"):
+        load_index(damaged)
+    shutil.copy(built / "index.faiss", damaged / "index.faiss")
+    (damaged / "meta.json").write_text("{")
+    with pytest.raises(ValueError, match="meta.json is not valid JSON"):
+        load_index(damaged)
