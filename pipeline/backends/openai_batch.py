@@ -11,9 +11,9 @@ which go out in the next batch. A pool larger than the API's limits (50,000 requ
 Every submitted batch is stored (table `batches`: id, input file, custom ids), so a
 restarted run finds its batches and waits for them instead of paying again. A poller
 checks open batches every `poll_interval` seconds and gives up on one `batch_timeout`
-after it was submitted, restarts included (it is cancelled; its finished lines are kept). When a batch ends, its
-output and error files are downloaded and each line goes back to the request that
-wrote it, by custom_id. A line the batch did not finish (expired, cancelled, or a 429 /
+after it was submitted, restarts included (it is cancelled; its finished lines are
+kept). When a batch ends, its output and error files are downloaded and each line goes
+back to the request that wrote it, by custom_id. A line the batch did not finish (expired, cancelled, or a 429 /
 5xx inside the batch) becomes a TransientError, so the runner asks again and the
 request goes into a new batch; finished lines are never resubmitted. A batch that fails
 because the provider's queue for the model is full (`token_limit_exceeded`) ran nothing:
@@ -21,9 +21,9 @@ its lines wait until another batch of this session ends, then go out again, with
 counting as an attempt (an immediate resubmission would fail the same way).
 
 The response format steps down as in the `openai` backend (json_schema → json_object →
-text): a line refused with a 400 (or 422) that names the response format lowers the mode for
-every later request and goes out again in the next batch; a 400 for anything else
-fails its item (PermanentError).
+text): a line refused with a 400 (or 422) that names the response format lowers the
+mode for every later request and goes out again in the next batch; a 400 for anything
+else fails its item (PermanentError).
 """
 
 from __future__ import annotations
@@ -489,7 +489,8 @@ class OpenAIBatchBackend:
         if batch.status == "failed" and not results:
             errors = list(getattr(getattr(batch, "errors", None), "data", None) or [])
             watch.error_codes = {e.code for e in errors if getattr(e, "code", None)}
-            watch.note = "; ".join(f"{e.code}: {e.message}" for e in errors)[:300]
+            watch.note = "; ".join(f"{getattr(e, 'code', None)}: {getattr(e, 'message', '')}"
+                                   for e in errors)[:300]
             log.warning("batch %s failed: %s", watch.batch_id, watch.note or "no reason given")
         watch.results = results
         await self._ctx.db(store_ann.update_batch, watch.batch_id, status=batch.status,
