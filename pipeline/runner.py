@@ -347,12 +347,11 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         todo = [p for p in pair_ids if p not in done]
         calls: dict[str, int] = {}
         if todo:
-            marks = ",".join("?" * len(todo))
             # Answers already stored (any run) are read back, not paid: a --new-run, or
             # another split over the same pairs, asks only what was never answered.
             stale = Runner._stale_answers(db, run.id) if run is not None and options.retry_failed else set()
-            images_of = {pair: (ref, tgt) for pair, ref, tgt in db.execute(
-                f"SELECT id, reference_id, target_id FROM pairs WHERE id IN ({marks})", todo)}
+            images_of = {pair: (ref, tgt) for pair, ref, tgt in _rows_in(
+                db, "SELECT id, reference_id, target_id FROM pairs WHERE id IN ({})", todo)}
             if options.method == "single":
                 hashes = {p: request_hash(single_request(
                     p, (ref, ""), (tgt, ""), temperature=options.temperature,
@@ -366,9 +365,8 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
                 # still pending: the rerun reads them back instead of asking again.
                 keys2 = [stage2_key(p, stage1_key(reference_of[p], params, prompts), params, prompts)
                          for p in todo if p in reference_of]
-                cached = {row[0] for row in db.execute(
-                    f"SELECT id FROM descriptions WHERE id IN ({','.join('?' * len(keys + keys2))})",
-                    keys + keys2)}
+                cached = {row[0] for row in _rows_in(db, "SELECT id FROM descriptions WHERE id IN ({})",
+                                                     keys + keys2)}
                 stage3 = {}
                 for p in todo:
                     if p not in reference_of:
@@ -397,16 +395,24 @@ def _stored_objects(db, key: str) -> list[dict]:
     return [o.model_dump() for o in store_ann.get_description(db, key).objects]
 
 
+SQL_CHUNK = 500  # values per `IN (...)`: far below any SQLite build's variable limit
+
+
+def _rows_in(db, sql: str, values: list) -> list[tuple]:
+    """Rows of `sql` (its `IN ({})` filled) for every value, a chunk at a time: SQLite
+    refuses more variables than its build allows (32766 in many, fewer in some)."""
+    rows: list[tuple] = []
+    for i in range(0, len(values), SQL_CHUNK):
+        part = values[i:i + SQL_CHUNK]
+        rows += db.execute(sql.format(",".join("?" * len(part))), part).fetchall()
+    return rows
+
+
 def _stored_ok(db, hashes: set[str]) -> set[str]:
     """Those of `hashes` with a stored successful answer."""
-    found: set[str] = set()
-    ordered = sorted(hashes)
-    for i in range(0, len(ordered), 500):
-        chunk = ordered[i:i + 500]
-        found |= {row[0] for row in db.execute(
-            f"SELECT DISTINCT request_hash FROM calls WHERE status = 'ok' AND request_hash IN"
-            f" ({','.join('?' * len(chunk))})", chunk)}
-    return found
+    return {row[0] for row in _rows_in(
+        db, "SELECT DISTINCT request_hash FROM calls WHERE status = 'ok' AND request_hash IN ({})",
+        sorted(hashes))}
 
 
 # ---------------------------------------------------------------- the run

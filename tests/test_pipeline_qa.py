@@ -316,3 +316,27 @@ def test_a_limit_below_one_is_refused_not_read_as_no_limit(server, tmp_path, lim
         run_pipeline(db_path, _options(server, limit=limit))
     assert server.stats["chat_requests"] == 0
     assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
+
+
+@pytest.mark.parametrize("method", ["staged", "single"])
+def test_dry_run_of_more_pairs_than_sqlite_allows_variables(server, tmp_path, monkeypatch, method):
+    # The dry run put every pending pair (and every description key) in one `IN (...)`:
+    # past the SQLite build's variable limit (32766 in many builds; CIRR alone has 28k
+    # training pairs) it failed with 'too many SQL variables'. Here the limit is made small.
+    import sqlite3
+
+    import pipeline.runner as runner
+
+    db_path = _world(tmp_path, references=3, pairs=30)
+    run_pipeline(db_path, _options(server, method=method, limit=4))
+    real_open = runner.open_db
+
+    def open_small(path):
+        db = real_open(path)
+        db.conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 20)
+        return db
+
+    monkeypatch.setattr(runner, "open_db", open_small)
+    monkeypatch.setattr(runner, "SQL_CHUNK", 10, raising=False)  # absent before the fix
+    plan = plan_run(db_path, _options(server, method=method))
+    assert plan.pairs == 26 and plan.calls == (26 + 26 if method == "staged" else 26)
