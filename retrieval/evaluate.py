@@ -268,6 +268,10 @@ def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] =
 
     triplets = data.split(split)
     if not triplets:
+        withheld = sum(problem.endswith(f"(split {split} withholds it)") for problem in data.problems)
+        if withheld:  # CIRR test1, CIRCO test: only the test server knows the targets
+            raise ValueError(f"split {split!r} withholds its targets ({withheld} pairs), so it cannot be "
+                             "scored here: rank it for the test server with --submission DIR")
         found = sorted({str(t.split) for t in data.triplets})
         raise ValueError(f"no pairs in split {split!r} (splits present: {', '.join(found) or 'none'})")
     pil_transform, _, _ = split_preprocess(model.encoder.preprocess)

@@ -463,3 +463,14 @@ def test_a_damaged_index_folder_is_named(world, checkpoint, tmp_path):
     (damaged / "meta.json").write_text("{")
     with pytest.raises(ValueError, match="meta.json is not valid JSON"):
         load_index(damaged)
+
+
+def test_eval_of_a_split_that_withholds_its_targets_points_to_submission(tmp_path, checkpoint):
+    """eval --split test on CIRCO (or CIRR test1) said 'no pairs in split test (splits
+    present: val)' of a split the store holds."""
+    fixture = Path(__file__).parent / "fixtures" / "circo"
+    db_path = tmp_path / "circo.db"
+    assert main(["import", "--db", str(db_path), "--format", "circo", str(fixture)]) == 0
+    with pytest.raises(ValueError, match=r"split 'test' withholds its targets \(1 pairs\).*--submission DIR"):
+        main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
+              "--cache-dir", str(tmp_path / "cache")])
