@@ -476,8 +476,8 @@ class GalleryIndex:
 
     def search(self, query_vectors: np.ndarray, k: int = 10,
                exclude: Optional[Sequence[set[str]]] = None) -> list[list[Hit]]:
-        """Top k hits per query; `exclude[q]` holds paths or names left out for query q
-        (the query's own reference image, as in the CIRR protocol)."""
+        """Top k hits per query; `exclude[q]` holds paths, names or image ids (content
+        hashes) left out for query q (the query's own reference image, as in the CIRR protocol)."""
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         scores, rows = search(self.index, query_vectors, k + extra)
         results = []
@@ -488,7 +488,7 @@ class GalleryIndex:
                 if row < 0:
                     continue
                 entry = self.entries[row]
-                if entry.path in skip or entry.name in skip:
+                if entry.path in skip or entry.name in skip or (entry.image_id and entry.image_id in skip):
                     continue
                 hits.append(Hit(entry.name, entry.path, float(score)))
                 if len(hits) == k:
@@ -662,7 +662,7 @@ class QueryEngine:
         out of the results (the CIRR protocol)."""
         from PIL import Image
 
-        from store.images import load_image_rgb
+        from store.images import hash_file, load_image_rgb
 
         if k < 1:  # hits[:k] would quietly drop the last -k hits instead
             raise ValueError(f"k must be at least 1, got {k}")
@@ -673,7 +673,9 @@ class QueryEngine:
                 raise FileNotFoundError(f"query image {path} "
                                         + ("is a folder, not an image file" if path.is_dir() else "does not exist"))
             if exclude_reference:
-                exclude = {str(path), str(path.resolve())}
+                # By content too: a copy of a gallery image elsewhere is that image (the
+                # store's image ids are content hashes), and came back first.
+                exclude = {str(path), str(path.resolve()), hash_file(path)}
             image = load_image_rgb(path)
         elif not isinstance(image, Image.Image):
             raise TypeError(f"query image must be a PIL image or a path, got {type(image).__name__}")

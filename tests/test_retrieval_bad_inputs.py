@@ -474,3 +474,25 @@ def test_eval_of_a_split_that_withholds_its_targets_points_to_submission(tmp_pat
     with pytest.raises(ValueError, match=r"split 'test' withholds its targets \(1 pairs\).*--submission DIR"):
         main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
               "--cache-dir", str(tmp_path / "cache")])
+
+
+def test_query_leaves_out_a_copy_of_the_reference_image(world, checkpoint, tmp_path):
+    """`query` removes the reference image from the results (the CIRR protocol), but only
+    matched it by path: a copy of a gallery image passed as --image came back at rank 1."""
+    import shutil
+
+    from retrieval.index import QueryEngine, build_gallery_index
+
+    root, db_path = world
+    build_gallery_index(db_path, checkpoint, tmp_path / "index", progress=False,
+                        cache_dir=root / "cache", num_workers=0)
+    engine = QueryEngine(tmp_path / "index")
+    original = Path(engine.index.entries[0].path)
+    copy = tmp_path / "copy.png"
+    shutil.copy(original, copy)
+    everything = len(engine.index.entries)
+    for image in (original, copy):
+        names = [hit.name for hit in engine.query(image, "make the square red", k=everything)]
+        assert engine.index.entries[0].name not in names and len(names) == everything - 1, image
+    kept = engine.query(copy, "make the square red", k=everything, exclude_reference=False)
+    assert len(kept) == everything
