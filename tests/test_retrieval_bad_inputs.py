@@ -220,9 +220,7 @@ def test_query_with_an_empty_text_is_refused(world, checkpoint, capsys):
 def test_eval_table_shows_circo_map(tmp_path, checkpoint, capsys):
     """Queries with several ground truths (CIRCO): `eval --json` had "map", the table
     printed without --json left CIRCO's own measure out."""
-    from pathlib import Path as _Path
-
-    fixture = _Path(__file__).parent / "fixtures" / "circo"
+    fixture = Path(__file__).parent / "fixtures" / "circo"
     db_path = tmp_path / "circo.db"
     assert main(["import", "--db", str(db_path), "--format", "circo", str(fixture)]) == 0
     args = ["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
@@ -357,9 +355,7 @@ def test_an_unknown_pretrained_tag_is_named_with_the_model_s_tags():
 def test_circo_eval_ranks_against_the_gallery_folder_or_says_it_does_not(tmp_path, checkpoint, capsys):
     """Plain `eval` on CIRCO data ranked only the images the store holds (CIRCO ranks all
     of COCO unlabeled) without a word, and refused --gallery-images without --submission."""
-    from pathlib import Path as _Path
-
-    fixture = _Path(__file__).parent / "fixtures" / "circo"
+    fixture = Path(__file__).parent / "fixtures" / "circo"
     db_path = tmp_path / "circo.db"
     assert main(["import", "--db", str(db_path), "--format", "circo", str(fixture)]) == 0
     args = ["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
