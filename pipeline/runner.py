@@ -89,6 +89,7 @@ from store import leases
 from store.db import open_db, transaction, utc_now
 from store.errors import LeaseHeldError
 from store.models import CallRecord
+from store.redaction import redact_url
 
 from .backends import create_backend
 from .backends.base import (AccountError, NotFoundError, PermanentError, QuotaExceededError, TransientError,
@@ -261,7 +262,7 @@ def answer_params(options: RunOptions) -> dict:
         params.update(backend="simulator", error_rate=options.error_rate, seed=options.seed)
     else:
         # openai and openai-batch share answers: same model, same request.
-        params.update(base_url=options.base_url, detail=options.detail,
+        params.update(base_url=redact_url(options.base_url), detail=options.detail,
                       image_max_side=options.image_max_side)
     return params
 
@@ -276,6 +277,7 @@ def _settings(options: RunOptions) -> dict:
     settings = asdict(options)
     settings.pop("run_id", None)
     settings["model"] = options.resolved_model()
+    settings["base_url"] = redact_url(options.base_url)
     settings["fingerprint"] = run_fingerprint(options)
     return settings
 
@@ -482,7 +484,7 @@ class Runner:
                                  "(good4cir import --db DB --format pairs DIR)")
             if run is None:
                 run = store_ann.create_run(
-                    db, self.options.backend, self.model, base_url=self.options.base_url,
+                    db, self.options.backend, self.model, base_url=redact_url(self.options.base_url),
                     method=self.options.method, settings=_settings(self.options),
                     prompt_versions=self.prompts, name=self.options.name)
             try:
@@ -580,7 +582,7 @@ class Runner:
                 if self._account_error_type is NotFoundError:
                     raise RunNotFoundError(
                         f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. Check the model "
-                        f"({self.model}) and the base URL ({self.options.base_url or 'OpenAI'}; an "
+                        f"({self.model}) and the base URL ({redact_url(self.options.base_url) or 'OpenAI'}; an "
                         "OpenAI-compatible server's usually ends in /v1), then run again; the pairs "
                         "not yet annotated stay pending")
                 if self._account_error_type is QuotaExceededError:

@@ -19,12 +19,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
-from urllib.parse import urlsplit, urlunsplit
 
 import sqlite_utils
 from tqdm import tqdm
 
 from .annotations import get_run
+from .redaction import redact_url
 from .models import AnnotationRecord, CaptionRecord, ImageRecord, PairRecord, RunRecord
 from .review import caption_history, list_captions_of, list_flags, review_history
 
@@ -308,7 +308,7 @@ def _provenance(db, item: ExportItem) -> dict[str, Any]:
         "captions_from": "annotation",
         "run": {
             "id": run.id, "name": run.name, "backend": run.backend, "model": run.model,
-            "base_url": _strip_userinfo(run.base_url), "method": run.method,
+            "base_url": redact_url(run.base_url), "method": run.method,
             "prompt_versions": run.prompt_versions, "settings": scrub_secrets(run.settings),
         },
         "annotation": {
@@ -339,15 +339,6 @@ def scrub_secrets(value: Any) -> Any:
     if isinstance(value, str) and re.match(r"^(sk-|Bearer )", value):
         return "[redacted]"
     return value
-
-
-def _strip_userinfo(url: Optional[str]) -> Optional[str]:
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 def _write_atomically(path: Path, text: str) -> None:

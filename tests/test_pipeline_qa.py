@@ -340,3 +340,31 @@ def test_dry_run_of_more_pairs_than_sqlite_allows_variables(server, tmp_path, mo
     monkeypatch.setattr(runner, "SQL_CHUNK", 10, raising=False)  # absent before the fix
     plan = plan_run(db_path, _options(server, method=method))
     assert plan.pairs == 26 and plan.calls == (26 + 26 if method == "staged" else 26)
+
+
+def test_credentials_in_the_base_url_never_reach_the_store(server, tmp_path):
+    # Some proxies take a key in the URL (https://user:key@host/v1). The runs row, its
+    # settings and every stored request used to keep it verbatim.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    secret = "pw-SENTINEL-7f3a"
+    url = server.url.replace("://", f"://alice:{secret}@", 1)
+    options = _options(server, base_url=url)
+    progress = run_pipeline(db_path, options)
+    assert progress.pairs_done == 2 and progress.calls > 0, progress.failures
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("store.db*"))
+    assert secret.encode() not in stored and b"alice" not in stored
+    assert table_rows(db_path, "SELECT base_url FROM runs") == [(server.url,)]
+    # The same command resumes the same run instead of starting (and paying for) a new one.
+    calls = server.stats["chat_requests"]
+    run_pipeline(db_path, options)
+    assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(1,)]
+    assert server.stats["chat_requests"] == calls
+
+
+def test_redact_url_keeps_the_address_and_drops_what_is_secret():
+    from store.redaction import redact_url
+
+    assert redact_url("https://u:p@vlm.example.org:8443/v1") == "https://vlm.example.org:8443/v1"
+    assert redact_url("https://h/v1?api-key=abc&region=eu") == "https://h/v1?api-key=[redacted]&region=eu"
+    assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
+    assert redact_url(None) is None
