@@ -284,7 +284,12 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         {k: data.image_paths[k] for k in keys}, cfg.progress)
     for reason in list(failures.values())[:10]:
         log.warning("image left out: %s", reason)
-    train_set = [t for t in train_set if t.reference in row_of and t.target in row_of]
+    readable = [t for t in train_set if t.reference in row_of and t.target in row_of]
+    if not readable:  # e.g. Git LFS pointers checked out in place of the images
+        raise ValueError(f"none of the {len(train_set)} training pairs has a reference and a target "
+                         f"image that can be read ({len(failures)} images failed; first: "
+                         f"{next(iter(failures.values()), 'none')})")
+    train_set = readable
     val_set = rankable_triplets(val_set, row_of)
     val_gallery = [k for k in val_gallery if k in row_of]
 

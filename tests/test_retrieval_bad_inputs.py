@@ -492,3 +492,17 @@ def test_query_leaves_out_a_copy_of_the_reference_image(world, checkpoint, tmp_p
         assert engine.index.entries[0].name not in names and len(names) == everything - 1, image
     kept = engine.query(copy, "make the square red", k=everything, exclude_reference=False)
     assert len(kept) == everything
+
+
+def test_training_whose_images_all_fail_to_decode_says_so(tmp_path):
+    """Every image replaced by a Git LFS pointer after import (files there, none an image):
+    training stopped on a ZeroDivisionError traceback (a batch of size 0)."""
+    db_path = make_world_store(tmp_path, pairs=12)
+    conn = sqlite3.connect(db_path)
+    paths = [path for (path,) in conn.execute("SELECT path FROM images")]
+    conn.close()
+    for path in paths:
+        Path(path).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    with pytest.raises(ValueError, match=r"none of the \d+ training pairs has a reference and a target image "
+                                         r"that can be read \(\d+ images failed; first: .*png"):
+        train(_config(tmp_path, "model"))
