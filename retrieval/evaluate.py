@@ -283,7 +283,12 @@ def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] =
     for reason in failures.values():
         log.warning("image left out: %s", reason)
     gallery_keys = [k for k in gallery_keys if k in row_of]
-    return rankable_triplets(triplets, row_of), gallery_keys, pixels, row_of, failures
+    rankable = rankable_triplets(triplets, row_of)
+    if not rankable:
+        raise ValueError(f"none of the {len(triplets)} pairs of split {split!r} can be scored: "
+                         f"{len(failures)} of its {len(failures) + len(gallery_keys)} images could not be "
+                         f"read (first: {next(iter(failures.values()), 'none')})")
+    return rankable, gallery_keys, pixels, row_of, failures
 
 
 def evaluate_checkpoint(
