@@ -275,3 +275,40 @@ def test_without_a_login_the_app_answers_only_to_its_loopback_names(tmp_path):
         assert status(server.port, f"evil.example:{server.port}") == 403
         assert status(server.port, f"127.0.0.1:{server.port}") == 200
         assert status(server.port, f"localhost:{server.port}") == 200
+
+
+def test_failed_logins_from_one_address_are_throttled(tmp_path, monkeypatch):
+    # Without a limit a guesser could try passwords as fast as the server answers.
+    import time
+
+    import ui.security as security
+    from ui.server import AppServer
+
+    monkeypatch.setattr(security, "LOGIN_FAILURES_ALLOWED", 3)
+    monkeypatch.setattr(security, "LOGIN_WINDOW_S", 1.5)
+    info = build_review_store(tmp_path, 1)
+    with AppServer(info["db_path"], auth=[("ann", "pw1")]) as server:
+        assert [_login(server.url, "ann", f"guess{i}")[0] for i in range(3)] == [400, 400, 400]
+        status, body = _login(server.url, "ann", "pw1")  # even the right password waits
+        assert status == 429 and b"too many failed logins" in body
+        time.sleep(1.6)
+        assert _login(server.url, "ann", "pw1")[0] == 200
+        # A success clears the count: the next wrong guess is answered, not refused.
+        assert _login(server.url, "ann", "wrong")[0] == 400
+
+
+def test_login_throttle_window_slides():
+    from ui.security import LoginThrottle
+
+    now = [100.0]
+    throttle = LoginThrottle(allowed=2, window=10.0, clock=lambda: now[0])
+    throttle.failed("a")
+    now[0] = 105.0
+    throttle.failed("a")
+    assert throttle.wait_seconds("a") == pytest.approx(5.0) and throttle.wait_seconds("b") == 0.0
+    now[0] = 110.5  # the first failure aged out
+    assert throttle.wait_seconds("a") == 0.0
+    throttle.failed("a")
+    assert throttle.wait_seconds("a") == pytest.approx(4.5)
+    throttle.succeeded("a")
+    assert throttle.wait_seconds("a") == 0.0

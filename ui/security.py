@@ -17,6 +17,9 @@ import hmac
 import html
 import ipaddress
 import os
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -142,6 +145,48 @@ def login_checker(users: list[tuple[str, str]]) -> Callable[[str, str], bool]:
         return accepted
 
     return check
+
+
+# Failed logins one client address may make within LOGIN_WINDOW_S seconds before its
+# next attempts are refused (429) until the oldest failure ages out: a password guesser
+# gets LOGIN_FAILURES_ALLOWED tries a minute instead of thousands.
+LOGIN_FAILURES_ALLOWED = 10
+LOGIN_WINDOW_S = 60.0
+
+
+class LoginThrottle:
+    """Failed logins per client address, in a sliding window."""
+
+    def __init__(self, allowed: Optional[int] = None, window: Optional[float] = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.allowed = LOGIN_FAILURES_ALLOWED if allowed is None else allowed
+        self.window = LOGIN_WINDOW_S if window is None else window
+        self._clock = clock
+        self._failures: dict[str, deque] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str) -> deque:
+        failures = self._failures.setdefault(client, deque())
+        horizon = self._clock() - self.window
+        while failures and failures[0] <= horizon:
+            failures.popleft()
+        return failures
+
+    def wait_seconds(self, client: str) -> float:
+        """0 when the client may try; else how long until it may."""
+        with self._lock:
+            failures = self._recent(client)
+            if len(failures) < self.allowed:
+                return 0.0
+            return max(failures[0] + self.window - self._clock(), 0.001)
+
+    def failed(self, client: str) -> None:
+        with self._lock:
+            self._recent(client).append(self._clock())
+
+    def succeeded(self, client: str) -> None:
+        with self._lock:
+            self._failures.pop(client, None)
 
 
 def login_user(request) -> Optional[str]:

@@ -6,6 +6,7 @@ the foreground; `AppServer` runs it on a background thread (tests, benchmarks).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import threading
@@ -21,7 +22,7 @@ from fastapi.responses import FileResponse, PlainTextResponse  # noqa: E402
 from .assets import CSS, HEAD  # noqa: E402
 from .connections import Connections  # noqa: E402
 from .security import (  # noqa: E402
-    ImageRefusedError, check_bind, login_checker, loopback_host_header, resolve_image,
+    ImageRefusedError, LoginThrottle, check_bind, login_checker, loopback_host_header, resolve_image,
 )
 
 
@@ -60,6 +61,25 @@ def create_server_app(
                 "this app answers only at http://127.0.0.1 (or localhost) unless started with --auth",
                 status_code=403)
         return await call_next(request)
+
+    throttle = LoginThrottle()
+
+    @app.middleware("http")
+    async def throttle_logins(request: fastapi.Request, call_next):
+        if not auth or request.method != "POST" or not request.url.path.rstrip("/").endswith("/login"):
+            return await call_next(request)
+        client = request.client.host if request.client else "unknown"
+        wait = throttle.wait_seconds(client)
+        if wait:
+            seconds = math.ceil(wait)
+            return PlainTextResponse(f"too many failed logins from this address; try again in {seconds} s",
+                                     status_code=429, headers={"Retry-After": str(seconds)})
+        response = await call_next(request)
+        if response.status_code == 200:
+            throttle.succeeded(client)
+        elif 400 <= response.status_code < 500:
+            throttle.failed(client)
+        return response
 
     @app.middleware("http")
     async def refuse_remote_fetches(request: fastapi.Request, call_next):
