@@ -15,6 +15,24 @@ class ObjectDescriptors(BaseModel):
     name: str = Field(min_length=1, description="the object, e.g. 'lamp'")
     descriptors: list[str] = Field(min_length=1, description="fine-grained descriptors of this object")
 
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        name = name.strip()
+        if not name:
+            raise ValueError("an object's name is empty")
+        return name
+
+    @field_validator("descriptors")
+    @classmethod
+    def _no_blank_descriptors(cls, descriptors: list[str]) -> list[str]:
+        # A blank descriptor says nothing, yet it would be a review cell and count as an
+        # item in the flag rates: drop it, and refuse an object left with none.
+        kept = [d.strip() for d in descriptors if d.strip()]
+        if not kept:
+            raise ValueError("every descriptor is empty")
+        return kept
+
 
 class DescriptorList(BaseModel):
     """Stage 1 and stage 2: objects from most to least prominent."""
@@ -32,8 +50,14 @@ IMAGE_REFERENCE = re.compile(
 )
 
 
+def _caption_key(caption: str) -> str:
+    """What two captions share when one merely repeats the other (case, spacing, final stop)."""
+    return re.sub(r"\s+", " ", caption).strip().rstrip(" .!;,").lower()
+
+
 class ModificationCaptions(BaseModel):
-    """Stage 3 and the single-stage baseline: 3 to 8 modification captions."""
+    """Stage 3 and the single-stage baseline: 3 to 8 distinct modification captions
+    (a caption repeated word for word is dropped; fewer than 3 left is an error)."""
 
     model_config = ConfigDict(extra="forbid")
     captions: list[str] = Field(min_length=3, max_length=8)
@@ -51,7 +75,17 @@ class ModificationCaptions(BaseModel):
                     f"caption {i + 1} refers to the images themselves ({match.group(0)!r}); "
                     "describe the change in the scene instead"
                 )
-        return cleaned
+        # A repeat adds no caption: it would be stored and trained on twice and count
+        # twice in the rates and diversity. Keep the first of each.
+        distinct: dict[str, int] = {}
+        for i, caption in enumerate(cleaned):
+            distinct.setdefault(_caption_key(caption), i)
+        if len(distinct) < 3:
+            repeats = [f"caption {i + 1} repeats caption {distinct[_caption_key(c)] + 1}"
+                       for i, c in enumerate(cleaned) if distinct[_caption_key(c)] != i]
+            raise ValueError(f"only {len(distinct)} distinct captions ({'; '.join(repeats)}); "
+                             "write at least 3 different ones")
+        return [cleaned[i] for i in sorted(distinct.values())]
 
 
 # JSON Schema keywords that OpenAI's strict Structured Outputs mode rejects; pydantic
