@@ -656,17 +656,19 @@ class QueryEngine:
             )
         self._lock = threading.Lock()
 
-    def query(self, image, text: str, k: int = 10, exclude_reference: bool = True) -> list[Hit]:
+    def query(self, image, text: str, k: int = 10, exclude_reference: bool = True,
+              exclude: Sequence[str] = ()) -> list[Hit]:
         """Top-k gallery images for a reference image (PIL image or path) and a
         modification text. A reference given as a path that is in the gallery is left
-        out of the results (the CIRR protocol)."""
+        out of the results (the CIRR protocol); `exclude` adds paths, names or content
+        hashes to leave out (a PIL image's own file, which only the caller knows)."""
         from PIL import Image
 
         from store.images import hash_file, load_image_rgb
 
         if k < 1:  # hits[:k] would quietly drop the last -k hits instead
             raise ValueError(f"k must be at least 1, got {k}")
-        exclude = set()
+        exclude = set(exclude)
         if isinstance(image, (str, Path)):
             path = Path(image)
             if not path.is_file():
@@ -675,7 +677,7 @@ class QueryEngine:
             if exclude_reference:
                 # By content too: a copy of a gallery image elsewhere is that image (the
                 # store's image ids are content hashes), and came back first.
-                exclude = {str(path), str(path.resolve()), hash_file(path)}
+                exclude |= {str(path), str(path.resolve()), hash_file(path)}
             image = load_image_rgb(path)
         elif not isinstance(image, Image.Image):
             raise TypeError(f"query image must be a PIL image or a path, got {type(image).__name__}")

@@ -519,3 +519,28 @@ def test_eval_whose_images_all_fail_to_decode_says_so(tmp_path, checkpoint):
     with pytest.raises(ValueError, match=r"none of the \d+ pairs of split 'test' can be scored: \d+ of its "
                                          r"\d+ images could not be read \(first: .*png"):
         main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path / "cache")])
+
+
+def test_retrieve_tab_leaves_an_uploaded_gallery_image_out_of_its_results(world, checkpoint, tmp_path, monkeypatch):
+    """A dataset pair's reference is left out of its results (the CIRR protocol); the same
+    image uploaded came back at rank 1, since only its decoded pixels reached the engine."""
+    import sqlite_utils
+
+    from retrieval.index import QueryEngine, build_gallery_index
+    from ui.retrieve_logic import RetrieveService
+
+    root, db_path = world
+    build_gallery_index(db_path, checkpoint, tmp_path / "index", progress=False,
+                        cache_dir=root / "cache", num_workers=0)
+    everything = len(QueryEngine(tmp_path / "index").index.entries)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "uploads"))  # where Gradio keeps uploads
+    original = Path(QueryEngine(tmp_path / "index").index.entries[0].path)
+    upload = tmp_path / "uploads" / "abc123" / "my photo.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(original.read_bytes())
+    db = sqlite_utils.Database(db_path)
+    service = RetrieveService(str(db_path), str(tmp_path / "index"))
+    hits = service.query(db, pair=None, upload={"path": str(upload), "orig_name": "my photo.png"},
+                         text="make the square red", k=everything)
+    names = [hit["name"] for hit in hits]
+    assert original.name not in names and len(names) == everything - 1

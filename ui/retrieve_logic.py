@@ -65,20 +65,35 @@ def load_upload(upload):
 
     if isinstance(upload, Image.Image):
         return upload
-    path = upload.get("path") if isinstance(upload, dict) else None
-    name = (upload.get("orig_name") if isinstance(upload, dict) else None) or (Path(path).name if path else "")
-    if not path:
-        raise RetrieveError("the upload did not arrive: upload the reference image again")
-    try:
-        path = uploaded_file(path)  # not any path an API call names
-    except SecurityError:
-        raise RetrieveError("the upload did not arrive: upload the reference image again") from None
+    path, name = _uploaded_path(upload)
     try:
         return load_image_rgb(path)
     except ImageError:
         raise RetrieveError(
             f"the uploaded file {name!r} is not an image that can be read: upload a PNG, JPEG, WebP, GIF "
             "or BMP file") from None
+
+
+def upload_hash(upload) -> Optional[str]:
+    """The uploaded file's content hash (the store's image id for the same file), so an
+    uploaded gallery image is left out of its own results as a dataset reference is."""
+    from store.images import hash_file
+
+    if not isinstance(upload, dict):
+        return None
+    return hash_file(_uploaded_path(upload)[0])
+
+
+def _uploaded_path(upload) -> tuple[str, str]:
+    """(path, original name) of a file Gradio received as an upload, or RetrieveError."""
+    path = upload.get("path") if isinstance(upload, dict) else None
+    name = (upload.get("orig_name") if isinstance(upload, dict) else None) or (Path(path).name if path else "")
+    if not path:
+        raise RetrieveError("the upload did not arrive: upload the reference image again")
+    try:
+        return uploaded_file(path), name  # not any path an API call names
+    except SecurityError:
+        raise RetrieveError("the upload did not arrive: upload the reference image again") from None
 
 
 class RetrieveService:
@@ -130,8 +145,11 @@ class RetrieveService:
             raise RetrieveError(f"top k must be a whole number, got {k!r}") from None
         if k < 1:
             raise RetrieveError(f"top k must be at least 1, got {k}")
+        extra: tuple[str, ...] = ()
         if upload is not None:
             image, exclude = load_upload(upload), False
+            digest = upload_hash(upload)
+            extra = (digest,) if digest else ()
         elif pair is not None and pair.reference_path:
             image, exclude = pair.reference_path, True
         elif pair is not None:  # imported by URL (good4cir JSON): the store has no file for it
@@ -140,7 +158,7 @@ class RetrieveService:
         else:
             raise RetrieveError("choose a dataset pair or upload a reference image")
         try:
-            hits = self.engine().query(image, text, k=k, exclude_reference=exclude)
+            hits = self.engine().query(image, text, k=k, exclude_reference=exclude, exclude=extra)
         except (FileNotFoundError, ImageError) as exc:
             if upload is not None:
                 raise
