@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import threading
 from collections import defaultdict
 from typing import Optional
@@ -223,10 +224,19 @@ def review_progress(db: sqlite_utils.Database) -> dict[str, dict[str, int]]:
     return out
 
 
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z0-9]+)*")
+
+
+def caption_words(text: str) -> list[str]:
+    """Lower-case words without punctuation: 'lamp.' and 'lamp' are one word, and two
+    captions that differ only in case or a final stop are one caption."""
+    return _WORD.findall(text.lower())
+
+
 def caption_stats(db: sqlite_utils.Database, seed: int = 0) -> dict[str, dict]:
     """Per run: caption lengths (words, current text) and diversity: distinct-1 and
-    distinct-2 (distinct n-grams / all n-grams) and the share of unique captions.
-    Runs with many captions are sampled (MAX_CAPTIONS_FOR_DIVERSITY)."""
+    distinct-2 (distinct n-grams / all n-grams, over caption_words) and the share of
+    unique captions. Runs with many captions are sampled (MAX_CAPTIONS_FOR_DIVERSITY)."""
     runs = _runs(db)
     texts: dict[int, list[str]] = defaultdict(list)
     for run_id, text in db.execute(
@@ -239,7 +249,7 @@ def caption_stats(db: sqlite_utils.Database, seed: int = 0) -> dict[str, dict]:
     for run_id, items in texts.items():
         if len(items) > MAX_CAPTIONS_FOR_DIVERSITY:
             items = rng.sample(items, MAX_CAPTIONS_FOR_DIVERSITY)
-        words = [t.lower().split() for t in items]
+        words = [caption_words(t) for t in items]
         unigrams = [w for ws in words for w in ws]
         bigrams = [tuple(ws[i:i + 2]) for ws in words for i in range(len(ws) - 1)]
         lengths = [len(ws) for ws in words]
@@ -248,7 +258,7 @@ def caption_stats(db: sqlite_utils.Database, seed: int = 0) -> dict[str, dict]:
             "mean_words": sum(lengths) / len(lengths) if lengths else 0.0,
             "distinct_1": rate(len(set(unigrams)), len(unigrams)),
             "distinct_2": rate(len(set(bigrams)), len(bigrams)),
-            "unique_share": rate(len(set(t.strip().lower() for t in items)), len(items)),
+            "unique_share": rate(len(set(map(tuple, words))), len(items)),
         }
     return out
 
