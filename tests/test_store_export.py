@@ -237,3 +237,20 @@ def test_a_compound_still_quoting_a_caption_the_reviewer_edited_is_left_out(tmp_
     assert read_good4cir(out)[("room0.png", "room0_edit.png")] == [
         "pair 0 caption 0", "pair 0 caption 1", "pair 0 caption 2", "pair 0 caption 0 and caption 1"]
     assert stats["stale_compounds_left_out"] == 0
+
+
+def test_an_export_gets_the_usual_file_mode_not_a_private_one(reviewed, tmp_path):
+    # It was written through mkstemp and kept its 0600: a colleague on the same machine
+    # or a shared folder could not read the dataset.
+    import os
+    import stat
+
+    db, _, _ = reviewed
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "export" / "dataset.jsonl"
+        export_dataset(db, "jsonl", out)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert [p.name for p in out.parent.iterdir()] == ["dataset.jsonl"]  # no temporary file left
