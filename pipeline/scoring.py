@@ -78,6 +78,15 @@ class PhraseTable:
     def values(self, words: list[str]) -> list[Any]:
         return [v for _, v in self.find(words)]
 
+    def spans(self, words: list[str]) -> list[tuple[int, int, Any]]:
+        """(word index, phrase length, value) of every phrase found, as find()."""
+        out = []
+        for i, value in self.find(words):
+            n = next(n for n in range(min(self.longest, len(words) - i), 0, -1)
+                     if self.phrases.get(tuple(words[i:i + n])) == value)
+            out.append((i, n, value))
+        return out
+
 
 def _kind_phrases() -> dict[str, str]:
     phrases = {}
@@ -342,14 +351,31 @@ def _count_change(words: list[str], before: int) -> Optional[int]:
     return value
 
 
+def _grammatical_number_agrees(words: list[str], obj: dict) -> bool:
+    """The noun's number agrees with the object's count: "add a lamp" does not state
+    adding two lamps, "remove the chairs" does not state removing one chair. Only when
+    every mention of the kind says the same number ("curtains" is always plural)."""
+    kind = obj.get("kind")
+    if kind == "curtains" or not isinstance(obj.get("count"), int):
+        return True
+    # A kind's plural nouns are the only ones ending in "s" (beds, TVs, bedside tables).
+    plural = {words[i + n - 1].endswith("s") for i, n, value in KIND_TABLE.spans(words) if value == kind}
+    if plural == {True}:
+        return obj["count"] > 1
+    if plural == {False}:
+        return obj["count"] == 1
+    return True
+
+
 def _consistent_with(words: list[str], obj: dict) -> bool:
-    """No attribute value in the caption contradicts the object (add and remove captions)."""
+    """No attribute value in the caption contradicts the object (add and remove captions),
+    nor its count, said as a number or by the noun's number."""
     for attribute in ("colour", "pattern", "size", "position"):
         for said in _TABLES[attribute].values(words):
             if said != obj.get(attribute):
                 return False
     numbers = [n for n in NUMBER_TABLE.values(words) if n != 1]
-    return all(n == obj.get("count") for n in numbers)
+    return all(n == obj.get("count") for n in numbers) and _grammatical_number_agrees(words, obj)
 
 
 def caption_matches_edit(caption: str, edit: dict) -> bool:

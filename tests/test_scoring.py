@@ -128,6 +128,32 @@ def test_the_worlds_own_phrasings_match_their_edit_and_wrong_values_do_not():
     assert checked > 800
 
 
+_LAMP = {"kind": "lamp", "colour": "red", "pattern": "plain", "size": "small", "position": "left", "count": 1}
+_CHAIRS = {"kind": "chair", "colour": "blue", "pattern": "striped", "size": "large", "position": "right", "count": 2}
+
+
+@pytest.mark.parametrize("caption, edit, states_it", [
+    ("Add a red lamp on the left", {"op": "add", "kind": "lamp", "object": _LAMP}, True),
+    ("Add red lamps", {"op": "add", "kind": "lamp", "object": _LAMP}, False),
+    ("Add two red lamps", {"op": "add", "kind": "lamp", "object": _LAMP}, False),
+    ("Add a lamp", {"op": "add", "kind": "lamp", "object": {**_LAMP, "count": 2}}, False),
+    ("Add one lamp", {"op": "add", "kind": "lamp", "object": {**_LAMP, "count": 2}}, False),
+    ("Add a pair of lamps", {"op": "add", "kind": "lamp", "object": {**_LAMP, "count": 2}}, True),
+    ("Remove the blue chairs", {"op": "remove", "kind": "chair", "object": _CHAIRS}, True),
+    ("Remove the blue chair", {"op": "remove", "kind": "chair", "object": _CHAIRS}, False),
+    ("Take away the lamps", {"op": "remove", "kind": "lamp", "object": _LAMP}, False),
+    ("Add striped curtains", {"op": "add", "kind": "curtains",
+                              "object": {**_LAMP, "kind": "curtains", "colour": "blue", "pattern": "striped"}}, True),
+    ("Add a TV", {"op": "add", "kind": "tv", "object": {**_LAMP, "kind": "tv", "colour": "black"}}, True),
+    ("Add two bedside tables", {"op": "add", "kind": "nightstand",
+                                "object": {**_LAMP, "kind": "nightstand", "colour": "white", "count": 2}}, True),
+])
+def test_an_added_or_removed_objects_count_is_read_from_the_nouns_number(caption, edit, states_it):
+    # "add a lamp" where two lamps were added states a different target: it is an
+    # invented change and the real one is missed, as "add two lamps" for one lamp is.
+    assert caption_matches_edit(caption, edit) is states_it
+
+
 # ---------------------------------------------------------------- runs in a store
 
 
