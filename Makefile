@@ -47,7 +47,7 @@ $(DEMO_DIR)/.annotated: $(DEMO_DIR)/.imported
 	touch $@
 
 $(DEMO_DIR)/.trained: $(DEMO_DIR)/.annotated
-	$(G4) train --db $(DB) --out $(DEMO_DIR)/model --minutes $(DEMO_MINUTES)
+	$(G4) train --db $(DB) --out $(DEMO_DIR)/model --minutes $(DEMO_MINUTES) --overwrite
 	$(G4) eval --db $(DB) --checkpoint $(DEMO_DIR)/model --split test
 	touch $@
 

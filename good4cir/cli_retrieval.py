@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def positive_int(text: str) -> int:
@@ -106,6 +107,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from --out's last.pt (same model and fusion); the pair "
                         "scorer then trains afresh")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a model already in --out (without it, or --resume, train refuses "
+                        "to write over one)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.set_defaults(handler=run_train)
 
@@ -148,10 +152,23 @@ def _need_data(args) -> None:
         raise ValueError("give a store with --db (or an exported file with --data)")
 
 
+def _refuse_to_replace(out: Path, args: argparse.Namespace) -> None:
+    # A command rerun from the shell's history must not throw away hours of training.
+    from retrieval.model import BEST_FILE, LAST_FILE
+
+    if args.resume or args.overwrite:
+        return
+    held = [name for name in (BEST_FILE, LAST_FILE) if (out / name).is_file()]
+    if held:
+        raise ValueError(f"{out} already holds a trained model ({', '.join(held)}): pass --resume to "
+                         "continue training it, --overwrite to replace it, or another --out")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from retrieval.train import DEFAULT_FUSION, TrainConfig, train
 
     _need_data(args)
+    _refuse_to_replace(Path(args.out), args)
     cfg = TrainConfig(
         out=args.out, dbs=args.db, files=args.data, model=args.model,
         pretrained=args.pretrained, checkpoint=args.checkpoint, image_size=args.image_size,

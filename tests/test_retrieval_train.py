@@ -200,3 +200,17 @@ def test_set_negatives_come_from_each_query_s_own_image_set():
     assert len(drawn) > 16  # not always the same two
     none = next(_Batches(samples, 4, seed=0, set_negatives=0).epoch(0))[3]
     assert none.shape == (0,)
+
+
+def test_cli_train_will_not_write_over_a_trained_model_unless_told(world):
+    # A train command rerun from the shell's history silently replaced the model in --out.
+    root, db_path = world
+    out = root / "kept-model"
+    args = ["train", "--db", str(db_path), "--out", str(out), "--epochs", "1", "--image-size", "32",
+            "--batch-size", "16", "--fusion", "sum", "--no-rerank", "--cache-dir", str(root / "cache")]
+    assert main(args) == 0
+    before = (out / "best.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a trained model \(best.pt, last.pt\): pass --resume"):
+        main(args)  # under pytest main raises what it would print as 'error: ...'
+    assert (out / "best.pt").read_bytes() == before
+    assert main(args + ["--overwrite"]) == 0
