@@ -4,7 +4,9 @@ Any run's stage 1/2 descriptor lists are compared with the scene graphs of the i
 they describe, and its captions with the pair's edit list:
 
 - a hallucinated object is a listed object the scene does not have (or a name the world
-  does not know); a hallucinated attribute is a descriptor that names a value (colour,
+  does not know); a part or fixture the renderer draws ("pillows", "headboard", "ceiling")
+  is right when its whole is in the scene and is counted apart (part_objects), with its
+  descriptors unchecked; a hallucinated attribute is a descriptor that names a value (colour,
   pattern, size, position, count, wall colour, floor) the scene contradicts. Descriptors
   naming no value of the world's vocabulary ("soft light") cannot be checked and are
   counted apart, never as hallucinations.
@@ -138,6 +140,66 @@ _TABLES = {"colour": COLOUR_TABLE, "pattern": PATTERN_TABLE, "size": SIZE_TABLE,
            "position": POSITION_TABLE, "count": NUMBER_TABLE}
 
 
+# Parts of an object, and fixtures of the room, that the renderer draws but the world has
+# no kind for: a VLM that lists "pillows" or "the ceiling" describes what is in the
+# picture. Such an entry is right when its whole is in the scene (the room always is),
+# an invented object when it is not; its descriptors are not checked. Each part names the
+# kinds it can belong to; ROOM parts belong to the room (wall and floor).
+ROOM = ("wall", "floor")
+_PART_OF: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("pillow", "pillows", "headboard", "headboards", "mattress", "mattresses",
+                     "sheet", "sheets", "bedsheet", "bedsheets", "blanket", "blankets", "duvet",
+                     "duvets", "bedding", "bedspread", "bedspreads", "comforter", "linen", "linens"),
+                    ("bed",)),
+    **dict.fromkeys(("cushion", "cushions", "seat", "backrest"), ("chair", "bed")),
+    **dict.fromkeys(("leg", "legs"), ("chair", "bed", "nightstand", "lamp")),
+    **dict.fromkeys(("drawer", "drawers", "knob", "knobs", "handle", "handles"), ("nightstand",)),
+    **dict.fromkeys(("pot", "pots", "plant pot", "planter", "planters", "vase", "leaf", "leaves",
+                     "foliage"), ("plant",)),
+    **dict.fromkeys(("lampshade", "lampshades", "lamp shade", "shade", "shades", "bulb", "lamp base"),
+                    ("lamp",)),
+    **dict.fromkeys(("frame", "frames", "picture frame"), ("painting", "mirror", "window", "bed")),
+    **dict.fromkeys(("pane", "panes", "window pane", "glass", "sky", "hills", "view", "outdoor view"),
+                    ("window",)),
+    **dict.fromkeys(("landscape", "canvas"), ("painting",)),
+    **dict.fromkeys(("reflection", "reflective surface"), ("mirror",)),
+    **dict.fromkeys(("screen", "display"), ("tv",)),
+    **dict.fromkeys(("clock face", "dial", "hands", "clock hands"), ("clock",)),
+    **dict.fromkeys(("curtain rod", "rod", "folds"), ("curtains",)),
+    **dict.fromkeys(("ceiling", "skirting", "skirting board", "skirting boards", "baseboard",
+                     "baseboards", "room", "corner", "back wall", "side wall", "side walls"), ROOM),
+}
+PART_TABLE = PhraseTable({phrase: phrase for phrase in _PART_OF})
+
+
+@lru_cache(maxsize=4096)
+def resolve_part(name: str) -> Optional[tuple[str, tuple[str, ...]]]:
+    """(part, kinds it may belong to) when the name is a part or fixture ("pillows on the
+    bed" -> ('pillows', ('bed',)), "ceiling" -> ('ceiling', ('wall', 'floor'))), else None.
+    A name that names a kind as the whole ("nightstand with drawers") or a kind the part
+    cannot belong to ("cushion on the rug") is not a part: resolve_name reads it."""
+    words = tokens(name)
+    parts = PART_TABLE.values(words)
+    if not parts:
+        return None
+    part, parents = parts[0], _PART_OF[parts[0]]
+    kinds = [k for k in KIND_TABLE.values(words) if k not in ROOM]
+    if kinds:
+        # "bed pillows" is a part of the bed; "nightstand with drawers" is the nightstand.
+        if kinds[0] not in parents or _names_the_whole(words, kinds[0], part):
+            return None
+        return part, (kinds[0],)
+    return part, parents
+
+
+def _names_the_whole(words: list[str], kind: str, part: str) -> bool:
+    """Whether the kind comes first and the part only qualifies it ("nightstand with
+    drawers", "lamp with a white shade"), as opposed to "bed pillows", "pillows on the bed"."""
+    kind_at = next(i for i, k in KIND_TABLE.find(words) if k == kind)
+    part_at = next(i for i, p in PART_TABLE.find(words) if p == part)
+    return kind_at < part_at and any(w in ("with", "and", "has", "having") for w in words[kind_at:part_at])
+
+
 @lru_cache(maxsize=4096)
 def resolve_name(name: str) -> Optional[str]:
     """The world's kind (or 'wall'/'floor') an object name refers to, else None."""
@@ -200,6 +262,7 @@ class DescriptorCheck:
     checked_descriptors: int = 0       # of those, the ones naming a world value
     hallucinated_descriptors: int = 0
     missed_objects: int = 0            # scene objects the list leaves out (not hallucinations)
+    part_objects: int = 0              # listed parts/fixtures whose whole is there (unchecked)
     # (object index, descriptor index or None for the whole object, reason)
     items: list[tuple[int, Optional[int], str]] = field(default_factory=list)
     descriptor_counts: list[int] = field(default_factory=list)  # descriptors per listed object
@@ -231,6 +294,14 @@ def check_descriptors(objects: list[dict], scene: dict) -> DescriptorCheck:
         descriptors = list(obj.get("descriptors") or [])
         check.objects += 1
         check.descriptor_counts.append(len(descriptors))
+        part = resolve_part(obj.get("name", ""))
+        if part is not None:
+            if any(whole in truth for whole in part[1]):
+                check.part_objects += 1
+            else:
+                check.hallucinated_objects += 1
+                check.items.append((i, None, f"object not there: {part[0]} (part of a {' / '.join(part[1])})"))
+            continue
         kind = resolve_name(obj.get("name", ""))
         if kind is None or kind not in truth:
             check.hallucinated_objects += 1
@@ -553,7 +624,8 @@ def _descriptor_summary(checks: list[DescriptorCheck]) -> dict:
     bad_descriptors = sum(c.hallucinated_descriptors for c in checks)
     bad_lists = sum(1 for c in checks if c.hallucinated_objects or c.hallucinated_descriptors)
     missed = sum(c.missed_objects for c in checks)
-    truth_objects = objects - bad_objects + missed
+    parts = sum(c.part_objects for c in checks)
+    truth_objects = objects - bad_objects - parts + missed
     return {
         "lists": len(checks),
         "objects": objects,
@@ -567,6 +639,7 @@ def _descriptor_summary(checks: list[DescriptorCheck]) -> dict:
         "list_rate": _rate(bad_lists, len(checks)),
         "hallucinations_per_list": _rate(bad_objects + bad_descriptors, len(checks)),
         "missed_objects": missed,
+        "part_objects": parts,
         "missed_object_rate": _rate(missed, truth_objects),
     }
 

@@ -63,7 +63,7 @@ def test_a_correct_descriptor_list_scores_zero():
 def test_invented_objects_and_wrong_attributes_are_counted():
     objects = scene_objects(SCENE)
     objects.insert(1, {"name": "television", "descriptors": ["black", "large"]})
-    objects.insert(2, {"name": "pillow", "descriptors": ["white"]})
+    objects.insert(2, {"name": "sofa", "descriptors": ["white"]})
     lamp = next(o for o in objects if o["name"] == "lamp")
     lamp["descriptors"] = ["purple", "small", "on the right", "two", "soft glow"]
     check = check_descriptors(objects, SCENE)
@@ -126,6 +126,34 @@ def test_the_worlds_own_phrasings_match_their_edit_and_wrong_values_do_not():
                     assert not caption_matches_edit(bad, edit), (bad, edit)
                 checked += 1
     assert checked > 800
+
+
+def test_parts_and_fixtures_the_renderer_draws_are_not_invented_objects():
+    # A room with a bed (drawn with pillows, a headboard and a blanket) and a plant in a
+    # pot; a VLM that lists those parts and the ceiling describes what is in the picture.
+    scene = {"wall": "pink", "floor": "wooden", "objects": [
+        {"kind": "bed", "colour": "brown", "pattern": "striped", "size": "large", "position": "centre", "count": 2},
+        {"kind": "plant", "colour": "purple", "pattern": "plain", "size": "small", "position": "right", "count": 1}]}
+    listed = [
+        {"name": "bed", "descriptors": ["brown", "striped", "two of them"]},
+        {"name": "pillows", "descriptors": ["white", "two on each bed"]},   # part of the bed
+        {"name": "Headboard", "descriptors": ["wooden"]},                   # part of the bed
+        {"name": "white bed sheets", "descriptors": ["white"]},             # part of the bed
+        {"name": "ceiling", "descriptors": ["white"]},                      # the room's
+        {"name": "plant pot", "descriptors": ["purple"]},                   # part of the plant
+        {"name": "screen", "descriptors": ["black"]},                       # a TV's: no TV here
+        {"name": "sofa", "descriptors": ["red"]},                           # no such thing
+        {"name": "nightstand with drawers", "descriptors": ["white"]},      # a nightstand: none
+        {"name": "wall", "descriptors": ["pink"]},
+    ]
+    check = check_descriptors(listed, scene)
+    assert check.objects == 10 and check.part_objects == 5
+    assert check.hallucinated_objects == 3
+    assert [(o, d) for o, d, _ in check.items] == [(6, None), (7, None), (8, None)]
+    assert "screen (part of a tv)" in check.items[0][2]
+    # the bed's own descriptors are still checked; the parts' are not (white pillows on a brown bed)
+    assert check.descriptors == 3 + 1 and check.hallucinated_descriptors == 0
+    assert check.missed_objects == 2  # the plant itself and the floor were not listed
 
 
 _LAMP = {"kind": "lamp", "colour": "red", "pattern": "plain", "size": "small", "position": "left", "count": 1}
