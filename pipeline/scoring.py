@@ -469,16 +469,34 @@ def caption_matches_edit(caption: str, edit: dict) -> bool:
     if op == "add":
         return _is_add_phrase(words, kind) and not counting and _consistent_with(words, edit["object"])
     removing = _has(_REMOVE_CUES, words)
+    pattern_removed = _removed_pattern(words) if removing else None
     if op == "remove":
-        return removing and not counting and _consistent_with(words, edit["object"])
+        return removing and pattern_removed is None and not counting and _consistent_with(words, edit["object"])
     if op == "count":
         return _count_change(words, edit["from"]) == edit["to"]
+    if op == "pattern" and pattern_removed is not None:
+        # "remove the stripes from the chairs": the pattern goes, the chairs stay plain
+        return edit["to"] == "plain" and pattern_removed in (edit["from"], "any")
     if removing or _is_add_phrase(words, kind):
         return False
     attribute = OP_ATTRIBUTE[op]
     if attribute == "size":
         return _new_size(words) == edit["to"]
     return _new_value(words, _TABLES[attribute]) == edit["to"]
+
+
+# Nouns that name a pattern itself, not an object that has one ("the stripes" vs "the
+# striped chair"): removing one of them makes the object plain.
+_PATTERN_NOUNS = {"stripes": "striped", "stripe": "striped", "dots": "dotted", "spots": "dotted",
+                  "checks": "checked", "pattern": "any"}
+
+
+def _removed_pattern(words: list[str]) -> Optional[str]:
+    """The pattern a remove caption takes away ('any' for "the pattern"), else None."""
+    for word in words:
+        if word in _PATTERN_NOUNS:
+            return _PATTERN_NOUNS[word]
+    return None
 
 
 def _new_size(words: list[str]) -> Optional[str]:

@@ -128,6 +128,25 @@ def test_the_worlds_own_phrasings_match_their_edit_and_wrong_values_do_not():
     assert checked > 800
 
 
+_UNSTRIPE = {"op": "pattern", "kind": "chair", "attribute": "pattern", "from": "striped", "to": "plain",
+             "object": {"kind": "chair", "colour": "blue", "pattern": "striped", "size": "large",
+                        "position": "right", "count": 2}}
+_REMOVE_CHAIRS = {"op": "remove", "kind": "chair", "object": _UNSTRIPE["object"]}
+
+
+@pytest.mark.parametrize("caption, edit, states_it", [
+    ("Remove the stripes from the chairs", _UNSTRIPE, True),
+    ("Get rid of the pattern on the chairs", _UNSTRIPE, True),
+    ("Make the chairs plain", _UNSTRIPE, True),
+    ("Remove the dots from the chairs", _UNSTRIPE, False),       # they were striped
+    ("Remove the striped chairs", _UNSTRIPE, False),             # that removes the chairs
+    ("Remove the striped chairs", _REMOVE_CHAIRS, True),
+    ("Remove the stripes from the chairs", _REMOVE_CHAIRS, False),  # the chairs stay
+])
+def test_removing_a_pattern_is_a_pattern_change_not_a_removal(caption, edit, states_it):
+    assert caption_matches_edit(caption, edit) is states_it
+
+
 def test_parts_and_fixtures_the_renderer_draws_are_not_invented_objects():
     # A room with a bed (drawn with pillows, a headboard and a blanket) and a plant in a
     # pot; a VLM that lists those parts and the ceiling describes what is in the picture.
