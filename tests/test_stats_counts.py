@@ -36,3 +36,45 @@ def test_diversity_ignores_case_and_punctuation(store):
     # 5 distinct captions of 8: both box captions, and the three shared ones
     assert stats["unique_share"] == pytest.approx(5 / 8)
     assert sl.caption_words("Don't move the TV, please!") == ["don't", "move", "the", "tv", "please"]
+
+
+def test_flag_scores_follow_which_pairs_are_decided_not_only_how_many(store):
+    db, (first, second) = store["db"], store["annotation_ids"]
+    cache, calls = sl.GroundTruthCache(), []
+
+    def compute():
+        calls.append(1)
+        return {"n": len(calls)}
+
+    rl.set_status(db, first, "approved", "ann")
+    assert cache._cached(db, "flags", 1, compute) == {"n": 1}
+    rl.save_note(db, first, "a note", "ann")
+    assert cache._cached(db, "flags", 1, compute) == {"n": 1}   # a note changes no score
+    rl.set_status(db, first, "unreviewed", "ann")
+    rl.set_status(db, second, "approved", "ann")                # still one decided pair
+    assert cache._cached(db, "flags", 1, compute) == {"n": 2}
+
+
+def test_flag_catch_counts_by_hand(tmp_path):
+    # Demo-world pairs annotated by the simulator at error rate 0.3; for the first pair
+    # flag every caption the ground truth says is invented plus one correct caption.
+    from pipeline.scoring import score_annotation
+    from ui_store_builder import build_demo_store
+
+    info = build_demo_store(tmp_path, pairs=6, annotate=3)
+    db = info["db"]
+    ann = next(a for a in info["annotation_ids"] if score_annotation(db, a).captions.invented
+               and len(score_annotation(db, a).captions.invented) < len(score_annotation(db, a).caption_ids))
+    score = score_annotation(db, ann)
+    invented = [score.caption_ids[i] for i in score.captions.invented]
+    correct = next(c for c in score.caption_ids if c not in invented)
+    for caption_id in [*invented, correct]:
+        rl.set_flag(db, ann, "caption", caption_id, True, "ann")
+    cache = sl.GroundTruthCache()
+    assert sl.flag_catch_rows(db, cache) == []  # nothing decided yet: nothing was missed
+    rl.set_status(db, ann, "rejected", "ann")
+    rows = {row[1]: row for row in sl.flag_catch_rows(db, cache)}
+    truly = len(score.hallucinated_caption_ids())   # invented individual captions + compounds holding one
+    assert rows["captions"][2:5] == [truly, len(invented) + 1, len(invented)]
+    assert rows["captions"][5] == f"{100 * len(invented) / truly:.0f}%"
+    assert rows["captions"][6] == f"{100 * len(invented) / (len(invented) + 1):.0f}%"

@@ -104,6 +104,11 @@ class GroundTruthCache:
         if what == "flags":
             key += db.execute(f"SELECT COUNT(*) FROM annotations a WHERE a.run_id = ? AND {_DECIDED}",
                               [run_id]).fetchone()
+            # Which pairs are decided, not only how many: approving B after resetting A
+            # keeps the count but changes the pairs scored.
+            key += db.execute(
+                "SELECT MAX(e.id) FROM review_events e JOIN annotations a ON a.id = e.annotation_id"
+                " WHERE a.run_id = ? AND e.action = 'status'", [run_id]).fetchone()
             key += db.execute(
                 "SELECT COUNT(*), MAX(f.id), COUNT(f.removed_at) FROM flags f JOIN annotations a"
                 " ON a.id = f.annotation_id WHERE a.run_id = ?", [run_id]).fetchone()
