@@ -67,11 +67,50 @@ def _content_words(text: str) -> frozenset[str]:
     return frozenset(w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOPWORDS)
 
 
+# Words that say what changes or how, not which thing: what is left of a caption without
+# them (and the stopwords) names the objects it is about. Stage 3 pads a pair with one or
+# two changes to 3 captions with rewordings that share little but the object ("The rug
+# should be gone" / "Take away the small rug"; "Move the black rug to the centre" /
+# "Relocate the small checked rug to the centre"), and joining those reads as two changes.
+_NOT_OBJECT_WORDS = frozenset(
+    list(_GERUNDS) + list(_GERUNDS.values()) + """
+    relocate relocating slide sliding repaint repainting recolour recolor lay hung added removed
+    changed moved replaced placed put gone away rid out off over should would must can now
+    larger smaller bigger taller shorter wider size colour color pattern design print shade tone
+    number count amount total more fewer less another extra additional second third only single
+    pair one two three four five six new old same different other instead rather
+    left right centre center middle top bottom front back side sides corner near next beside
+    above below under behind between opposite far close room scene space area
+    small large big tiny little huge tall short wide narrow long round square
+    red orange yellow green blue purple pink white black grey gray brown beige cream navy
+    lavender terracotta sage teal gold silver dark light pale bright deep
+    plain striped stripes dotted dots spotted checked checkered chequered patterned floral solid
+    wooden wood metal metallic glass leather fabric marble plastic carpeted tiled
+    """.split())
+
+
+def _object_words(text: str) -> frozenset[str]:
+    """Content words left when change and attribute words are taken out, singular."""
+    words = set()
+    for word in _content_words(text) - _NOT_OBJECT_WORDS:
+        if word.endswith("s") and len(word) > 3 and not word.endswith("ss"):
+            word = word[:-1]  # lamps -> lamp (curtains -> curtain on both sides)
+        if word not in _NOT_OBJECT_WORDS:
+            words.add(word)
+    return frozenset(words)
+
+
 def are_paraphrases(a: str, b: str) -> bool:
-    """Whether two captions likely state the same change (content-word overlap)."""
+    """Whether two captions likely state the same change: they are about the same object
+    (share an object word), or, when one names no object word, they share most content
+    words. Two different changes to one object are lost as a compound that way, which
+    costs little; a compound of two wordings of one change reads as two changes."""
     wa, wb = _content_words(a), _content_words(b)
     if not wa or not wb:
         return a.strip().lower() == b.strip().lower()
+    oa, ob = _object_words(a), _object_words(b)
+    if oa and ob:
+        return bool(oa & ob)  # "make the small lamp red" / "make the small bed red": two things
     return len(wa & wb) / min(len(wa), len(wb)) >= PARAPHRASE_OVERLAP
 
 
