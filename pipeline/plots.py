@@ -17,8 +17,12 @@ PLOT_METRICS = (
 
 
 def run_label(score: dict) -> str:
+    """'run 2 e0.15: gpt-4o (staged), 30 pairs': how many pairs a rate rests on belongs
+    on a figure that may be published (3 pairs and 300 read alike otherwise)."""
     name = f" {score['name']}" if score.get("name") else ""
-    return f"run {score['run_id']}{name}: {score['model']} ({score['method']})"
+    pairs = score.get("pairs_scored")
+    count = f", {pairs} pair{'s' if pairs != 1 else ''}" if pairs is not None else ""
+    return f"run {score['run_id']}{name}: {score['model']} ({score['method']}){count}"
 
 
 def plot_scores(scores: list[dict], path: str | Path, title: Optional[str] = None) -> Path:
