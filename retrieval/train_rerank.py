@@ -175,11 +175,20 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
     scorer = build_pair_scorer(model.encoder)
     scorer.requires_grad_(True)  # the copy inherits frozen flags in frozen-encoder mode
     named = [(n, p) for n, p in scorer.named_parameters() if n != "logit_scale"]
-    optimizer = torch.optim.AdamW([
+    groups = [
         {"params": [p for n, p in named if not n.startswith("text.")], "weight_decay": 0.05, "base_lr": LR},
         {"params": [p for n, p in named if n.startswith("text.")], "weight_decay": 0.05,
          "base_lr": LR * TEXT_LR},
-        {"params": [scorer.logit_scale], "weight_decay": 0.0, "base_lr": LR}], lr=LR)
+        {"params": [scorer.logit_scale], "weight_decay": 0.0, "base_lr": LR}]
+    # The fused CPU kernel, as the first stage uses: the text copy's token embedding and
+    # the word bag are 6M weights each, updated every step. Demo world, 2 cores: the
+    # optimiser step 47 -> 10 ms of a 215 ms training step; 7.1 min on one first stage
+    # gave 27 epochs instead of 22 (seed 0: val R@1 / Rsubset@1 65.1 / 69.8 -> 65.4 / 71.3,
+    # test 65.3 / 69.2 -> 66.9 / 71.1).
+    try:
+        optimizer = torch.optim.AdamW(groups, lr=LR, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(groups, lr=LR)
 
     texts = list(dict.fromkeys(c for t in train_set for c in t.captions))
     text_row = {text: i for i, text in enumerate(texts)}
