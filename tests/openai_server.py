@@ -572,6 +572,25 @@ def server_fixture(**config: Any):
     return server
 
 
+def fresh_server_fixture(api_key: str):
+    """An autouse pytest fixture: each test starts from a well-behaved server (default
+    config, no recorded state) with OPENAI_API_KEY set to api_key, and leaves no batch
+    running that could finish during the next test."""
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def fresh_server(server, monkeypatch):
+        server.state.config.__init__()
+        server.state.reset()
+        monkeypatch.setenv("OPENAI_API_KEY", api_key)
+        yield
+        for batch in server.state.batches.values():
+            if batch["status"] in ("validating", "in_progress"):
+                batch["status"] = "cancelling"
+
+    return fresh_server
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="A local OpenAI-protocol server for tests and benchmarks.")
     parser.add_argument("--port", type=int, default=0)

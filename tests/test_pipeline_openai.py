@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from good4cir.cli import main as cli_main
-from openai_server import server_fixture
+from openai_server import fresh_server_fixture, server_fixture
 from pipeline.runner import RunAuthError, RunOptions, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, corrupt_image, table_rows
 from store.db import open_db
@@ -22,13 +22,7 @@ KEY = "sk-test-secret-0123456789abcdef"
 
 
 server = server_fixture()
-
-
-@pytest.fixture(autouse=True)
-def fresh_server(server, monkeypatch):
-    server.state.config.__init__()  # every test starts from a well-behaved server
-    server.state.reset()
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+fresh_server = fresh_server_fixture(KEY)
 
 
 def _world(tmp_path: Path, references: int, pairs: int):

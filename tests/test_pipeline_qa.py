@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from openai_server import server_fixture
+from openai_server import fresh_server_fixture, server_fixture
 from pipeline.pricing import EST_TEXT_TOKENS_IN, EST_TOKENS_OUT, PriceTable
 from pipeline.runner import RunNotFoundError, RunOptions, RunQuotaError, plan_run, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
@@ -15,17 +15,7 @@ from pipeline_world import build_world, table_rows
 KEY = "sk-test-qa-0123456789abcdef"
 
 server = server_fixture()
-
-
-@pytest.fixture(autouse=True)
-def fresh_server(server, monkeypatch):
-    server.state.config.__init__()  # every test starts from a well-behaved server
-    server.state.reset()
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    yield
-    for batch in server.state.batches.values():  # none finishes during the next test
-        if batch["status"] in ("validating", "in_progress"):
-            batch["status"] = "cancelling"
+fresh_server = fresh_server_fixture(KEY)
 
 
 def _world(tmp_path, references: int, pairs: int):

@@ -494,15 +494,20 @@ def test_query_leaves_out_a_copy_of_the_reference_image(world, checkpoint, tmp_p
     assert len(kept) == everything
 
 
-def test_training_whose_images_all_fail_to_decode_says_so(tmp_path):
-    """Every image replaced by a Git LFS pointer after import (files there, none an image):
-    training stopped on a ZeroDivisionError traceback (a batch of size 0)."""
-    db_path = make_world_store(tmp_path, pairs=12)
+def _replace_images_with_lfs_pointers(db_path) -> None:
+    """Every image file of the store becomes a Git LFS pointer: there, but not an image."""
     conn = sqlite3.connect(db_path)
     paths = [path for (path,) in conn.execute("SELECT path FROM images")]
     conn.close()
     for path in paths:
         Path(path).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+
+
+def test_training_whose_images_all_fail_to_decode_says_so(tmp_path):
+    """Every image replaced by a Git LFS pointer after import (files there, none an image):
+    training stopped on a ZeroDivisionError traceback (a batch of size 0)."""
+    db_path = make_world_store(tmp_path, pairs=12)
+    _replace_images_with_lfs_pointers(db_path)
     with pytest.raises(ValueError, match=r"none of the \d+ training pairs has a reference and a target image "
                                          r"that can be read \(\d+ images failed; first: .*png"):
         train(_config(tmp_path, "model"))
@@ -511,11 +516,7 @@ def test_training_whose_images_all_fail_to_decode_says_so(tmp_path):
 def test_eval_whose_images_all_fail_to_decode_says_so(tmp_path, checkpoint):
     """The same for `eval`: a KeyError 'query' traceback."""
     db_path = make_world_store(tmp_path, pairs=12)
-    conn = sqlite3.connect(db_path)
-    paths = [path for (path,) in conn.execute("SELECT path FROM images")]
-    conn.close()
-    for path in paths:
-        Path(path).write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n")
+    _replace_images_with_lfs_pointers(db_path)
     with pytest.raises(ValueError, match=r"none of the \d+ pairs of split 'test' can be scored: \d+ of its "
                                          r"\d+ images could not be read \(first: .*png"):
         main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--cache-dir", str(tmp_path / "cache")])

@@ -217,14 +217,6 @@ class ServedImage:
     media_type: str
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
-
-
 def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     """The file to send for image `image_id`, or ImageRefusedError saying why not."""
     row = db.execute("SELECT path, root, url FROM images WHERE id = ?", [image_id]).fetchone()
@@ -238,7 +230,7 @@ def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     # The dataset's own folder: the import root when recorded, else the folder that
     # held the image at import. resolve() first, so '..' and symlinks cannot escape it.
     folder = Path(root_text).resolve() if root_text else Path(path_text).parent.resolve()
-    if not _inside(path, folder):
+    if not path.is_relative_to(folder):
         raise ImageRefusedError(f"image {image_id!r}: {path} is outside its dataset folder {folder}")
     media_type = IMAGE_MEDIA_TYPES.get(path.suffix.lower())
     if media_type is None:
@@ -260,7 +252,7 @@ def uploaded_file(path_text: str) -> Path:
     from gradio.utils import get_upload_folder
 
     path = Path(path_text).resolve()
-    if not _inside(path, Path(get_upload_folder()).resolve()):
+    if not path.is_relative_to(Path(get_upload_folder()).resolve()):
         raise SecurityError(f"{path_text!r} is not an uploaded file")
     return path
 

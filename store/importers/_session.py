@@ -52,6 +52,18 @@ def read_text(path: Path) -> str:
     return text
 
 
+def read_json(path: Path, kind: type, what: str = ""):
+    """A dataset file's JSON, which must be a `kind` (list or dict): else a FormatError
+    naming the file and, when given, what it should hold."""
+    try:
+        data = json.loads(read_text(path))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, kind):
+        raise FormatError(f"{path}: expected a JSON {kind.__name__}" + (f" of {what}" if what else ""))
+    return data
+
+
 def read_lines(path: Path) -> list[tuple[Optional[str], Optional[str]]]:
     """A JSON-lines file as (text, None) per line, or (None, why) for a line that is not
     UTF-8: one bad line is reported on its own while the others import."""
@@ -176,7 +188,7 @@ class ImportSession:
     def _root_for(self, real: Path) -> Optional[Path]:
         """The dataset folder recorded for an image (the review app serves a file only
         from inside it): the first of self.roots that holds the real file, else None."""
-        return next((root for root in self.roots if _inside(real, root)), None)
+        return next((root for root in self.roots if real.is_relative_to(root)), None)
 
     def prefetch(self, locations: Iterable[str], base: Path) -> None:
         """Validate many local images at once, on all cores (decoding releases the GIL),
@@ -305,14 +317,6 @@ class ImportSession:
     def finish(self) -> ImportReport:
         self.flush()
         return self.report
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-        return True
-    except ValueError:
-        return False
 
 
 def _hash_or_none(path: Path) -> Optional[str]:

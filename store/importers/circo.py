@@ -13,7 +13,6 @@ no target_id. gt_img_ids are imported as images and kept in `extra` as store ids
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -21,7 +20,7 @@ import sqlite_utils
 
 from ..errors import FormatError, ImageError
 from ..models import ImportReport
-from ._session import ImportSession, read_text
+from ._session import ImportSession, read_json
 
 IMAGE_DIRS = ("COCO2017_unlabeled/unlabeled2017", "unlabeled2017", "images")
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -52,7 +51,7 @@ def import_circo(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     loaded = []
     for annotations_file, split_name in file_splits:
         try:
-            loaded.append((annotations_file, split_name, _load_annotations(annotations_file)))
+            loaded.append((annotations_file, split_name, read_json(annotations_file, list, "CIRCO queries")))
         except FormatError as exc:
             if len(file_splits) == 1:
                 raise
@@ -62,16 +61,6 @@ def import_circo(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=f"circo {split_name}"):
             _import_entry(session, images_dir, by_id, split_name, annotations_file.name, index, entry)
     return session.finish()
-
-
-def _load_annotations(annotations_file: Path) -> list:
-    try:
-        entries = json.loads(read_text(annotations_file))
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{annotations_file}: not valid JSON ({exc})") from exc
-    if not isinstance(entries, list):
-        raise FormatError(f"{annotations_file}: expected a JSON list of CIRCO queries")
-    return entries
 
 
 def _annotation_files(root: Path, split: Optional[str]) -> list[Path]:

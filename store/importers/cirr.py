@@ -11,7 +11,6 @@ test1 withholds the target: those pairs have no target_id. Splits keep CIRR's na
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -19,7 +18,7 @@ import sqlite_utils
 
 from ..errors import FormatError, ImageError
 from ..models import ImportReport
-from ._session import ImportSession, read_text
+from ._session import ImportSession, read_json
 
 SPLITS = ("train", "val", "test1")
 
@@ -62,7 +61,7 @@ def _load_split(root: Path, split_name: str) -> tuple[str, list, dict]:
     for needed in (captions_file, names_file):
         if not needed.is_file():
             raise FormatError(f"{needed}: missing (needed for CIRR split {split_name!r})")
-    return captions_file.name, _load_json(captions_file, list), _load_json(names_file, dict)
+    return captions_file.name, read_json(captions_file, list), read_json(names_file, dict)
 
 
 def _import_entry(session: ImportSession, root: Path, split: str, file_name: str, index: int,
@@ -147,13 +146,3 @@ def _referenced_paths(entries: list, name_to_path: dict):
         names = [entry.get("reference"), entry.get("target_hard")]
         names += img_set.get("members", []) if isinstance(img_set, dict) else []
         yield from (name_to_path[n] for n in names if isinstance(n, str) and n in name_to_path)
-
-
-def _load_json(path: Path, kind: type):
-    try:
-        data = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, kind):
-        raise FormatError(f"{path}: expected a JSON {kind.__name__}")
-    return data
