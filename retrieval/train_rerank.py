@@ -183,8 +183,8 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
     # The fused CPU kernel, as the first stage uses: the text copy's token embedding and
     # the word bag are 6M weights each, updated every step. Demo world, 2 cores: the
     # optimiser step 47 -> 10 ms of a 215 ms training step; 7.1 min on one first stage
-    # gave 27 epochs instead of 22 (seed 0: val R@1 / Rsubset@1 65.1 / 69.8 -> 65.4 / 71.3,
-    # test 65.3 / 69.2 -> 66.9 / 71.1).
+    # gave 27-29 epochs instead of 22. Val / test Rsubset@1, seed 0: 69.8 / 69.2 -> 71.3 /
+    # 71.1; seed 1: 72.1 / 67.9 -> 68.5 / 68.6 (inside the seeds' spread either way).
     try:
         optimizer = torch.optim.AdamW(groups, lr=LR, fused=True)
     except (RuntimeError, TypeError):
