@@ -48,7 +48,7 @@ $(DEMO_DIR)/.annotated: $(DEMO_DIR)/.imported
 
 $(DEMO_DIR)/.trained: $(DEMO_DIR)/.annotated
 	$(G4) train --db $(DB) --out $(DEMO_DIR)/model --minutes $(DEMO_MINUTES) --overwrite
-	$(G4) eval --db $(DB) --checkpoint $(DEMO_DIR)/model --split test
+	$(G4) eval --db $(DB) --checkpoint $(DEMO_DIR)/model --split test --plot $(DEMO_DIR)/recall.png
 	touch $@
 
 $(DEMO_DIR)/.indexed: $(DEMO_DIR)/.trained

@@ -143,6 +143,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-rerank", dest="rerank", action="store_false",
                         help="score with the fusion model alone, even where the checkpoint "
                         "has a trained re-ranker")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="also draw Recall@K for K=1..50 of the model, the fusion model alone and "
+                        "the baselines, the model's by subset, and Recall_subset@K, to this PNG")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
     parser.set_defaults(handler=run_eval)
 
@@ -221,12 +224,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     if args.submission:
+        if args.plot:
+            raise ValueError("--plot draws an evaluation's curves; --submission ranks for the test "
+                             "server instead: run eval once without --submission for the plot")
         return _run_submission(args)
     result = evaluate_checkpoint(
         args.checkpoint, dbs=args.db, files=args.data, split=args.split, source=args.source,
         captions=args.captions, include_unreviewed=args.include_unreviewed,
         cache_dir=args.cache_dir, which=args.which, progress=sys.stderr.isatty(),
-        rerank=args.rerank, gallery_dirs=args.gallery_images,
+        rerank=args.rerank, gallery_dirs=args.gallery_images, plot=args.plot,
     )
     for note in result.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
@@ -236,6 +242,8 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"split {result['split']}: {result['queries']} queries over {result['pairs']} pairs, "
           f"gallery of {result['gallery']} images")
     _print_metrics(result)
+    if result.get("plot"):
+        print(f"recall curves: {result['plot']}")
     return 0
 
 

@@ -198,13 +198,8 @@ def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
         values.pop("queries", None)
     result["baselines"] = baselines
     subsets: dict[str, Any] = {}
-    tags = sorted({tag for t in queries.tags for tag in t})
-    if tags:
-        groups = {tag: [i for i, t in enumerate(queries.tags) if tag in t] for tag in tags}
-        groups["seen"] = [i for i, t in enumerate(queries.tags) if not t]
-        for name, rows in groups.items():
-            if not rows:
-                continue
+    for name, rows in subset_rows(queries).items():
+        if rows:
             sub = queries.subset(rows)
             entry = score_matrix(model_scores[rows], gallery_keys, sub)
             entry["interval"] = intervals(model_scores[rows], gallery_keys, sub)
@@ -217,6 +212,40 @@ def evaluate_embeddings(emb: dict[str, np.ndarray], gallery_keys: Sequence[str],
     if subsets:
         result["subsets"] = subsets
     return result
+
+
+def subset_rows(queries: Queries) -> dict[str, list[int]]:
+    """Query rows of each tagged subset (held-out phrasings, combinations) and of the
+    untagged rest ("seen"); empty where the data tags nothing."""
+    tags = sorted({tag for t in queries.tags for tag in t})
+    if not tags:
+        return {}
+    groups = {tag: [i for i, t in enumerate(queries.tags) if tag in t] for tag in tags}
+    groups["seen"] = [i for i, t in enumerate(queries.tags) if not t]
+    return groups
+
+
+def recall_curves(emb: dict[str, np.ndarray], model_scores: np.ndarray, first: Optional[np.ndarray],
+                  gallery_keys: Sequence[str], queries: Queries) -> dict[str, Any]:
+    """The curves `recall_plot.write_recall_plot` draws, from the scores `evaluate_checkpoint` has."""
+    from .recall_plot import recall_curve, subset_curve
+
+    named = {"model": model_scores}
+    if first is not None:
+        named["fusion model alone"] = first
+    named.update({f"{b} baseline": emb[b] @ emb["gallery"].T for b in ("image", "text", "sum") if b in emb})
+    refs, targets = queries.reference_keys, queries.target_keys
+    curves: dict[str, Any] = {
+        "recall": {name: recall_curve(s, gallery_keys, refs, targets) for name, s in named.items()},
+        "recall_subset": {name: subset_curve(s, gallery_keys, refs, targets, queries.img_sets)
+                          for name, s in named.items()},
+        "subsets": {},
+    }
+    for name, rows in subset_rows(queries).items():
+        if rows:
+            curves["subsets"][f"{name} ({len(rows)} queries)"] = recall_curve(
+                model_scores[rows], gallery_keys, [refs[i] for i in rows], [targets[i] for i in rows])
+    return curves
 
 
 def drop_unreadable_members(triplets: Sequence[Triplet], row_of: dict[str, int]) -> list[Triplet]:
@@ -304,11 +333,13 @@ def evaluate_checkpoint(
     progress: bool = True,
     rerank: bool = True,
     gallery_dirs: Sequence[str | Path] = (),
+    plot: Optional[str | Path] = None,
 ) -> dict[str, Any]:
     """`good4cir eval`: the trained model and the three baselines on one split.
 
     Where the checkpoint has a pair scorer (and `rerank`), the model's scores are the
-    re-ranked ones and `first_stage` holds the fusion model's alone."""
+    re-ranked ones and `first_stage` holds the fusion model's alone. With `plot`, the
+    Recall@K curves of all of them go to that PNG (`recall_plot`)."""
     from .data import load_triplets
     from .model import load_model
     from .rerank import load_pair_scorer, rerank_matrix
@@ -321,11 +352,12 @@ def evaluate_checkpoint(
     queries = build_queries(triplets)
     emb = embed(model, pixels, row_of, gallery_keys, queries)
     second = load_pair_scorer(checkpoint_dir, model.encoder) if rerank else None
+    first = emb["query"] @ emb["gallery"].T
+    final = first
     if second is None:
         result = evaluate_embeddings(emb, gallery_keys, queries)
     else:
         scorer, rerank_info = second
-        first = emb["query"] @ emb["gallery"].T
         final = rerank_matrix(scorer, first, queries.reference_keys, queries.texts, gallery_keys, pixels, row_of,
                               top_k=int(rerank_info["top_k"]), progress=progress)
         result = evaluate_embeddings(emb, gallery_keys, queries, model_scores=final)
@@ -338,6 +370,13 @@ def evaluate_checkpoint(
     })
     if failures:
         result["images_failed"] = len(failures)
+    if plot is not None:
+        from .recall_plot import write_recall_plot
+
+        curves = recall_curves(emb, final, first if second is not None else None, gallery_keys, queries)
+        name = result["model"].get("model") or "model"
+        result["plot"] = str(write_recall_plot(plot, curves, title=f"{name}, split {split}: "
+                                               f"{len(queries)} queries, gallery of {len(gallery_keys)}"))
     if not gallery_dirs and any("shared_concept" in (t.extra or {}) for t in triplets):
         result["notes"] = [
             f"the gallery is the {len(gallery_keys)} images the data holds for split {split}; CIRCO "

@@ -270,6 +270,43 @@ def test_eval_reranks_and_reports_the_first_stage(world, checkpoint_with_scorer,
     assert "fusion model alone" in capsys.readouterr().out
 
 
+def test_eval_plots_recall_curves_that_agree_with_its_numbers(world, checkpoint_with_scorer, tmp_path, capsys):
+    from PIL import Image
+
+    from retrieval import metrics
+    from retrieval.recall_plot import recall_curve, subset_curve
+
+    root, db_path = world
+    plot = tmp_path / "plots" / "recall.png"
+    args = ["eval", "--db", str(db_path), "--checkpoint", str(checkpoint_with_scorer),
+            "--cache-dir", str(root / "cache"), "--plot", str(plot)]
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["plot"] == str(plot)
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.width > 800
+    assert main(args) == 0
+    assert f"recall curves: {plot}" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--plot"):
+        main(args + ["--submission", str(tmp_path / "sub")])
+
+    # The curves are the metrics at every K: checked against metrics.py on a random matrix.
+    rng = np.random.default_rng(0)
+    gallery = [f"g{i}" for i in range(40)]
+    scores = rng.normal(size=(25, 40))
+    refs = [gallery[i] for i in rng.integers(0, 40, 25)]
+    targets = [gallery[(gallery.index(r) + 1 + int(j)) % 40] for r, j in zip(refs, rng.integers(0, 38, 25))]
+    sets = [sorted({r, t, *rng.choice(gallery, 3, replace=False)}) for r, t in zip(refs, targets)]
+    curve = recall_curve(scores, gallery, refs, targets)
+    expected = metrics.recall_at_k(scores, gallery, refs, targets, [1, 5, 10, 39])
+    assert [curve[k - 1] for k in (1, 5, 10, 39)] == pytest.approx([expected[k] for k in (1, 5, 10, 39)], abs=0.01)
+    assert curve[39:] == [100.0] * 11 and curve == sorted(curve)
+    subset = subset_curve(scores, gallery, refs, targets, sets)
+    expected = metrics.recall_subset_at_k(scores, gallery, refs, targets, sets, [1, 2, 3])
+    assert subset[:3] == pytest.approx([expected[k] for k in (1, 2, 3)], abs=0.01)
+    assert subset[-1] == 100.0
+
+
 def test_query_engine_reranks_like_eval(world, checkpoint_with_scorer, tmp_path):
     from retrieval.index import QueryEngine, build_gallery_index
     from retrieval.model import load_retriever
