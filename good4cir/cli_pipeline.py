@@ -130,10 +130,18 @@ def run_annotate(args: argparse.Namespace) -> int:
               f"{progress.pairs_failed} failed, {progress.pairs_pending} pending; "
               f"{progress.calls} calls, {progress.calls_reused} answers reused, "
               f"${progress.cost_usd:.4f}; failures: {failures}")
+    _say_how_to_send_cancelled(progress.failures)
     if progress.status == "stopped":
         print("rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _say_how_to_send_cancelled(failures: dict) -> None:
+    cancelled = failures.get("batch cancelled")
+    if cancelled:
+        print(f"{cancelled} pairs failed: their requests were in a batch cancelled outside good4cir, and "
+              "nothing was sent again; rerun the annotate command with --retry-failed to send them", file=sys.stderr)
 
 
 def run_status_command(args: argparse.Namespace) -> int:
@@ -163,6 +171,10 @@ def run_status_command(args: argparse.Namespace) -> int:
     for r in report["runs"]:
         if r.get("session"):
             print(f"run {r['id']} is being worked on by {r['session']}")
+    for r in report["runs"]:
+        if r["failures"].get("batch cancelled"):
+            print(f"run {r['id']}: ", end="", file=sys.stderr)
+            _say_how_to_send_cancelled(r["failures"])
     if any(r["status"] == "interrupted" for r in report["runs"]):
         print("interrupted: the session running it is gone; rerun the same `good4cir annotate` "
               "command (or pass --run RUN_ID) to resume")

@@ -52,7 +52,9 @@ exponential backoff and full jitter, or after Retry-After when the server sends 
 to `max_attempts` per request and `retry_budget` retries per run (its earlier sessions'
 retries count; pass a larger budget to resume a run that spent its own). An answer that
 does not validate gets one repair request quoting the validation error. After that the
-pair is marked failed with '<category>: <detail>' and the run goes on. Categories:
+pair is marked failed with '<category>: <detail>' and the run goes on. An answer that
+validates but has a problem pipeline.stages finds (a caption over 77 CLIP tokens) gets
+one repair request too; what is still wrong after it is stored flagged by 'pipeline'. Categories:
 bad image, no target, request rejected, retries exhausted, retry budget spent, invalid
 answer, stage 4 error, internal error. A refused key (401) is no item's fault: the run
 stops at once with RunAuthError, its pairs left pending for a rerun with a good key; so
@@ -101,6 +103,8 @@ from .slots import STAGE_PRIORITY, PrioritySlots
 from .store_worker import CallRef, StoreWorker, StoreWriteError
 from .stages import (
     InvalidAnswerError,
+    describe_problems,
+    overlong_captions,
     parse_answer,
     repair_request,
     single_request,
@@ -709,21 +713,24 @@ class Runner:
                 stage1_id, objects1 = await self._stage1(item["reference_id"], item["reference_path"],
                                                          item["reference_name"])
                 stage2_id, objects2 = await self._stage2(item, stage1_id, objects1)
-                answer, _ = await self._ask(stage3_request(
+                request = stage3_request(
                     item["pair_id"], objects1, objects2, temperature=self.options.temperature,
-                    max_tokens=self.options.max_tokens))
+                    max_tokens=self.options.max_tokens)
             else:
                 stage1_id = stage2_id = None
                 self._check_paths(item)
-                answer, _ = await self._ask(single_request(
+                request = single_request(
                     item["pair_id"], (item["reference_id"], item["reference_path"]),
                     (item["target_id"], item["target_path"]),
-                    temperature=self.options.temperature, max_tokens=self.options.max_tokens))
-            captions = answer.captions
+                    temperature=self.options.temperature, max_tokens=self.options.max_tokens)
+            # Counting CLIP tokens needs open_clip's tokenizer, loaded off the event loop.
             await asyncio.shield(self._stage4_ready)
+            answer, _ = await self._ask(request, lambda a: overlong_captions(a.captions))
+            captions = answer.captions
             compounds = self._compose(captions, item["pair_id"])
             self._db_later(store_ann.complete_annotation, annotation_id, stage1_id=stage1_id,
-                           stage2_id=stage2_id, captions=captions, compounds=compounds)
+                           stage2_id=stage2_id, captions=captions, compounds=compounds,
+                           caption_flags={p.index: p.reason for p in overlong_captions(captions)})
             self.progress.pairs_done += 1
         except RunStoppedError:
             return
@@ -811,19 +818,33 @@ class Runner:
 
     # -- one validated answer: a call, then at most one repair
 
-    async def _ask(self, request: VLMRequest):
+    async def _ask(self, request: VLMRequest, problems_of: Optional[Callable[[Any], list]] = None):
+        """(answer, call). An invalid answer, or a valid one with problems_of(answer)
+        (AnswerProblems), gets one repair request. A valid answer is never thrown away for
+        a worse repair: the caller stores what problems remain as flags."""
         first = await self._call(request, request.stage)
+        kept = None
         try:
-            return parse_answer(request.stage, first.text, first.finish_reason), first.call
+            answer = parse_answer(request.stage, first.text, first.finish_reason)
         except InvalidAnswerError as exc:
             error = str(exc)
+        else:
+            problems = problems_of(answer) if problems_of else []
+            if not problems:
+                return answer, first.call
+            kept, error = (answer, first.call, len(problems)), describe_problems(problems)
         repair = repair_request(request, first.text, error)
         second = await self._call(repair, "repair")
         try:
-            return parse_answer(request.stage, second.text, second.finish_reason), second.call
+            answer = parse_answer(request.stage, second.text, second.finish_reason)
         except InvalidAnswerError as exc:
+            if kept:
+                return kept[:2]
             raise ItemFailedError("invalid answer", f"{request.stage}: {exc} (after one repair; "
                                                     f"first answer: {error})") from None
+        if kept and kept[2] < len(problems_of(answer)):
+            return kept[:2]
+        return answer, second.call
 
     async def _call(self, request: VLMRequest, call_stage: str) -> _CallResult:
         """One answer for `request`: from the store if already paid for, else from the

@@ -12,7 +12,8 @@ import sqlite_utils
 
 from .db import transaction, utc_now
 from .errors import NotFoundError
-from .models import AnnotationRecord, CallRecord, DescribedObject, DescriptionRecord, RunRecord
+from .models import (PIPELINE_FLAG_REASONS, PIPELINE_REVIEWER, AnnotationRecord, CallRecord, DescribedObject,
+                     DescriptionRecord, RunRecord)
 
 
 def annotation_id_for(run_id: int, pair_id: str) -> str:
@@ -161,10 +162,15 @@ def complete_annotation(
     stage2_id: Optional[str],
     captions: list[str],
     compounds: list[tuple[str, list[int], int]] = (),
+    caption_flags: Optional[dict[int, str]] = None,
+    descriptor_flags: Optional[dict[str, str]] = None,
 ) -> None:
     """Store an annotation's captions and mark it done, in one transaction.
 
     compounds: (text, indexes of the individual captions it joins, CLIP token count).
+    caption_flags ({caption index: reason}) and descriptor_flags ({'<description id>/
+    <object>/<descriptor>': reason}): what the pipeline found wrong and could not get
+    repaired, flagged by PIPELINE_REVIEWER with one of PIPELINE_FLAG_REASONS.
     Rerunning for a done annotation changes nothing: its captions may have edits.
     """
     now = utc_now()
@@ -189,10 +195,21 @@ def complete_annotation(
                 for i, (text, sources, tokens) in enumerate(compounds)
             ],
         )
+        flags = [("caption", individual_ids[i], reason) for i, reason in (caption_flags or {}).items()]
+        flags += [("descriptor", target, reason) for target, reason in (descriptor_flags or {}).items()]
+        for _, _, reason in flags:
+            if reason not in PIPELINE_FLAG_REASONS:
+                raise ValueError(f"pipeline flag reason {reason!r} is not one of {', '.join(PIPELINE_FLAG_REASONS)}")
+        db.conn.executemany(
+            "INSERT INTO flags (annotation_id, target_kind, target_id, reason, reviewer, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            [(annotation_id, kind, target, reason, PIPELINE_REVIEWER, now) for kind, target, reason in flags],
+        )
         db.execute(
             "UPDATE annotations SET status = 'done', error = NULL, stage1_id = ?, stage2_id = ?,"
+            " flag_count = (SELECT COUNT(*) FROM flags WHERE annotation_id = ? AND removed_at IS NULL),"
             " updated_at = ? WHERE id = ?",
-            [stage1_id, stage2_id, now, annotation_id],
+            [stage1_id, stage2_id, annotation_id, now, annotation_id],
         )
 
 

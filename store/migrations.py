@@ -311,3 +311,10 @@ def m004_run_leases(db: sqlite_utils.Database) -> None:
         );
         """
     )
+
+
+@migration
+def m005_batch_cancelled_by(db: sqlite_utils.Database) -> None:
+    """Who cancelled a batch: 'good4cir' (its deadline; the unfinished lines go out again)
+    or 'outside' (the provider's dashboard: the user chose not to pay for the rest)."""
+    db.execute("ALTER TABLE batches ADD COLUMN cancelled_by TEXT")

@@ -72,6 +72,10 @@ class ServerConfig:
     batch_queue_limit: Optional[int] = None  # lines enqueued at once; a batch over it fails
     batch_cancel_refused: bool = False  # cancel answers 400, as for a batch past cancelling
     omit_usage: bool = False        # answers without `usage`, as some compatible servers send
+    # Answers that validate but need a repair: "first" spoils a request's first answer only
+    # (its repair comes back right), "always" its repair too.
+    overlong_captions: str = ""     # stage 3/single: the first caption runs past CLIP's 77 tokens
+    rename_objects: str = ""        # stage 2: the first reference object it keeps gets another name
 
 
 OBJECTS = {
@@ -85,6 +89,11 @@ OBJECTS = {
     "wall": ["painted", "pale yellow", "plain"],
 }
 COLOURS = ["red", "blue", "green", "yellow", "black", "white", "orange", "purple"]
+# Another word for the same thing, as a model that does not keep stage 1's names writes.
+RENAMES = {"bed": "cot", "lamp": "light", "painting": "artwork", "plant": "greenery",
+           "chair": "seat", "window": "glazing", "rug": "carpet", "wall": "backdrop"}
+OVERLONG_TAIL = ", " + ", ".join(f"then look at it again from corner number {n} of the room"
+                                 for n in range(1, 9))
 
 
 def _h(*parts: Any) -> int:
@@ -235,6 +244,7 @@ class FakeOpenAI:
             return self.config.reject_format_status, {"error": {"message": "response_format json_object is not supported",
                                    "type": "invalid_request_error"}}, {}
         kind, content = answer_for(body)
+        content = self._spoil(body, kind, content)
         if fmt is None:  # text mode: prose around the JSON, as chatty models answer
             content = f"Sure! Here is the JSON you asked for:\n```json\n{content}\n```\nHope this helps."
         if count:
@@ -244,6 +254,28 @@ class FakeOpenAI:
         if self.config.omit_usage:
             del payload["usage"]
         return 200, payload, {}
+
+    def _spoil(self, body: dict, kind: str, content: str) -> str:
+        """The answer with the configured valid-but-wrong content (overlong_captions,
+        rename_objects); a repair request is one whose messages hold an earlier answer."""
+        if not (self.config.overlong_captions or self.config.rename_objects):
+            return content
+        repair = any(m.get("role") == "assistant" for m in body.get("messages", []))
+        spoil = {"first": not repair, "always": True}
+        value = json.loads(content)
+        if kind == "captions" and spoil.get(self.config.overlong_captions):
+            value["captions"][0] += OVERLONG_TAIL
+            self.stats["spoiled_overlong_caption"] += 1
+        elif kind == "objects" and spoil.get(self.config.rename_objects):
+            user = next((m for m in body.get("messages", []) if m.get("role") == "user"), {})
+            lists = _json_lists(_message_text(user.get("content")))
+            kept = {o["name"] for o in lists[0]} if lists else set()
+            for obj in value["objects"]:
+                if obj["name"] in kept and obj["name"] in RENAMES:
+                    obj["name"] = RENAMES[obj["name"]]
+                    self.stats["spoiled_renamed_object"] += 1
+                    break
+        return json.dumps(value)
 
     def _completion_body(self, body: dict, content: str, finish: str) -> dict:
         user_text = sum(len(_message_text(m.get("content"))) for m in body.get("messages", []))

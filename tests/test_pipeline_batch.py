@@ -165,3 +165,69 @@ def test_lines_refused_for_their_response_format_step_down_once_and_go_out_again
         assert server.stats[name] == count, (name, dict(server.stats))
     # 1 stage 1 + 2 stage 2 + 2 stage 3 answered, plus the refused lines
     assert server.stats["batch_lines_answered"] == 5 + sum(refused.values())
+
+
+def test_a_batch_cancelled_outside_good4cir_keeps_its_answers_and_sends_nothing_again(server, tmp_path):
+    # Cancelling a batch from the provider's dashboard is the user deciding not to pay for
+    # its unfinished lines. They used to go out again at once in a new batch, as if the
+    # batch had expired. Now the finished lines are kept, the rest fail their pairs with a
+    # reason that says how to send them, and nothing is sent until the user asks.
+    import openai
+
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=4)
+    server.config.batch_delay = 120.0
+    server.config.batch_cancel_keeps = 1  # the provider had finished one stage 1 line
+    options = _options(server)
+    handle = start_run_in_thread(db_path, options)
+    deadline = time.time() + 60
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE status = 'validating'")[0][0]:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    (batch_id,), = table_rows(db_path, "SELECT id FROM batches")
+    openai.OpenAI(base_url=server.url, api_key=KEY).batches.cancel(batch_id)  # "the dashboard"
+    server.config.batch_delay = 0.1  # later batches (the kept line's stages 2 and 3) finish
+    progress = handle.join(timeout=60)
+    assert progress is not None and handle.error is None, handle.error
+    # the kept stage 1 answer served its two pairs; the unanswered one was not sent again
+    assert progress.pairs_done == 2 and progress.failures == {"batch cancelled": 2}
+    assert server.stats["batch_lines_submitted"] == 2 + 2 + 2
+    reasons = [r for (r,) in table_rows(db_path, "SELECT error FROM annotations WHERE status = 'failed'")]
+    assert all(batch_id in r and "outside good4cir" in r and "--retry-failed" in r for r in reasons), reasons
+    assert table_rows(db_path, "SELECT status, cancelled_by FROM batches WHERE id = ?", [batch_id]) == [
+        ("cancelled", "outside")]
+
+    # A restart does not send them either; --retry-failed does, once.
+    run_pipeline(db_path, options)
+    assert server.stats["batch_lines_submitted"] == 6
+    progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "retry_failed": True}))
+    assert progress.pairs_done == 4 and progress.failures == {}
+    assert server.stats["batch_lines_submitted"] == 6 + 1 + 2 + 2
+
+
+def test_a_batch_good4cir_cancelled_is_told_apart_from_one_cancelled_outside_after_a_restart(server, tmp_path):
+    # The batch deadline's own cancel sends the unfinished lines again (as attempts). A
+    # session that sent the cancel and stopped before the batch ended must not leave the
+    # next session thinking the user cancelled it.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=1, pairs=1)
+    server.config.batch_delay = 120.0
+    options = _options(server, batch_timeout=0.5)
+    server.config.batch_cancel_refused = True  # the cancel is recorded, the batch stays open
+    handle = start_run_in_thread(db_path, options)
+    deadline = time.time() + 60
+    while not server.stats["batch_cancels_refused"]:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    (batch_id,), = table_rows(db_path, "SELECT id FROM batches")
+    server.config.batch_cancel_refused = False
+    openai_batch = server.state.batches[batch_id]
+    assert openai_batch["status"] in ("validating", "in_progress")
+    openai_batch["status"] = "cancelling"  # the cancel good4cir asked for takes effect late
+    server.config.batch_delay = 0.1
+    progress = run_pipeline(db_path, options)
+    assert progress.pairs_done == 1 and progress.failures == {}
+    assert table_rows(db_path, "SELECT status, cancelled_by FROM batches WHERE id = ?", [batch_id]) == [
+        ("cancelled", "good4cir")]

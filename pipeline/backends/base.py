@@ -60,6 +60,8 @@ class TransientError(BackendError):
 class PermanentError(BackendError):
     """Retrying the same request will not help (400, auth, content filter)."""
 
+    category: ClassVar[str] = "request rejected"  # the failed item's reason starts with it
+
 
 class AccountError(PermanentError):
     """No request can succeed until the account or the setup is put right: every request

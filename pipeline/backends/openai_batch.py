@@ -13,9 +13,14 @@ restarted run finds its batches and waits for them instead of paying again. A po
 checks open batches every `poll_interval` seconds and gives up on one `batch_timeout`
 after it was submitted, restarts included (it is cancelled; its finished lines are
 kept). When a batch ends, its output and error files are downloaded and each line goes
-back to the request that wrote it, by custom_id. A line the batch did not finish (expired, cancelled, or a 429 /
-5xx inside the batch) becomes a TransientError, so the runner asks again and the
-request goes into a new batch; finished lines are never resubmitted. A batch that fails
+back to the request that wrote it, by custom_id. A line the batch did not finish (expired,
+cancelled by our deadline, or a 429 / 5xx inside the batch) becomes a TransientError, so
+the runner asks again and the request goes into a new batch; finished lines are never
+resubmitted. A batch cancelled outside good4cir (the provider's dashboard) is the user
+choosing not to pay for the rest: its finished lines are kept, the others fail their
+items as 'batch cancelled' (BatchCancelledError) and are sent again only when the user
+asks (--retry-failed). Which side cancelled is stored (batches.cancelled_by) before the
+cancel is sent, so a restarted session tells the two apart. A batch that fails
 because the provider's queue for the model is full (`token_limit_exceeded`) ran nothing:
 its lines wait until another batch of this session ends, then go out again, without
 counting as an attempt (an immediate resubmission would fail the same way).
@@ -75,6 +80,12 @@ class BatchRejectedError(PermanentError):
         self.custom_id = custom_id
 
 
+class BatchCancelledError(BatchRejectedError):
+    """A line of a batch cancelled outside good4cir that the batch did not answer."""
+
+    category: ClassVar[str] = "batch cancelled"
+
+
 @dataclass
 class _Watch:
     """One provider batch being waited on."""
@@ -85,6 +96,7 @@ class _Watch:
     results: dict[str, Any] = field(default_factory=dict)  # custom_id -> BatchVLMResponse | Exception
     status: Optional[str] = None
     cancel_sent: bool = False
+    cancelled_outside: bool = False  # by the user (the provider's dashboard), not by us
     note: str = ""
     error_codes: set = field(default_factory=set)  # of a batch that failed as a whole
 
@@ -270,6 +282,7 @@ class OpenAIBatchBackend:
                 return result
             if batch_id in self._known.get(line_id, []):  # not answered there: never wait on it again
                 self._known[line_id].remove(batch_id)
+            result = self._unanswered(watch, line_id, result)
             if result is not None and not isinstance(result, BatchLineError):
                 raise result
         return await self._submit(request, self._custom_id(request))
@@ -400,6 +413,7 @@ class OpenAIBatchBackend:
                 self._pool.append(pending)
                 self._last_added = time.monotonic()
             return
+        result = self._unanswered(watch, pending.custom_id, result)
         if result is None:
             note = f": {watch.note}" if watch.note else ""
             result = BatchLineError(f"batch {watch.batch_id} ended '{watch.status}' without this line{note}",
@@ -409,6 +423,17 @@ class OpenAIBatchBackend:
             pending.future.exception()
         else:
             pending.future.set_result(result)
+
+    @staticmethod
+    def _unanswered(watch: _Watch, custom_id: str, result):
+        """A line a batch cancelled outside good4cir did not answer fails for good (the
+        user chose not to pay for it); any other result is returned as it is."""
+        if not watch.cancelled_outside or not (result is None or isinstance(result, BatchLineError)):
+            return result
+        return BatchCancelledError(
+            f"batch {watch.batch_id} was cancelled outside good4cir (the provider's dashboard or "
+            "API) before it answered this request, so it was not sent again; rerun the same "
+            "command with --retry-failed to send it", watch.batch_id, custom_id)
 
     async def _wait_for_room(self, failed: _Watch) -> bool:
         """After a batch refused for a full queue: wait until one of this session's open
@@ -466,6 +491,9 @@ class OpenAIBatchBackend:
                 # Past our deadline: cancel; the lines it finished still come back.
                 log.warning("batch %s still %s after %.0f s: cancelling", watch.batch_id,
                             batch.status, self.batch_timeout)
+                # Stored first: a session that dies before the batch ends leaves the next
+                # one knowing this cancel was ours (its lines go out again), not the user's.
+                await self._ctx.db(store_ann.update_batch, watch.batch_id, cancelled_by="good4cir")
                 try:
                     await self.client.batches.cancel(watch.batch_id)
                 except Exception as exc:  # openai's errors, or a body that is not JSON
@@ -493,9 +521,18 @@ class OpenAIBatchBackend:
                                    for e in errors)[:300]
             log.warning("batch %s failed: %s", watch.batch_id, watch.note or "no reason given")
         watch.results = results
+        extra = {}
+        if batch.status == "cancelled" and await self._ctx.db(store_ann.batch_cancelled_by,
+                                                               watch.batch_id) != "good4cir":
+            watch.cancelled_outside = True
+            extra["cancelled_by"] = "outside"
+            answered = sum(isinstance(r, VLMResponse) for r in results.values())
+            log.warning("batch %s was cancelled outside good4cir: keeping its %d answers; its "
+                        "unfinished requests are not sent again (rerun with --retry-failed to send "
+                        "them)", watch.batch_id, answered)
         await self._ctx.db(store_ann.update_batch, watch.batch_id, status=batch.status,
                            output_file_id=batch.output_file_id, error_file_id=batch.error_file_id,
-                           collected=1)
+                           collected=1, **extra)
         watch.done.set()
 
     async def _lines(self, file_id: str) -> list[dict]:
