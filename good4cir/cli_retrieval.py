@@ -90,7 +90,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, help="triplets per step (default 32)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the fusion head (default "
                         "2e-3 from scratch, encoders at a quarter of it; 5e-4 frozen; 1e-4 "
-                        "fine-tuning pretrained weights, encoders at a tenth)")
+                        "fine-tuning pretrained weights, encoders at a tenth); with --resume it "
+                        "replaces the saved run's rate (default: the saved one carries on)")
     parser.add_argument("--set-negatives", type=non_negative_int, default=2, metavar="N",
                         help="per query, N members of its image set (CIRR's img_set, the "
                         "demo world's near-duplicates) join the negatives (default 2; 0: none)")

@@ -246,7 +246,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
                f"first problem: {data.problems[0]}" if data.problems else "is the store empty?")
         )
 
-    resume_state = None
+    resume_state, saved = None, None
     if cfg.resume and (out / LAST_FILE).is_file():
         saved = read_config(out)
         for key in ("model", "fusion", "image_size", "fusion_layers"):
@@ -269,6 +269,12 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     # A pair scorer belongs to the first stage it was trained on: never reuse an old one.
     (out / RERANK_FILE).unlink(missing_ok=True)
     model_config = _model_config(cfg)
+    if saved is not None:
+        # The weights resumed from were made by the saved run's init (and, without --lr,
+        # its learning rate carries on): record those, not this command's defaults.
+        model_config["init"] = saved.get("init", model_config["init"])
+        if cfg.lr is None:
+            model_config["training"]["lr"] = (saved.get("training") or {}).get("lr")
     model = build_model(model_config, pretrained=None if resume_state else cfg.pretrained,
                         checkpoint=None if resume_state else cfg.checkpoint)
     if resume_state:
@@ -314,7 +320,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         mirrored_ids = model.encoder.tokenize([mirror_text(t) for t in texts]) if cfg.mirror else None
         flip_rng = random.Random(cfg.seed * 7919 + 1)
 
-    scratch = cfg.pretrained is None and cfg.checkpoint is None
+    scratch = model_config["init"] == "random"
     # From scratch the fusion head learns at 4x the encoders' 5e-4: on the demo world
     # (6 epochs, batch 32) test R@1 14.0 -> 21.2, Rs@1 26.7 -> 35.9 against one rate.
     end_to_end_scratch = scratch and not cfg.freeze_encoders
@@ -333,12 +339,15 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     best: dict[str, Any] = {"score": -1.0}
     epoch, step, elapsed_before, triplets_seen, train_seconds_before = 0, 0, 0.0, 0, 0.0
     if resume_state:
+        fresh_base_lrs = [group["base_lr"] for group in optimizer.param_groups]  # from this cfg
         optimizer.load_state_dict(resume_state["optimizer"])
         epoch, step = resume_state["epoch"], resume_state["step"]
         elapsed_before = resume_state["elapsed"]
         history, best = resume_state["history"], resume_state["best"]
         triplets_seen = resume_state.get("triplets_seen", 0)
         train_seconds_before = resume_state.get("train_seconds", 0.0)
+        _resume_learning_rate(optimizer, fresh_base_lrs, cfg, history, epoch, step)
+        history["config"] = model_config
 
     from .train_rerank import QUERIES_PER_STEP, train_pair_scorer
 
@@ -472,6 +481,31 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     return TrainResult(out=out, epochs=epoch, steps=step, seconds=seconds,
                        triplets_per_second=history["summary"]["triplets_per_second"],
                        best=best, history=history)
+
+
+def _resume_learning_rate(optimizer, fresh_base_lrs: list[float], cfg: TrainConfig, history: dict[str, Any],
+                          epoch: int, step: int) -> None:
+    """An explicit --lr on resume wins over the one in last.pt (loading the optimiser's
+    state brings back the saved peak rates); without it the run's own rate carries on.
+    The warm-up + cosine factor still follows the run's elapsed budget, so the new peak
+    rate is scaled from where the schedule already is. history['resumes'] records each."""
+    previous = [group["base_lr"] for group in optimizer.param_groups]
+    if cfg.lr is not None:
+        for group, fresh in zip(optimizer.param_groups, fresh_base_lrs):
+            group["base_lr"] = fresh
+    now = [group["base_lr"] for group in optimizer.param_groups]
+    history.setdefault("resumes", []).append({
+        "epoch": epoch, "step": step, "lr": cfg.lr, "lr_from": "--lr" if cfg.lr is not None else "checkpoint",
+        "previous_base_lrs": previous, "base_lrs": now,
+    })
+    if now != previous:
+        print(f"resume: --lr {cfg.lr:g} replaces the run's learning rate (peak rates of the parameter "
+              f"groups {_rates(previous)} -> {_rates(now)}); the warm-up + cosine schedule continues "
+              f"from step {step}", file=sys.stderr, flush=True)
+
+
+def _rates(values: list[float]) -> str:
+    return "/".join(f"{v:g}" for v in dict.fromkeys(values))
 
 
 def _check_budget_left(cfg: TrainConfig, out: Path, state: dict[str, Any]) -> None:

@@ -214,3 +214,41 @@ def test_cli_train_will_not_write_over_a_trained_model_unless_told(world):
         main(args)  # under pytest main raises what it would print as 'error: ...'
     assert (out / "best.pt").read_bytes() == before
     assert main(args + ["--overwrite"]) == 0
+
+
+def test_cli_resume_honours_an_explicit_lr_and_records_it(world, capsys):
+    # `train --resume --lr X` trained on at the rate saved in last.pt: loading the
+    # optimiser's state brought back its base rates, and history kept the old config.
+    root, db_path = world
+    out = root / "relearnt"
+    args = ["train", "--db", str(db_path), "--out", str(out), "--image-size", "32", "--batch-size", "16",
+            "--fusion", "sum", "--no-rerank", "--cache-dir", str(root / "cache")]
+    assert main(args + ["--epochs", "1", "--lr", "1e-3"]) == 0
+
+    def optimiser_rates():
+        groups = torch.load(str(out / "last.pt"), weights_only=False)["optimizer"]["param_groups"]
+        return [g["base_lr"] for g in groups], [g["lr"] for g in groups]
+
+    assert optimiser_rates()[0] == [pytest.approx(2.5e-4)] * 2  # sum fusion: encoders only, at 1/4
+    capsys.readouterr()
+    assert main(args + ["--epochs", "2", "--lr", "1e-5", "--resume"]) == 0
+    base, current = optimiser_rates()
+    assert base == [pytest.approx(2.5e-6)] * 2
+    assert "resume: --lr 1e-05 replaces the run's learning rate" in capsys.readouterr().err
+    state = torch.load(str(out / "last.pt"), weights_only=False)
+    steps_per_epoch = state["step"] // 2
+    # The schedule goes on from where it was: the last step's rate is the new base at
+    # the schedule's factor for that step (of 2 epochs' steps).
+    factor = lr_factor((state["step"] - 1) / (2 * steps_per_epoch), 0.05, 0.02)
+    assert current == [pytest.approx(2.5e-6 * factor)] * 2
+    history = json.loads((out / "history.json").read_text())
+    assert history["config"]["training"]["lr"] == 1e-5
+    assert json.loads((out / "config.json").read_text())["training"]["lr"] == 1e-5
+    assert history["resumes"] == [{"epoch": 1, "step": steps_per_epoch, "lr": 1e-5, "lr_from": "--lr",
+                                   "previous_base_lrs": [pytest.approx(2.5e-4)] * 2,
+                                   "base_lrs": [pytest.approx(2.5e-6)] * 2}]
+    # Without --lr the run's own rate carries on, and the record keeps it.
+    assert main(args + ["--epochs", "3", "--resume"]) == 0
+    assert optimiser_rates()[0] == [pytest.approx(2.5e-6)] * 2
+    assert json.loads((out / "config.json").read_text())["training"]["lr"] == 1e-5
+    assert json.loads((out / "history.json").read_text())["resumes"][-1]["lr_from"] == "checkpoint"
