@@ -5,17 +5,26 @@ Stage 1: reference image → objects with descriptors. Stage 2: target image + s
 objects → objects (unchanged ones copied word for word). Stage 3: both lists → 3-8
 modification captions (text only). `single`: both images → captions in one call, the
 ablation baseline. Stage 4 lives in pipeline.compound.
+
+An answer can validate and still be wrong in a way we can see: a caption CLIP would
+truncate, a stage 2 object that is a stage 1 object under another name. Those are
+AnswerProblems: the runner sends one repair request for them, as for an invalid answer,
+and stores what is still wrong afterwards flagged with the problem's reason.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ValidationError
 
+from store.models import PIPELINE_FLAG_REASONS
+
 from .backends.base import VLMRequest
+from .compound import CLIP_CONTEXT_LENGTH, count_clip_tokens
 from .prompts import load_prompt
 from .schemas import DescriptorList, ModificationCaptions, strict_json_schema
 
@@ -135,3 +144,37 @@ def parse_answer(stage: str, text: str, finish_reason: Optional[str] = "stop"
         return model.model_validate(value)
     except ValidationError as exc:
         raise InvalidAnswerError(_describe_validation_error(exc)) from None
+
+
+# ---------------------------------------------------------------- valid but wrong
+
+OVERLONG_CAPTION, RENAMED_OBJECT = PIPELINE_FLAG_REASONS
+
+
+@dataclass(frozen=True)
+class AnswerProblem:
+    """What is wrong with a valid answer: `index` is the caption's (stage 3, single) or the
+    object's (stage 2) position in it, `reason` the flag it gets if it stays, `detail`
+    what the repair request tells the model."""
+
+    index: int
+    reason: str
+    detail: str
+
+
+def describe_problems(problems: list[AnswerProblem]) -> str:
+    return "; ".join(p.detail for p in problems)
+
+
+def overlong_captions(captions: list[str], max_tokens: int = CLIP_CONTEXT_LENGTH) -> list[AnswerProblem]:
+    """Captions over CLIP's context (start and end tokens counted, as stage 4 counts):
+    training would cut off what comes after the last token that fits, silently.
+    Loads open_clip's tokenizer on first use (seconds: torch is imported)."""
+    problems = []
+    for i, caption in enumerate(captions):
+        tokens = count_clip_tokens(caption)
+        if tokens > max_tokens:
+            problems.append(AnswerProblem(i, OVERLONG_CAPTION, (
+                f"caption {i + 1} is too long: {tokens} CLIP tokens where at most {max_tokens} fit "
+                "(start and end tokens counted); state the same change in fewer words")))
+    return problems

@@ -8,6 +8,8 @@ from .errors import ConflictError, FormatError, ImageError, NotFoundError, Store
 from .migrations import migrate, schema_version
 from .models import (
     FLAG_REASONS,
+    PIPELINE_FLAG_REASONS,
+    PIPELINE_REVIEWER,
     AnnotationRecord,
     CallRecord,
     CaptionEdit,
@@ -29,7 +31,7 @@ from .exporters import export_dataset
 __all__ = [
     "open_db", "transaction", "utc_now", "migrate", "schema_version",
     "ConflictError", "FormatError", "ImageError", "NotFoundError", "StoreError",
-    "FLAG_REASONS", "AnnotationRecord", "CallRecord", "CaptionEdit", "CaptionRecord",
+    "FLAG_REASONS", "PIPELINE_FLAG_REASONS", "PIPELINE_REVIEWER", "AnnotationRecord", "CallRecord", "CaptionEdit", "CaptionRecord",
     "DescribedObject", "DescriptionRecord", "FlagRecord", "ImageRecord", "ImportProblem",
     "ImportReport", "PairRecord", "ReviewEvent", "RunRecord",
     "inspect_image", "load_image_rgb", "import_dataset", "export_dataset",

@@ -16,6 +16,13 @@ FLAG_REASONS = (
     "not a real difference",
     "other",
 )
+# Flags the pipeline sets itself, on an answer still wrong after its repair request
+# (pipeline.stages.AnswerProblem): shown and left out of exports as a reviewer's flag is.
+PIPELINE_REVIEWER = "pipeline"
+PIPELINE_FLAG_REASONS = (
+    "over 77 CLIP tokens",
+    "renamed a reference object",
+)
 
 
 # Per class: (field names, JSON columns). Looked up once: pydantic's class attribute

@@ -1,0 +1,59 @@
+"""Answers that validate but are wrong in a way the pipeline can see (a caption past CLIP's
+77 tokens, stage 2 calling a stage 1 object by another name): one repair request, and
+what is still wrong after it is stored flagged by the pipeline, never silently. The
+real `openai` client against the local server (tests/openai_server.py), a real store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from openai_server import fresh_server_fixture, server_fixture
+from pipeline.compound import CLIP_CONTEXT_LENGTH, count_clip_tokens
+from pipeline.runner import RunOptions, run_pipeline
+from pipeline_world import build_world, table_rows
+from store.models import PIPELINE_REVIEWER
+
+server = server_fixture()
+fresh_server = fresh_server_fixture("sk-test-repair-0123456789")
+
+
+def _run(server, tmp_path: Path, pairs: int = 1):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=1, pairs=pairs)
+    progress = run_pipeline(db_path, RunOptions(backend="openai", model="gpt-4o-mini", base_url=server.url,
+                                                concurrency=2, backoff_base=0.01, timeout=10))
+    assert progress.pairs_done == pairs and progress.pairs_failed == 0
+    return db_path
+
+
+def _flags(db_path) -> list[tuple]:
+    return table_rows(db_path, "SELECT target_kind, target_id, reason, reviewer FROM flags"
+                               " WHERE removed_at IS NULL ORDER BY target_id")
+
+
+def _repair_texts(db_path) -> list[str]:
+    rows = table_rows(db_path, "SELECT request FROM calls WHERE stage = 'repair' AND status = 'ok'")
+    return [json.loads(r[0])["history"][-1]["content"] for r in rows]
+
+
+def test_a_caption_over_77_clip_tokens_gets_a_repair_request_and_the_short_one_is_stored(server, tmp_path):
+    server.config.overlong_captions = "first"
+    db_path = _run(server, tmp_path)
+    assert server.stats["spoiled_overlong_caption"] == 1
+    (repair,) = _repair_texts(db_path)
+    assert "caption 1 is too long" in repair and "CLIP tokens" in repair
+    captions = [r[0] for r in table_rows(db_path, "SELECT text FROM captions WHERE kind = 'individual'")]
+    assert captions and all(count_clip_tokens(c) <= CLIP_CONTEXT_LENGTH for c in captions)
+    assert _flags(db_path) == []
+
+
+def test_a_caption_still_over_77_clip_tokens_after_the_repair_is_stored_flagged(server, tmp_path):
+    server.config.overlong_captions = "always"
+    db_path = _run(server, tmp_path)
+    assert len(_repair_texts(db_path)) == 1  # one repair, then the answer is kept
+    rows = table_rows(db_path, "SELECT id, text FROM captions WHERE kind = 'individual' ORDER BY position")
+    long_ids = [cid for cid, text in rows if count_clip_tokens(text) > CLIP_CONTEXT_LENGTH]
+    assert len(long_ids) == 1
+    assert _flags(db_path) == [("caption", long_ids[0], "over 77 CLIP tokens", PIPELINE_REVIEWER)]
+    assert table_rows(db_path, "SELECT flag_count FROM annotations") == [(1,)]
