@@ -55,8 +55,9 @@ does not validate gets one repair request quoting the validation error. After th
 pair is marked failed with '<category>: <detail>' and the run goes on. An answer that
 validates but has a problem pipeline.stages finds (a caption over 77 CLIP tokens) gets
 one repair request too; what is still wrong after it is stored flagged by 'pipeline'. Categories:
-bad image, no target, request rejected, retries exhausted, retry budget spent, invalid
-answer, stage 4 error, internal error. A refused key (401) is no item's fault: the run
+bad image, no target, request rejected, batch cancelled (its request was in a batch
+cancelled outside good4cir, and is sent again only by --retry-failed), retries exhausted,
+retry budget spent, invalid answer, stage 4 error, internal error. A refused key (401) is no item's fault: the run
 stops at once with RunAuthError, its pairs left pending for a rerun with a good key; so
 does an account out of credits (429 insufficient_quota: RunQuotaError), which waiting
 and retrying would not mend, and a model or endpoint that does not exist (404: a mistyped
@@ -944,7 +945,7 @@ class Runner:
                 self._stopping = True
                 raise RunStoppedError()
             if isinstance(error, PermanentError):
-                raise ItemFailedError("request rejected", f"{request.stage}: {message}")
+                raise ItemFailedError(error.category, f"{request.stage}: {message}")
             attempt += 1
             if attempt >= self.options.max_attempts:
                 raise ItemFailedError("retries exhausted",

@@ -313,7 +313,7 @@ def save_batch(db: sqlite_utils.Database, batch_id: str, run_id: Optional[int], 
 
 
 def update_batch(db: sqlite_utils.Database, batch_id: str, **fields) -> None:
-    allowed = {"status", "output_file_id", "error_file_id", "collected"}
+    allowed = {"status", "output_file_id", "error_file_id", "collected", "cancelled_by"}
     unknown = set(fields) - allowed
     if unknown:
         raise ValueError(f"cannot update batch fields {sorted(unknown)}")
@@ -331,6 +331,13 @@ def list_batches(db: sqlite_utils.Database, run_id: Optional[int] = None) -> lis
     for row in rows:
         row["custom_ids"] = json.loads(row["custom_ids"] or "[]")
     return rows
+
+
+def batch_cancelled_by(db: sqlite_utils.Database, batch_id: str) -> Optional[str]:
+    """'good4cir' when good4cir asked the provider to cancel the batch, 'outside' when
+    it was found cancelled by someone else, else None."""
+    row = db.execute("SELECT cancelled_by FROM batches WHERE id = ?", [batch_id]).fetchone()
+    return row[0] if row else None
 
 
 def adopt_batch(db: sqlite_utils.Database, placeholder_id: str, batch_id: str, status: str) -> None:

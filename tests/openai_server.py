@@ -69,6 +69,7 @@ class ServerConfig:
     batch_line_error_rate: float = 0.0       # per-line 500s inside a batch
     batch_invalid_answer_rate: float = 0.0   # per-line answers that fail validation
     batch_create_response_delay: float = 0.0  # the batch exists at once; the answer comes late
+    batch_cancel_keeps: int = 0     # lines a batch had finished when a cancel reached it
     batch_queue_limit: Optional[int] = None  # lines enqueued at once; a batch over it fails
     batch_cancel_refused: bool = False  # cancel answers 400, as for a batch past cancelling
     omit_usage: bool = False        # answers without `usage`, as some compatible servers send
@@ -421,14 +422,14 @@ class FakeOpenAI:
             if time.monotonic() - started >= self.config.batch_delay / 2:
                 batch["status"] = "in_progress"
             await asyncio.sleep(min(0.02, self.config.batch_delay / 4 or 0.01))
-        lines_to_do = 0 if batch["status"] == "cancelling" else len(lines)
+        # A cancelled batch still returns the lines it had finished (they are paid).
+        lines_to_do = self.config.batch_cancel_keeps if batch["status"] == "cancelling" else len(lines)
         expire_after = self.config.batch_expire_after
         outputs, errors = [], []
         for index, line in enumerate(lines):
             item = json.loads(line)
             custom_id = item["custom_id"]
-            cut = (expire_after is not None and index >= expire_after) or index >= lines_to_do \
-                or batch["status"] == "cancelling"
+            cut = (expire_after is not None and index >= expire_after) or index >= lines_to_do
             if cut:
                 code = "batch_expired" if expire_after is not None else "batch_cancelled"
                 errors.append({"id": self._new_id("req"), "custom_id": custom_id, "response": None,
