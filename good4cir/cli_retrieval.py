@@ -213,7 +213,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _brief(val: dict) -> str:
     return (f"R@1 {val['recall']['1']:.1f}  R@5 {val['recall']['5']:.1f}  R@10 {val['recall']['10']:.1f}"
-            + (f"  Rsubset@1 {val['recall_subset']['1']:.1f}" if "recall_subset" in val else ""))
+            + (f"  Rsubset@1 {val['recall_subset']['1']:.1f}" if val.get("recall_subset") else ""))
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -258,7 +258,7 @@ def _print_metrics(result: dict) -> None:
         rows.append((f"[{name}] model", group))
     print(f"{'':24} {'R@1':>6} {'R@5':>6} {'R@10':>6} {'R@50':>6} {'Rs@1':>6} {'Rs@2':>6} {'Rs@3':>6} {'medR':>6}")
     for name, values in rows:
-        recall, subset = values["recall"], values.get("recall_subset", {})
+        recall, subset = values["recall"], values.get("recall_subset") or {}  # null: no image sets
         cells = [recall.get(k) for k in ("1", "5", "10", "50")] + [subset.get(k) for k in ("1", "2", "3")]
         print(f"{name:24} " + " ".join(f"{c:6.1f}" if c is not None else f"{'-':>6}" for c in cells)
               + f" {values['median_rank']:6.1f}")
@@ -272,7 +272,7 @@ def _print_metrics(result: dict) -> None:
     if interval:
         spans = [f"{name} {low:.1f}-{high:.1f}" for name, (low, high) in
                  [("R@1", interval["recall"]["1"])]
-                 + ([("Rs@1", interval["recall_subset"]["1"])] if "recall_subset" in interval else [])]
+                 + ([("Rs@1", interval["recall_subset"]["1"])] if interval.get("recall_subset") else [])]
         print(f"model, {100 * interval['level']:.0f}% bootstrap intervals over pairs: " + ", ".join(spans))
     if result.get("first_stage"):
         print(f"model: the fusion model's top {result['rerank']['top_k']} per query re-ranked by the "

@@ -248,6 +248,28 @@ def recall_curves(emb: dict[str, np.ndarray], model_scores: np.ndarray, first: O
     return curves
 
 
+def fill_absent_measures(result: dict[str, Any], queries: Queries, split: str) -> list[str]:
+    """Give every block of an `eval --json` result (the model, first_stage, baselines,
+    subsets, intervals) a `recall_subset` key, null where none of its queries has an
+    image set to rank within, and return notes that say why: scripts index the
+    documented keys, and an absent measure must be neither a KeyError nor a number."""
+    blocks = [result, result.get("first_stage"), *(result.get("baselines") or {}).values()]
+    for entry in (result.get("subsets") or {}).values():
+        blocks += [entry, *(entry.get("baselines") or {}).values()]
+    blocks += [block.get("interval") for block in list(blocks) if block]
+    for block in blocks:
+        if block is not None:
+            block.setdefault("recall_subset", None)
+    with_set = sum(1 for members in queries.img_sets if members)
+    if not with_set:
+        return [f"recall_subset is null: no pair of split {split} has an image set (CIRR's img_set, "
+                "the demo world's near-duplicates) to rank its target within"]
+    if with_set < len(queries):
+        return [f"recall_subset covers the {with_set} of {len(queries)} queries whose pair has an "
+                "image set"]
+    return []
+
+
 def drop_unreadable_members(triplets: Sequence[Triplet], row_of: dict[str, int]) -> list[Triplet]:
     """The triplets with image-set members and extra ground truths that could not be
     decoded (not in `row_of`) left out of them, so that one corrupt near-duplicate costs
@@ -382,5 +404,8 @@ def evaluate_checkpoint(
             f"the gallery is the {len(gallery_keys)} images the data holds for split {split}; CIRCO "
             "ranks against all of COCO 2017 unlabeled (about 120k images), so these numbers are far "
             "above the official ones: pass --gallery-images unlabeled2017/"]
+    absent = fill_absent_measures(result, queries, split)
+    if absent:
+        result.setdefault("notes", []).extend(absent)
     return result
 

@@ -109,7 +109,8 @@ def write_checkpoint_submission(
     """Rank every query of `split` against its gallery and write the submission files;
     with the checkpoint's re-ranker where it has one (and `rerank`)."""
     from .data import load_triplets
-    from .evaluate import build_queries, drop_unreadable_members, embed, evaluate_embeddings
+    from .evaluate import (build_queries, drop_unreadable_members, embed, evaluate_embeddings,
+                           fill_absent_measures)
     from .features import PixelCache, default_cache_dir
     from .model import load_model, split_preprocess
     from .rerank import load_pair_scorer, rerank_matrix
@@ -170,6 +171,7 @@ def write_checkpoint_submission(
         emb_scored["gallery"] = emb["gallery"]
         metrics = evaluate_embeddings(emb_scored, gallery_keys, queries.subset(with_target),
                                       model_scores=scores[with_target])
+        notes += fill_absent_measures(metrics, queries.subset(with_target), split)
 
     if kind == "cirr":
         gallery_names = [image_name(data, k) for k in gallery_keys]

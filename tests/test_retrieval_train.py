@@ -252,3 +252,50 @@ def test_cli_resume_honours_an_explicit_lr_and_records_it(world, capsys):
     assert optimiser_rates()[0] == [pytest.approx(2.5e-6)] * 2
     assert json.loads((out / "config.json").read_text())["training"]["lr"] == 1e-5
     assert json.loads((out / "history.json").read_text())["resumes"][-1]["lr_from"] == "checkpoint"
+
+
+def test_cli_eval_json_has_every_documented_key_without_image_sets(world, capsys):
+    # Data without image sets had no recall_subset key at all (model, baselines, subsets,
+    # intervals): scripts indexing eval --json's documented keys died on a KeyError.
+    import shutil
+    import sqlite3
+
+    root, db_path = world
+    out = root / "no-sets-model"
+    cache = str(root / "cache")
+    assert main(["train", "--db", str(db_path), "--out", str(out), "--epochs", "1", "--image-size", "32",
+                 "--batch-size", "16", "--fusion", "sum", "--no-rerank", "--cache-dir", cache]) == 0
+    no_sets = root / "no-sets.db"
+    shutil.copy(db_path, no_sets)
+    with sqlite3.connect(no_sets) as conn:
+        test_pairs = [row[0] for row in conn.execute("SELECT id FROM pairs WHERE split = 'test' ORDER BY id")]
+        conn.execute("UPDATE pairs SET img_set = NULL")
+    capsys.readouterr()
+    args = ["eval", "--db", str(no_sets), "--checkpoint", str(out), "--cache-dir", cache]
+    assert main(args + ["--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert {"recall", "recall_subset", "median_rank", "baselines"} <= set(result)
+    assert result["recall_subset"] is None and result["interval"]["recall_subset"] is None
+    assert set(result["baselines"]) == {"image", "text", "sum"}
+    assert all(values["recall_subset"] is None for values in result["baselines"].values())
+    for entry in result["subsets"].values():
+        assert entry["recall_subset"] is None and entry["interval"]["recall_subset"] is None
+        assert all(values["recall_subset"] is None for values in entry["baselines"].values())
+    reason = "recall_subset is null: no pair of split test has an image set"
+    assert any(note.startswith(reason) for note in result["notes"])
+    assert reason in captured.err
+    assert main(args) == 0  # the table shows '-' and says why
+    captured = capsys.readouterr()
+    assert reason in captured.err
+    model_row = next(line for line in captured.out.splitlines() if line.startswith("model "))
+    assert model_row.split()[5:8] == ["-", "-", "-"]
+    # Some pairs with an image set: the measure covers those, and says so.
+    with sqlite3.connect(no_sets) as conn:
+        conn.execute("UPDATE pairs SET img_set = json_array(reference_id, target_id) WHERE id = ?",
+                     [test_pairs[0]])
+    assert main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["recall_subset"]) == {"1", "2", "3"}
+    assert result["baselines"]["sum"]["recall_subset"] is not None
+    assert any(note.startswith("recall_subset covers the 2 of ") for note in result["notes"])
