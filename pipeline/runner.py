@@ -53,7 +53,8 @@ to `max_attempts` per request and `retry_budget` retries per run (its earlier se
 retries count; pass a larger budget to resume a run that spent its own). An answer that
 does not validate gets one repair request quoting the validation error. After that the
 pair is marked failed with '<category>: <detail>' and the run goes on. An answer that
-validates but has a problem pipeline.stages finds (a caption over 77 CLIP tokens) gets
+validates but has a problem pipeline.stages finds (a caption over 77 CLIP tokens, a
+stage 2 object that is a stage 1 object under another name) gets
 one repair request too; what is still wrong after it is stored flagged by 'pipeline'. Categories:
 bad image, no target, request rejected, batch cancelled (its request was in a batch
 cancelled outside good4cir, and is sent again only by --retry-failed), retries exhausted,
@@ -107,6 +108,7 @@ from .stages import (
     describe_problems,
     overlong_captions,
     parse_answer,
+    renamed_objects,
     repair_request,
     single_request,
     stage1_request,
@@ -729,9 +731,13 @@ class Runner:
             answer, _ = await self._ask(request, lambda a: overlong_captions(a.captions))
             captions = answer.captions
             compounds = self._compose(captions, item["pair_id"])
+            # A stored stage 2 (a resumed pair) is checked as a fresh one is: the same flags.
+            renamed = renamed_objects(objects1, objects2) if stage2_id else []
             self._db_later(store_ann.complete_annotation, annotation_id, stage1_id=stage1_id,
                            stage2_id=stage2_id, captions=captions, compounds=compounds,
-                           caption_flags={p.index: p.reason for p in overlong_captions(captions)})
+                           caption_flags={p.index: p.reason for p in overlong_captions(captions)},
+                           descriptor_flags={f"{stage2_id}/{p.index}/{k}": p.reason for p in renamed
+                                             for k in range(len(objects2[p.index]["descriptors"]))})
             self.progress.pairs_done += 1
         except RunStoppedError:
             return
@@ -811,7 +817,8 @@ class Runner:
             raise ItemFailedError("bad image", f"target image {item['target_name']} has no file or URL")
         answer, call = await self._ask(stage2_request(
             item["pair_id"], item["target_id"], item["target_path"], objects1,
-            temperature=self.options.temperature, max_tokens=self.options.max_tokens))
+            temperature=self.options.temperature, max_tokens=self.options.max_tokens),
+            lambda a: renamed_objects(objects1, [o.model_dump() for o in a.objects]))
         objects = [o.model_dump() for o in answer.objects]
         self._db_later(_save_description, call, key, 2, item["target_id"], objects, item["pair_id"],
                        self.prompts["stage2"], self.model)

@@ -178,3 +178,49 @@ def overlong_captions(captions: list[str], max_tokens: int = CLIP_CONTEXT_LENGTH
                 f"caption {i + 1} is too long: {tokens} CLIP tokens where at most {max_tokens} fit "
                 "(start and end tokens counted); state the same change in fewer words")))
     return problems
+
+
+def _name_key(name: str) -> str:
+    """An object name as stage 2 must repeat it: case, spacing and a plural aside
+    ('Lamps' is the reference's 'lamp' after a count change)."""
+    words = re.findall(r"[a-z0-9]+", name.lower())
+    if words and len(words[-1]) > 3 and words[-1].endswith("s") and not words[-1].endswith("ss"):
+        words[-1] = words[-1][:-1]
+    return " ".join(words)
+
+
+def _descriptor_key(descriptor: str) -> str:
+    return re.sub(r"\s+", " ", descriptor).strip().rstrip(" .;,").lower()
+
+
+def renamed_objects(reference: list[dict], target: list[dict]) -> list[AnswerProblem]:
+    """Stage 2 objects that are a stage 1 object under another name ('lamp' -> 'light'):
+    a name no stage 1 object has, while a stage 1 object whose name stage 2 lacks shares
+    its descriptors (at least 2 and half the shorter list, or 1 and a word of the name).
+    Stage 2 is told to copy names; a new name breaks the alignment stage 3 and scoring
+    rely on. A target may really add and remove objects: those have descriptors of their
+    own (an added plant's are not a removed rug's), so they are not counted here."""
+    target_names = {_name_key(o["name"]) for o in target}
+    reference_names = {_name_key(o["name"]) for o in reference}
+    missing = [o for o in reference if _name_key(o["name"]) not in target_names]
+    problems, taken = [], set()
+    for i, obj in enumerate(target):
+        if _name_key(obj["name"]) in reference_names:
+            continue
+        mine = {_descriptor_key(d) for d in obj["descriptors"]}
+        best, best_shared = None, 0
+        for j, old in enumerate(missing):
+            theirs = {_descriptor_key(d) for d in old["descriptors"]}
+            shared = len(mine & theirs)
+            same_word = bool(set(_name_key(obj["name"]).split()) & set(_name_key(old["name"]).split()))
+            alike = (shared >= 2 and shared * 2 >= min(len(mine), len(theirs))) or (shared >= 1 and same_word)
+            if alike and j not in taken and shared > best_shared:
+                best, best_shared = j, shared
+        if best is None:
+            continue
+        taken.add(best)
+        old_name = missing[best]["name"]
+        problems.append(AnswerProblem(i, RENAMED_OBJECT, (
+            f"object {i + 1} {obj['name']!r} is the reference's {old_name!r} under another name "
+            f"({best_shared} of its descriptors are the same); name it {old_name!r} as the reference does")))
+    return problems

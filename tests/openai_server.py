@@ -76,7 +76,7 @@ class ServerConfig:
     # Answers that validate but need a repair: "first" spoils a request's first answer only
     # (its repair comes back right), "always" its repair too.
     overlong_captions: str = ""     # stage 3/single: the first caption runs past CLIP's 77 tokens
-    rename_objects: str = ""        # stage 2: the first reference object it keeps gets another name
+    rename_objects: str = ""        # stage 2: the first reference object it copies gets another name
 
 
 OBJECTS = {
@@ -270,9 +270,9 @@ class FakeOpenAI:
         elif kind == "objects" and spoil.get(self.config.rename_objects):
             user = next((m for m in body.get("messages", []) if m.get("role") == "user"), {})
             lists = _json_lists(_message_text(user.get("content")))
-            kept = {o["name"] for o in lists[0]} if lists else set()
+            unchanged = [o for o in lists[0] if o in value["objects"]] if lists else []
             for obj in value["objects"]:
-                if obj["name"] in kept and obj["name"] in RENAMES:
+                if obj in unchanged and obj["name"] in RENAMES:
                     obj["name"] = RENAMES[obj["name"]]
                     self.stats["spoiled_renamed_object"] += 1
                     break

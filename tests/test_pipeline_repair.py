@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import openai_server
 from openai_server import fresh_server_fixture, server_fixture
 from pipeline.compound import CLIP_CONTEXT_LENGTH, count_clip_tokens
 from pipeline.runner import RunOptions, run_pipeline
@@ -57,3 +58,42 @@ def test_a_caption_still_over_77_clip_tokens_after_the_repair_is_stored_flagged(
     assert len(long_ids) == 1
     assert _flags(db_path) == [("caption", long_ids[0], "over 77 CLIP tokens", PIPELINE_REVIEWER)]
     assert table_rows(db_path, "SELECT flag_count FROM annotations") == [(1,)]
+
+
+def _stage2_lists(db_path) -> list[tuple[str, list[dict]]]:
+    """(stage 2 description id, objects) of every pair."""
+    return [(d, json.loads(o)) for d, o in table_rows(
+        db_path, "SELECT a.stage2_id, d.objects FROM annotations a JOIN descriptions d ON d.id = a.stage2_id")]
+
+
+def test_stage2_renaming_a_stage1_object_gets_a_repair_request_and_the_names_are_kept(server, tmp_path):
+    server.config.rename_objects = "first"
+    db_path = _run(server, tmp_path, pairs=4)
+    spoiled = server.stats["spoiled_renamed_object"]
+    assert spoiled >= 1
+    repairs = _repair_texts(db_path)
+    assert len(repairs) == spoiled and all("under another name" in r for r in repairs)
+    renamed = set(openai_server.RENAMES.values())
+    assert not any(renamed & {o["name"] for o in objects} for _, objects in _stage2_lists(db_path))
+    assert _flags(db_path) == []
+
+
+def test_stage2_still_renaming_after_the_repair_is_stored_with_the_object_flagged(server, tmp_path):
+    server.config.rename_objects = "always"
+    db_path = _run(server, tmp_path, pairs=4)
+    spoiled = server.stats["spoiled_renamed_object"]
+    assert spoiled >= 2 and len(_repair_texts(db_path)) == spoiled // 2  # first answer and its repair
+    expected = [("descriptor", f"{stage2_id}/{i}/{k}", "renamed a reference object", PIPELINE_REVIEWER)
+                for stage2_id, objects in _stage2_lists(db_path) for i, obj in enumerate(objects)
+                if obj["name"] in openai_server.RENAMES.values() for k in range(len(obj["descriptors"]))]
+    assert len(expected) >= 2 and _flags(db_path) == sorted(expected, key=lambda f: f[1])
+
+
+def test_objects_really_added_and_removed_get_no_repair_request(server, tmp_path):
+    # The server's stage 2 drops a reference object and adds a new one in some pairs.
+    db_path = _run(server, tmp_path, pairs=6)
+    assert _repair_texts(db_path) == [] and _flags(db_path) == []
+    names = [({o["name"] for o in json.loads(a)}, {o["name"] for o in json.loads(b)}) for a, b in table_rows(
+        db_path, "SELECT d1.objects, d2.objects FROM annotations a JOIN descriptions d1 ON d1.id = a.stage1_id"
+                 " JOIN descriptions d2 ON d2.id = a.stage2_id")]
+    assert any(before - after and after - before for before, after in names)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pipeline.compound import compose_captions
-from pipeline.stages import InvalidAnswerError, parse_answer
+from pipeline.stages import InvalidAnswerError, overlong_captions, parse_answer, renamed_objects
 
 
 def _captions(*captions: str) -> str:
@@ -52,3 +52,33 @@ def test_caption_count_bounds_hold_after_stripping():
         parse_answer("stage3", _captions(*[f"Add {n} lamps" for n in range(9)]))
     with pytest.raises(InvalidAnswerError, match="caption 2 is empty"):
         parse_answer("stage3", _captions("Add a lamp", "  ", "Remove the rug"))
+
+
+def _obj(name: str, *descriptors: str) -> dict:
+    return {"name": name, "descriptors": list(descriptors)}
+
+
+def test_a_stage1_object_under_another_name_in_stage2_is_a_problem_and_added_or_removed_objects_are_not():
+    reference = [_obj("lamp", "brass base", "white shade", "on the nightstand"),
+                 _obj("rug", "small", "beige", "on the floor"), _obj("wall", "pale yellow")]
+    (problem,) = renamed_objects(reference, [_obj("bed", "double"), _obj("Light", "brass base", "White shade"),
+                                             *reference[1:]])
+    assert (problem.index, problem.reason) == (1, "renamed a reference object")
+    assert "'Light' is the reference's 'lamp'" in problem.detail
+    # one descriptor in common and a word of the name: 'wall' / 'back wall'
+    assert [p.index for p in renamed_objects(reference, [*reference[:2], _obj("back wall", "pale yellow")])] == [2]
+    # the rug removed and a plant added: one generic descriptor in common is not a rename
+    assert renamed_objects(reference, [reference[0], _obj("plant", "small", "green", "in the corner"),
+                                       reference[2]]) == []
+    # case, spacing and a plural after a count change are the same name
+    assert renamed_objects(reference, [_obj("Lamps", "two of them"), _obj(" rug ", "small"), reference[2]]) == []
+    # a new object beside the unchanged ones is not a rename, whatever its descriptors
+    assert renamed_objects(reference, [*reference, _obj("light", "brass base", "white shade")]) == []
+
+
+def test_captions_over_77_clip_tokens_are_problems_named_by_their_index():
+    long = "Make the lamp red" + ", then look at it again from another corner of the room" * 8
+    (problem,) = overlong_captions(["Add a plant", long, "Remove the rug"])
+    assert (problem.index, problem.reason) == (1, "over 77 CLIP tokens")
+    assert "caption 2 is too long" in problem.detail
+    assert overlong_captions(["Add a plant", "Remove the rug"]) == []
