@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,6 +172,20 @@ def test_export_download_keeps_edits_and_drops_flagged(store, tmp_path):
     with pytest.raises(ValueError, match="unknown export format"):
         el.export_to_download(db, "csv", out_dir=tmp_path)
     assert "nothing to export" in el.describe_export({"pairs": 0, "format": "cirr"})
+
+
+def test_export_downloads_keep_only_the_newest_folders(store, tmp_path, monkeypatch):
+    # Each click used to leave its export in a new /tmp folder for good.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(el, "_export_root", None)
+    paths = [el.export_to_download(store["db"], "jsonl", include_unreviewed=True)[0]
+             for _ in range(el.KEEP_EXPORTS + 3)]
+    root = paths[0].parent.parent
+    assert root.parent == tmp_path and len({p.parent for p in paths}) == len(paths)
+    kept = sorted(p.parent for p in paths if p.exists())
+    assert kept == sorted(p.parent for p in paths[-el.KEEP_EXPORTS:])
+    assert sorted(root.iterdir()) == kept
+    assert all(len(p.read_text().splitlines()) == 4 for p in paths[-el.KEEP_EXPORTS:])
 
 
 # ---------------------------------------------------------------- retrieve

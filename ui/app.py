@@ -62,7 +62,10 @@ def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_ena
             return user
         return (typed or "").strip()
 
-    with gr.Blocks(title="good4cir review", analytics_enabled=False, fill_width=True) as demo:
+    # Gradio keeps a copy of every upload (Retrieve tab) and download (Export tab) in its
+    # cache; a review app runs for days, so copies older than a day go, checked hourly.
+    with gr.Blocks(title="good4cir review", analytics_enabled=False, fill_width=True,
+                   delete_cache=(3600, 86400)) as demo:
         name_store = gr.BrowserState("", storage_key="g4c-reviewer")
         with gr.Row(equal_height=True):
             gr.Markdown("### good4cir · review, edit and export CIR captions")

@@ -3,6 +3,8 @@ temporary folder and handed to the browser as a download."""
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -12,6 +14,26 @@ import sqlite_utils
 from store.exporters import FORMATS, export_dataset
 
 FILE_NAMES = {"good4cir": "dataset.json", "cirr": "cap.good4cir.json", "jsonl": "good4cir.jsonl"}
+# Gradio copies a download into its own cache when the callback returns, so only the
+# newest exports need to stay; without pruning, every click left a full export in /tmp
+# for as long as the machine ran.
+KEEP_EXPORTS = 5
+_export_root: Optional[Path] = None
+
+
+def _fresh_export_folder() -> Path:
+    global _export_root
+    if _export_root is None or not _export_root.is_dir():
+        _export_root = Path(tempfile.mkdtemp(prefix="good4cir-exports-"))
+        atexit.register(shutil.rmtree, _export_root, True)
+    folder = Path(tempfile.mkdtemp(prefix="export-", dir=_export_root))
+    older = sorted((p for p in _export_root.iterdir() if p.is_dir() and p != folder),
+                   key=lambda p: p.stat().st_mtime)
+    for stale in older[:max(0, len(older) - (KEEP_EXPORTS - 1))]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder
+
+
 FORMAT_NOTES = {
     "good4cir": "the authors' dataset.json: reference_image, target_image, difference_captions",
     "cirr": "CIRR-style caption JSON (one entry per caption, CIRR field names)",
@@ -29,10 +51,11 @@ def export_to_download(
     split: Optional[str] = None,
     out_dir: Optional[str | Path] = None,
 ) -> tuple[Path, dict]:
-    """Write the export into a new temporary folder; returns (file path, counts)."""
+    """Write the export into `out_dir`, or a new temporary folder (the newest KEEP_EXPORTS
+    of those are kept); returns (file path, counts)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="good4cir-export-"))
+    folder = Path(out_dir) if out_dir else _fresh_export_folder()
     path = folder / FILE_NAMES[format]
     stats = export_dataset(db, format, path, run_id=run_id, include_unreviewed=include_unreviewed,
                            include_flagged=include_flagged, split=split or None)
