@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="image detail sent to the model (default low)")
     parser.add_argument("--image-size", type=int, default=512, metavar="PX",
                         help="downscale images to fit PX x PX before sending (default 512)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120; openai-batch: a batch file's upload "
+                        "gets this plus 1 s per 256 KB of the file)")
     parser.add_argument("--max-attempts", type=int, default=6, help="attempts per request on transient errors")
     parser.add_argument("--retry-budget", type=int, help="retries allowed for the whole run, all sessions (default 100 + 2 per pair)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",

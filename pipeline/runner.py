@@ -159,6 +159,9 @@ class RunOptions:
     flush_interval: float = 5.0
     max_batch_requests: int = 50_000
     max_batch_bytes: int = 190 * 1024 * 1024
+    # The slowest upload speed allowed for: a batch file's upload may take `timeout` plus
+    # its size at this speed (190 MB: about 12 minutes) before it counts as timed out.
+    upload_bytes_per_s: float = 256 * 1024
 
     def resolved_concurrency(self) -> int:
         if self.concurrency is not None:
@@ -257,7 +260,8 @@ def _backend_options(options: RunOptions, db_path: str) -> dict:
         common.update(poll_interval=options.poll_interval, batch_timeout=options.batch_timeout,
                       flush_interval=options.flush_interval,
                       max_batch_requests=options.max_batch_requests,
-                      max_batch_bytes=options.max_batch_bytes)
+                      max_batch_bytes=options.max_batch_bytes,
+                      upload_bytes_per_s=options.upload_bytes_per_s)
     return common
 
 

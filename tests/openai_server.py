@@ -1,6 +1,6 @@
 """A real HTTP server speaking the parts of the OpenAI protocol the pipeline uses.
 
-    /v1/chat/completions, /v1/files, /v1/files/{id}, /v1/files/{id}/content,
+    /v1/chat/completions, /v1/files (upload, list), /v1/files/{id}, /v1/files/{id}/content,
     /v1/batches, /v1/batches/{id}, /v1/batches/{id}/cancel
     /_stats (GET), /_config (POST JSON: fields of ServerConfig), /_reset (POST)
 
@@ -70,6 +70,9 @@ class ServerConfig:
     batch_invalid_answer_rate: float = 0.0   # per-line answers that fail validation
     batch_create_response_delay: float = 0.0  # the batch exists at once; the answer comes late
     batch_cancel_keeps: int = 0     # lines a batch had finished when a cancel reached it
+    # An upload is answered only after its size at this speed (bytes/s): a slow link, or a
+    # provider checking a large file. The file exists (and is listed) once it has arrived.
+    upload_bytes_per_s: Optional[float] = None
     batch_queue_limit: Optional[int] = None  # lines enqueued at once; a batch over it fails
     batch_cancel_refused: bool = False  # cancel answers 400, as for a batch past cancelling
     omit_usage: bool = False        # answers without `usage`, as some compatible servers send
@@ -363,7 +366,24 @@ class FakeOpenAI:
                                "purpose": form.get("purpose", "batch"), "status": "processed",
                                "_data": data}
         self.stats["files_uploaded"] += 1
+        if self.config.upload_bytes_per_s:
+            await asyncio.sleep(len(data) / self.config.upload_bytes_per_s)
         return JSONResponse(self._public(self.files[file_id]))
+
+    async def list_files(self, request: Request) -> Response:
+        """GET /v1/files: a cursor page (purpose, order, limit, after), as the API lists."""
+        query = request.query_params
+        entries = [f for f in self.files.values() if f["purpose"] == query.get("purpose", f["purpose"])]
+        entries.sort(key=lambda f: f["id"], reverse=query.get("order", "desc") == "desc")
+        if "after" in query:
+            ids = [f["id"] for f in entries]
+            entries = entries[ids.index(query["after"]) + 1:] if query["after"] in ids else []
+        limit = int(query.get("limit", 10000))
+        page = [self._public(f) for f in entries[:limit]]
+        self.stats["file_lists"] += 1
+        return JSONResponse({"object": "list", "data": page, "has_more": len(entries) > limit,
+                             "first_id": page[0]["id"] if page else None,
+                             "last_id": page[-1]["id"] if page else None})
 
     @staticmethod
     def _public(obj: dict) -> dict:
@@ -516,6 +536,7 @@ class FakeOpenAI:
         return Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
             Route("/v1/files", self.upload_file, methods=["POST"]),
+            Route("/v1/files", self.list_files, methods=["GET"]),
             Route("/v1/files/{file_id}", self.get_file, methods=["GET"]),
             Route("/v1/files/{file_id}/content", self.file_content, methods=["GET"]),
             Route("/v1/batches", self.create_batch, methods=["POST"]),

@@ -231,3 +231,33 @@ def test_a_batch_good4cir_cancelled_is_told_apart_from_one_cancelled_outside_aft
     assert progress.pairs_done == 1 and progress.failures == {}
     assert table_rows(db_path, "SELECT status, cancelled_by FROM batches WHERE id = ?", [batch_id]) == [
         ("cancelled", "good4cir")]
+
+
+def test_a_slow_upload_gets_time_by_its_size_instead_of_failing_at_the_request_timeout(server, tmp_path):
+    # A batch file of hundreds of MB is answered long after the per-request --timeout. The
+    # upload timed out, the client sent the whole file again twice, and then the pairs
+    # failed as 'retries exhausted' after as many more uploads. Now an upload gets
+    # --timeout plus its size at the slowest speed allowed for (upload_bytes_per_s).
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=2)
+    server.config.upload_bytes_per_s = 8_000  # the ~9 kB image files answer after ~1.1 s
+    progress = run_pipeline(db_path, _options(server, timeout=0.4, upload_bytes_per_s=2_000, max_attempts=2))
+    assert progress.pairs_done == 2, progress.failures
+    # one file per batch, each line sent and answered once
+    assert server.stats["files_uploaded"] == server.stats["batches_created"] == 3
+    assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 2 + 2 + 2
+
+
+def test_an_upload_that_times_out_after_the_file_arrived_is_found_not_sent_again(server, tmp_path):
+    # Past even that allowance, the provider may still have received the file. Sending it
+    # again made a second copy each time (and the client did so on its own, twice); now
+    # the upload is looked up by its own file name first and used if it is there.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=2)
+    server.config.upload_bytes_per_s = 8_000
+    progress = run_pipeline(db_path, _options(server, timeout=0.4, upload_bytes_per_s=1e12, max_attempts=2))
+    assert progress.pairs_done == 2, progress.failures
+    assert server.stats["files_uploaded"] == server.stats["batches_created"] == 3
+    assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 2 + 2 + 2
+    names = [f["filename"] for f in server.state.files.values() if f["purpose"] == "batch"]
+    assert len(set(names)) == 3

@@ -6,7 +6,9 @@ request, `custom_id` = a hash of the request), uploaded, and submitted as a batc
 no new request has arrived for `flush_interval` seconds (or the pool is full). So stages
 chain by themselves: as a stage 1 batch finishes, its pairs send their stage 2 requests,
 which go out in the next batch. A pool larger than the API's limits (50,000 requests,
-200 MB per file) is split over several files.
+200 MB per file) is split over several files. A file's upload is given the request timeout
+plus its size at `upload_bytes_per_s` (an upload of 190 MB takes minutes), and one that
+times out is looked up by its unique name before it is sent again (see _upload).
 
 Every submitted batch is stored (table `batches`: id, input file, custom ids), so a
 restarted run finds its batches and waits for them instead of paying again. A poller
@@ -38,6 +40,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Optional
@@ -54,6 +57,8 @@ log = logging.getLogger("good4cir.pipeline.batch")
 MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 TERMINAL = {"completed", "expired", "cancelled", "failed"}
+UPLOAD_ATTEMPTS = 3
+UPLOAD_LOOKUP_FILES = 1000  # newest batch files looked through for an upload that timed out
 # A batch that fails with these ran nothing (nothing was paid): the provider's queue for
 # the model is full until some of the batches already in it finish.
 QUEUE_FULL_CODES = {"token_limit_exceeded", "request_limit_exceeded"}
@@ -141,6 +146,7 @@ class OpenAIBatchBackend:
                  poll_interval: float = 30.0, batch_timeout: float = 26 * 3600.0,
                  flush_interval: float = 5.0, max_batch_requests: int = MAX_REQUESTS_PER_FILE,
                  max_batch_bytes: int = MAX_BYTES_PER_FILE, max_tokens_param: str = "max_tokens",
+                 upload_bytes_per_s: float = 256 * 1024,
                  encoder: Optional[ImageEncoder] = None):
         # max_retries=2: this client makes only the file and batch bookkeeping calls.
         configure_openai(self, model=model, base_url=base_url, api_key_env=api_key_env,
@@ -152,6 +158,8 @@ class OpenAIBatchBackend:
         self.flush_interval = flush_interval
         self.max_batch_requests = min(max_batch_requests, MAX_REQUESTS_PER_FILE)
         self.max_batch_bytes = min(max_batch_bytes, MAX_BYTES_PER_FILE)
+        self.timeout = timeout
+        self.upload_bytes_per_s = upload_bytes_per_s
         self._ctx = None
         self._run_id: Optional[int] = None
         self._known: dict[str, list[str]] = {}       # custom_id -> stored batch ids, oldest first
@@ -358,7 +366,7 @@ class OpenAIBatchBackend:
         custom_ids = [p.custom_id for p in chunk]
         placeholder = None
         try:
-            uploaded = await self.client.files.create(file=("good4cir-batch.jsonl", data), purpose="batch")
+            uploaded = await self._upload(data)
             # Saved before the batch exists: if we die between creating it and storing its
             # id, a restart finds it by this input file instead of paying for it again.
             placeholder = f"pending:{uploaded.id}"
@@ -388,6 +396,48 @@ class OpenAIBatchBackend:
         watch = self._watch(batch.id)
         for pending in chunk:
             asyncio.create_task(self._deliver(watch, pending))
+
+    async def _upload(self, data: bytes):
+        """Upload a batch input file. It gets the request timeout plus its size at
+        upload_bytes_per_s (--timeout is per request; a file of hundreds of MB takes
+        longer). An upload that fails without an answer (timeout, dropped connection, 5xx)
+        may have arrived anyway: it is looked up by its file name, unique to this upload,
+        before it is sent again, so no second copy is made of a file the provider has.
+        No copy is ever paid for: a batch is made only from the file id we hold."""
+        import openai
+
+        name = f"good4cir-batch-{uuid.uuid4().hex}.jsonl"
+        client = self.client.with_options(max_retries=0,
+                                          timeout=self.timeout + len(data) / self.upload_bytes_per_s)
+        for attempt in range(UPLOAD_ATTEMPTS):
+            try:
+                return await client.files.create(file=(name, data), purpose="batch")
+            except (openai.APITimeoutError, openai.APIConnectionError, openai.InternalServerError,
+                    openai.RateLimitError) as exc:
+                found = await self._find_uploaded(name, len(data))
+                if found is not None:
+                    log.warning("uploading %s failed (%s), but the provider has it: %s", name,
+                                scrub(str(exc), self._secret)[:200], found.id)
+                    return found
+                if attempt + 1 == UPLOAD_ATTEMPTS:
+                    raise
+                log.warning("uploading %s (%d bytes) failed: %s; sending it again", name, len(data),
+                            scrub(str(exc), self._secret)[:200])
+                await asyncio.sleep(2.0 ** attempt)
+
+    async def _find_uploaded(self, name: str, size: int):
+        """The batch input file called `name` of `size` bytes, if the provider has it."""
+        try:
+            seen = 0
+            async for entry in self.client.files.list(purpose="batch", order="desc", limit=100):
+                if entry.filename == name and entry.bytes == size:
+                    return entry
+                seen += 1
+                if seen >= UPLOAD_LOOKUP_FILES:  # newest first: an upload of just now is near the top
+                    break
+        except Exception as lookup_error:  # then it is uploaded again: a spare copy, never paid
+            log.warning("could not look up the uploaded file %s: %s", name, lookup_error)
+        return None
 
     async def _find_created(self, input_file_id: str, exc: BaseException):
         """The batch a create that failed without an answer (timeout, 5xx, lost
