@@ -84,7 +84,7 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_query(args: argparse.Namespace) -> int:
-    from retrieval.index import QueryEngine
+    from retrieval.index import RERANK_STAGE, QueryEngine
 
     if args.k < 1:
         raise ValueError("-k must be at least 1")
@@ -92,15 +92,23 @@ def run_query(args: argparse.Namespace) -> int:
         raise ValueError("--text is empty: give the modification to apply to the reference image")
     engine = QueryEngine(args.index, checkpoint_dir=args.checkpoint, search_params=args.search_params)
     hits = engine.query(args.image, args.text, k=args.k, exclude_reference=not args.keep_reference)
+    reranked = sum(1 for h in hits if h.stage == RERANK_STAGE)
     if args.json:
+        # "score" is on the scale of the hit's "stage"; "first_stage_score" is on one
+        # scale for all hits. Re-ranked hits come first.
         print(json.dumps({
-            "image": str(args.image), "text": args.text, "k": args.k,
+            "image": str(args.image), "text": args.text, "k": args.k, "reranked": reranked,
             "results": [
-                {"rank": rank, "name": h.name, "path": h.path, "score": round(h.score, 6)}
+                {"rank": rank, "name": h.name, "path": h.path, "score": round(h.score, 6),
+                 "stage": h.stage, "first_stage_score": round(h.first_stage_score, 6)}
                 for rank, h in enumerate(hits, 1)
             ],
         }, indent=2))
     else:
         for rank, h in enumerate(hits, 1):
             print(f"{rank:>3}  {h.score:+.4f}  {h.name}  {h.path}")
+    if 0 < reranked < len(hits):
+        print(f"note: hits 1-{reranked} are in the re-ranker's order, with its scores; hits "
+              f"{reranked + 1}-{len(hits)} follow in the fusion model's order, with cosine scores (another "
+              "scale); first_stage_score (--json) is the cosine of every hit", file=sys.stderr)
     return 0

@@ -60,10 +60,21 @@ class GalleryEntry:
     image_id: Optional[str] = None
 
 
+# Which stage ordered a hit, and so which scale its `score` is on.
+FIRST_STAGE = "first_stage"  # the fusion model: cosine of query and gallery embeddings
+RERANK_STAGE = "rerank"  # the pair scorer: its own scale, not comparable with the cosine
+
+
 class Hit(NamedTuple):
+    """A gallery image found for a query. `score` is the score of the stage that ordered
+    it (`stage`); re-ranked hits always come first. `first_stage_score` is the cosine for
+    every hit, the one score comparable across all of them (to threshold on)."""
+
     name: str
     path: str
     score: float
+    stage: str = FIRST_STAGE
+    first_stage_score: Optional[float] = None
 
 
 @dataclass
@@ -490,7 +501,7 @@ class GalleryIndex:
                 entry = self.entries[row]
                 if entry.path in skip or entry.name in skip or (entry.image_id and entry.image_id in skip):
                     continue
-                hits.append(Hit(entry.name, entry.path, float(score)))
+                hits.append(Hit(entry.name, entry.path, float(score), FIRST_STAGE, float(score)))
                 if len(hits) == k:
                     break
             results.append(hits)
@@ -691,8 +702,8 @@ class QueryEngine:
 
     def _rerank(self, image, text: str, hits: list[Hit], top_k: int) -> list[Hit]:
         """The first `top_k` hits in the pair scorer's order (their score becomes its
-        score), then the rest in the index's order. A candidate whose file cannot be
-        read keeps its place after the re-ranked ones."""
+        score, stage RERANK_STAGE), then the rest in the index's order. A candidate whose
+        file cannot be read keeps its place after the re-ranked ones."""
         from store.images import ImageError
 
         readable, unreadable = [], []
@@ -706,7 +717,7 @@ class QueryEngine:
                     unreadable.append(hit)
             scores = self.retriever.rerank_scores(image, text, [hit.path for hit in readable])
         order = np.argsort(-scores, kind="stable")
-        reranked = [readable[i]._replace(score=float(scores[i])) for i in order]
+        reranked = [readable[i]._replace(score=float(scores[i]), stage=RERANK_STAGE) for i in order]
         return reranked + unreadable + hits[top_k:]
 
 

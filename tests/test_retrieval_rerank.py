@@ -422,3 +422,53 @@ def test_query_engine_scores_a_mirroring_scorer_in_both_views(world, checkpoint_
                                scorer.encode_texts(scorer.tokenize(["move the chair to the right"]))[0])
     assert np.allclose(scores, ((plain + flipped) / 2).numpy(), atol=1e-5)
     assert not np.allclose(scores, plain.numpy(), atol=1e-4)
+
+
+def test_hits_past_the_re_ranker_s_depth_say_which_stage_scored_them(world, checkpoint_with_scorer, tmp_path,
+                                                                     capsys):
+    # Past the re-ranker's top_k, hits kept the fusion model's cosine (about 0.9 here)
+    # while the re-ranked ones above them had the pair scorer's (about 0.1): sorting or
+    # thresholding `query --json`'s "score" (or the Retrieve tab's) put rank 7 first.
+    import sqlite_utils
+
+    from retrieval.index import FIRST_STAGE, RERANK_STAGE, QueryEngine, build_gallery_index
+    from retrieval.model import load_retriever
+    from ui.retrieve_logic import DatasetQuery, RetrieveService, render_results_html
+
+    _, db_path = world
+    index_dir = tmp_path / "index"
+    build_gallery_index(db_path, checkpoint_with_scorer, index_dir, split="test", num_workers=0, progress=False)
+    engine = QueryEngine(index_dir)
+    paths = [e.path for e in engine.index.entries]
+    text = "make the square red"
+    hits = engine.query(paths[0], text, k=12)  # the re-ranker's depth is 6
+    assert [h.stage for h in hits] == [RERANK_STAGE] * 6 + [FIRST_STAGE] * 6
+    plain = load_retriever(checkpoint_with_scorer, rerank=False)
+    cosine = dict(zip(paths, plain.encode_images(paths) @ plain.encode_queries([paths[0]], [text])[0]))
+    assert [h.first_stage_score for h in hits] == pytest.approx([float(cosine[h.path]) for h in hits], abs=1e-5)
+    assert all(h.score == h.first_stage_score for h in hits[6:])
+    assert engine.retriever.rerank_scores(paths[0], text, [hits[0].path])[0] == pytest.approx(hits[0].score, abs=1e-5)
+
+    args = ["query", "--index", str(index_dir), "--image", paths[0], "--text", text, "-k", "12"]
+    capsys.readouterr()
+    assert main(args + ["--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    assert result["reranked"] == 6
+    assert [r["stage"] for r in result["results"]] == ["rerank"] * 6 + ["first_stage"] * 6
+    assert [r["first_stage_score"] for r in result["results"]] == pytest.approx(
+        [h.first_stage_score for h in hits], abs=1e-5)
+    assert "note: hits 1-6 are in the re-ranker's order" in captured.err
+    assert main(args[:-2] + ["-k", "5"]) == 0  # all re-ranked: nothing to say
+    assert "note:" not in capsys.readouterr().err
+
+    # The Retrieve tab: each hit dict carries its stage, and the page says where the scales change.
+    db = sqlite_utils.Database(db_path)
+    target_id, target_name = db.execute("SELECT id, name FROM images LIMIT 1").fetchone()
+    pair = DatasetQuery("p", "p · test", "r", paths[0], target_id, target_name, text)
+    found = RetrieveService(str(db_path), str(index_dir)).query(db, pair=pair, upload=None, text=text, k=12)
+    assert [h["stage"] for h in found] == [RERANK_STAGE] * 6 + [FIRST_STAGE] * 6
+    assert [h["first_stage_score"] for h in found] == pytest.approx([h.first_stage_score for h in hits], abs=1e-5)
+    html = render_results_html(found, pair, uploaded=False)
+    assert "#1-#6 in the re-ranker's order" in html and html.count("(first stage)") == 6
+    assert "(first stage)" not in render_results_html(found[:6], pair, uploaded=False)

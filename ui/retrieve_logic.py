@@ -133,7 +133,8 @@ class RetrieveService:
         return self._path_to_id
 
     def query(self, db, *, pair: Optional[DatasetQuery], upload, text: str, k: int) -> list[dict]:
-        """Top-k hits as dicts: rank, name, score, image_id, is_target."""
+        """Top-k hits as dicts: rank, name, score, stage, first_stage_score, image_id,
+        is_target (`retrieval.index.Hit`: score is on the scale of its stage)."""
         from store.errors import ImageError
 
         text = (text or "").strip()
@@ -170,7 +171,8 @@ class RetrieveService:
         out = []
         for rank, hit in enumerate(hits, start=1):
             image_id = ids.get(str(Path(hit.path).resolve())) if hit.path else None
-            out.append({"rank": rank, "name": hit.name, "score": hit.score, "image_id": image_id,
+            out.append({"rank": rank, "name": hit.name, "score": hit.score, "stage": hit.stage,
+                        "first_stage_score": hit.first_stage_score, "image_id": image_id,
                         "is_target": bool(target_id and image_id == target_id)})
         return out
 
@@ -178,21 +180,28 @@ class RetrieveService:
 def render_results_html(hits: list[dict], pair: Optional[DatasetQuery], uploaded: bool) -> str:
     if not hits:
         return "<div class='g4c-muted'>No results.</div>"
+    from retrieval.index import RERANK_STAGE
+
     cards = []
+    # Past the re-ranker's depth hits keep the fusion model's cosine, another scale.
+    reranked = sum(1 for h in hits if h.get("stage") == RERANK_STAGE)
+    mixed = 0 < reranked < len(hits)
     for hit in hits:
         url = image_url(hit["image_id"]) if hit["image_id"] else None
         img = f"<img src='{escape_text(url)}' alt='{escape_text(hit['name'])}'>" if url else \
             "<div class='g4c-noimg'>not in the store</div>"
         mark = " ✔ true target" if hit["is_target"] else ""
+        stage = " (first stage)" if mixed and hit.get("stage") != RERANK_STAGE else ""
         cards.append(
             f"<div class='g4c-result{' g4c-true' if hit['is_target'] else ''}'>{img}"
-            f"<div><b>#{hit['rank']}</b> · {hit['score']:.3f}{escape_text(mark)}</div>"
+            f"<div><b>#{hit['rank']}</b> · {hit['score']:.3f}{stage}{escape_text(mark)}</div>"
             f"<div class='g4c-muted'>{escape_text(hit['name'])}</div></div>")
-    note = ""
+    note = (f"<p class='g4c-muted'>#1-#{reranked} in the re-ranker's order, with its scores; the rest in "
+            "the fusion model's order, with its cosine scores (another scale).</p>" if mixed else "")
     if pair is not None and not uploaded:
         found = [h["rank"] for h in hits if h["is_target"]]
-        note = (f"<p>True target {escape_text(pair.target_name)}: rank {found[0]}</p>" if found else
-                f"<p>True target {escape_text(pair.target_name or '-')} is not in the top {len(hits)}.</p>")
+        note += (f"<p>True target {escape_text(pair.target_name)}: rank {found[0]}</p>" if found else
+                 f"<p>True target {escape_text(pair.target_name or '-')} is not in the top {len(hits)}.</p>")
     return note + "<div class='g4c-results'>" + "".join(cards) + "</div>"
 
 
