@@ -58,8 +58,7 @@ _STOPWORDS = frozenset(
     "there their them they then also now instead rather than".split())
 # Two captions of which the shorter shares at least this share of its content words with
 # the longer likely say the same thing in other words (stage 3 pads to 3 captions with
-# paraphrases): joining them would be redundant. Two changes to one object can look
-# alike too; a compound lost that way costs little, a redundant one teaches noise.
+# paraphrases): joining them would be redundant.
 PARAPHRASE_OVERLAP = 0.75
 
 
@@ -86,7 +85,7 @@ _NOT_OBJECT_WORDS = frozenset(
     lavender terracotta sage teal gold silver dark light pale bright deep
     plain striped stripes dotted dots spotted checked checkered chequered patterned floral solid
     wooden wood metal metallic glass leather fabric marble plastic carpeted tiled
-    """.split())
+    """.split()) - {"painting"}  # a gerund, but in these rooms mostly the object on the wall
 
 
 def _object_words(text: str) -> frozenset[str]:
@@ -100,17 +99,63 @@ def _object_words(text: str) -> frozenset[str]:
     return frozenset(words)
 
 
+# Stage 3 captions are plain text (no object or attribute fields), so what a caption
+# changes is read from its words. Words that say which change it is ("move", "paint",
+# "larger", "remove") decide; without any, attribute words are the change ("make the lamp
+# red"). An attribute word beside a change word names the object ("move the red lamp").
+_CHANGE_WORDS = {
+    # adding, removing and recounting one kind of object are one change in other words
+    # ("make it one clock instead of two" / "remove one of the clocks")
+    "count": "add adding added insert inserting inserted include including introduce introducing new bring "
+             "bringing place placing placed put putting hang hanging "
+             "remove removing removed delete deleting deleted take taking away gone rid drop dropping "
+             "without missing clear clearing "
+             "number count amount more fewer less another extra additional double doubling",
+    "position": "move moving moved relocate relocating relocated shift shifting shifted slide sliding "
+                "position positioned reposition place placing placed put putting",
+    "colour": "paint painted repaint repainting repainted recolour recolor recolouring recoloring "
+              "colour color coloured colored",  # not "painting": the object
+    "size": "larger smaller bigger taller shorter wider narrower enlarge enlarging enlarged shrink "
+            "shrinking shrunk resize resized size",
+    "pattern": "pattern patterned design print",
+    "material": "material",
+}
+_ATTRIBUTE_WORDS = {
+    "colour": "red orange yellow green blue purple pink white black grey gray brown beige cream navy "
+              "lavender terracotta sage teal gold silver dark light pale bright deep",
+    "pattern": "plain striped stripes dotted dots spotted checked checkered chequered floral solid",
+    "size": "small large big tiny little huge tall short wide narrow long",
+    "position": "left right centre center middle top bottom front back corner near next beside above "
+                "below under behind between opposite far close",
+    "count": "one two three four five six second third pair single only",
+    "material": "wooden wood metal metallic glass leather fabric marble plastic",
+}
+_CHANGE_SETS = {kind: frozenset(words.split()) for kind, words in _CHANGE_WORDS.items()}
+_ATTRIBUTE_SETS = {kind: frozenset(words.split()) for kind, words in _ATTRIBUTE_WORDS.items()}
+
+
+def _changed_attributes(text: str) -> frozenset[str]:
+    """What a caption changes ('colour', 'position', 'count', ...); empty when unknown."""
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    changes = {kind for kind, signal in _CHANGE_SETS.items() if words & signal}
+    return frozenset(changes or {kind for kind, signal in _ATTRIBUTE_SETS.items() if words & signal})
+
+
 def are_paraphrases(a: str, b: str) -> bool:
-    """Whether two captions likely state the same change: they are about the same object
-    (share an object word), or, when one names no object word, they share most content
-    words. Two different changes to one object are lost as a compound that way, which
-    costs little; a compound of two wordings of one change reads as two changes."""
+    """Whether two captions likely state the same change: about the same object (share an
+    object word) and the same attribute of it, or one whose change cannot be read; when one
+    names no object word, they share most content words. Two different changes to one
+    object ("make the lamp red" / "move the lamp to the left") are not paraphrases; a
+    compound of two wordings of one change would read as two changes."""
     wa, wb = _content_words(a), _content_words(b)
     if not wa or not wb:
         return a.strip().lower() == b.strip().lower()
     oa, ob = _object_words(a), _object_words(b)
     if oa and ob:
-        return bool(oa & ob)  # "make the small lamp red" / "make the small bed red": two things
+        if not oa & ob:
+            return False  # "make the small lamp red" / "make the small bed red": two things
+        ca, cb = _changed_attributes(a), _changed_attributes(b)
+        return not ca or not cb or bool(ca & cb)
     return len(wa & wb) / min(len(wa), len(wb)) >= PARAPHRASE_OVERLAP
 
 

@@ -171,3 +171,26 @@ def test_rewordings_of_one_change_that_share_only_the_object_are_never_joined():
     assert sorted(sorted(s) for _, s, _ in out) == [[0, 2], [1, 2]]
     # attribute words shared by different objects do not make them one object
     assert len(compose_captions(["Make the small lamp red", "Make the small bed red"], seed=0)) == 1
+
+
+def test_two_different_changes_to_one_object_are_joined_and_two_wordings_of_one_change_are_not():
+    # Same object, different attribute changed: a valid compound (colour, then position).
+    out = compose_captions(["Make the lamp red", "Move the lamp to the left"], seed=0)
+    assert [sorted(s) for _, s, _ in out] == [[0, 1]]
+    assert "red" in out[0][0] and "left" in out[0][0]
+    # the object's own descriptors ('red lamp', 'rug on the right') name it; they are not the change
+    assert len(compose_captions(["Paint the lamp blue", "Move the red lamp to the left"], seed=0)) == 1
+    assert len(compose_captions(["Make the black rug on the right dotted", "Make the black rug larger"],
+                                seed=0)) == 1
+    # same object and same attribute in other words: still never joined
+    assert compose_captions(["Make the lamp red", "Paint the lamp red", "The lamp is now red"], seed=0) == []
+    assert compose_captions(["Move the lamp to the left", "Relocate the lamp to the left side",
+                             "Put the lamp on the left"], seed=0) == []
+    assert compose_captions(["Make the lamp bigger", "Enlarge the lamp", "The lamp should be larger"],
+                            seed=0) == []
+    # adding, removing and recounting are one kind of change; 'painting' is the object here
+    assert compose_captions(["Make it one large clock instead of two", "Remove one of the large purple clocks",
+                             "Take away a clock"], seed=0) == []
+    assert compose_captions(["Make the painting blue", "Paint the painting on the right blue",
+                             "The painting should be blue"], seed=0) == []
+    assert len(compose_captions(["Make the painting blue", "Move the painting to the left"], seed=0)) == 1
