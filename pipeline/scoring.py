@@ -42,7 +42,7 @@ from store.demo_world.vocab import (
     WALL_COLOURS,
 )
 from store.errors import NotFoundError
-from store.models import ImageRecord, PairRecord
+from store.models import PIPELINE_REVIEWER, ImageRecord, PairRecord
 from store.review import list_captions, list_flags
 
 OBJECT_ATTRIBUTES = ("colour", "pattern", "size", "position", "count")
@@ -865,6 +865,8 @@ def score_flags(db: sqlite_utils.Database, annotation_id: Optional[str] = None, 
             if check is not None:
                 counts[description_id] = check.descriptor_counts
         for flag in list_flags(db, aid):
+            if flag.reviewer == PIPELINE_REVIEWER:
+                continue  # a repair the pipeline could not get, not a human's hallucination call
             if flag.target_kind == "caption":
                 flag_caps.add(flag.target_id)
                 continue

@@ -78,3 +78,28 @@ def test_flag_catch_counts_by_hand(tmp_path):
     assert rows["captions"][2:5] == [truly, len(invented) + 1, len(invented)]
     assert rows["captions"][5] == f"{100 * len(invented) / truly:.0f}%"
     assert rows["captions"][6] == f"{100 * len(invented) / (len(invented) + 1):.0f}%"
+    # a flag the pipeline set (a stage 2 object still renamed after its repair) is no
+    # reviewer's call: it is neither caught nor a false flag
+    from pipeline.scoring import score_flags
+    with db.conn:
+        db.execute("INSERT INTO flags (annotation_id, target_kind, target_id, reason, reviewer, created_at)"
+                   " VALUES (?, 'descriptor', ?, 'renamed a reference object', 'pipeline', '2026-01-01')",
+                   [ann, f"{score.stage2_id}/0/0"])
+    assert score_flags(db, ann)["descriptors"]["flagged"] == 0
+
+
+def test_the_pipelines_own_flags_are_not_counted_as_reviewers_flags(store):
+    # A caption still over 77 CLIP tokens after its repair is stored flagged by the
+    # pipeline (store.annotations.complete_annotation); that is no reviewer's judgment of
+    # a hallucination, so the human-flag rates leave it out.
+    db, (first, _) = store["db"], store["annotation_ids"]
+    with db.conn:
+        db.execute("INSERT INTO flags (annotation_id, target_kind, target_id, reason, reviewer, created_at)"
+                   " VALUES (?, 'caption', ?, 'over 77 CLIP tokens', 'pipeline', '2026-01-01T00:00:00')",
+                   [first, f"{first}:c0"])
+    rl.set_status(db, first, "approved", "ann")
+    [row] = sl.human_flag_counts(db)
+    assert row["stage 3 captions"] == {"items": 4, "flagged": 0}
+    rl.set_flag(db, first, "caption", f"{first}:c1", True, "ann")
+    [row] = sl.human_flag_counts(db)
+    assert row["stage 3 captions"] == {"items": 4, "flagged": 1}

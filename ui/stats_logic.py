@@ -2,7 +2,8 @@
 progress, caption length and diversity, as numbers (plain dicts) and matplotlib plots.
 
 Human-flag rates count only decided pairs (approved or rejected): the share of their
-descriptors / captions that a reviewer flagged. Ground-truth rates come from
+descriptors / captions that a reviewer flagged (the pipeline's own flags, on what it
+could not get repaired, are no reviewer's judgment and are left out). Ground-truth rates come from
 pipeline.scoring.score_run (demo-world pairs only).
 """
 
@@ -17,6 +18,8 @@ from collections import defaultdict
 from typing import Optional
 
 import sqlite_utils
+
+from store.models import PIPELINE_REVIEWER
 
 log = logging.getLogger("good4cir.ui")
 
@@ -63,7 +66,8 @@ def human_flag_counts(db: sqlite_utils.Database) -> list[dict]:
             " SUM(f.target_kind = 'caption' AND c.kind = 'compound')"
             " FROM flags f JOIN annotations a ON a.id = f.annotation_id"
             " LEFT JOIN captions c ON f.target_kind = 'caption' AND c.id = f.target_id"
-            f" WHERE f.removed_at IS NULL AND {_DECIDED} GROUP BY a.run_id"):
+            f" WHERE f.removed_at IS NULL AND f.reviewer != ? AND {_DECIDED} GROUP BY a.run_id",
+            [PIPELINE_REVIEWER]):
         totals[run_id].update({"f_stage 1 descriptors": f1 or 0, "f_stage 2 descriptors": f2 or 0,
                                "f_stage 3 captions": f3 or 0, "f_stage 4 compounds": f4 or 0})
     rows = []
@@ -190,7 +194,8 @@ def flag_catch_rows(db, cache: GroundTruthCache) -> list[list]:
     rows = []
     for run_id, info in _runs(db).items():
         flagged = db.execute("SELECT COUNT(*) FROM flags f JOIN annotations a ON a.id = f.annotation_id"
-                             " WHERE a.run_id = ? AND f.removed_at IS NULL", [run_id]).fetchone()[0]
+                             " WHERE a.run_id = ? AND f.removed_at IS NULL AND f.reviewer != ?",
+                             [run_id, PIPELINE_REVIEWER]).fetchone()[0]
         if not flagged or not has_ground_truth(db, run_id):
             continue
         try:
