@@ -23,12 +23,20 @@ from torch import nn
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Short names accepted by --model; anything else is an open_clip model name.
 MODEL_ALIASES = {"tiny": "g4c-tiny"}
+# open_clip's form for a Hugging Face repository with open_clip_config.json and weights
+# (hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K); huggingface_hub fetches and caches them.
+HF_HUB_PREFIX = "hf-hub:"
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
 def resolve_model_name(name: str) -> str:
     return MODEL_ALIASES.get(name, name)
+
+
+def is_hub_model(name: str) -> bool:
+    """Whether `name` is an open_clip hf-hub:ORG/REPO name (config and weights from the Hub)."""
+    return name.startswith(HF_HUB_PREFIX)
 
 
 def list_models() -> list[str]:
@@ -169,21 +177,39 @@ def create_encoder(
     pretrained: Optional[str] = None,
     checkpoint: Optional[str | Path] = None,
     image_size: Optional[int] = None,
+    hub_weights: bool = True,
 ) -> Encoder:
-    """Build an encoder: `model` is 'tiny' or any open_clip name.
+    """Build an encoder: `model` is 'tiny', any open_clip name, or hf-hub:ORG/REPO.
 
     `pretrained` is an open_clip tag (downloaded by open_clip on the user's machine);
     `checkpoint` is a local file of open_clip weights (a state_dict, or a dict holding
-    one under 'state_dict'). Neither: random init, as the demo and tests use.
+    one under 'state_dict'). Neither: random init, as the demo and tests use. An
+    hf-hub: model comes with its repository's weights (through huggingface_hub's cache;
+    HF_HUB_OFFLINE=1 reads only that), unless `checkpoint` is given or `hub_weights` is
+    false (a trained checkpoint's weights will replace them).
     """
     if pretrained and checkpoint:
         raise ValueError("give --pretrained or --checkpoint, not both")
     name = resolve_model_name(model)
-    if name not in open_clip.list_models():
+    hub = is_hub_model(name)
+    if hub:
+        repo = name[len(HF_HUB_PREFIX):]
+        if len([part for part in repo.split("/") if part]) != 2:
+            raise ValueError(f"model {model!r}: write a Hugging Face model as hf-hub:ORG/REPO, "
+                             "e.g. hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K")
+        if pretrained:
+            raise ValueError(f"--pretrained does not apply to {model!r}: it brings its repository's "
+                             "weights (drop --pretrained, or pass --checkpoint FILE to start from others)")
+    elif name not in open_clip.list_models():
         raise ValueError(
-            f"unknown model {model!r}: use 'tiny' or an open_clip name such as ViT-B-32"
+            f"unknown model {model!r}: use 'tiny', an open_clip name such as ViT-B-32, or "
+            "hf-hub:ORG/REPO"
         )
     kwargs: dict[str, Any] = {}
+    if hub:
+        # Without this open_clip only logs a failed weights download and goes on with a
+        # random model, which would then be trained as if it were the pretrained one.
+        kwargs["load_weights"] = kwargs["require_pretrained"] = hub_weights and checkpoint is None
     if image_size:
         kwargs["force_image_size"] = image_size
     if checkpoint is not None:
@@ -202,6 +228,13 @@ def create_encoder(
             name, pretrained=pretrained or None, **kwargs
         )
     except (RuntimeError, OSError) as exc:
+        if hub:
+            raise ValueError(
+                f"could not load {model!r} through open_clip from the Hugging Face Hub "
+                f"({str(exc)[:300]}); check the network and the repository name (an open_clip "
+                "repository holds open_clip_config.json and open_clip_pytorch_model.bin or "
+                "open_clip_model.safetensors), or, with HF_HUB_OFFLINE=1, that the Hugging Face "
+                "cache (HF_HUB_CACHE or HF_HOME) holds them") from None
         if not pretrained:
             raise
         # The download failed (no network, a proxy, a full disk): say what was being fetched.

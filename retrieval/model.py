@@ -84,10 +84,12 @@ class ComposedRetriever(nn.Module):
 
 
 def build_model(config: dict[str, Any], pretrained: Optional[str] = None,
-                checkpoint: Optional[str] = None) -> ComposedRetriever:
+                checkpoint: Optional[str] = None, hub_weights: bool = True) -> ComposedRetriever:
+    """The model of `config`; `hub_weights` false builds an hf-hub: model's architecture
+    without loading its repository's weights (the caller loads its own)."""
     encoder = create_encoder(
         config.get("model", "tiny"), pretrained=pretrained, checkpoint=checkpoint,
-        image_size=config.get("image_size"),
+        image_size=config.get("image_size"), hub_weights=hub_weights,
     )
     return ComposedRetriever(
         encoder, fusion=config.get("fusion", "residual"), width=config.get("fusion_width"),
@@ -133,7 +135,7 @@ def load_model(checkpoint_dir: str | Path, which: str = "best") -> tuple[Compose
         if not other.is_file():
             raise FileNotFoundError(f"{checkpoint_dir} holds no weights ({BEST_FILE} or {LAST_FILE})")
         path = other
-    model = build_model(config)
+    model = build_model(config, hub_weights=False)  # the weights come from `path`
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=False)
     except (PermissionError, IsADirectoryError):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import TripletSet, load_triplets, train_val_split
-from .encoders import ImageTokens, TextTokens
+from .encoders import ImageTokens, TextTokens, is_hub_model
 from .evaluate import build_queries, embed, evaluate_embeddings, rankable_triplets
 from .features import FeatureCache, PixelCache, default_cache_dir, trim_text_features
 from .loss import TEMPERATURE, info_nce
@@ -207,7 +207,8 @@ def _model_config(cfg: TrainConfig) -> dict[str, Any]:
         "model": cfg.model, "image_size": cfg.image_size, "fusion": cfg.fusion,
         "fusion_layers": cfg.fusion_layers, "temperature": TEMPERATURE,
         "init": (f"pretrained:{cfg.pretrained}" if cfg.pretrained else
-                 f"checkpoint:{cfg.checkpoint}" if cfg.checkpoint else "random"),
+                 f"checkpoint:{cfg.checkpoint}" if cfg.checkpoint else
+                 "hf-hub" if is_hub_model(cfg.model) else "random"),
         "training": {k: v for k, v in asdict(cfg).items() if k not in ("progress",)},
     }
 
@@ -276,7 +277,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         if cfg.lr is None:
             model_config["training"]["lr"] = (saved.get("training") or {}).get("lr")
     model = build_model(model_config, pretrained=None if resume_state else cfg.pretrained,
-                        checkpoint=None if resume_state else cfg.checkpoint)
+                        checkpoint=None if resume_state else cfg.checkpoint, hub_weights=not resume_state)
     if resume_state:
         model.load_state_dict(resume_state["model"])
     write_config(out, model_config)

@@ -245,3 +245,91 @@ def test_cli_fusion_choices_match_the_model_without_importing_torch():
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+HUB_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hub_cache(cache_dir, repo: str, weights: bool = True):
+    """A Hugging Face cache as huggingface_hub lays it out (refs/main -> snapshots/REV/)
+    holding an open_clip repository of our tiny config; returns its weights."""
+    import json
+
+    from retrieval.encoders import MODEL_CONFIG_DIR
+
+    root = cache_dir / f"models--{repo.replace('/', '--')}"
+    snapshot = root / "snapshots" / HUB_REVISION
+    snapshot.mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(HUB_REVISION)
+    config = json.loads((MODEL_CONFIG_DIR / "g4c-tiny.json").read_text())
+    (snapshot / "open_clip_config.json").write_text(json.dumps({
+        "model_cfg": config, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
+    torch.manual_seed(7)
+    state = open_clip.create_model("g4c-tiny").state_dict()
+    if weights:
+        torch.save(state, snapshot / "open_clip_pytorch_model.bin")
+    return state
+
+
+def test_hf_hub_models_load_from_the_hugging_face_cache_offline(tmp_path):
+    # `--model hf-hub:ORG/REPO` (open_clip's form for a Hub repository) was refused as an
+    # unknown model. Here the Hub is a local cache read with HF_HUB_OFFLINE=1; run in
+    # subprocesses, as huggingface_hub reads its environment once, on import.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_retrieval_world import make_world_store
+
+    world_db = make_world_store(tmp_path / "world", pairs=40)
+    cache = tmp_path / "hf" / "hub"
+    state = _hub_cache(cache, "g4c-test/tiny-clip")
+    _hub_cache(cache, "g4c-test/config-only", weights=False)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")}
+    torch.save(state, tmp_path / "expected.pt")
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    checks = f"""
+import sys, torch
+from retrieval.encoders import create_encoder
+expected = torch.load({str(tmp_path / "expected.pt")!r})
+encoder = create_encoder("hf-hub:g4c-test/tiny-clip")
+got = encoder.clip.state_dict()
+assert all(torch.equal(got[k], v) for k, v in expected.items()), "not the repository's weights"
+assert list(encoder.preprocess.transforms[-1].mean) == [0.5, 0.5, 0.5]  # its preprocess_cfg
+assert encoder.tokenize(["add a lamp"]).shape == (1, 77)
+for model, kwargs, message in [
+        ("hf-hub:g4c-test/config-only", {{}}, "could not load 'hf-hub:g4c-test/config-only'"),
+        ("hf-hub:g4c-test/absent", {{}}, "could not load 'hf-hub:g4c-test/absent'"),
+        ("hf-hub:g4c-test/tiny-clip", {{"pretrained": "openai"}}, "--pretrained does not apply"),
+        ("hf-hub:tiny-clip", {{}}, "hf-hub:ORG/REPO")]:
+    try:
+        create_encoder(model, **kwargs)
+    except ValueError as exc:
+        assert message in str(exc), (model, str(exc))
+    else:
+        raise AssertionError(model + " loaded")
+print("ok")
+"""
+    done = run("-c", checks)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+    # train starts from the repository's weights (frozen here, so they are still in
+    # best.pt), records its init, and eval rebuilds the model from the cache.
+    out = tmp_path / "model"
+    common = ["--db", str(world_db), "--cache-dir", str(tmp_path / "cache")]
+    done = run("-m", "good4cir", "train", *common, "--out", str(out), "--model", "hf-hub:g4c-test/tiny-clip",
+               "--image-size", "64", "--batch-size", "16", "--epochs", "1", "--freeze-encoders",
+               "--fusion", "paper", "--no-rerank", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "hf-hub:g4c-test/tiny-clip" and config["init"] == "hf-hub"
+    trained = torch.load(str(out / "best.pt"), weights_only=False)["model"]
+    assert all(torch.equal(trained["encoder.clip." + k], v) for k, v in state.items())
+    done = run("-m", "good4cir", "eval", *common, "--checkpoint", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["model"]["model"] == "hf-hub:g4c-test/tiny-clip"
