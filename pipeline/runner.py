@@ -83,7 +83,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -309,6 +309,88 @@ def _find_run(db, options: RunOptions):
     return matches[-1] if matches else None
 
 
+def _asks_the_same(run, options: RunOptions, prompts: dict) -> bool:
+    """Whether `run` makes the very requests these options make (same answer parameters,
+    method and prompts): its stored answers and open batches answer this run too."""
+    names = {f.name for f in fields(RunOptions)}
+    try:
+        theirs = RunOptions(**{k: v for k, v in run.settings.items() if k in names})
+        return (run.method == options.method and run.prompt_versions == prompts
+                and answer_params(theirs) == answer_params(options))
+    except (TypeError, ValueError):  # settings of another version: not comparable
+        return False
+
+
+def _settled_pairs(db, run_id: int, retry_failed: bool) -> set[str]:
+    """Pairs of the run a session will not annotate again (failed ones only without
+    --retry-failed)."""
+    statuses = ("done",) if retry_failed else ("done", "failed")
+    return {row[0] for row in db.execute(
+        f"SELECT pair_id FROM annotations WHERE run_id = ? AND status IN "
+        f"({','.join('?' * len(statuses))})", [run_id, *statuses])}
+
+
+def _runs_asking_the_same(db, run, options: RunOptions, pair_ids: list[str], prompts: dict) -> list[int]:
+    """Other runs with requests in flight that this run is about to make (request hashes
+    are shared by runs with the same answer parameters): a run with batches still open
+    at the provider, or a live batch session, whose pending pairs (or, staged, their
+    reference images: stage 1 is per image) are among this run's.
+
+    Returns those this run waits for: runs no live session holds, whose open batches the
+    openai-batch backend adopts (it waits for them and takes their answers). Raises
+    RunBusyError, naming the run and its batches, where waiting cannot be done: the other
+    run is live (both sessions would send what neither has yet), or this backend is not
+    openai-batch (it cannot wait for a batch).
+    """
+    own = run.id if run is not None else None
+    open_batches: dict[int, list[str]] = {}
+    for run_id, batch_id in db.execute("SELECT run_id, id FROM batches WHERE collected = 0 ORDER BY created_at"):
+        if run_id != own:
+            open_batches.setdefault(run_id, []).append(batch_id)
+    live = leases.live_leases(db)
+    others = [r for r in store_ann.list_runs(db) if r.id != own and (
+        r.id in open_batches or (r.id in live and r.backend == "openai-batch"))]
+    others = [r for r in others if _asks_the_same(r, options, prompts)]
+    if not others:
+        return []
+    mine = set(pair_ids)
+    if run is not None:
+        mine -= _settled_pairs(db, run.id, options.retry_failed)
+    staged = options.method == "staged"
+    my_references = {row[1] for row in _rows_in(
+        db, "SELECT id, reference_id FROM pairs WHERE id IN ({})", sorted(mine))} if staged else set()
+    waited = []
+    for other in others:
+        shared = sum(pair in mine or (staged and reference in my_references) for pair, reference in db.execute(
+            "SELECT a.pair_id, p.reference_id FROM annotations a JOIN pairs p ON p.id = a.pair_id"
+            " WHERE a.run_id = ? AND a.status = 'pending'", [other.id]))
+        if not shared:
+            continue
+        batches = open_batches.get(other.id, [])
+        held = (f"batch{'es' if len(batches) > 1 else ''} {', '.join(batches[:3])}"
+                f"{f' and {len(batches) - 3} more' if len(batches) > 3 else ''}")
+        if other.id in live:
+            raise RunBusyError(
+                f"run {other.id} is annotating {shared} of these pairs with the same model, prompts "
+                f"and settings ({leases.describe_lease(live[other.id])})"
+                f"{f' and has {held} open at the provider' if batches else ''}: this run would send "
+                f"the same requests again and pay twice. Wait for run {other.id} to finish (its "
+                "answers are then reused here), or stop it and run this again (this run then waits "
+                "for its open batches instead of paying again)")
+        if options.backend != "openai-batch":
+            raise RunBusyError(
+                f"run {other.id} has {held} open at the provider, holding requests for {shared} of "
+                f"these pairs (same model, prompts and settings); the {options.backend} backend "
+                f"cannot wait for a batch and would pay for them again. Resume run {other.id} to "
+                f"collect them (good4cir annotate --run {other.id} with its options, --backend "
+                "openai-batch), then run this again to reuse its answers; or run this with "
+                "--backend openai-batch, which waits for those batches")
+        log.info("run %s has %s open with requests of this run: waiting for them instead of "
+                 "sending them again", other.id, held)
+        waited.append(other.id)
+    return waited
+
+
 def stage1_key(image_id: str, params: dict, prompts: dict) -> str:
     return "s1:" + _hash({"image": image_id, "prompt": prompts["stage1"], "params": params})[:40]
 
@@ -351,12 +433,7 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         prompts = prompt_versions()
         run = _find_run(db, options)
         pair_ids = store_ann.select_pair_ids(db, split=options.split, limit=options.limit)
-        done = set()
-        if run is not None:
-            statuses = ("done",) if options.retry_failed else ("done", "failed")
-            done = {row[0] for row in db.execute(
-                f"SELECT pair_id FROM annotations WHERE run_id = ? AND status IN "
-                f"({','.join('?' * len(statuses))})", [run.id, *statuses])}
+        done = _settled_pairs(db, run.id, options.retry_failed) if run is not None else set()
         todo = [p for p in pair_ids if p not in done]
         calls: dict[str, int] = {}
         if todo:
@@ -482,7 +559,9 @@ class Runner:
     def _prepare(self, db) -> list[dict]:
         """Create or resume the run row and its annotations; returns the pending work.
 
-        Raises RunBusyError, having changed nothing, when another live session holds the run.
+        Raises RunBusyError, having changed nothing, when another live session holds the run,
+        or another run has requests in flight that this one cannot wait for
+        (_runs_asking_the_same).
         """
         # Finding (or creating) the run and taking its lease are one transaction, so two
         # sessions started at once cannot both create a run, or both take one.
@@ -493,6 +572,8 @@ class Runner:
                 where = f" of split {self.options.split!r}" if self.options.split else ""
                 raise ValueError(f"the store has no pairs{where} to annotate: import some first "
                                  "(good4cir import --db DB --format pairs DIR)")
+            # Before a run row exists: a refused start leaves nothing behind.
+            self._waited_runs = _runs_asking_the_same(db, run, self.options, pair_ids, self.prompts)
             if run is None:
                 run = store_ann.create_run(
                     db, self.options.backend, self.model, base_url=redact_url(self.options.base_url),
@@ -1003,6 +1084,8 @@ class _BackendContext:
     def __init__(self, runner: Runner):
         self._runner = runner
         self.run_id = runner.run_id
+        # Other runs (no live session) whose open batches hold requests of this run.
+        self.waited_run_ids = list(getattr(runner, "_waited_runs", []))
 
     async def db(self, fn, *args, **kwargs):
         return await self._runner._db(fn, *args, **kwargs)

@@ -13,7 +13,7 @@ import pytest
 
 from openai_server import start_server
 from pipeline.pricing import PriceTable
-from pipeline.runner import RunOptions, run_pipeline, start_run_in_thread
+from pipeline.runner import RunBusyError, RunOptions, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-batch-0123456789"
@@ -261,3 +261,73 @@ def test_an_upload_that_times_out_after_the_file_arrived_is_found_not_sent_again
     assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 2 + 2 + 2
     names = [f["filename"] for f in server.state.files.values() if f["purpose"] == "batch"]
     assert len(set(names)) == 3
+
+
+def _stop_with_a_batch_open(db_path, server, options):
+    """Start a run whose first batch stays open at the provider, and stop it there."""
+    server.config.batch_delay = 120.0
+    handle = start_run_in_thread(db_path, options)
+    deadline = time.time() + 60
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE status = 'validating'")[0][0]:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    return handle
+
+
+def test_a_new_run_waits_for_another_runs_open_batch_instead_of_paying_again(server, tmp_path):
+    # Run B (a new run over the same pairs, same model and settings: the same requests)
+    # only looked at its own batches, so it sent the requests that run A's open batch was
+    # already answering, and paid twice. Now it waits for that batch and takes its answers.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    options = _options(server)
+    handle = _stop_with_a_batch_open(db_path, server, options)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    assert server.stats["batch_lines_submitted"] == 2
+
+    server.config.batch_delay = 0.1  # run A's batch finishes on the provider's side
+    progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "new_run": True}))
+    assert progress.run_id == 2 and progress.pairs_done == 3, progress.failures
+    assert server.stats["batch_lines_submitted"] == 2 + 3 + 3  # stage 1 was not sent again
+    assert table_rows(db_path, "SELECT DISTINCT run_id, batch_id FROM calls WHERE stage = 'stage1'") == [
+        (2, batch_a)]
+    # run A, resumed, reuses those answers: nothing sent, nothing counted twice
+    progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "run_id": 1}))
+    assert progress.pairs_done == 3 and server.stats["batch_lines_submitted"] == 8
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'") == [(8,)]
+
+
+def test_a_new_run_beside_a_live_batch_run_over_the_same_pairs_is_refused_naming_it(server, tmp_path):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    options = _options(server)
+    handle = _stop_with_a_batch_open(db_path, server, options)
+    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    try:
+        with pytest.raises(RunBusyError) as caught:
+            run_pipeline(db_path, RunOptions(**{**options.__dict__, "new_run": True}))
+        assert "run 1" in str(caught.value) and batch_a in str(caught.value)
+        assert table_rows(db_path, "SELECT id FROM runs") == [(1,)]  # no run made
+        assert server.stats["batch_lines_submitted"] == 2  # run 2 sent nothing
+    finally:
+        handle.stop()
+        handle.join(timeout=30)
+
+
+def test_a_chat_run_over_pairs_in_another_runs_open_batch_is_refused_naming_it(server, tmp_path):
+    # The `openai` backend cannot wait for a batch: it would pay again for every answer
+    # run A's open batch holds. It says which run and batch, and what to do.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    options = _options(server)
+    handle = _stop_with_a_batch_open(db_path, server, options)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    with pytest.raises(RunBusyError) as caught:
+        run_pipeline(db_path, RunOptions(**{**options.__dict__, "backend": "openai"}))
+    message = str(caught.value)
+    assert "run 1" in message and batch_a in message and "--run 1" in message
+    assert server.stats["chat_requests"] == 0

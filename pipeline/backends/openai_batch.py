@@ -11,7 +11,11 @@ plus its size at `upload_bytes_per_s` (an upload of 190 MB takes minutes), and o
 times out is looked up by its unique name before it is sent again (see _upload).
 
 Every submitted batch is stored (table `batches`: id, input file, custom ids), so a
-restarted run finds its batches and waits for them instead of paying again. A poller
+restarted run finds its batches and waits for them instead of paying again. So does a new
+run that asks the same requests (same model, prompts and settings) while another run's
+batches are still open and no session of that run is live (the runner decides which:
+pipeline.runner._runs_asking_the_same); the answers it takes are stored as its own calls,
+and the other run, resumed, reuses them from the store. A poller
 checks open batches every `poll_interval` seconds and gives up on one `batch_timeout`
 after it was submitted, restarts included (it is cancelled; its finished lines are
 kept). When a batch ends, its output and error files are downloaded and each line goes
@@ -121,11 +125,19 @@ def _epoch(stamp: Optional[str]) -> Optional[float]:
         return None
 
 
-def _recorded_lines(db, run_id: int) -> list[tuple[str, str]]:
-    """(batch id, custom id) of the batch lines stored as calls of the run."""
+def _recorded_lines(db, run_ids: list[int]) -> list[tuple[str, str]]:
+    """(batch id, custom id) of the batch lines stored as calls of these runs."""
     return [tuple(row) for row in db.execute(
-        "SELECT batch_id, custom_id FROM calls WHERE run_id = ? AND batch_id IS NOT NULL"
-        " AND custom_id IS NOT NULL", [run_id])]
+        f"SELECT batch_id, custom_id FROM calls WHERE run_id IN ({','.join('?' * len(run_ids))})"
+        " AND batch_id IS NOT NULL AND custom_id IS NOT NULL", run_ids)]
+
+
+def _batches_to_wait_for(db, run_id: int, waited_run_ids: list[int]) -> list[dict]:
+    """The run's stored batches, and the open ones of other runs it waits for, oldest first."""
+    rows = store_ann.list_batches(db, run_id)
+    for other in waited_run_ids:
+        rows += [row for row in store_ann.list_batches(db, other) if not row["collected"]]
+    return sorted(rows, key=lambda row: row["created_at"])
 
 
 def custom_id_for(body_without_images: dict) -> str:
@@ -182,17 +194,20 @@ class OpenAIBatchBackend:
     # -- lifecycle (the runner calls start() and aclose())
 
     async def start(self, ctx) -> None:
-        """Load this run's stored batches; start the flusher and the poller."""
+        """Load this run's stored batches, and the open batches of the other runs it
+        waits for (ctx.waited_run_ids: their requests are this run's, and no live session
+        collects them); start the flusher and the poller."""
         self._ctx = ctx
         self._run_id = ctx.run_id
-        rows = await ctx.db(store_ann.list_batches, ctx.run_id)
+        waited = list(getattr(ctx, "waited_run_ids", []))
+        rows = await ctx.db(_batches_to_wait_for, ctx.run_id, waited)
         if any(row["id"].startswith("pending:") for row in rows):
             rows = await self._adopt_placeholders(rows)
         # Lines whose answer (or error) is already stored as a call: the runner asks again
         # only on purpose (--retry-failed discards an answer that did not validate), so
         # reading the same answer back from the old batch would retry nothing and count
         # its cost twice.
-        recorded = set(await ctx.db(_recorded_lines, ctx.run_id))
+        recorded = set(await ctx.db(_recorded_lines, [ctx.run_id, *waited]))
         for position, row in enumerate(rows):  # oldest first
             self._order[row["id"]] = position
             for custom_id in row["custom_ids"]:
