@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from store.db import open_db
-from store.models import DescribedObject
+from store.models import PIPELINE_FLAG_REASONS, PIPELINE_REVIEWER, DescribedObject
 from ui import review_logic as rl
 from ui_store_builder import build_review_store
 
@@ -173,6 +173,34 @@ def test_goto_by_external_id_and_activity_of_others(store):
     lines = rl.activity_since(db, ann, since, "erin")
     assert any("dave edited caption" in line for line in lines) and any("dave marked it approved" in line for line in lines)
     assert rl.activity_since(db, ann, since, "dave") == []
+
+
+def test_shortening_a_caption_the_pipeline_flagged_as_too_long_clears_that_flag(store):
+    # The pipeline flags a stage 3 caption still over 77 CLIP tokens after its repair;
+    # shortening it is the fix, but the flag stayed and kept the caption out of exports.
+    db, ann = store["db"], store["annotation_ids"][0]
+    caption = rl.load_pair(db, ann).individual[0]
+    db.execute("INSERT INTO flags (annotation_id, target_kind, target_id, reason, reviewer, created_at)"
+               " VALUES (?, 'caption', ?, ?, ?, '2026-11-27T00:00:00Z')",
+               [ann, caption.id, PIPELINE_FLAG_REASONS[0], PIPELINE_REVIEWER])
+    db.conn.commit()
+    assert rl.load_pair(db, ann).individual[0].flagged
+
+    long_text = "Make the box " + " ".join(["very"] * 80) + " yellow."
+    result = rl.save_caption(db, caption.id, long_text, "ann", caption.version)
+    assert result.saved and "over the 77" in result.message and "cuts the rest off" in result.message
+    assert rl.load_pair(db, ann).individual[0].flagged
+
+    result = rl.save_caption(db, caption.id, "Make the box yellow.", "ann", result.version)
+    assert result.saved and "flag is cleared" in result.message
+    assert not rl.load_pair(db, ann).individual[0].flagged
+    removed = db.execute("SELECT reviewer, removed_by FROM flags WHERE target_id = ?", [caption.id]).fetchall()
+    assert removed == [(PIPELINE_REVIEWER, "ann")]
+    # A reviewer's own flag is theirs to lift: an edit leaves it alone.
+    rl.set_flag(db, ann, "caption", caption.id, True, "bob", "other")
+    result = rl.save_caption(db, caption.id, "Make the box orange.", "ann", result.version)
+    assert result.saved and "flag" not in result.message
+    assert rl.load_pair(db, ann).individual[0].flagged
 
 
 def test_rendered_html_escapes_captions_and_descriptors(tmp_path):

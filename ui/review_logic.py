@@ -18,7 +18,8 @@ from store import queue as store_queue
 from store import review as store_review
 from store.annotations import get_annotation, get_description
 from store.errors import ConflictError, NotFoundError, StoreError
-from store.models import FLAG_REASONS, CaptionEdit, DescribedObject, FlagRecord, ReviewEvent
+from store.models import (FLAG_REASONS, PIPELINE_FLAG_REASONS, PIPELINE_REVIEWER, CaptionEdit, DescribedObject,
+                          FlagRecord, ReviewEvent)
 
 from .security import escape_text, image_url
 
@@ -540,7 +541,32 @@ def save_caption(
             f"kept: “{current.current_text}”. Reload the pair (u) to see it, then edit again.",
             conflict=True,
         )
-    return EditResult(True, saved.version, saved.current_text, f"caption saved as version {saved.version}")
+    message = f"caption saved as version {saved.version}"
+    note = _recheck_caption_length(db, current.annotation_id, caption_id, saved.current_text, editor)
+    return EditResult(True, saved.version, saved.current_text, f"{message}; {note}" if note else message)
+
+
+def _recheck_caption_length(db: sqlite_utils.Database, annotation_id: str, caption_id: str, text: str,
+                            editor: str) -> str:
+    """After an edit: clear the pipeline's "over 77 CLIP tokens" flag once the caption fits
+    (the reviewer shortened it, which is the fix the flag asks for; left in place, it kept
+    the fixed caption out of exports), and warn when an edit makes a caption too long for
+    training, which cuts it at 77 tokens."""
+    from pipeline.compound import CLIP_CONTEXT_LENGTH, count_clip_tokens
+
+    tokens = count_clip_tokens(text)
+    overlong = PIPELINE_FLAG_REASONS[0]
+    row = db.execute(
+        "SELECT id FROM flags WHERE annotation_id = ? AND target_kind = 'caption' AND target_id = ?"
+        " AND reviewer = ? AND reason = ? AND removed_at IS NULL",
+        [annotation_id, caption_id, PIPELINE_REVIEWER, overlong]).fetchone()
+    if tokens > CLIP_CONTEXT_LENGTH:
+        return (f"it is {tokens} CLIP tokens, over the {CLIP_CONTEXT_LENGTH} the retrieval model reads: "
+                "training cuts the rest off")
+    if row is not None:
+        store_review.remove_flag(db, row[0], editor)
+        return f"it now fits in {tokens} CLIP tokens, so the pipeline's '{overlong}' flag is cleared"
+    return ""
 
 
 def undo_caption(db: sqlite_utils.Database, caption_id: str, editor: str, expected_version: Optional[int]) -> EditResult:
