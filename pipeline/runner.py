@@ -41,7 +41,10 @@ One session per run: a session takes the run's lease (store.leases) before any w
 handed out and renews it every few seconds; a second session on the same run (another
 terminal, or the app's Pipeline tab) fails at once with RunBusyError, making no call.
 A killed session's lease is taken over as soon as its process is gone (same host), or
-once its heartbeat is stale; `run_status` reports such a run as 'interrupted'.
+once its heartbeat is stale; `run_status` reports such a run as 'interrupted'. Another
+run that asks the same requests (same model, prompts and settings) over pairs a live
+session of it has pending is refused at start too, naming that run: each run has its own
+lease, so both would pay for the answers in flight (_runs_asking_the_same).
 
 Stage 1 runs once per reference image: its description id is a hash of (image id,
 prompt version, model, parameters), shared by every pair and every run with that key,
@@ -333,8 +336,9 @@ def _settled_pairs(db, run_id: int, retry_failed: bool) -> set[str]:
 def _runs_asking_the_same(db, run, options: RunOptions, pair_ids: list[str], prompts: dict) -> list[int]:
     """Other runs with requests in flight that this run is about to make (request hashes
     are shared by runs with the same answer parameters): a run with batches still open
-    at the provider, or a live batch session, whose pending pairs (or, staged, their
-    reference images: stage 1 is per image) are among this run's.
+    at the provider, or a live session (chat or batch: each run has its own lease, so
+    the lease does not keep two runs from asking the same), whose pending pairs (or,
+    staged, their reference images: stage 1 is per image) are among this run's.
 
     Returns those this run waits for: runs no live session holds, whose open batches the
     openai-batch backend adopts (it waits for them and takes their answers). Raises
@@ -348,8 +352,9 @@ def _runs_asking_the_same(db, run, options: RunOptions, pair_ids: list[str], pro
         if run_id != own:
             open_batches.setdefault(run_id, []).append(batch_id)
     live = leases.live_leases(db)
+    # Simulator answers cost nothing (and are asked only by simulator runs).
     others = [r for r in store_ann.list_runs(db) if r.id != own and (
-        r.id in open_batches or (r.id in live and r.backend == "openai-batch"))]
+        r.id in open_batches or (r.id in live and r.backend != "simulator"))]
     others = [r for r in others if _asks_the_same(r, options, prompts)]
     if not others:
         return []
@@ -375,8 +380,9 @@ def _runs_asking_the_same(db, run, options: RunOptions, pair_ids: list[str], pro
                 f"and settings ({leases.describe_lease(live[other.id])})"
                 f"{f' and has {held} open at the provider' if batches else ''}: this run would send "
                 f"the same requests again and pay twice. Wait for run {other.id} to finish (its "
-                "answers are then reused here), or stop it and run this again (this run then waits "
-                "for its open batches instead of paying again)")
+                "answers are then reused here), or stop it and run this again"
+                + (" (this run then waits for its open batches instead of paying again)" if batches
+                   else " (the answers it has stored are reused here)"))
         if options.backend != "openai-batch":
             raise RunBusyError(
                 f"run {other.id} has {held} open at the provider, holding requests for {shared} of "

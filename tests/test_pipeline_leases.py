@@ -236,3 +236,36 @@ def test_status_shows_a_killed_run_as_interrupted_and_the_rerun_resumes_it(serve
     assert progress.status == "finished" and progress.pairs_done == PAIRS
     assert run_status(db_path)["runs"][0]["status"] == "finished"
     assert table_rows(db_path, "SELECT COUNT(*) FROM run_leases") == [(0,)]
+
+
+def test_a_new_chat_run_beside_a_live_chat_run_over_the_same_pairs_is_refused_naming_it(server, tmp_path):
+    # Two live `openai` runs over the same pairs with the same settings ask the same
+    # requests: each has its own lease, so both paid for every answer in flight. The
+    # second start is refused, naming the run and saying what to do, and asks nothing.
+    db_path = _world(tmp_path)
+    server.config.hold = True  # the first session stays in flight until the second is refused
+    first = start_run_in_thread(db_path, _options(server, timeout=300))
+    assert first.wait_started(timeout=30) and first.error is None
+    # Both of its request slots (concurrency 2) held at the server: it can ask no more.
+    deadline = time.time() + 30
+    while server.stats["chat_requests"] < 2:
+        assert first.running and time.time() < deadline, first.error
+        time.sleep(0.01)
+    asked = server.stats["chat_requests"]
+    try:
+        with pytest.raises(RunBusyError) as caught:
+            run_pipeline(db_path, _options(server, new_run=True))
+        message = str(caught.value)
+        assert f"run {first.run_id} is annotating {PAIRS} of these pairs" in message
+        assert f"pid {os.getpid()}" in message and "pay twice" in message
+        assert f"Wait for run {first.run_id} to finish" in message
+        assert server.stats["chat_requests"] == asked  # the refused run asked nothing
+        assert table_rows(db_path, "SELECT id FROM runs") == [(first.run_id,)]  # and made no run
+    finally:
+        server.config.hold = False
+    final = first.join(timeout=60)
+    assert final is not None and final.status == "finished" and final.pairs_done == PAIRS
+    # Once it is done, the new run reuses every answer: nothing paid twice.
+    progress = run_pipeline(db_path, _options(server, new_run=True))
+    assert progress.pairs_done == PAIRS and server.stats["completions_ok"] == CALLS
+    _no_duplicate_requests(server)
