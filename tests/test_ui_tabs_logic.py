@@ -174,6 +174,37 @@ def test_export_download_keeps_edits_and_drops_flagged(store, tmp_path):
     assert "nothing to export" in el.describe_export({"pairs": 0, "format": "cirr"})
 
 
+def test_export_says_which_approved_pairs_a_newer_runs_annotation_keeps_out(store, tmp_path):
+    # A reviewer approved two pairs of run 1; run 2 annotated one of them again. An export
+    # takes each pair's newest annotation, so the approved one was left out and the
+    # summary only said "1 pair": the approval seemed lost.
+    from store.annotations import complete_annotation, create_run, ensure_annotations
+
+    db, ids = store["db"], store["annotation_ids"]
+    rl.set_status(db, ids[0], "approved", "ann")
+    rl.set_status(db, ids[1], "approved", "ann")
+    pair_id = ids[0].split(":", 1)[1]
+    run2 = create_run(db, "simulator", "sim-2", name="again")
+    ensure_annotations(db, run2.id, [pair_id])
+    complete_annotation(db, f"{run2.id}:{pair_id}", stage1_id=None, stage2_id=None, captions=["Add a lamp."])
+    path, stats = el.export_to_download(db, "good4cir", out_dir=tmp_path)
+    assert stats["pairs"] == 1
+    text = el.describe_export(stats)
+    assert f"1 approved pair left out: run {run2.id} annotated it again" in text
+    assert f"approve it in run {run2.id}" in text and "choose its run" in text
+    # with unreviewed pairs included, the newer run's text goes out instead: said too
+    path, stats = el.export_to_download(db, "good4cir", include_unreviewed=True, out_dir=tmp_path)
+    assert f"1 approved pair exported with run {run2.id}'s unreviewed captions" in el.describe_export(stats)
+    # the run chosen: nothing to explain
+    path, stats = el.export_to_download(db, "good4cir", run_id=store["run_id"], out_dir=tmp_path)
+    assert stats["pairs"] == 2 and "approved pair" not in el.describe_export(stats)
+    # a split that does not hold the pair: not mentioned
+    split = db.execute("SELECT split FROM pairs WHERE id = ?", [pair_id]).fetchone()[0]
+    other = "val" if split == "train" else "train"
+    path, stats = el.export_to_download(db, "good4cir", split=other, out_dir=tmp_path)
+    assert "approved pair" not in el.describe_export(stats)
+
+
 def test_export_downloads_keep_only_the_newest_folders(store, tmp_path, monkeypatch):
     # Each click used to leave its export in a new /tmp folder for good.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
