@@ -9,6 +9,7 @@ configs plus ours in `model_configs/`), preprocessing from the same factory.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import pickle
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ MODEL_ALIASES = {"tiny": "g4c-tiny"}
 # open_clip's form for a Hugging Face repository with open_clip_config.json and weights
 # (hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K); huggingface_hub fetches and caches them.
 HF_HUB_PREFIX = "hf-hub:"
+# Names under which the architectures stored in checkpoints are registered with open_clip.
+STORED_CONFIG_PREFIX = "g4c-stored-"
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -42,7 +45,8 @@ def is_hub_model(name: str) -> bool:
 def list_models() -> list[str]:
     """Every model name --model accepts (our configs first)."""
     ours = sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json"))
-    return list(MODEL_ALIASES) + ours + [m for m in open_clip.list_models() if m not in ours]
+    return list(MODEL_ALIASES) + ours + [m for m in open_clip.list_models()
+                                         if m not in ours and not m.startswith(STORED_CONFIG_PREFIX)]
 
 
 @dataclass
@@ -61,8 +65,12 @@ class ImageTokens:
 class Encoder(nn.Module):
     """An open_clip CLIP model with token outputs, its tokenizer and preprocessing."""
 
-    def __init__(self, clip: nn.Module, model_name: str, tokenizer, preprocess):
+    def __init__(self, clip: nn.Module, model_name: str, tokenizer, preprocess,
+                 open_clip_config: Optional[dict[str, Any]] = None):
         super().__init__()
+        # An hf-hub: model's architecture and preprocessing, as open_clip_config.json holds
+        # them ({"model_cfg", "preprocess_cfg"}): what a checkpoint stores to rebuild it.
+        self.open_clip_config = open_clip_config
         visual = getattr(clip, "visual", None)
         self.is_resnet = visual is not None and hasattr(visual, "attnpool") and hasattr(visual, "layer4")
         if visual is None or not (hasattr(visual, "output_tokens") or self.is_resnet):
@@ -178,6 +186,7 @@ def create_encoder(
     checkpoint: Optional[str | Path] = None,
     image_size: Optional[int] = None,
     hub_weights: bool = True,
+    open_clip_config: Optional[dict[str, Any]] = None,
 ) -> Encoder:
     """Build an encoder: `model` is 'tiny', any open_clip name, or hf-hub:ORG/REPO.
 
@@ -186,7 +195,9 @@ def create_encoder(
     one under 'state_dict'). Neither: random init, as the demo and tests use. An
     hf-hub: model comes with its repository's weights (through huggingface_hub's cache;
     HF_HUB_OFFLINE=1 reads only that), unless `checkpoint` is given or `hub_weights` is
-    false (a trained checkpoint's weights will replace them).
+    false (a trained checkpoint's weights will replace them). `open_clip_config` (an
+    hf-hub: encoder's `open_clip_config`, stored with a checkpoint) builds that model's
+    architecture and preprocessing without the Hub, and without its weights.
     """
     if pretrained and checkpoint:
         raise ValueError("give --pretrained or --checkpoint, not both")
@@ -205,6 +216,11 @@ def create_encoder(
             f"unknown model {model!r}: use 'tiny', an open_clip name such as ViT-B-32, or "
             "hf-hub:ORG/REPO"
         )
+    if hub and open_clip_config is not None:
+        encoder = _stored_encoder(name, open_clip_config, image_size)
+        if checkpoint is not None:
+            load_open_clip_weights(encoder.clip, checkpoint)
+        return encoder
     kwargs: dict[str, Any] = {}
     if hub:
         # Without this open_clip only logs a failed weights download and goes on with a
@@ -244,7 +260,38 @@ def create_encoder(
     if checkpoint is not None:
         load_open_clip_weights(clip, checkpoint)
     tokenizer = _tokenizer(name)
-    return Encoder(clip, name, tokenizer, preprocess)
+    stored = None
+    if hub:
+        # The preprocessing open_clip settled on, less the input size (the model's own).
+        stored = {"model_cfg": open_clip.get_model_config(name),
+                  "preprocess_cfg": {k: v for k, v in clip.visual.preprocess_cfg.items() if k != "size"}}
+    return Encoder(clip, name, tokenizer, preprocess, open_clip_config=stored)
+
+
+def _stored_encoder(name: str, config: dict[str, Any], image_size: Optional[int]) -> Encoder:
+    """The encoder of an hf-hub: model from its stored open_clip config, without weights.
+
+    open_clip takes a config only from a Hub repository, a folder or its registry, so the
+    architecture is registered under a name made from its content; open_clip's tokenizer
+    for that name follows the config (context length, an hf_tokenizer_name) as for the Hub's.
+    """
+    from open_clip.factory import _MODEL_CONFIGS  # add_model_config reads only files
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    model_cfg = config.get("model_cfg") if isinstance(config, dict) else None
+    if not isinstance(model_cfg, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(model_cfg):
+        raise ValueError(f"the stored open_clip config of {name!r} (open_clip_config.json in its "
+                         "checkpoint) has no model_cfg with embed_dim, vision_cfg and text_cfg; delete "
+                         "the file to rebuild the model through the Hugging Face Hub, or retrain")
+    text = json.dumps(model_cfg, sort_keys=True)
+    arch = STORED_CONFIG_PREFIX + hashlib.sha256(text.encode()).hexdigest()[:16]
+    _MODEL_CONFIGS.setdefault(arch, json.loads(text))  # create_model works on a copy
+    kwargs: dict[str, Any] = {"force_image_size": image_size} if image_size else {}
+    # pretrained_text: an HF text tower's own weights would be fetched, then replaced too.
+    clip = open_clip.create_model(arch, pretrained=None, pretrained_text=False,
+                                  force_preprocess_cfg=dict(config.get("preprocess_cfg") or {}), **kwargs)
+    preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)
+    return Encoder(clip, name, _tokenizer(arch), preprocess, open_clip_config=config)
 
 
 @functools.lru_cache(maxsize=8)

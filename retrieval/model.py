@@ -1,8 +1,10 @@
 """The composed-retrieval model, its checkpoints, and `Retriever`, the inference API.
 
 A checkpoint directory holds `config.json` (how to rebuild the model), `best.pt` and
-`last.pt` (weights; `last.pt` also the optimiser state for resuming). `load_retriever`
-rebuilds the model without downloading anything: the encoder weights are inside.
+`last.pt` (weights; `last.pt` also the optimiser state for resuming), and for an
+hf-hub: encoder `open_clip_config.json` (its architecture and preprocessing, as the
+repository's file has them). `load_retriever` rebuilds the model without downloading
+anything: the encoder weights are inside, and so is any architecture open_clip lacks.
 
     retriever = load_retriever("demo/model")
     gallery = retriever.encode_images(pil_images)          # (N, D) float32, unit norm
@@ -28,6 +30,7 @@ from .encoders import Encoder, create_encoder
 from .fusion import create_fusion
 
 CONFIG_FILE = "config.json"
+OPEN_CLIP_CONFIG_FILE = "open_clip_config.json"
 BEST_FILE = "best.pt"
 LAST_FILE = "last.pt"
 DECODED_CACHE_BYTES = 256 << 20  # decoded re-ranking candidates a Retriever keeps
@@ -84,12 +87,15 @@ class ComposedRetriever(nn.Module):
 
 
 def build_model(config: dict[str, Any], pretrained: Optional[str] = None,
-                checkpoint: Optional[str] = None, hub_weights: bool = True) -> ComposedRetriever:
+                checkpoint: Optional[str] = None, hub_weights: bool = True,
+                open_clip_config: Optional[dict[str, Any]] = None) -> ComposedRetriever:
     """The model of `config`; `hub_weights` false builds an hf-hub: model's architecture
-    without loading its repository's weights (the caller loads its own)."""
+    without loading its repository's weights (the caller loads its own), and with
+    `open_clip_config` (`read_open_clip_config`) without asking the Hub at all."""
     encoder = create_encoder(
         config.get("model", "tiny"), pretrained=pretrained, checkpoint=checkpoint,
         image_size=config.get("image_size"), hub_weights=hub_weights,
+        open_clip_config=open_clip_config,
     )
     return ComposedRetriever(
         encoder, fusion=config.get("fusion", "residual"), width=config.get("fusion_width"),
@@ -110,6 +116,33 @@ def save_weights(path: Path, model: ComposedRetriever, extra: Optional[dict] = N
 def write_config(checkpoint_dir: Path, config: dict[str, Any]) -> None:
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     (checkpoint_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_open_clip_config(checkpoint_dir: Path, encoder: Encoder) -> None:
+    """Store the encoder's open_clip config where it has one (hf-hub: models), so the
+    checkpoint rebuilds without the Hub; remove a stale one of an earlier run."""
+    path = Path(checkpoint_dir) / OPEN_CLIP_CONFIG_FILE
+    if encoder.open_clip_config is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(json.dumps(encoder.open_clip_config, indent=2, sort_keys=True))
+
+
+def read_open_clip_config(checkpoint_dir: Path) -> Optional[dict[str, Any]]:
+    """The checkpoint's stored open_clip config; None for a checkpoint without one
+    (not an hf-hub: model, or trained before it was stored: rebuilt through the Hub)."""
+    path = Path(checkpoint_dir) / OPEN_CLIP_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); delete it to rebuild the model "
+                         "through the Hugging Face Hub, or retrain") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
+        raise ValueError(f"{path} holds no open_clip model_cfg; delete it to rebuild the model "
+                         "through the Hugging Face Hub, or retrain")
+    return config
 
 
 def read_config(checkpoint_dir: Path) -> dict[str, Any]:
@@ -135,7 +168,8 @@ def load_model(checkpoint_dir: str | Path, which: str = "best") -> tuple[Compose
         if not other.is_file():
             raise FileNotFoundError(f"{checkpoint_dir} holds no weights ({BEST_FILE} or {LAST_FILE})")
         path = other
-    model = build_model(config, hub_weights=False)  # the weights come from `path`
+    # The weights come from `path`; an hf-hub: architecture from the checkpoint too.
+    model = build_model(config, hub_weights=False, open_clip_config=read_open_clip_config(checkpoint_dir))
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=False)
     except (PermissionError, IsADirectoryError):

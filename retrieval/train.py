@@ -39,7 +39,8 @@ from .features import FeatureCache, PixelCache, default_cache_dir, trim_text_fea
 from .loss import TEMPERATURE, info_nce
 from .mirror import mirror_text
 from .model import (BEST_FILE, LAST_FILE, ComposedRetriever, build_model, read_config,
-                    save_weights, split_preprocess, write_config)
+                    read_open_clip_config, save_weights, split_preprocess, write_config,
+                    write_open_clip_config)
 from .rerank import DEFAULT_TOP_K, RERANK_FILE
 
 log = logging.getLogger(__name__)
@@ -277,10 +278,12 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         if cfg.lr is None:
             model_config["training"]["lr"] = (saved.get("training") or {}).get("lr")
     model = build_model(model_config, pretrained=None if resume_state else cfg.pretrained,
-                        checkpoint=None if resume_state else cfg.checkpoint, hub_weights=not resume_state)
+                        checkpoint=None if resume_state else cfg.checkpoint, hub_weights=not resume_state,
+                        open_clip_config=read_open_clip_config(out) if resume_state else None)
     if resume_state:
         model.load_state_dict(resume_state["model"])
     write_config(out, model_config)
+    write_open_clip_config(out, model.encoder)
 
     # Pixels for every image of train and validation, decoded once.
     pil_transform, _, _ = split_preprocess(model.encoder.preprocess)

@@ -333,3 +333,82 @@ print("ok")
     done = run("-m", "good4cir", "eval", *common, "--checkpoint", str(out), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["model"]["model"] == "hf-hub:g4c-test/tiny-clip"
+
+
+def test_hf_hub_checkpoints_load_without_the_hub(tmp_path):
+    # eval, index, query and load_retriever rebuilt an hf-hub: model through the Hub's
+    # open_clip_config.json (and open_clip fetched its weights too), which the checkpoint's
+    # weights then replaced: a checkpoint copied to a machine without that Hugging Face
+    # cache needed the network, and failed offline. The checkpoint now holds the config.
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from test_retrieval_world import make_world_store
+
+    world_db = make_world_store(tmp_path / "world", pairs=40)
+    repo = "g4c-test/tiny-clip"
+    state = _hub_cache(tmp_path / "hf" / "hub", repo)
+    out = tmp_path / "model"
+    common = ["--db", str(world_db), "--cache-dir", str(tmp_path / "cache")]
+
+    def run(hf_home, *args):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub")}
+        return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    train = ["-m", "good4cir", "train", *common, "--out", str(out), "--model", f"hf-hub:{repo}",
+             "--image-size", "64", "--batch-size", "16", "--freeze-encoders", "--fusion", "paper",
+             "--no-rerank", "--json"]
+    done = run(tmp_path / "hf", *train, "--epochs", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    # The checkpoint goes to a machine whose Hugging Face cache is empty, offline.
+    shutil.rmtree(tmp_path / "hf")
+    bare = tmp_path / "bare-hf"
+    (bare / "hub").mkdir(parents=True)
+    done = run(bare, *train, "--epochs", "2", "--resume")
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = run(bare, "-m", "good4cir", "eval", *common, "--checkpoint", str(out), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["model"]["model"] == f"hf-hub:{repo}"
+    index = tmp_path / "index"
+    done = run(bare, "-m", "good4cir", "index", "--db", str(world_db), "--checkpoint", str(out),
+               "--out", str(index), "--workers", "0", "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    reference = sorted((tmp_path / "world" / "images").iterdir())[0]
+    done = run(bare, "-m", "good4cir", "query", "--index", str(index), "--image", str(reference),
+               "--text", "make the square red", "-k", "3", "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(json.loads(done.stdout)["results"]) == 3
+    # load_retriever (the app's Retrieve tab) gives the trained weights, with the
+    # repository's preprocessing (its mean and std, not open_clip's defaults) and input size.
+    torch.save(state, tmp_path / "hub_weights.pt")
+    check = f"""
+import torch
+from retrieval.model import load_retriever
+retriever = load_retriever({str(out)!r})
+encoder = retriever.model.encoder
+trained = torch.load({str(out / "best.pt")!r}, weights_only=False)["model"]
+got = encoder.clip.state_dict()
+assert all(torch.equal(got[k], trained["encoder.clip." + k]) for k in got)
+assert list(encoder.preprocess.transforms[-1].mean) == [0.5, 0.5, 0.5]
+assert list(encoder.preprocess.transforms[-1].std) == [0.25, 0.25, 0.25]
+assert encoder.image_size == 64 and encoder.model_name == "hf-hub:{repo}"
+from PIL import Image
+image = Image.open({str(reference)!r})
+assert retriever.encode_queries([image], ["make the square red"]).shape == (1, encoder.embed_dim)
+print("ok")
+"""
+    done = run(bare, "-c", check)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+    assert not any((bare / "hub").iterdir())  # nothing was fetched into it
+
+    # A checkpoint from before the stored config still loads the old way: through the cache.
+    (out / "open_clip_config.json").unlink()
+    done = run(bare, "-c", check)
+    assert done.returncode != 0 and "could not load 'hf-hub:g4c-test/tiny-clip'" in done.stderr
+    _hub_cache(tmp_path / "hf" / "hub", repo)
+    done = run(tmp_path / "hf", "-c", check)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
