@@ -300,6 +300,7 @@ def _run_submission(args: argparse.Namespace) -> int:
             "submission": {"kind": result.kind, "split": result.split,
                            "files": [str(f) for f in result.files], "queries": result.queries,
                            "without_target": result.without_target, "gallery": result.gallery},
+            **({"notes": result.notes} if result.notes else {}),  # as eval --json has them
         }, indent=2))
         return 0
     print(f"split {result.split}: {result.queries} queries ranked against a gallery of "
@@ -307,7 +308,7 @@ def _run_submission(args: argparse.Namespace) -> int:
     if result.without_target:
         print(f"metrics skipped for {result.without_target} of {result.queries} queries: "
               f"split {result.split} withholds their target (the server scores them)")
-    if result.metrics:
+    if result.metrics and result.metrics["queries"]:  # none: its keys are null
         print(f"metrics over the {result.metrics['queries']} queries with a target:")
         _print_metrics(result.metrics)
     for path in result.files:

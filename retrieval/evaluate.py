@@ -270,6 +270,18 @@ def fill_absent_measures(result: dict[str, Any], queries: Queries, split: str) -
     return []
 
 
+def metrics_without_targets(queries: int, split: str, with_map: bool) -> tuple[dict[str, Any], list[str]]:
+    """The `eval --json` measures of a split that withholds every target (CIRR test1,
+    CIRCO test), for `eval --submission`: each documented key present and null (`map`
+    too where the data is CIRCO's), and the note that says why. As with
+    `fill_absent_measures`, a script indexing them gets neither a KeyError nor a number."""
+    measures = ["recall", "recall_subset", "median_rank"] + (["map"] if with_map else [])
+    metrics: dict[str, Any] = {"queries": 0, **{key: None for key in measures},
+                               "interval": None, "baselines": None}
+    return metrics, [f"{', '.join(measures)}, interval and baselines are null: split {split} withholds "
+                     f"the target of all its {queries} queries (the test server scores them)"]
+
+
 def drop_unreadable_members(triplets: Sequence[Triplet], row_of: dict[str, int]) -> list[Triplet]:
     """The triplets with image-set members and extra ground truths that could not be
     decoded (not in `row_of`) left out of them, so that one corrupt near-duplicate costs

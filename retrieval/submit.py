@@ -41,7 +41,8 @@ class SubmissionResult:
     queries: int
     without_target: int
     gallery: int
-    metrics: Optional[dict[str, Any]] = None  # evaluate's shape, over queries with a target
+    # evaluate's shape, over the queries with a target; its keys null where none has one
+    metrics: Optional[dict[str, Any]] = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -110,7 +111,7 @@ def write_checkpoint_submission(
     with the checkpoint's re-ranker where it has one (and `rerank`)."""
     from .data import load_triplets
     from .evaluate import (build_queries, drop_unreadable_members, embed, evaluate_embeddings,
-                           fill_absent_measures)
+                           fill_absent_measures, metrics_without_targets)
     from .features import PixelCache, default_cache_dir
     from .model import load_model, split_preprocess
     from .rerank import load_pair_scorer, rerank_matrix
@@ -172,6 +173,9 @@ def write_checkpoint_submission(
         metrics = evaluate_embeddings(emb_scored, gallery_keys, queries.subset(with_target),
                                       model_scores=scores[with_target])
         notes += fill_absent_measures(metrics, queries.subset(with_target), split)
+    else:
+        metrics, withheld = metrics_without_targets(len(queries), split, with_map=kind == "circo")
+        notes += withheld
 
     if kind == "cirr":
         gallery_names = [image_name(data, k) for k in gallery_keys]

@@ -171,6 +171,31 @@ def test_pairs_without_a_cirr_pairid_are_named(tmp_path, checkpoint):
     assert not (tmp_path / "out").exists()
 
 
+def test_submission_json_has_the_documented_keys_when_no_query_has_a_target(cirr, checkpoint, tmp_path, capsys):
+    # CIRR test1 withholds every target: eval --submission --json printed no metric key
+    # at all, so scripts indexing the documented {recall, recall_subset, median_rank,
+    # baselines} died on a KeyError. They are null now, with a note saying why.
+    base, db_path, _ = cirr
+    capsys.readouterr()
+    assert main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test1",
+                 "--submission", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    for key in ("recall", "recall_subset", "median_rank", "baselines", "interval"):
+        assert result[key] is None, key
+    assert result["queries"] == 0 and "map" not in result  # CIRR data has no mAP, targets or not
+    assert result["submission"]["queries"] == result["submission"]["without_target"] == 10
+    reason = "null: split test1 withholds the target of all its 10 queries"
+    assert any(reason in note for note in result["notes"]) and reason in captured.err
+    # Where targets exist the same keys hold numbers, and no such note is given.
+    assert main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
+                 "--submission", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["queries"] == 2 and set(result["recall"]) == {"1", "5", "10", "50"}
+    assert result["median_rank"] is not None and set(result["baselines"]) == {"image", "text", "sum"}
+    assert not any("withholds" in note for note in result.get("notes", []))
+
+
 def test_circo_files_hold_int_ids_for_every_query(tmp_path, checkpoint, capsys):
     root = tmp_path / "circo"
     shutil.copytree(FIXTURES / "circo", root)
@@ -184,6 +209,11 @@ def test_circo_files_hold_int_ids_for_every_query(tmp_path, checkpoint, capsys):
     printed = _eval(capsys, "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
                     "--submission", str(out_dir), "--cache-dir", str(tmp_path / "cache"))
     assert "metrics skipped for 5 of 5 queries" in printed
+    # CIRCO test withholds its targets: its measure, mAP, is there and null too.
+    result = json.loads(_eval(capsys, "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
+                              "--submission", str(out_dir), "--cache-dir", str(tmp_path / "cache"), "--json"))
+    assert result["map"] is None and result["recall"] is None and result["recall_subset"] is None
+    assert any("withholds the target of all its 5 queries" in note for note in result["notes"])
     submission = json.loads((out_dir / "circo_submission_test.json").read_text())
     assert set(submission) == {str(q["id"]) for q in test_queries}
     gallery = {q["reference_img_id"] for q in test_queries}
