@@ -325,6 +325,28 @@ def test_undo_a_caption_edit_and_see_its_history(world, browser, external_reques
     context.close()
 
 
+def test_the_save_message_outlives_the_redraw_that_follows_the_save(world, browser, external_requests):
+    # The live timer redraws the pair after the reviewer's own save (its stamp moved);
+    # that redraw emptied the captions panel's status line within 4 s, so "saved", or
+    # the warning that training cuts a long caption, was gone before it could be read.
+    pair = world["annotation_ids"][3]
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    field = caption_field(page, "i", 0)
+    render = page.locator(".g4c-captions").get_attribute("data-render")
+    field.fill("Make the lamp " + "very " * 80 + "red.")
+    field.press("Enter")
+    wait_caption_status(page, "saved as version 1; it is \\d+ CLIP tokens")
+    page.wait_for_function(f"document.querySelector('.g4c-captions').dataset.render !== '{render}'"
+                           " && document.querySelector('.g4c-captions').dataset.live === '1'", timeout=15_000)
+    wait_caption_status(page, "saved as version 1; it is \\d+ CLIP tokens")
+    # a move shows another pair: its own message only
+    page.keyboard.press("Escape")
+    page.locator("#g4c-next").click()
+    expect(shown(page)).not_to_have_attribute("data-annotation", pair)
+    expect(page.locator(".g4c-capstatus")).to_have_text("")
+    context.close()
+
+
 def test_other_reviewers_changes_appear_live_and_unsaved_text_is_kept(world, browser, external_requests):
     from store import review as store_review
 

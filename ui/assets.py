@@ -218,8 +218,14 @@ shown pair appear within a few seconds; text you are typing is kept."""
 # or reload shows the stored text.
 CAPTIONS_JS = """
 const openHistory = new Set();   // caption ids whose history box the reviewer opened
+// The last message and the pair it is about: a live redraw of that pair (the reviewer's
+// own save moves the pair's stamp, so one follows every save) empties the status line,
+// and puts this back.
+let lastStatus = null;
 function statusLine(text, bad) {
   const s = element.querySelector('.g4c-capstatus');
+  const panel = element.querySelector('.g4c-captions');
+  lastStatus = {annotation: panel ? panel.dataset.annotation : '', text: text || '', bad: !!bad};
   if (s) { s.textContent = text || ''; s.classList.toggle('g4c-bad', !!bad); }
 }
 function reviewerName() {
@@ -265,6 +271,10 @@ function reconcile() {
   if (overtaken.length) {
     statusLine(overtaken.join(', ') + ': changed by someone else while you are editing. Your text is kept ' +
                'but not saved; saving it will be refused. Reload (u) shows theirs.', true);
+  } else if (live && lastStatus && lastStatus.annotation === panel.dataset.annotation) {
+    statusLine(lastStatus.text, lastStatus.bad);
+  } else {
+    lastStatus = null;
   }
   if (window.g4cReselect) window.g4cReselect();
 }
