@@ -1096,6 +1096,19 @@ class _BackendContext:
     async def db(self, fn, *args, **kwargs):
         return await self._runner._db(fn, *args, **kwargs)
 
+    def describe(self, request: VLMRequest) -> dict:
+        """What a request's call row holds besides the answer (request hash, stage as
+        stored, subject, prompt version, request JSON): a batch stores it per line."""
+        params = self._runner.params
+        return {"request_hash": request_hash(request, params),
+                "stage": "repair" if request.history else request.stage,
+                "subject_id": request.subject_id, "prompt_version": request.prompt_version,
+                "request": _request_json(request, params)}
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float:
+        """USD of a batch answer, as the runner counts its calls."""
+        return self._runner.prices.cost(self._runner.model, tokens_in, tokens_out, batch=True)
+
     @property
     def stopping(self) -> bool:
         return self._runner._stopping or self._runner.stop_event.is_set()

@@ -97,12 +97,23 @@ def get_annotation(db: sqlite_utils.Database, annotation_id: str) -> AnnotationR
 
 def record_call(db: sqlite_utils.Database, call: CallRecord) -> int:
     """Store one VLM request/response. Call this before acting on the answer, so a
-    crash afterwards never pays for it again."""
+    crash afterwards never pays for it again.
+
+    A batch line's answer is stored once: one already stored (collect_batch stores the
+    answers of a batch no session was waiting for as calls of the batch's run) becomes
+    the call of the run that asked for it, not a second paid call."""
     data = call.model_dump(exclude={"id"})
     data["created_at"] = data["created_at"] or utc_now()
     columns = ", ".join(data)
     marks = ", ".join("?" for _ in data)
     with transaction(db):
+        if call.status == "ok" and call.batch_id and call.custom_id:
+            row = db.execute("SELECT id FROM calls WHERE batch_id = ? AND custom_id = ? AND status = 'ok'",
+                             [call.batch_id, call.custom_id]).fetchone()
+            if row is not None:
+                db.execute("UPDATE calls SET run_id = ?, stage = ?, cost_usd = ? WHERE id = ?",
+                           [call.run_id, call.stage, call.cost_usd, row[0]])
+                return row[0]
         return db.execute(f"INSERT INTO calls ({columns}) VALUES ({marks})", list(data.values())).lastrowid
 
 
@@ -300,9 +311,17 @@ def run_counts(db: sqlite_utils.Database, run_id: int) -> dict:
     }
 
 
+BATCH_LINE_FIELDS = ("request_hash", "stage", "subject_id", "prompt_version", "request")
+
+
 def save_batch(db: sqlite_utils.Database, batch_id: str, run_id: Optional[int], stage: str, *,
-               input_file_id: str, status: str, custom_ids: list[str]) -> None:
-    """Remember a submitted provider batch, so a restarted run picks it up."""
+               input_file_id: str, status: str, custom_ids: list[str],
+               lines: Optional[dict[str, dict]] = None) -> None:
+    """Remember a submitted provider batch, so a restarted run picks it up.
+
+    lines: {custom id: {request_hash, stage, subject_id, prompt_version, request}}, what
+    each line asks (as its call would be stored), so that every answer the batch holds
+    can be stored for every run that asks the same (collect_batch)."""
     now = utc_now()
     with transaction(db):
         db.execute(
@@ -310,6 +329,45 @@ def save_batch(db: sqlite_utils.Database, batch_id: str, run_id: Optional[int], 
             " collected, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?)",
             [batch_id, run_id, stage, input_file_id, status, json.dumps(custom_ids), now, now],
         )
+        db.conn.executemany(
+            f"INSERT OR REPLACE INTO batch_lines (batch_id, custom_id, {', '.join(BATCH_LINE_FIELDS)})"
+            f" VALUES (?, ?, {', '.join('?' * len(BATCH_LINE_FIELDS))})",
+            [(batch_id, custom_id, *(line.get(k) for k in BATCH_LINE_FIELDS))
+             for custom_id, line in (lines or {}).items()])
+
+
+def collect_batch(db: sqlite_utils.Database, batch_id: str, answers: dict[str, dict], **fields) -> int:
+    """Mark a finished batch collected (update_batch's fields) and, in the same
+    transaction, store each answer in `answers` ({custom id: {response, error, model,
+    tokens_in, tokens_out, cost_usd}}) that no call holds yet as an ok call of the
+    batch's run, from its stored line (save_batch's lines): a session takes only the
+    lines it asks for, and the others (pairs outside its run's scope) would be lost, then
+    paid again by the next run that asks them. Returns how many were stored this way."""
+    now = utc_now()
+    stored = 0
+    with transaction(db):
+        row = db.execute("SELECT run_id FROM batches WHERE id = ?", [batch_id]).fetchone()
+        run_id = row[0] if row else None
+        recorded = {r[0] for r in db.execute(
+            "SELECT custom_id FROM calls WHERE batch_id = ? AND status = 'ok'", [batch_id])}
+        for custom_id, *line in db.execute(
+                f"SELECT custom_id, {', '.join(BATCH_LINE_FIELDS)} FROM batch_lines WHERE batch_id = ?",
+                [batch_id]).fetchall():
+            answer = answers.get(custom_id)
+            if answer is None or custom_id in recorded:
+                continue
+            meta = dict(zip(BATCH_LINE_FIELDS, line))
+            call = CallRecord(run_id=run_id, status="ok", batch_id=batch_id, custom_id=custom_id,
+                              created_at=now, **meta, **answer)
+            data = call.model_dump(exclude={"id"})
+            db.execute(f"INSERT INTO calls ({', '.join(data)}) VALUES ({', '.join('?' * len(data))})",
+                       list(data.values()))
+            stored += 1
+        # Every answered line is now a call; an unanswered one goes out again by its
+        # asker, who stores its own line with the new batch.
+        db.execute("DELETE FROM batch_lines WHERE batch_id = ?", [batch_id])
+        update_batch(db, batch_id, collected=1, **fields)
+    return stored
 
 
 def update_batch(db: sqlite_utils.Database, batch_id: str, **fields) -> None:
@@ -346,8 +404,10 @@ def adopt_batch(db: sqlite_utils.Database, placeholder_id: str, batch_id: str, s
     with transaction(db):
         db.execute("UPDATE batches SET id = ?, status = ?, updated_at = ? WHERE id = ?",
                    [batch_id, status, utc_now(), placeholder_id])
+        db.execute("UPDATE batch_lines SET batch_id = ? WHERE batch_id = ?", [batch_id, placeholder_id])
 
 
 def delete_batch(db: sqlite_utils.Database, batch_id: str) -> None:
     with transaction(db):
+        db.execute("DELETE FROM batch_lines WHERE batch_id = ?", [batch_id])
         db.execute("DELETE FROM batches WHERE id = ?", [batch_id])

@@ -318,3 +318,27 @@ def m005_batch_cancelled_by(db: sqlite_utils.Database) -> None:
     """Who cancelled a batch: 'good4cir' (its deadline; the unfinished lines go out again)
     or 'outside' (the provider's dashboard: the user chose not to pay for the rest)."""
     db.execute("ALTER TABLE batches ADD COLUMN cancelled_by TEXT")
+
+
+@migration
+def m006_batch_lines(db: sqlite_utils.Database) -> None:
+    """What each line of a batch asks, stored when it is submitted: the runner's request
+    hash (the key every run reuses a stored answer by) and what a call row holds. When the
+    batch is collected, the answers no session asked for (pairs outside the collecting
+    run's scope) are stored as calls of the batch's run from these rows, then the rows go."""
+    db.executescript(
+        """
+        CREATE TABLE batch_lines (
+            batch_id TEXT NOT NULL,         -- batches.id ('pending:<input file>' until created)
+            custom_id TEXT NOT NULL,
+            request_hash TEXT NOT NULL,
+            stage TEXT NOT NULL,            -- as its call is stored ('repair' for a repair)
+            subject_id TEXT,
+            prompt_version TEXT,
+            request TEXT,                   -- as calls.request: images as ids, never keys
+            PRIMARY KEY (batch_id, custom_id)
+        );
+        CREATE INDEX batch_lines_hash ON batch_lines(request_hash);
+        CREATE INDEX calls_batch_line ON calls(batch_id, custom_id);
+        """
+    )

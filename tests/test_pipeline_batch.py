@@ -331,3 +331,32 @@ def test_a_chat_run_over_pairs_in_another_runs_open_batch_is_refused_naming_it(s
     message = str(caught.value)
     assert "run 1" in message and batch_a in message and "--run 1" in message
     assert server.stats["chat_requests"] == 0
+
+
+def test_answers_of_another_runs_batch_outside_the_collecting_runs_scope_are_reused_by_later_runs(
+        server, tmp_path):
+    # Run B (--limit 1) took over run A's open batch but stored only the answer it asked
+    # for, and the batch was marked collected: the answer for A's other reference image
+    # was lost, and run C, asking it later, paid for it again.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)  # refs 0, 1, 0
+    options = _options(server)
+    handle = _stop_with_a_batch_open(db_path, server, options)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    server.config.batch_delay = 0.1
+    progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "new_run": True, "limit": 1}))
+    assert progress.run_id == 2 and progress.pairs_done == 1, progress.failures
+    assert server.stats["batch_lines_submitted"] == 2 + 2  # stage 2 and 3 of its one pair
+    # both answers of A's batch are stored: B's own, and the other one as run A's
+    assert sorted(table_rows(db_path, "SELECT run_id, batch_id FROM calls WHERE stage = 'stage1'")) == [
+        (1, batch_a), (2, batch_a)]
+
+    # run C, over every pair, on the chat backend: it pays for no stage 1 at all
+    progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "backend": "openai",
+                                                   "new_run": True}))
+    assert progress.pairs_done == 3, progress.failures
+    assert server.stats["chat_requests"] == 2 + 2  # stage 2 and 3 of its two new pairs
+    assert progress.calls_reused == 2  # ref 1's stage 1 from A's batch, B's stage 3
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE stage = 'stage1'") == [(2,)]

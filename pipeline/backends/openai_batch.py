@@ -15,7 +15,10 @@ restarted run finds its batches and waits for them instead of paying again. So d
 run that asks the same requests (same model, prompts and settings) while another run's
 batches are still open and no session of that run is live (the runner decides which:
 pipeline.runner._runs_asking_the_same); the answers it takes are stored as its own calls,
-and the other run, resumed, reuses them from the store. A poller
+and the other run, resumed, reuses them from the store. What each line asks is stored with
+its batch (its request hash), so that when a batch is collected, the answers no session
+asked for (the other run's pairs outside this run's scope) are stored too, as calls of the
+batch's run: every run that asks the same reuses them instead of paying again. A poller
 checks open batches every `poll_interval` seconds and gives up on one `batch_timeout`
 after it was submitted, restarts included (it is cancelled; its finished lines are
 kept). When a batch ends, its output and error files are downloaded and each line goes
@@ -116,6 +119,7 @@ class _Pending:
     stage: str
     line: bytes
     future: asyncio.Future
+    meta: dict = field(default_factory=dict)  # what the line asks, as its call is stored
 
 
 def _epoch(stamp: Optional[str]) -> Optional[float]:
@@ -330,7 +334,9 @@ class OpenAIBatchBackend:
                                  f"({self.max_batch_bytes} bytes); lower --image-size")
         future = asyncio.get_running_loop().create_future()
         self._line_mode[custom_id] = self.response_mode
-        self._pool.append(_Pending(custom_id, request.stage, line, future))
+        describe = getattr(self._ctx, "describe", None)
+        meta = describe(request) if describe is not None else {}
+        self._pool.append(_Pending(custom_id, request.stage, line, future, meta))
         self._last_added = time.monotonic()
         if len(self._pool) >= self.max_batch_requests:
             self._wake.set()
@@ -386,7 +392,8 @@ class OpenAIBatchBackend:
             # id, a restart finds it by this input file instead of paying for it again.
             placeholder = f"pending:{uploaded.id}"
             await self._ctx.db(store_ann.save_batch, placeholder, self._run_id, stages,
-                               input_file_id=uploaded.id, status="submitting", custom_ids=custom_ids)
+                               input_file_id=uploaded.id, status="submitting", custom_ids=custom_ids,
+                               lines={p.custom_id: p.meta for p in chunk if p.meta})
             # No automatic retries here: a create that times out (or meets a 5xx or a
             # dropped connection) may have made the batch, and a retry makes another one,
             # paid again. Such a batch is looked up by its input file instead.
@@ -595,9 +602,18 @@ class OpenAIBatchBackend:
             log.warning("batch %s was cancelled outside good4cir: keeping its %d answers; its "
                         "unfinished requests are not sent again (rerun with --retry-failed to send "
                         "them)", watch.batch_id, answered)
-        await self._ctx.db(store_ann.update_batch, watch.batch_id, status=batch.status,
-                           output_file_id=batch.output_file_id, error_file_id=batch.error_file_id,
-                           collected=1, **extra)
+        # Every answer is stored with the batch marked collected, those no session here
+        # asks for too (the batch's run may hold pairs outside this run's scope): any run
+        # that asks the same reuses them from the store instead of paying again. A line
+        # asked for here becomes the asker's call when the runner records it.
+        cost = getattr(self._ctx, "cost", None)
+        answers = {custom_id: {
+            "response": r.text, "model": r.model or self.model, "tokens_in": r.tokens_in,
+            "tokens_out": r.tokens_out, "error": "finish_reason: length" if r.finish_reason == "length" else None,
+            "cost_usd": cost(r.tokens_in, r.tokens_out) if cost else 0.0}
+            for custom_id, r in results.items() if isinstance(r, VLMResponse)}
+        await self._ctx.db(store_ann.collect_batch, watch.batch_id, answers, status=batch.status,
+                           output_file_id=batch.output_file_id, error_file_id=batch.error_file_id, **extra)
         watch.done.set()
 
     async def _lines(self, file_id: str) -> list[dict]:
