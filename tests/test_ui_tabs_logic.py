@@ -191,7 +191,8 @@ def test_export_says_which_approved_pairs_a_newer_runs_annotation_keeps_out(stor
     assert stats["pairs"] == 1
     text = el.describe_export(stats)
     assert f"1 approved pair left out: run {run2.id} annotated it again" in text
-    assert f"approve it in run {run2.id}" in text and "choose its run" in text
+    assert f"approve it in run {run2.id}" in text and f"choose run {store['run_id']} in Run" in text
+    assert "nothing to export" not in text
     # with unreviewed pairs included, the newer run's text goes out instead: said too
     path, stats = el.export_to_download(db, "good4cir", include_unreviewed=True, out_dir=tmp_path)
     assert f"1 approved pair exported with run {run2.id}'s unreviewed captions" in el.describe_export(stats)

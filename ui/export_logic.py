@@ -65,11 +65,12 @@ def export_to_download(
     return path, stats
 
 
-def superseded_approvals(db: sqlite_utils.Database, *, split: Optional[str] = None) -> list[tuple[str, int, str]]:
+def superseded_approvals(db: sqlite_utils.Database, *, split: Optional[str] = None
+                         ) -> list[tuple[str, int, int, str]]:
     """Pairs approved in one run whose newest finished annotation (the one an export
-    takes) is another run's and not approved: (pair id, newest run id, its review
-    status). Without this the export's count fell short of the approvals, unexplained."""
-    sql = ("SELECT a.pair_id, n.run_id, n.review_status FROM annotations a"
+    takes) is another run's and not approved: (pair id, approved run id, newest run id,
+    its review status). Without this the export's count fell short of the approvals, unexplained."""
+    sql = ("SELECT a.pair_id, MAX(a.run_id), n.run_id, n.review_status FROM annotations a"
            " JOIN annotations n ON n.pair_id = a.pair_id AND n.status = 'done'"
            " AND n.run_id = (SELECT MAX(b.run_id) FROM annotations b WHERE b.pair_id = a.pair_id"
            " AND b.status = 'done')"
@@ -91,25 +92,27 @@ def describe_export(stats: dict) -> str:
         lines.append(f"{stats['pairs_without_captions']:,} pairs had no caption left and were skipped")
     if stats.get("pairs_without_target"):
         lines.append(f"{stats['pairs_without_target']:,} pairs have no target image")
-    lines += _superseded_lines(stats.get("approved_superseded") or [], bool(stats.get("include_unreviewed")))
-    if not stats.get("pairs"):
+    superseded = _superseded_lines(stats.get("approved_superseded") or [], bool(stats.get("include_unreviewed")))
+    lines += superseded
+    if not stats.get("pairs") and not superseded:
         lines.append("nothing to export: only approved pairs are exported unless you tick 'include unreviewed'")
     return "\n".join(lines)
 
 
-def _superseded_lines(rows: list[tuple[str, int, str]], include_unreviewed: bool) -> list[str]:
-    left_out: dict[int, int] = {}
-    replaced: dict[int, int] = {}
-    for _, run_id, status in rows:
+def _superseded_lines(rows: list[tuple[str, int, int, str]], include_unreviewed: bool) -> list[str]:
+    left_out: dict[tuple[int, int], int] = {}
+    replaced: dict[tuple[int, int], int] = {}
+    for _, approved_run, run_id, status in rows:
         into = replaced if include_unreviewed and status == "unreviewed" else left_out
-        into[run_id] = into.get(run_id, 0) + 1
+        into[approved_run, run_id] = into.get((approved_run, run_id), 0) + 1
     lines = []
-    for run_id, n in sorted(left_out.items()):
+    for (approved_run, run_id), n in sorted(left_out.items()):
         them = "it" if n == 1 else "them"
         lines.append(f"{n:,} approved pair{'' if n == 1 else 's'} left out: run {run_id} annotated {them} again "
                      f"and an export takes each pair's newest annotation, which is not approved; approve {them} "
-                     f"in run {run_id} (Review tab, Run filter), or choose its run in Run above")
-    for run_id, n in sorted(replaced.items()):
+                     f"in run {run_id} (Review tab, Run filter), or choose run {approved_run} in Run above")
+    for (approved_run, run_id), n in sorted(replaced.items()):
         lines.append(f"{n:,} approved pair{'' if n == 1 else 's'} exported with run {run_id}'s unreviewed "
-                     f"captions (its newest annotation); choose the approved run in Run above to export those")
+                     f"captions (the newest annotation); choose run {approved_run} in Run above to export "
+                     f"the approved ones")
     return lines
