@@ -203,6 +203,33 @@ def test_shortening_a_caption_the_pipeline_flagged_as_too_long_clears_that_flag(
     assert rl.load_pair(db, ann).individual[0].flagged
 
 
+def test_the_pipelines_own_flags_say_they_are_the_pipelines_and_what_they_mean(store):
+    # Flags the pipeline set (a caption still over 77 CLIP tokens, a stage 2 object that
+    # looks like a reference object under another name) looked like any reviewer's flag:
+    # the caption's line said "flagged: over 77 CLIP tokens" and a descriptor said so only
+    # in a tooltip, so reviewers took them for a colleague's hallucination call.
+    db, ann = store["db"], store["annotation_ids"][0]
+    view = rl.load_pair(db, ann)
+    caption, other = view.individual[0], view.individual[1]
+    plant = next(o for o in view.stage2 if o.name == "plant")
+    rows = [("caption", caption.id, PIPELINE_FLAG_REASONS[0])]
+    rows += [("descriptor", cell.target_id, PIPELINE_FLAG_REASONS[1]) for cell in plant.descriptors]
+    for kind, target, reason in rows:
+        db.execute("INSERT INTO flags (annotation_id, target_kind, target_id, reason, reviewer, created_at)"
+                   " VALUES (?, ?, ?, ?, ?, '2026-11-27T00:00:00Z')", [ann, kind, target, reason, PIPELINE_REVIEWER])
+    db.conn.commit()
+    rl.set_flag(db, ann, "caption", other.id, True, "bob", "wrong count")
+    view = rl.load_pair(db, ann)
+    captions = rl.render_captions_html(view)
+    assert "flagged by the pipeline: over 77 CLIP tokens" in captions
+    assert "flagged by bob: wrong count" in captions
+    board = rl.render_board_html(view)
+    card = board.split(">plant<", 1)[1].split("g4c-obj ", 1)[0]
+    assert "flagged by the pipeline: renamed a reference object" in card          # visible, not a tooltip only
+    assert "title='flagged by the pipeline: renamed a reference object'" in card
+    assert "pipeline" not in board.split(">plant<", 1)[0].split("g4c-cols", 1)[1]  # other objects: nothing
+
+
 def test_rendered_html_escapes_captions_and_descriptors(tmp_path):
     info = build_review_store(tmp_path, 1, script_caption=True)
     db = open_db(info["db_path"])

@@ -32,6 +32,7 @@ body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-o-new { border-left-color: #16a34a; }
 .g4c-o-removed { border-left-color: #dc2626; }
 .g4c-objhead { font-weight: 600; font-size: 14px; margin-bottom: 3px; }
+.g4c-pipeflag { font-size: 12px; color: #991b1b; margin-bottom: 3px; }
 .g4c-badge { font-size: 11px; font-weight: 600; border-radius: 9px; padding: 1px 7px; margin-left: 6px; color: #fff; }
 .g4c-b-unchanged, .g4c-b-kept { background: #6b7280; } .g4c-b-changed { background: #d97706; }
 .g4c-b-new { background: #16a34a; } .g4c-b-removed { background: #dc2626; }

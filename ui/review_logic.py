@@ -154,6 +154,7 @@ class DescriptorCell:
     state: str        # 'same', 'new' (stage 2 only) or 'gone' (stage 1: not kept in stage 2)
     flagged: bool = False
     reason: Optional[str] = None
+    flagged_by: Optional[str] = None
 
 
 @dataclass
@@ -173,6 +174,7 @@ class CaptionCell:
     version: int
     flagged: bool = False
     reason: Optional[str] = None
+    flagged_by: Optional[str] = None
     edited_by: Optional[str] = None
     token_count: Optional[int] = None
     history: list[CaptionEdit] = field(default_factory=list)  # edit rows, oldest first
@@ -311,7 +313,7 @@ def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
         for cell in obj.descriptors:
             flag = flag_by_target.get(("descriptor", cell.target_id))
             if flag:
-                cell.flagged, cell.reason = True, flag.reason
+                cell.flagged, cell.reason, cell.flagged_by = True, flag.reason, flag.reviewer
 
     history = _edits_of_annotation(db, annotation_id)
     individual, compound = [], []
@@ -353,7 +355,7 @@ def _caption_cell(cap, history: list[CaptionEdit], flag: Optional[FlagRecord]) -
     return CaptionCell(
         id=cap.id, kind=cap.kind, position=cap.position, text=cap.current_text or cap.text,
         original=cap.text, version=cap.version, flagged=flag is not None,
-        reason=flag.reason if flag else None, edited_by=history[-1].editor if history else None,
+        reason=flag.reason if flag else None, flagged_by=flag.reviewer if flag else None, edited_by=history[-1].editor if history else None,
         token_count=cap.token_count, history=history,
     )
 
@@ -671,6 +673,21 @@ def activity_since(db: sqlite_utils.Database, annotation_id: str, since: str, me
 
 # ---------------------------------------------------------------- HTML (all text escaped)
 
+def flag_label(by: Optional[str], reason: Optional[str]) -> str:
+    """'flagged by bob: wrong count'; the pipeline's own flags (an answer still wrong after
+    its repair request) are named as the pipeline's, so nobody takes them for a reviewer's."""
+    who = "the pipeline" if by == PIPELINE_REVIEWER else by
+    return "flagged" + (f" by {who}" if who else "") + (f": {reason}" if reason else "")
+
+
+# What a pipeline flag asks of the reviewer, shown on the object it is about.
+_PIPELINE_HINTS = {
+    PIPELINE_FLAG_REASONS[0]: "shorten it to clear the flag",
+    PIPELINE_FLAG_REASONS[1]: "stage 2 may call a reference object by another name (captions may then say it "
+                              "was removed and added); unflag it if it is really new",
+}
+
+
 _STATE_LABEL = {
     "unchanged": "unchanged", "changed": "changed", "new": "new",
     "kept": "kept", "removed": "not in target",
@@ -707,14 +724,20 @@ def render_board_html(view: Optional[PairView]) -> str:
             chips = []
             for cell in obj.descriptors:
                 classes = f"g4c-chip g4c-d-{cell.state}" + (" g4c-flagged" if cell.flagged else "")
-                tip = "flagged" + (f": {cell.reason}" if cell.reason else "") if cell.flagged else "click to flag"
+                tip = flag_label(cell.flagged_by, cell.reason) if cell.flagged else "click to flag"
                 chips.append(
                     f"<button type='button' class='{classes}' data-item='{escape_text(cell.target_id)}' "
                     f"title='{escape_text(tip)}'>{'⚑ ' if cell.flagged else ''}{escape_text(cell.text)}</button>")
+            pipeline_reasons = sorted({c.reason or "" for c in obj.descriptors
+                                       if c.flagged and c.flagged_by == PIPELINE_REVIEWER})
+            notes = "".join(
+                f"<div class='g4c-pipeflag'>⚑ {escape_text(flag_label(PIPELINE_REVIEWER, reason))}"
+                + (f" · {escape_text(_PIPELINE_HINTS[reason])}" if reason in _PIPELINE_HINTS else "") + "</div>"
+                for reason in pipeline_reasons)
             cards.append(
                 f"<div class='g4c-obj g4c-o-{obj.state}'><div class='g4c-objhead'>{escape_text(obj.name)}"
                 f"<span class='g4c-badge g4c-b-{obj.state}'>{escape_text(_STATE_LABEL.get(obj.state, obj.state))}</span>"
-                f"</div><div class='g4c-chips'>{''.join(chips)}</div></div>")
+                f"</div>{notes}<div class='g4c-chips'>{''.join(chips)}</div></div>")
         return f"<div class='g4c-col'><h4>{escape_text(title)}</h4>{''.join(cards)}</div>"
 
     legend = (
@@ -788,8 +811,10 @@ def caption_meta(cap: CaptionCell) -> str:
                  else f" · undone by {last.editor} (back to v{last.restores})")
     if cap.kind == "compound" and cap.token_count:
         meta += f" · {cap.token_count} CLIP tokens"
-    if cap.flagged and cap.reason:
-        meta += f" · flagged: {cap.reason}"
+    if cap.flagged:
+        meta += f" · {flag_label(cap.flagged_by, cap.reason)}"
+        if cap.flagged_by == PIPELINE_REVIEWER and cap.reason in _PIPELINE_HINTS:
+            meta += f" ({_PIPELINE_HINTS[cap.reason]})"
     return meta
 
 
