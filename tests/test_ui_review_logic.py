@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from store.db import open_db
@@ -173,6 +175,23 @@ def test_goto_by_external_id_and_activity_of_others(store):
     lines = rl.activity_since(db, ann, since, "erin")
     assert any("dave edited caption" in line for line in lines) and any("dave marked it approved" in line for line in lines)
     assert rl.activity_since(db, ann, since, "dave") == []
+
+
+def test_activity_says_when_someone_else_removes_or_sets_a_flag(store):
+    # Ann flags caption c1; Bob, on his own page, unflags it. Ann's "since you opened this
+    # pair" line said nothing (only flags *set* by others counted), so her flag vanished
+    # from her screen with no word of who removed it.
+    db, ann_id = store["db"], store["annotation_ids"][3]
+    view = rl.load_pair(db, ann_id)
+    c1, c2 = view.individual[1].id, view.individual[2].id
+    rl.set_flag(db, ann_id, "caption", c1, True, "ann", "wrong count")
+    since = rl.load_pair(db, ann_id).updated_at
+    time.sleep(0.01)  # stored times have millisecond resolution; "after since" must be later
+    rl.set_flag(db, ann_id, "caption", c1, False, "bob")
+    rl.set_flag(db, ann_id, "caption", c2, True, "bob")
+    lines = rl.activity_since(db, ann_id, since, "ann")
+    assert "bob unflagged caption c1" in lines and "bob flagged caption c2" in lines
+    assert rl.activity_since(db, ann_id, since, "bob") == []
 
 
 def test_shortening_a_caption_the_pipeline_flagged_as_too_long_clears_that_flag(store):

@@ -660,10 +660,15 @@ def activity_since(db: sqlite_utils.Database, annotation_id: str, since: str, me
         " JOIN captions c ON c.id = e.caption_id WHERE c.annotation_id = ? AND e.created_at > ?"
         " AND e.editor != ?", [annotation_id, since, me]).fetchall():
         lines.append((at, f"{editor} edited caption {caption_id.rsplit(':', 1)[-1]} (v{version})"))
-    for reviewer, kind, target, at, removed_at in db.execute(
-        "SELECT reviewer, target_kind, target_id, created_at, removed_at FROM flags WHERE annotation_id = ?"
-        " AND (created_at > ? OR removed_at > ?) AND reviewer != ?", [annotation_id, since, since, me]).fetchall():
-        lines.append((at, f"{reviewer} flagged a {kind}" + (" (since removed)" if removed_at else "")))
+    # A flag set by one reviewer may be removed by another: each side is its own line.
+    for reviewer, kind, target, at, removed_at, removed_by in db.execute(
+        "SELECT reviewer, target_kind, target_id, created_at, removed_at, removed_by FROM flags"
+        " WHERE annotation_id = ? AND (created_at > ? OR removed_at > ?)", [annotation_id, since, since]).fetchall():
+        what = caption_label(target) if kind == "caption" else "a descriptor"
+        if at > since and reviewer != me:
+            lines.append((at, f"{reviewer} flagged {what}"))
+        if removed_at and removed_at > since and removed_by != me:
+            lines.append((removed_at, f"{removed_by or 'someone'} unflagged {what}"))
     for reviewer, action, value, at in db.execute(
         "SELECT reviewer, action, value, created_at FROM review_events WHERE annotation_id = ?"
         " AND created_at > ? AND reviewer != ?", [annotation_id, since, me]).fetchall():
