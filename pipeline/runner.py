@@ -23,7 +23,7 @@ Python API (the CLI and the review app call these):
     call_errors, cost_usd, failures ({reason: count}), last_error.
 
     plan_run(db_path, options) -> Plan: pairs, calls per stage, estimated cost
-    (for --dry-run; writes nothing).
+    (for --dry-run; writes nothing; RunBusyError where the run would be refused).
 
 Identity and resume: a run is identified by what changes its answers (backend, model,
 base URL, method, prompt versions, image and sampling parameters, split). Running the
@@ -431,7 +431,9 @@ def _check_limit(options: RunOptions) -> None:
 
 
 def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
-    """How many calls a run of these options would make now, and roughly what they cost."""
+    """How many calls a run of these options would make now, and roughly what they cost:
+    requests answered in the store or in the open batches the run would wait for are not
+    counted. Raises RunBusyError where the run itself would be refused at start."""
     _check_limit(options)
     db = open_db(db_path)
     try:
@@ -441,40 +443,65 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         pair_ids = store_ann.select_pair_ids(db, split=options.split, limit=options.limit)
         done = _settled_pairs(db, run.id, options.retry_failed) if run is not None else set()
         todo = [p for p in pair_ids if p not in done]
+        # As the run would: refused (RunBusyError, the same message) where it cannot wait
+        # for another run's requests in flight; else it waits for the open batches of the
+        # runs it names (and a resumed batch run for its own) and pays nothing for what
+        # they hold.
+        waited = _runs_asking_the_same(db, run, options, pair_ids, prompts)
+        own = [run.id] if run is not None and options.backend == "openai-batch" else []
+        in_batches = set(store_ann.open_batch_lines(db, [*own, *waited]))
         calls: dict[str, int] = {}
         if todo:
             # Answers already stored (any run) are read back, not paid: a --new-run, or
             # another split over the same pairs, asks only what was never answered.
             stale = Runner._stale_answers(db, run.id) if run is not None and options.retry_failed else set()
+
+            def unpaid(hashes: set[str]) -> set[str]:
+                return (_stored_ok(db, hashes) - stale) | (hashes & in_batches)
+
             images_of = {pair: (ref, tgt) for pair, ref, tgt in _rows_in(
                 db, "SELECT id, reference_id, target_id FROM pairs WHERE id IN ({})", todo)}
             if options.method == "single":
                 hashes = {p: request_hash(single_request(
                     p, (ref, ""), (tgt, ""), temperature=options.temperature,
                     max_tokens=options.max_tokens), params) for p, (ref, tgt) in images_of.items()}
-                answered = _stored_ok(db, set(hashes.values())) - stale
+                answered = unpaid(set(hashes.values()))
                 calls["single"] = len(todo) - sum(h in answered for h in hashes.values())
             else:
                 reference_of = {pair: ref for pair, (ref, _) in images_of.items()}
-                keys = list({stage1_key(r, params, prompts) for r in reference_of.values()})
+                keys = {stage1_key(r, params, prompts): r for r in reference_of.values()}
                 # A session stopped or killed mid-run left stage 2 descriptions of pairs
                 # still pending: the rerun reads them back instead of asking again.
                 keys2 = [stage2_key(p, stage1_key(reference_of[p], params, prompts), params, prompts)
                          for p in todo if p in reference_of]
                 cached = {row[0] for row in _rows_in(db, "SELECT id FROM descriptions WHERE id IN ({})",
-                                                     keys + keys2)}
-                stage3 = {}
+                                                     list(keys) + keys2)}
+                stage1 = {key: request_hash(stage1_request(
+                    image_id, "", temperature=options.temperature, max_tokens=options.max_tokens), params)
+                    for key, image_id in keys.items() if key not in cached}
+                objects: dict[str, list[dict]] = {}
+                stage2, stage3 = {}, {}
                 for p in todo:
                     if p not in reference_of:
                         continue
                     key1 = stage1_key(reference_of[p], params, prompts)
                     key2 = stage2_key(p, key1, params, prompts)
-                    if key1 in cached and key2 in cached:
+                    if key1 not in cached:
+                        continue
+                    objects1 = objects.setdefault(key1, _stored_objects(db, key1))
+                    target_id = images_of[p][1]
+                    if key2 in cached:
                         stage3[p] = request_hash(stage3_request(
-                            p, _stored_objects(db, key1), _stored_objects(db, key2),
+                            p, objects1, _stored_objects(db, key2),
                             temperature=options.temperature, max_tokens=options.max_tokens), params)
-                answered = _stored_ok(db, set(stage3.values())) - stale
-                calls = {"stage1": len(set(keys) - cached), "stage2": len(todo) - len(cached & set(keys2)),
+                    elif target_id:
+                        stage2[p] = request_hash(stage2_request(
+                            p, target_id, "", objects1, temperature=options.temperature,
+                            max_tokens=options.max_tokens), params)
+                answered = unpaid({*stage1.values(), *stage2.values(), *stage3.values()})
+                calls = {"stage1": sum(h not in answered for h in stage1.values()),
+                         "stage2": len(todo) - len(cached & set(keys2))
+                         - sum(h in answered for h in stage2.values()),
                          "stage3": len(todo) - sum(h in answered for h in stage3.values())}
         prices = PriceTable.load(options.prices_path)
         model = options.resolved_model()

@@ -321,7 +321,8 @@ def save_batch(db: sqlite_utils.Database, batch_id: str, run_id: Optional[int], 
 
     lines: {custom id: {request_hash, stage, subject_id, prompt_version, request}}, what
     each line asks (as its call would be stored), so that every answer the batch holds
-    can be stored for every run that asks the same (collect_batch)."""
+    can be stored for every run that asks the same (collect_batch), and a dry run
+    counts what they answer as not to pay (open_batch_lines)."""
     now = utc_now()
     with transaction(db):
         db.execute(
@@ -368,6 +369,17 @@ def collect_batch(db: sqlite_utils.Database, batch_id: str, answers: dict[str, d
         db.execute("DELETE FROM batch_lines WHERE batch_id = ?", [batch_id])
         update_batch(db, batch_id, collected=1, **fields)
     return stored
+
+
+def open_batch_lines(db: sqlite_utils.Database, run_ids: Iterable[int]) -> dict[str, str]:
+    """{request hash: batch id} of the lines waiting in these runs' batches that are
+    not collected yet (lines of batches stored before m006 are not known)."""
+    run_ids = list(run_ids)
+    if not run_ids:
+        return {}
+    return dict(db.execute(
+        "SELECT l.request_hash, l.batch_id FROM batch_lines l JOIN batches b ON b.id = l.batch_id"
+        f" WHERE b.collected = 0 AND b.run_id IN ({', '.join('?' * len(run_ids))})", run_ids).fetchall())
 
 
 def update_batch(db: sqlite_utils.Database, batch_id: str, **fields) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from openai_server import start_server
 from pipeline.pricing import PriceTable
-from pipeline.runner import RunBusyError, RunOptions, run_pipeline, start_run_in_thread
+from pipeline.runner import RunBusyError, RunOptions, plan_run, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-batch-0123456789"
@@ -360,3 +360,31 @@ def test_answers_of_another_runs_batch_outside_the_collecting_runs_scope_are_reu
     assert server.stats["chat_requests"] == 2 + 2  # stage 2 and 3 of its two new pairs
     assert progress.calls_reused == 2  # ref 1's stage 1 from A's batch, B's stage 3
     assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE stage = 'stage1'") == [(2,)]
+
+
+def test_dry_run_does_not_count_requests_another_runs_open_batch_answers(server, tmp_path):
+    # A new run waits for run A's open batch and takes its answers, but --dry-run counted
+    # them as calls to pay for: its count and cost were above what the run then sent.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    options = _options(server)
+    handle = _stop_with_a_batch_open(db_path, server, options)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    new_run = RunOptions(**{**options.__dict__, "new_run": True})
+    plan = plan_run(db_path, new_run)
+    assert plan.calls_by_stage == {"stage1": 0, "stage2": 3, "stage3": 3}
+    assert plan.estimated_cost_usd == pytest.approx(PriceTable().estimate(
+        "gpt-4o-mini", {"stage2": 3, "stage3": 3}, batch=True, image_max_side=128))
+    # run A itself, resumed, waits for its own open batch too
+    assert plan_run(db_path, options).calls_by_stage == {"stage1": 0, "stage2": 3, "stage3": 3}
+    # A chat run would be refused (it cannot wait for a batch): so is its dry run, saying why.
+    with pytest.raises(RunBusyError) as caught:
+        plan_run(db_path, RunOptions(**{**options.__dict__, "backend": "openai"}))
+    assert "run 1" in str(caught.value) and batch_a in str(caught.value)
+
+    server.config.batch_delay = 0.1
+    sent = server.stats["batch_lines_submitted"]
+    progress = run_pipeline(db_path, new_run)
+    assert progress.pairs_done == 3 and server.stats["batch_lines_submitted"] - sent == plan.calls
