@@ -111,8 +111,8 @@ def record_call(db: sqlite_utils.Database, call: CallRecord) -> int:
             row = db.execute("SELECT id FROM calls WHERE batch_id = ? AND custom_id = ? AND status = 'ok'",
                              [call.batch_id, call.custom_id]).fetchone()
             if row is not None:
-                db.execute("UPDATE calls SET run_id = ?, stage = ?, cost_usd = ? WHERE id = ?",
-                           [call.run_id, call.stage, call.cost_usd, row[0]])
+                db.execute("UPDATE calls SET run_id = ?, stage = ?, cost_usd = ?, latency_ms = ? WHERE id = ?",
+                           [call.run_id, call.stage, call.cost_usd, call.latency_ms, row[0]])
                 return row[0]
         return db.execute(f"INSERT INTO calls ({columns}) VALUES ({marks})", list(data.values())).lastrowid
 
