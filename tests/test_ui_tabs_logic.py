@@ -109,6 +109,35 @@ def test_controller_stops_a_run(store, monkeypatch):
         server.stop()
 
 
+def test_a_start_says_whether_it_resumed_a_run_and_what_it_did(store, monkeypatch):
+    # Limit N takes the store's first N pairs (done ones skipped). The tab said "Limit
+    # (pairs) · empty = all pending pairs", so a reviewer asking for 2 more pairs got a
+    # start that did nothing and said nothing (the box showed the same finished run),
+    # and could not tell a resumed run from a new one re-annotating reviewed pairs.
+    from openai_server import start_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    server = start_server()
+    try:
+        controller = pl.PipelineController(str(store["db_path"]))
+        form = pl.RunForm(backend="openai", model="gpt-4o-mini", base_url=server.url, limit=2)
+        for _ in range(2):
+            controller.start(form, "ann")
+            deadline = time.time() + 60
+            while controller.running and time.time() < deadline:
+                time.sleep(0.1)
+            if _ == 0:
+                first = pl.format_progress(controller.snapshot())
+        again = pl.format_progress(controller.snapshot())
+    finally:
+        server.stop()
+    run_id = controller.snapshot()["run_id"]
+    assert f"new run {run_id} (no earlier run has these settings): 2 pairs annotated by this start" in first
+    assert f"resumed run {run_id} (same settings): 0 pairs annotated by this start" in again
+    assert "nothing was left to do: Limit 2 takes the store's first 2 pairs, and they are done" in again
+    assert "the store's first N pairs" in pl.LIMIT_LABEL
+
+
 # ---------------------------------------------------------------- stats
 
 def test_human_flag_rates_count_decided_pairs_only(store):

@@ -421,7 +421,7 @@ def _pipeline_tab(conns, controller, reviewer_of, reviewer_box):
         method = gr.Radio(list(pl.METHODS), value="staged", label="Method (single = one-prompt ablation)")
     with gr.Row():
         concurrency = gr.Textbox(label="Concurrency (requests in flight)", placeholder="default 16")
-        limit = gr.Textbox(label="Limit (pairs)", placeholder="empty = all pending pairs", elem_id="g4c-run-limit")
+        limit = gr.Textbox(label=pl.LIMIT_LABEL, placeholder="empty = all pairs", elem_id="g4c-run-limit")
         split = gr.Textbox(label="Split (empty = all)")
         error_rate = gr.Number(0.1, label="Simulator error rate", minimum=0, maximum=1)
         new_run = gr.Checkbox(False, label="start a new run (instead of resuming a matching one)")

@@ -15,6 +15,9 @@ from .security import is_loopback
 
 BACKENDS = ("simulator", "openai", "openai-batch")
 METHODS = ("staged", "single")
+# The runner's limit is the store's first N pairs in import order (so a resumed run picks
+# the same ones), not N more pending pairs: the field says so.
+LIMIT_LABEL = "Limit: the store's first N pairs (done ones are skipped)"
 
 
 class PipelineControlError(Exception):
@@ -93,21 +96,27 @@ class PipelineController:
         self._handle = None
         self._lock = threading.Lock()
         self.started_by: Optional[str] = None
+        self._done_before: dict[int, int] = {}   # every run's done pairs when the last start began
+        self._limit: Optional[int] = None
 
     @property
     def running(self) -> bool:
         return self._handle is not None and self._handle.running
 
     def start(self, form: RunForm, who: str):
-        from pipeline.runner import start_run_in_thread
+        from pipeline.runner import run_status, start_run_in_thread
 
         options = options_from_form(form)
         with self._lock:
             if self.running:
                 raise PipelineControlError(
                     f"run {self._handle.run_id} (started by {self.started_by}) is still going; stop it first")
+            # Read before the start, to tell a resumed run from a new one and say what this
+            # start added (a start with nothing left to do otherwise looks like no start).
+            done_before = {run["id"]: run["pairs_done"] for run in run_status(self.db_path)["runs"]}
             self._handle = start_run_in_thread(self.db_path, options)
             self.started_by = who or "someone"
+            self._done_before, self._limit = done_before, options.limit
         self._handle.wait_started(timeout=30)
         if self._handle.error is not None:
             raise PipelineControlError(f"the run did not start: {self._handle.error}")
@@ -128,6 +137,10 @@ class PipelineController:
         progress = handle.progress.as_dict()
         progress["thread_running"] = handle.running
         progress["started_by"] = self.started_by
+        if handle.run_id is not None:
+            progress["resumed"] = handle.run_id in self._done_before
+            progress["done_by_this_start"] = progress.get("pairs_done", 0) - self._done_before.get(handle.run_id, 0)
+            progress["limit"] = self._limit
         if handle.error is not None:
             progress["error"] = f"{type(handle.error).__name__}: {handle.error}"
         return progress
@@ -151,6 +164,17 @@ def format_progress(progress: Optional[dict]) -> str:
         f" {progress.get('call_errors', 0):,} errors",
         f"spend: ${progress.get('cost_usd', 0.0):.4f}",
     ]
+    if "resumed" in progress:
+        added = progress.get("done_by_this_start", 0)
+        line = (f"{'resumed' if progress['resumed'] else 'new'} run {progress.get('run_id')} "
+                f"({'same settings' if progress['resumed'] else 'no earlier run has these settings'}): "
+                f"{added:,} pair{'' if added == 1 else 's'} annotated by this start")
+        if progress.get("status") == "finished" and not added and not failed and not progress.get("thread_running"):
+            limit = progress.get("limit")
+            line += ("; nothing was left to do" + (
+                f": Limit {limit} takes the store's first {limit} pairs, and they are done; raise it for more"
+                if limit else ""))
+        lines.insert(1, line)
     failures = progress.get("failures") or {}
     if failures:
         lines.append("failures: " + "; ".join(f"{reason}: {count}" for reason, count in sorted(failures.items())))
