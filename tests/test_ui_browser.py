@@ -339,6 +339,11 @@ def test_the_save_message_outlives_the_redraw_that_follows_the_save(world, brows
     page.wait_for_function(f"document.querySelector('.g4c-captions').dataset.render !== '{render}'"
                            " && document.querySelector('.g4c-captions').dataset.live === '1'", timeout=15_000)
     wait_caption_status(page, "saved as version 1; it is \\d+ CLIP tokens")
+    # every caption box shows all of its text, the redrawn long one too (a box sized by
+    # the text's length hid the end of long captions: a reviewer approved unread text)
+    hidden = page.locator(".g4c-caprow textarea").evaluate_all(
+        "areas => areas.filter(a => a.scrollHeight > a.clientHeight + 1).map(a => a.value)")
+    assert hidden == []
     # a move shows another pair: its own message only
     page.keyboard.press("Escape")
     page.locator("#g4c-next").click()

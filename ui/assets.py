@@ -61,9 +61,13 @@ body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-flaglabel { white-space: nowrap; font-size: 14px; color: #991b1b; cursor: pointer; padding-top: 18px; }
 .g4c-capbody { flex: 1; }
 .g4c-capmeta { font-size: 11px; color: #6b7280; }
+/* A box as tall as its text: a reviewer must see all of a caption to judge it (rows from
+   the text's length hid the end of long ones). Browsers without field-sizing get the
+   captions script's fitBox. */
 .g4c-caprow textarea { width: 100%; box-sizing: border-box; font: inherit; font-size: 14px; resize: vertical;
   border: 1px solid var(--border-color-primary); border-radius: 4px; padding: 3px 6px;
-  background: var(--input-background-fill); color: var(--body-text-color); }
+  background: var(--input-background-fill); color: var(--body-text-color);
+  field-sizing: content; min-height: 2em; }
 .g4c-capstatus { min-height: 1.3em; font-size: 13px; font-weight: 600; color: #15803d; }
 .g4c-capstatus.g4c-bad { color: #b91c1c; }
 .g4c-captools { display: flex; gap: 8px; align-items: flex-start; margin-top: 2px; }
@@ -237,6 +241,13 @@ function flagReason() {
   const f = document.querySelector('#g4c-reason input');
   return f ? f.value : '';
 }
+const fieldSizing = window.CSS && CSS.supports && CSS.supports('field-sizing', 'content');
+function fitBox(area) {
+  // A hidden tab measures 0: leave the box as it is until it is shown and typed in.
+  if (fieldSizing || !area.scrollHeight) return;
+  area.style.height = 'auto';
+  area.style.height = (area.scrollHeight + 2) + 'px';
+}
 function captionLabel(row) { return 'caption ' + row.dataset.caption.split(':').pop(); }
 // Typed by the reviewer and not saved. A redraw may change an untouched box's value too,
 // so only typing counts.
@@ -264,6 +275,7 @@ function reconcile() {
       area._typed = false;
       if (area.value !== area.defaultValue) area.value = area.defaultValue;
     }
+    fitBox(area);
     const box = row.querySelector('input[data-flag]');
     if (box) box.checked = box.defaultChecked;
     const details = row.querySelector('details.g4c-caphist');
@@ -287,6 +299,7 @@ function applyState(row, area, state, force) {
   row.dataset.version = String(state.version);
   area.defaultValue = state.text;
   if (!typedSince) { area.value = state.text; area._typed = false; }
+  fitBox(area);
   const meta = row.querySelector('.g4c-capmeta');
   if (meta) meta.textContent = state.meta;
   const undo = row.querySelector('button[data-undo]');
@@ -347,7 +360,9 @@ function undoRow(row) {
     }
   });
 }
-element.addEventListener('input', (e) => { if (e.target.tagName === 'TEXTAREA') e.target._typed = true; });
+element.addEventListener('input', (e) => {
+  if (e.target.tagName === 'TEXTAREA') { e.target._typed = true; fitBox(e.target); }
+});
 element.addEventListener('focusout', (e) => { if (e.target.tagName === 'TEXTAREA') saveRow(e.target); });
 element.addEventListener('keydown', (e) => {
   if (e.target.tagName === 'TEXTAREA' && e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); saveRow(e.target); }
