@@ -194,6 +194,24 @@ def test_activity_says_when_someone_else_removes_or_sets_a_flag(store):
     assert rl.activity_since(db, ann_id, since, "bob") == []
 
 
+def test_a_decision_that_replaces_another_reviewers_later_one_says_so(store):
+    # Bob rejected the pair after Ann opened it; Ann's approve (her page not yet
+    # refreshed) replaced his decision without a word, and her page moved on.
+    db, ann_id = store["db"], store["annotation_ids"][4]
+    opened = rl.load_pair(db, ann_id).updated_at
+    time.sleep(0.01)  # stored times have millisecond resolution
+    assert rl.set_status(db, ann_id, "rejected", "bob", seen_since=opened) == ""
+    note = rl.set_status(db, ann_id, "approved", "ann", seen_since=opened)
+    assert "bob rejected this pair at" in note and "after you opened it; your decision replaces theirs" in note
+    assert rl.load_pair(db, ann_id).review_status == "approved"
+    # her own earlier decision, the same decision, or one made before she opened it: nothing to say
+    assert rl.set_status(db, ann_id, "rejected", "ann", seen_since=opened) == ""
+    rl.set_status(db, ann_id, "approved", "bob")
+    assert rl.set_status(db, ann_id, "approved", "ann", seen_since=opened) == ""
+    later = rl.load_pair(db, ann_id).updated_at
+    assert rl.set_status(db, ann_id, "rejected", "ann", seen_since=later) == ""
+
+
 def test_shortening_a_caption_the_pipeline_flagged_as_too_long_clears_that_flag(store):
     # The pipeline flags a stage 3 caption still over 77 CLIP tokens after its repair;
     # shortening it is the fix, but the flag stayed and kept the caption out of exports.

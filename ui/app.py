@@ -248,16 +248,16 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         return show(target, flt, gt_on, f"opened {target}")
 
     def on_status(status):
-        def handler(annotation_id, queue, run, model, split, gt_on, advance, typed, request: gr.Request):
+        def handler(annotation_id, queue, run, model, split, gt_on, advance, typed, since, request: gr.Request):
             if not annotation_id:
                 raise gr.Error("no pair is shown")
             db = conns.get()
             flt = rl.make_filter(queue, run, model, split)
             try:
-                rl.set_status(db, annotation_id, status, reviewer_of(request, typed))
+                replaced = rl.set_status(db, annotation_id, status, reviewer_of(request, typed), seen_since=since)
             except rl.ReviewActionError as exc:
                 raise gr.Error(str(exc)) from None
-            message = f"{annotation_id}: {status}"
+            message = f"{annotation_id}: {status}" + (f" · NOTE: {replaced}" if replaced else "")
             target = annotation_id
             if advance:
                 nxt = rl.step_from(db, flt, annotation_id, "next")
@@ -278,7 +278,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
                    trigger_mode="always_last")
     reload_btn.click(on_reload, nav_inputs, pair_outputs, api_name="review_reload")
     goto_box.submit(on_goto, [goto_box, *filters, gt_toggle], pair_outputs, api_name="review_goto")
-    status_inputs = [*nav_inputs, advance_box, reviewer_box]
+    status_inputs = [*nav_inputs, advance_box, reviewer_box, opened_at]
     approve_btn.click(on_status("approved"), status_inputs, pair_outputs, api_name="review_approve")
     reject_btn.click(on_status("rejected"), status_inputs, pair_outputs, api_name="review_reject")
     current_box.change(None, current_box, current_box, js=URL_JS, api_name=False)

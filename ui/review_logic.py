@@ -609,8 +609,24 @@ def _last_editor(db, caption_id: str) -> Optional[str]:
     return row[0] if row else None
 
 
-def set_status(db: sqlite_utils.Database, annotation_id: str, status: str, reviewer: str) -> None:
-    store_review.set_review_status(db, annotation_id, status, require_reviewer(reviewer))
+def set_status(db: sqlite_utils.Database, annotation_id: str, status: str, reviewer: str,
+               seen_since: Optional[str] = None) -> str:
+    """Approve, reject or reset the pair. Returns what the reviewer should know, or "":
+    with `seen_since` (when their page read the pair), that this decision replaces
+    another reviewer's different one made after that, which their page may not have
+    shown yet (a decision is not refused as a stale caption edit is: a second opinion
+    may overrule the first, but not unknowingly)."""
+    reviewer = require_reviewer(reviewer)
+    before = db.execute("SELECT review_status, reviewer, reviewed_at FROM annotations WHERE id = ?",
+                        [annotation_id]).fetchone()
+    store_review.set_review_status(db, annotation_id, status, reviewer)
+    if not seen_since or before is None:
+        return ""
+    previous, by, at = before
+    if previous in (status, "unreviewed") or not at or at <= seen_since or by == reviewer:
+        return ""
+    return (f"{by} {previous} this pair at {_when(at)}, after you opened it; your decision replaces theirs "
+            "(the pair's history keeps both)")
 
 
 def save_note(db: sqlite_utils.Database, annotation_id: str, note: str, reviewer: str,
