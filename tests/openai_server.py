@@ -111,8 +111,8 @@ def _objects_for(seed: int) -> list[dict]:
             for n in names]
 
 
-def _json_lists(text: str) -> list[list[dict]]:
-    """Every {"objects": [...]} value embedded in a prompt, in order."""
+def _json_values(text: str) -> list[dict]:
+    """Every JSON object embedded in a prompt, in order."""
     decoder, found, i = json.JSONDecoder(), [], 0
     while True:
         i = text.find("{", i)
@@ -123,9 +123,23 @@ def _json_lists(text: str) -> list[list[dict]]:
         except ValueError:
             i += 1
             continue
-        if isinstance(value, dict) and isinstance(value.get("objects"), list):
-            found.append(value["objects"])
+        if isinstance(value, dict):
+            found.append(value)
         i = end
+
+
+def _placeholder(text: Any) -> bool:
+    """A format example's stand-in ("...", "…"): no letter or digit."""
+    return isinstance(text, str) and not any(ch.isalnum() for ch in text)
+
+
+def _json_lists(text: str) -> list[list[dict]]:
+    """Every {"objects": [...]} value embedded in a prompt, in order, except the prompt's
+    format example (objects named "..."): every stage 1 and 2 prompt shows one, and taking
+    it for a reference list made stage 1 answer as stage 2."""
+    return [v["objects"] for v in _json_values(text) if isinstance(v.get("objects"), list)
+            and not (v["objects"] and all(isinstance(o, dict) and _placeholder(o.get("name"))
+                                          for o in v["objects"]))]
 
 
 def _captions_from(before: list[dict], after: list[dict], seed: int) -> list[str]:

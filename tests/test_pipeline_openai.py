@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from good4cir.cli import main as cli_main
+import openai_server
 from openai_server import fresh_server_fixture, server_fixture
 from pipeline.runner import RunAuthError, RunOptions, run_pipeline, start_run_in_thread
 from pipeline_world import build_world, corrupt_image, table_rows
@@ -92,6 +93,20 @@ def test_stage1_runs_once_per_reference_image_across_pairs_and_runs(server, tmp_
     # a different model is a different cache key
     run_pipeline(db_path, _options(server, model="gpt-4o", new_run=True, limit=1))
     assert server.stats["completions_ok"] == 17
+
+
+def test_stage1_answers_describe_the_image_not_the_prompts_format_example(server, tmp_path):
+    # The stage 1 prompt shows its answer format as {"objects": [{"name": "...", ...}]}: the
+    # server took that example for a reference list and answered as stage 2 would (an
+    # object named "..." and one real object).
+    db_path, _ = _world(tmp_path, references=2, pairs=2)
+    assert run_pipeline(db_path, _options(server)).pairs_done == 2
+    stage1 = [json.loads(o) for (o,) in table_rows(db_path, "SELECT objects FROM descriptions WHERE stage = 1")]
+    assert len(stage1) == 2
+    for objects in stage1:
+        assert len(objects) >= 3  # the server lists 3 to 5 objects per image
+        assert all(o["name"] in openai_server.OBJECTS for o in objects)
+        assert all(set(o["descriptors"]) <= set(openai_server.OBJECTS[o["name"]]) for o in objects)
 
 
 def test_cli_dry_run_annotate_rerun_and_status_json(server, tmp_path, capsys):
