@@ -352,6 +352,29 @@ def test_the_save_message_outlives_the_redraw_that_follows_the_save(world, brows
     context.close()
 
 
+def test_shortening_a_caption_the_pipeline_flagged_unticks_its_flag_box_at_once(world, browser, external_requests):
+    # The save clears the pipeline's 'over 77 CLIP tokens' flag and says so, but the row
+    # kept its ticked flag box and red frame until the next live redraw.
+    from store.models import PIPELINE_FLAG_REASONS, PIPELINE_REVIEWER
+
+    db, pair = world["db"], world["annotation_ids"][2]
+    caption = rl.load_pair(db, pair).individual[1]
+    with db.conn:
+        db.execute("INSERT INTO flags (annotation_id, target_kind, target_id, reason, reviewer, created_at)"
+                   " VALUES (?, 'caption', ?, ?, ?, '2026-11-27T00:00:00.000+00:00')",
+                   [pair, caption.id, PIPELINE_FLAG_REASONS[0], PIPELINE_REVIEWER])
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    box = page.locator("#g4c-cap-i1 input[data-flag]")
+    expect(box).to_be_checked()
+    field = caption_field(page, "i", 1)
+    field.fill("Make the lamp red.")
+    field.press("Enter")
+    wait_caption_status(page, "flag is cleared")
+    assert not box.is_checked()
+    assert "g4c-capflagged" not in page.locator("#g4c-cap-i1").get_attribute("class")
+    context.close()
+
+
 def test_other_reviewers_changes_appear_live_and_unsaved_text_is_kept(world, browser, external_requests):
     from store import review as store_review
 

@@ -304,6 +304,12 @@ function applyState(row, area, state, force) {
   if (meta) meta.textContent = state.meta;
   const undo = row.querySelector('button[data-undo]');
   if (undo) undo.disabled = !state.can_undo;
+  // A save can clear the pipeline's 'over 77 CLIP tokens' flag: the box follows at once.
+  const box = row.querySelector('input[data-flag]');
+  if (box && typeof state.flagged === 'boolean') {
+    box.checked = box.defaultChecked = state.flagged;
+    row.classList.toggle('g4c-capflagged', state.flagged);
+  }
   const details = row.querySelector('details.g4c-caphist');
   if (details) details.innerHTML = state.history_html;
   row.classList.remove('g4c-conflict');

@@ -859,7 +859,7 @@ def render_caption_history_html(cap: CaptionCell) -> str:
 def caption_state(cap: CaptionCell) -> dict:
     """What the captions panel's script needs to redraw one row after a save or an undo."""
     return {"caption_id": cap.id, "version": cap.version, "text": cap.text, "can_undo": cap.can_undo,
-            "meta": caption_meta(cap), "history_html": render_caption_history_html(cap)}
+            "flagged": cap.flagged, "meta": caption_meta(cap), "history_html": render_caption_history_html(cap)}
 
 
 def render_ground_truth_html(view: Optional[PairView], score: Optional[dict] = None) -> str:
