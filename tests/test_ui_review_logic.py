@@ -212,6 +212,20 @@ def test_a_decision_that_replaces_another_reviewers_later_one_says_so(store):
     assert rl.set_status(db, ann_id, "rejected", "ann", seen_since=later) == ""
 
 
+def test_pipeline_is_not_a_reviewer_name(store):
+    # Flags the pipeline sets carry reviewer 'pipeline': Stats leaves them out of the
+    # reviewers' rates and the page calls them the pipeline's. A reviewer who typed
+    # 'pipeline' as their name had their own flags counted as the pipeline's.
+    db, ann_id = store["db"], store["annotation_ids"][1]
+    caption = rl.load_pair(db, ann_id).individual[0]
+    for name in (PIPELINE_REVIEWER, " Pipeline "):
+        with pytest.raises(rl.ReviewActionError, match="the pipeline's own name"):
+            rl.set_flag(db, ann_id, "caption", caption.id, True, name)
+        with pytest.raises(rl.ReviewActionError, match="the pipeline's own name"):
+            rl.set_status(db, ann_id, "approved", name)
+    assert rl.load_pair(db, ann_id).flags == []
+
+
 def test_shortening_a_caption_the_pipeline_flagged_as_too_long_clears_that_flag(store):
     # The pipeline flags a stage 3 caption still over 77 CLIP tokens after its repair;
     # shortening it is the fix, but the flag stayed and kept the caption out of exports.

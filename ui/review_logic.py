@@ -444,6 +444,10 @@ def require_reviewer(reviewer: Optional[str]) -> str:
     reviewer = (reviewer or "").strip()
     if not reviewer:
         raise ReviewActionError("type your name in the Reviewer box first: every action is recorded with it")
+    if reviewer.casefold() == PIPELINE_REVIEWER:
+        # Its flags are told apart by this name (Stats leaves them out of reviewers' rates).
+        raise ReviewActionError(f"{reviewer!r} is the pipeline's own name for the flags it sets: type your own "
+                                "name in the Reviewer box")
     return reviewer
 
 
