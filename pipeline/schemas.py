@@ -10,6 +10,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
+# The prompts show their answer format with "..." where the answer goes; a model that
+# copies the example answers "..." (or "…"), which says nothing about any image.
+COPIED_PLACEHOLDER = "copies the format example's placeholder"
+
+
+def is_placeholder(text: str) -> bool:
+    """Text with no letter or digit in any script ('...', '…', '-'): no name, descriptor
+    or caption is made of punctuation alone."""
+    return not any(ch.isalnum() for ch in text)
+
+
 class ObjectDescriptors(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(min_length=1, description="the object, e.g. 'lamp'")
@@ -21,15 +32,26 @@ class ObjectDescriptors(BaseModel):
         name = name.strip()
         if not name:
             raise ValueError("an object's name is empty")
+        if is_placeholder(name):
+            raise ValueError(f"the name {name!r} {COPIED_PLACEHOLDER}; name an object you see")
         return name
 
     @field_validator("descriptors")
     @classmethod
     def _no_blank_descriptors(cls, descriptors: list[str]) -> list[str]:
         # A blank descriptor says nothing, yet it would be a review cell and count as an
-        # item in the flag rates: drop it, and refuse an object left with none.
-        kept = [d.strip() for d in descriptors if d.strip()]
+        # item in the flag rates: drop it, and refuse an object left with none. A
+        # placeholder beside real descriptors (["red", "..."], often the model's "and so
+        # on") says nothing either and is dropped the same way: the real ones are a usable
+        # answer, and refusing it would pay for a repair that can only ask for them again.
+        # An object left with placeholders alone is refused, saying so, for the repair.
+        stripped = [d.strip() for d in descriptors]
+        kept = [d for d in stripped if d and not is_placeholder(d)]
         if not kept:
+            copied = [d for d in stripped if d]
+            if copied:
+                raise ValueError(f"every descriptor {COPIED_PLACEHOLDER} ({copied[0]!r}); "
+                                 "write what you see of the object")
             raise ValueError("every descriptor is empty")
         return kept
 
@@ -69,6 +91,12 @@ class ModificationCaptions(BaseModel):
         for i, caption in enumerate(cleaned):
             if not caption:
                 raise ValueError(f"caption {i + 1} is empty")
+            # Refused, not dropped as a repeat would be (checked first: the example's three
+            # "..." would read as repeats): the model did not write the captions it was asked
+            # for, as with an empty one, and the repair asks for them.
+            if is_placeholder(caption):
+                raise ValueError(f"caption {i + 1} ({caption!r}) {COPIED_PLACEHOLDER}; "
+                                 "write a change between the scenes")
             match = IMAGE_REFERENCE.search(caption)
             if match:
                 raise ValueError(

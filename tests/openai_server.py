@@ -80,6 +80,10 @@ class ServerConfig:
     # (its repair comes back right), "always" its repair too.
     overlong_captions: str = ""     # stage 3/single: the first caption runs past CLIP's 77 tokens
     rename_objects: str = ""        # stage 2: the first reference object it copies gets another name
+    # "first" / "always" as above: the answer is the prompt's own format example, placeholders
+    # and all ({"objects": [{"name": "...", ...}]}, {"captions": ["...", ...]}), as a careless
+    # model copies it.
+    echo_format_example: str = ""
 
 
 OBJECTS = {
@@ -274,12 +278,19 @@ class FakeOpenAI:
         return 200, payload, {}
 
     def _spoil(self, body: dict, kind: str, content: str) -> str:
-        """The answer with the configured valid-but-wrong content (overlong_captions,
-        rename_objects); a repair request is one whose messages hold an earlier answer."""
-        if not (self.config.overlong_captions or self.config.rename_objects):
+        """The answer with the configured wrong content (overlong_captions, rename_objects,
+        echo_format_example); a repair request is one whose messages hold an earlier answer."""
+        if not (self.config.overlong_captions or self.config.rename_objects
+                or self.config.echo_format_example):
             return content
         repair = any(m.get("role") == "assistant" for m in body.get("messages", []))
         spoil = {"first": not repair, "always": True}
+        if spoil.get(self.config.echo_format_example):
+            user = next((m for m in body.get("messages", []) if m.get("role") == "user"), {})
+            # Every prompt ends with its format example ("Answer with only a JSON object of
+            # this form: ..."), after the lists it quotes.
+            self.stats["echoed_format_example"] += 1
+            return json.dumps(_json_values(_message_text(user.get("content")))[-1])
         value = json.loads(content)
         if kind == "captions" and spoil.get(self.config.overlong_captions):
             value["captions"][0] += OVERLONG_TAIL

@@ -1,12 +1,16 @@
 """Answers that validate but are wrong in a way the pipeline can see (a caption past CLIP's
 77 tokens, stage 2 calling a stage 1 object by another name): one repair request, and
-what is still wrong after it is stored flagged by the pipeline, never silently. The
-real `openai` client against the local server (tests/openai_server.py), a real store."""
+what is still wrong after it is stored flagged by the pipeline, never silently. An answer
+that copies the prompt's format example ("...") is invalid: one repair request, then the
+pair fails with the reason. The real `openai` client against the local server
+(tests/openai_server.py), a real store."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+import pytest
 
 import openai_server
 from openai_server import fresh_server_fixture, server_fixture
@@ -19,12 +23,12 @@ server = server_fixture()
 fresh_server = fresh_server_fixture("sk-test-repair-0123456789")
 
 
-def _run(server, tmp_path: Path, pairs: int = 1):
+def _run(server, tmp_path: Path, pairs: int = 1, failed: int = 0, **options):
     db_path = tmp_path / "store.db"
     build_world(db_path, tmp_path / "images", references=1, pairs=pairs)
     progress = run_pipeline(db_path, RunOptions(backend="openai", model="gpt-4o-mini", base_url=server.url,
-                                                concurrency=2, backoff_base=0.01, timeout=10))
-    assert progress.pairs_done == pairs and progress.pairs_failed == 0
+                                                concurrency=2, backoff_base=0.01, timeout=10, **options))
+    assert progress.pairs_done == pairs - failed and progress.pairs_failed == failed
     return db_path
 
 
@@ -97,3 +101,36 @@ def test_objects_really_added_and_removed_get_no_repair_request(server, tmp_path
         db_path, "SELECT d1.objects, d2.objects FROM annotations a JOIN descriptions d1 ON d1.id = a.stage1_id"
                  " JOIN descriptions d2 ON d2.id = a.stage2_id")]
     assert any(before - after and after - before for before, after in names)
+
+
+PLACEHOLDER = "copies the format example's placeholder"
+
+
+def _has_words(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+def test_an_answer_copying_the_format_examples_placeholders_gets_a_repair_request(server, tmp_path):
+    server.config.echo_format_example = "first"
+    db_path = _run(server, tmp_path)
+    assert server.stats["echoed_format_example"] == 3  # stage 1, 2 and 3 answered "..." once each
+    repairs = _repair_texts(db_path)
+    assert len(repairs) == 3 and all(PLACEHOLDER in r for r in repairs)
+    objects = [o for (d,) in table_rows(db_path, "SELECT objects FROM descriptions") for o in json.loads(d)]
+    assert objects and all(o["name"] in openai_server.OBJECTS and all(map(_has_words, o["descriptors"]))
+                           for o in objects)
+    captions = [c for (c,) in table_rows(db_path, "SELECT text FROM captions")]
+    assert len(captions) >= 3 and all(map(_has_words, captions))
+
+
+@pytest.mark.parametrize("method, stage", [("staged", "stage1"), ("single", "single")])
+def test_an_answer_still_copying_the_placeholders_after_the_repair_fails_the_pair_with_that_reason(
+        server, tmp_path, method, stage):
+    server.config.echo_format_example = "always"
+    db_path = _run(server, tmp_path, failed=1, method=method)
+    assert len(_repair_texts(db_path)) == 1
+    ((status, error),) = table_rows(db_path, "SELECT status, error FROM annotations")
+    assert status == "failed" and error.startswith(f"invalid answer: {stage}: ")
+    assert PLACEHOLDER in error and "after one repair" in error
+    assert table_rows(db_path, "SELECT COUNT(*) FROM descriptions UNION ALL SELECT COUNT(*) FROM captions") \
+        == [(0,), (0,)]

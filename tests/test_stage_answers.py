@@ -1,4 +1,5 @@
-"""Edge cases of stage answers (pipeline.schemas via parse_answer): blanks and repeats."""
+"""Edge cases of stage answers (pipeline.schemas via parse_answer): blanks, repeats and
+copies of the prompts' format examples."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import pytest
 
 from pipeline.compound import compose_captions
+from pipeline.prompts import load_prompt
 from pipeline.stages import InvalidAnswerError, overlong_captions, parse_answer, renamed_objects
 
 
@@ -43,6 +45,44 @@ def test_blank_descriptors_are_dropped_and_blank_names_refused():
         parse_answer("stage2", json.dumps({"objects": [{"name": "  ", "descriptors": ["red"]}]}))
     with pytest.raises(InvalidAnswerError, match="every descriptor is empty"):
         parse_answer("stage1", json.dumps({"objects": [{"name": "lamp", "descriptors": [" ", ""]}]}))
+
+
+PLACEHOLDER = "copies the format example's placeholder"
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3", "single"])
+def test_the_prompts_own_format_example_is_an_invalid_answer(stage):
+    # Each prompt ends "Answer with only a JSON object of this form:" and the example.
+    example = load_prompt(stage).user.rstrip().splitlines()[-1]
+    assert '"..."' in example
+    with pytest.raises(InvalidAnswerError, match=PLACEHOLDER):
+        parse_answer(stage, example)
+
+
+@pytest.mark.parametrize("placeholder", ["...", "…", " … ", "-", "—", "[...]", "?"])
+def test_a_name_or_caption_with_no_letter_or_digit_is_a_copied_placeholder(placeholder):
+    with pytest.raises(InvalidAnswerError, match=rf"objects\.1\.name: .*{PLACEHOLDER}"):
+        parse_answer("stage2", json.dumps({"objects": [
+            {"name": "lamp", "descriptors": ["red"]}, {"name": placeholder, "descriptors": ["tall"]}]}))
+    with pytest.raises(InvalidAnswerError, match=rf"caption 2 \(.*\) {PLACEHOLDER}"):
+        parse_answer("stage3", _captions("Add a lamp", placeholder, "Remove the rug", "Make the bed red"))
+
+
+def test_placeholder_descriptors_are_dropped_like_blank_ones_and_an_object_of_only_placeholders_refused():
+    answer = parse_answer("stage1", json.dumps(
+        {"objects": [{"name": "lamp", "descriptors": ["red", "...", "…", " "]}]}))
+    assert answer.objects[0].descriptors == ["red"]
+    with pytest.raises(InvalidAnswerError, match=rf"objects\.0\.descriptors: .*{PLACEHOLDER}"):
+        parse_answer("stage1", json.dumps({"objects": [{"name": "lamp", "descriptors": ["...", " "]}]}))
+
+
+def test_short_names_descriptors_and_captions_in_any_script_are_answers():
+    answer = parse_answer("stage1", json.dumps({"objects": [
+        {"name": "TV", "descriptors": ["2", "55\"", "on the wall"]}, {"name": "lámpara", "descriptors": ["roja"]},
+        {"name": "灯", "descriptors": ["红色"]}]}))
+    assert [o.name for o in answer.objects] == ["TV", "lámpara", "灯"]
+    assert answer.objects[0].descriptors == ["2", '55"', "on the wall"]
+    assert len(parse_answer("stage3", _captions("把灯变成红色", "Add 2 lamps", "Remove the rug...")).captions) == 3
 
 
 def test_caption_count_bounds_hold_after_stripping():
