@@ -117,6 +117,8 @@ def test_a_start_says_whether_it_resumed_a_run_and_what_it_did(store, monkeypatc
     from openai_server import start_server
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    # a reviewed pair: the new run's annotation of it is what exports take from now on
+    rl.set_status(store["db"], store["annotation_ids"][0], "approved", "ann")
     server = start_server()
     try:
         controller = pl.PipelineController(str(store["db_path"]))
@@ -133,6 +135,9 @@ def test_a_start_says_whether_it_resumed_a_run_and_what_it_did(store, monkeypatc
         server.stop()
     run_id = controller.snapshot()["run_id"]
     assert f"new run {run_id} (no earlier run has these settings): 2 pairs annotated by this start" in first
+    assert ("1 of its pairs was reviewed in an earlier run: exports take each pair's newest annotation, "
+            f"so review it again in run {run_id}") in first
+    assert "reviewed in an earlier run" not in again
     assert f"resumed run {run_id} (same settings): 0 pairs annotated by this start" in again
     assert "nothing was left to do: Limit 2 takes the store's first 2 pairs, and they are done" in again
     assert "the store's first N pairs" in pl.LIMIT_LABEL

@@ -98,6 +98,7 @@ class PipelineController:
         self.started_by: Optional[str] = None
         self._done_before: dict[int, int] = {}   # every run's done pairs when the last start began
         self._limit: Optional[int] = None
+        self._reviewed_elsewhere = 0             # pairs of a new run that an earlier run's review decided
 
     @property
     def running(self) -> bool:
@@ -120,6 +121,9 @@ class PipelineController:
         self._handle.wait_started(timeout=30)
         if self._handle.error is not None:
             raise PipelineControlError(f"the run did not start: {self._handle.error}")
+        run_id = self._handle.run_id
+        self._reviewed_elsewhere = 0 if run_id is None or run_id in done_before else _reviewed_elsewhere(
+            self.db_path, run_id)
         return self._handle
 
     def stop(self) -> str:
@@ -141,9 +145,25 @@ class PipelineController:
             progress["resumed"] = handle.run_id in self._done_before
             progress["done_by_this_start"] = progress.get("pairs_done", 0) - self._done_before.get(handle.run_id, 0)
             progress["limit"] = self._limit
+            progress["reviewed_elsewhere"] = 0 if progress["resumed"] else self._reviewed_elsewhere
         if handle.error is not None:
             progress["error"] = f"{type(handle.error).__name__}: {handle.error}"
         return progress
+
+
+def _reviewed_elsewhere(db_path: str, run_id: int) -> int:
+    """How many of the run's pairs another run's annotation has a review decision for:
+    a new run's annotation of them replaces that one in exports."""
+    from store.db import open_db
+
+    db = open_db(db_path)
+    try:
+        return db.execute(
+            "SELECT COUNT(DISTINCT a.pair_id) FROM annotations a JOIN annotations o ON o.pair_id = a.pair_id"
+            " AND o.run_id != a.run_id AND o.review_status != 'unreviewed' WHERE a.run_id = ?",
+            [run_id]).fetchone()[0]
+    finally:
+        db.conn.close()
 
 
 def format_progress(progress: Optional[dict]) -> str:
@@ -175,6 +195,13 @@ def format_progress(progress: Optional[dict]) -> str:
                 f": Limit {limit} takes the store's first {limit} pairs, and they are done; raise it for more"
                 if limit else ""))
         lines.insert(1, line)
+        reviewed = progress.get("reviewed_elsewhere") or 0
+        if reviewed:
+            one = reviewed == 1
+            lines.insert(2, f"{reviewed:,} of its pairs {'was' if one else 'were'} reviewed in an earlier run: exports "
+                            f"take each pair's newest annotation, so review {'it' if one else 'them'} again in run "
+                            f"{progress.get('run_id')} (Review tab, Run filter) or export the earlier run by its "
+                            "number")
     failures = progress.get("failures") or {}
     if failures:
         lines.append("failures: " + "; ".join(f"{reason}: {count}" for reason, count in sorted(failures.items())))
