@@ -263,6 +263,21 @@ def test_queue_counts_follow_other_reviewers_without_a_move(world, browser, exte
     context.close()
 
 
+def test_the_review_filters_offer_runs_made_after_the_page_opened(world, browser, external_requests):
+    # The Run, Model and Split choices were read once, when the page loaded: a run started
+    # later (Pipeline tab, CLI) could not be picked without reloading the page.
+    from store.annotations import create_run
+
+    context, page = open_page(browser, world, external_requests, "ann")
+    run = create_run(world["db"], "simulator", "sim-later", name="started later")
+    page.get_by_role("combobox", name="Run", exact=True).click()
+    expect(page.locator("ul[role='listbox'] li").filter(has_text=f"{run.id}: started later")).to_have_count(1)
+    page.keyboard.press("Escape")
+    page.get_by_role("combobox", name="Model", exact=True).click()
+    expect(page.locator("ul[role='listbox'] li").filter(has_text="sim-later")).to_have_count(1)
+    context.close()
+
+
 def test_undo_a_caption_edit_and_see_its_history(world, browser, external_requests):
     db, pair = world["db"], world["annotation_ids"][6]
     original = rl.load_pair(db, pair).individual[0].text

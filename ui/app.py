@@ -271,6 +271,14 @@ def _review_tab(conns, reviewer_of, reviewer_box):
     nav_inputs = [cursor, *filters, gt_toggle]
     for comp in filters:
         comp.input(on_filter, [*filters, gt_toggle], pair_outputs, api_name=False)
+
+    # Runs, models and splits come and go while the page is open (the Pipeline tab, the
+    # CLI): a filter offers what the store holds when it is opened, not at page load.
+    def choices_of(key):
+        return lambda: gr.update(choices=rl.filter_choices(conns.get())[key])
+
+    for comp, key in ((run_dd, "runs"), (model_dd, "models"), (split_dd, "splits")):
+        comp.focus(choices_of(key), None, comp, api_name=False, queue=False, show_progress="hidden")
     # always_last: a click (or a held-down key) while a move is under way is not dropped;
     # it runs once more from wherever the first move landed.
     next_btn.click(on_step("next"), nav_inputs, pair_outputs, api_name="review_next", trigger_mode="always_last")
