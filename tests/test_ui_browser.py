@@ -278,6 +278,25 @@ def test_the_review_filters_offer_runs_made_after_the_page_opened(world, browser
     context.close()
 
 
+def test_a_long_unbroken_descriptor_stays_inside_its_column(world, browser, external_requests):
+    # The two descriptor columns were '1fr 1fr' grid tracks, which grow to fit their
+    # longest word: one long unbroken descriptor (a VLM's hyphen-less run-on, a path)
+    # squeezed the stage 1 column and pushed stage 2 under the captions, cut off.
+    db, pair = world["db"], world["annotation_ids"][8]
+    stage2_id = db.execute("SELECT stage2_id FROM annotations WHERE id = ?", [pair]).fetchone()[0]
+    objects = json.loads(db.execute("SELECT objects FROM descriptions WHERE id = ?", [stage2_id]).fetchone()[0])
+    objects[-1]["descriptors"].append("Supercalifragilisticexpialidocious" * 4)
+    with db.conn:
+        db.execute("UPDATE descriptions SET objects = ? WHERE id = ?", [json.dumps(objects), stage2_id])
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    expect(page.locator(".g4c-chip", has_text="Supercalifragilistic")).to_be_visible()
+    widths = page.locator(".g4c-col").evaluate_all(
+        "cols => cols.map(c => [Math.round(c.getBoundingClientRect().width), c.scrollWidth - c.clientWidth])")
+    (left, left_overflow), (right, right_overflow) = widths
+    assert abs(left - right) <= 2 and left_overflow <= 0 and right_overflow <= 0, widths
+    context.close()
+
+
 def test_undo_a_caption_edit_and_see_its_history(world, browser, external_requests):
     db, pair = world["db"], world["annotation_ids"][6]
     original = rl.load_pair(db, pair).individual[0].text

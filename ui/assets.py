@@ -23,7 +23,8 @@ body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-meta { font-size: 13px; padding: 4px 10px; }
 .g4c-status { font-weight: 700; text-transform: uppercase; }
 .g4c-s-approved { color: #15803d; } .g4c-s-rejected { color: #b91c1c; } .g4c-s-unreviewed { color: #6b7280; }
-.g4c-cols { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
+/* minmax(0, ...): a column never grows to fit a long unbroken word (the words break). */
+.g4c-cols { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 14px; }
 .g4c-col h4 { margin: 4px 0 6px 0; }
 .g4c-obj { border: 1px solid var(--border-color-primary); border-left-width: 5px; border-radius: 6px;
   padding: 4px 8px; margin-bottom: 6px; }
@@ -31,14 +32,14 @@ body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-o-changed { border-left-color: #d97706; }
 .g4c-o-new { border-left-color: #16a34a; }
 .g4c-o-removed { border-left-color: #dc2626; }
-.g4c-objhead { font-weight: 600; font-size: 14px; margin-bottom: 3px; }
+.g4c-objhead { font-weight: 600; font-size: 14px; margin-bottom: 3px; overflow-wrap: anywhere; }
 .g4c-pipeflag { font-size: 12px; color: #991b1b; margin-bottom: 3px; }
 .g4c-badge { font-size: 11px; font-weight: 600; border-radius: 9px; padding: 1px 7px; margin-left: 6px; color: #fff; }
 .g4c-b-unchanged, .g4c-b-kept { background: #6b7280; } .g4c-b-changed { background: #d97706; }
 .g4c-b-new { background: #16a34a; } .g4c-b-removed { background: #dc2626; }
 .g4c-chips { display: flex; flex-wrap: wrap; gap: 4px; }
 .g4c-chip { font-size: 13px; border-radius: 12px; padding: 2px 9px; border: 1px solid #d1d5db;
-  background: #f3f4f6; color: #111; cursor: pointer; }
+  background: #f3f4f6; color: #111; cursor: pointer; max-width: 100%; overflow-wrap: anywhere; text-align: left; }
 .g4c-chip:hover { border-color: #dc2626; }
 .g4c-d-new { background: #dcfce7; border-color: #16a34a; }
 .g4c-d-gone { text-decoration: line-through; color: #6b7280; }
