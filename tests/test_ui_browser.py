@@ -282,6 +282,8 @@ def test_a_long_unbroken_descriptor_stays_inside_its_column(world, browser, exte
     # The two descriptor columns were '1fr 1fr' grid tracks, which grow to fit their
     # longest word: one long unbroken descriptor (a VLM's hyphen-less run-on, a path)
     # squeezed the stage 1 column and pushed stage 2 under the captions, cut off.
+    from store import review as store_review
+
     db, pair = world["db"], world["annotation_ids"][8]
     stage2_id = db.execute("SELECT stage2_id FROM annotations WHERE id = ?", [pair]).fetchone()[0]
     objects = json.loads(db.execute("SELECT objects FROM descriptions WHERE id = ?", [stage2_id]).fetchone()[0])
@@ -294,6 +296,13 @@ def test_a_long_unbroken_descriptor_stays_inside_its_column(world, browser, exte
         "cols => cols.map(c => [Math.round(c.getBoundingClientRect().width), c.scrollWidth - c.clientWidth])")
     (left, left_overflow), (right, right_overflow) = widths
     assert abs(left - right) <= 2 and left_overflow <= 0 and right_overflow <= 0, widths
+    # the same in the pair's history: a long unbroken note stays inside the table
+    store_review.set_note(db, pair, "see:" + "x" * 200, "bob")
+    page.locator("#g4c-reload").click()
+    page.locator("#g4c-history-box").get_by_text("History of this pair").click()
+    table = page.locator(".g4c-histtable")
+    expect(table).to_contain_text("see:xxx")
+    assert table.evaluate("t => t.getBoundingClientRect().right <= t.parentElement.getBoundingClientRect().right + 1")
     context.close()
 
 

@@ -84,6 +84,7 @@ body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-histmeta { color: #6b7280; font-size: 11px; }
 .g4c-history { max-height: 320px; overflow-y: auto; }
 .g4c-histtable { width: 100%; }
+.g4c-histtable td { overflow-wrap: anywhere; }
 .g4c-histtable .g4c-when { white-space: nowrap; color: #6b7280; }
 .g4c-keys { font-size: 12px; }
 .g4c-results { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; }
