@@ -281,6 +281,28 @@ def test_the_pipelines_own_flags_say_they_are_the_pipelines_and_what_they_mean(s
     assert "pipeline" not in board.split(">plant<", 1)[0].split("g4c-cols", 1)[1]  # other objects: nothing
 
 
+def test_a_compound_that_quotes_an_edited_caption_says_exports_leave_it_out(store, tmp_path):
+    # Exports drop a stage 4 compound that still quotes a caption a reviewer edited (it
+    # carries the replaced text), but neither the captions panel nor the Export tab's
+    # summary said so: the reviewer approved and the compound was silently missing.
+    from ui import export_logic as el
+
+    db, ann = store["db"], store["annotation_ids"][0]
+    rl.save_caption(db, f"{ann}:c0", "Make the box yellow.", "ann", 0)
+    view = rl.load_pair(db, ann)
+    stale, fine = view.compound[0], view.compound[1]   # built from captions 0+1 and 2+3
+    assert "quotes edited caption c0: exports leave it out until it is edited too" in rl.caption_meta(stale)
+    assert "quotes edited" not in rl.caption_meta(fine)
+    assert "quotes edited caption c0" in rl.render_captions_html(view)
+    rl.save_caption(db, stale.id, "Make the box yellow and round.", "ann", stale.version)
+    assert "quotes edited" not in rl.caption_meta(rl.load_pair(db, ann).compound[0])
+    rl.save_caption(db, f"{ann}:c2", "Remove the lamp.", "ann", 0)
+    rl.set_status(db, ann, "approved", "ann")
+    _, stats = el.export_to_download(db, "good4cir", out_dir=tmp_path)
+    assert ("1 compound caption left out: it quotes a caption a reviewer edited (edit the compound in the Review "
+            "tab to keep it)") in el.describe_export(stats)
+
+
 def test_rendered_html_escapes_captions_and_descriptors(tmp_path):
     info = build_review_store(tmp_path, 1, script_caption=True)
     db = open_db(info["db_path"])

@@ -88,6 +88,11 @@ def describe_export(stats: dict) -> str:
              f"{stats.get('format')}"]
     if stats.get("flagged_captions_left_out"):
         lines.append(f"{stats['flagged_captions_left_out']:,} flagged captions left out")
+    stale = stats.get("stale_compounds_left_out") or 0
+    if stale:
+        quote = "it quotes" if stale == 1 else "they quote"
+        lines.append(f"{stale:,} compound caption{'' if stale == 1 else 's'} left out: {quote} a caption a reviewer "
+                     "edited (edit the compound in the Review tab to keep it)")
     if stats.get("pairs_without_captions"):
         lines.append(f"{stats['pairs_without_captions']:,} pairs had no caption left and were skipped")
     if stats.get("pairs_without_target"):

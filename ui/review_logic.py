@@ -178,6 +178,10 @@ class CaptionCell:
     edited_by: Optional[str] = None
     token_count: Optional[int] = None
     history: list[CaptionEdit] = field(default_factory=list)  # edit rows, oldest first
+    sources: list[str] = field(default_factory=list)          # a compound's stage 3 caption ids
+    # A compound's sources whose text a reviewer changed while the compound still has the
+    # pipeline's text: exports leave it out (store.exporters), since it quotes the old text.
+    stale_sources: list[str] = field(default_factory=list)
 
     @property
     def can_undo(self) -> bool:
@@ -320,6 +324,10 @@ def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
     for cap in store_review.list_captions(db, annotation_id):
         cell = _caption_cell(cap, history.get(cap.id, []), flag_by_target.get(("caption", cap.id)))
         (individual if cap.kind == "individual" else compound).append(cell)
+    edited = {c.id for c in (*individual, *compound) if c.text != c.original}
+    for cell in compound:
+        if cell.id not in edited:
+            cell.stale_sources = [s for s in cell.sources if s in edited]
 
     ground_truth = json.loads(pair["ground_truth"]) if pair.get("ground_truth") else None
     return PairView(
@@ -355,8 +363,9 @@ def _caption_cell(cap, history: list[CaptionEdit], flag: Optional[FlagRecord]) -
     return CaptionCell(
         id=cap.id, kind=cap.kind, position=cap.position, text=cap.current_text or cap.text,
         original=cap.text, version=cap.version, flagged=flag is not None,
-        reason=flag.reason if flag else None, flagged_by=flag.reviewer if flag else None, edited_by=history[-1].editor if history else None,
-        token_count=cap.token_count, history=history,
+        reason=flag.reason if flag else None, flagged_by=flag.reviewer if flag else None,
+        edited_by=history[-1].editor if history else None,
+        token_count=cap.token_count, history=history, sources=list(cap.sources or ()),
     )
 
 
@@ -836,6 +845,10 @@ def caption_meta(cap: CaptionCell) -> str:
                  else f" · undone by {last.editor} (back to v{last.restores})")
     if cap.kind == "compound" and cap.token_count:
         meta += f" · {cap.token_count} CLIP tokens"
+    if cap.stale_sources:
+        names = ", ".join(caption_label(s).split(" ", 1)[1] for s in cap.stale_sources)
+        meta += (f" · quotes edited caption{'s' if len(cap.stale_sources) > 1 else ''} {names}: exports leave it "
+                 "out until it is edited too")
     if cap.flagged:
         meta += f" · {flag_label(cap.flagged_by, cap.reason)}"
         if cap.flagged_by == PIPELINE_REVIEWER and cap.reason in _PIPELINE_HINTS:
