@@ -182,6 +182,7 @@ class CaptionCell:
     # A compound's sources whose text a reviewer changed while the compound still has the
     # pipeline's text: exports leave it out (store.exporters), since it quotes the old text.
     stale_sources: list[str] = field(default_factory=list)
+    flagged_sources: list[str] = field(default_factory=list)  # flagged: exports leave the compound out too
 
     @property
     def can_undo(self) -> bool:
@@ -325,7 +326,9 @@ def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
         cell = _caption_cell(cap, history.get(cap.id, []), flag_by_target.get(("caption", cap.id)))
         (individual if cap.kind == "individual" else compound).append(cell)
     edited = {c.id for c in (*individual, *compound) if c.text != c.original}
+    flagged_captions = {c.id for c in individual if c.flagged}
     for cell in compound:
+        cell.flagged_sources = [s for s in cell.sources if s in flagged_captions]
         if cell.id not in edited:
             cell.stale_sources = [s for s in cell.sources if s in edited]
 
@@ -845,6 +848,9 @@ def caption_meta(cap: CaptionCell) -> str:
                  else f" · undone by {last.editor} (back to v{last.restores})")
     if cap.kind == "compound" and cap.token_count:
         meta += f" · {cap.token_count} CLIP tokens"
+    if cap.flagged_sources and not cap.flagged:
+        names = ", ".join(caption_label(s).split(" ", 1)[1] for s in cap.flagged_sources)
+        meta += f" · built on flagged caption{'s' if len(cap.flagged_sources) > 1 else ''} {names}: exports leave it out"
     if cap.stale_sources:
         names = ", ".join(caption_label(s).split(" ", 1)[1] for s in cap.stale_sources)
         meta += (f" · quotes edited caption{'s' if len(cap.stale_sources) > 1 else ''} {names}: exports leave it "
