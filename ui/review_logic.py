@@ -851,7 +851,7 @@ def caption_meta(cap: CaptionCell) -> str:
     if cap.flagged_sources and not cap.flagged:
         names = ", ".join(caption_label(s).split(" ", 1)[1] for s in cap.flagged_sources)
         meta += f" · built on flagged caption{'s' if len(cap.flagged_sources) > 1 else ''} {names}: exports leave it out"
-    if cap.stale_sources:
+    elif cap.stale_sources and not cap.flagged:   # one reason to be left out is enough
         names = ", ".join(caption_label(s).split(" ", 1)[1] for s in cap.stale_sources)
         meta += (f" · quotes edited caption{'s' if len(cap.stale_sources) > 1 else ''} {names}: exports leave it "
                  "out until it is edited too")
