@@ -196,10 +196,13 @@ def _descriptor_key(descriptor: str) -> str:
 def renamed_objects(reference: list[dict], target: list[dict]) -> list[AnswerProblem]:
     """Stage 2 objects that are a stage 1 object under another name ('lamp' -> 'light'):
     a name no stage 1 object has, while a stage 1 object whose name stage 2 lacks shares
-    its descriptors (at least 2 and half the shorter list, or 1 and a word of the name).
-    Stage 2 is told to copy names; a new name breaks the alignment stage 3 and scoring
-    rely on. A target may really add and remove objects: those have descriptors of their
-    own (an added plant's are not a removed rug's), so they are not counted here."""
+    its descriptors (at least 2 and three quarters of the shorter list, or 1 and a word of
+    the name). Stage 2 is told to copy names; a new name breaks the alignment stage 3 and
+    scoring rely on. A target may really add and remove objects: those have descriptors of
+    their own, so they are not counted here. Where and how many are descriptors that
+    unrelated objects often share: half of the shorter list flagged a rug removed from the
+    centre and a clock added there ("in the centre", "one") as a rename, on 9 of 60
+    demo-world pairs with the simulator at error rate 0, each a paid repair request."""
     target_names = {_name_key(o["name"]) for o in target}
     reference_names = {_name_key(o["name"]) for o in reference}
     missing = [o for o in reference if _name_key(o["name"]) not in target_names]
@@ -213,7 +216,7 @@ def renamed_objects(reference: list[dict], target: list[dict]) -> list[AnswerPro
             theirs = {_descriptor_key(d) for d in old["descriptors"]}
             shared = len(mine & theirs)
             same_word = bool(set(_name_key(obj["name"]).split()) & set(_name_key(old["name"]).split()))
-            alike = (shared >= 2 and shared * 2 >= min(len(mine), len(theirs))) or (shared >= 1 and same_word)
+            alike = (shared >= 2 and shared * 4 >= 3 * min(len(mine), len(theirs))) or (shared >= 1 and same_word)
             if alike and j not in taken and shared > best_shared:
                 best, best_shared = j, shared
         if best is None:
