@@ -430,6 +430,23 @@ def _check_limit(options: RunOptions) -> None:
         raise ValueError(f"limit must be at least 1, not {options.limit}")
 
 
+def _check_simulator_pairs(db, options: RunOptions, pair_ids: list[str]) -> None:
+    """The simulator answers from the demo world's ground truth: refuse, before a run row
+    exists, a selection in which no pair has any (a user's own images), rather than fail
+    every pair one by one."""
+    if options.backend != "simulator" or not pair_ids:
+        return
+    sample = pair_ids[:500]  # a mixed store's demo-world pairs are found among the first
+    rows = _rows_in(db, "SELECT external_id FROM pairs WHERE id IN ({}) AND ground_truth IS NULL", sample)
+    if len(rows) < len(sample):
+        return
+    raise ValueError(
+        f"the simulator backend needs demo-world ground truth, and none of the {len(pair_ids)} "
+        f"pairs to annotate has any (pair {rows[0][0]!r} is one): it is an offline stand-in "
+        "for the demo world only. For your own images use --backend openai (with "
+        "OPENAI_API_KEY, or --base-url for a local OpenAI-compatible server)")
+
+
 def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
     """How many calls a run of these options would make now, and roughly what they cost:
     requests answered in the store or in the open batches the run would wait for are not
@@ -441,6 +458,7 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         prompts = prompt_versions()
         run = _find_run(db, options)
         pair_ids = store_ann.select_pair_ids(db, split=options.split, limit=options.limit)
+        _check_simulator_pairs(db, options, pair_ids)
         done = _settled_pairs(db, run.id, options.retry_failed) if run is not None else set()
         todo = [p for p in pair_ids if p not in done]
         # As the run would: refused (RunBusyError, the same message) where it cannot wait
@@ -606,6 +624,7 @@ class Runner:
                 raise ValueError(f"the store has no pairs{where} to annotate: import some first "
                                  "(good4cir import --db DB --format pairs DIR)")
             # Before a run row exists: a refused start leaves nothing behind.
+            _check_simulator_pairs(db, self.options, pair_ids)
             self._waited_runs = _runs_asking_the_same(db, run, self.options, pair_ids, self.prompts)
             if run is None:
                 run = store_ann.create_run(

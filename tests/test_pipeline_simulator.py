@@ -87,3 +87,15 @@ def test_annotate_and_score_refuse_a_store_that_does_not_exist(tmp_path):
         with pytest.raises(FileNotFoundError, match="no such store"):
             cli_main(args)
         assert not missing.parent.exists(), args  # a mistyped path leaves no empty store behind
+
+
+def test_the_simulator_refuses_a_store_without_demo_world_pairs(tmp_path):
+    # A user's own images have no ground truth for the simulator to answer from: every
+    # pair used to fail one by one ('request rejected: 11') with exit status 0.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    for extra in ([], ["--dry-run"]):
+        with pytest.raises(ValueError, match="demo-world ground truth.*--backend openai"):
+            cli_main(["annotate", "--db", str(db_path), "--backend", "simulator", "--no-progress", *extra])
+    assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls") == [(0,)]
