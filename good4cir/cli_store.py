@@ -113,4 +113,12 @@ def run_export(args: argparse.Namespace) -> int:
         f"{report['stale_compounds_left_out']} compounds quoting an edited caption, "
         f"{report['pairs_without_captions']} pairs with no caption to export"
     )
+    awaiting, never = report["pairs_awaiting_review"], report["pairs_not_annotated"]
+    if awaiting:
+        print(f"  {awaiting} annotated pair{'' if awaiting == 1 else 's'} awaiting review left out: only "
+              f"approved pairs are exported; approve them in the app (good4cir app --db {args.db}), "
+              "or pass --include-unreviewed")
+    if never:
+        print(f"  {never} pair{'' if never == 1 else 's'} never annotated left out: annotate them "
+              "(good4cir annotate), or pass --include-unreviewed to export their imported captions")
     return 0

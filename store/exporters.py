@@ -67,7 +67,8 @@ def export_dataset(
         get_run(db, run_id)  # a clear NotFoundError for a wrong id
     stats = {"format": format, "out": str(out), "pairs": 0, "captions": 0,
              "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
-             "pairs_without_captions": 0, "pairs_without_target": 0}
+             "pairs_without_captions": 0, "pairs_without_target": 0,
+             "pairs_awaiting_review": 0, "pairs_not_annotated": 0}
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
                           progress=progress)
@@ -95,6 +96,7 @@ def collect_items(
     stats = stats if stats is not None else {"flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
                                              "pairs_without_captions": 0}
     annotated, chosen = _chosen_annotations(db, run_id, include_unreviewed)
+    awaiting = set() if include_unreviewed else _awaiting_review(db, run_id)
     runs: dict[int, RunRecord] = {}
     sql = "SELECT * FROM pairs" + (" WHERE split = ?" if split else "") + " ORDER BY rowid"
     cursor = db.execute(sql, [split] if split else [])
@@ -102,7 +104,8 @@ def collect_items(
     id_index = names.index("id")
     # Decide from the raw rows first: most pairs of a big store are not exported.
     rows = [row for row in cursor.fetchall()
-            if row[id_index] in chosen or (include_unreviewed and row[id_index] not in annotated)]
+            if row[id_index] in chosen or (include_unreviewed and row[id_index] not in annotated)
+            or _count_left_out(stats, row[id_index], annotated, awaiting)]
     images = _ImageCache(db)
     bar = tqdm(total=len(rows), desc="export", unit="pair", disable=not progress, leave=False)
     for start in range(0, len(rows), _CHUNK):
@@ -149,6 +152,30 @@ def collect_items(
     bar.close()
 
 
+def _count_left_out(stats: dict, pair_id: str, annotated: set[str], awaiting: set[str]) -> bool:
+    """Count a pair the export leaves out for want of review (or of any annotation), so
+    that an export made before reviewing says why it is empty; always False."""
+    if pair_id in awaiting:
+        stats["pairs_awaiting_review"] = stats.get("pairs_awaiting_review", 0) + 1
+    elif pair_id not in annotated:
+        stats["pairs_not_annotated"] = stats.get("pairs_not_annotated", 0) + 1
+    return False
+
+
+def _newest_done(run_id: Optional[int]) -> str:
+    """SQL: annotation `a` is the one an export takes for its pair (run_id's, or the newest finished)."""
+    return ("a.run_id = ?" if run_id is not None else
+            "a.run_id = (SELECT MAX(b.run_id) FROM annotations b"
+            " WHERE b.pair_id = a.pair_id AND b.status = 'done')")
+
+
+def _awaiting_review(db, run_id: Optional[int]) -> set[str]:
+    """Pairs whose annotation an export would take is not reviewed yet."""
+    return {row[0] for row in db.execute(
+        f"SELECT a.pair_id FROM annotations a WHERE a.status = 'done' AND {_newest_done(run_id)}"
+        " AND a.review_status = 'unreviewed'", [run_id] if run_id is not None else [])}
+
+
 def _caption_flags(db, annotation_ids: list[str]) -> dict[str, set[str]]:
     """annotation id -> ids of its captions that carry an active flag."""
     if not annotation_ids:
@@ -168,9 +195,7 @@ def _chosen_annotations(db, run_id: Optional[int], include_unreviewed: bool
     """(pairs that have a finished annotation, pair id -> that annotation when it is to be
     exported). Only the newest finished annotation counts (or the one of run_id): a
     pair whose newest one was rejected does not fall back to an older approved one."""
-    newest = ("a.run_id = ?" if run_id is not None else
-              "a.run_id = (SELECT MAX(b.run_id) FROM annotations b"
-              " WHERE b.pair_id = a.pair_id AND b.status = 'done')")
+    newest = _newest_done(run_id)
     params = [run_id] if run_id is not None else []
     annotated = {row[0] for row in db.execute(
         f"SELECT a.pair_id FROM annotations a WHERE a.status = 'done' AND {newest}", params)}

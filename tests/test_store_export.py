@@ -254,3 +254,22 @@ def test_an_export_gets_the_usual_file_mode_not_a_private_one(reviewed, tmp_path
         os.umask(old)
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
     assert [p.name for p in out.parent.iterdir()] == ["dataset.jsonl"]  # no temporary file left
+
+
+def test_cli_export_before_review_says_why_nothing_was_written(tmp_path, capsys):
+    # A new user exporting straight after `annotate` (or `import`) got 'wrote 0 pairs ...;
+    # left out: 0 flagged captions, ...' and an empty file, with no word of the review step.
+    db_path = tmp_path / "s.db"
+    db = open_db(db_path)
+    import_dataset(db, "pairs", FIXTURES / "pairs")
+    out = tmp_path / "out.json"
+    assert main(["export", "--db", str(db_path), "--format", "good4cir", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "wrote 0 pairs" in said and "3 pairs never annotated" in said and "--include-unreviewed" in said
+    annotate_all(db)
+    assert main(["export", "--db", str(db_path), "--format", "good4cir", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs_awaiting_review"] == 3
+    assert main(["export", "--db", str(db_path), "--format", "good4cir", "--out", str(out), "--split", "train"]) == 0
+    said = capsys.readouterr().out
+    assert "1 annotated pair awaiting review" in said and "good4cir app --db" in said
+    assert "never annotated" not in said
