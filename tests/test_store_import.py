@@ -435,3 +435,27 @@ def test_an_empty_file_says_so(tmp_path):
     good.write_text(" \n")
     with pytest.raises(FormatError, match="dataset.json: the file is empty"):
         import_dataset(db, "good4cir", good)
+
+
+def test_a_pair_whose_reference_and_target_are_one_image_is_a_problem(tmp_path):
+    # A typo (the same file twice) or a byte copy under another name: a CIR pair of one
+    # image has no modification to describe, and the VLM would be paid to say so.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    shutil.copy(folder / "images/room0.png", folder / "images/room0_copy.png")
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(p) for p in [
+        {"reference": "images/room0.png", "target": "images/room0.png"},
+        {"reference": "images/room0.png", "target": "images/room0_copy.png"},
+        {"reference": "images/room0.png", "target": "images/room0_edit.png"},
+    ]) + "\n")
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "pairs", folder)
+    assert report.pairs_added == 1
+    assert [p.item for p in report.problems] == [
+        "pair 'images/room0.png|images/room0.png' (pairs.jsonl line 1)",
+        "pair 'images/room0.png|images/room0_copy.png' (pairs.jsonl line 2)"]
+    assert all("same image" in p.reason for p in report.problems)
+    (folder / "dataset.json").write_text(json.dumps([
+        {"reference_image": "images/room1.png", "target_image": "images/room1.png"}]))
+    report = import_dataset(db, "good4cir", folder / "dataset.json")
+    assert report.pairs_added == 0 and "same image" in report.problems[0].reason

@@ -116,6 +116,16 @@ class ImportSession:
             self._staged = []
         self.report.problems.append(ImportProblem(item=str(item), reason=reason))
 
+    def same_image(self, item: str, reference_id: str, target_id: Optional[str]) -> bool:
+        """True, with a problem recorded, when a pair's reference and target are one image
+        (one file named twice, or two files with the same content): a CIR pair of one image
+        has no modification to describe, and annotating it would pay a VLM to say so."""
+        if target_id is None or target_id != reference_id:
+            return False
+        self.problem(item, "reference and target are the same image (same content): a pair needs "
+                           "two different images; fix the target's path")
+        return True
+
     def warn(self, item: str, reason: str) -> None:
         self.report.warnings.append(ImportProblem(item=str(item), reason=reason))
 

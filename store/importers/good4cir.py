@@ -75,6 +75,8 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
         except ImageError as exc:
             session.problem(item, str(exc))
             continue
+        if session.same_image(item, reference_id, target_id):
+            continue
         for location in (reference, target):
             if is_url(location):
                 session.warn(item, f"{location} is a URL: recorded without downloading, so it "
