@@ -125,17 +125,19 @@ def load_store_triplets(
             if item.annotation is not None:
                 generated[item.pair.id] = [(c.current_text or c.text, c.kind) for c in item.captions
                                            if (c.current_text or c.text).strip()]
-        # Pairs whose generated captions only wait for a review, to say so when they are all
-        # a --source generated run could have used.
-        awaiting_review: set[str] = set()
-        if source == "generated" and not include_unreviewed:
-            awaiting_review = {item.pair.id for item in collect_items(db, include_unreviewed=True)
-                               if item.annotation is not None and item.captions} - set(generated)
         cursor = db.execute(
             "SELECT id, source, reference_id, target_id, split, original_captions, img_set,"
             " ground_truth, extra FROM pairs ORDER BY id"
         )
         rows = cursor.fetchall()
+        # Pairs whose generated captions only wait for a review, to say so when they are all
+        # a --source generated run could have used, or (auto) a pair with no imported caption:
+        # a user's own images, trained right after `annotate`.
+        awaiting_review: set[str] = set()
+        if not include_unreviewed and (source == "generated" or (source == "auto" and any(
+                row[0] not in generated and not _json(row[5], []) for row in rows))):
+            awaiting_review = {item.pair.id for item in collect_items(db, include_unreviewed=True)
+                               if item.annotation is not None and item.captions} - set(generated)
     finally:
         db.conn.close()
     wanted_splits = set(splits) if splits is not None else None

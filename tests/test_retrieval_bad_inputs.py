@@ -547,3 +547,17 @@ def test_retrieve_tab_leaves_an_uploaded_gallery_image_out_of_its_results(world,
                          text="make the square red", k=everything)
     names = [hit["name"] for hit in hits]
     assert original.name not in names and len(names) == everything - 1
+
+
+def test_default_source_says_when_captions_only_wait_for_review(annotated):
+    """Own images have no imported captions: `train` right after `annotate` (the default
+    --source auto) failed on 'no caption for --source auto', with no word of review."""
+    db = sqlite3.connect(annotated)
+    db.execute("UPDATE pairs SET original_captions = '[]'")
+    db.commit()
+    db.close()
+    problems = {p.split(":")[0]: p for p in load_store_triplets(annotated).problems}
+    assert "not approved yet" in problems["pair p0001"] and "--include-unreviewed" in problems["pair p0001"]
+    assert "not approved yet" not in problems["pair p0002"]  # rejected, not waiting
+    assert "not approved yet" not in problems["pair p0003"]  # no annotation at all
+    assert "pair p0000" not in problems  # approved: trained on
