@@ -99,8 +99,8 @@ from store.models import CallRecord
 from store.redaction import redact_url
 
 from .backends import create_backend
-from .backends.base import (AccountError, NotFoundError, PermanentError, QuotaExceededError, TransientError,
-                            VLMRequest)
+from .backends.base import (AccountError, ConnectionFailedError, NotFoundError, PermanentError,
+                            QuotaExceededError, TransientError, VLMRequest)
 from .images import BadImageError
 from .pricing import PriceTable
 from .prompts import prompt_versions
@@ -231,6 +231,11 @@ class RunAuthError(ValueError):
 
 class RunNotFoundError(RunAuthError):
     """The backend has no such model or endpoint (404); the run stopped with its pairs pending."""
+
+
+class RunUnreachableError(RunAuthError):
+    """No request of the session reached the server (refused, unknown host): the run
+    stopped with its pairs pending."""
 
 
 class RunQuotaError(RunAuthError):
@@ -729,6 +734,13 @@ class Runner:
                         f"({self.model}) and the base URL ({redact_url(self.options.base_url) or 'OpenAI'}; an "
                         "OpenAI-compatible server's usually ends in /v1), then run again; the pairs "
                         "not yet annotated stay pending")
+                if self._account_error_type is ConnectionFailedError:
+                    raise RunUnreachableError(
+                        f"run {self.run_id} stopped: cannot reach the server at "
+                        f"{redact_url(self.options.base_url) or 'OpenAI'} ({self._auth_error.rstrip('.')}, "
+                        f"{self.options.max_attempts} attempts). Check that the server is running and "
+                        "the --base-url (host and port), or the network, then run again; the pairs "
+                        "not yet annotated stay pending")
                 if self._account_error_type is QuotaExceededError:
                     raise RunQuotaError(
                         f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. Add credits to the account "
@@ -1091,6 +1103,16 @@ class Runner:
             if isinstance(error, PermanentError):
                 raise ItemFailedError(error.category, f"{request.stage}: {message}")
             attempt += 1
+            if attempt >= self.options.max_attempts and isinstance(error, ConnectionFailedError) \
+                    and not self._ok_hashes:
+                # Not one answer yet, and still no connection after every attempt: a wrong
+                # --base-url or a server not started. Every pair would fail the same way.
+                if self._auth_error is None:
+                    self._auth_error = message
+                    self._account_error_type = ConnectionFailedError
+                    log.error("%s: stopping the run", message)
+                self._stopping = True
+                raise RunStoppedError()
             if attempt >= self.options.max_attempts:
                 raise ItemFailedError("retries exhausted",
                                       f"{request.stage}: {attempt} attempts, last: {message}")

@@ -358,3 +358,22 @@ def test_redact_url_keeps_the_address_and_drops_what_is_secret():
     assert redact_url("https://h/v1?api-key=abc&region=eu") == "https://h/v1?api-key=[redacted]&region=eu"
     assert redact_url("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"
     assert redact_url(None) is None
+
+
+def test_a_server_that_cannot_be_reached_stops_the_run_instead_of_failing_every_pair(tmp_path, monkeypatch):
+    # A --base-url with the wrong port (or a local server not started yet): every pair was
+    # retried, then failed as 'retries exhausted', and the run 'finished' with exit status 0.
+    import socket
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-unreachable-0123456789")
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    db_path = _world(tmp_path, references=3, pairs=6)
+    options = RunOptions(backend="openai", base_url=f"http://127.0.0.1:{port}/v1", concurrency=2,
+                         backoff_base=0.01, backoff_max=0.02, max_attempts=2, timeout=5)
+    with pytest.raises(ValueError, match=rf"cannot reach the server at http://127.0.0.1:{port}/v1") as caught:
+        run_pipeline(db_path, options)
+    assert "--base-url" in str(caught.value) and "stay pending" in str(caught.value)
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 6)]
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]

@@ -57,6 +57,11 @@ class TransientError(BackendError):
         self.retry_after = retry_after
 
 
+class ConnectionFailedError(TransientError):
+    """No answer came back: the server refused the connection, its name did not resolve,
+    or it dropped the connection (not a timeout)."""
+
+
 class PermanentError(BackendError):
     """Retrying the same request will not help (400, auth, content filter)."""
 

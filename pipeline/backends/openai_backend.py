@@ -22,8 +22,8 @@ import time
 from typing import Any, ClassVar, Optional
 
 from ..images import DETAILS, ImageEncoder
-from .base import (AuthenticationError, NotFoundError, PermanentError, QuotaExceededError, TransientError,
-                   VLMRequest, VLMResponse)
+from .base import (AuthenticationError, ConnectionFailedError, NotFoundError, PermanentError,
+                   QuotaExceededError, TransientError, VLMRequest, VLMResponse)
 
 RESPONSE_MODES = ("json_schema", "json_object", "text")
 
@@ -72,8 +72,8 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None):
     message = scrub(f"{type(exc).__name__}: {exc}", secret)[:500]
     if isinstance(exc, openai.APITimeoutError):
         return TransientError(f"timeout: {message}")
-    if isinstance(exc, openai.APIConnectionError):
-        return TransientError(f"connection error: {message}")
+    if isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one too: caught above
+        return ConnectionFailedError(f"connection error: {message}")
     if isinstance(exc, openai.APIResponseValidationError):
         return TransientError(f"malformed response: {message}")
     if isinstance(exc, openai.APIStatusError):
