@@ -263,28 +263,35 @@ def test_an_upload_that_times_out_after_the_file_arrived_is_found_not_sent_again
     assert len(set(names)) == 3
 
 
-def _stop_with_a_batch_open(db_path, server, options):
-    """Start a run whose first batch stays open at the provider, and stop it there."""
+def _run_with_a_batch_open(server, tmp_path):
+    """Run A over 3 pairs (references 0, 1, 0) whose first batch stays open at the
+    provider: (store path, its options, its live session's handle, the batch id)."""
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    options = _options(server)
     server.config.batch_delay = 120.0
     handle = start_run_in_thread(db_path, options)
     deadline = time.time() + 60
     while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE status = 'validating'")[0][0]:
         assert handle.running and time.time() < deadline, handle.error
         time.sleep(0.02)
-    return handle
+    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    return db_path, options, handle, batch_a
+
+
+def _stopped_run_with_a_batch_open(server, tmp_path):
+    """As `_run_with_a_batch_open`, with run A's session stopped: its batch stays open."""
+    db_path, options, handle, batch_a = _run_with_a_batch_open(server, tmp_path)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    return db_path, options, batch_a
 
 
 def test_a_new_run_waits_for_another_runs_open_batch_instead_of_paying_again(server, tmp_path):
     # Run B (a new run over the same pairs, same model and settings: the same requests)
     # only looked at its own batches, so it sent the requests that run A's open batch was
     # already answering, and paid twice. Now it waits for that batch and takes its answers.
-    db_path = tmp_path / "store.db"
-    build_world(db_path, tmp_path / "images", references=2, pairs=3)
-    options = _options(server)
-    handle = _stop_with_a_batch_open(db_path, server, options)
-    handle.stop()
-    assert handle.join(timeout=30).status == "stopped"
-    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path)
     assert server.stats["batch_lines_submitted"] == 2
 
     server.config.batch_delay = 0.1  # run A's batch finishes on the provider's side
@@ -300,11 +307,7 @@ def test_a_new_run_waits_for_another_runs_open_batch_instead_of_paying_again(ser
 
 
 def test_a_new_run_beside_a_live_batch_run_over_the_same_pairs_is_refused_naming_it(server, tmp_path):
-    db_path = tmp_path / "store.db"
-    build_world(db_path, tmp_path / "images", references=2, pairs=3)
-    options = _options(server)
-    handle = _stop_with_a_batch_open(db_path, server, options)
-    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    db_path, options, handle, batch_a = _run_with_a_batch_open(server, tmp_path)
     try:
         with pytest.raises(RunBusyError) as caught:
             run_pipeline(db_path, RunOptions(**{**options.__dict__, "new_run": True}))
@@ -319,13 +322,7 @@ def test_a_new_run_beside_a_live_batch_run_over_the_same_pairs_is_refused_naming
 def test_a_chat_run_over_pairs_in_another_runs_open_batch_is_refused_naming_it(server, tmp_path):
     # The `openai` backend cannot wait for a batch: it would pay again for every answer
     # run A's open batch holds. It says which run and batch, and what to do.
-    db_path = tmp_path / "store.db"
-    build_world(db_path, tmp_path / "images", references=2, pairs=3)
-    options = _options(server)
-    handle = _stop_with_a_batch_open(db_path, server, options)
-    handle.stop()
-    assert handle.join(timeout=30).status == "stopped"
-    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path)
     with pytest.raises(RunBusyError) as caught:
         run_pipeline(db_path, RunOptions(**{**options.__dict__, "backend": "openai"}))
     message = str(caught.value)
@@ -338,13 +335,7 @@ def test_answers_of_another_runs_batch_outside_the_collecting_runs_scope_are_reu
     # Run B (--limit 1) took over run A's open batch but stored only the answer it asked
     # for, and the batch was marked collected: the answer for A's other reference image
     # was lost, and run C, asking it later, paid for it again.
-    db_path = tmp_path / "store.db"
-    build_world(db_path, tmp_path / "images", references=2, pairs=3)  # refs 0, 1, 0
-    options = _options(server)
-    handle = _stop_with_a_batch_open(db_path, server, options)
-    handle.stop()
-    assert handle.join(timeout=30).status == "stopped"
-    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path)
     server.config.batch_delay = 0.1
     progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "new_run": True, "limit": 1}))
     assert progress.run_id == 2 and progress.pairs_done == 1, progress.failures
@@ -365,13 +356,7 @@ def test_answers_of_another_runs_batch_outside_the_collecting_runs_scope_are_reu
 def test_dry_run_does_not_count_requests_another_runs_open_batch_answers(server, tmp_path):
     # A new run waits for run A's open batch and takes its answers, but --dry-run counted
     # them as calls to pay for: its count and cost were above what the run then sent.
-    db_path = tmp_path / "store.db"
-    build_world(db_path, tmp_path / "images", references=2, pairs=3)
-    options = _options(server)
-    handle = _stop_with_a_batch_open(db_path, server, options)
-    handle.stop()
-    assert handle.join(timeout=30).status == "stopped"
-    (batch_a,), = table_rows(db_path, "SELECT id FROM batches")
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path)
     new_run = RunOptions(**{**options.__dict__, "new_run": True})
     plan = plan_run(db_path, new_run)
     assert plan.calls_by_stage == {"stage1": 0, "stage2": 3, "stage3": 3}
