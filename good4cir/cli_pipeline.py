@@ -132,10 +132,31 @@ def run_annotate(args: argparse.Namespace) -> int:
               f"{progress.calls} calls, {progress.calls_reused} answers reused, "
               f"${progress.cost_usd:.4f}; failures: {failures}")
     _say_how_to_send_cancelled(progress.failures)
+    if progress.pairs_failed and not args.json:
+        _say_which_pairs_failed(args.db, progress)
     if progress.status == "stopped":
         print("rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _say_which_pairs_failed(db_path: str, progress) -> None:
+    from store import annotations as store_ann
+    from store import open_db
+
+    shown = 10
+    db = open_db(db_path)
+    try:
+        failed = store_ann.failed_pairs(db, progress.run_id, limit=shown)
+    finally:
+        db.conn.close()
+    for external_id, reason in failed:
+        print(f"  failed: pair {external_id!r}: {reason}", file=sys.stderr)
+    if progress.pairs_failed > len(failed):
+        print(f"  ... and {progress.pairs_failed - len(failed)} more (good4cir status --db {db_path})",
+              file=sys.stderr)
+    print("fix what they name (an image file, the model, the server), then rerun the same command "
+          "with --retry-failed to annotate them again", file=sys.stderr)
 
 
 def _say_how_to_send_cancelled(failures: dict) -> None:

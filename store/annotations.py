@@ -233,6 +233,13 @@ def fail_annotation(db: sqlite_utils.Database, annotation_id: str, reason: str) 
         )
 
 
+def failed_pairs(db: sqlite_utils.Database, run_id: int, limit: int = 10) -> list[tuple[str, str]]:
+    """(pair's external id, reason) of a run's failed pairs, in import order, at most `limit`."""
+    return [tuple(row) for row in db.execute(
+        "SELECT p.external_id, a.error FROM annotations a JOIN pairs p ON p.id = a.pair_id"
+        " WHERE a.run_id = ? AND a.status = 'failed' ORDER BY p.rowid LIMIT ?", [run_id, limit])]
+
+
 # --- Reads and resets the pipeline's runner needs (appended by the pipeline work) ---
 
 

@@ -326,3 +326,21 @@ def test_resuming_a_run_by_id_with_other_settings_is_refused(server, tmp_path):
     assert run_pipeline(db_path, _options(server, run_id=1)).run_id == 1
     with pytest.raises(ValueError, match="run 1 was made with other settings"):
         run_pipeline(db_path, _options(server, run_id=1, model="gpt-4o"))
+
+
+def test_cli_annotate_names_the_failed_pairs_and_how_to_retry_them(server, tmp_path, capsys, monkeypatch):
+    # The summary said only 'failures: bad image: 3': which pairs, and what to do after
+    # fixing their images, was left to the user to dig out of the store.
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    db_path, world = _world(tmp_path, references=3, pairs=6)
+    corrupt_image(world["images"]["ref0001"][1])
+    Path(world["images"]["tgt0002"][1]).unlink()
+    assert cli_main(["annotate", "--db", str(db_path), "--backend", "openai", "--base-url", server.url,
+                     "--no-progress"]) == 0
+    out = capsys.readouterr()
+    said = out.out + out.err
+    assert "3 failed" in said
+    for external_id, image in (("1", "ref0001.png"), ("2", "tgt0002.png"), ("4", "ref0001.png")):
+        line = next(x for x in said.splitlines() if x.strip().startswith(f"failed: pair {external_id!r}"))
+        assert "bad image" in line and image in line, line
+    assert "--retry-failed" in said
