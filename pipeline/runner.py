@@ -463,6 +463,8 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         prompts = prompt_versions()
         run = _find_run(db, options)
         pair_ids = store_ann.select_pair_ids(db, split=options.split, limit=options.limit)
+        if not pair_ids and run is None:
+            store_ann.require_split(db, options.split)
         _check_simulator_pairs(db, options, pair_ids)
         done = _settled_pairs(db, run.id, options.retry_failed) if run is not None else set()
         todo = [p for p in pair_ids if p not in done]
@@ -625,6 +627,7 @@ class Runner:
             run = _find_run(db, self.options)
             pair_ids = store_ann.select_pair_ids(db, split=self.options.split, limit=self.options.limit)
             if not pair_ids and run is None:
+                store_ann.require_split(db, self.options.split)
                 where = f" of split {self.options.split!r}" if self.options.split else ""
                 raise ValueError(f"the store has no pairs{where} to annotate: import some first "
                                  "(good4cir import --db DB --format pairs DIR)")

@@ -240,6 +240,16 @@ def failed_pairs(db: sqlite_utils.Database, run_id: int, limit: int = 10) -> lis
         " WHERE a.run_id = ? AND a.status = 'failed' ORDER BY p.rowid LIMIT ?", [run_id, limit])]
 
 
+def require_split(db: sqlite_utils.Database, split: Optional[str]) -> None:
+    """ValueError naming the splits the store has when no pair is of `split` (a typo's
+    'tran' selects nothing, which would read as a store with nothing to do)."""
+    if not split or db.execute("SELECT 1 FROM pairs WHERE split = ? LIMIT 1", [split]).fetchone():
+        return
+    found = [row[0] for row in db.execute(
+        "SELECT DISTINCT split FROM pairs WHERE split IS NOT NULL ORDER BY split")]
+    raise ValueError(f"no pairs of split {split!r} (splits present: {', '.join(found) or 'none'})")
+
+
 # --- Reads and resets the pipeline's runner needs (appended by the pipeline work) ---
 
 

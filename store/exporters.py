@@ -23,7 +23,7 @@ from typing import Any, Iterator, Optional
 import sqlite_utils
 from tqdm import tqdm
 
-from .annotations import get_run
+from .annotations import get_run, require_split
 from .redaction import redact_url
 from .models import AnnotationRecord, CaptionRecord, ImageRecord, PairRecord, RunRecord
 from .review import caption_history, list_captions_of, list_flags, review_history
@@ -65,6 +65,7 @@ def export_dataset(
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if run_id is not None:
         get_run(db, run_id)  # a clear NotFoundError for a wrong id
+    require_split(db, split)
     stats = {"format": format, "out": str(out), "pairs": 0, "captions": 0,
              "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
              "pairs_without_captions": 0, "pairs_without_target": 0,

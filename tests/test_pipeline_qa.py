@@ -377,3 +377,18 @@ def test_a_server_that_cannot_be_reached_stops_the_run_instead_of_failing_every_
     assert "--base-url" in str(caught.value) and "stay pending" in str(caught.value)
     assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 6)]
     assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+
+
+def test_a_split_the_store_does_not_have_names_the_splits_it_has(tmp_path):
+    # A mistyped --split said 'the store has no pairs of split 'tran': import some first',
+    # and the dry run counted 0 calls as if all were well.
+    db_path = _world(tmp_path, references=2, pairs=2)
+    import sqlite3
+
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE pairs SET split = 'train'")
+    options = RunOptions(backend="openai", base_url="http://127.0.0.1:9/v1", split="tran")
+    for call in (plan_run, run_pipeline):
+        with pytest.raises(ValueError, match=r"no pairs of split 'tran' \(splits present: train\)"):
+            call(db_path, options)
+    assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]

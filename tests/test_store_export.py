@@ -273,3 +273,11 @@ def test_cli_export_before_review_says_why_nothing_was_written(tmp_path, capsys)
     said = capsys.readouterr().out
     assert "1 annotated pair awaiting review" in said and "good4cir app --db" in said
     assert "never annotated" not in said
+
+
+def test_export_of_a_split_the_store_does_not_have_is_a_clear_error(reviewed, tmp_path):
+    # A mistyped --split ('tran') wrote an empty file and said 'wrote 0 pairs'.
+    db, _, _ = reviewed
+    with pytest.raises(ValueError, match=r"no pairs of split 'tran' \(splits present: test, train, val\)"):
+        export_dataset(db, "good4cir", tmp_path / "out.json", split="tran")
+    assert not (tmp_path / "out.json").exists()
