@@ -8,9 +8,11 @@ configs plus ours in `model_configs/`), preprocessing from the same factory.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +201,32 @@ def create_encoder(
     hf-hub: encoder's `open_clip_config`, stored with a checkpoint) builds that model's
     architecture and preprocessing without the Hub, and without its weights.
     """
+    with contextlib.nullcontext() if hub_weights else _trained_weights_follow():
+        return _create_encoder(model, pretrained, checkpoint, image_size, hub_weights, open_clip_config)
+
+
+class _RandomInitNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _trained_weights_follow():
+    """Drop open_clip's "No pretrained weights loaded ... Model initialized randomly"
+    (logged on the root logger) while building an architecture whose trained weights the
+    caller loads next: every eval, index and query printed it before using a trained model."""
+    notice = _RandomInitNotice()
+    root = logging.getLogger()
+    root.addFilter(notice)
+    try:
+        yield
+    finally:
+        root.removeFilter(notice)
+
+
+def _create_encoder(model: str, pretrained: Optional[str], checkpoint: Optional[str | Path],
+                    image_size: Optional[int], hub_weights: bool,
+                    open_clip_config: Optional[dict[str, Any]]) -> Encoder:
     if pretrained and checkpoint:
         raise ValueError("give --pretrained or --checkpoint, not both")
     name = resolve_model_name(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import open_clip
 import pytest
@@ -137,6 +139,24 @@ def test_open_clip_weight_file_loads(tmp_path):
         create_encoder("tiny", checkpoint=tmp_path / "missing.pt")
     with pytest.raises(ValueError, match="unknown model"):
         create_encoder("no-such-model")
+
+
+def test_loading_a_trained_model_does_not_say_it_is_initialised_randomly(tmp_path, caplog):
+    # open_clip logs "No pretrained weights loaded ... Model initialized randomly" for the
+    # bare architecture; eval, index and query printed it before every use of trained weights.
+    config = {**SMALL, "fusion": "residual"}
+    with caplog.at_level(logging.WARNING):
+        model = build_model(config)
+    assert "initialized randomly" in caplog.text  # building from scratch: it is true
+    write_config(tmp_path, config)
+    save_weights(tmp_path / "best.pt", model, {"epoch": 1})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_retriever(tmp_path)
+    assert "initialized randomly" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        build_model(config)
+    assert "initialized randomly" in caplog.text  # the filter does not outlive the load
 
 
 def test_checkpoint_reload_gives_identical_scores(tmp_path):
