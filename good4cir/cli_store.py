@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+# `good4cir import`'s exit status when some items had problems: the rest is stored,
+# and scripts can tell this apart from an error (1) and a usage error (2).
+EXIT_PROBLEMS = 3
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from store.importers import FORMATS as IMPORT_FORMATS
@@ -21,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "which are recorded without downloading). "
             "cirr: PATH is a CIRR root with captions/ and image_splits/. "
             "circo: PATH is an annotations JSON file (with --images DIR), or a CIRCO root "
-            "holding annotations/*.json and COCO2017_unlabeled/unlabeled2017/ (or images/)."
+            "holding annotations/*.json and COCO2017_unlabeled/unlabeled2017/ (or images/). "
+            f"Exit status: 0 when every item imported; {EXIT_PROBLEMS} when some items had problems "
+            "(each is listed; the rest is stored); 1 on an error. An import that stores nothing "
+            "into a store it created removes that store again and exits 1 saying why."
         ),
     )
     parser.add_argument("path", metavar="PATH", help="what to import (see above)")
@@ -62,17 +69,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from store import open_db
+    from store.db import created_folders, remove_store
     from store.importers import import_dataset
 
-    db = open_db(args.db)
-    report = import_dataset(
-        db, args.format, args.path, split=args.split, source=args.source,
-        images_dir=args.images, progress=sys.stderr.isatty(),
-    )
+    from .cli import CommandError
+
+    db_path = Path(args.db)
+    # A store this command creates and then fills with nothing is removed again: an
+    # empty store left behind looks like a real one to every later command.
+    new_store = not db_path.exists()
+    new_folders = created_folders(db_path) if new_store else []
+    db = open_db(db_path)
+    try:
+        report = import_dataset(
+            db, args.format, args.path, split=args.split, source=args.source,
+            images_dir=args.images, progress=sys.stderr.isatty(),
+        )
+    except BaseException:
+        # Interrupted after some batches were written: those stay ("everything finished
+        # so far is saved"); only a store still empty goes.
+        if new_store and not db.execute("SELECT 1 FROM pairs LIMIT 1").fetchone():
+            remove_store(db, db_path, new_folders)
+        raise
+    stored_nothing = new_store and report.pairs_added == 0 and report.images_added == 0
     if args.json:
         print(report.model_dump_json(indent=2))
-        return 0
+    else:
+        _print_import_report(args, report, hint=not stored_nothing)
+    if stored_nothing:
+        remove_store(db, db_path, new_folders)
+        raise CommandError(f"nothing imported: {_why_nothing(args, report)}; "
+                           f"removed the new store {args.db} (it would have been empty)")
+    return EXIT_PROBLEMS if report.problems else 0
+
+
+def _print_import_report(args: argparse.Namespace, report, *, hint: bool) -> None:
     print(
         f"imported {report.pairs_added} pairs and {report.images_added} images into {args.db}; "
         f"{report.pairs_skipped} pairs were already there; {len(report.problems)} problems"
@@ -83,7 +117,21 @@ def run_import(args: argparse.Namespace) -> int:
         print(f"  problem: {problem.item}: {problem.reason}")
     for warning in report.warnings:
         print(f"  note: {warning.item}: {warning.reason}")
-    return 0
+    if report.problems and hint:
+        print(f"  the items above were left out (exit status {EXIT_PROBLEMS}); fix what they name "
+              "and import again: what is stored already is skipped")
+
+
+def _why_nothing(args: argparse.Namespace, report) -> str:
+    """Why an import stored nothing, for the error message."""
+    if report.problems:
+        return (f"all {len(report.problems)} items of {args.path} had problems (listed above)"
+                if len(report.problems) != 1 else f"{report.problems[0].item}: {report.problems[0].reason}")
+    if report.warnings:
+        return "; ".join(f"{w.item}: {w.reason}" for w in report.warnings[:3])
+    if args.split:
+        return f"{args.path} holds no pairs of split {args.split!r}"
+    return f"{args.path} holds no pairs"
 
 
 def run_export(args: argparse.Namespace) -> int:

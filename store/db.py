@@ -49,6 +49,30 @@ def open_db(db_path: str | Path) -> sqlite_utils.Database:
     return db
 
 
+def created_folders(db_path: str | Path) -> list[Path]:
+    """The folders open_db(db_path) would create, deepest first (for remove_store)."""
+    missing = []
+    folder = Path(db_path).absolute().parent
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_store(db: sqlite_utils.Database, db_path: str | Path, folders: list[Path] = ()) -> None:
+    """Close db and delete the store at db_path with its WAL files, then those of `folders`
+    (from created_folders) left empty. For a store its creator found nothing to put in."""
+    db.conn.close()
+    db_path = Path(db_path)
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        db_path.with_name(db_path.name + suffix).unlink(missing_ok=True)
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (someone else wrote there meanwhile): keep it
+            break
+
+
 class transaction:
     """`with transaction(db):` — BEGIN IMMEDIATE ... COMMIT, rolled back on error.
 

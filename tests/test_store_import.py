@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from good4cir.cli import main
+from good4cir.cli import CommandError, main
+from good4cir.cli_store import EXIT_PROBLEMS
 from store import FormatError, PairRecord, open_db
 from store.images import hash_file, url_image_id
 from store.importers import import_dataset, pair_id_for
@@ -146,13 +147,57 @@ def test_cli_import_prints_summary_and_problems(tmp_path, capsys):
     shutil.copytree(FIXTURES / "pairs", folder)
     (folder / "images" / "room1_edit.png").write_bytes(b"")
     db_path = tmp_path / "s.db"
-    assert main(["import", "--db", str(db_path), "--format", "pairs", str(folder)]) == 0
+    # Exit status 3: the good pairs are stored, but a script must notice the bad one.
+    assert main(["import", "--db", str(db_path), "--format", "pairs", str(folder)]) == EXIT_PROBLEMS == 3
     out = capsys.readouterr().out
     assert "imported 2 pairs" in out and "1 problems" in out
     assert "problem: pair 'p1'" in out and "0 bytes" in out
-    assert main(["import", "--db", str(db_path), "--format", "pairs", str(folder), "--json"]) == 0
+    assert main(["import", "--db", str(db_path), "--format", "pairs", str(folder), "--json"]) == 3
     report = json.loads(capsys.readouterr().out)
     assert report["pairs_added"] == 0 and report["pairs_skipped"] == 2
+    assert [p["item"] for p in report["problems"]] == ["pair 'p1' (pairs.jsonl line 2)"]
+    assert main(["import", "--db", str(db_path), "--format", "pairs", str(FIXTURES / "pairs")]) == 0
+
+
+def test_cli_import_that_stores_nothing_leaves_no_new_store(tmp_path, capsys):
+    """Every line bad, or no pairs file: the import used to exit 0 (or fail) and leave an
+    empty store file behind that later commands took for a real one."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "pairs.jsonl").write_text('not json\n{"reference": "a.png"}\n')
+    db_path = tmp_path / "new" / "s.db"
+    with pytest.raises(CommandError, match=r"nothing imported: all 2 items of .* had problems.*"
+                                           r"removed the new store .*s\.db"):
+        main(["import", "--db", str(db_path), "--format", "pairs", str(bad)])
+    out = capsys.readouterr().out
+    assert "problem: pairs.jsonl line 1: not valid JSON" in out and "pairs.jsonl line 2" in out
+    assert not (tmp_path / "new").exists()  # neither the store nor the folder made for it
+
+    with pytest.raises(FormatError, match="pairs.jsonl: not found"):
+        main(["import", "--db", str(db_path), "--format", "pairs", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file"):
+        main(["import", "--db", str(db_path), "--format", "pairs", str(tmp_path / "nowhere")])
+    (bad / "pairs.jsonl").write_text("")
+    with pytest.raises(CommandError, match="nothing imported: .*the file is empty"):
+        main(["import", "--db", str(db_path), "--format", "pairs", str(bad)])
+    assert not (tmp_path / "new").exists()
+
+    # A store that was there before is never removed: its pairs stay, the problems exit 3.
+    kept = tmp_path / "kept.db"
+    assert main(["import", "--db", str(kept), "--format", "pairs", str(FIXTURES / "pairs")]) == 0
+    (bad / "pairs.jsonl").write_text("not json\n")
+    assert main(["import", "--db", str(kept), "--format", "pairs", str(bad)]) == 3
+    assert open_db(kept).execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 3
+
+
+def test_cli_import_of_a_demo_world_has_no_problems(tmp_path, capsys):
+    """`make demo` runs this import under make: a problem would now stop it (exit 3)."""
+    from store.demo_world import generate_world
+
+    generate_world(tmp_path / "world", 24, seed=0, workers=1, progress=False)
+    assert main(["import", "--db", str(tmp_path / "s.db"), "--format", "pairs", str(tmp_path / "world")]) == 0
+    out = capsys.readouterr().out
+    assert "imported 24 pairs" in out and "0 problems" in out and "note:" not in out
 
 
 def test_reimport_after_moving_the_dataset_updates_image_paths(tmp_path):
