@@ -450,3 +450,32 @@ def test_captions_panel_has_undo_history_and_marks_live_redraws(store):
     state = rl.caption_state(rl.load_caption(db, f"{ann}:c2"))
     assert state["version"] == 1 and state["text"] == "Drop the lamp." and state["can_undo"]
     assert state["meta"] == "3 · v1 · edited by ann" and "History · 2 versions" in state["history_html"]
+
+
+def test_runs_with_one_name_backend_and_model_have_labels_a_reviewer_can_tell_apart(store):
+    # Two simulator runs named 'demo' with model sim-1 (error rates 0.1 and 0.3) showed in
+    # the Run filter as '2: demo (sim-1)' and '3: demo (sim-1)': nothing said which was which.
+    from store.annotations import create_run, ensure_annotations, update_run
+
+    db = store["db"]
+    pair_ids = [r[0] for r in db.execute("SELECT id FROM pairs ORDER BY id").fetchall()]
+    low = create_run(db, "simulator", "sim-1", name="demo", settings={"error_rate": 0.1, "seed": 0})
+    high = create_run(db, "simulator", "sim-1", name="demo", settings={"error_rate": 0.3, "seed": 0})
+    update_run(db, low.id, started_at="2026-11-20T09:15:00.000+00:00")
+    update_run(db, high.id, started_at="2026-11-21T17:40:00.000+00:00")
+    ensure_annotations(db, low.id, pair_ids[:2])
+    runs = dict((value, label) for label, value in rl.filter_choices(db)["runs"])
+    low_label, high_label = runs[str(low.id)], runs[str(high.id)]
+    assert low_label.startswith(f"run {low.id} · demo") and "simulator / sim-1" in low_label
+    assert "started 2026-11-20 09:15" in low_label and "started 2026-11-21 17:40" in high_label
+    assert "error_rate 0.1" in low_label and "error_rate 0.3" in high_label
+    assert "0 of 2 pairs annotated" in low_label and "0 of 0 pairs annotated" in high_label
+    # a setting all such runs share says nothing, so it is left out
+    assert "seed" not in low_label
+    # apart from the run number, the labels still differ
+    assert low_label.split(" · ", 1)[1] != high_label.split(" · ", 1)[1]
+    assert runs[rl.ANY] == rl.ANY
+    # the filter's value is the run id alone
+    assert rl.make_filter("all", str(high.id), None, None).run_id == high.id
+    with pytest.raises(rl.ReviewActionError, match="not a run"):
+        rl.make_filter("all", "demo (sim-1)", None, None)

@@ -38,25 +38,65 @@ class QueueFilter:
 
 
 def make_filter(queue: str, run: Optional[str], model: Optional[str], split: Optional[str]) -> QueueFilter:
-    """From the filter widgets' values ('(any)' or empty means no filter; run as 'id: label')."""
+    """From the filter widgets' values ('(any)' or empty means no filter; run as its id,
+    the Run filter's value)."""
     def clean(value):
         return None if value in (None, "", ANY) else value
 
     run = clean(run)
-    run_id = int(str(run).split(":", 1)[0]) if run is not None else None
+    run_id = None
+    if run is not None:
+        head = str(run).split(":", 1)[0].strip()  # 'id: label' from pages opened before ids were values
+        if not head.isdigit():
+            raise ReviewActionError(f"run filter {run!r} is not a run number: choose a run from the list")
+        run_id = int(head)
     return QueueFilter(queue=queue or "unreviewed", run_id=run_id, model=clean(model), split=clean(split))
 
 
-def filter_choices(db: sqlite_utils.Database) -> dict[str, list[str]]:
-    """Choices for the run, model and split filters."""
-    runs = [
-        f"{row[0]}: {row[1] or row[2]} ({row[3]})"
-        for row in db.execute("SELECT id, name, backend, model FROM runs ORDER BY id").fetchall()
-    ]
+# Run settings that tell runs with one name, backend and model apart when they differ.
+_RUN_SETTINGS_SHOWN = ("method", "error_rate", "split", "limit", "base_url", "temperature", "seed", "detail")
+
+
+def run_choices(db: sqlite_utils.Database) -> list[tuple[str, str]]:
+    """(label, value) for each run: the value is the run id; the label says what a reviewer
+    can tell runs apart by (name, backend / model, start time, annotated pairs, and the
+    settings in which runs of one name, backend and model differ)."""
+    counts = {run_id: (done, total) for run_id, done, total in db.execute(
+        "SELECT run_id, SUM(status = 'done'), COUNT(*) FROM annotations GROUP BY run_id").fetchall()}
+    rows = db.execute(
+        "SELECT id, name, backend, model, method, settings, started_at, created_at FROM runs ORDER BY id").fetchall()
+    runs = []
+    for run_id, name, backend, model, method, settings, started_at, created_at in rows:
+        try:
+            values = json.loads(settings or "{}")
+        except ValueError:
+            values = {}
+        values = values if isinstance(values, dict) else {}
+        values["method"] = method
+        runs.append((run_id, name, backend, model, values,
+                     f"started {_when(started_at)}" if started_at else f"created {_when(created_at)}"))
+    groups: dict[tuple, list[dict]] = {}
+    for _, name, backend, model, values, _ in runs:
+        groups.setdefault((name, backend, model), []).append(values)
+    out = []
+    for run_id, name, backend, model, values, started in runs:
+        siblings = groups[(name, backend, model)]
+        differing = [key for key in _RUN_SETTINGS_SHOWN
+                     if len({json.dumps(v.get(key), sort_keys=True) for v in siblings}) > 1]
+        parts = [f"run {run_id}"] + ([name] if name else []) + [f"{backend} / {model}"]
+        parts += [f"{key} {values.get(key, '-')}" for key in differing]
+        done, total = counts.get(run_id, (0, 0))
+        parts += [started, f"{done:,} of {total:,} pair{'' if total == 1 else 's'} annotated"]
+        out.append((" · ".join(parts), str(run_id)))
+    return out
+
+
+def filter_choices(db: sqlite_utils.Database) -> dict[str, list]:
+    """Choices for the run, model and split filters; runs as (label, run id) pairs."""
     models = [r[0] for r in db.execute("SELECT DISTINCT model FROM runs ORDER BY model").fetchall()]
     splits = [r[0] for r in db.execute(
         "SELECT DISTINCT split FROM pairs WHERE split IS NOT NULL ORDER BY split").fetchall()]
-    return {"runs": [ANY, *runs], "models": [ANY, *models], "splits": [ANY, *splits]}
+    return {"runs": [(ANY, ANY), *run_choices(db)], "models": [ANY, *models], "splits": [ANY, *splits]}
 
 
 # ---------------------------------------------------------------- navigation
