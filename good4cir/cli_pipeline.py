@@ -175,7 +175,7 @@ def run_status_command(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"no store at {args.db}")
     report = run_status(args.db)
     if args.json:
-        keys = ("id", "backend", "model", "pairs_done", "pairs_failed", "pairs_pending", "calls",
+        keys = ("id", "backend", "model", "status", "pairs_done", "pairs_failed", "pairs_pending", "calls",
                 "cost_usd", "failures")
         print(json.dumps({"runs": [{k: r[k] for k in keys} for r in report["runs"]]}))
         return 0

@@ -1279,9 +1279,9 @@ def start_run_in_thread(db_path: str | Path, options: RunOptions,
 
 
 def run_status(db_path: str | Path) -> dict:
-    """Every run's progress: {"runs": [{"id", "backend", "model", "pairs_done",
+    """Every run's progress: {"runs": [{"id", "backend", "model", "status", "pairs_done",
     "pairs_failed", "pairs_pending", "calls", "cost_usd", "failures": {reason: count}}]}
-    (plus "status", "method", "name" and "session", which scripts may ignore).
+    (plus "method", "name" and "session", which scripts may ignore).
 
     A run whose row says 'running' but that no live session holds (its process was
     killed, or stopped renewing its lease) is reported as 'interrupted': rerunning the

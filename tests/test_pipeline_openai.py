@@ -145,9 +145,11 @@ def test_cli_dry_run_annotate_rerun_and_status_json(server, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert list(report) == ["runs"]
     (run,) = report["runs"]
-    assert list(run) == ["id", "backend", "model", "pairs_done", "pairs_failed", "pairs_pending",
-                         "calls", "cost_usd", "failures"]
+    # "status" as in the table's column (it was missing from --json).
+    assert list(run) == ["id", "backend", "model", "status", "pairs_done", "pairs_failed",
+                         "pairs_pending", "calls", "cost_usd", "failures"]
     assert run["id"] == 1 and run["backend"] == "openai" and run["model"] == "gpt-4o-mini"
+    assert run["status"] == "finished"
     assert (run["pairs_done"], run["pairs_failed"], run["pairs_pending"], run["calls"]) == (5, 0, 0, 13)
     assert run["cost_usd"] > 0 and run["failures"] == {}
     assert cli_main(["status", "--db", str(db_path)]) == 0
