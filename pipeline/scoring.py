@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional
 
 import sqlite_utils
 
-from store.annotations import get_description, get_run
+from store.annotations import get_description, get_run, list_runs
 from store.demo_world.vocab import (
     COLOURS,
     FLOORS,
@@ -760,6 +760,17 @@ def _score_detail(score: AnnotationScore) -> dict:
 
 
 def score_runs(db: sqlite_utils.Database, run_ids: Iterable[int], **kwargs) -> list[dict]:
+    """score_run for each of run_ids, in the order given. Every id is checked first: a
+    typo in the last one must not cost the minutes of scoring those before it."""
+    run_ids = list(run_ids)
+    known = [run.id for run in list_runs(db)]
+    missing = [run_id for run_id in run_ids if run_id not in known]
+    if missing:
+        names = ", ".join(str(run_id) for run_id in missing)
+        said = f"run {names} does not exist" if len(missing) == 1 else f"runs {names} do not exist"
+        there = (f"this store's runs: {', '.join(map(str, known))}" if known
+                 else "this store has no runs yet; start one with `good4cir annotate`")
+        raise NotFoundError(f"{said} ({there})")
     return [score_run(db, run_id, **kwargs) for run_id in run_ids]
 
 

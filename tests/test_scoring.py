@@ -18,12 +18,14 @@ from pipeline.scoring import (
     parse_descriptor_target,
     score_flags,
     score_run,
+    score_runs,
 )
 from store import annotations as store_ann
 from store.db import open_db
 from store.demo_world import generate_world, random_edits, random_scene, scene_objects
 from store.demo_world.captions import TEMPLATES, phrase_edit
 from store.demo_world.vocab import COLOURS, FLOORS, PATTERNS, POSITIONS, SIZES, WALL_COLOURS
+from store.errors import NotFoundError
 from store.importers import import_dataset
 from store.review import add_flag, list_captions
 
@@ -248,6 +250,24 @@ def test_score_run_counts_per_stage(hand_run):
     assert detail["captions"]["missed_changes"] == [1]
     table = format_table([score])
     assert "16.7%" in table and "66.7%" in table and "hand" in table
+
+
+def test_score_refuses_a_missing_run_before_scoring_any_and_keeps_the_order_given(hand_run, tmp_path, capsys):
+    """`score --run 1 --run 2` with no run 2 scored run 1 first, then failed with only
+    'run 2 does not exist'."""
+    db, run_id, _ = hand_run
+    other = store_ann.create_run(db, "simulator", "other", method="single", name="other").id
+    db_path = str(tmp_path / "s.db")
+    capsys.readouterr()
+    with pytest.raises(NotFoundError, match=rf"run 7 does not exist \(this store's runs: {run_id}, {other}\)"):
+        main(["score", "--db", db_path, "--run", str(run_id), "--run", "7"])
+    assert "scoring run" not in capsys.readouterr().err  # refused before any work
+    with pytest.raises(NotFoundError, match=r"runs 9, 7 do not exist"):
+        score_runs(db, [9, run_id, 7])
+    assert [s["run_id"] for s in score_runs(db, [other, run_id])] == [other, run_id]
+    assert main(["score", "--db", db_path, "--run", str(other), "--run", str(run_id)]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()[2:4]]
+    assert rows == [str(other), str(run_id)]
 
 
 def test_score_flags_gives_precision_and_recall_of_human_flags(hand_run):
