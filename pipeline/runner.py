@@ -1065,19 +1065,26 @@ class Runner:
                     self._usage_warned = True
                     log.warning("the server reported no token usage (model %s): its answers are "
                                 "counted at $0, so the run's cost is not known", self.model)
-                call = CallRecord(
-                    run_id=self.run_id, stage=call_stage, request_hash=key,
-                    prompt_version=request.prompt_version, model=response.model or self.model,
-                    subject_id=request.subject_id, request=request_json, response=response.text,
-                    status="ok", error="finish_reason: length" if response.finish_reason == "length" else None,
-                    tokens_in=response.tokens_in, tokens_out=response.tokens_out,
-                    latency_ms=response.latency_ms if response.latency_ms is not None else latency_ms,
-                    cost_usd=cost, batch_id=getattr(response, "batch_id", None),
-                    custom_id=getattr(response, "custom_id", None), created_at=answered_at)
-                # Queued before anything made from the answer, so it is in the store first:
-                # a crash from here on never pays for it again.
-                ref = CallRef()
-                self._db_later(_record_call, call, ref)
+                stored_id = getattr(response, "call_id", None)
+                if stored_id is not None:
+                    # A batch answer is stored as this run's call when the batch is collected,
+                    # before it is handed over: written once, never again here.
+                    ref = CallRef(stored_id)
+                else:
+                    call = CallRecord(
+                        run_id=self.run_id, stage=call_stage, request_hash=key,
+                        prompt_version=request.prompt_version, model=response.model or self.model,
+                        subject_id=request.subject_id, request=request_json, response=response.text,
+                        status="ok",
+                        error="finish_reason: length" if response.finish_reason == "length" else None,
+                        tokens_in=response.tokens_in, tokens_out=response.tokens_out,
+                        latency_ms=response.latency_ms if response.latency_ms is not None else latency_ms,
+                        cost_usd=cost, batch_id=getattr(response, "batch_id", None),
+                        custom_id=getattr(response, "custom_id", None), created_at=answered_at)
+                    # Queued before anything made from the answer, so it is in the store
+                    # first: a crash from here on never pays for it again.
+                    ref = CallRef()
+                    self._db_later(_record_call, call, ref)
                 self._ok_hashes.add(key)
                 self.progress.calls += 1
                 self.progress.cost_usd += cost

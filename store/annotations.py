@@ -99,9 +99,11 @@ def record_call(db: sqlite_utils.Database, call: CallRecord) -> int:
     """Store one VLM request/response. Call this before acting on the answer, so a
     crash afterwards never pays for it again.
 
-    A batch line's answer is stored once: one already stored (collect_batch stores the
-    answers of a batch no session was waiting for as calls of the batch's run) becomes
-    the call of the run that asked for it, not a second paid call."""
+    A batch line's answer is stored once: one already stored as another run's call
+    (collect_batch stores an answer no session was waiting for as a call of the batch's
+    run) becomes the call of the run that asked for it, not a second paid call. (A
+    line a session was waiting for is stored as its call when the batch is collected,
+    and the runner does not record it again.)"""
     data = call.model_dump(exclude={"id"})
     data["created_at"] = data["created_at"] or utc_now()
     columns = ", ".join(data)
@@ -354,15 +356,18 @@ def save_batch(db: sqlite_utils.Database, batch_id: str, run_id: Optional[int], 
              for custom_id, line in (lines or {}).items()])
 
 
-def collect_batch(db: sqlite_utils.Database, batch_id: str, answers: dict[str, dict], **fields) -> int:
+def collect_batch(db: sqlite_utils.Database, batch_id: str, answers: dict[str, dict],
+                  **fields) -> dict[str, int]:
     """Mark a finished batch collected (update_batch's fields) and, in the same
     transaction, store each answer in `answers` ({custom id: {response, error, model,
-    tokens_in, tokens_out, cost_usd}}) that no call holds yet as an ok call of the
-    batch's run, from its stored line (save_batch's lines): a session takes only the
-    lines it asks for, and the others (pairs outside its run's scope) would be lost, then
-    paid again by the next run that asks them. Returns how many were stored this way."""
+    tokens_in, tokens_out, cost_usd, latency_ms, run_id}}) that no call holds yet as an
+    ok call, from its stored line (save_batch's lines). This is the answer's one write:
+    run_id is the run of the session that asked for it; None (an answer no session is
+    waiting for: a pair outside the collecting run's scope) stores it as a call of the
+    batch's run, which would otherwise lose it, and the next run asking it would pay
+    again. Returns {custom id: call id} of the calls stored."""
     now = utc_now()
-    stored = 0
+    stored: dict[str, int] = {}
     with transaction(db):
         row = db.execute("SELECT run_id FROM batches WHERE id = ?", [batch_id]).fetchone()
         run_id = row[0] if row else None
@@ -374,13 +379,13 @@ def collect_batch(db: sqlite_utils.Database, batch_id: str, answers: dict[str, d
             answer = answers.get(custom_id)
             if answer is None or custom_id in recorded:
                 continue
-            meta = dict(zip(BATCH_LINE_FIELDS, line))
-            call = CallRecord(run_id=run_id, status="ok", batch_id=batch_id, custom_id=custom_id,
-                              created_at=now, **meta, **answer)
+            call = CallRecord(**{**dict(zip(BATCH_LINE_FIELDS, line)), **answer,
+                                 "run_id": answer.get("run_id") or run_id}, status="ok",
+                              batch_id=batch_id, custom_id=custom_id, created_at=now)
             data = call.model_dump(exclude={"id"})
-            db.execute(f"INSERT INTO calls ({', '.join(data)}) VALUES ({', '.join('?' * len(data))})",
-                       list(data.values()))
-            stored += 1
+            stored[custom_id] = db.execute(
+                f"INSERT INTO calls ({', '.join(data)}) VALUES ({', '.join('?' * len(data))})",
+                list(data.values())).lastrowid
         # Every answered line is now a call; an unanswered one goes out again by its
         # asker, who stores its own line with the new batch.
         db.execute("DELETE FROM batch_lines WHERE batch_id = ?", [batch_id])

@@ -373,3 +373,50 @@ def test_dry_run_does_not_count_requests_another_runs_open_batch_answers(server,
     sent = server.stats["batch_lines_submitted"]
     progress = run_pipeline(db_path, new_run)
     assert progress.pairs_done == 3 and server.stats["batch_lines_submitted"] - sent == plan.calls
+
+
+def _count_call_writes(db_path) -> None:
+    """Triggers that log every row written to `calls` (insert or update) in the store."""
+    import sqlite3
+
+    conn = sqlite3.connect(str(db_path))
+    conn.executescript(
+        "CREATE TABLE _call_writes (kind TEXT, call_id INTEGER);"
+        "CREATE TRIGGER _calls_inserted AFTER INSERT ON calls"
+        " BEGIN INSERT INTO _call_writes VALUES ('insert', NEW.id); END;"
+        "CREATE TRIGGER _calls_updated AFTER UPDATE ON calls"
+        " BEGIN INSERT INTO _call_writes VALUES ('update', NEW.id); END;")
+    conn.close()
+
+
+def test_each_batch_answer_is_written_once_as_the_call_of_the_run_that_asked(server, tmp_path):
+    # Collecting a batch stored each answer as a call of the batch's run, then handing it
+    # to the session that asked rewrote that row (run, stage, cost, latency): every answer
+    # was written twice. Now collecting stores it where it stays, as the asker's call.
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path)
+    _count_call_writes(db_path)
+    server.config.batch_delay = 0.1
+    # run B (--limit 1) takes over run A's open batch: its own answer and A's other one
+    progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "new_run": True, "limit": 1}))
+    assert progress.pairs_done == 1, progress.failures
+    assert sorted(table_rows(db_path, "SELECT run_id, batch_id FROM calls WHERE stage = 'stage1'")) == [
+        (1, batch_a), (2, batch_a)]
+    # run A, resumed, sends and collects its own batches
+    progress = run_pipeline(db_path, RunOptions(**{**options.__dict__, "run_id": 1}))
+    assert progress.pairs_done == 3, progress.failures
+    answered = server.stats["batch_lines_answered"]
+    assert table_rows(db_path, "SELECT kind, COUNT(*) FROM _call_writes GROUP BY kind") == [("insert", answered)]
+    assert table_rows(db_path, "SELECT COUNT(*), COUNT(DISTINCT custom_id) FROM calls") == [(answered, answered)]
+    # each row holds what the asker would have stored: its latency, the batch price (the
+    # answer no session was waiting for, A's other stage 1 collected by B, has no latency)
+    prices = PriceTable()
+    unasked = 0
+    for run_id, stage, latency_ms, tokens_in, tokens_out, cost in table_rows(
+            db_path, "SELECT run_id, stage, latency_ms, tokens_in, tokens_out, cost_usd FROM calls"):
+        if latency_ms is None:
+            unasked += 1
+            assert (run_id, stage) == (1, "stage1")
+        else:
+            assert latency_ms > 0
+        assert cost == pytest.approx(prices.cost("gpt-4o-mini", tokens_in, tokens_out) / 2)
+    assert unasked == 1

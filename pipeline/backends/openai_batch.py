@@ -72,10 +72,12 @@ QUEUE_FULL_CODES = {"token_limit_exceeded", "request_limit_exceeded"}
 
 
 class BatchVLMResponse(VLMResponse):
-    """An answer that came back in a batch: which batch and line it was."""
+    """An answer that came back in a batch: which batch and line it was, and the call row
+    it was stored as when the batch was collected (the runner then writes nothing)."""
 
     batch_id: Optional[str] = None
     custom_id: Optional[str] = None
+    call_id: Optional[int] = None
 
 
 class BatchLineError(TransientError):
@@ -186,6 +188,9 @@ class OpenAIBatchBackend:
         self._submitted_at: dict[str, Optional[float]] = {}
         self._waiters: dict[str, asyncio.Future] = {}  # custom_id -> shared answer
         self._line_mode: dict[str, str] = {}  # custom_id -> response mode it was sent with
+        # Lines this session waits for -> when it was asked for them (perf_counter): their
+        # answers are stored at collection as this run's calls, with that latency.
+        self._asked_at: dict[str, float] = {}
         self._pool: list[_Pending] = []
         self._last_added = 0.0
         self._tasks: list[asyncio.Task] = []
@@ -283,7 +288,7 @@ class OpenAIBatchBackend:
         future = asyncio.get_running_loop().create_future()
         self._waiters[custom_id] = future
         try:
-            result = await self._answer(request, custom_id)
+            result = await self._answer(request, custom_id, time.perf_counter())
             future.set_result(result)
             return result
         except BaseException as exc:
@@ -293,12 +298,13 @@ class OpenAIBatchBackend:
         finally:
             self._waiters.pop(custom_id, None)
 
-    async def _answer(self, request: VLMRequest, custom_id: str) -> VLMResponse:
+    async def _answer(self, request: VLMRequest, custom_id: str, asked_at: float) -> VLMResponse:
         # A batch stored by an earlier session may hold this request: wait for it first.
         # That session may have stepped the response format down (a new session starts
         # from the top again), so the request is looked for as sent in every mode.
         for batch_id, line_id, mode in self._stored_lines(request):
             watch = self._watch(batch_id)
+            self._asked_at[line_id] = asked_at
             await watch.done.wait()
             result = watch.results.get(line_id)
             if isinstance(result, VLMResponse):
@@ -312,7 +318,7 @@ class OpenAIBatchBackend:
             result = self._unanswered(watch, line_id, result)
             if result is not None and not isinstance(result, BatchLineError):
                 raise result
-        return await self._submit(request, self._custom_id(request))
+        return await self._submit(request, self._custom_id(request), asked_at)
 
     def _stored_lines(self, request: VLMRequest) -> list[tuple[str, str, str]]:
         """(batch id, custom id, response mode) of the stored batches holding this
@@ -325,7 +331,7 @@ class OpenAIBatchBackend:
         found.sort(reverse=True)
         return [(batch_id, line_id, mode) for _, batch_id, line_id, mode in found]
 
-    async def _submit(self, request: VLMRequest, custom_id: str) -> VLMResponse:
+    async def _submit(self, request: VLMRequest, custom_id: str, asked_at: float) -> VLMResponse:
         messages = await build_messages(request, self.encoder, self.detail)
         line = json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
                            "body": self._body(request, messages)}, ensure_ascii=False).encode() + b"\n"
@@ -336,6 +342,7 @@ class OpenAIBatchBackend:
         self._line_mode[custom_id] = self.response_mode
         describe = getattr(self._ctx, "describe", None)
         meta = describe(request) if describe is not None else {}
+        self._asked_at[custom_id] = asked_at
         self._pool.append(_Pending(custom_id, request.stage, line, future, meta))
         self._last_added = time.monotonic()
         if len(self._pool) >= self.max_batch_requests:
@@ -602,18 +609,30 @@ class OpenAIBatchBackend:
             log.warning("batch %s was cancelled outside good4cir: keeping its %d answers; its "
                         "unfinished requests are not sent again (rerun with --retry-failed to send "
                         "them)", watch.batch_id, answered)
-        # Every answer is stored with the batch marked collected, those no session here
-        # asks for too (the batch's run may hold pairs outside this run's scope): any run
-        # that asks the same reuses them from the store instead of paying again. A line
-        # asked for here becomes the asker's call when the runner records it.
+        # Every answer is stored once, here, with the batch marked collected: a line this
+        # session asks for as this run's call (the runner then writes nothing), the others
+        # (the batch's run may hold pairs outside this run's scope) as the batch's run's,
+        # which any run that asks the same reuses instead of paying again.
         cost = getattr(self._ctx, "cost", None)
-        answers = {custom_id: {
-            "response": r.text, "model": r.model or self.model, "tokens_in": r.tokens_in,
-            "tokens_out": r.tokens_out, "error": "finish_reason: length" if r.finish_reason == "length" else None,
-            "cost_usd": cost(r.tokens_in, r.tokens_out) if cost else 0.0}
-            for custom_id, r in results.items() if isinstance(r, VLMResponse)}
-        await self._ctx.db(store_ann.collect_batch, watch.batch_id, answers, status=batch.status,
-                           output_file_id=batch.output_file_id, error_file_id=batch.error_file_id, **extra)
+        now = time.perf_counter()
+        answers = {}
+        for custom_id, r in results.items():
+            if not isinstance(r, VLMResponse):
+                continue
+            asked_at = self._asked_at.pop(custom_id, None)
+            if asked_at is not None:
+                r.latency_ms = (now - asked_at) * 1000
+            answers[custom_id] = {
+                "response": r.text, "model": r.model or self.model, "tokens_in": r.tokens_in,
+                "tokens_out": r.tokens_out, "latency_ms": r.latency_ms,
+                "error": "finish_reason: length" if r.finish_reason == "length" else None,
+                "cost_usd": cost(r.tokens_in, r.tokens_out) if cost else 0.0,
+                "run_id": self._run_id if asked_at is not None else None}
+        stored = await self._ctx.db(store_ann.collect_batch, watch.batch_id, answers, status=batch.status,
+                                    output_file_id=batch.output_file_id, error_file_id=batch.error_file_id,
+                                    **extra)
+        for custom_id, call_id in stored.items():
+            results[custom_id].call_id = call_id
         watch.done.set()
 
     async def _lines(self, file_id: str) -> list[dict]:
