@@ -81,7 +81,7 @@ def _options(args: argparse.Namespace):
 def run_annotate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.runner import plan_run, run_pipeline
+    from pipeline.runner import plan_run, run_pipeline, withheld_note
 
     if not Path(args.db).is_file():  # opening it would create an empty store at a typo
         raise FileNotFoundError(f"{args.db}: no such store; create one with `good4cir import`")
@@ -94,10 +94,13 @@ def run_annotate(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"run_id": plan.run_id, "pairs": plan.pairs, "calls": plan.calls,
                               "calls_by_stage": plan.calls_by_stage,
-                              "estimated_cost_usd": round(plan.estimated_cost_usd, 4)}))
+                              "estimated_cost_usd": round(plan.estimated_cost_usd, 4),
+                              "pairs_without_target": plan.pairs_without_target}))
         else:
             print(f"{run}: {plan.pairs} pairs to annotate, {plan.calls} calls ({stages}), "
                   f"estimated cost ${plan.estimated_cost_usd:.4f}{price_note}")
+            if plan.pairs_without_target:
+                print(f"  {withheld_note(plan.pairs_without_target)}")
         return 0
 
     bar = None

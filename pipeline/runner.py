@@ -203,6 +203,8 @@ class Plan:
     calls_by_stage: dict[str, int]
     estimated_cost_usd: float
     unknown_price: bool
+    pairs_without_target: int = 0  # selected by split but left out: no target to compare
+
 
     @property
     def calls(self) -> int:
@@ -367,22 +369,31 @@ def _runs_asking_the_same(db, run, options: RunOptions, pair_ids: list[str], pro
     if run is not None:
         mine -= _settled_pairs(db, run.id, options.retry_failed)
     staged = options.method == "staged"
-    my_references = {row[1] for row in _rows_in(
-        db, "SELECT id, reference_id FROM pairs WHERE id IN ({})", sorted(mine))} if staged else set()
+    reference_of = dict(_rows_in(db, "SELECT id, reference_id FROM pairs WHERE id IN ({})", sorted(mine)))
     waited = []
     for other in others:
-        shared = sum(pair in mine or (staged and reference in my_references) for pair, reference in db.execute(
+        theirs = dict(db.execute(
             "SELECT a.pair_id, p.reference_id FROM annotations a JOIN pairs p ON p.id = a.pair_id"
-            " WHERE a.run_id = ? AND a.status = 'pending'", [other.id]))
+            " WHERE a.run_id = ? AND a.status = 'pending'", [other.id]).fetchall())
+        # Counted among the pairs this session would send (its --limit, not the other
+        # run's scope): the same pair, or (staged) one whose reference image's stage 1
+        # the other run asks for one of its own pairs.
+        their_references = set(theirs.values()) if staged else set()
+        same = mine & theirs.keys()
+        by_reference = sum(reference_of.get(pair) in their_references for pair in mine - same)
+        shared = len(same) + by_reference
         if not shared:
             continue
+        what = f"{shared} of the {len(mine)} pairs this run would annotate" + (
+            f" ({by_reference} of them only through {'its' if by_reference == 1 else 'their'} "
+            "reference image, described once for every pair)" if by_reference else "")
         batches = open_batches.get(other.id, [])
         held = (f"batch{'es' if len(batches) > 1 else ''} {', '.join(batches[:3])}"
                 f"{f' and {len(batches) - 3} more' if len(batches) > 3 else ''}")
         if other.id in live:
             raise RunBusyError(
-                f"run {other.id} is annotating {shared} of these pairs with the same model, prompts "
-                f"and settings ({leases.describe_lease(live[other.id])})"
+                f"run {other.id} is annotating {what} with the same model, prompts and settings "
+                f"({leases.describe_lease(live[other.id])})"
                 f"{f' and has {held} open at the provider' if batches else ''}: this run would send "
                 f"the same requests again and pay twice. Wait for run {other.id} to finish (its "
                 "answers are then reused here), or stop it and run this again"
@@ -390,8 +401,8 @@ def _runs_asking_the_same(db, run, options: RunOptions, pair_ids: list[str], pro
                    else " (the answers it has stored are reused here)"))
         if options.backend != "openai-batch":
             raise RunBusyError(
-                f"run {other.id} has {held} open at the provider, holding requests for {shared} of "
-                f"these pairs (same model, prompts and settings); the {options.backend} backend "
+                f"run {other.id} has {held} open at the provider, holding requests for {what} "
+                f"(same model, prompts and settings); the {options.backend} backend "
                 f"cannot wait for a batch and would pay for them again. Resume run {other.id} to "
                 f"collect them (good4cir annotate --run {other.id} with its options, --backend "
                 "openai-batch), then run this again to reuse its answers; or run this with "
@@ -452,6 +463,36 @@ def _check_simulator_pairs(db, options: RunOptions, pair_ids: list[str]) -> None
         "OPENAI_API_KEY, or --base-url for a local OpenAI-compatible server)")
 
 
+def _select_pairs(db, options: RunOptions, run) -> tuple[list[str], int]:
+    """The pairs a run annotates, and how many of its split it leaves out for want of a
+    target image (CIRR's test1 and CIRCO's test withhold it): with no target there is no
+    change to describe, and asking would pay for the reference's stage 1, then fail the
+    pair with advice to retry that could never help."""
+    pair_ids = store_ann.select_pair_ids(db, split=options.split, limit=options.limit, with_target=True)
+    where = " AND split = ?" if options.split else ""
+    withheld = db.execute(f"SELECT COUNT(*) FROM pairs WHERE target_id IS NULL{where}",
+                          [options.split] if options.split else []).fetchone()[0]
+    if not pair_ids and run is None:
+        store_ann.require_split(db, options.split)
+        if withheld:
+            of = f" of split {options.split!r}" if options.split else ""
+            raise ValueError(f"the {withheld} pairs{of} have no target image (their split withholds it, "
+                             "as CIRR's test1 does): there is no change to describe, so nothing to "
+                             "annotate; export their imported captions with --include-unreviewed")
+    return pair_ids, withheld
+
+
+def withheld_note(withheld: int) -> str:
+    """What a run or a dry run says about the pairs it leaves out for want of a target."""
+    return (f"{withheld} pair{'' if withheld == 1 else 's'} without a target image left out (its "
+            "split withholds it, as CIRR's test1 does): there is no change to describe")
+
+
+def _say_withheld(withheld: int) -> None:
+    if withheld:
+        log.warning("%s", withheld_note(withheld))
+
+
 def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
     """How many calls a run of these options would make now, and roughly what they cost:
     requests answered in the store or in the open batches the run would wait for are not
@@ -462,7 +503,7 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         params = answer_params(options)
         prompts = prompt_versions()
         run = _find_run(db, options)
-        pair_ids = store_ann.select_pair_ids(db, split=options.split, limit=options.limit)
+        pair_ids, withheld = _select_pairs(db, options, run)
         if not pair_ids and run is None:
             store_ann.require_split(db, options.split)
         _check_simulator_pairs(db, options, pair_ids)
@@ -534,7 +575,8 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
                                    batch=options.backend == "openai-batch",
                                    image_max_side=options.image_max_side)
         return Plan(run_id=run.id if run else None, pairs=len(todo), calls_by_stage=calls,
-                    estimated_cost_usd=estimate, unknown_price=bool(prices.unknown))
+                    estimated_cost_usd=estimate, unknown_price=bool(prices.unknown),
+                    pairs_without_target=withheld)
     finally:
         db.conn.close()
 
@@ -625,7 +667,7 @@ class Runner:
         # sessions started at once cannot both create a run, or both take one.
         with transaction(db):
             run = _find_run(db, self.options)
-            pair_ids = store_ann.select_pair_ids(db, split=self.options.split, limit=self.options.limit)
+            pair_ids, withheld = _select_pairs(db, self.options, run)
             if not pair_ids and run is None:
                 store_ann.require_split(db, self.options.split)
                 where = f" of split {self.options.split!r}" if self.options.split else ""
@@ -634,6 +676,7 @@ class Runner:
             # Before a run row exists: a refused start leaves nothing behind.
             _check_simulator_pairs(db, self.options, pair_ids)
             self._waited_runs = _runs_asking_the_same(db, run, self.options, pair_ids, self.prompts)
+            _say_withheld(withheld)
             if run is None:
                 run = store_ann.create_run(
                     db, self.options.backend, self.model, base_url=redact_url(self.options.base_url),

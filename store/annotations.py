@@ -256,9 +256,13 @@ def require_split(db: sqlite_utils.Database, split: Optional[str]) -> None:
 
 
 def select_pair_ids(db: sqlite_utils.Database, *, split: Optional[str] = None,
-                    limit: Optional[int] = None, source: Optional[str] = None) -> list[str]:
-    """Pair ids in import order (stable, so `--limit N` picks the same N again)."""
+                    limit: Optional[int] = None, source: Optional[str] = None,
+                    with_target: bool = False) -> list[str]:
+    """Pair ids in import order (stable, so `--limit N` picks the same N again).
+    with_target: only pairs that have a target image (CIRR's test1 withholds it)."""
     where, params = [], []
+    if with_target:
+        where.append("target_id IS NOT NULL")
     if split:
         where.append("split = ?")
         params.append(split)

@@ -346,3 +346,44 @@ def test_cli_annotate_names_the_failed_pairs_and_how_to_retry_them(server, tmp_p
         line = next(x for x in said.splitlines() if x.strip().startswith(f"failed: pair {external_id!r}"))
         assert "bad image" in line and image in line, line
     assert "--retry-failed" in said
+
+
+def _add_targetless_pair(db_path: Path, image_dir: Path, split: str = "test1") -> None:
+    """A pair whose target is withheld, as the CIRR importer stores test1 (target_id NULL)."""
+    import hashlib
+
+    from pipeline_world import draw_image
+
+    path = image_dir / "withheld_ref.png"
+    draw_image(path, 999)
+    image_id = hashlib.sha256(path.read_bytes()).hexdigest()
+    db = open_db(db_path)
+    db.execute("INSERT INTO images (id, name, path, root, width, height, size_bytes, format, split, created_at)"
+               " VALUES (?, 'withheld_ref', ?, ?, 256, 256, 1, 'PNG', ?, '2026')",
+               [image_id, str(path), str(image_dir), split])
+    db.execute("INSERT INTO pairs (id, source, external_id, reference_id, target_id, split, created_at)"
+               " VALUES ('withheld0', 'cirr', 'test1:18', ?, NULL, ?, '2026')", [image_id, split])
+    db.conn.commit()
+    db.conn.close()
+
+
+def test_pairs_without_a_target_are_not_annotated(server, tmp_path, capsys, caplog):
+    # A CIRR store holds test1, whose targets are withheld. annotate counted its pairs in
+    # the dry run, paid stage 1 for their references, failed each as 'no target' and
+    # told the user to fix them and rerun with --retry-failed, which could never help.
+    db_path, _ = _world(tmp_path, references=2, pairs=3)
+    _add_targetless_pair(db_path, tmp_path / "images")
+    args = ["annotate", "--db", str(db_path), "--backend", "openai", "--base-url", server.url,
+            "--no-progress"]
+    assert cli_main(args + ["--dry-run"]) == 0
+    out = capsys.readouterr()
+    assert "3 pairs to annotate" in out.out and "stage1 2," in out.out
+    assert "1 pair without a target image" in out.out + out.err
+    assert cli_main(args) == 0
+    out = capsys.readouterr()
+    assert "3 done, 0 failed" in out.out and "--retry-failed" not in out.out + out.err
+    assert "1 pair without a target image left out" in caplog.text
+    assert server.stats["completions_ok"] == 2 + 2 * 3
+    assert table_rows(db_path, "SELECT COUNT(*) FROM annotations WHERE pair_id = 'withheld0'") == [(0,)]
+    with pytest.raises(ValueError, match="split 'test1'.*no target image"):
+        cli_main(args + ["--split", "test1"])
