@@ -397,6 +397,27 @@ def test_the_save_message_outlives_the_redraw_that_follows_the_save(world, brows
     context.close()
 
 
+def test_a_caption_never_keeps_a_line_break(world, browser, external_requests):
+    # Shift+Enter put a line break into the caption box, and a save stored it (a pasted
+    # line break too): captions are one line for exports and CLIP.
+    from store import review as store_review
+
+    db, pair = world["db"], world["annotation_ids"][9]
+    caption_id = rl.load_pair(db, pair).individual[1].id
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    field = caption_field(page, "i", 1)
+    field.fill("Make the lamp red.")
+    field.press("Shift+Enter")  # saves, as Enter does, instead of breaking the line
+    wait_caption_status(page, "saved as version 1$")
+    assert store_review.get_caption(db, caption_id).current_text == "Make the lamp red."
+    field.fill("Make the lamp\nblue.")  # as a paste brings it
+    field.press("Enter")
+    wait_caption_status(page, "saved as version 2; its line breaks were replaced by spaces")
+    expect(field).to_have_value("Make the lamp blue.")
+    assert store_review.get_caption(db, caption_id).current_text == "Make the lamp blue."
+    context.close()
+
+
 def test_shortening_a_caption_the_pipeline_flagged_unticks_its_flag_box_at_once(world, browser, external_requests):
     # The save clears the pipeline's 'over 77 CLIP tokens' flag and says so, but the row
     # kept its ticked flag box and red frame until the next live redraw.

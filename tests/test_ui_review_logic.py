@@ -479,3 +479,21 @@ def test_runs_with_one_name_backend_and_model_have_labels_a_reviewer_can_tell_ap
     assert rl.make_filter("all", str(high.id), None, None).run_id == high.id
     with pytest.raises(rl.ReviewActionError, match="not a run"):
         rl.make_filter("all", "demo (sim-1)", None, None)
+
+
+def test_a_caption_saved_with_line_breaks_is_stored_on_one_line_and_the_reviewer_told(store):
+    # Shift+Enter (or a paste) put a line break into a caption, and it was stored as typed:
+    # exports and the CLIP tokenizer take captions as one line.
+    db, ann = store["db"], store["annotation_ids"][1]
+    caption = rl.load_pair(db, ann).individual[0]
+    result = rl.save_caption(db, caption.id, "Make the box\nyellow \r\n\n and round.\n", "alice", caption.version)
+    assert result.saved and result.text == "Make the box yellow and round."
+    assert "line breaks" in result.message and "one line" in result.message
+    stored = db.execute("SELECT text FROM caption_edits WHERE caption_id = ?", [caption.id]).fetchall()
+    assert stored == [("Make the box yellow and round.",)]
+    assert rl.load_caption(db, caption.id).history[-1].text == "Make the box yellow and round."
+    # only line breaks added to the stored text: nothing written, and the reviewer told why
+    again = rl.save_caption(db, caption.id, "Make the box yellow\nand round.", "alice", result.version)
+    assert not again.saved and not again.conflict and again.text == "Make the box yellow and round."
+    assert "line breaks" in again.message
+    assert db.execute("SELECT COUNT(*) FROM caption_edits WHERE caption_id = ?", [caption.id]).fetchone()[0] == 1

@@ -208,11 +208,11 @@ SHORTCUTS_MD = """**Keyboard** (outside text fields): `j` / `→` next · `k` / 
 `r` reject (and go on) · `1`–`9` select a caption · `f` flag / unflag the selected caption ·
 `e` edit the selected caption · `z` undo the selected caption's last edit · `Esc` leave a text field
 (saves it) · `u` reload the pair · `g` show / hide ground truth. Click a descriptor to flag it; click an
-image to zoom. Captions save when you press Enter or leave the field. Other reviewers' changes to the
+image to zoom. Captions are one line: they save when you press Enter or leave the field. Other reviewers' changes to the
 shown pair appear within a few seconds; text you are typing is kept."""
 
-# Captions panel: a caption is saved when its text area loses focus or on Enter (Shift+Enter
-# is a new line), through a server function that answers with the new version or the
+# Captions panel: a caption is saved when its text area loses focus or on Enter (with or
+# without Shift: a caption is one line), through a server function that answers with the new version or the
 # conflict. Undo reverts a caption's last edit the same way. A flag box change goes to
 # Python as an event. Saves and undos of one row never overlap: each waits for the last.
 #
@@ -338,7 +338,9 @@ function saveRow(area) {
       if (Array.isArray(r)) r = r[0];
       if (row.dataset.caption !== caption) return;   // another pair is shown by now
       if (r.conflict) { row.classList.add('g4c-conflict'); area._conflict = true; }
-      else if (r.state && (r.saved || r.text.trim() === r.state.text.trim())) applyState(row, area, r.state, false);
+      // Nothing typed since the request: the box shows the text as stored (the save joins
+      // line breaks into spaces).
+      else if (r.state && (r.saved || r.text.trim() === r.state.text.trim())) applyState(row, area, r.state, area.value === sent);
       statusLine(r.message, r.conflict || r.error);
     } catch (e) {
       statusLine('NOT SAVED: ' + e, true);
@@ -372,8 +374,10 @@ element.addEventListener('input', (e) => {
   if (e.target.tagName === 'TEXTAREA') { e.target._typed = true; fitBox(e.target); }
 });
 element.addEventListener('focusout', (e) => { if (e.target.tagName === 'TEXTAREA') saveRow(e.target); });
+// A caption is one line: Enter saves, with Shift too (a line break would only be
+// joined into a space by the save). Not while an input method composes a word.
 element.addEventListener('keydown', (e) => {
-  if (e.target.tagName === 'TEXTAREA' && e.key === 'Enter' && !e.shiftKey) { e.preventDefault(); saveRow(e.target); }
+  if (e.target.tagName === 'TEXTAREA' && e.key === 'Enter' && !e.isComposing) { e.preventDefault(); saveRow(e.target); }
 });
 element.addEventListener('click', (e) => {
   const undo = e.target.closest('button[data-undo]');

@@ -8,6 +8,7 @@ A descriptor is addressed as '<description id>/<object index>/<descriptor index>
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Optional
@@ -571,6 +572,18 @@ class EditResult:
     conflict: bool = False
 
 
+# Line breaks of every kind str.splitlines knows, with the blanks around them.
+_LINE_BREAKS = re.compile(r"\s*[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]+\s*")
+
+
+def one_line(text: Optional[str]) -> tuple[str, bool]:
+    """The caption text as stored: line breaks (with the blanks around them) become one
+    space, ends trimmed. Returns it and whether there were line breaks."""
+    text = (text or "").strip()
+    joined = _LINE_BREAKS.sub(" ", text)
+    return joined, joined != text
+
+
 def save_caption(
     db: sqlite_utils.Database, caption_id: str, text: str, editor: str, expected_version: Optional[int]
 ) -> EditResult:
@@ -581,10 +594,12 @@ def save_caption(
     result says so, with their text, instead of overwriting it.
     """
     editor = require_reviewer(editor)
-    text = (text or "").strip()
+    text, joined = one_line(text)
+    joined_note = "its line breaks were replaced by spaces (a caption is one line: exports and CLIP read it so)"
     current = store_review.get_caption(db, caption_id)
     if text == (current.current_text or current.text):
-        return EditResult(False, current.version, text, "")
+        return EditResult(False, current.version, text,
+                          f"{caption_label(caption_id)}: not changed; {joined_note}" if joined else "")
     if not text:
         return EditResult(False, current.version, current.current_text or current.text,
                           f"caption {caption_id}: an empty caption is not saved; flag it instead")
@@ -599,7 +614,7 @@ def save_caption(
             f"kept: “{current.current_text}”. Reload the pair (u) to see it, then edit again.",
             conflict=True,
         )
-    message = f"caption saved as version {saved.version}"
+    message = f"caption saved as version {saved.version}" + (f"; {joined_note}" if joined else "")
     note = _recheck_caption_length(db, current.annotation_id, caption_id, saved.current_text, editor)
     return EditResult(True, saved.version, saved.current_text, f"{message}; {note}" if note else message)
 
