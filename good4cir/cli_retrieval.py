@@ -239,6 +239,8 @@ def run_eval(args: argparse.Namespace) -> int:
     )
     for note in result.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
+    if result.get("warning"):
+        print(f"warning: {result['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -270,6 +270,30 @@ def fill_absent_measures(result: dict[str, Any], queries: Queries, split: str) -
     return []
 
 
+# Below these a split's recalls say little: with a handful of queries one query moves
+# R@1 by whole tens of points, and a gallery of at most max(RECALL_KS) + 1 images (the
+# reference is left out of the ranking) puts every candidate in the top 50.
+MIN_QUERIES = 20
+
+
+def small_split_warning(queries: int, gallery: int) -> Optional[str]:
+    """The `eval` warning for a split too small to measure anything, or None."""
+    top_k = max(RECALL_KS)
+    small_gallery = gallery - 1 <= top_k
+    gallery_says = (f"a gallery of {gallery} images leaves at most {max(gallery - 1, 0)} candidates "
+                    f"per query once its reference is left out, so Recall@{top_k} is 100 whatever "
+                    "the model")
+    if queries < MIN_QUERIES:
+        return (f"only {queries} quer{'y' if queries == 1 else 'ies'} (fewer than {MIN_QUERIES}: "
+                f"one query moves Recall@K by {100 / max(queries, 1):.0f} points)"
+                + (f", and {gallery_says}" if small_gallery else "")
+                + ": these numbers are not meaningful; evaluate on a split with more pairs")
+    if small_gallery:
+        return (f"{gallery_says}: the recalls at large K are not meaningful; evaluate on a split "
+                "with a bigger gallery")
+    return None
+
+
 def metrics_without_targets(queries: int, split: str, with_map: bool) -> tuple[dict[str, Any], list[str]]:
     """The `eval --json` measures of a split that withholds every target (CIRR test1,
     CIRCO test), for `eval --submission`: each documented key present and null (`map`
@@ -419,5 +443,8 @@ def evaluate_checkpoint(
     absent = fill_absent_measures(result, queries, split)
     if absent:
         result.setdefault("notes", []).extend(absent)
+    warning = small_split_warning(len(queries), len(gallery_keys))
+    if warning:
+        result["warning"] = warning
     return result
 

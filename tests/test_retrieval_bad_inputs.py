@@ -217,6 +217,31 @@ def test_query_with_an_empty_text_is_refused(world, checkpoint, capsys):
     assert len(json.loads(capsys.readouterr().out)["results"]) == 2
 
 
+def test_eval_of_a_tiny_split_warns_that_its_numbers_mean_little(world, checkpoint, capsys):
+    """A split of a handful of queries, ranked in a gallery no bigger than the largest K,
+    reported Recall@50 100 (and medR near 1) without a word."""
+    root, db_path = world
+    args = ["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
+            "--cache-dir", str(root / "cache")]
+    capsys.readouterr()
+    assert main([*args, "--json"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)  # stdout stays one JSON document
+    assert result["queries"] < 20 and result["gallery"] <= 51 and result["recall"]["50"] == 100
+    assert {"recall", "recall_subset", "median_rank", "baselines", "queries", "gallery"} <= set(result)
+    warning = result["warning"]
+    assert f"only {result['queries']} queries" in warning and f"gallery of {result['gallery']}" in warning
+    assert "not meaningful" in warning and f"warning: {warning}" in out.err
+    assert main(args) == 0
+    assert f"warning: {warning}" in capsys.readouterr().err
+
+    from retrieval.evaluate import small_split_warning
+
+    assert small_split_warning(200, 1200) is None
+    assert "only 19 queries" in small_split_warning(19, 1200)
+    assert "gallery of 51 images" in small_split_warning(200, 51) and "queries" not in small_split_warning(200, 51)
+
+
 def test_eval_table_shows_circo_map(tmp_path, checkpoint, capsys):
     """Queries with several ground truths (CIRCO): `eval --json` had "map", the table
     printed without --json left CIRCO's own measure out."""
