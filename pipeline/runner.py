@@ -369,22 +369,31 @@ def _runs_asking_the_same(db, run, options: RunOptions, pair_ids: list[str], pro
     if run is not None:
         mine -= _settled_pairs(db, run.id, options.retry_failed)
     staged = options.method == "staged"
-    my_references = {row[1] for row in _rows_in(
-        db, "SELECT id, reference_id FROM pairs WHERE id IN ({})", sorted(mine))} if staged else set()
+    reference_of = dict(_rows_in(db, "SELECT id, reference_id FROM pairs WHERE id IN ({})", sorted(mine)))
     waited = []
     for other in others:
-        shared = sum(pair in mine or (staged and reference in my_references) for pair, reference in db.execute(
+        theirs = dict(db.execute(
             "SELECT a.pair_id, p.reference_id FROM annotations a JOIN pairs p ON p.id = a.pair_id"
-            " WHERE a.run_id = ? AND a.status = 'pending'", [other.id]))
+            " WHERE a.run_id = ? AND a.status = 'pending'", [other.id]).fetchall())
+        # Counted among the pairs this session would send (its --limit, not the other
+        # run's scope): the same pair, or (staged) one whose reference image's stage 1
+        # the other run asks for one of its own pairs.
+        their_references = set(theirs.values()) if staged else set()
+        same = mine & theirs.keys()
+        by_reference = sum(reference_of.get(pair) in their_references for pair in mine - same)
+        shared = len(same) + by_reference
         if not shared:
             continue
+        what = f"{shared} of the {len(mine)} pairs this run would annotate" + (
+            f" ({by_reference} of them only through {'its' if by_reference == 1 else 'their'} "
+            "reference image, described once for every pair)" if by_reference else "")
         batches = open_batches.get(other.id, [])
         held = (f"batch{'es' if len(batches) > 1 else ''} {', '.join(batches[:3])}"
                 f"{f' and {len(batches) - 3} more' if len(batches) > 3 else ''}")
         if other.id in live:
             raise RunBusyError(
-                f"run {other.id} is annotating {shared} of these pairs with the same model, prompts "
-                f"and settings ({leases.describe_lease(live[other.id])})"
+                f"run {other.id} is annotating {what} with the same model, prompts and settings "
+                f"({leases.describe_lease(live[other.id])})"
                 f"{f' and has {held} open at the provider' if batches else ''}: this run would send "
                 f"the same requests again and pay twice. Wait for run {other.id} to finish (its "
                 "answers are then reused here), or stop it and run this again"
@@ -392,8 +401,8 @@ def _runs_asking_the_same(db, run, options: RunOptions, pair_ids: list[str], pro
                    else " (the answers it has stored are reused here)"))
         if options.backend != "openai-batch":
             raise RunBusyError(
-                f"run {other.id} has {held} open at the provider, holding requests for {shared} of "
-                f"these pairs (same model, prompts and settings); the {options.backend} backend "
+                f"run {other.id} has {held} open at the provider, holding requests for {what} "
+                f"(same model, prompts and settings); the {options.backend} backend "
                 f"cannot wait for a batch and would pay for them again. Resume run {other.id} to "
                 f"collect them (good4cir annotate --run {other.id} with its options, --backend "
                 "openai-batch), then run this again to reuse its answers; or run this with "

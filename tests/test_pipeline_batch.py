@@ -420,3 +420,38 @@ def test_each_batch_answer_is_written_once_as_the_call_of_the_run_that_asked(ser
             assert latency_ms > 0
         assert cost == pytest.approx(prices.cost("gpt-4o-mini", tokens_in, tokens_out) / 2)
     assert unasked == 1
+
+
+def test_a_refusal_beside_another_runs_open_batch_counts_only_the_pairs_this_session_would_send(
+        server, tmp_path):
+    # Run A's open batch holds stage 1 of references 0 and 1 for its pairs 0, 1, 2 (refs
+    # 0, 1, 0). A chat run with --limit 1 sends requests for pair 0 alone, but the refusal
+    # counted every pending pair of A that shares a reference with it ("2 of these pairs").
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path)
+    chat = RunOptions(**{**options.__dict__, "backend": "openai", "limit": 1})
+    with pytest.raises(RunBusyError) as caught:
+        run_pipeline(db_path, chat)
+    assert "holding requests for 1 of the 1 pairs this run would annotate" in str(caught.value)
+    assert batch_a in str(caught.value) and server.stats["chat_requests"] == 0
+
+
+def test_a_refusal_names_pairs_that_share_only_a_reference_image_with_another_runs_batch(server, tmp_path):
+    # Run A (--limit 1: pair 0, reference 0) has its batch open. A chat run over all three
+    # pairs would ask stage 1 of reference 0 for pair 2 too: 2 of its 3 pairs, one of them
+    # only through its reference image. The count was A's pending pairs (1).
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    options = _options(server, limit=1)
+    server.config.batch_delay = 120.0
+    handle = start_run_in_thread(db_path, options)
+    deadline = time.time() + 60
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE status = 'validating'")[0][0]:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    handle.stop()
+    assert handle.join(timeout=30).status == "stopped"
+    with pytest.raises(RunBusyError) as caught:
+        run_pipeline(db_path, RunOptions(**{**options.__dict__, "backend": "openai", "limit": None}))
+    message = str(caught.value)
+    assert "holding requests for 2 of the 3 pairs this run would annotate" in message
+    assert "1 of them only through its reference image" in message

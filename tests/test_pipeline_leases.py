@@ -256,7 +256,7 @@ def test_a_new_chat_run_beside_a_live_chat_run_over_the_same_pairs_is_refused_na
         with pytest.raises(RunBusyError) as caught:
             run_pipeline(db_path, _options(server, new_run=True))
         message = str(caught.value)
-        assert f"run {first.run_id} is annotating {PAIRS} of these pairs" in message
+        assert f"run {first.run_id} is annotating {PAIRS} of the {PAIRS} pairs this run would annotate" in message
         assert f"pid {os.getpid()}" in message and "pay twice" in message
         assert f"Wait for run {first.run_id} to finish" in message
         assert server.stats["chat_requests"] == asked  # the refused run asked nothing
