@@ -358,7 +358,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     use_rerank = cfg.rerank and len(train_set) >= QUERIES_PER_STEP
     rerank_depth = cfg.rerank_top_k if use_rerank else 0
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
-    if budget is not None and cfg.rerank:
+    if budget is not None and use_rerank:  # a re-ranker skipped leaves its share to the fusion model
         budget *= 1.0 - cfg.rerank_share
     total_steps = cfg.epochs * len(batches) if cfg.epochs is not None else None
     setup_seconds = time.monotonic() - started
@@ -452,8 +452,8 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
             done = out_of_budget()
     bar.close()
     if cfg.rerank and not use_rerank:
-        log.warning("re-ranker skipped: %d training pairs, it needs at least %d",
-                    len(train_set), QUERIES_PER_STEP)
+        log.warning("re-ranker skipped: %d training pairs, it needs at least %d%s", len(train_set),
+                    QUERIES_PER_STEP, " (the fusion model had all of --minutes)" if budget else "")
     if use_rerank:
         model.load_state_dict(torch.load(str(out / BEST_FILE), map_location="cpu",
                                          weights_only=False)["model"])

@@ -299,3 +299,12 @@ def test_cli_eval_json_has_every_documented_key_without_image_sets(world, capsys
     assert set(result["recall_subset"]) == {"1", "2", "3"}
     assert result["baselines"]["sum"]["recall_subset"] is not None
     assert any(note.startswith("recall_subset covers the 2 of ") for note in result["notes"])
+
+
+def test_a_skipped_re_ranker_leaves_the_whole_budget_to_the_fusion_model(tmp_path):
+    # A small dataset (under 16 training pairs, too few for the re-ranker) trained with
+    # --minutes 1 stopped after the fusion model's quarter of it: 16 s of the 60 asked.
+    make_world_store(tmp_path, pairs=14)
+    result = train(_config(tmp_path, "small", epochs=None, minutes=0.2))
+    assert "rerank" not in result.history
+    assert result.seconds >= 0.2 * 60 * 0.75, result.seconds
