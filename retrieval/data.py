@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -312,9 +314,32 @@ def load_triplets(
     for file_path in files:
         _merge(merged, load_file_triplets(file_path, keep_targetless=keep_targetless,
                                           source=source, captions=captions))
-    for problem in merged.problems[:20]:
-        log.warning("left out: %s", problem)
+    _log_problems(merged.problems)
     return merged
+
+
+_WITHHELD = re.compile(r"^pair \S+: no target \(split (.*) withholds it\)$")
+
+
+def _log_problems(problems: list[str], most: int = 20) -> None:
+    """Log what was left out: pairs of a split that withholds its targets (CIRR's test1,
+    thousands of them) as one line per split, so they never crowd out the first `most`
+    other problems, and a count of the rest."""
+    withheld: Counter = Counter()
+    others = []
+    for problem in problems:
+        match = _WITHHELD.match(problem)
+        if match:
+            withheld[match.group(1)] += 1
+        else:
+            others.append(problem)
+    for split, count in withheld.items():
+        log.warning("left out: %d pair%s of split %s: no target (the split withholds it)",
+                    count, "" if count == 1 else "s", split)
+    for problem in others[:most]:
+        log.warning("left out: %s", problem)
+    if len(others) > most:
+        log.warning("left out: %d more pairs", len(others) - most)
 
 
 def _merge(into: TripletSet, part: TripletSet) -> None:

@@ -118,3 +118,26 @@ def test_mixing_stores_and_an_exported_file(tmp_path, annotated):
     assert {t.split for t in val} <= {"val", None} and len(train) > len(val) > 0
     with pytest.raises(ValueError, match="--db"):
         load_triplets([], [])
+
+
+def test_withheld_targets_are_one_line_and_do_not_hide_other_problems(tmp_path, caplog):
+    # A CIRR store: every train or eval logged its first 20 problems, one per pair, and
+    # test1's thousands of withheld targets filled them, so a train pair whose image
+    # is missing was never named (nor was there an 'and N more').
+    from pathlib import Path
+
+    db_path = make_world_store(tmp_path, pairs=40)
+    db = open_db(db_path)
+    db.execute("UPDATE pairs SET target_id = NULL, split = 'test1' WHERE id < 'p0030'")
+    missing = db.execute("SELECT i.path FROM pairs p JOIN images i ON i.id = p.reference_id"
+                         " WHERE p.id = 'p0039'").fetchone()[0]
+    db.conn.commit()
+    db.conn.close()
+    Path(missing).unlink()
+    caplog.set_level("WARNING", logger="retrieval.data")
+    data = load_triplets([db_path])
+    assert sum("withholds" in p for p in data.problems) == 30  # what eval's check reads
+    lines = [r.getMessage() for r in caplog.records]
+    withheld = [line for line in lines if "withhold" in line]
+    assert len(withheld) == 1 and "30 pairs of split test1" in withheld[0], lines
+    assert any("p0039" in line and "no local file" in line for line in lines), lines
