@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from store.db import open_db
@@ -168,7 +166,7 @@ def test_goto_by_external_id_and_activity_of_others(store):
     db, ann = store["db"], store["annotation_ids"][2]
     assert rl.resolve_goto(db, "p2") == ann
     assert rl.resolve_goto(db, "nope") is None
-    since = rl.load_pair(db, ann).updated_at
+    since = rl.pair_watermark(db, ann)
     caption = rl.load_pair(db, ann).individual[0]
     rl.save_caption(db, caption.id, "Something else.", "dave", 0)
     rl.set_status(db, ann, "approved", "dave")
@@ -185,8 +183,7 @@ def test_activity_says_when_someone_else_removes_or_sets_a_flag(store):
     view = rl.load_pair(db, ann_id)
     c1, c2 = view.individual[1].id, view.individual[2].id
     rl.set_flag(db, ann_id, "caption", c1, True, "ann", "wrong count")
-    since = rl.load_pair(db, ann_id).updated_at
-    time.sleep(0.01)  # stored times have millisecond resolution; "after since" must be later
+    since = rl.pair_watermark(db, ann_id)
     rl.set_flag(db, ann_id, "caption", c1, False, "bob")
     rl.set_flag(db, ann_id, "caption", c2, True, "bob")
     lines = rl.activity_since(db, ann_id, since, "ann")
@@ -198,8 +195,7 @@ def test_a_decision_that_replaces_another_reviewers_later_one_says_so(store):
     # Bob rejected the pair after Ann opened it; Ann's approve (her page not yet
     # refreshed) replaced his decision without a word, and her page moved on.
     db, ann_id = store["db"], store["annotation_ids"][4]
-    opened = rl.load_pair(db, ann_id).updated_at
-    time.sleep(0.01)  # stored times have millisecond resolution
+    opened = rl.pair_watermark(db, ann_id)
     assert rl.set_status(db, ann_id, "rejected", "bob", seen_since=opened) == ""
     note = rl.set_status(db, ann_id, "approved", "ann", seen_since=opened)
     assert "bob rejected this pair at" in note and "after you opened it; your decision replaces theirs" in note
@@ -208,7 +204,7 @@ def test_a_decision_that_replaces_another_reviewers_later_one_says_so(store):
     assert rl.set_status(db, ann_id, "rejected", "ann", seen_since=opened) == ""
     rl.set_status(db, ann_id, "approved", "bob")
     assert rl.set_status(db, ann_id, "approved", "ann", seen_since=opened) == ""
-    later = rl.load_pair(db, ann_id).updated_at
+    later = rl.pair_watermark(db, ann_id)
     assert rl.set_status(db, ann_id, "rejected", "ann", seen_since=later) == ""
 
 
@@ -497,3 +493,34 @@ def test_a_caption_saved_with_line_breaks_is_stored_on_one_line_and_the_reviewer
     assert not again.saved and not again.conflict and again.text == "Make the box yellow and round."
     assert "line breaks" in again.message
     assert db.execute("SELECT COUNT(*) FROM caption_edits WHERE caption_id = ?", [caption.id]).fetchone()[0] == 1
+
+
+def test_what_others_did_in_the_millisecond_the_pair_was_opened_is_not_missed(store):
+    # "Since you opened this pair" compared stored times (milliseconds) with the time the
+    # page read the pair: an edit, flag or decision stored in that same millisecond was
+    # never mentioned, and an approve replaced that decision without a word.
+    from store.db import utc_now
+
+    db, ann = store["db"], store["annotation_ids"][0]
+    cap = rl.load_pair(db, ann).individual[0]
+    rl.set_flag(db, ann, "caption", cap.id, True, "ann")   # hers, before she opened it
+    opened_at = utc_now()
+    mark = rl.pair_watermark(db, ann)
+    rl.save_caption(db, cap.id, "Something else.", "bob", 0)
+    rl.set_flag(db, ann, "caption", cap.id, False, "bob")
+    rl.set_flag(db, ann, "descriptor", rl.load_pair(db, ann).stage2[0].descriptors[0].target_id, True,
+                "carl")
+    rl.set_status(db, ann, "rejected", "bob")
+    with db.conn:  # every one of them in the millisecond the page read the pair
+        for table, column in (("caption_edits", "created_at"), ("flags", "created_at"), ("flags", "removed_at"),
+                              ("review_events", "created_at"), ("annotations", "reviewed_at")):
+            db.execute(f"UPDATE {table} SET {column} = ? WHERE {column} IS NOT NULL", [opened_at])
+    lines = rl.activity_since(db, ann, mark, "ann")
+    assert sorted(lines) == sorted(["bob edited caption c0 (v1)", "bob unflagged caption c0",
+                                    "carl flagged a descriptor", "bob marked it rejected"])
+    assert "bob rejected this pair" in rl.set_status(db, ann, "approved", "ann", seen_since=mark)
+    # a flag removed before she opened the pair is old news; no watermark, no lines
+    later = rl.pair_watermark(db, ann)
+    assert rl.activity_since(db, ann, later, "ann") == []
+    assert rl.activity_since(db, ann, "", "ann") == []
+    assert rl.activity_since(db, ann, opened_at, "ann") == []  # a page opened before watermarks

@@ -15,7 +15,6 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the app reaches no network
 
 import gradio as gr  # noqa: E402
 
-from store.db import utc_now  # noqa: E402
 from store.models import FLAG_REASONS  # noqa: E402
 from store.queue import QUEUES  # noqa: E402
 
@@ -151,7 +150,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         split_dd = gr.Dropdown([rl.ANY], value=rl.ANY, label="Split", scale=1)
         goto_box = gr.Textbox(label="Go to pair", placeholder="pair id or annotation id, Enter", scale=2)
     info_html = gr.HTML("", elem_id="g4c-info", js_on_load=None)
-    opened_at = gr.State("")  # when the shown pair was read, to tell others' later work apart
+    opened_at = gr.State("")  # rl.pair_watermark of the shown pair as read, to tell others' later work apart
     shown_stamp = gr.State("")  # rl.pair_stamp of the pair as shown: the timer re-renders when it moves
     shown_note = gr.State("")   # the stored note as shown, to tell a note being typed apart
     shown_counts = gr.State("")  # the queue position and counts line as shown: the timer redraws it when it moves
@@ -197,7 +196,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         # The stamp is read before the pair: a write landing in between makes the next
         # tick see a newer stamp and refresh, never the other way round.
         stamp = rl.pair_stamp(db, annotation_id) if annotation_id else ""
-        opened = utc_now()
+        opened = rl.pair_watermark(db, annotation_id) if annotation_id else ""
         view = rl.load_pair(db, annotation_id) if annotation_id else None
         status = rl.queue_status(db, flt, annotation_id)
         values = [annotation_id, rl.render_info_html(view, status), rl.render_images_html(view),

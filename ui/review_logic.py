@@ -438,6 +438,45 @@ def pair_stamp(db: sqlite_utils.Database, annotation_id: str) -> str:
     return "" if row is None else "|".join("" if v is None else str(v) for v in row)
 
 
+@dataclass(frozen=True)
+class Watermark:
+    """What a page had seen of the store when it read a pair: the newest caption edit,
+    flag and review event row ids, and the pair's flags then in force. Rows are told
+    'after' by their ids, which never tie as stored times (milliseconds) did with the
+    moment the page read the pair; a flag removed later is one in `active_flags` (or
+    newer) that is removed now."""
+    edit_id: int
+    flag_id: int
+    event_id: int
+    active_flags: tuple[int, ...] = ()
+
+    def __str__(self) -> str:
+        return f"wm:{self.edit_id}:{self.flag_id}:{self.event_id}:{','.join(map(str, self.active_flags))}"
+
+    @classmethod
+    def parse(cls, text: Optional[str]) -> Optional["Watermark"]:
+        """None for anything else (an empty state, a page opened before watermarks)."""
+        parts = (text or "").split(":")
+        if len(parts) != 5 or parts[0] != "wm":
+            return None
+        try:
+            flags = tuple(int(f) for f in parts[4].split(",") if f)
+            return cls(int(parts[1]), int(parts[2]), int(parts[3]), flags)
+        except ValueError:
+            return None
+
+
+def pair_watermark(db: sqlite_utils.Database, annotation_id: str) -> str:
+    """The watermark of a pair as read now (take it before reading the pair: a write in
+    between is then told as new, never missed). A plain string, for gr.State."""
+    edit_id, flag_id, event_id = db.execute(
+        "SELECT (SELECT COALESCE(MAX(id), 0) FROM caption_edits), (SELECT COALESCE(MAX(id), 0) FROM flags),"
+        " (SELECT COALESCE(MAX(id), 0) FROM review_events)").fetchone()
+    active = tuple(r[0] for r in db.execute(
+        "SELECT id FROM flags WHERE annotation_id = ? AND removed_at IS NULL ORDER BY id", [annotation_id]))
+    return str(Watermark(edit_id, flag_id, event_id, active))
+
+
 # ---------------------------------------------------------------- history
 
 @dataclass
@@ -683,18 +722,21 @@ def _last_editor(db, caption_id: str) -> Optional[str]:
 def set_status(db: sqlite_utils.Database, annotation_id: str, status: str, reviewer: str,
                seen_since: Optional[str] = None) -> str:
     """Approve, reject or reset the pair. Returns what the reviewer should know, or "":
-    with `seen_since` (when their page read the pair), that this decision replaces
-    another reviewer's different one made after that, which their page may not have
-    shown yet (a decision is not refused as a stale caption edit is: a second opinion
-    may overrule the first, but not unknowingly)."""
+    with `seen_since` (the pair_watermark of when their page read the pair), that this
+    decision replaces another reviewer's different one made after that, which their page
+    may not have shown yet (a decision is not refused as a stale caption edit is: a
+    second opinion may overrule the first, but not unknowingly)."""
     reviewer = require_reviewer(reviewer)
     before = db.execute("SELECT review_status, reviewer, reviewed_at FROM annotations WHERE id = ?",
                         [annotation_id]).fetchone()
+    last = db.execute("SELECT MAX(id) FROM review_events WHERE annotation_id = ? AND action = 'status'",
+                      [annotation_id]).fetchone()[0]
     store_review.set_review_status(db, annotation_id, status, reviewer)
-    if not seen_since or before is None:
+    mark = Watermark.parse(seen_since)
+    if mark is None or before is None:
         return ""
     previous, by, at = before
-    if previous in (status, "unreviewed") or not at or at <= seen_since or by == reviewer:
+    if previous in (status, "unreviewed") or last is None or last <= mark.event_id or by == reviewer:
         return ""
     return (f"{by} {previous} this pair at {_when(at)}, after you opened it; your decision replaces theirs "
             "(the pair's history keeps both)")
@@ -740,25 +782,31 @@ def live_note(stored: Optional[str], shown: Optional[str], in_box: Optional[str]
 
 
 def activity_since(db: sqlite_utils.Database, annotation_id: str, since: str, me: str) -> list[str]:
-    """What other reviewers did to this pair after `since` (ISO time), newest last."""
+    """What other reviewers (and the pipeline) did to this pair after the page's
+    `since` watermark (pair_watermark), oldest first; [] for no watermark."""
+    mark = Watermark.parse(since)
+    if mark is None:
+        return []
     lines = []
     for editor, caption_id, version, at in db.execute(
         "SELECT e.editor, e.caption_id, e.version, e.created_at FROM caption_edits e"
-        " JOIN captions c ON c.id = e.caption_id WHERE c.annotation_id = ? AND e.created_at > ?"
-        " AND e.editor != ?", [annotation_id, since, me]).fetchall():
+        " JOIN captions c ON c.id = e.caption_id WHERE c.annotation_id = ? AND e.id > ?"
+        " AND e.editor != ?", [annotation_id, mark.edit_id, me]).fetchall():
         lines.append((at, f"{editor} edited caption {caption_id.rsplit(':', 1)[-1]} (v{version})"))
     # A flag set by one reviewer may be removed by another: each side is its own line.
-    for reviewer, kind, target, at, removed_at, removed_by in db.execute(
-        "SELECT reviewer, target_kind, target_id, created_at, removed_at, removed_by FROM flags"
-        " WHERE annotation_id = ? AND (created_at > ? OR removed_at > ?)", [annotation_id, since, since]).fetchall():
+    seen_active = set(mark.active_flags)
+    for flag_id, reviewer, kind, target, at, removed_at, removed_by in db.execute(
+        "SELECT id, reviewer, target_kind, target_id, created_at, removed_at, removed_by FROM flags"
+        " WHERE annotation_id = ? AND (id > ? OR removed_at IS NOT NULL)", [annotation_id, mark.flag_id]).fetchall():
         what = caption_label(target) if kind == "caption" else "a descriptor"
-        if at > since and reviewer != me:
+        new = flag_id > mark.flag_id
+        if new and reviewer != me:
             lines.append((at, f"{reviewer} flagged {what}"))
-        if removed_at and removed_at > since and removed_by != me:
+        if removed_at and (new or flag_id in seen_active) and removed_by != me:
             lines.append((removed_at, f"{removed_by or 'someone'} unflagged {what}"))
     for reviewer, action, value, at in db.execute(
         "SELECT reviewer, action, value, created_at FROM review_events WHERE annotation_id = ?"
-        " AND created_at > ? AND reviewer != ?", [annotation_id, since, me]).fetchall():
+        " AND id > ? AND reviewer != ?", [annotation_id, mark.event_id, me]).fetchall():
         lines.append((at, f"{reviewer} set {action} to {value!r}" if action == "note" else f"{reviewer} marked it {value}"))
     return [text for _, text in sorted(lines)]
 
