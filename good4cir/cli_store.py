@@ -169,4 +169,9 @@ def run_export(args: argparse.Namespace) -> int:
     if never:
         print(f"  {never} pair{'' if never == 1 else 's'} never annotated left out: annotate them "
               "(good4cir annotate), or pass --include-unreviewed to export their imported captions")
+    withheld = report["pairs_withheld_target"]
+    if withheld:
+        print(f"  {withheld} pair{'' if withheld == 1 else 's'} without a target image (its split withholds "
+              "it, as CIRR's test1 does) left out: annotate leaves such pairs out; pass "
+              "--include-unreviewed to export their imported captions")
     return 0

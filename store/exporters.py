@@ -69,7 +69,7 @@ def export_dataset(
     stats = {"format": format, "out": str(out), "pairs": 0, "captions": 0,
              "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
              "pairs_without_captions": 0, "pairs_without_target": 0,
-             "pairs_awaiting_review": 0, "pairs_not_annotated": 0}
+             "pairs_awaiting_review": 0, "pairs_not_annotated": 0, "pairs_withheld_target": 0}
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
                           progress=progress)
@@ -102,11 +102,11 @@ def collect_items(
     sql = "SELECT * FROM pairs" + (" WHERE split = ?" if split else "") + " ORDER BY rowid"
     cursor = db.execute(sql, [split] if split else [])
     names = [d[0] for d in cursor.description]
-    id_index = names.index("id")
+    id_index, target_index = names.index("id"), names.index("target_id")
     # Decide from the raw rows first: most pairs of a big store are not exported.
     rows = [row for row in cursor.fetchall()
             if row[id_index] in chosen or (include_unreviewed and row[id_index] not in annotated)
-            or _count_left_out(stats, row[id_index], annotated, awaiting)]
+            or _count_left_out(stats, row[id_index], annotated, awaiting, row[target_index] is None)]
     images = _ImageCache(db)
     bar = tqdm(total=len(rows), desc="export", unit="pair", disable=not progress, leave=False)
     for start in range(0, len(rows), _CHUNK):
@@ -153,11 +153,16 @@ def collect_items(
     bar.close()
 
 
-def _count_left_out(stats: dict, pair_id: str, annotated: set[str], awaiting: set[str]) -> bool:
+def _count_left_out(stats: dict, pair_id: str, annotated: set[str], awaiting: set[str],
+                    withheld: bool = False) -> bool:
     """Count a pair the export leaves out for want of review (or of any annotation), so
-    that an export made before reviewing says why it is empty; always False."""
+    that an export made before reviewing says why it is empty; always False. A pair with
+    no target (CIRR's test1) is counted apart: annotate leaves it out, it has only its
+    imported captions."""
     if pair_id in awaiting:
         stats["pairs_awaiting_review"] = stats.get("pairs_awaiting_review", 0) + 1
+    elif pair_id not in annotated and withheld:
+        stats["pairs_withheld_target"] = stats.get("pairs_withheld_target", 0) + 1
     elif pair_id not in annotated:
         stats["pairs_not_annotated"] = stats.get("pairs_not_annotated", 0) + 1
     return False

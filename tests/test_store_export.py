@@ -281,3 +281,20 @@ def test_export_of_a_split_the_store_does_not_have_is_a_clear_error(reviewed, tm
     with pytest.raises(ValueError, match=r"no pairs of split 'tran' \(splits present: test, train, val\)"):
         export_dataset(db, "good4cir", tmp_path / "out.json", split="tran")
     assert not (tmp_path / "out.json").exists()
+
+
+def test_cli_export_of_cirr_test1_does_not_say_to_annotate_it(tmp_path, capsys):
+    # test1 withholds its targets, so annotate leaves its pairs out; export said '1 pair
+    # never annotated left out: annotate them (good4cir annotate)', which cannot work.
+    db_path = tmp_path / "s.db"
+    db = open_db(db_path)
+    import_dataset(db, "cirr", FIXTURES / "cirr")
+    annotate_all(db)
+    out = tmp_path / "cap.rc2.test1.json"
+    assert main(["export", "--db", str(db_path), "--format", "cirr", "--out", str(out), "--split", "test1"]) == 0
+    said = capsys.readouterr().out
+    assert "wrote 0 pairs" in said and "good4cir annotate" not in said and "never annotated" not in said
+    assert "1 pair without a target image (its split withholds it" in said and "--include-unreviewed" in said
+    assert main(["export", "--db", str(db_path), "--format", "cirr", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["pairs_not_annotated"], report["pairs_withheld_target"]) == (0, 1)
