@@ -456,7 +456,7 @@ def test_runs_with_one_name_backend_and_model_have_labels_a_reviewer_can_tell_ap
     db = store["db"]
     pair_ids = [r[0] for r in db.execute("SELECT id FROM pairs ORDER BY id").fetchall()]
     low = create_run(db, "simulator", "sim-1", name="demo", settings={"error_rate": 0.1, "seed": 0})
-    high = create_run(db, "simulator", "sim-1", name="demo", settings={"error_rate": 0.3, "seed": 0})
+    high = create_run(db, "simulator", "sim-1", name="demo", settings={"error_rate": 0.3, "seed": 0, "limit": 2})
     update_run(db, low.id, started_at="2026-11-20T09:15:00.000+00:00")
     update_run(db, high.id, started_at="2026-11-21T17:40:00.000+00:00")
     ensure_annotations(db, low.id, pair_ids[:2])
@@ -465,6 +465,7 @@ def test_runs_with_one_name_backend_and_model_have_labels_a_reviewer_can_tell_ap
     assert low_label.startswith(f"run {low.id} · demo") and "simulator / sim-1" in low_label
     assert "started 2026-11-20 09:15" in low_label and "started 2026-11-21 17:40" in high_label
     assert "error_rate 0.1" in low_label and "error_rate 0.3" in high_label
+    assert "limit none" in low_label and "limit 2" in high_label
     assert "0 of 2 pairs annotated" in low_label and "0 of 0 pairs annotated" in high_label
     # a setting all such runs share says nothing, so it is left out
     assert "seed" not in low_label

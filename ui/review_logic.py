@@ -85,7 +85,7 @@ def run_choices(db: sqlite_utils.Database) -> list[tuple[str, str]]:
         differing = [key for key in _RUN_SETTINGS_SHOWN
                      if len({json.dumps(v.get(key), sort_keys=True) for v in siblings}) > 1]
         parts = [f"run {run_id}"] + ([name] if name else []) + [f"{backend} / {model}"]
-        parts += [f"{key} {values.get(key, '-')}" for key in differing]
+        parts += [f"{key} {'none' if values.get(key) is None else values[key]}" for key in differing]
         done, total = counts.get(run_id, (0, 0))
         parts += [started, f"{done:,} of {total:,} pair{'' if total == 1 else 's'} annotated"]
         out.append((" · ".join(parts), str(run_id)))
