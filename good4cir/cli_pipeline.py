@@ -95,10 +95,18 @@ def run_annotate(args: argparse.Namespace) -> int:
             print(json.dumps({"run_id": plan.run_id, "pairs": plan.pairs, "calls": plan.calls,
                               "calls_by_stage": plan.calls_by_stage,
                               "estimated_cost_usd": round(plan.estimated_cost_usd, 4),
-                              "pairs_without_target": plan.pairs_without_target}))
+                              "pairs_without_target": plan.pairs_without_target,
+                              "awaited_in_batches": plan.awaited_in_batches}))
         else:
             print(f"{run}: {plan.pairs} pairs to annotate, {plan.calls} calls ({stages}), "
                   f"estimated cost ${plan.estimated_cost_usd:.4f}{price_note}")
+            if plan.awaited_in_batches:
+                awaited = sum(plan.awaited_in_batches.values())
+                batches = list(plan.awaited_in_batches)
+                print(f"  {awaited} more {'is' if awaited == 1 else 'are'} in open "
+                      f"batch{'es' if len(batches) > 1 else ''} {', '.join(batches[:3])}"
+                      f"{f' and {len(batches) - 3} more' if len(batches) > 3 else ''}, already "
+                      "submitted: the run collects their answers from there, not counted above")
             if plan.pairs_without_target:
                 print(f"  {withheld_note(plan.pairs_without_target)}")
         return 0

@@ -204,6 +204,9 @@ class Plan:
     estimated_cost_usd: float
     unknown_price: bool
     pairs_without_target: int = 0  # selected by split but left out: no target to compare
+    # {batch id: requests of this run it holds}: open batches the run would wait for,
+    # whose requests are not counted above (their answers are collected from there)
+    awaited_in_batches: dict[str, int] = field(default_factory=dict)
 
 
     @property
@@ -515,22 +518,40 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         # they hold.
         waited = _runs_asking_the_same(db, run, options, pair_ids, prompts)
         own = [run.id] if run is not None and options.backend == "openai-batch" else []
-        in_batches = set(store_ann.open_batch_lines(db, [*own, *waited]))
+        in_batches = store_ann.open_batch_lines(db, [*own, *waited])  # {request hash: batch id}
+        # A batch stored before m006 kept only its lines' custom ids: a request is found
+        # there by the custom id the batch backend gives it, as the run finds it.
+        unlisted = store_ann.unlisted_batch_lines(db, [*own, *waited])
+        awaited: Counter[str] = Counter()
         calls: dict[str, int] = {}
         if todo:
             # Answers already stored (any run) are read back, not paid: a --new-run, or
             # another split over the same pairs, asks only what was never answered.
             stale = Runner._stale_answers(db, run.id) if run is not None and options.retry_failed else set()
 
+            def request_key(request: VLMRequest) -> str:
+                key = request_hash(request, params)
+                if unlisted:
+                    from .backends.openai_batch import line_custom_ids
+
+                    for custom_id in line_custom_ids(request, model=options.resolved_model(),
+                                                     detail=options.detail,
+                                                     image_max_side=options.image_max_side):
+                        if custom_id in unlisted:
+                            in_batches.setdefault(key, unlisted[custom_id])
+                return key
+
             def unpaid(hashes: set[str]) -> set[str]:
-                return (_stored_ok(db, hashes) - stale) | (hashes & in_batches)
+                stored = _stored_ok(db, hashes) - stale
+                awaited.update(in_batches[key] for key in hashes - stored if key in in_batches)
+                return stored | (hashes & in_batches.keys())
 
             images_of = {pair: (ref, tgt) for pair, ref, tgt in _rows_in(
                 db, "SELECT id, reference_id, target_id FROM pairs WHERE id IN ({})", todo)}
             if options.method == "single":
-                hashes = {p: request_hash(single_request(
+                hashes = {p: request_key(single_request(
                     p, (ref, ""), (tgt, ""), temperature=options.temperature,
-                    max_tokens=options.max_tokens), params) for p, (ref, tgt) in images_of.items()}
+                    max_tokens=options.max_tokens)) for p, (ref, tgt) in images_of.items()}
                 answered = unpaid(set(hashes.values()))
                 calls["single"] = len(todo) - sum(h in answered for h in hashes.values())
             else:
@@ -542,8 +563,8 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
                          for p in todo if p in reference_of]
                 cached = {row[0] for row in _rows_in(db, "SELECT id FROM descriptions WHERE id IN ({})",
                                                      list(keys) + keys2)}
-                stage1 = {key: request_hash(stage1_request(
-                    image_id, "", temperature=options.temperature, max_tokens=options.max_tokens), params)
+                stage1 = {key: request_key(stage1_request(
+                    image_id, "", temperature=options.temperature, max_tokens=options.max_tokens))
                     for key, image_id in keys.items() if key not in cached}
                 objects: dict[str, list[dict]] = {}
                 stage2, stage3 = {}, {}
@@ -557,13 +578,13 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
                     objects1 = objects.setdefault(key1, _stored_objects(db, key1))
                     target_id = images_of[p][1]
                     if key2 in cached:
-                        stage3[p] = request_hash(stage3_request(
+                        stage3[p] = request_key(stage3_request(
                             p, objects1, _stored_objects(db, key2),
-                            temperature=options.temperature, max_tokens=options.max_tokens), params)
+                            temperature=options.temperature, max_tokens=options.max_tokens))
                     elif target_id:
-                        stage2[p] = request_hash(stage2_request(
+                        stage2[p] = request_key(stage2_request(
                             p, target_id, "", objects1, temperature=options.temperature,
-                            max_tokens=options.max_tokens), params)
+                            max_tokens=options.max_tokens))
                 answered = unpaid({*stage1.values(), *stage2.values(), *stage3.values()})
                 calls = {"stage1": sum(h not in answered for h in stage1.values()),
                          "stage2": len(todo) - len(cached & set(keys2))
@@ -576,7 +597,7 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
                                    image_max_side=options.image_max_side)
         return Plan(run_id=run.id if run else None, pairs=len(todo), calls_by_stage=calls,
                     estimated_cost_usd=estimate, unknown_price=bool(prices.unknown),
-                    pairs_without_target=withheld)
+                    pairs_without_target=withheld, awaited_in_batches=dict(awaited))
     finally:
         db.conn.close()
 

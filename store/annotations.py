@@ -399,13 +399,30 @@ def collect_batch(db: sqlite_utils.Database, batch_id: str, answers: dict[str, d
 
 def open_batch_lines(db: sqlite_utils.Database, run_ids: Iterable[int]) -> dict[str, str]:
     """{request hash: batch id} of the lines waiting in these runs' batches that are
-    not collected yet (lines of batches stored before m006 are not known)."""
+    not collected yet (a batch stored before m006 has no line rows: unlisted_batch_lines)."""
     run_ids = list(run_ids)
     if not run_ids:
         return {}
     return dict(db.execute(
         "SELECT l.request_hash, l.batch_id FROM batch_lines l JOIN batches b ON b.id = l.batch_id"
         f" WHERE b.collected = 0 AND b.run_id IN ({', '.join('?' * len(run_ids))})", run_ids).fetchall())
+
+
+def unlisted_batch_lines(db: sqlite_utils.Database, run_ids: Iterable[int]) -> dict[str, str]:
+    """{custom id: batch id} of the lines of these runs' open batches that were stored
+    with no line rows (before m006): only their custom ids say what they ask."""
+    run_ids = list(run_ids)
+    if not run_ids:
+        return {}
+    found: dict[str, str] = {}
+    for batch_id, custom_ids in db.execute(
+            "SELECT b.id, b.custom_ids FROM batches b WHERE b.collected = 0"
+            f" AND b.run_id IN ({', '.join('?' * len(run_ids))})"
+            " AND NOT EXISTS (SELECT 1 FROM batch_lines l WHERE l.batch_id = b.id)"
+            " ORDER BY b.created_at", run_ids).fetchall():
+        for custom_id in json.loads(custom_ids or "[]"):
+            found.setdefault(custom_id, batch_id)
+    return found
 
 
 def update_batch(db: sqlite_utils.Database, batch_id: str, **fields) -> None:

@@ -455,3 +455,34 @@ def test_a_refusal_names_pairs_that_share_only_a_reference_image_with_another_ru
     message = str(caught.value)
     assert "holding requests for 2 of the 3 pairs this run would annotate" in message
     assert "1 of them only through its reference image" in message
+
+
+def test_dry_run_beside_a_batch_stored_before_its_lines_were_kept_counts_what_the_run_sends(
+        server, tmp_path, capsys):
+    # A batch submitted before migration m006 has no stored lines (batch_lines), only its
+    # custom ids. The run waits for it and sends none of its requests, but --dry-run
+    # matched open batches by stored lines alone and counted them as calls to pay for
+    # (stage 1: 2, with their cost), saying nothing of the batch.
+    from good4cir.cli import main as cli_main
+
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path)
+    import sqlite3
+
+    conn = sqlite3.connect(str(db_path))
+    with conn:  # the store as a session before m006 left it
+        conn.execute("DELETE FROM batch_lines")
+    conn.close()
+    new_run = RunOptions(**{**options.__dict__, "new_run": True})
+    plan = plan_run(db_path, new_run)
+    assert plan.calls_by_stage == {"stage1": 0, "stage2": 3, "stage3": 3}
+    assert plan.awaited_in_batches == {batch_a: 2}
+    assert plan_run(db_path, options).calls_by_stage == {"stage1": 0, "stage2": 3, "stage3": 3}
+    assert cli_main(["annotate", "--db", str(db_path), "--backend", "openai-batch", "--base-url", server.url,
+                     "--image-size", "128", "--new-run", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 calls" in out and f"2 more are in open batch {batch_a}" in out, out
+
+    server.config.batch_delay = 0.1
+    sent = server.stats["batch_lines_submitted"]
+    progress = run_pipeline(db_path, new_run)
+    assert progress.pairs_done == 3 and server.stats["batch_lines_submitted"] - sent == plan.calls

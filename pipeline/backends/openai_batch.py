@@ -152,6 +152,24 @@ def custom_id_for(body_without_images: dict) -> str:
     return "g4c-" + digest[:56]  # the API allows 64 characters
 
 
+def line_custom_id(request: VLMRequest, *, model: str, params: dict, mode: str) -> str:
+    """The custom_id of the batch line asking `request` (params: the backend's
+    cache_params; mode: the response mode it is sent with). A batch stored before its
+    lines were (migration m006) is known only by these."""
+    return custom_id_for({"model": model, "params": params, "mode": mode, "stage": request.stage,
+                          "system": request.system, "text": request.text,
+                          "images": request.image_ids, "history": request.history,
+                          "schema": request.schema_name, "temperature": request.temperature,
+                          "max_tokens": request.max_tokens})
+
+
+def line_custom_ids(request: VLMRequest, *, model: str, detail: str, image_max_side: int) -> list[str]:
+    """The custom ids the openai-batch backend may have sent `request` under, one per
+    response mode (a session steps the mode down when the server refuses one)."""
+    params = {"detail": detail, "image_max_side": image_max_side}
+    return [line_custom_id(request, model=model, params=params, mode=mode) for mode in RESPONSE_MODES]
+
+
 class OpenAIBatchBackend:
     name: ClassVar[str] = "openai-batch"
     supports_images: ClassVar[bool] = True
@@ -271,12 +289,8 @@ class OpenAIBatchBackend:
         return body
 
     def _custom_id(self, request: VLMRequest, mode: Optional[str] = None) -> str:
-        return custom_id_for({"model": self.model, "params": self.cache_params,
-                              "mode": mode or self.response_mode, "stage": request.stage,
-                              "system": request.system, "text": request.text,
-                              "images": request.image_ids, "history": request.history,
-                              "schema": request.schema_name, "temperature": request.temperature,
-                              "max_tokens": request.max_tokens})
+        return line_custom_id(request, model=self.model, params=self.cache_params,
+                              mode=mode or self.response_mode)
 
     async def complete(self, request: VLMRequest) -> VLMResponse:
         if self._ctx is None:
