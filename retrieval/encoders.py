@@ -201,7 +201,10 @@ def create_encoder(
     hf-hub: encoder's `open_clip_config`, stored with a checkpoint) builds that model's
     architecture and preprocessing without the Hub, and without its weights.
     """
-    with contextlib.nullcontext() if hub_weights else _trained_weights_follow():
+    # A weights file replaces the random init too: `train --checkpoint` said "initialized
+    # randomly", read as the user's weights being ignored.
+    follow = not hub_weights or checkpoint is not None
+    with _trained_weights_follow() if follow else contextlib.nullcontext():
         return _create_encoder(model, pretrained, checkpoint, image_size, hub_weights, open_clip_config)
 
 

@@ -159,6 +159,24 @@ def test_loading_a_trained_model_does_not_say_it_is_initialised_randomly(tmp_pat
     assert "initialized randomly" in caplog.text  # the filter does not outlive the load
 
 
+def test_training_from_a_weights_file_does_not_say_it_is_initialised_randomly(tmp_path, caplog):
+    # `train --checkpoint clip.pt` printed open_clip's "No pretrained weights loaded ...
+    # Model initialized randomly" and nothing else about the file: a user read it as their
+    # weights being ignored. The file's weights replace the random ones, so it is not true.
+    path = tmp_path / "clip.pt"
+    torch.save(open_clip.create_model("g4c-tiny", force_image_size=32).state_dict(), path)
+    caplog.clear()  # open_clip said it for the model saved above: true there
+    with caplog.at_level(logging.WARNING):
+        create_encoder("tiny", checkpoint=path, image_size=32)
+    assert "initialized randomly" not in caplog.text
+    # a file that does not load says so, and nothing about a random model either
+    (tmp_path / "not_weights.pt").write_text("not torch")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="not a file of open_clip weights"):
+        create_encoder("tiny", checkpoint=tmp_path / "not_weights.pt", image_size=32)
+    assert "initialized randomly" not in caplog.text
+
+
 def test_checkpoint_reload_gives_identical_scores(tmp_path):
     torch.manual_seed(4)
     config = {**SMALL, "fusion": "residual"}
