@@ -306,16 +306,29 @@ def load_triplets(
     if not dbs and not files:
         raise ValueError("give at least one --db or --data")
     merged = TripletSet([], {})
-    for db_path in dbs:
-        part = load_store_triplets(db_path, source=source, captions=captions,
-                                   include_unreviewed=include_unreviewed,
-                                   keep_targetless=keep_targetless)
+    parts = [(db_path, load_store_triplets(db_path, source=source, captions=captions,
+                                           include_unreviewed=include_unreviewed,
+                                           keep_targetless=keep_targetless)) for db_path in dbs]
+    parts += [(file_path, load_file_triplets(file_path, keep_targetless=keep_targetless,
+                                             source=source, captions=captions)) for file_path in files]
+    for where, part in parts:
+        if len(parts) > 1 and not part.triplets:
+            _refuse_empty_part(where, part, source, captions)
         _merge(merged, part)
-    for file_path in files:
-        _merge(merged, load_file_triplets(file_path, keep_targetless=keep_targetless,
-                                          source=source, captions=captions))
     _log_problems(merged.problems)
     return merged
+
+
+def _refuse_empty_part(where, part: TripletSet, source: str, captions: str) -> None:
+    """A dataset named in a mix that gives no pair: the run would go on without it (its
+    pairs only lines among the 'left out' ones), reporting the rest as the whole mix."""
+    count = len(part.problems)
+    first = part.problems[0] if part.problems else ""
+    raise ValueError(
+        f"{where}: none of its {count} pair{'' if count == 1 else 's'} can be used with --source {source} "
+        f"--captions {captions}" + (f" (first: {first})" if first else " (it holds none)")
+        + ("; choose another --source or --captions" if "no caption" in first else "; fix that")
+        + ", or leave it out of the mix")
 
 
 _WITHHELD = re.compile(r"^pair \S+: no target \(split (.*) withholds it\)$")

@@ -141,3 +141,20 @@ def test_withheld_targets_are_one_line_and_do_not_hide_other_problems(tmp_path, 
     withheld = [line for line in lines if "withhold" in line]
     assert len(withheld) == 1 and "30 pairs of split test1" in withheld[0], lines
     assert any("p0039" in line and "no local file" in line for line in lines), lines
+
+
+def test_a_mix_refuses_a_dataset_that_gives_no_pairs(tmp_path, annotated):
+    # `train --db w1.db --db w2.db --source generated` with w2 never annotated trained on
+    # w1 alone: w2's pairs were 20 of the 'left out' lines, w2.db named nowhere, and the
+    # run reported its triplets as if the soup were whole.
+    other = make_world_store(tmp_path / "second", pairs=6, seed=3)
+    with pytest.raises(ValueError, match=r"second/world\.db: none of its 6 pairs.*--source generated.*choose another --source"):
+        load_triplets([annotated, other], source="generated")
+    exported = tmp_path / "second" / "dataset.jsonl"
+    exported.write_text(json.dumps({"reference": "images/missing.png", "target": "images/x.png",
+                                    "captions": ["x"]}) + "\n")
+    with pytest.raises(ValueError, match=r"dataset\.jsonl: none of its 1 pair .*not found\); fix that"):
+        load_triplets([annotated], [exported])
+    # each dataset giving some pairs is a mix; one dataset alone keeps its own message
+    assert len(load_triplets([annotated, other]).triplets) == 12 + 6
+    assert load_triplets([other], source="generated").triplets == []
