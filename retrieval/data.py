@@ -229,6 +229,7 @@ def load_file_triplets(path: str | Path, keep_targetless: bool = False, *,
                     records.append((f"{path.name}:{number}", exc))
     result = TripletSet([], {})
     hashes: dict[str, str] = {}
+    unsaid = 0  # records whose captions say neither their source nor their kind
 
     def key_of(location: str) -> str:
         image_path = Path(location)
@@ -257,6 +258,7 @@ def load_file_triplets(path: str | Path, keep_targetless: bool = False, *,
             texts = [raw] if isinstance(raw, str) else [str(t) for t in raw if str(t).strip()]
             if not texts:
                 raise ValueError("has no caption")
+            unsaid += not isinstance(rec.get("provenance"), dict)
             texts, kinds = _file_captions(rec, texts, source, captions)
             if not texts:
                 raise ValueError(f"no caption for --source {source} --captions {captions}")
@@ -271,6 +273,12 @@ def load_file_triplets(path: str | Path, keep_targetless: bool = False, *,
             ))
         except (ValueError, FileNotFoundError, OSError) as exc:
             result.problems.append(f"{where}: {exc}")
+    if unsaid and (source in ("original", "generated") or captions != "both"):
+        # Not an error: a user's own file of original captions is right under any source.
+        log.warning("%s: %d record%s do not say which captions are the dataset's own or generated, "
+                    "individual or compound (the authors' dataset.json format), so --source %s --captions %s "
+                    "cannot pick among them: all their captions are used; to choose, export with "
+                    "good4cir export --format jsonl", path, unsaid, "" if unsaid == 1 else "s", source, captions)
     return result
 
 
@@ -371,6 +379,12 @@ def train_val_split(data: TripletSet, val_fraction: float = 0.1,
     val = data.split("val")
     unsplit = [t for t in data.triplets if t.split not in ("train", "val", "test")]
     if unsplit:
+        # Said aloud: a file exported with its test pairs (dataset.json has no split) trains
+        # on them, and eval on the store's test split then scores pairs the model has seen.
+        log.warning("%d pairs are in no train, val or test split (the authors' dataset.json names none): a random %d%% of them "
+                    "validates and the rest trains, test pairs too if the data holds any; to keep them out, "
+                    "export with --split train, or use the JSONL export, which keeps each pair's split",
+                    len(unsplit), round(val_fraction * 100))
         rng = random.Random(seed)
         order = list(unsplit)
         rng.shuffle(order)

@@ -158,3 +158,42 @@ def test_a_mix_refuses_a_dataset_that_gives_no_pairs(tmp_path, annotated):
     # each dataset giving some pairs is a mix; one dataset alone keeps its own message
     assert len(load_triplets([annotated, other]).triplets) == 12 + 6
     assert load_triplets([other], source="generated").triplets == []
+
+
+def test_a_file_that_cannot_tell_its_captions_apart_says_so(annotated, caplog):
+    # The authors' dataset.json says nothing of where its captions come from: with
+    # `--source original` or `--captions individual` it gave every caption, silently, so an
+    # ablation run from it trained on the same captions as the run it was compared with.
+    from good4cir.cli import main
+
+    out = annotated.parent / "dataset.json"
+    assert main(["export", "--db", str(annotated), "--format", "good4cir", "--out", str(out),
+                 "--include-unreviewed"]) == 0
+    caplog.set_level("WARNING", logger="retrieval.data")
+    everything = load_file_triplets(out)
+    assert not [r for r in caplog.records if "cannot pick" in r.getMessage()]
+    for source, captions in (("original", "both"), ("generated", "individual"), ("auto", "compound")):
+        caplog.clear()
+        picked = load_file_triplets(out, source=source, captions=captions)
+        assert [t.captions for t in picked.triplets] == [t.captions for t in everything.triplets]
+        lines = [r.getMessage() for r in caplog.records if "cannot pick" in r.getMessage()]
+        assert len(lines) == 1 and "dataset.json" in lines[0] and f"--source {source}" in lines[0], lines
+        assert "--format jsonl" in lines[0]
+
+
+def test_pairs_without_a_split_are_named_before_training_on_them(tmp_path, annotated, caplog):
+    # dataset.json has no split: its pairs were split 90/10 at random without a word, so a
+    # file exported with the test pairs in it trained on them, and eval on the store's test
+    # split then scored pairs the model had seen.
+    from good4cir.cli import main
+
+    out = annotated.parent / "dataset.json"
+    assert main(["export", "--db", str(annotated), "--format", "good4cir", "--out", str(out),
+                 "--include-unreviewed"]) == 0
+    caplog.set_level("WARNING", logger="retrieval.data")
+    train, val = train_val_split(load_file_triplets(out))
+    lines = [r.getMessage() for r in caplog.records if "no train, val or test split" in r.getMessage()]
+    assert len(lines) == 1 and f"{len(train) + len(val)} pairs" in lines[0] and "--split train" in lines[0], lines
+    caplog.clear()
+    train_val_split(load_store_triplets(annotated))  # every pair has its split: nothing to say
+    assert not [r for r in caplog.records if "no train, val or test split" in r.getMessage()]
