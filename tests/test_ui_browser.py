@@ -418,6 +418,48 @@ def test_a_caption_never_keeps_a_line_break(world, browser, external_requests):
     context.close()
 
 
+def test_the_reviewers_own_slow_save_is_not_taken_for_someone_elses(world, browser, external_requests):
+    # While a save's answer was on its way (the server's first save loads the CLIP
+    # tokenizer: seconds), the live redraw already showed the saved version, and the row
+    # turned red: 'changed by someone else while you are editing ... saving it will be
+    # refused', about the reviewer's own save.
+    import time
+
+    db, pair = world["db"], world["annotation_ids"][9]
+    row = len(rl.load_pair(db, pair).individual) - 1
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    page.evaluate("""() => {
+      window.g4cStatuses = [];
+      const panel = document.querySelector('#g4c-captions');
+      new MutationObserver(() => {
+        const s = panel.querySelector('.g4c-capstatus');
+        const text = s ? s.textContent : '';
+        if (text && window.g4cStatuses[window.g4cStatuses.length - 1] !== text) window.g4cStatuses.push(text);
+      }).observe(panel, {subtree: true, childList: true, characterData: true});
+    }""")
+    live_seconds = 4
+
+    def slow_answer(route):
+        response = route.fetch()          # saved now; its answer comes after the live redraw
+        time.sleep(live_seconds + 3)
+        route.fulfill(response=response)
+
+    page.route("**/gradio_api/component_server/**", slow_answer)
+    render = page.locator(".g4c-captions").get_attribute("data-render")
+    field = caption_field(page, "i", row)
+    field.fill("Make the wall a pale green.")
+    field.press("Enter")
+    page.wait_for_function(f"document.querySelector('.g4c-captions').dataset.render !== '{render}'",
+                           timeout=15_000)
+    wait_caption_status(page, "saved as version 1")
+    page.unroute("**/gradio_api/component_server/**")
+    statuses = page.evaluate("window.g4cStatuses")
+    assert not [s for s in statuses if "someone else" in s], statuses
+    assert "g4c-conflict" not in page.locator(f"#g4c-cap-i{row}").get_attribute("class")
+    expect(field).to_have_value("Make the wall a pale green.")
+    context.close()
+
+
 def test_shortening_a_caption_the_pipeline_flagged_unticks_its_flag_box_at_once(world, browser, external_requests):
     # The save clears the pipeline's 'over 77 CLIP tokens' flag and says so, but the row
     # kept its ticked flag box and red frame until the next live redraw.

@@ -266,7 +266,11 @@ function reconcile() {
     if (!area) return;
     const caption = row.dataset.caption, version = parseInt(row.dataset.version, 10);
     if (live && area._caption === caption && unsaved(area)) {
-      if (version !== area._stored.version || area._conflict) {
+      if (row._saving) {
+        // The reviewer's own save is on its way, and this redraw may show just that
+        // save: its answer tells (saveRow), not the version seen here.
+        row._seenWhileSaving = Math.max(row._seenWhileSaving || 0, version);
+      } else if (version !== area._stored.version || area._conflict) {
         row.classList.add('g4c-conflict');
         if (version !== area._stored.version) overtaken.push(captionLabel(row));
       }
@@ -332,6 +336,7 @@ function saveRow(area) {
   return serialized(row, async () => {
     if (!area._stored || !unsaved(area)) return;
     const caption = row.dataset.caption, sent = area.value;
+    row._seenWhileSaving = 0;
     try {
       let r = await server.save_caption({caption_id: caption, text: sent, version: area._stored.version,
                                          reviewer: reviewerName()});
@@ -341,6 +346,15 @@ function saveRow(area) {
       // Nothing typed since the request: the box shows the text as stored (the save joins
       // line breaks into spaces).
       else if (r.state && (r.saved || r.text.trim() === r.state.text.trim())) applyState(row, area, r.state, area.value === sent);
+      // A redraw during the save showed a version newer than the one this save left:
+      // someone else saved right after it.
+      const newer = row._seenWhileSaving > (r.state ? r.state.version : r.version);
+      if (newer && !r.conflict) {
+        row.classList.add('g4c-conflict');
+        statusLine(r.message + '; then ' + captionLabel(row) + ' was changed by someone else (version ' +
+                   row._seenWhileSaving + '). Reload (u) shows theirs.', true);
+        return;
+      }
       statusLine(r.message, r.conflict || r.error);
     } catch (e) {
       statusLine('NOT SAVED: ' + e, true);
