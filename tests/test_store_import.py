@@ -504,3 +504,19 @@ def test_a_pair_whose_reference_and_target_are_one_image_is_a_problem(tmp_path):
         {"reference_image": "images/room1.png", "target_image": "images/room1.png"}]))
     report = import_dataset(db, "good4cir", folder / "dataset.json")
     assert report.pairs_added == 0 and "same image" in report.problems[0].reason
+
+
+def test_a_cirr_pair_whose_reference_and_target_are_one_image_is_a_problem(tmp_path):
+    # The pairs and good4cir importers refuse such a pair; the CIRR importer stored it,
+    # and annotate would pay a VLM to describe no change.
+    root = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", root)
+    captions = root / "captions" / "cap.rc2.val.json"
+    entries = json.loads(captions.read_text())
+    entries[1]["target_hard"] = entries[1]["reference"]
+    captions.write_text(json.dumps(entries))
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "cirr", root, split="val")
+    assert report.pairs_added == 1
+    assert [p.item for p in report.problems] == ["val pairid 1"]
+    assert "same image" in report.problems[0].reason

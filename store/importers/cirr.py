@@ -97,6 +97,8 @@ def _import_entry(session: ImportSession, root: Path, split: str, file_name: str
     except ImageError as exc:
         session.problem(item, str(exc))
         return
+    if session.same_image(item, reference_id, target_id):
+        return
     img_set = entry.get("img_set") or {}
     members = img_set.get("members", []) if isinstance(img_set, dict) else []
     member_ids = []
