@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_retrieval import non_negative_int, positive_int
+from .cli_retrieval import add_device_option, non_negative_int, positive_int
 
 
 def register(subparsers) -> None:
@@ -39,6 +39,7 @@ def register(subparsers) -> None:
                        help="pixel cache of `train`/`eval`: images decoded there are not decoded again "
                        "(default $GOOD4CIR_CACHE or ~/.cache/good4cir)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_option(index)
     index.set_defaults(handler=run_index)
 
     query = subparsers.add_parser(
@@ -57,6 +58,7 @@ def register(subparsers) -> None:
         help="keep the reference image in the results (by default it is removed, as in CIRR)",
     )
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_device_option(query)
     query.set_defaults(handler=run_query)
 
 
@@ -67,7 +69,7 @@ def run_index(args: argparse.Namespace) -> int:
         args.db, args.checkpoint, args.out, factory=args.factory, split=args.split,
         search_params=args.search_params, batch_size=args.batch_size,
         num_workers=args.workers, fresh=args.fresh, progress=not args.quiet,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, device=args.device,
     )
     print(
         f"indexed {report.count} images ({report.encoded} encoded now) into {report.out_dir} "
@@ -90,7 +92,8 @@ def run_query(args: argparse.Namespace) -> int:
         raise ValueError("-k must be at least 1")
     if not args.text.strip():  # a composed query without its modification: refused, as the app does
         raise ValueError("--text is empty: give the modification to apply to the reference image")
-    engine = QueryEngine(args.index, checkpoint_dir=args.checkpoint, search_params=args.search_params)
+    engine = QueryEngine(args.index, checkpoint_dir=args.checkpoint, search_params=args.search_params,
+                         device=args.device)
     hits = engine.query(args.image, args.text, k=args.k, exclude_reference=not args.keep_reference)
     reranked = sum(1 for h in hits if h.stage == RERANK_STAGE)
     if args.json:

@@ -47,6 +47,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="where decoded images and frozen features are cached "
                         "(default $GOOD4CIR_CACHE or ~/.cache/good4cir)")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
+    add_device_option(parser)
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", metavar="DEVICE",
+                        help="where the model runs: auto (the first CUDA GPU torch sees, else the "
+                        "CPU; default), cpu, cuda or cuda:N")
 
 
 # retrieval.fusion.FUSIONS, repeated here so that `good4cir --help` does not import torch
@@ -183,7 +190,7 @@ def run_train(args: argparse.Namespace) -> int:
         include_unreviewed=args.include_unreviewed, batch_size=args.batch_size, lr=args.lr,
         set_negatives=args.set_negatives, rerank=args.rerank, rerank_share=args.rerank_share,
         rerank_top_k=args.rerank_top_k, seed=args.seed, cache_dir=args.cache_dir, resume=args.resume, threads=args.threads,
-        progress=sys.stderr.isatty(),
+        device=args.device, progress=sys.stderr.isatty(),
     )
     result = train(cfg)
     summary = result.history["summary"]
@@ -235,7 +242,7 @@ def run_eval(args: argparse.Namespace) -> int:
         args.checkpoint, dbs=args.db, files=args.data, split=args.split, source=args.source,
         captions=args.captions, include_unreviewed=args.include_unreviewed,
         cache_dir=args.cache_dir, which=args.which, progress=sys.stderr.isatty(),
-        rerank=args.rerank, gallery_dirs=args.gallery_images, plot=args.plot,
+        rerank=args.rerank, gallery_dirs=args.gallery_images, plot=args.plot, device=args.device,
     )
     for note in result.get("notes", []):
         print(f"note: {note}", file=sys.stderr)
@@ -292,7 +299,7 @@ def _run_submission(args: argparse.Namespace) -> int:
         args.checkpoint, args.submission, dbs=args.db, files=args.data, split=args.split,
         source=source, captions=args.captions, include_unreviewed=args.include_unreviewed,
         cache_dir=args.cache_dir, which=args.which, progress=sys.stderr.isatty(),
-        gallery_dirs=args.gallery_images, rerank=args.rerank,
+        gallery_dirs=args.gallery_images, rerank=args.rerank, device=args.device,
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

@@ -156,6 +156,7 @@ def run_text_tower(tower: dict[str, Any], ids: torch.Tensor) -> TextTokens:
     the batch to its longest caption gives the same outputs and saves most of the
     compute on short modification texts.
     """
+    ids = ids.to(tower["token_embedding"].weight.device)
     lengths = (ids != 0).sum(dim=1)
     length = max(int(lengths.max().item()), 1)
     ids = ids[:, :length]

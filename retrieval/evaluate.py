@@ -125,7 +125,7 @@ def embed(model, pixels: torch.Tensor, row_of: dict[str, int], gallery_keys: Seq
 def _stack(parts: list[torch.Tensor]) -> np.ndarray:
     if not parts:
         return np.zeros((0, 1), dtype=np.float32)
-    return torch.cat(parts).float().numpy()
+    return torch.cat(parts).float().cpu().numpy()
 
 
 def score(query_emb: np.ndarray, gallery_emb: np.ndarray, gallery_keys: Sequence[str],
@@ -392,6 +392,7 @@ def evaluate_checkpoint(
     rerank: bool = True,
     gallery_dirs: Sequence[str | Path] = (),
     plot: Optional[str | Path] = None,
+    device: Optional[str] = None,
 ) -> dict[str, Any]:
     """`good4cir eval`: the trained model and the three baselines on one split.
 
@@ -402,7 +403,7 @@ def evaluate_checkpoint(
     from .model import load_model
     from .rerank import load_pair_scorer, rerank_matrix
 
-    model, info = load_model(checkpoint_dir, which=which)
+    model, info = load_model(checkpoint_dir, which=which, device=device)
     data = load_triplets(dbs, files, source=source, captions=captions,
                          include_unreviewed=include_unreviewed)
     triplets, gallery_keys, pixels, row_of, failures = load_split_pixels(

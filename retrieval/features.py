@@ -192,8 +192,8 @@ class FeatureCache:
                               disable=not progress):
                 batch = missing[start:start + self.batch_size]
                 out = self.encoder.encode_image_tokens(pixels_of(batch))
-                pooled.append(out.pooled.half())
-                tokens.append(out.tokens.half())
+                pooled.append(out.pooled.half().cpu())
+                tokens.append(out.tokens.half().cpu())
             self.image_shards.write(missing, {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens)})
             stored, data = self.image_shards.read()
             where = {key: i for i, key in enumerate(stored)}

@@ -176,6 +176,11 @@ class _GalleryImages:
             return position, None, f"{type(exc).__name__}: {exc}"
 
 
+def _cpu_normalizer(retriever):
+    model = getattr(retriever, "model", None)
+    return model.cpu_normalizer() if model is not None else None
+
+
 def _collate(items):
     import torch
 
@@ -285,7 +290,7 @@ def encode_gallery(
             workers = 0  # nothing to decode: worker processes would only add copying
         loader = DataLoader(
             _GalleryImages(entries, retriever.image_transform, as_tensor=use_pixels, cached=cached,
-                           normalize=getattr(getattr(retriever, "model", None), "normalize_pixels", None)),
+                           normalize=_cpu_normalizer(retriever)),
             batch_sampler=batches,
             num_workers=workers,
             collate_fn=_collate,
@@ -578,6 +583,7 @@ def build_gallery_index(
     progress: bool = True,
     retriever=None,
     cache_dir: Optional[str | Path] = None,
+    device: Optional[str] = None,
 ) -> IndexReport:
     """`good4cir index`: encode a store's gallery with a checkpoint and save the index.
     Images already decoded by `train` or `eval` come from the pixel cache in `cache_dir`
@@ -595,7 +601,7 @@ def build_gallery_index(
         raise ValueError(f"cannot write the index to {out_dir}: "
                          + ("it is a file, not a folder" if out_dir.is_file() else exc.strerror or str(exc))) from None
     if retriever is None:
-        retriever = load_retriever(checkpoint_dir)
+        retriever = load_retriever(checkpoint_dir, device=device)
     fingerprint = checkpoint_fingerprint(retriever.model_info)
     started = time.perf_counter()
     model = getattr(retriever, "model", None)
@@ -638,7 +644,7 @@ class QueryEngine:
     """
 
     def __init__(self, index_path: str | Path, checkpoint_dir: Optional[str | Path] = None,
-                 search_params: Optional[str] = None, retriever=None):
+                 search_params: Optional[str] = None, retriever=None, device: Optional[str] = None):
         from .model import load_retriever
 
         self.index = load_index(index_path, search_params=search_params)
@@ -651,7 +657,7 @@ class QueryEngine:
                 raise FileNotFoundError(
                     f"the index {index_path} was built with the checkpoint {checkpoint_dir}, which is "
                     "no longer there: pass --checkpoint DIR (the same model, moved) or rebuild the index")
-            retriever = load_retriever(checkpoint_dir)
+            retriever = load_retriever(checkpoint_dir, device=device)
         self.retriever = retriever
         self.checkpoint_dir = checkpoint_dir
         expected = self.index.meta.get("checkpoint_fingerprint")

@@ -27,6 +27,11 @@ def info_nce(queries: torch.Tensor, targets: torch.Tensor, temperature: float = 
     if queries.shape != targets.shape:
         raise ValueError(f"queries {tuple(queries.shape)} and targets {tuple(targets.shape)} differ")
     logits = queries @ targets.T / temperature
+    # Row ids index the CPU pixel cache; the embeddings may be on a GPU.
+    if target_ids is not None:
+        target_ids = target_ids.to(queries.device)
+    if extra_ids is not None:
+        extra_ids = extra_ids.to(queries.device)
     if target_ids is not None:
         same = target_ids.view(-1, 1) == target_ids.view(1, -1)
         same.fill_diagonal_(False)

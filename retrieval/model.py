@@ -14,11 +14,12 @@ anything: the encoder weights are inside, and so is any architecture open_clip l
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision import transforms as T
 
+from .device import device_of, resolve_device
 from .encoders import Encoder, create_encoder
 from .fusion import create_fusion
 
@@ -70,8 +72,15 @@ class ComposedRetriever(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def normalize_pixels(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) uint8 from the decode cache -> the encoder's input."""
-        return (images_uint8.float() / 255.0 - self.pixel_mean) / self.pixel_std
+        """(B, 3, H, W) uint8 from the decode cache (on the CPU) -> the encoder's input,
+        on the model's device."""
+        images = images_uint8.to(self.pixel_mean.device, non_blocking=True)
+        return normalize_uint8(images, self.pixel_mean, self.pixel_std)
+
+    def cpu_normalizer(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """`normalize_pixels` that stays on the CPU, for data-loader workers (which must
+        not touch a GPU) to hand over ready inputs."""
+        return functools.partial(normalize_uint8, mean=self.pixel_mean.cpu(), std=self.pixel_std.cpu())
 
     def target_embedding(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.encoder.encode_image(pixels)
@@ -84,6 +93,10 @@ class ComposedRetriever(nn.Module):
     def query_from_features(self, image, text) -> torch.Tensor:
         """Frozen-encoder mode: the fusion head on cached ImageTokens / TextTokens."""
         return F.normalize(self.fusion(image, text), dim=-1)
+
+
+def normalize_uint8(images_uint8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    return (images_uint8.float() / 255.0 - mean) / std
 
 
 def build_model(config: dict[str, Any], pretrained: Optional[str] = None,
@@ -158,8 +171,10 @@ def read_config(checkpoint_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON ({exc}); retrain into a fresh --out") from None
 
 
-def load_model(checkpoint_dir: str | Path, which: str = "best") -> tuple[ComposedRetriever, dict]:
-    """Rebuild the model of a checkpoint directory; `which` is best or last."""
+def load_model(checkpoint_dir: str | Path, which: str = "best",
+               device: str | torch.device | None = None) -> tuple[ComposedRetriever, dict]:
+    """Rebuild the model of a checkpoint directory; `which` is best or last; `device` as
+    `--device` takes it (`retrieval.device`), the CPU when None."""
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     path = checkpoint_dir / (BEST_FILE if which == "best" else LAST_FILE)
@@ -181,6 +196,7 @@ def load_model(checkpoint_dir: str | Path, which: str = "best") -> tuple[Compose
     if not isinstance(state, dict) or "model" not in state:
         raise ValueError(f"{path} holds no model weights (not written by good4cir train)")
     model.load_state_dict(state["model"])
+    model.to(device if isinstance(device, torch.device) else resolve_device(device or "cpu"))
     model.eval()
     info = {k: v for k, v in state.items() if k not in ("model", "optimizer", "scheduler")}
     return model, {**config, "weights": str(path), **info}
@@ -192,6 +208,7 @@ class Retriever:
     def __init__(self, model: ComposedRetriever, model_info: dict[str, Any], batch_size: int = 64,
                  pair_scorer=None, rerank_top_k: int = 0):
         self.model = model.eval()
+        self.device = device_of(model)
         self.model_info = model_info
         self.batch_size = batch_size
         self.image_transform = model.encoder.preprocess
@@ -209,7 +226,7 @@ class Retriever:
         return self.model.encoder.embed_dim
 
     def _pixels(self, images: Sequence) -> torch.Tensor:
-        return torch.stack([self.image_transform(_as_pil(im)) for im in images])
+        return torch.stack([self.image_transform(_as_pil(im)) for im in images]).to(self.device)
 
     def _batches(self, n: int) -> Iterable[slice]:
         for start in range(0, n, self.batch_size):
@@ -224,7 +241,7 @@ class Retriever:
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Already preprocessed (N, 3, H, W) float tensors -> gallery embeddings."""
-        out = [self.model.target_embedding(pixels[s]) for s in self._batches(len(pixels))]
+        out = [self.model.target_embedding(pixels[s].to(self.device)) for s in self._batches(len(pixels))]
         return _to_numpy(out, self.embed_dim)
 
     @torch.no_grad()
@@ -286,7 +303,7 @@ class Retriever:
         pairs = torch.cat([self.pair_scorer.encode_pair_views(ref.expand(len(cands[s]), -1, -1, -1), cands[s])
                            for s in self._batches(len(cands))], dim=1)
         text_emb = self.pair_scorer.encode_caption_views([text])[:, 0]
-        return self.pair_scorer.score(pairs, text_emb).numpy().astype(np.float32)
+        return self.pair_scorer.score(pairs, text_emb).cpu().numpy().astype(np.float32)
 
 
 def _as_pil(image):
@@ -304,15 +321,16 @@ def _as_pil(image):
 def _to_numpy(chunks: list[torch.Tensor], dim: int) -> np.ndarray:
     if not chunks:
         return np.zeros((0, dim), dtype=np.float32)
-    return np.ascontiguousarray(torch.cat(chunks).float().numpy(), dtype=np.float32)
+    return np.ascontiguousarray(torch.cat(chunks).float().cpu().numpy(), dtype=np.float32)
 
 
-def load_retriever(checkpoint_dir: str | Path, which: str = "best", rerank: bool = True) -> Retriever:
-    """The trained model of `good4cir train --out DIR`, ready for inference on CPU, with
-    its re-ranker where it has one (and `rerank`)."""
+def load_retriever(checkpoint_dir: str | Path, which: str = "best", rerank: bool = True,
+                   device: str | torch.device | None = None) -> Retriever:
+    """The trained model of `good4cir train --out DIR`, ready for inference on `device`
+    (the CPU when None), with its re-ranker where it has one (and `rerank`)."""
     from .rerank import load_pair_scorer
 
-    model, info = load_model(checkpoint_dir, which=which)
+    model, info = load_model(checkpoint_dir, which=which, device=device)
     second = load_pair_scorer(checkpoint_dir, model.encoder) if rerank else None
     if second is None:
         return Retriever(model, info)

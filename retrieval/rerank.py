@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .device import device_of
 from .encoders import Encoder, run_text_tower
 from .mirror import mirror_text
 
@@ -133,9 +134,8 @@ class PairScorer(nn.Module):
         if self.low_precision:
             self.blocks.to(memory_format=torch.channels_last)
 
-    @staticmethod
-    def _prepare(images_uint8: torch.Tensor) -> torch.Tensor:
-        x = images_uint8.float() / 255.0
+    def _prepare(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        x = images_uint8.to(self.logit_scale.device, non_blocking=True).float() / 255.0
         if x.shape[-1] != INPUT_SIZE or x.shape[-2] != INPUT_SIZE:
             x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="area")
         return (x - 0.5) / 0.25
@@ -155,6 +155,7 @@ class PairScorer(nn.Module):
         return F.normalize(self.head(x.float()), dim=-1)
 
     def encode_texts(self, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(self.logit_scale.device)
         out = self.text(ids)
         if self.word_bag:
             # Words lie between the start token and the end token (the largest id, as
@@ -187,8 +188,10 @@ class PairScorer(nn.Module):
 
 
 def build_pair_scorer(encoder: Encoder, width: int = 32, word_bag: bool = True) -> PairScorer:
-    """A pair scorer whose text tower (and word bag) start as a copy of `encoder`'s."""
-    return PairScorer(encoder.text_tower(), encoder.tokenize, width=width, word_bag=word_bag)
+    """A pair scorer whose text tower (and word bag) start as a copy of `encoder`'s, on
+    the encoder's device."""
+    scorer = PairScorer(encoder.text_tower(), encoder.tokenize, width=width, word_bag=word_bag)
+    return scorer.to(device_of(encoder.clip))
 
 
 def save_pair_scorer(path: Path, scorer: PairScorer, extra: Optional[dict] = None) -> None:
@@ -269,9 +272,10 @@ def rerank_matrix(scorer: PairScorer, first: np.ndarray, reference_keys: Sequenc
     for s in tqdm(range(0, len(pairs), batch_size), desc="re-ranking", unit="batch",
                   disable=not progress):
         chunk = pairs[s:s + batch_size]
-        pair_emb.append(scorer.encode_pair_views(pixels[chunk[:, 0]], pixels[chunk[:, 1]]))
+        pair_emb.append(scorer.encode_pair_views(pixels[chunk[:, 0]], pixels[chunk[:, 1]]).cpu())
     pair_emb = torch.cat(pair_emb, dim=1) if pair_emb else torch.zeros((1, 0, 1))
-    text_emb = torch.cat([scorer.encode_caption_views(texts[s:s + batch_size])
+    # Scored on the CPU: one small product per query, gathered from all the pairs.
+    text_emb = torch.cat([scorer.encode_caption_views(texts[s:s + batch_size]).cpu()
                           for s in range(0, len(texts), batch_size)], dim=1)
     second = np.zeros(candidates.shape, dtype=np.float32)
     for q, ref in enumerate(reference_keys):

@@ -106,6 +106,7 @@ def write_checkpoint_submission(
     progress: bool = True,
     gallery_dirs: Sequence[str | Path] = (),
     rerank: bool = True,
+    device: Optional[str] = None,
 ) -> SubmissionResult:
     """Rank every query of `split` against its gallery and write the submission files;
     with the checkpoint's re-ranker where it has one (and `rerank`)."""
@@ -125,7 +126,7 @@ def write_checkpoint_submission(
     if not existing.is_dir():
         raise ValueError(f"cannot write the submission files to {out_dir}: "
                          + ("it is a file, not a folder" if existing == out_dir else f"{existing} is a file"))
-    model, _ = load_model(checkpoint_dir, which=which)
+    model, _ = load_model(checkpoint_dir, which=which, device=device)
     data = load_triplets(dbs, files, source=source, captions=captions,
                          include_unreviewed=include_unreviewed, keep_targetless=True)
     triplets = data.split(split)

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import TripletSet, load_triplets, train_val_split
+from .device import describe, device_of, resolve_device
 from .encoders import ImageTokens, TextTokens, is_hub_model
 from .evaluate import build_queries, embed, evaluate_embeddings, rankable_triplets
 from .features import FeatureCache, PixelCache, default_cache_dir, trim_text_features
@@ -96,6 +97,7 @@ class TrainConfig:
     cache_dir: Optional[str] = None
     resume: bool = False
     threads: Optional[int] = None
+    device: str = "auto"  # retrieval.device.resolve_device
     val_queries: int = 400
     # The pair scorer (retrieval.rerank) trains after the first stage, in the same
     # budget: it takes `rerank_share` of --minutes (the first stage peaks within its
@@ -225,6 +227,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         raise ValueError("--minutes and --epochs must be positive")
     if cfg.rerank and not 0.0 < cfg.rerank_share < 1.0:
         raise ValueError(f"--rerank-share must be between 0 and 1, got {cfg.rerank_share}")
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     try:
@@ -282,6 +285,8 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
                         open_clip_config=read_open_clip_config(out) if resume_state else None)
     if resume_state:
         model.load_state_dict(resume_state["model"])
+    # Before the optimiser exists: its state (and a resumed one's) lives with the weights.
+    model.to(device)
     write_config(out, model_config)
     write_open_clip_config(out, model.encoder)
 
@@ -476,7 +481,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         "epochs": epoch, "steps": step, "seconds": round(seconds, 1),
         "train_seconds": round(train_seconds, 1),
         "cpu_seconds": round(time.process_time() - cpu_started, 1),
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "device": describe(device),
         "triplets_per_second": round(triplets_seen / train_seconds, 1) if train_seconds > 0 else 0.0,
         "train_triplets": len(train_set), "val_triplets": len(val_set), "best": best,
     }
@@ -576,19 +581,30 @@ class _FrozenFeatures:
         model.encoder.eval()
         image = cache.image_features(content_keys, pixels_of, progress)
         text = cache.text_features(texts, progress)
-        self.image_pooled = image["pooled"]
-        self.image_tokens = image["tokens"]
-        self.text_pooled = text["pooled"]
-        self.text_tokens = text["tokens"]
-        self.text_mask = text["padding_mask"]
+        self.device = device_of(model)
+        features = {"image_pooled": image["pooled"], "image_tokens": image["tokens"],
+                    "text_pooled": text["pooled"], "text_tokens": text["tokens"],
+                    "text_mask": text["padding_mask"]}
+        # On a GPU with room for them, the features move once and each step only gathers
+        # rows there; otherwise (a large gallery) each step moves its own rows.
+        size = sum(t.numel() * t.element_size() for t in features.values())
+        if self.device.type == "cuda" and size < torch.cuda.mem_get_info(self.device)[0] // 4:
+            features = {name: t.to(self.device) for name, t in features.items()}
+        for name, tensor in features.items():
+            setattr(self, name, tensor)
+
+    def _rows(self, features: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return features[rows].to(self.device, non_blocking=True)
 
     def batch(self, model, ref_rows, tgt_rows, text_rows, neg_rows):
-        tokens, mask = trim_text_features(self.text_tokens[text_rows], self.text_mask[text_rows])
-        image = ImageTokens(self.image_pooled[ref_rows].float(), self.image_tokens[ref_rows].float())
-        text = TextTokens(self.text_pooled[text_rows].float(), tokens.float(), mask)
+        tokens, mask = trim_text_features(self._rows(self.text_tokens, text_rows),
+                                          self._rows(self.text_mask, text_rows))
+        image = ImageTokens(self._rows(self.image_pooled, ref_rows).float(),
+                            self._rows(self.image_tokens, ref_rows).float())
+        text = TextTokens(self._rows(self.text_pooled, text_rows).float(), tokens.float(), mask)
         queries = model.query_from_features(image, text)
         def gallery(rows):
-            return F.normalize(self.image_pooled[rows].float(), dim=-1)
+            return F.normalize(self._rows(self.image_pooled, rows).float(), dim=-1)
         return queries, gallery(tgt_rows), gallery(ref_rows), gallery(neg_rows), text.pooled
 
 

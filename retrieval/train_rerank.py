@@ -267,7 +267,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
             loss, at, extra_at = 0.0, 0, len(batch)
             for j, r in enumerate(rows):
                 logits = scale * scorer.score(pair_emb[at:at + len(r)], text_emb[j])
-                loss = loss + F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long))
+                loss = loss + F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long, device=logits.device))
                 if TEXT_LOSS:
                     # The target's pair against its own caption, its siblings' captions and
                     # the other queries' captions.
@@ -276,7 +276,7 @@ def train_pair_scorer(model, pixels: torch.Tensor, row_of: dict[str, int],
                     others = torch.cat([text_emb[j:j + 1], mine, text_emb[:len(batch)][
                         [k for k in range(len(batch)) if k != j and chosen[k] != chosen[j]]]])
                     logits = scale * (others @ pair_emb[at])
-                    loss = loss + TEXT_LOSS * F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long))
+                    loss = loss + TEXT_LOSS * F.cross_entropy(logits[None], torch.zeros(1, dtype=torch.long, device=logits.device))
                 at += len(r)
             loss = loss / len(rows)
             optimizer.zero_grad(set_to_none=True)
