@@ -5,6 +5,7 @@ naming the item (a ValueError or FileNotFoundError, which the CLI prints as
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -586,3 +587,27 @@ def test_default_source_says_when_captions_only_wait_for_review(annotated):
     assert "not approved yet" not in problems["pair p0002"]  # rejected, not waiting
     assert "not approved yet" not in problems["pair p0003"]  # no annotation at all
     assert "pair p0000" not in problems  # approved: trained on
+
+
+def test_retrieve_tab_says_when_a_pairs_target_is_not_in_the_index(tmp_path, checkpoint):
+    """An index of the test split (`good4cir index --split test`) and a train pair chosen in
+    the Retrieve tab: the page said 'True target ... is not in the top 10', as if the model
+    had missed it, at any k, though the index never held that image."""
+    import sqlite_utils
+
+    from retrieval.index import build_gallery_index
+    from ui.retrieve_logic import RetrieveService, dataset_queries
+
+    db_path = make_world_store(tmp_path, pairs=20)
+    build_gallery_index(db_path, checkpoint, tmp_path / "index", split="test", progress=False,
+                        cache_dir=tmp_path / "cache", num_workers=0)
+    db = sqlite_utils.Database(db_path)
+    service = RetrieveService(str(db_path), str(tmp_path / "index"))
+    indexed = {row[0] for row in db.execute(
+        "SELECT reference_id FROM pairs WHERE split = 'test' UNION SELECT target_id FROM pairs WHERE split = 'test'")}
+    outside = next(q for q in dataset_queries(db) if q.target_id not in indexed)
+    html = service.search_html(db, pair=outside, upload=None, text=outside.text, k=50)
+    assert "not in the index" in html and "not in the top" not in html, html
+    inside = next(q for q in dataset_queries(db) if q.target_id in indexed)
+    html = service.search_html(db, pair=inside, upload=None, text=inside.text, k=50)
+    assert "not in the index" not in html and re.search(r"True target .*: rank \d+", html), html

@@ -585,10 +585,9 @@ def _retrieve_tab(conns, service):
     def on_search(pair_id, image, text, k):
         pair = queries.get(pair_id)
         try:
-            hits = service.query(conns.get(), pair=pair, upload=image, text=text, k=k)
+            return service.search_html(conns.get(), pair=pair, upload=image, text=text, k=k)
         except qr.RetrieveError as exc:
             raise gr.Error(str(exc)) from None
-        return qr.render_results_html(hits, pair, uploaded=image is not None)
 
     pair_dd.input(on_pair, pair_dd, [reference_html, text], api_name=False)
     # preprocess=False: the upload reaches on_search as the uploaded file (Gradio still

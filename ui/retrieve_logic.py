@@ -105,6 +105,7 @@ class RetrieveService:
         self._engine = None
         self._lock = threading.Lock()
         self._path_to_id: Optional[dict[str, str]] = None
+        self._indexed_ids: Optional[set] = None
 
     @property
     def available(self) -> bool:
@@ -176,8 +177,21 @@ class RetrieveService:
                         "is_target": bool(target_id and image_id == target_id)})
         return out
 
+    def search_html(self, db, *, pair: Optional[DatasetQuery], upload, text: str, k: int) -> str:
+        """The Retrieve tab's answer to a search: `query`'s hits as HTML."""
+        hits = self.query(db, pair=pair, upload=upload, text=text, k=k)
+        indexed = pair is None or upload is not None or self.in_index(pair.target_id)
+        return render_results_html(hits, pair, uploaded=upload is not None, target_in_index=indexed)
 
-def render_results_html(hits: list[dict], pair: Optional[DatasetQuery], uploaded: bool) -> str:
+    def in_index(self, image_id: Optional[str]) -> bool:
+        """Whether the index holds this store image (an index of one split holds no other's)."""
+        if self._indexed_ids is None:
+            self._indexed_ids = {entry.image_id for entry in self.engine().index.entries}
+        return image_id in self._indexed_ids
+
+
+def render_results_html(hits: list[dict], pair: Optional[DatasetQuery], uploaded: bool,
+                        target_in_index: bool = True) -> str:
     if not hits:
         return "<div class='g4c-muted'>No results.</div>"
     from retrieval.index import RERANK_STAGE
@@ -200,8 +214,14 @@ def render_results_html(hits: list[dict], pair: Optional[DatasetQuery], uploaded
             "the fusion model's order, with its cosine scores (another scale).</p>" if mixed else "")
     if pair is not None and not uploaded:
         found = [h["rank"] for h in hits if h["is_target"]]
-        note += (f"<p>True target {escape_text(pair.target_name)}: rank {found[0]}</p>" if found else
-                 f"<p>True target {escape_text(pair.target_name or '-')} is not in the top {len(hits)}.</p>")
+        if found:
+            note += f"<p>True target {escape_text(pair.target_name)}: rank {found[0]}</p>"
+        elif not target_in_index:  # not a miss of the model's: no k would find it
+            note += (f"<p>True target {escape_text(pair.target_name or '-')} is not in the index (built from "
+                     "other images, e.g. one split's): choose a pair of the index's split.</p>")
+        else:
+            note += f"<p>True target {escape_text(pair.target_name or '-')} is not in the top {len(hits)}.</p>"
+
     return note + "<div class='g4c-results'>" + "".join(cards) + "</div>"
 
 
