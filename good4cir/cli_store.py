@@ -113,6 +113,9 @@ def _print_import_report(args: argparse.Namespace, report, *, hint: bool) -> Non
     )
     if report.images_moved:
         print(f"  {report.images_moved} known images were found at a new path; the store now points there")
+    if report.images_rerooted:
+        print(f"  {report.images_rerooted} known images lie in a folder this import names (--images): "
+              "the review app now shows them")
     for problem in report.problems:
         print(f"  problem: {problem.item}: {problem.reason}")
     for warning in report.warnings:

@@ -223,6 +223,7 @@ class ImportReport(BaseModel):
     pairs_added: int = 0
     pairs_skipped: int = 0      # already in the store
     images_moved: int = 0       # known images found at a new path (the dataset moved)
+    images_rerooted: int = 0    # known images from outside their folder, now in one --images names
     problems: list[ImportProblem] = Field(default_factory=list)   # items not imported
     warnings: list[ImportProblem] = Field(default_factory=list)   # imported, but note this
 

@@ -520,3 +520,29 @@ def test_a_cirr_pair_whose_reference_and_target_are_one_image_is_a_problem(tmp_p
     assert report.pairs_added == 1
     assert [p.item for p in report.problems] == ["val pairid 1"]
     assert "same image" in report.problems[0].reason
+
+
+def test_a_linked_image_folder_is_noted_once_not_once_per_subfolder(tmp_path):
+    # CIRR's images are often a link (img_raw -> a big disk), and its train images lie in
+    # a hundred subfolders: the import noted each subfolder, a hundred lines.
+    root = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", root)
+    disk = tmp_path / "disk" / "img_raw"
+    disk.mkdir(parents=True)
+    for folder in ("train", "dev", "test1"):
+        (root / folder).rename(disk / folder)
+    (root / "img_raw").symlink_to(disk)
+    report = import_dataset(open_db(tmp_path / "a.db"), "cirr", root)
+    assert (report.pairs_added, report.problems) == (5, [])
+    (note,) = report.warnings
+    assert "img_raw" in note.reason and f"--images {root / 'img_raw'}" in note.reason, note.reason
+    report = import_dataset(open_db(tmp_path / "b.db"), "cirr", root, images_dir=root / "img_raw")
+    assert (report.pairs_added, report.problems, report.warnings) == (5, [], [])
+    # What the note says to do, into the same store: the pairs are there already, and the
+    # images it stored are now shown (it changed nothing, and the app still refused them).
+    from ui.security import resolve_image
+
+    db = open_db(tmp_path / "a.db")
+    report = import_dataset(db, "cirr", root, images_dir=root / "img_raw")
+    assert (report.pairs_skipped, report.images_rerooted, report.warnings) == (5, 11, [])
+    assert all(resolve_image(db, i).path.is_file() for (i,) in db.execute("SELECT id FROM images"))

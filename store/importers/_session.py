@@ -88,6 +88,7 @@ class ImportSession:
         self.db = db
         self.source = source
         self.root = root.resolve()
+        self._lexical_root = Path(os.path.abspath(root))  # before links are followed
         # The folders the review app may serve this dataset's images from: the import's
         # own, and the one `--images` names (an export's absolute paths, a linked folder).
         self.roots = [self.root] + ([Path(images_dir).resolve()] if images_dir else [])
@@ -96,6 +97,7 @@ class ImportSession:
         self._by_path: dict[str, ImageInfo | ImageError] = {}
         self._known_ids: set[str] = set()
         self._moved: dict[str, tuple[str, str]] = {}  # image id -> (path, root)
+        self._rerooted: dict[str, str] = {}  # image id -> a root that now holds it
         self._staged: list[tuple[str, dict, Optional[Any]]] = []
         self._pending_images: dict[str, dict] = {}
         self._pending_scenes: dict[str, str] = {}
@@ -181,19 +183,41 @@ class ImportSession:
         root = self._root_for(Path(cached.path))
         if root is None:
             root = self.root
-            folder = str(Path(cached.path).parent)
-            if folder not in self._outside_noted:  # once per folder, not per image
-                self._outside_noted.add(folder)
-                self.warn(str(location), f"{cached.path} lies outside the dataset folder {self.root} "
-                          "(named by an absolute path, '../' or a link): imported, but the review app "
-                          f"will not show images in {folder}; to let it, import again with --images "
-                          "naming a folder that holds them")
+            self._note_outside(str(location), resolved, cached.path)
         self._staged.append((cached.id, {
             "id": cached.id, "name": name or str(location), "path": cached.path, "url": None,
             "root": str(root), "width": cached.width, "height": cached.height,
             "size_bytes": cached.size_bytes, "format": cached.format, "split": split,
         }, scene))
         return cached.id
+
+    def _note_outside(self, location: str, named: Path, real: str) -> None:
+        """Say once per folder (or once per linked folder inside the dataset, such as
+        CIRR's img_raw linked to another disk, with its hundred subfolders) that images
+        there lie outside the dataset folder, so the review app will not show them."""
+        link = self._link_inside(named)
+        key = str(link) if link is not None else str(Path(real).parent)
+        if key in self._outside_noted:
+            return
+        self._outside_noted.add(key)
+        if link is not None:
+            self.warn(location, f"{link} is a link to {link.resolve()}, outside the dataset folder "
+                      f"{self.root}: the images through it are imported, but the review app will not "
+                      f"show them; to let it, import again with --images {link}")
+            return
+        self.warn(location, f"{real} lies outside the dataset folder {self.root} "
+                  "(named by an absolute path, '../' or a link): imported, but the review app "
+                  f"will not show images in {key}; to let it, import again with --images "
+                  "naming a folder that holds them")
+
+    def _link_inside(self, named: Path) -> Optional[Path]:
+        """The outermost folder link inside the dataset folder on the way to `named`, or None."""
+        path = Path(os.path.abspath(named))
+        for folder in reversed(path.parents):
+            if folder != self._lexical_root and folder.is_relative_to(self._lexical_root) \
+                    and folder.is_symlink():
+                return folder
+        return None
 
     def _root_for(self, real: Path) -> Optional[Path]:
         """The dataset folder recorded for an image (the review app serves a file only
@@ -228,7 +252,7 @@ class ImportSession:
 
     def _known_info(self, image_id: str, path: Path) -> Optional[ImageInfo]:
         row = self.db.execute(
-            "SELECT width, height, size_bytes, format, path FROM images WHERE id = ?", [image_id]
+            "SELECT width, height, size_bytes, format, path, root FROM images WHERE id = ?", [image_id]
         ).fetchone()
         if row is None or row[0] is None:
             return None
@@ -237,6 +261,13 @@ class ImportSession:
             # The dataset moved: point the stored row at the file found now.
             real = path.resolve()
             self._moved[image_id] = (str(real), str(self._root_for(real) or self.root))
+        elif row[4] is not None and row[5] is not None and not Path(row[4]).is_relative_to(row[5]):
+            # Stored from outside its dataset folder (through a link, or by an absolute
+            # path), so the review app refuses it; the folders of this import (--images)
+            # may hold it, as the import's note advised: record the one that does.
+            root = self._root_for(Path(row[4]))
+            if root is not None:
+                self._rerooted[image_id] = str(root)
         return ImageInfo(id=image_id, path=str(path.resolve()), width=row[0], height=row[1],
                          size_bytes=row[2], format=row[3])
 
@@ -284,7 +315,8 @@ class ImportSession:
     # ---- writes ----------------------------------------------------------------------
 
     def flush(self) -> None:
-        if not (self._pending_pairs or self._pending_images or self._pending_scenes or self._moved):
+        if not (self._pending_pairs or self._pending_images or self._pending_scenes or self._moved
+                or self._rerooted):
             return
         images = list(self._pending_images.values())
         pairs = self._pending_pairs
@@ -303,6 +335,10 @@ class ImportSession:
                     [(path, root, image_id) for image_id, (path, root) in self._moved.items()],
                 )
                 self.report.images_moved += len(self._moved)
+            if self._rerooted:
+                conn.executemany("UPDATE images SET root = ? WHERE id = ?",
+                                 [(root, image_id) for image_id, root in self._rerooted.items()])
+                self.report.images_rerooted += len(self._rerooted)
             if self._pending_scenes:
                 conn.executemany(
                     "UPDATE images SET scene_json = ? WHERE id = ? AND scene_json IS NULL",
@@ -322,6 +358,7 @@ class ImportSession:
         self._pending_images = {}
         self._pending_scenes = {}
         self._moved = {}
+        self._rerooted = {}
         self._pending_pairs = []
 
     def finish(self) -> ImportReport:
