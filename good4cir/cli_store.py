@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--db", required=True, help="the store's SQLite file")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the output format")
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write")
-    parser.add_argument("--run", type=int, metavar="RUN_ID", help="export this run's annotations")
+    parser.add_argument("--run", type=int, metavar="RUN_ID", help="export this run's annotations (only the pairs it annotated)")
     parser.add_argument("--include-unreviewed", action="store_true",
                         help="also unreviewed annotations, and the imported captions of pairs "
                         "with no annotation")
@@ -172,6 +172,10 @@ def run_export(args: argparse.Namespace) -> int:
     if never:
         print(f"  {never} pair{'' if never == 1 else 's'} never annotated left out: annotate them "
               "(good4cir annotate), or pass --include-unreviewed to export their imported captions")
+    not_in_run = report["pairs_not_in_run"]
+    if not_in_run:
+        print(f"  {not_in_run} pair{'' if not_in_run == 1 else 's'} run {args.run} did not annotate left out "
+              "(without --run, each pair's newest annotation is exported)")
     withheld = report["pairs_withheld_target"]
     if withheld:
         print(f"  {withheld} pair{'' if withheld == 1 else 's'} without a target image (its split withholds "

@@ -5,9 +5,9 @@ of `run_id`); only approved ones unless include_unreviewed (rejected ones never)
 caption's current text (edits win over the VLM's); flagged captions (and compounds built
 from a flagged caption) left out unless include_flagged; a compound that still quotes a
 caption whose text a reviewer changed (and was not edited itself) left out, since it
-carries the text the edit replaced. With include_unreviewed, a pair
+carries the text the edit replaced. With include_unreviewed and no run chosen, a pair
 that has no annotation is exported with its imported captions, so an imported dataset
-can be written back unchanged.
+can be written back unchanged; with a run chosen, only the pairs it annotated go out.
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def export_dataset(
     stats = {"format": format, "out": str(out), "pairs": 0, "captions": 0,
              "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
              "pairs_without_captions": 0, "pairs_without_target": 0,
-             "pairs_awaiting_review": 0, "pairs_not_annotated": 0, "pairs_withheld_target": 0}
+             "pairs_awaiting_review": 0, "pairs_not_annotated": 0, "pairs_withheld_target": 0,
+             "pairs_not_in_run": 0}
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
                           progress=progress)
@@ -104,9 +105,13 @@ def collect_items(
     names = [d[0] for d in cursor.description]
     id_index, target_index = names.index("id"), names.index("target_id")
     # Decide from the raw rows first: most pairs of a big store are not exported.
+    # With a run chosen, a pair that run did not annotate is left out: its imported
+    # captions (or another run's) are not that run's.
     rows = [row for row in cursor.fetchall()
-            if row[id_index] in chosen or (include_unreviewed and row[id_index] not in annotated)
-            or _count_left_out(stats, row[id_index], annotated, awaiting, row[target_index] is None)]
+            if row[id_index] in chosen
+            or (include_unreviewed and run_id is None and row[id_index] not in annotated)
+            or _count_left_out(stats, row[id_index], annotated, awaiting, row[target_index] is None,
+                               run_chosen=run_id is not None)]
     images = _ImageCache(db)
     bar = tqdm(total=len(rows), desc="export", unit="pair", disable=not progress, leave=False)
     for start in range(0, len(rows), _CHUNK):
@@ -154,12 +159,14 @@ def collect_items(
 
 
 def _count_left_out(stats: dict, pair_id: str, annotated: set[str], awaiting: set[str],
-                    withheld: bool = False) -> bool:
+                    withheld: bool = False, *, run_chosen: bool = False) -> bool:
     """Count a pair the export leaves out for want of review (or of any annotation), so
     that an export made before reviewing says why it is empty; always False. A pair with
     no target (CIRR's test1) is counted apart: annotate leaves it out, it has only its
-    imported captions."""
-    if pair_id in awaiting:
+    imported captions. With a run chosen, a pair it did not annotate counts as such."""
+    if run_chosen and pair_id not in annotated:
+        stats["pairs_not_in_run"] = stats.get("pairs_not_in_run", 0) + 1
+    elif pair_id in awaiting:
         stats["pairs_awaiting_review"] = stats.get("pairs_awaiting_review", 0) + 1
     elif pair_id not in annotated and withheld:
         stats["pairs_withheld_target"] = stats.get("pairs_withheld_target", 0) + 1

@@ -233,6 +233,11 @@ def test_export_says_which_approved_pairs_a_newer_runs_annotation_keeps_out(stor
     # the run chosen: nothing to explain
     path, stats = el.export_to_download(db, "good4cir", run_id=store["run_id"], out_dir=tmp_path)
     assert stats["pairs"] == 2 and "approved pair" not in el.describe_export(stats)
+    # the newer run annotated one pair: its export holds that pair alone, and says why
+    path, stats = el.export_to_download(db, "good4cir", run_id=run2.id, include_unreviewed=True, out_dir=tmp_path)
+    total = db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
+    assert stats["pairs"] == 1
+    assert f"{total - 1} pairs the chosen run did not annotate left out" in el.describe_export(stats)
     # a split that does not hold the pair: not mentioned
     split = db.execute("SELECT split FROM pairs WHERE id = ?", [pair_id]).fetchone()[0]
     other = "val" if split == "train" else "train"

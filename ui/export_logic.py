@@ -97,6 +97,10 @@ def describe_export(stats: dict) -> str:
         lines.append(f"{stats['pairs_without_captions']:,} pairs had no caption left and were skipped")
     if stats.get("pairs_without_target"):
         lines.append(f"{stats['pairs_without_target']:,} pairs have no target image")
+    not_in_run = stats.get("pairs_not_in_run") or 0
+    if not_in_run:
+        lines.append(f"{not_in_run:,} pair{'' if not_in_run == 1 else 's'} the chosen run did not annotate left out "
+                     "(Run (any) exports each pair's newest annotation)")
     superseded = _superseded_lines(stats.get("approved_superseded") or [], bool(stats.get("include_unreviewed")))
     lines += superseded
     if not stats.get("pairs") and not superseded:
