@@ -57,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--db", required=True, help="the store's SQLite file")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="the output format")
     parser.add_argument("--out", required=True, metavar="FILE", help="where to write")
-    parser.add_argument("--run", type=int, metavar="RUN_ID", help="export this run's annotations (only the pairs it annotated)")
+    parser.add_argument("--run", type=int, metavar="RUN_ID",
+                        help="export this run's annotations (only the pairs it annotated)")
     parser.add_argument("--include-unreviewed", action="store_true",
                         help="also unreviewed annotations, and the imported captions of pairs "
                         "with no annotation")
