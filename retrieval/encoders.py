@@ -168,7 +168,7 @@ def run_text_tower(tower: dict[str, Any], ids: torch.Tensor) -> TextTokens:
     x = tower["transformer"](x, attn_mask=mask)
     x = tower["ln_final"](x)
     # CLIP pools at the end-of-text token, which has the largest id.
-    pooled = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
+    pooled = x[torch.arange(x.shape[0], device=x.device), ids.argmax(dim=-1)]
     proj = tower["text_projection"]
     if proj is not None:
         pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
