@@ -12,6 +12,7 @@ combinations) are also reported on their own.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -444,6 +445,17 @@ def evaluate_checkpoint(
     absent = fill_absent_measures(result, queries, split)
     if absent:
         result.setdefault("notes", []).extend(absent)
+    # Every caption of a pair is a query (build_queries), in the pair's order of kinds.
+    kinds = Counter(kind for t in triplets for kind in t.caption_kinds)
+    result["query_captions"] = dict(kinds)
+    generated = kinds["individual"] + kinds["compound"]
+    if source == "auto" and generated:
+        # Benchmarks score the dataset's own captions; auto prefers a pair's approved
+        # generated ones, so two models compared on it were silently not on the benchmark.
+        result.setdefault("notes", []).append(
+            f"{generated} of the {len(queries)} queries are generated captions (--source auto takes a "
+            "pair's approved generated captions before its own); to score the dataset's own captions, "
+            "as its benchmark does, pass --source original")
     warning = small_split_warning(len(queries), len(gallery_keys))
     if warning:
         result["warning"] = warning

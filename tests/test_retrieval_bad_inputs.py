@@ -611,3 +611,27 @@ def test_retrieve_tab_says_when_a_pairs_target_is_not_in_the_index(tmp_path, che
     inside = next(q for q in dataset_queries(db) if q.target_id in indexed)
     html = service.search_html(db, pair=inside, upload=None, text=inside.text, k=50)
     assert "not in the index" not in html and re.search(r"True target .*: rank \d+", html), html
+
+
+def test_eval_says_how_many_queries_are_generated_captions(annotated, checkpoint, capsys):
+    """`eval` with the default --source auto queries an approved test pair with its
+    generated captions, not the benchmark's own: a CIRR-vs-CIRRR comparison evaluated
+    both models on the generated captions, and nothing in the output said so."""
+    db = sqlite3.connect(annotated)
+    db.execute("UPDATE pairs SET split = 'test' WHERE id IN ('p0000', 'p0001')")  # p0000 approved
+    db.commit()
+    db.close()
+    common = ["eval", "--db", str(annotated), "--checkpoint", str(checkpoint), "--split", "test",
+              "--cache-dir", str(checkpoint.parent / "cache"), "--no-rerank"]
+    assert main(common + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    kinds = result["query_captions"]
+    assert kinds["individual"] == 3 and kinds["compound"] == 1 and kinds["original"] > 0
+    assert sum(kinds.values()) == result["queries"]
+    assert any("4 of the" in note and "--source original" in note for note in result["notes"]), result.get("notes")
+    assert main(common) == 0
+    assert "--source original" in capsys.readouterr().err
+    assert main(common + ["--json", "--source", "original"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["query_captions"]) == {"original"}
+    assert not any("--source original" in note for note in result.get("notes", []))
