@@ -546,3 +546,25 @@ def test_a_linked_image_folder_is_noted_once_not_once_per_subfolder(tmp_path):
     report = import_dataset(db, "cirr", root, images_dir=root / "img_raw")
     assert (report.pairs_skipped, report.images_rerooted, report.warnings) == (5, 11, [])
     assert all(resolve_image(db, i).path.is_file() for (i,) in db.execute("SELECT id FROM images"))
+
+
+def test_images_in_many_folders_outside_the_dataset_are_one_note(tmp_path):
+    # An exported JSONL names its images by absolute path; a CIRR store's export spans a
+    # hundred train subfolders, and its import noted each one, a hundred lines.
+    from PIL import Image
+
+    outside = tmp_path / "disk"
+    lines = []
+    for n in range(7):
+        folder = outside / f"part{n}"
+        folder.mkdir(parents=True)
+        for side, colour in (("ref", (n * 30, 0, 0)), ("tgt", (0, n * 30, 200))):
+            Image.new("RGB", (16, 16), colour).save(folder / f"{side}.png")
+        lines.append({"id": str(n), "reference": str(folder / "ref.png"), "target": str(folder / "tgt.png")})
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "pairs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = import_dataset(open_db(tmp_path / "s.db"), "pairs", mine)
+    assert (report.pairs_added, report.problems) == (7, [])
+    (note,) = report.warnings
+    assert "7 folders" in note.reason and str(outside) in note.reason and "--images" in note.reason

@@ -104,6 +104,7 @@ class ImportSession:
         self._pending_pairs: list[dict] = []
         self._seen_pairs: set[str] = set()
         self._outside_noted: set[str] = set()
+        self._outside_folders: dict[str, tuple[str, str]] = {}  # folder -> (item, real path)
 
     # ---- items -----------------------------------------------------------------------
 
@@ -205,10 +206,30 @@ class ImportSession:
                       f"{self.root}: the images through it are imported, but the review app will not "
                       f"show them; to let it, import again with --images {link}")
             return
-        self.warn(location, f"{real} lies outside the dataset folder {self.root} "
-                  "(named by an absolute path, '../' or a link): imported, but the review app "
-                  f"will not show images in {key}; to let it, import again with --images "
-                  "naming a folder that holds them")
+        self._outside_folders[key] = (location, real)
+
+    def _note_outside_folders(self, most: int = 5) -> None:
+        """The notes of images outside the dataset folder: one per folder, or, past
+        `most` folders (an export's absolute paths into CIRR's hundred subfolders), one
+        naming the folder that holds them all."""
+        folders = self._outside_folders
+        if len(folders) > most:
+            common = Path(os.path.commonpath(list(folders)))
+            location, _ = next(iter(folders.values()))
+            # Never advise a whole disk: the app would serve anything on it.
+            where, all_in = ((f" under {common}", f" ({common} holds them all)") if common.parent != common
+                             else (f" (first {', '.join(list(folders)[:3])})", ""))
+            self.warn(location, f"images in {len(folders)} folders{where} lie outside the dataset "
+                      f"folder {self.root} (named by absolute paths, '../' or links): imported, but the "
+                      "review app will not show them; to let it, import again with --images naming a "
+                      f"folder that holds them{all_in}")
+        else:
+            for folder, (location, real) in folders.items():
+                self.warn(location, f"{real} lies outside the dataset folder {self.root} "
+                          "(named by an absolute path, '../' or a link): imported, but the review app "
+                          f"will not show images in {folder}; to let it, import again with --images "
+                          "naming a folder that holds them")
+        self._outside_folders = {}
 
     def _link_inside(self, named: Path) -> Optional[Path]:
         """The outermost folder link inside the dataset folder on the way to `named`, or None."""
@@ -363,6 +384,7 @@ class ImportSession:
 
     def finish(self) -> ImportReport:
         self.flush()
+        self._note_outside_folders()
         return self.report
 
 
