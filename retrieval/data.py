@@ -319,9 +319,16 @@ def load_triplets(
                                            keep_targetless=keep_targetless)) for db_path in dbs]
     parts += [(file_path, load_file_triplets(file_path, keep_targetless=keep_targetless,
                                              source=source, captions=captions)) for file_path in files]
+    taken: set[str] = set()
     for where, part in parts:
         if len(parts) > 1 and not part.triplets:
             _refuse_empty_part(where, part, source, captions)
+        for triplet in part.triplets:
+            # Datasets name pairs alike (two demo worlds, pair-000000 in each); eval resamples
+            # whole pairs by id, so a repeated id made two pairs one.
+            if triplet.pair_id in taken:
+                triplet.pair_id = f"{where}:{triplet.pair_id}"
+            taken.add(triplet.pair_id)
         _merge(merged, part)
     _log_problems(merged.problems)
     return merged

@@ -197,3 +197,21 @@ def test_pairs_without_a_split_are_named_before_training_on_them(tmp_path, annot
     caplog.clear()
     train_val_split(load_store_triplets(annotated))  # every pair has its split: nothing to say
     assert not [r for r in caplog.records if "no train, val or test split" in r.getMessage()]
+
+
+def test_pairs_of_a_mix_keep_apart_when_their_datasets_reuse_ids(tmp_path):
+    # Two demo worlds (or two CIRR-style stores) name their pairs alike, and a store's pair
+    # id comes from (source, external id): in `eval --db w1.db --db w2.db` two different
+    # pairs shared an id, and the bootstrap intervals (whole pairs resampled, by id) drew
+    # them as one pair.
+    first = make_world_store(tmp_path / "one", pairs=6, seed=1)
+    second = make_world_store(tmp_path / "two", pairs=6, seed=2)
+    exported = tmp_path / "two" / "dataset.jsonl"
+    image = sorted((tmp_path / "two" / "images").glob("*.png"))
+    exported.write_text(json.dumps({"id": "p0000", "reference": f"images/{image[0].name}",
+                                    "target": f"images/{image[1].name}", "captions": ["x"]}) + "\n")
+    soup = load_triplets([first, second], [exported])
+    ids = [t.pair_id for t in soup.triplets]
+    assert len(ids) == 13 and len(set(ids)) == 13, ids
+    assert ids[:6] == [f"p000{i}" for i in range(6)]  # the first dataset keeps its own ids
+    assert any(str(second) in pair_id for pair_id in ids[6:12]), ids
