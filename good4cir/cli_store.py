@@ -165,6 +165,10 @@ def run_export(args: argparse.Namespace) -> int:
         f"{report['stale_compounds_left_out']} compounds quoting an edited caption, "
         f"{report['pairs_without_captions']} pairs with no caption to export"
     )
+    if args.format == "cirr" and len(report["splits"]) > 1:
+        print(f"  note: this CIRR file mixes splits {', '.join(report['splits'])}; CIRR keeps one split per "
+              "file (cap.rc2.<split>.json), so importing it back puts all its pairs under one split: "
+              "export each with --split")
     awaiting, never = report["pairs_awaiting_review"], report["pairs_not_annotated"]
     if awaiting:
         print(f"  {awaiting} annotated pair{'' if awaiting == 1 else 's'} awaiting review left out: only "

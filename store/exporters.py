@@ -70,7 +70,8 @@ def export_dataset(
              "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
              "pairs_without_captions": 0, "pairs_without_target": 0,
              "pairs_awaiting_review": 0, "pairs_not_annotated": 0, "pairs_withheld_target": 0,
-             "pairs_not_in_run": 0}
+             "pairs_not_in_run": 0,
+             "splits": set()}  # of the pairs written: a CIRR file holds one (its name says which)
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
                           progress=progress)
@@ -80,6 +81,7 @@ def export_dataset(
         text = _cirr(items, stats)
     else:
         text = _jsonl(db, items, stats)
+    stats["splits"] = sorted(stats["splits"])
     _write_atomically(Path(out), text)
     return stats
 
@@ -257,6 +259,7 @@ def _good4cir(items: Iterator[ExportItem], stats: dict) -> str:
             "difference_captions": item.texts,
         })
         stats["pairs"] += 1
+        stats["splits"].add(str(item.pair.split))
         stats["captions"] += len(item.texts)
     return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
 
@@ -279,6 +282,7 @@ def _cirr(items: Iterator[ExportItem], stats: dict) -> str:
                 kept_set_ids.add(set_id)
             pending.append((item, text, pairid, set_id))
         stats["pairs"] += 1
+        stats["splits"].add(str(item.pair.split))
         stats["captions"] += len(item.texts)
     next_pairid = max(kept_pairids, default=-1) + 1
     next_set_id = max(kept_set_ids, default=-1) + 1
@@ -334,6 +338,7 @@ def _jsonl(db, items: Iterator[ExportItem], stats: dict) -> str:
         })
         lines.append(json.dumps(line, ensure_ascii=False, sort_keys=False))
         stats["pairs"] += 1
+        stats["splits"].add(str(item.pair.split))
         stats["captions"] += len(item.texts)
     return "".join(line + "\n" for line in lines)
 

@@ -332,3 +332,20 @@ def test_cli_export_of_a_run_says_which_pairs_it_left_out(reviewed, tmp_path, ca
                  "--include-unreviewed", "--run", str(run.id)]) == 0
     out = capsys.readouterr().out
     assert "wrote 1 pairs" in out and f"{total - 1} pairs run {run.id} did not annotate left out" in out
+
+
+def test_a_cirr_export_of_several_splits_says_cirr_keeps_one_per_file(tmp_path, capsys):
+    # CIRR has no split field: its file name says the split. An export without --split
+    # wrote train, val and test1 entries into one file with no word, and importing that
+    # file back put every pair, val and test1's too, under one split.
+    db_path = tmp_path / "s.db"
+    import_dataset(open_db(db_path), "cirr", FIXTURES / "cirr")
+    out = tmp_path / "cap.rc2.train.json"
+    args = ["export", "--db", str(db_path), "--format", "cirr", "--out", str(out), "--include-unreviewed"]
+    assert main(args + ["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["splits"] == ["test1", "train", "val"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "mixes splits test1, train, val" in said and "--split" in said
+    assert main(args + ["--split", "val"]) == 0
+    assert "mixes" not in capsys.readouterr().out

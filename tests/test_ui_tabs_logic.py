@@ -324,3 +324,16 @@ def test_a_run_that_cannot_start_says_why(store, monkeypatch):
     with pytest.raises(pl.PipelineControlError, match="OPENAI_API_KEY"):
         controller.start(pl.RunForm(backend="openai"), "ann")
     assert not controller.running
+
+
+def test_export_tab_says_a_cirr_file_of_several_splits_mixes_them(tmp_path):
+    # CIRR has no split field (the file name says it): the Export tab's CIRR file of a
+    # whole store held train, val and test1 with no word of it.
+    from store.importers import import_dataset
+
+    db = open_db(tmp_path / "s.db")
+    import_dataset(db, "cirr", Path(__file__).parent / "fixtures" / "cirr")
+    _, stats = el.export_to_download(db, "cirr", include_unreviewed=True, out_dir=tmp_path)
+    assert "mixes splits test1, train, val" in el.describe_export(stats)
+    _, stats = el.export_to_download(db, "cirr", include_unreviewed=True, split="val", out_dir=tmp_path)
+    assert "mixes" not in el.describe_export(stats)

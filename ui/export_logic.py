@@ -97,6 +97,10 @@ def describe_export(stats: dict) -> str:
         lines.append(f"{stats['pairs_without_captions']:,} pairs had no caption left and were skipped")
     if stats.get("pairs_without_target"):
         lines.append(f"{stats['pairs_without_target']:,} pairs have no target image")
+    splits = stats.get("splits") or []
+    if stats.get("format") == "cirr" and len(splits) > 1:
+        lines.append(f"this CIRR file mixes splits {', '.join(splits)}: CIRR keeps one split per file "
+                     "(cap.rc2.<split>.json), so pick a Split and export each")
     not_in_run = stats.get("pairs_not_in_run") or 0
     if not_in_run:
         lines.append(f"{not_in_run:,} pair{'' if not_in_run == 1 else 's'} the chosen run did not annotate left out "
