@@ -131,9 +131,20 @@ def test_a_start_says_whether_it_resumed_a_run_and_what_it_did(store, monkeypatc
             if _ == 0:
                 first = pl.format_progress(controller.snapshot())
         again = pl.format_progress(controller.snapshot())
+        run_id = controller.snapshot()["run_id"]
+        # 'start a new run' ticked: the same settings, a new run, and it does not say
+        # that no earlier run had them
+        controller.start(pl.RunForm(backend="openai", model="gpt-4o-mini", base_url=server.url, limit=2,
+                                    new_run=True), "ann")
+        deadline = time.time() + 60
+        while controller.running and time.time() < deadline:
+            time.sleep(0.1)
+        forced = pl.format_progress(controller.snapshot())
     finally:
         server.stop()
-    run_id = controller.snapshot()["run_id"]
+    forced_id = controller.snapshot()["run_id"]
+    assert forced_id != run_id
+    assert f"new run {forced_id} (a new run, as asked; run {run_id} has these settings)" in forced
     assert f"new run {run_id} (no earlier run has these settings): 2 pairs annotated by this start" in first
     assert ("1 of its pairs was reviewed in an earlier run: exports take each pair's newest annotation, "
             f"so review it again in run {run_id}") in first

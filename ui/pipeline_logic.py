@@ -99,6 +99,7 @@ class PipelineController:
         self._done_before: dict[int, int] = {}   # every run's done pairs when the last start began
         self._limit: Optional[int] = None
         self._reviewed_elsewhere = 0             # pairs of a new run that an earlier run's review decided
+        self._same_settings: list[int] = []      # earlier runs a new run (asked for) shares settings with
 
     @property
     def running(self) -> bool:
@@ -124,6 +125,7 @@ class PipelineController:
         run_id = self._handle.run_id
         self._reviewed_elsewhere = 0 if run_id is None or run_id in done_before else _reviewed_elsewhere(
             self.db_path, run_id)
+        self._same_settings = [] if run_id is None or run_id in done_before else _same_settings(self.db_path, run_id)
         return self._handle
 
     def stop(self) -> str:
@@ -146,6 +148,7 @@ class PipelineController:
             progress["done_by_this_start"] = progress.get("pairs_done", 0) - self._done_before.get(handle.run_id, 0)
             progress["limit"] = self._limit
             progress["reviewed_elsewhere"] = 0 if progress["resumed"] else self._reviewed_elsewhere
+            progress["same_settings"] = [] if progress["resumed"] else list(self._same_settings)
         if handle.error is not None:
             progress["error"] = f"{type(handle.error).__name__}: {handle.error}"
         return progress
@@ -164,6 +167,20 @@ def _reviewed_elsewhere(db_path: str, run_id: int) -> int:
             [run_id]).fetchone()[0]
     finally:
         db.conn.close()
+
+
+def _same_settings(db_path: str, run_id: int) -> list[int]:
+    """Earlier runs with the settings of run_id (a new run started though they match)."""
+    from store.annotations import list_runs
+    from store.db import open_db
+
+    db = open_db(db_path)
+    try:
+        runs = list_runs(db)
+    finally:
+        db.conn.close()
+    mine = next((r.settings.get("fingerprint") for r in runs if r.id == run_id), None)
+    return [r.id for r in runs if mine and r.id != run_id and r.settings.get("fingerprint") == mine]
 
 
 def format_progress(progress: Optional[dict]) -> str:
@@ -186,8 +203,15 @@ def format_progress(progress: Optional[dict]) -> str:
     ]
     if "resumed" in progress:
         added = progress.get("done_by_this_start", 0)
-        line = (f"{'resumed' if progress['resumed'] else 'new'} run {progress.get('run_id')} "
-                f"({'same settings' if progress['resumed'] else 'no earlier run has these settings'}): "
+        same = progress.get("same_settings") or []
+        if progress["resumed"]:
+            why = "same settings"
+        elif same:  # 'start a new run' was ticked
+            why = (f"a new run, as asked; run{'s' if len(same) > 1 else ''} {', '.join(map(str, same))} "
+                   f"{'have' if len(same) > 1 else 'has'} these settings")
+        else:
+            why = "no earlier run has these settings"
+        line = (f"{'resumed' if progress['resumed'] else 'new'} run {progress.get('run_id')} ({why}): "
                 f"{added:,} pair{'' if added == 1 else 's'} annotated by this start")
         if progress.get("status") == "finished" and not added and not failed and not progress.get("thread_running"):
             limit = progress.get("limit")
