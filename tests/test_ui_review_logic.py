@@ -525,3 +525,14 @@ def test_what_others_did_in_the_millisecond_the_pair_was_opened_is_not_missed(st
     assert rl.activity_since(db, ann, later, "ann") == []
     assert rl.activity_since(db, ann, "", "ann") == []
     assert rl.activity_since(db, ann, opened_at, "ann") == []  # a page opened before watermarks
+
+
+def test_an_emptied_caption_is_not_saved_and_the_message_names_it_as_the_page_does(store):
+    # The message named the caption by its raw id ('caption 1:9f3c...:c0'), where every
+    # other message on the page says 'caption c0'.
+    db, ann = store["db"], store["annotation_ids"][2]
+    caption = rl.load_pair(db, ann).individual[0]
+    result = rl.save_caption(db, caption.id, " \n ", "alice", caption.version)
+    assert not result.saved and result.text == caption.text
+    assert result.message == "caption c0: an empty caption is not saved; flag it instead"
+    assert db.execute("SELECT COUNT(*) FROM caption_edits WHERE caption_id = ?", [caption.id]).fetchone()[0] == 0

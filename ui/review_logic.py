@@ -641,7 +641,7 @@ def save_caption(
                           f"{caption_label(caption_id)}: not changed; {joined_note}" if joined else "")
     if not text:
         return EditResult(False, current.version, current.current_text or current.text,
-                          f"caption {caption_id}: an empty caption is not saved; flag it instead")
+                          f"{caption_label(caption_id)}: an empty caption is not saved; flag it instead")
     try:
         saved = store_review.edit_caption(db, caption_id, text, editor, expected_version=expected_version)
     except ConflictError:
