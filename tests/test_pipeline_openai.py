@@ -387,3 +387,13 @@ def test_pairs_without_a_target_are_not_annotated(server, tmp_path, capsys, capl
     assert table_rows(db_path, "SELECT COUNT(*) FROM annotations WHERE pair_id = 'withheld0'") == [(0,)]
     with pytest.raises(ValueError, match="split 'test1'.*no target image"):
         cli_main(args + ["--split", "test1"])
+
+
+def test_a_key_with_a_trailing_newline_is_used_without_it(server, tmp_path, monkeypatch):
+    # `export OPENAI_API_KEY=$(cat key.txt)` keeps no newline, but a key read from a file
+    # another way does: httpx refuses the header, and every call failed as a "connection
+    # error", retried to exhaustion, with no word about the key.
+    db_path, _ = _world(tmp_path, references=1, pairs=1)
+    monkeypatch.setenv("OPENAI_API_KEY", f"  {KEY}\n")
+    progress = run_pipeline(db_path, _options(server, max_attempts=2))
+    assert (progress.pairs_done, progress.pairs_failed) == (1, 0)

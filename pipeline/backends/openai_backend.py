@@ -29,7 +29,12 @@ RESPONSE_MODES = ("json_schema", "json_object", "text")
 
 
 def resolve_api_key(api_key_env: str, base_url: Optional[str]) -> str:
-    key = os.environ.get(api_key_env)
+    # A key read from a file often ends in a newline; httpx refuses such a header and the
+    # client reports only "Connection error", which sends the user to check the server.
+    key = (os.environ.get(api_key_env) or "").strip()
+    if key and any(ch.isspace() or not ch.isprintable() for ch in key):
+        raise ValueError(f"{api_key_env} holds a space or control character inside the key; "
+                         "set it to the key alone")
     if key:
         return key
     if base_url:
