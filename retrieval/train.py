@@ -17,6 +17,7 @@ optimiser, for `resume`), `history.json` and `curves.png` in the output folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -242,6 +243,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         data = load_triplets(cfg.dbs, cfg.files, source=cfg.source, captions=cfg.captions,
                              include_unreviewed=cfg.include_unreviewed)
     train_set, val_set = train_val_split(data, seed=cfg.seed)
+    val_fingerprint = _triplets_fingerprint(val_set)
     if not train_set:
         splits = sorted({str(t.split) for t in data.triplets})
         raise ValueError(
@@ -356,6 +358,15 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         triplets_seen = resume_state.get("triplets_seen", 0)
         train_seconds_before = resume_state.get("train_seconds", 0.0)
         _resume_learning_rate(optimizer, fresh_base_lrs, cfg, history, epoch, step)
+        # best.pt is picked by validation recall: scores of other pairs do not compare.
+        changed = resume_state.get("val_fingerprint") not in (None, val_fingerprint)
+        history["resumes"][-1].update({"dbs": list(cfg.dbs), "files": list(cfg.files), "source": cfg.source,
+                                       "captions": cfg.captions, "validation_changed": changed})
+        if changed:
+            best = {"score": -1.0}
+            print("resume: the validation pairs differ from the saved run's (another --db/--data, --source "
+                  "or --captions, or reviews since): best.pt is picked afresh from the epochs of this run",
+                  file=sys.stderr, flush=True)
         history["config"] = model_config
 
     from .train_rerank import QUERIES_PER_STEP, train_pair_scorer
@@ -446,7 +457,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         save_weights(out / LAST_FILE, model, {
             "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
             "elapsed": elapsed(), "history": history, "best": best, "val": val,
-            "triplets_seen": triplets_seen, "train_seconds": train_seconds,
+            "triplets_seen": triplets_seen, "train_seconds": train_seconds, "val_fingerprint": val_fingerprint,
         })
         if on_epoch:
             on_epoch(record)
@@ -515,6 +526,12 @@ def _resume_learning_rate(optimizer, fresh_base_lrs: list[float], cfg: TrainConf
 
 def _rates(values: list[float]) -> str:
     return "/".join(f"{v:g}" for v in dict.fromkeys(values))
+
+
+def _triplets_fingerprint(triplets) -> str:
+    """A hash of what the triplets ask (images and captions), whatever their order."""
+    rows = sorted(json.dumps([t.reference, t.target, sorted(t.captions)]) for t in triplets)
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
 
 
 def _check_budget_left(cfg: TrainConfig, out: Path, state: dict[str, Any]) -> None:

@@ -635,3 +635,30 @@ def test_eval_says_how_many_queries_are_generated_captions(annotated, checkpoint
     result = json.loads(capsys.readouterr().out)
     assert set(result["query_captions"]) == {"original"}
     assert not any("--source original" in note for note in result.get("notes", []))
+
+
+def test_resume_on_other_validation_pairs_picks_best_afresh(world, tmp_path, capsys):
+    """`train --resume` with another --db (or --source, or reviews since) validated the new
+    epochs on other pairs and still compared them with the saved best score, measured on
+    the old ones: best.pt stayed the old run's model, and config.json named only the new
+    store. A changed validation set now starts the choice of best.pt afresh, with a word."""
+    root, _ = world
+    out = tmp_path / "resumed"
+    train(_config(root, str(out)))
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    state["best"]["score"] = 100.5  # a score the old validation pairs gave: none can beat it
+    torch.save(state, out / "last.pt")
+    other = make_world_store(tmp_path / "other", pairs=40, seed=5)
+    capsys.readouterr()
+    result = train(_config(root, str(out), dbs=[str(other)], resume=True, epochs=2))
+    assert result.best["epoch"] == 2
+    assert torch.load(out / "best.pt", map_location="cpu", weights_only=False)["epoch"] == 2
+    assert "validation pairs differ from the saved run's" in capsys.readouterr().err
+    resumes = result.history["resumes"]
+    assert resumes[-1]["dbs"] == [str(other)] and resumes[-1]["validation_changed"] is True
+    # the same data again: the saved best stands
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
+    state["best"]["score"] = 100.5
+    torch.save(state, out / "last.pt")
+    result = train(_config(root, str(out), dbs=[str(other)], resume=True, epochs=3))
+    assert result.best["score"] == 100.5 and result.history["resumes"][-1]["validation_changed"] is False
