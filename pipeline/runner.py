@@ -660,6 +660,7 @@ class Runner:
         self._auth_error: Optional[str] = None  # the first refusal of the credentials
         self._usage_warned = False  # said once that the server sends no token usage
         self._account_error_type: Optional[type] = None  # or of the account (no credits)
+        self._answered = False  # the server answered a request of this session
 
     # -- the database, from one thread so the event loop never waits on sqlite
     async def _db(self, fn, *args, **kwargs):
@@ -1150,6 +1151,7 @@ class Runner:
                     ref = CallRef()
                     self._db_later(_record_call, call, ref)
                 self._ok_hashes.add(key)
+                self._answered = True
                 self.progress.calls += 1
                 self.progress.cost_usd += cost
                 return _CallResult(response.text, response.finish_reason, ref)
@@ -1178,9 +1180,10 @@ class Runner:
                 raise ItemFailedError(error.category, f"{request.stage}: {message}")
             attempt += 1
             if attempt >= self.options.max_attempts and isinstance(error, ConnectionFailedError) \
-                    and not self._ok_hashes:
-                # Not one answer yet, and still no connection after every attempt: a wrong
-                # --base-url or a server not started. Every pair would fail the same way.
+                    and not self._answered:
+                # Not one answer in this session (the store's answers came from earlier runs,
+                # maybe from another server), and still no connection after every attempt: a
+                # wrong --base-url or a server not started. Every pair would fail the same way.
                 if self._auth_error is None:
                     self._auth_error = message
                     self._account_error_type = ConnectionFailedError

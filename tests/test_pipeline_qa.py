@@ -392,3 +392,23 @@ def test_a_split_the_store_does_not_have_names_the_splits_it_has(tmp_path):
         with pytest.raises(ValueError, match=r"no pairs of split 'tran' \(splits present: train\)"):
             call(db_path, options)
     assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
+
+
+def test_an_unreachable_server_stops_the_run_in_a_store_with_earlier_answers(server, tmp_path, monkeypatch):
+    # 'No answer yet' was read from the whole store: after one run against a server that
+    # answered, a second one at a wrong port (another model, another local server) retried
+    # every pair, failed all of them as 'retries exhausted' and 'finished'.
+    import socket
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-unreachable-0123456789")
+    db_path = _world(tmp_path, references=3, pairs=6)
+    assert run_pipeline(db_path, _options(server)).pairs_done == 6
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    options = RunOptions(backend="openai", model="another-model", base_url=f"http://127.0.0.1:{port}/v1",
+                         concurrency=2, backoff_base=0.01, backoff_max=0.02, max_attempts=2, timeout=5)
+    with pytest.raises(ValueError, match=rf"cannot reach the server at http://127.0.0.1:{port}/v1"):
+        run_pipeline(db_path, options)
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations WHERE run_id = 2 GROUP BY status") \
+        == [("pending", 6)]
