@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "listed with the reason while the rest imports. "
             "pairs: PATH is a folder with pairs.jsonl (or the .jsonl file itself). "
             "good4cir: PATH is the authors' dataset.json (paths relative to it, or URLs, "
-            "which are recorded without downloading). "
+            "which are recorded without downloading unless --download is given). "
             "cirr: PATH is a CIRR root with captions/ and image_splits/. "
             "circo: PATH is an annotations JSON file (with --images DIR), or a CIRCO root "
             "holding annotations/*.json and COCO2017_unlabeled/unlabeled2017/ (or images/). "
@@ -41,6 +41,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "are relative to (default img_raw/ or the root); any format: a folder outside "
                              "PATH holding images (e.g. an export's absolute paths) the review app may show")
     parser.add_argument("--source", help="dataset name recorded on the pairs (default: from the format)")
+    parser.add_argument("--download", action="store_true",
+                        help="good4cir: fetch images named by http(s) URL into downloaded_images/ beside "
+                        "the dataset file and check them (the review app shows only local files, and "
+                        "training needs them); without it URLs are recorded only. A rerun fetches "
+                        "only what is not there yet")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(handler=run_import)
 
@@ -87,7 +92,7 @@ def run_import(args: argparse.Namespace) -> int:
     try:
         report = import_dataset(
             db, args.format, args.path, split=args.split, source=args.source,
-            images_dir=args.images, progress=sys.stderr.isatty(),
+            images_dir=args.images, progress=sys.stderr.isatty(), download=args.download,
         )
     except BaseException:
         # Interrupted after some batches were written: those stay ("everything finished
@@ -114,6 +119,9 @@ def _print_import_report(args: argparse.Namespace, report, *, hint: bool) -> Non
     )
     if report.images_moved:
         print(f"  {report.images_moved} known images were found at a new path; the store now points there")
+    if report.images_downloaded:
+        print(f"  {report.images_downloaded} images stored before by URL only now have their downloaded "
+              "file: the review app shows them")
     if report.images_rerooted:
         print(f"  {report.images_rerooted} known images lie in a folder this import names (--images): "
               "the review app now shows them")

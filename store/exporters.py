@@ -245,6 +245,12 @@ def _location(image: ImageRecord) -> str:
     return image.path or image.url or image.name
 
 
+def _shared_location(image: ImageRecord) -> str:
+    """The authors' format names images by URL where it can: an image imported from a
+    URL goes out with that URL (shareable), not this machine's downloaded copy."""
+    return image.url or _location(image)
+
+
 # ---- formats -----------------------------------------------------------------------------
 
 def _good4cir(items: Iterator[ExportItem], stats: dict) -> str:
@@ -254,8 +260,8 @@ def _good4cir(items: Iterator[ExportItem], stats: dict) -> str:
             stats["pairs_without_target"] += 1
             continue
         entries.append({
-            "reference_image": _location(item.reference),
-            "target_image": _location(item.target),
+            "reference_image": _shared_location(item.reference),
+            "target_image": _shared_location(item.target),
             "difference_captions": item.texts,
         })
         stats["pairs"] += 1

@@ -224,6 +224,7 @@ class ImportReport(BaseModel):
     pairs_skipped: int = 0      # already in the store
     images_moved: int = 0       # known images found at a new path (the dataset moved)
     images_rerooted: int = 0    # known images from outside their folder, now in one --images names
+    images_downloaded: int = 0  # URL images stored before without a file, now with one (--download)
     problems: list[ImportProblem] = Field(default_factory=list)   # items not imported
     warnings: list[ImportProblem] = Field(default_factory=list)   # imported, but note this
 

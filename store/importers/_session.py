@@ -104,6 +104,10 @@ class ImportSession:
         self._pending_pairs: list[dict] = []
         self._seen_pairs: set[str] = set()
         self._outside_noted: set[str] = set()
+        # URL image id -> its downloaded copy (import --download); the rows that exist
+        # already, with no local file, get it at the next flush.
+        self._downloads: dict[str, ImageInfo] = {}
+        self._fill: dict[str, ImageInfo] = {}
         self._outside_folders: dict[str, tuple[str, str]] = {}  # folder -> (item, real path)
 
     # ---- items -----------------------------------------------------------------------
@@ -166,12 +170,14 @@ class ImportSession:
               split: Optional[str] = None, scene: Optional[Any] = None) -> str:
         """Validate (once per run) and queue an image; returns its id. Raises ImageError."""
         resolved = resolve_location(location, base)
-        if isinstance(resolved, str):  # a URL: recorded, never downloaded here
+        if isinstance(resolved, str):  # a URL: its id is the URL's hash, fetched or not
             image_id = url_image_id(resolved)
+            copy = self._downloads.get(image_id)
             self._staged.append((image_id, {
-                "id": image_id, "name": name or resolved, "path": None, "url": resolved,
-                "root": None, "width": None, "height": None, "size_bytes": None,
-                "format": None, "split": split,
+                "id": image_id, "name": name or resolved, "path": copy and copy.path, "url": resolved,
+                "root": copy and str(self._root_for(Path(copy.path)) or self.root),
+                "width": copy and copy.width, "height": copy and copy.height,
+                "size_bytes": copy and copy.size_bytes, "format": copy and copy.format, "split": split,
             }, scene))
             return image_id
         key = str(resolved)
@@ -191,6 +197,13 @@ class ImportSession:
             "size_bytes": cached.size_bytes, "format": cached.format, "split": split,
         }, scene))
         return cached.id
+
+    def attach_download(self, url: str, info: ImageInfo) -> None:
+        """Record the local copy of a URL image: the image rows made from now on carry it,
+        and a row stored before without a local file gets it."""
+        image_id = url_image_id(url)
+        self._downloads[image_id] = info
+        self._fill[image_id] = info
 
     def _note_outside(self, location: str, named: Path, real: str) -> None:
         """Say once per folder (or once per linked folder inside the dataset, such as
@@ -337,7 +350,7 @@ class ImportSession:
 
     def flush(self) -> None:
         if not (self._pending_pairs or self._pending_images or self._pending_scenes or self._moved
-                or self._rerooted):
+                or self._rerooted or self._fill):
             return
         images = list(self._pending_images.values())
         pairs = self._pending_pairs
@@ -360,6 +373,15 @@ class ImportSession:
                 conn.executemany("UPDATE images SET root = ? WHERE id = ?",
                                  [(root, image_id) for image_id, root in self._rerooted.items()])
                 self.report.images_rerooted += len(self._rerooted)
+            if self._fill:
+                cursor = conn.executemany(
+                    "UPDATE images SET path = ?, root = ?, width = ?, height = ?, size_bytes = ?,"
+                    " format = ? WHERE id = ? AND path IS NULL",
+                    [(info.path, str(self._root_for(Path(info.path)) or self.root), info.width,
+                      info.height, info.size_bytes, info.format, image_id)
+                     for image_id, info in self._fill.items()],
+                )
+                self.report.images_downloaded += max(cursor.rowcount, 0)
             if self._pending_scenes:
                 conn.executemany(
                     "UPDATE images SET scene_json = ? WHERE id = ? AND scene_json IS NULL",
@@ -379,6 +401,7 @@ class ImportSession:
         self._pending_images = {}
         self._pending_scenes = {}
         self._moved = {}
+        self._fill = {}
         self._rerooted = {}
         self._pending_pairs = []
 

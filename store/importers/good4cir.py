@@ -1,9 +1,11 @@
 """The authors' dataset.json: a JSON list of {"reference_image", "target_image",
 "difference_captions"} where images are paths (relative to the file's folder) or URLs.
 
-URLs are recorded, never downloaded (an import makes no network request): such an
-image gets id = sha256 of the URL, no local file, no size, and a note in the report
-saying it could not be validated or content-hashed.
+A URL image gets id = sha256 of the URL. By default it is only recorded (the import
+makes no network request): no local file, so the review app cannot show it and training
+leaves its pair out, and the report says so. With download=True each URL is fetched
+into downloaded_images/ beside the file and validated like a local image; a URL that
+fails (HTTP error, not an image, too many pixels) is a problem naming the item.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from typing import Optional
 import sqlite_utils
 
 from ..errors import FormatError, ImageError
-from ..images import is_url
+from ..images import ImageInfo, is_url
 from ..models import ImportReport
+from ._download import DOWNLOAD_DIR, download_images
 from ._session import ImportSession, read_text
 
 _KNOWN_KEYS = {"reference_image", "target_image", "difference_captions", "id", "split"}
@@ -24,7 +27,7 @@ _KNOWN_KEYS = {"reference_image", "target_image", "difference_captions", "id", "
 
 def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optional[str] = None,
                     source: Optional[str] = None, images_dir: Optional[str | Path] = None,
-                    progress: bool = False) -> ImportReport:
+                    progress: bool = False, download: bool = False) -> ImportReport:
     path = Path(path)
     if path.is_dir():
         candidates = sorted(path.glob("*.json"))
@@ -42,8 +45,14 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
         raise FormatError(f"{path}: expected a JSON list of pairs with reference_image and target_image")
     folder = path.parent
     session = ImportSession(db, source or path.stem, folder, progress=progress, images_dir=images_dir)
-    session.prefetch((str(e[k]) for e in entries if isinstance(e, dict)
-                      for k in ("reference_image", "target_image") if isinstance(e.get(k), str)), folder)
+    locations = [e[k].strip() for e in entries if isinstance(e, dict)
+                 for k in ("reference_image", "target_image") if isinstance(e.get(k), str)]
+    fetched = download_images([loc for loc in locations if is_url(loc)], folder / DOWNLOAD_DIR,
+                              progress=progress) if download else {}
+    for url, result in fetched.items():
+        if isinstance(result, ImageInfo):
+            session.attach_download(url, result)
+    session.prefetch(locations, folder)
     for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=session.source):
         item = f"{path.name}[{index}]"
         if not isinstance(entry, dict) or not entry.get("reference_image") or not entry.get("target_image"):
@@ -61,7 +70,14 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
             continue
         reference, target = str(entry["reference_image"]), str(entry["target_image"])
         external_id = str(entry["id"]) if entry.get("id") is not None else f"{reference}|{target}"
+        failed = next((fetched[loc.strip()] for loc in (reference, target)
+                       if isinstance(fetched.get(loc.strip()), ImageError)), None)
         if session.pair_exists(external_id, item, reference, folder):
+            if failed is not None:  # stored before from its URL: it stays so, but say why
+                session.warn(item, f"{failed}; the pair was imported before and keeps the URL only")
+            continue
+        if failed is not None:
+            session.problem(item, str(failed))
             continue
         captions = entry.get("difference_captions") or []
         if isinstance(captions, str):
@@ -78,9 +94,11 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
         if session.same_image(item, reference_id, target_id):
             continue
         for location in (reference, target):
-            if is_url(location):
-                session.warn(item, f"{location} is a URL: recorded without downloading, so it "
-                             "was not validated and its id is the hash of the URL, not of the image")
+            if is_url(location) and not download:
+                session.warn(item, f"{location} is a URL: recorded without downloading, so it was not "
+                             "validated, the review app cannot show it and training leaves its pair "
+                             "out; import again with --download to fetch it into "
+                             f"{folder / DOWNLOAD_DIR}")
         session.add_pair(external_id, reference_id, target_id, split=entry_split or split,
                          captions=[str(c) for c in captions],
                          extra={k: v for k, v in entry.items() if k not in _KNOWN_KEYS})

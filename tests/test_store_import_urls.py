@@ -1,0 +1,120 @@
+"""The authors' dataset.json with images named by http URLs, served by a real local
+HTTP server: `import --download` fetches them into the dataset's folder, where the
+review app serves them and training reads them; bad URLs are named per item."""
+
+from __future__ import annotations
+
+import json
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from store import open_db
+from store.exporters import export_dataset
+from store.images import url_image_id
+from store.importers import import_dataset
+from ui.security import resolve_image
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    def log_request(self, *args):  # one line per request: counted, not printed
+        self.server.paths.append(self.path)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web(tmp_path):
+    """A folder served over HTTP on 127.0.0.1: (base URL, folder, requested paths)."""
+    folder = tmp_path / "web"
+    folder.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=str(folder)))
+    server.paths = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder, server.paths
+    server.shutdown()
+    server.server_close()
+
+
+def _picture(path: Path, colour, size=(64, 48), mode="RGB") -> None:
+    Image.new(mode, size, colour).save(path)
+
+
+def _dataset(tmp_path, web):
+    base, served, _ = web
+    for i, colour in enumerate(["red", "green", "blue"]):
+        _picture(served / f"room{i}.jpg", colour)
+    # Over the 50-megapixel limit, yet small on the wire (1 bit per pixel, one colour).
+    _picture(served / "huge.png", 1, size=(8000, 6400), mode="1")
+    (served / "page.html").write_text("<html><body>moved</body></html>")
+    folder = tmp_path / "data"
+    (folder / "local").mkdir(parents=True)
+    _picture(folder / "local" / "a.png", "white")
+    entries = [
+        {"reference_image": f"{base}/room0.jpg", "target_image": f"{base}/room1.jpg",
+         "difference_captions": ["make it green"]},
+        {"reference_image": f"{base}/room2.jpg", "target_image": "local/a.png",
+         "difference_captions": ["make it white"]},
+        {"reference_image": f"{base}/missing.jpg", "target_image": f"{base}/room1.jpg",
+         "difference_captions": ["404"]},
+        {"reference_image": f"{base}/page.html", "target_image": f"{base}/room1.jpg",
+         "difference_captions": ["html"]},
+        {"reference_image": f"{base}/huge.png", "target_image": f"{base}/room1.jpg",
+         "difference_captions": ["huge"]},
+    ]
+    (folder / "dataset.json").write_text(json.dumps(entries))
+    return folder, base
+
+
+def test_download_fetches_url_images_into_the_dataset_folder_where_the_app_serves_them(tmp_path, web):
+    # Before: URLs were only recorded, so the review app showed "no local file" for every
+    # URL image and training left those pairs out; nothing could fetch them.
+    folder, base = _dataset(tmp_path, web)
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "good4cir", folder / "dataset.json", download=True)
+    assert report.pairs_added == 2
+    reasons = {p.item: p.reason for p in report.problems}
+    assert set(reasons) == {"dataset.json[2]", "dataset.json[3]", "dataset.json[4]"}
+    assert f"{base}/missing.jpg" in reasons["dataset.json[2]"] and "404" in reasons["dataset.json[2]"]
+    html = reasons["dataset.json[3]"]
+    assert f"{base}/page.html" in html and "not an image" in html and "text/html" in html
+    assert f"{base}/huge.png" in reasons["dataset.json[4]"] and "pixels" in reasons["dataset.json[4]"]
+    assert not any("is a URL" in w.reason for w in report.warnings)
+    for name in ("room0.jpg", "room1.jpg", "room2.jpg"):
+        image_id = url_image_id(f"{base}/{name}")
+        path, url, width = db.execute("SELECT path, url, width FROM images WHERE id = ?", [image_id]).fetchone()
+        assert url == f"{base}/{name}" and width == 64
+        assert Path(path).is_relative_to(folder.resolve())
+        assert resolve_image(db, image_id).path == Path(path)  # the review app serves it
+    # A rerun asks the server for nothing already fetched, and adds nothing.
+    web[2].clear()
+    again = import_dataset(db, "good4cir", folder / "dataset.json", download=True)
+    assert (again.pairs_added, again.pairs_skipped, again.images_added) == (0, 2, 0)
+    assert sorted(web[2]) == ["/huge.png", "/missing.jpg", "/page.html"]  # only the failures again
+
+
+def test_download_fills_in_a_store_imported_without_it_and_exports_keep_the_urls(tmp_path, web):
+    folder, base = _dataset(tmp_path, web)
+    db = open_db(tmp_path / "s.db")
+    first = import_dataset(db, "good4cir", folder / "dataset.json")
+    assert first.pairs_added == 5  # recorded, not fetched: nothing to check them by
+    assert any("--download" in w.reason for w in first.warnings)
+    with pytest.raises(Exception, match="no local file"):
+        resolve_image(db, url_image_id(f"{base}/room0.jpg"))
+    again = import_dataset(db, "good4cir", folder / "dataset.json", download=True)
+    assert (again.pairs_added, again.images_downloaded) == (0, 3)
+    assert {p.item for p in again.warnings if "download failed" in p.reason or "pixels" in p.reason
+            or "not an image" in p.reason} == {"dataset.json[2]", "dataset.json[3]", "dataset.json[4]"}
+    resolve_image(db, url_image_id(f"{base}/room0.jpg"))
+    # The authors' format goes out with the URLs it came in with, not this machine's copies.
+    out = tmp_path / "out.json"
+    export_dataset(db, "good4cir", out, include_unreviewed=True)
+    written = json.loads(out.read_text())
+    assert written[0]["reference_image"] == f"{base}/room0.jpg"
+    assert written[1]["target_image"] == str((folder / "local" / "a.png").resolve())
