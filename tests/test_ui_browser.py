@@ -124,6 +124,10 @@ def test_keyboard_review_flag_edit_approve_and_reload(world, browser, external_r
     wait_message(page, "note saved")
     page.keyboard.press("a")                          # approve, go on to pair 2
     expect(shown(page)).to_have_attribute("data-annotation", ids[1])
+    # the message names the pair as the page does, not by its annotation id
+    name = db.execute("SELECT p.external_id FROM annotations a JOIN pairs p ON p.id = a.pair_id WHERE a.id = ?",
+                      [ids[0]]).fetchone()[0]
+    wait_message(page, f"^pair {re.escape(name)} \\(run \\d+\\): approved$")
     assert "1 / 10 reviewed" in info_text(page)
     page.keyboard.press("r")                          # reject pair 2, go on to pair 3
     expect(shown(page)).to_have_attribute("data-annotation", ids[2])

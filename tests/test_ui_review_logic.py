@@ -536,3 +536,9 @@ def test_an_emptied_caption_is_not_saved_and_the_message_names_it_as_the_page_do
     assert not result.saved and result.text == caption.text
     assert result.message == "caption c0: an empty caption is not saved; flag it instead"
     assert db.execute("SELECT COUNT(*) FROM caption_edits WHERE caption_id = ?", [caption.id]).fetchone()[0] == 0
+
+
+def test_pair_name_is_what_the_page_calls_the_pair(store):
+    db, ann = store["db"], store["annotation_ids"][3]
+    assert rl.pair_name(db, ann) == f"pair p3 (run {store['run_id']})"
+    assert rl.pair_name(db, "9:nope") == "pair 9:nope"

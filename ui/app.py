@@ -244,7 +244,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         target = rl.resolve_goto(conns.get(), text)
         if target is None:
             raise gr.Error(f"no annotated pair {text!r}")
-        return show(target, flt, gt_on, f"opened {target}")
+        return show(target, flt, gt_on, f"opened {rl.pair_name(conns.get(), target)}")
 
     def on_status(status):
         def handler(annotation_id, queue, run, model, split, gt_on, advance, typed, since, request: gr.Request):
@@ -256,7 +256,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
                 replaced = rl.set_status(db, annotation_id, status, reviewer_of(request, typed), seen_since=since)
             except rl.ReviewActionError as exc:
                 raise gr.Error(str(exc)) from None
-            message = f"{annotation_id}: {status}" + (f" · NOTE: {replaced}" if replaced else "")
+            message = f"{rl.pair_name(db, annotation_id)}: {status}" + (f" · NOTE: {replaced}" if replaced else "")
             target = annotation_id
             if advance:
                 nxt = rl.step_from(db, flt, annotation_id, "next")

@@ -138,6 +138,16 @@ def resolve_goto(db: sqlite_utils.Database, text: str) -> Optional[str]:
     return row[0] if row else None
 
 
+def pair_name(db: sqlite_utils.Database, annotation_id: str) -> str:
+    """'pair p3 (run 2)': an annotated pair as the page names it (its external id, else
+    its pair id), for messages; the annotation id itself is a hash nobody can read."""
+    row = db.execute("SELECT p.external_id, p.id, a.run_id FROM annotations a JOIN pairs p ON p.id = a.pair_id"
+                     " WHERE a.id = ?", [annotation_id]).fetchone()
+    if row is None:
+        return f"pair {annotation_id}"
+    return f"pair {row[0] or row[1]} (run {row[2]})"
+
+
 @dataclass
 class QueueStatus:
     queue: str
