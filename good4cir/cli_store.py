@@ -177,6 +177,12 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"  note: this CIRR file mixes splits {', '.join(report['splits'])}; CIRR keeps one split per "
               "file (cap.rc2.<split>.json), so importing it back puts all its pairs under one split: "
               "export each with --split")
+    named = [split for split in report["splits"] if split != "None"]
+    if args.format == "good4cir" and named and not args.split:
+        print(f"  note: the authors' format has no split field, so the split of these pairs "
+              f"({', '.join(named)}) is not in the file and importing it back records none (or the "
+              "one --split names); export each split with --split, or use --format jsonl to keep "
+              "splits, ids and provenance")
     awaiting, never = report["pairs_awaiting_review"], report["pairs_not_annotated"]
     if awaiting:
         print(f"  {awaiting} annotated pair{'' if awaiting == 1 else 's'} awaiting review left out: only "

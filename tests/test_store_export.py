@@ -349,3 +349,15 @@ def test_a_cirr_export_of_several_splits_says_cirr_keeps_one_per_file(tmp_path, 
     assert "mixes splits test1, train, val" in said and "--split" in said
     assert main(args + ["--split", "val"]) == 0
     assert "mixes" not in capsys.readouterr().out
+
+
+def test_a_good4cir_export_of_pairs_with_splits_says_the_format_keeps_none(tmp_path, capsys):
+    # The authors' dataset.json has no split field: an export of train and test pairs
+    # wrote them into one list with no word, and importing it back lost which was which.
+    db_path = tmp_path / "s.db"
+    import_dataset(open_db(db_path), "pairs", FIXTURES / "pairs")
+    args = ["export", "--db", str(db_path), "--format", "good4cir", "--out", str(tmp_path / "d.json"),
+            "--include-unreviewed"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "no split field" in said and "--format jsonl" in said, said
