@@ -522,6 +522,8 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
         # A batch stored before m006 kept only its lines' custom ids: a request is found
         # there by the custom id the batch backend gives it, as the run finds it.
         unlisted = store_ann.unlisted_batch_lines(db, [*own, *waited])
+        if unlisted:
+            from .backends.openai_batch import line_custom_ids
         awaited: Counter[str] = Counter()
         calls: dict[str, int] = {}
         if todo:
@@ -532,8 +534,6 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
             def request_key(request: VLMRequest) -> str:
                 key = request_hash(request, params)
                 if unlisted:
-                    from .backends.openai_batch import line_custom_ids
-
                     for custom_id in line_custom_ids(request, model=options.resolved_model(),
                                                      detail=options.detail,
                                                      image_max_side=options.image_max_side):
