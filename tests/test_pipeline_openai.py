@@ -397,3 +397,18 @@ def test_a_key_with_a_trailing_newline_is_used_without_it(server, tmp_path, monk
     monkeypatch.setenv("OPENAI_API_KEY", f"  {KEY}\n")
     progress = run_pipeline(db_path, _options(server, max_attempts=2))
     assert (progress.pairs_done, progress.pairs_failed) == (1, 0)
+
+
+@pytest.mark.parametrize("base_url, said", [
+    ("http://127.0.0.1:99999/v1", "port"),
+    ("ftp://u:pw-0123456789@127.0.0.1/v1", "http:// or https://"),
+    ("http:///v1", "host"),
+])
+def test_a_base_url_that_cannot_work_is_refused_before_any_pair_fails(server, tmp_path, base_url, said):
+    # Port 99999 failed every pair as "internal error: ExceptionGroup: unhandled errors in
+    # a TaskGroup"; an ftp:// URL retried each pair as a "Connection error".
+    db_path, _ = _world(tmp_path, references=1, pairs=2)
+    with pytest.raises(ValueError, match=said) as caught:
+        run_pipeline(db_path, _options(server, base_url=base_url, max_attempts=1))
+    assert "pw-0123456789" not in str(caught.value)
+    assert table_rows(db_path, "SELECT COUNT(*) FROM annotations WHERE status = 'failed'") == [(0,)]

@@ -100,6 +100,27 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None):
     return None
 
 
+def check_base_url(base_url: Optional[str]) -> None:
+    """Refuse a --base-url no request can go to, before any pair is tried: the client
+    takes it as it is and fails each call (an out-of-range port as an internal error)."""
+    if not base_url:
+        return
+    from urllib.parse import urlsplit
+
+    from store.redaction import redact_url
+
+    shown = redact_url(base_url)
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"--base-url {shown}: must start with http:// or https://")
+    if not parts.hostname:
+        raise ValueError(f"--base-url {shown}: names no host")
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"--base-url {shown}: the port must be a number from 1 to 65535") from None
+
+
 def response_format_for(request: VLMRequest, mode: str) -> Optional[dict]:
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {
@@ -134,6 +155,7 @@ def configure_openai(backend: Any, *, model: str, base_url: Optional[str], api_k
         raise ValueError(f"detail must be one of {', '.join(DETAILS)}, not {detail!r}")
     if response_mode not in RESPONSE_MODES:
         raise ValueError(f"response mode must be one of {', '.join(RESPONSE_MODES)}")
+    check_base_url(base_url)
     backend.model = model
     backend.base_url = base_url
     backend.detail = detail
