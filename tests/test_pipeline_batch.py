@@ -486,3 +486,33 @@ def test_dry_run_beside_a_batch_stored_before_its_lines_were_kept_counts_what_th
     sent = server.stats["batch_lines_submitted"]
     progress = run_pipeline(db_path, new_run)
     assert progress.pairs_done == 3 and server.stats["batch_lines_submitted"] - sent == plan.calls
+
+
+def test_sigkill_after_a_batch_is_collected_loses_no_answer_and_pays_none_twice(server, tmp_path):
+    # Collecting a batch is where its answers are stored, once, as the asking run's calls:
+    # a session killed as soon as that is committed (before or while the answers are
+    # handed to its pairs) leaves them in the store, and the rerun reuses them.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=3, pairs=5)
+    server.config.batch_delay = 0.5
+    process = subprocess.Popen(
+        [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai-batch",
+         "--base-url", server.url, "--poll-interval", "0.05", "--flush-interval", "5",
+         "--image-size", "128", "--no-progress"],
+        env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE collected = 1")[0][0]:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    (first_batch,), = table_rows(db_path, "SELECT id FROM batches")
+    assert table_rows(db_path, "SELECT run_id, COUNT(*) FROM calls WHERE batch_id = ? GROUP BY run_id",
+                      [first_batch]) == [(1, 3)]
+
+    server.config.batch_delay = 0.1
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.pairs_done == 5, progress.failures
+    assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 3 + 2 * 5
+    assert table_rows(db_path, "SELECT COUNT(*), COUNT(DISTINCT request_hash) FROM calls") == [(13, 13)]
