@@ -118,3 +118,19 @@ def test_download_fills_in_a_store_imported_without_it_and_exports_keep_the_urls
     written = json.loads(out.read_text())
     assert written[0]["reference_image"] == f"{base}/room0.jpg"
     assert written[1]["target_image"] == str((folder / "local" / "a.png").resolve())
+
+
+def test_importing_an_export_back_into_its_own_store_says_the_pairs_are_there_already(tmp_path):
+    # The export names local images by absolute path and lies under another name, so its
+    # pairs got new ids: importing it back doubled every pair without a word.
+    fixtures = Path(__file__).parent / "fixtures" / "good4cir"
+    db = open_db(tmp_path / "s.db")
+    assert import_dataset(db, "good4cir", fixtures / "dataset.json").pairs_added == 3
+    out = tmp_path / "export.json"
+    export_dataset(db, "good4cir", out, include_unreviewed=True)
+    report = import_dataset(db, "good4cir", out)
+    assert report.pairs_added == 3
+    (note,) = [w for w in report.warnings if "same reference and target" in w.reason]
+    assert "3 pairs" in note.reason and "'dataset'" in note.reason and "new store" in note.reason
+    fresh = import_dataset(open_db(tmp_path / "new.db"), "good4cir", out)
+    assert fresh.pairs_added == 3 and not [w for w in fresh.warnings if "same reference" in w.reason]

@@ -108,6 +108,9 @@ class ImportSession:
         # already, with no local file, get it at the next flush.
         self._downloads: dict[str, ImageInfo] = {}
         self._fill: dict[str, ImageInfo] = {}
+        # New pairs whose two images a pair of another source already joins (an export
+        # imported back into its own store): (count, first such (external id, source, id)).
+        self._twins: tuple[int, Optional[tuple[str, str, str]]] = (0, None)
         self._outside_folders: dict[str, tuple[str, str]] = {}  # folder -> (item, real path)
 
     # ---- items -----------------------------------------------------------------------
@@ -388,6 +391,7 @@ class ImportSession:
                     [(scene, image_id) for image_id, scene in self._pending_scenes.items()],
                 )
             if pairs:
+                self._count_twins(pairs)
                 cols = list(pairs[0])
                 cursor = conn.executemany(
                     f"INSERT OR IGNORE INTO pairs ({', '.join(cols)}) VALUES ({', '.join('?' for _ in cols)})",
@@ -405,8 +409,28 @@ class ImportSession:
         self._rerooted = {}
         self._pending_pairs = []
 
+    def _count_twins(self, pairs: list[dict]) -> None:
+        count, first = self._twins
+        for pair in pairs:
+            twin = self.db.execute(
+                "SELECT source, external_id FROM pairs WHERE reference_id = ? AND target_id IS ?"
+                " AND source != ? LIMIT 1", [pair["reference_id"], pair["target_id"], self.source],
+            ).fetchone()
+            if twin is not None:
+                count += 1
+                first = first or (pair["external_id"], twin[0], twin[1])
+        self._twins = (count, first)
+
     def finish(self) -> ImportReport:
         self.flush()
+        count, first = self._twins
+        if count:
+            external_id, other, other_id = first
+            self.warn(external_id, f"{count} pair{'s' if count != 1 else ''} of this import show the "
+                      f"same reference and target images as pairs stored from source {other!r} (this "
+                      f"one as {other_id!r}): imported as new pairs of source {self.source!r}, so the "
+                      "store now holds both; if this file is an export of that dataset, import it "
+                      "into a new store instead")
         self._note_outside_folders()
         return self.report
 
