@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import numpy as np
 from tqdm import tqdm
 
 from .data import Triplet, TripletSet
@@ -82,6 +83,43 @@ def circo_query_id(triplet: Triplet) -> int | str:
         raise ValueError(f"pair {triplet.pair_id}: no CIRCO query id (extra.circo_id); the "
                          "CIRCO server keys answers by it: import the data with --format circo")
     return query_id
+
+
+def cirr_names(data: TripletSet, triplets: Sequence[Triplet]) -> dict[str, list[str]]:
+    """Image id -> every CIRR name the split's pairs give it. The store keeps byte-identical
+    images once, under the first name it saw; CIRR's server knows each name, so a
+    submission lists them all (one score), or a target named by the other could only miss."""
+    names_of: dict[str, dict[str, None]] = {}
+    for t in triplets:
+        for name, key in _named_images(t):
+            names_of.setdefault(key, {data.image_names.get(key) or name: None})[name] = None
+    return {key: list(names) for key, names in names_of.items()}
+
+
+def _named_images(t: Triplet) -> list[tuple[str, str]]:
+    """(CIRR name, image id) of a pair's reference, target and image-set members, from the
+    names the CIRR importer keeps; members only where none was left out (else the two
+    lists do not line up)."""
+    names = (t.extra or {}).get("names") or {}
+    pairs = [(names.get("reference"), t.reference), (names.get("target_hard"), t.target)]
+    listed = names.get("members")
+    if isinstance(listed, list) and t.img_set and len(listed) == len(t.img_set):
+        pairs += zip(listed, t.img_set)
+    return [(name, key) for name, key in pairs if isinstance(name, str) and key]
+
+
+def _own_name(t: Triplet, key: str, role: str, names_of: dict[str, list[str]]) -> Optional[str]:
+    """The pair's own CIRR name for its `role` image ('reference'), where it names `key`."""
+    name = ((t.extra or {}).get("names") or {}).get(role)
+    return name if name in names_of.get(key, ()) else None
+
+
+def _member_names(t: Triplet, row_of: dict[str, int]) -> Optional[list[str]]:
+    """The pair's image-set members by their own CIRR names (all names of one image), or None."""
+    listed = ((t.extra or {}).get("names") or {}).get("members")
+    if not (isinstance(listed, list) and t.img_set and len(listed) == len(t.img_set)):
+        return None
+    return [name for name, key in zip(listed, t.img_set) if key in row_of]
 
 
 def image_name(data: TripletSet, key: str, triplet: Optional[Triplet] = None) -> str:
@@ -179,10 +217,16 @@ def write_checkpoint_submission(
         notes += withheld
 
     if kind == "cirr":
-        gallery_names = [image_name(data, k) for k in gallery_keys]
-        references = [image_name(data, t.reference, t) for t in triplets]
-        members = [[image_name(data, k, t) for k in t.img_set if k in row_of] for t in triplets]
-        recall, subset = cirr_submissions(scores, gallery_names, references, ids, members)
+        names_of = cirr_names(data, triplets)
+        columns = [(col, name) for col, key in enumerate(gallery_keys)
+                   for name in names_of.get(key) or [image_name(data, key)]]
+        gallery_names = [name for _, name in columns]
+        references = [_own_name(t, t.reference, "reference", names_of) or image_name(data, t.reference, t)
+                      for t in triplets]
+        members = [_member_names(t, row_of) or [image_name(data, k, t) for k in t.img_set if k in row_of]
+                   for t in triplets]
+        recall, subset = cirr_submissions(np.asarray(scores)[:, [col for col, _ in columns]], gallery_names,
+                                          references, ids, members)
         written = [write_submission(out_dir / f"recall_submission_{split}.json", recall),
                    write_submission(out_dir / f"recall_subset_submission_{split}.json", subset)]
     else:

@@ -241,3 +241,36 @@ def test_circo_files_hold_int_ids_for_every_query(tmp_path, checkpoint, capsys):
     assert set(result["map"]) == {"5", "10", "25", "50"}  # val has several ground truths
     val = json.loads((out_dir / "circo_submission_val.json").read_text())
     assert set(val) == {"0", "1"} and all(type(i) is int for ids in val.values() for i in ids)
+
+
+def test_cirr_names_of_byte_identical_images_are_all_ranked(checkpoint, tmp_path, capsys):
+    # The store keeps byte-identical images once, under the first name it saw. The test1
+    # files listed only that name: a pair whose target is the other name could only miss,
+    # and its image set lost a member.
+    root = tmp_path / "root"
+    _cirr_root(root)
+    entries = json.loads((root / "captions" / "cap.rc2.test1.json").read_text())
+    names = json.loads((root / "image_splits" / "split.rc2.test1.json").read_text())
+    members = entries[0]["img_set"]["members"]
+    shutil.copy(root / names[members[1]], root / names[members[2]])  # two names, one image
+    db_path = tmp_path / "cirr.db"
+    assert main(["import", "--db", str(db_path), "--format", "cirr", str(root)]) == 0
+    out_dir = tmp_path / "submission"
+    _eval(capsys, "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test1",
+          "--submission", str(out_dir), "--cache-dir", str(tmp_path / "cache"))
+    recall = json.loads((out_dir / "recall_submission_test1.json").read_text())
+    subset = json.loads((out_dir / "recall_subset_submission_test1.json").read_text())
+    # Both names of the one image, next to each other (one score), wherever it is ranked.
+    seen = 0
+    for entry in entries:
+        ranked = recall[str(entry["pairid"])]
+        assert len(ranked) == 50 and len(set(ranked)) == 50
+        where = [ranked.index(n) for n in (members[1], members[2]) if n in ranked]
+        assert where in ([], [49]) or (len(where) == 2 and abs(where[0] - where[1]) == 1), (entry["pairid"], where)
+        seen += bool(where)
+    assert seen
+    # The image set ranks all six names (both of the one image among them).
+    key = str(entries[0]["pairid"])
+    assert len(subset[key]) == 3 and set(subset[key]) <= set(members[1:])
+    if set(members[1:]) <= set(recall[key]):
+        assert subset[key] == [name for name in recall[key] if name in members[1:]][:3]
