@@ -134,3 +134,20 @@ def test_importing_an_export_back_into_its_own_store_says_the_pairs_are_there_al
     assert "3 pairs" in note.reason and "'dataset'" in note.reason and "new store" in note.reason
     fresh = import_dataset(open_db(tmp_path / "new.db"), "good4cir", out)
     assert fresh.pairs_added == 3 and not [w for w in fresh.warnings if "same reference" in w.reason]
+
+
+def test_download_takes_urls_with_spaces_and_accents_as_a_browser_does(tmp_path, web):
+    # A space or an accent in the path crashed the import (http.client.InvalidURL).
+    base, served, _ = web
+    _picture(served / "my room.jpg", "red")
+    _picture(served / "chambre_étoile.jpg", "blue")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "dataset.json").write_text(json.dumps([
+        {"reference_image": f"{base}/my room.jpg", "target_image": f"{base}/chambre_étoile.jpg"},
+        {"reference_image": f"{base}/my%20room.jpg", "target_image": f"{base}/chambre_%C3%A9toile.jpg"},
+        {"reference_image": f"{base}/a\\nb.jpg", "target_image": f"{base}/my room.jpg"},
+    ]), encoding="utf-8")
+    report = import_dataset(open_db(tmp_path / "s.db"), "good4cir", folder / "dataset.json", download=True)
+    assert report.pairs_added == 2
+    assert [p.item for p in report.problems] == ["dataset.json[2]"] and "404" in report.problems[0].reason

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import http.client
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -73,7 +75,9 @@ def fetch_image(url: str, folder: Path) -> ImageInfo:
 
 
 def _get(url: str) -> tuple[bytes, str]:
-    request = urllib.request.Request(url, headers={"User-Agent": "good4cir-import"})
+    # As a browser does: spaces and non-ASCII letters percent-encoded, "%XX" kept.
+    quoted = urllib.parse.quote(url, safe=":/?#[]@!$&'()*+,;=%~")
+    request = urllib.request.Request(quoted, headers={"User-Agent": "good4cir-import"})
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
@@ -84,7 +88,7 @@ def _get(url: str) -> tuple[bytes, str]:
             content_type = response.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
         raise ImageError(f"{url}: download failed: HTTP {exc.code} {exc.reason}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise ImageError(f"{url}: download failed ({reason})") from None
     if len(data) > MAX_DOWNLOAD_BYTES:
