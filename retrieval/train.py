@@ -358,21 +358,14 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
         triplets_seen = resume_state.get("triplets_seen", 0)
         train_seconds_before = resume_state.get("train_seconds", 0.0)
         _resume_learning_rate(optimizer, fresh_base_lrs, cfg, history, epoch, step)
-        # best.pt is picked by validation recall: scores of other pairs do not compare.
-        changed = resume_state.get("val_fingerprint") not in (None, val_fingerprint)
-        history["resumes"][-1].update({"dbs": list(cfg.dbs), "files": list(cfg.files), "source": cfg.source,
-                                       "captions": cfg.captions, "validation_changed": changed})
-        if changed:
-            best = {"score": -1.0}
-            print("resume: the validation pairs differ from the saved run's (another --db/--data, --source "
-                  "or --captions, or reviews since): best.pt is picked afresh from the epochs of this run",
-                  file=sys.stderr, flush=True)
         history["config"] = model_config
 
     from .train_rerank import QUERIES_PER_STEP, train_pair_scorer
 
     use_rerank = cfg.rerank and len(train_set) >= QUERIES_PER_STEP
     rerank_depth = cfg.rerank_top_k if use_rerank else 0
+    if resume_state:
+        best = _best_on_resume(resume_state, best, history, cfg, val_fingerprint, rerank_depth)
     budget = cfg.minutes * 60.0 if cfg.minutes is not None else None
     if budget is not None and use_rerank:  # a re-ranker skipped leaves its share to the fusion model
         budget *= 1.0 - cfg.rerank_share
@@ -458,6 +451,7 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
             "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
             "elapsed": elapsed(), "history": history, "best": best, "val": val,
             "triplets_seen": triplets_seen, "train_seconds": train_seconds, "val_fingerprint": val_fingerprint,
+            "selection_depth": rerank_depth,
         })
         if on_epoch:
             on_epoch(record)
@@ -526,6 +520,27 @@ def _resume_learning_rate(optimizer, fresh_base_lrs: list[float], cfg: TrainConf
 
 def _rates(values: list[float]) -> str:
     return "/".join(f"{v:g}" for v in dict.fromkeys(values))
+
+
+def _best_on_resume(state: dict[str, Any], best: dict[str, Any], history: dict[str, Any], cfg: TrainConfig,
+                    val_fingerprint: str, rerank_depth: int) -> dict[str, Any]:
+    """The saved best, or none where its score does not compare with this run's: other
+    validation pairs, or another measure (`selection_score`: R@1, or recall at the
+    re-ranker's depth). Each resume's data and verdict go into history['resumes']."""
+    val_changed = state.get("val_fingerprint") not in (None, val_fingerprint)
+    selection_changed = state.get("selection_depth") not in (None, rerank_depth)
+    history["resumes"][-1].update({"dbs": list(cfg.dbs), "files": list(cfg.files), "source": cfg.source,
+                                   "captions": cfg.captions, "validation_changed": val_changed,
+                                   "selection_changed": selection_changed})
+    if not (val_changed or selection_changed):
+        return best
+    why = ("the validation pairs differ from the saved run's (another --db/--data, --source or --captions, "
+           "or reviews since)" if val_changed else
+           "the saved run picked best.pt by " + ("R@1" if not state.get("selection_depth") else
+                                                  "recall at the re-ranker's depth")
+           + ", this one by " + ("recall at the re-ranker's depth" if rerank_depth else "R@1 (no re-ranker)"))
+    print(f"resume: {why}: best.pt is picked afresh from the epochs of this run", file=sys.stderr, flush=True)
+    return {"score": -1.0}
 
 
 def _triplets_fingerprint(triplets) -> str:

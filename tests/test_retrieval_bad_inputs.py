@@ -662,3 +662,17 @@ def test_resume_on_other_validation_pairs_picks_best_afresh(world, tmp_path, cap
     torch.save(state, out / "last.pt")
     result = train(_config(root, str(out), dbs=[str(other)], resume=True, epochs=3))
     assert result.best["score"] == 100.5 and result.history["resumes"][-1]["validation_changed"] is False
+
+
+def test_resume_that_changes_how_best_is_picked_picks_it_afresh(world, tmp_path, capsys):
+    """A run with a re-ranker picks best.pt by recall at the re-ranker's depth (R@50);
+    resumed with --no-rerank it picks by R@1, and no R@1 beat the saved R@50 score, so
+    best.pt stayed the first run's epoch, whatever the resumed epochs reached."""
+    root, _ = world
+    out = tmp_path / "depth"
+    train(_config(root, str(out), rerank=True))
+    capsys.readouterr()
+    result = train(_config(root, str(out), resume=True, epochs=2))  # rerank=False
+    assert result.best["epoch"] == 2
+    assert "best.pt is picked afresh" in capsys.readouterr().err
+    assert result.history["resumes"][-1]["selection_changed"] is True

@@ -247,7 +247,8 @@ def test_cli_resume_honours_an_explicit_lr_and_records_it(world, capsys):
     assert history["resumes"] == [{"epoch": 1, "step": steps_per_epoch, "lr": 1e-5, "lr_from": "--lr",
                                    "previous_base_lrs": [pytest.approx(2.5e-4)] * 2,
                                    "base_lrs": [pytest.approx(2.5e-6)] * 2, "dbs": [str(db_path)], "files": [],
-                                   "source": "auto", "captions": "both", "validation_changed": False}]
+                                   "source": "auto", "captions": "both", "validation_changed": False,
+                                   "selection_changed": False}]
     # Without --lr the run's own rate carries on, and the record keeps it.
     assert main(args + ["--epochs", "3", "--resume"]) == 0
     assert optimiser_rates()[0] == [pytest.approx(2.5e-6)] * 2
