@@ -151,3 +151,18 @@ def test_download_takes_urls_with_spaces_and_accents_as_a_browser_does(tmp_path,
     report = import_dataset(open_db(tmp_path / "s.db"), "good4cir", folder / "dataset.json", download=True)
     assert report.pairs_added == 2
     assert [p.item for p in report.problems] == ["dataset.json[2]"] and "404" in report.problems[0].reason
+
+
+def test_a_downloaded_tiff_is_kept_under_its_own_suffix_and_not_fetched_again(tmp_path, web):
+    base, served, requested = web
+    _picture(served / "a.tif", "red")
+    _picture(served / "b.png", "blue")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "dataset.json").write_text(json.dumps([
+        {"reference_image": f"{base}/a.tif", "target_image": f"{base}/b.png"}]))
+    for _ in range(2):
+        report = import_dataset(open_db(tmp_path / "s.db"), "good4cir", folder / "dataset.json", download=True)
+        assert report.problems == []
+    assert sorted(requested) == ["/a.tif", "/b.png"]  # each once: the rerun used the files
+    assert sorted(p.suffix for p in (folder / "downloaded_images").iterdir()) == [".png", ".tiff"]

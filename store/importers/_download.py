@@ -57,7 +57,7 @@ def _fetch_or_error(url: str, folder: Path) -> ImageInfo | ImageError:
 def fetch_image(url: str, folder: Path) -> ImageInfo:
     """The local copy of `url` in `folder` (fetched now unless there already), validated."""
     stem = hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
-    kept = next((p for p in folder.glob(f"{stem}.*") if p.suffix in _SUFFIXES.values()), None)
+    kept = next(folder.glob(f"{stem}.*"), None)  # a .part being written starts with "."
     if kept is not None:
         return inspect_image(kept)
     data, content_type = _get(url)
@@ -69,7 +69,7 @@ def fetch_image(url: str, folder: Path) -> ImageInfo:
         part.unlink(missing_ok=True)
         why = str(exc).split(": ", 1)[-1]
         raise ImageError(f"{url}: {why} (the server sent {content_type or 'no Content-Type'})") from None
-    final = folder / f"{stem}{_SUFFIXES.get(info.format, '.img')}"
+    final = folder / f"{stem}{_SUFFIXES.get(info.format, '.' + info.format.lower())}"
     os.replace(part, final)
     return dataclasses.replace(info, path=str(final.resolve()))
 
