@@ -42,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "PATH holding images (e.g. an export's absolute paths) the review app may show")
     parser.add_argument("--source", help="dataset name recorded on the pairs (default: from the format)")
     parser.add_argument("--download", action="store_true",
-                        help="good4cir: fetch images named by http(s) URL into downloaded_images/ beside "
-                        "the dataset file and check them (the review app shows only local files, and "
+                        help="good4cir, pairs: fetch images named by http(s) URL into downloaded_images/ "
+                        "beside the dataset file and check them (the review app shows only local files, and "
                         "training needs them); without it URLs are recorded only. A rerun fetches "
                         "only what is not there yet")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")

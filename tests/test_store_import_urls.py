@@ -109,8 +109,8 @@ def test_download_fills_in_a_store_imported_without_it_and_exports_keep_the_urls
         resolve_image(db, url_image_id(f"{base}/room0.jpg"))
     again = import_dataset(db, "good4cir", folder / "dataset.json", download=True)
     assert (again.pairs_added, again.images_downloaded) == (0, 3)
-    assert {p.item for p in again.warnings if "download failed" in p.reason or "pixels" in p.reason
-            or "not an image" in p.reason} == {"dataset.json[2]", "dataset.json[3]", "dataset.json[4]"}
+    assert {p.item for p in again.warnings if "by URL only" in p.reason} == {
+        f"{base}/missing.jpg", f"{base}/page.html", f"{base}/huge.png"}
     resolve_image(db, url_image_id(f"{base}/room0.jpg"))
     # The authors' format goes out with the URLs it came in with, not this machine's copies.
     out = tmp_path / "out.json"
@@ -166,3 +166,20 @@ def test_a_downloaded_tiff_is_kept_under_its_own_suffix_and_not_fetched_again(tm
         assert report.problems == []
     assert sorted(requested) == ["/a.tif", "/b.png"]  # each once: the rerun used the files
     assert sorted(p.suffix for p in (folder / "downloaded_images").iterdir()) == [".png", ".tiff"]
+
+
+def test_download_works_for_the_pairs_format_too(tmp_path, web):
+    # pairs.jsonl takes URLs as well; --download was refused for it.
+    base, served, _ = web
+    _picture(served / "r.png", "red")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _picture(folder / "t.png", "blue")
+    (folder / "pairs.jsonl").write_text(
+        json.dumps({"id": "p0", "reference": f"{base}/r.png", "target": "t.png", "split": "train"}) + "\n"
+        + json.dumps({"id": "p1", "reference": f"{base}/gone.png", "target": "t.png"}) + "\n")
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "pairs", folder, download=True)
+    assert report.pairs_added == 1 and len(report.problems) == 1
+    assert "p1" in report.problems[0].item and f"{base}/gone.png" in report.problems[0].reason
+    resolve_image(db, url_image_id(f"{base}/r.png"))

@@ -34,15 +34,17 @@ def import_dataset(
     """Import PATH in `format`. split filters formats that name splits and sets it for
     those that do not; source overrides the dataset name pairs are recorded under;
     images_dir: CIRCO's images, CIRR's image folder, and for every format a folder
-    outside PATH whose images the review app may show. download (good4cir only): fetch
+    outside PATH whose images the review app may show. download (good4cir, pairs): fetch
     images named by URL into the dataset's folder instead of recording the URL alone."""
     path = Path(path)
-    if download and format != "good4cir":
-        raise ValueError(f"--download fetches the URLs of the good4cir format; {format} names local files")
+    if download and format not in ("good4cir", "pairs"):
+        raise ValueError(f"--download fetches the URLs of the good4cir and pairs formats; {format} "
+                         "names local files")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder to import")
     if format == "pairs":
-        return import_pairs(db, path, split=split, source=source, images_dir=images_dir, progress=progress)
+        return import_pairs(db, path, split=split, source=source, images_dir=images_dir, progress=progress,
+                            download=download)
     if format == "good4cir":
         from .good4cir import import_good4cir
         return import_good4cir(db, path, split=split, source=source, images_dir=images_dir,

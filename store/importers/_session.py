@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..db import transaction, utc_now
 from ..errors import FormatError, ImageError
 from ..images import ImageInfo, hash_file, inspect_image, is_url, url_image_id
+from ._download import DOWNLOAD_DIR, download_images
 from ..models import ImportProblem, ImportReport
 
 # Pairs written per transaction: small enough that a reviewer's save waits only
@@ -108,6 +109,7 @@ class ImportSession:
         # already, with no local file, get it at the next flush.
         self._downloads: dict[str, ImageInfo] = {}
         self._fill: dict[str, ImageInfo] = {}
+        self._failed_downloads: dict[str, ImageError] = {}
         # New pairs whose two images a pair of another source already joins (an export
         # imported back into its own store): (count, first such (external id, source, id)).
         self._twins: tuple[int, Optional[tuple[str, str, str]]] = (0, None)
@@ -175,6 +177,8 @@ class ImportSession:
         resolved = resolve_location(location, base)
         if isinstance(resolved, str):  # a URL: its id is the URL's hash, fetched or not
             image_id = url_image_id(resolved)
+            if image_id in self._failed_downloads:
+                raise self._failed_downloads[image_id]
             copy = self._downloads.get(image_id)
             self._staged.append((image_id, {
                 "id": image_id, "name": name or resolved, "path": copy and copy.path, "url": resolved,
@@ -201,12 +205,21 @@ class ImportSession:
         }, scene))
         return cached.id
 
-    def attach_download(self, url: str, info: ImageInfo) -> None:
-        """Record the local copy of a URL image: the image rows made from now on carry it,
-        and a row stored before without a local file gets it."""
-        image_id = url_image_id(url)
-        self._downloads[image_id] = info
-        self._fill[image_id] = info
+    def download(self, locations: Iterable[str]) -> None:
+        """import --download: fetch the http(s) images among `locations` into the dataset
+        folder's downloaded_images/. `image()` then records a URL with its file (a row
+        stored before without one gets it too), or raises what went wrong with it."""
+        urls = [str(location).strip() for location in locations if is_url(str(location).strip())]
+        for url, result in download_images(urls, self.root / DOWNLOAD_DIR, progress=self.progress).items():
+            image_id = url_image_id(url)
+            if isinstance(result, ImageError):
+                self._failed_downloads[image_id] = result
+                if self.db.execute("SELECT 1 FROM images WHERE id = ? AND path IS NULL",
+                                   [image_id]).fetchone():
+                    self.warn(url, f"{result}; an earlier import recorded it by URL only, and so it stays")
+            else:
+                self._downloads[image_id] = result
+                self._fill[image_id] = result
 
     def _note_outside(self, location: str, named: Path, real: str) -> None:
         """Say once per folder (or once per linked folder inside the dataset, such as

@@ -17,9 +17,9 @@ from typing import Optional
 import sqlite_utils
 
 from ..errors import FormatError, ImageError
-from ..images import ImageInfo, is_url
+from ..images import is_url
 from ..models import ImportReport
-from ._download import DOWNLOAD_DIR, download_images
+from ._download import DOWNLOAD_DIR
 from ._session import ImportSession, read_text
 
 _KNOWN_KEYS = {"reference_image", "target_image", "difference_captions", "id", "split"}
@@ -45,13 +45,10 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
         raise FormatError(f"{path}: expected a JSON list of pairs with reference_image and target_image")
     folder = path.parent
     session = ImportSession(db, source or path.stem, folder, progress=progress, images_dir=images_dir)
-    locations = [e[k].strip() for e in entries if isinstance(e, dict)
+    locations = [e[k] for e in entries if isinstance(e, dict)
                  for k in ("reference_image", "target_image") if isinstance(e.get(k), str)]
-    fetched = download_images([loc for loc in locations if is_url(loc)], folder / DOWNLOAD_DIR,
-                              progress=progress) if download else {}
-    for url, result in fetched.items():
-        if isinstance(result, ImageInfo):
-            session.attach_download(url, result)
+    if download:
+        session.download(locations)
     session.prefetch(locations, folder)
     for index, entry in session.iterate(enumerate(entries), total=len(entries), desc=session.source):
         item = f"{path.name}[{index}]"
@@ -70,14 +67,7 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
             continue
         reference, target = str(entry["reference_image"]), str(entry["target_image"])
         external_id = str(entry["id"]) if entry.get("id") is not None else f"{reference}|{target}"
-        failed = next((fetched[loc.strip()] for loc in (reference, target)
-                       if isinstance(fetched.get(loc.strip()), ImageError)), None)
         if session.pair_exists(external_id, item, reference, folder):
-            if failed is not None:  # stored before from its URL: it stays so, but say why
-                session.warn(item, f"{failed}; the pair was imported before and keeps the URL only")
-            continue
-        if failed is not None:
-            session.problem(item, str(failed))
             continue
         captions = entry.get("difference_captions") or []
         if isinstance(captions, str):

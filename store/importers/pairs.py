@@ -28,7 +28,7 @@ _KNOWN_KEYS = {"id", "reference", "target", "split", "captions", "edits", "img_s
 
 def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional[str] = None,
                  source: Optional[str] = None, images_dir: Optional[str | Path] = None,
-                 progress: bool = False) -> ImportReport:
+                 progress: bool = False, download: bool = False) -> ImportReport:
     path = Path(path)
     if path.is_dir():
         folder, pairs_file = path, path / PAIRS_FILE
@@ -43,7 +43,10 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     lines = read_lines(pairs_file)
     if not any(text is None or text.strip() for text, _ in lines):
         session.warn(pairs_file.name, "the file is empty: no pairs to import")
-    session.prefetch(_image_locations([text for text, _ in lines if text is not None], split), folder)
+    locations = list(_image_locations([text for text, _ in lines if text is not None], split))
+    if download:
+        session.download(locations)
+    session.prefetch(locations, folder)
     for number, (line, undecodable) in session.iterate(enumerate(lines, start=1), total=len(lines),
                                                         desc=source):
         item = f"{pairs_file.name} line {number}"
