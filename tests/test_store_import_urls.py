@@ -183,3 +183,21 @@ def test_download_works_for_the_pairs_format_too(tmp_path, web):
     assert report.pairs_added == 1 and len(report.problems) == 1
     assert "p1" in report.problems[0].item and f"{base}/gone.png" in report.problems[0].reason
     resolve_image(db, url_image_id(f"{base}/r.png"))
+
+
+def test_an_entry_repeated_word_for_word_is_a_note_not_a_problem(tmp_path):
+    # Concatenated dataset.json files repeat entries; nothing of the copy is lost, yet it
+    # was a problem ("give each pair its own id", exit status 3) on every import.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        _picture(folder / name, colour)
+    same = {"reference_image": "a.png", "target_image": "b.png", "difference_captions": ["make it blue"]}
+    other = dict(same, difference_captions=["paint it blue"])
+    (folder / "dataset.json").write_text(json.dumps([same, same, other]))
+    db = open_db(tmp_path / "s.db")
+    for _ in range(2):
+        report = import_dataset(db, "good4cir", folder / "dataset.json")
+        assert [p.item for p in report.problems] == ["dataset.json[2]"]  # other captions: still named
+        (note,) = [w for w in report.warnings if w.item == "dataset.json[1]"]
+        assert "repeats dataset.json[0]" in note.reason

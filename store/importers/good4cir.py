@@ -44,6 +44,7 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
     if not isinstance(entries, list):
         raise FormatError(f"{path}: expected a JSON list of pairs with reference_image and target_image")
     folder = path.parent
+    seen: dict[str, tuple[str, dict]] = {}  # external id -> (first item, its entry)
     session = ImportSession(db, source or path.stem, folder, progress=progress, images_dir=images_dir)
     locations = [e[k] for e in entries if isinstance(e, dict)
                  for k in ("reference_image", "target_image") if isinstance(e.get(k), str)]
@@ -67,6 +68,11 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
             continue
         reference, target = str(entry["reference_image"]), str(entry["target_image"])
         external_id = str(entry["id"]) if entry.get("id") is not None else f"{reference}|{target}"
+        first, first_entry = seen.setdefault(external_id, (item, entry))
+        if first != item and first_entry == entry:
+            # A word-for-word copy (concatenated files): nothing of it is lost.
+            session.warn(item, f"repeats {first} word for word: left out, nothing is lost")
+            continue
         if session.pair_exists(external_id, item, reference, folder):
             continue
         captions = entry.get("difference_captions") or []
