@@ -412,3 +412,15 @@ def test_a_base_url_that_cannot_work_is_refused_before_any_pair_fails(server, tm
         run_pipeline(db_path, _options(server, base_url=base_url, max_attempts=1))
     assert "pw-0123456789" not in str(caught.value)
     assert table_rows(db_path, "SELECT COUNT(*) FROM annotations WHERE status = 'failed'") == [(0,)]
+
+
+def test_a_key_passed_as_the_variable_name_is_refused_and_never_stored(server, tmp_path):
+    # `--api-key-env $OPENAI_API_KEY` (the key, not the variable's name): with --base-url
+    # the run went on without a key and stored the key itself in runs.settings.
+    db_path, _ = _world(tmp_path, references=1, pairs=1)
+    leaked = "sk-test-envleak-0123456789"
+    with pytest.raises(ValueError, match="name of an environment variable") as caught:
+        run_pipeline(db_path, _options(server, api_key_env=leaked))
+    assert leaked not in str(caught.value)
+    for path in tmp_path.glob("store.db*"):
+        assert leaked.encode() not in path.read_bytes(), path
