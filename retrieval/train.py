@@ -666,10 +666,20 @@ def validate(model, pixels, row_of, gallery_keys, triplets, max_queries: int) ->
 
 
 def plot_history(history: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = draw_history(history)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def draw_history(history: dict[str, Any]):
+    """curves.png's figure: the fusion model's loss and validation, then the re-ranker's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rerank = history.get("rerank")
     fig, axes = plt.subplots(1, 3 if rerank else 2, figsize=(15 if rerank else 10, 3.8))
@@ -680,15 +690,29 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
         smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
         ax_loss.plot(steps, losses, alpha=0.25, color="tab:blue")
         ax_loss.plot(steps[window - 1:], smooth, color="tab:blue")
+    ax_loss.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("InfoNCE loss")
     ax_loss.set_title("training loss")
     epochs = [e for e in history["epochs"] if e.get("val")]
-    for metric, k, label in (("recall", "1", "R@1"), ("recall", "5", "R@5"),
-                             ("recall_subset", "1", "R_subset@1")):
+    # What picks best.pt (`selection_score`): R@1, or with a re-ranker the recall at its depth.
+    depth = int((history.get("config") or {}).get("training", {}).get("rerank_top_k") or 0) if rerank else 0
+    validated = [int(k) for k in (epochs[0]["val"].get("recall") or {})] if epochs else []
+    picking = str(max([k for k in validated if k <= depth], default=1))
+    curves = [("recall", "1", "R@1"), ("recall", "5", "R@5"), ("recall_subset", "1", "R_subset@1")]
+    if picking not in ("1", "5"):
+        curves.append(("recall", picking, f"R@{picking} (picks best.pt)"))
+    for metric, k, label in curves:
         values = [e["val"].get(metric, {}).get(k) for e in epochs]
         if any(v is not None for v in values):
             ax_val.plot([e["epoch"] for e in epochs], values, marker="o", label=label)
+    best = (history.get("summary") or {}).get("best") or {}
+    best_epoch = (best.get("first_stage") or best).get("epoch")
+    chosen = next((e for e in epochs if e["epoch"] == best_epoch), None)
+    if chosen is not None and chosen["val"].get("recall", {}).get(picking) is not None:
+        ax_val.scatter([best_epoch], [chosen["val"]["recall"][picking]], marker="*", s=160, color="black",
+                       zorder=3, label=f"best.pt: epoch {best_epoch}")
+    ax_val.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_val.set_xlabel("epoch")
     ax_val.set_ylabel("percent")
     ax_val.set_title("validation")
@@ -698,8 +722,7 @@ def plot_history(history: dict[str, Any], path: Path) -> None:
     if rerank:
         _plot_rerank(axes[2], rerank)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _plot_rerank(ax, rerank: dict[str, Any]) -> None:
@@ -719,10 +742,21 @@ def _plot_rerank(ax, rerank: dict[str, Any]) -> None:
             averaged = kept["averaged_epochs"]
             ax.scatter([averaged[-1]], [kept["val"][metric][k]], marker="*", s=140, color=colour, zorder=3,
                        label=f"{label} saved: epochs {averaged[0]}-{averaged[-1]} averaged")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("re-ranker epoch")
     ax.set_ylabel("percent")
     ax.set_title("validation, re-ranker" + ("" if rerank.get("enabled") else " (not used)"))
     ax.set_ylim(0, 100)
     if epochs or first:
         ax.legend(loc="lower right", fontsize=8)
+    trained = [e for e in rerank["epochs"] if e.get("loss") is not None]
+    if trained:  # its own loss, on its own scale: is it still learning when time runs out?
+        loss_ax = ax.twinx()
+        loss_ax.plot([e["epoch"] for e in trained], [e["loss"] for e in trained], color="grey",
+                     linestyle=":", label="re-ranker loss")
+        loss_ax.set_ylabel("re-ranker loss")
+        ax.set_zorder(loss_ax.get_zorder() + 1)  # the legend above the loss line
+        ax.patch.set_visible(False)
 

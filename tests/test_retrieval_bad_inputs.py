@@ -329,9 +329,9 @@ def test_generated_source_says_when_captions_only_wait_for_review(annotated):
     --source generated' for pairs that hold generated captions, none approved yet."""
     data = load_store_triplets(annotated, source="generated")
     problems = {p.split(":")[0]: p for p in data.problems}
-    assert "not approved yet" in problems["pair p0001"] and "--include-unreviewed" in problems["pair p0001"]
-    assert "not approved yet" not in problems["pair p0002"]  # rejected, not waiting
-    assert "not approved yet" not in problems["pair p0003"]  # no annotation at all
+    assert "not approved yet" in problems["pair 1"] and "--include-unreviewed" in problems["pair 1"]
+    assert "not approved yet" not in problems["pair 2"]  # rejected, not waiting
+    assert "not approved yet" not in problems["pair 3"]  # no annotation at all
 
 
 def test_a_cache_dir_that_cannot_be_written_is_named_before_decoding(world, checkpoint, tmp_path):
@@ -583,9 +583,9 @@ def test_default_source_says_when_captions_only_wait_for_review(annotated):
     db.commit()
     db.close()
     problems = {p.split(":")[0]: p for p in load_store_triplets(annotated).problems}
-    assert "not approved yet" in problems["pair p0001"] and "--include-unreviewed" in problems["pair p0001"]
-    assert "not approved yet" not in problems["pair p0002"]  # rejected, not waiting
-    assert "not approved yet" not in problems["pair p0003"]  # no annotation at all
+    assert "not approved yet" in problems["pair 1"] and "--include-unreviewed" in problems["pair 1"]
+    assert "not approved yet" not in problems["pair 2"]  # rejected, not waiting
+    assert "not approved yet" not in problems["pair 3"]  # no annotation at all
     assert "pair p0000" not in problems  # approved: trained on
 
 
@@ -676,3 +676,25 @@ def test_resume_that_changes_how_best_is_picked_picks_it_afresh(world, tmp_path,
     assert result.best["epoch"] == 2
     assert "best.pt is picked afresh" in capsys.readouterr().err
     assert result.history["resumes"][-1]["selection_changed"] is True
+
+
+def test_curves_show_what_picks_best_pt_and_the_re_rankers_loss(world, tmp_path):
+    """curves.png drew R@1, R@5 and Rsubset@1 per epoch, while best.pt (with a re-ranker)
+    is picked by R@50, drawn nowhere, and the chosen epoch was not marked; the re-ranker,
+    three quarters of the budget, showed no loss at all."""
+    from retrieval.train import draw_history
+
+    root, _ = world
+    result = train(_config(root, str(tmp_path / "curves"), epochs=2, rerank=True))
+    history = json.loads((tmp_path / "curves" / "history.json").read_text())
+    fig = draw_history(history)
+    ax_val, ax_rerank = fig.axes[1], fig.axes[2]
+    labels = [line.get_label() for line in ax_val.get_lines()] + [c.get_label() for c in ax_val.collections]
+    assert "R@50 (picks best.pt)" in labels, labels
+    best_epoch = result.best.get("first_stage", result.best)["epoch"]
+    assert f"best.pt: epoch {best_epoch}" in labels, labels
+    loss_axes = [ax for ax in fig.axes if ax.get_ylabel() == "re-ranker loss"]
+    assert len(loss_axes) == 1
+    assert list(loss_axes[0].get_lines()[0].get_ydata()) == [e["loss"] for e in history["rerank"]["epochs"]]
+    for ax in (ax_val, ax_rerank):
+        assert all(float(tick).is_integer() for tick in ax.get_xticks()), ax.get_xticks()
