@@ -464,6 +464,29 @@ def test_the_reviewers_own_slow_save_is_not_taken_for_someone_elses(world, brows
     context.close()
 
 
+def test_a_refused_save_answered_after_a_move_is_still_told_with_the_text(world, browser, external_requests):
+    # Ann types over caption c1, presses Esc and moves on; Bob had saved c1 a moment
+    # before. Her save is refused (his text is kept), but its answer came after the move,
+    # and the page dropped it: her edit was gone without a word.
+    from store import review as store_review
+
+    db, pair = world["db"], world["annotation_ids"][8]
+    caption = rl.load_pair(db, pair).individual[1]
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    field = caption_field(page, "i", 1)
+    field.fill("Ann's words for caption one.")
+    store_review.edit_caption(db, caption.id, "Bob's words for caption one.", "bob", expected_version=caption.version)
+    page.keyboard.press("Escape")
+    goto = page.get_by_label("Go to pair")
+    goto.fill(world["annotation_ids"][0])
+    goto.press("Enter")
+    expect(shown(page)).to_have_attribute("data-annotation", world["annotation_ids"][0])
+    wait_caption_status(page, "^On the pair you left .*NOT SAVED: bob changed this caption .*"
+                              "Your text was: “Ann's words for caption one.”")
+    assert store_review.get_caption(db, caption.id).current_text == "Bob's words for caption one."
+    context.close()
+
+
 def test_shortening_a_caption_the_pipeline_flagged_unticks_its_flag_box_at_once(world, browser, external_requests):
     # The save clears the pipeline's 'over 77 CLIP tokens' flag and says so, but the row
     # kept its ticked flag box and red frame until the next live redraw.

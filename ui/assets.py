@@ -235,6 +235,19 @@ function statusLine(text, bad) {
   lastStatus = {annotation: panel ? panel.dataset.annotation : '', text: text || '', bad: !!bad};
   if (s) { s.textContent = text || ''; s.classList.toggle('g4c-bad', !!bad); }
 }
+// A save that was refused (or failed) with the text it carried: told again on the next
+// rendering of another pair (or a reload), which replaces the box, so the text is never
+// gone without a word.
+let refused = null;
+function tellRefused() {
+  if (!refused) return;
+  const panel = element.querySelector('.g4c-captions');
+  const where = panel && panel.dataset.annotation === refused.annotation ? 'Before the reload' : 'On the pair you left';
+  const told = refused;
+  refused = null;
+  statusLine(where + ' (caption ' + told.caption.split(':').pop() + '): ' + told.message +
+             ' Your text was: “' + told.text + '”', true);
+}
 function reviewerName() {
   const f = document.querySelector('#g4c-reviewer textarea, #g4c-reviewer input');
   return f ? f.value.trim() : '';
@@ -295,6 +308,7 @@ function reconcile() {
   } else {
     lastStatus = null;
   }
+  if (!live) tellRefused();
   if (window.g4cReselect) window.g4cReselect();
 }
 function applyState(row, area, state, force) {
@@ -336,12 +350,16 @@ function saveRow(area) {
   return serialized(row, async () => {
     if (!area._stored || !unsaved(area)) return;
     const caption = row.dataset.caption, sent = area.value;
+    const panel = row.closest('.g4c-captions');
+    const annotation = panel ? panel.dataset.annotation : '';
     row._seenWhileSaving = 0;
     try {
       let r = await server.save_caption({caption_id: caption, text: sent, version: area._stored.version,
                                          reviewer: reviewerName()});
       if (Array.isArray(r)) r = r[0];
-      if (row.dataset.caption !== caption) return;   // another pair is shown by now
+      if (r.saved) { if (refused && refused.caption === caption) refused = null; }
+      else if (r.conflict || r.error) refused = {annotation, caption, text: sent, message: r.message};
+      if (row.dataset.caption !== caption) { tellRefused(); return; }   // another pair is shown by now
       if (r.conflict) { row.classList.add('g4c-conflict'); area._conflict = true; }
       // Nothing typed since the request: the box shows the text as stored (the save joins
       // line breaks into spaces).
@@ -357,6 +375,8 @@ function saveRow(area) {
       }
       statusLine(r.message, r.conflict || r.error);
     } catch (e) {
+      refused = {annotation, caption, text: sent, message: 'NOT SAVED: ' + e};
+      if (row.dataset.caption !== caption) { tellRefused(); return; }
       statusLine('NOT SAVED: ' + e, true);
     }
   });
