@@ -312,3 +312,29 @@ def test_login_throttle_window_slides():
     assert throttle.wait_seconds("a") == pytest.approx(4.5)
     throttle.succeeded("a")
     assert throttle.wait_seconds("a") == 0.0
+
+
+def test_the_address_printed_for_an_ipv6_host_is_bracketed(tmp_path):
+    # `good4cir app --host ::1` printed http://::1:PORT/, which no browser or client opens.
+    import socket
+    import subprocess
+    import sys
+
+    from ui.server import free_port
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("this machine has no IPv6 loopback")
+    info = build_review_store(tmp_path, 1)
+    port = free_port()
+    app = subprocess.Popen([sys.executable, "-m", "good4cir", "app", "--db", str(info["db_path"]),
+                            "--host", "::1", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = app.stdout.readline()
+        url = line.split(" on ", 1)[1].split()[0]
+        assert url == f"http://[::1]:{port}/", line
+    finally:
+        app.terminate()
+        app.wait(timeout=30)

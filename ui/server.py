@@ -128,6 +128,7 @@ def serve(db_path: str | Path, *, host: str = "127.0.0.1", port: int = 7860,
     check_bind(host, auth)
     app, _ = create_server_app(db_path, auth=auth, index_path=index_path)
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    shown = f"[{shown}]" if ":" in shown else shown  # an IPv6 address in a URL is bracketed
     print(f"good4cir review app on http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
