@@ -1,6 +1,7 @@
-"""The authors' dataset.json with images named by http URLs, served by a real local
-HTTP server: `import --download` fetches them into the dataset's folder, where the
-review app serves them and training reads them; bad URLs are named per item."""
+"""The authors' dataset.json (and pairs.jsonl) with images named by http URLs, served by
+a real local HTTP server: `import --download` fetches them into the dataset's folder,
+where the review app serves them and training reads them; bad URLs are named per item.
+Also the round trip through the authors' format: exported, imported back, repeated."""
 
 from __future__ import annotations
 
