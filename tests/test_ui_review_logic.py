@@ -139,7 +139,7 @@ def test_a_note_saved_by_someone_else_meanwhile_is_not_overwritten(store):
     db, ann = store["db"], store["annotation_ids"][0]
     # ann and bob both see an empty note; ann saves hers first
     assert rl.save_note(db, ann, "the lamp is not there", "ann", expected="") is True
-    with pytest.raises(rl.ReviewActionError, match="NOT SAVED: ann changed this pair's note"):
+    with pytest.raises(rl.ReviewActionError, match="NOT SAVED: ann changed the note of pair p0"):
         rl.save_note(db, ann, "looks fine", "bob", expected="")
     assert db.execute("SELECT note FROM annotations WHERE id = ?", [ann]).fetchone()[0] == "the lamp is not there"
     # once bob's page shows ann's note, his edit of it is saved
@@ -542,3 +542,16 @@ def test_pair_name_is_what_the_page_calls_the_pair(store):
     db, ann = store["db"], store["annotation_ids"][3]
     assert rl.pair_name(db, ann) == f"pair p3 (run {store['run_id']})"
     assert rl.pair_name(db, "9:nope") == "pair 9:nope"
+
+
+def test_a_refused_note_names_its_pair_and_carries_the_text(store):
+    # The note is saved when its box is left; leaving it for Next or Approve moves the
+    # page to another pair, whose note replaces the box. The refusal said "Your text is
+    # still in the box: copy it": it was not, and it was not in the message either.
+    db, ann = store["db"], store["annotation_ids"][1]
+    rl.save_note(db, ann, "the lamp is not there", "ann", expected="")
+    with pytest.raises(rl.ReviewActionError) as refused:
+        rl.save_note(db, ann, "bob's careful note", "bob", expected="")
+    message = str(refused.value)
+    assert message.startswith(f"NOT SAVED: ann changed the note of pair p1 (run {store['run_id']}) while you")
+    assert "Your note was: “bob's careful note”" in message and "still in the box" not in message

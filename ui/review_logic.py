@@ -770,10 +770,11 @@ def save_note(db: sqlite_utils.Database, annotation_id: str, note: str, reviewer
         last = db.execute(
             "SELECT reviewer FROM review_events WHERE annotation_id = ? AND action = 'note' ORDER BY id DESC LIMIT 1",
             [annotation_id]).fetchone()
+        # Leaving the box for Next or Approve also shows another pair: the text goes in the message.
         raise ReviewActionError(
-            f"NOT SAVED: {last[0] if last else 'someone else'} changed this pair's note while you were typing "
-            f"yours. Their note is kept: “{stored}”. Your text is still in the box: copy it, reload the pair "
-            "(u), then edit the note again.")
+            f"NOT SAVED: {last[0] if last else 'someone else'} changed the note of {pair_name(db, annotation_id)} "
+            f"while you were typing yours. Their note is kept: “{stored}”. Your note was: “{note}”; open the "
+            "pair again (u reloads it) and edit the note.")
     store_review.set_note(db, annotation_id, note, require_reviewer(reviewer))
     return True
 
