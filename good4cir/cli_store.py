@@ -183,6 +183,11 @@ def run_export(args: argparse.Namespace) -> int:
               f"({', '.join(named)}) is not in the file and importing it back records none (or the "
               "one --split names); export each split with --split, or use --format jsonl to keep "
               "splits, ids and provenance")
+    replaced = report["pairs_imported_captions_replaced"]
+    if replaced and args.format != "jsonl":
+        print(f"  note: {replaced} pair{' had captions of its' if replaced == 1 else 's had captions of their'} "
+              "own (imported with the dataset); the file holds the generated captions in their place: "
+              "--format jsonl keeps both (original_captions)")
     awaiting, never = report["pairs_awaiting_review"], report["pairs_not_annotated"]
     if awaiting:
         print(f"  {awaiting} annotated pair{'' if awaiting == 1 else 's'} awaiting review left out: only "

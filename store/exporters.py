@@ -70,7 +70,7 @@ def export_dataset(
              "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
              "pairs_without_captions": 0, "pairs_without_target": 0,
              "pairs_awaiting_review": 0, "pairs_not_annotated": 0, "pairs_withheld_target": 0,
-             "pairs_not_in_run": 0,
+             "pairs_not_in_run": 0, "pairs_imported_captions_replaced": 0,
              "splits": set()}  # of the pairs written: a CIRR file holds one (its name says which)
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
@@ -151,6 +151,9 @@ def collect_items(
             if not texts:
                 stats["pairs_without_captions"] += 1
                 continue
+            if annotation is not None and pair.original_captions:
+                # Only JSONL carries both; the other formats have one caption list.
+                stats["pairs_imported_captions_replaced"] = stats.get("pairs_imported_captions_replaced", 0) + 1
             yield ExportItem(
                 pair=pair, reference=images.get(pair.reference_id),
                 target=images.get(pair.target_id) if pair.target_id else None,

@@ -361,3 +361,23 @@ def test_a_good4cir_export_of_pairs_with_splits_says_the_format_keeps_none(tmp_p
     assert main(args) == 0
     said = capsys.readouterr().out
     assert "no split field" in said and "--format jsonl" in said, said
+
+
+def test_a_good4cir_export_says_generated_captions_took_the_place_of_imported_ones(tmp_path, capsys):
+    # The authors' dataset.json came with its own difference_captions; once annotated, an
+    # export in that format held only the generated captions and did not say so.
+    db_path = tmp_path / "s.db"
+    db = open_db(db_path)
+    import_dataset(db, "good4cir", FIXTURES / "good4cir" / "dataset.json")
+    run = ann.create_run(db, backend="simulator", model="m", settings={}, prompt_versions={})
+    pair_id = db.execute("SELECT id FROM pairs WHERE original_captions != '[]' LIMIT 1").fetchone()[0]
+    ann.ensure_annotations(db, run.id, [pair_id])
+    ann.complete_annotation(db, ann.annotation_id_for(run.id, pair_id), stage1_id=None, stage2_id=None,
+                            captions=["a generated caption"])
+    args = ["export", "--db", str(db_path), "--format", "good4cir", "--out", str(tmp_path / "d.json"),
+            "--include-unreviewed"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "1 pair had captions of its own" in said and "--format jsonl" in said, said
+    assert main(args[:4] + ["jsonl", "--out", str(tmp_path / "d.jsonl"), "--include-unreviewed"]) == 0
+    assert "captions of its own" not in capsys.readouterr().out  # jsonl keeps them
