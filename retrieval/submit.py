@@ -90,9 +90,13 @@ def cirr_names(data: TripletSet, triplets: Sequence[Triplet]) -> dict[str, list[
     images once, under the first name it saw; CIRR's server knows each name, so a
     submission lists them all (one score), or a target named by the other could only miss."""
     names_of: dict[str, dict[str, None]] = {}
+    # A name belongs to one image: the one stored under it, else the first pair's; a
+    # pair whose names no longer match its images (edited since import) adds none.
+    owner = {name: key for key, name in data.image_names.items() if name}
     for t in triplets:
         for name, key in _named_images(t):
-            names_of.setdefault(key, {data.image_names.get(key) or name: None})[name] = None
+            if owner.setdefault(name, key) == key:
+                names_of.setdefault(key, {data.image_names.get(key) or name: None})[name] = None
     return {key: list(names) for key, names in names_of.items()}
 
 
@@ -114,12 +118,14 @@ def _own_name(t: Triplet, key: str, role: str, names_of: dict[str, list[str]]) -
     return name if name in names_of.get(key, ()) else None
 
 
-def _member_names(t: Triplet, row_of: dict[str, int]) -> Optional[list[str]]:
+def _member_names(data: TripletSet, t: Triplet, row_of: dict[str, int],
+                  names_of: dict[str, list[str]]) -> Optional[list[str]]:
     """The pair's image-set members by their own CIRR names (all names of one image), or None."""
     listed = ((t.extra or {}).get("names") or {}).get("members")
     if not (isinstance(listed, list) and t.img_set and len(listed) == len(t.img_set)):
         return None
-    return [name for name, key in zip(listed, t.img_set) if key in row_of]
+    return [name if name in names_of.get(key, ()) else image_name(data, key, t)
+            for name, key in zip(listed, t.img_set) if key in row_of]
 
 
 def image_name(data: TripletSet, key: str, triplet: Optional[Triplet] = None) -> str:
@@ -223,7 +229,7 @@ def write_checkpoint_submission(
         gallery_names = [name for _, name in columns]
         references = [_own_name(t, t.reference, "reference", names_of) or image_name(data, t.reference, t)
                       for t in triplets]
-        members = [_member_names(t, row_of) or [image_name(data, k, t) for k in t.img_set if k in row_of]
+        members = [_member_names(data, t, row_of, names_of) or [image_name(data, k, t) for k in t.img_set if k in row_of]
                    for t in triplets]
         recall, subset = cirr_submissions(np.asarray(scores)[:, [col for col, _ in columns]], gallery_names,
                                           references, ids, members)
