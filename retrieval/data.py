@@ -129,7 +129,7 @@ def load_store_triplets(
                                            if (c.current_text or c.text).strip()]
         cursor = db.execute(
             "SELECT id, source, reference_id, target_id, split, original_captions, img_set,"
-            " ground_truth, extra FROM pairs ORDER BY id"
+            " ground_truth, extra, external_id FROM pairs ORDER BY id"
         )
         rows = cursor.fetchall()
         # Pairs whose generated captions only wait for a review, to say so when they are all
@@ -144,23 +144,24 @@ def load_store_triplets(
         db.conn.close()
     wanted_splits = set(splits) if splits is not None else None
     result = TripletSet([], {})
-    for pair_id, pair_source, ref, tgt, split, orig_json, img_set_json, gt_json, extra_json in rows:
+    for pair_id, pair_source, ref, tgt, split, orig_json, img_set_json, gt_json, extra_json, external_id in rows:
         if wanted_splits is not None and split not in wanted_splits:
             continue
+        label = external_id or pair_id  # as the user's dataset and the review app name it
         if tgt is None and not keep_targetless:
-            result.problems.append(f"pair {pair_id}: no target (split {split} withholds it)")
+            result.problems.append(f"pair {label}: no target (split {split} withholds it)")
             continue
         missing = [key for key in (ref, tgt) if key is not None and not _usable(images.get(key))]
         if missing:
-            result.problems.append(
-                f"pair {pair_id}: image {missing[0][:12]} has no local file (remote or missing)"
-            )
+            path, url = images.get(missing[0]) or (None, None)
+            result.problems.append(f"pair {label}: image {names.get(missing[0]) or missing[0][:12]} has no "
+                                   f"local file ({path or url or 'no path'}: remote or missing)")
             continue
         texts, kinds = _pick_captions(
             _json(orig_json, []), generated.get(pair_id, []), source, captions
         )
         if not texts:
-            result.problems.append(f"pair {pair_id}: no caption for --source {source}" + (
+            result.problems.append(f"pair {label}: no caption for --source {source}" + (
                 " (its generated captions are not approved yet: approve them in the review app, "
                 "or pass --include-unreviewed)" if pair_id in awaiting_review else ""))
             continue
@@ -346,7 +347,7 @@ def _refuse_empty_part(where, part: TripletSet, source: str, captions: str) -> N
         + ", or leave it out of the mix")
 
 
-_WITHHELD = re.compile(r"^pair \S+: no target \(split (.*) withholds it\)$")
+_WITHHELD = re.compile(r"^pair .+: no target \(split (.*) withholds it\)$")
 
 
 def _log_problems(problems: list[str], most: int = 20) -> None:

@@ -329,9 +329,9 @@ def test_generated_source_says_when_captions_only_wait_for_review(annotated):
     --source generated' for pairs that hold generated captions, none approved yet."""
     data = load_store_triplets(annotated, source="generated")
     problems = {p.split(":")[0]: p for p in data.problems}
-    assert "not approved yet" in problems["pair p0001"] and "--include-unreviewed" in problems["pair p0001"]
-    assert "not approved yet" not in problems["pair p0002"]  # rejected, not waiting
-    assert "not approved yet" not in problems["pair p0003"]  # no annotation at all
+    assert "not approved yet" in problems["pair 1"] and "--include-unreviewed" in problems["pair 1"]
+    assert "not approved yet" not in problems["pair 2"]  # rejected, not waiting
+    assert "not approved yet" not in problems["pair 3"]  # no annotation at all
 
 
 def test_a_cache_dir_that_cannot_be_written_is_named_before_decoding(world, checkpoint, tmp_path):
@@ -583,9 +583,9 @@ def test_default_source_says_when_captions_only_wait_for_review(annotated):
     db.commit()
     db.close()
     problems = {p.split(":")[0]: p for p in load_store_triplets(annotated).problems}
-    assert "not approved yet" in problems["pair p0001"] and "--include-unreviewed" in problems["pair p0001"]
-    assert "not approved yet" not in problems["pair p0002"]  # rejected, not waiting
-    assert "not approved yet" not in problems["pair p0003"]  # no annotation at all
+    assert "not approved yet" in problems["pair 1"] and "--include-unreviewed" in problems["pair 1"]
+    assert "not approved yet" not in problems["pair 2"]  # rejected, not waiting
+    assert "not approved yet" not in problems["pair 3"]  # no annotation at all
     assert "pair p0000" not in problems  # approved: trained on
 
 

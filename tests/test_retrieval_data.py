@@ -140,7 +140,7 @@ def test_withheld_targets_are_one_line_and_do_not_hide_other_problems(tmp_path, 
     lines = [r.getMessage() for r in caplog.records]
     withheld = [line for line in lines if "withhold" in line]
     assert len(withheld) == 1 and "30 pairs of split test1" in withheld[0], lines
-    assert any("p0039" in line and "no local file" in line for line in lines), lines
+    assert any("pair 39:" in line and "no local file" in line for line in lines), lines
 
 
 def test_a_mix_refuses_a_dataset_that_gives_no_pairs(tmp_path, annotated):
@@ -215,3 +215,23 @@ def test_pairs_of_a_mix_keep_apart_when_their_datasets_reuse_ids(tmp_path):
     assert len(ids) == 13 and len(set(ids)) == 13, ids
     assert ids[:6] == [f"p000{i}" for i in range(6)]  # the first dataset keeps its own ids
     assert any(str(second) in pair_id for pair_id in ids[6:12]), ids
+
+
+def test_left_out_pairs_and_images_are_named_as_the_user_knows_them(tmp_path):
+    # 'pair 6dd645bfb52a0f061854317c: image 1716ec712e89 has no local file': two hashes,
+    # where the user's dataset (and the review app) says val:1 and dev-0-0-img3.
+    import shutil
+    from pathlib import Path
+
+    from store.importers import import_dataset
+
+    root = tmp_path / "cirr"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "cirr", root)
+    db_path = tmp_path / "s.db"
+    import_dataset(open_db(db_path), "cirr", root)
+    (root / "dev" / "dev-0-0-img3.png").unlink()
+    problems = load_triplets([db_path]).problems
+    (missing,) = [p for p in problems if "no local file" in p]
+    assert missing.startswith("pair val:1: image dev-0-0-img3 has no local file"), missing
+    assert str(root / "dev" / "dev-0-0-img3.png") in missing
+    assert any(p.startswith("pair test1:0: no target") for p in problems), problems
