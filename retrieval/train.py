@@ -285,6 +285,10 @@ def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
     model = build_model(model_config, pretrained=None if resume_state else cfg.pretrained,
                         checkpoint=None if resume_state else cfg.checkpoint, hub_weights=not resume_state,
                         open_clip_config=read_open_clip_config(out) if resume_state else None)
+    if cfg.freeze_encoders and not any(param.requires_grad for name, param in model.named_parameters()
+                                       if not name.startswith("encoder.")):
+        # Before any image is decoded or encoded: on a real dataset that took an hour first.
+        raise ValueError(f"nothing to train: fusion {cfg.fusion!r} has no weights and the encoders are frozen")
     if resume_state:
         model.load_state_dict(resume_state["model"])
     # Before the optimiser exists: its state (and a resumed one's) lives with the weights.

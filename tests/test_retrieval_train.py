@@ -120,7 +120,10 @@ def test_frozen_encoders_use_the_feature_cache(world):
     for key, value in initial.encoder.state_dict().items():
         assert torch.equal(trained.encoder.state_dict()[key], value), key
     with pytest.raises(ValueError, match="nothing to train"):
-        train(_config(root, "frozen-sum", freeze_encoders=True, fusion="sum"))
+        train(_config(root, "frozen-sum", freeze_encoders=True, fusion="sum", cache_dir=str(root / "sum-cache")))
+    # said before a single image is decoded or encoded: on a real dataset the features took
+    # an hour, then this error
+    assert not list((root / "sum-cache").rglob("shard-*.pt"))
 
 
 def test_lr_schedule_warms_up_then_decays():
