@@ -586,7 +586,7 @@ def test_default_source_says_when_captions_only_wait_for_review(annotated):
     assert "not approved yet" in problems["pair 1"] and "--include-unreviewed" in problems["pair 1"]
     assert "not approved yet" not in problems["pair 2"]  # rejected, not waiting
     assert "not approved yet" not in problems["pair 3"]  # no annotation at all
-    assert "pair p0000" not in problems  # approved: trained on
+    assert "pair 0" not in problems  # approved: trained on
 
 
 def test_retrieve_tab_says_when_a_pairs_target_is_not_in_the_index(tmp_path, checkpoint):
