@@ -202,3 +202,19 @@ def test_an_entry_repeated_word_for_word_is_a_note_not_a_problem(tmp_path):
         assert [p.item for p in report.problems] == ["dataset.json[2]"]  # other captions: still named
         (note,) = [w for w in report.warnings if w.item == "dataset.json[1]"]
         assert "repeats dataset.json[0]" in note.reason
+
+
+def test_download_with_split_fetches_only_that_splits_images(tmp_path, web):
+    # `--split val` downloaded the images of every split (a whole dataset for a tenth of it).
+    base, served, requested = web
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green"), ("d.png", "white")):
+        _picture(served / name, colour)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "dataset.json").write_text(json.dumps([
+        {"reference_image": f"{base}/a.png", "target_image": f"{base}/b.png", "split": "train"},
+        {"reference_image": f"{base}/c.png", "target_image": f"{base}/d.png", "split": "val"}]))
+    report = import_dataset(open_db(tmp_path / "s.db"), "good4cir", folder / "dataset.json",
+                            split="val", download=True)
+    assert (report.pairs_added, report.problems) == (1, [])
+    assert sorted(requested) == ["/c.png", "/d.png"]

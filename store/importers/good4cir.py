@@ -46,8 +46,8 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
     folder = path.parent
     seen: dict[str, tuple[str, dict]] = {}  # external id -> (first item, its entry)
     session = ImportSession(db, source or path.stem, folder, progress=progress, images_dir=images_dir)
-    locations = [e[k] for e in entries if isinstance(e, dict)
-                 for k in ("reference_image", "target_image") if isinstance(e.get(k), str)]
+    wanted = [e for e in entries if isinstance(e, dict) and (split is None or e.get("split") in (None, split))]
+    locations = [e[k] for e in wanted for k in ("reference_image", "target_image") if isinstance(e.get(k), str)]
     if download:
         session.download(locations)
     session.prefetch(locations, folder)
