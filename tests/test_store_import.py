@@ -69,8 +69,9 @@ def test_good4cir_json_with_paths_and_urls(tmp_path):
     db = open_db(tmp_path / "s.db")
     report = import_dataset(db, "good4cir", FIXTURES / "good4cir" / "dataset.json", split="train")
     assert report.pairs_added == 3 and report.problems == []
-    # The URL pair imports without a download and says so, per image.
-    assert [w.item for w in report.warnings] == ["dataset.json[2]", "dataset.json[2]"]
+    # The URL pair imports without a download and says so, once for all URL images.
+    assert [w.item for w in report.warnings] == ["https://example.org/hotel/101.jpg"]
+    assert "2 images named by URL" in report.warnings[0].reason
     assert "without downloading" in report.warnings[0].reason
     pairs = pairs_of(db)
     by_ref = {p.reference_id: p for p in pairs.values()}

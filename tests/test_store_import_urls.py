@@ -218,3 +218,22 @@ def test_download_with_split_fetches_only_that_splits_images(tmp_path, web):
                             split="val", download=True)
     assert (report.pairs_added, report.problems) == (1, [])
     assert sorted(requested) == ["/c.png", "/d.png"]
+
+
+def test_images_recorded_by_url_only_are_one_note_for_the_import(tmp_path):
+    # Each URL image was a note of its own, two per pair: the authors' dataset of URLs
+    # printed thousands of lines that buried the real problems; pairs.jsonl said nothing.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    entries = [{"reference_image": f"https://example.org/{i}a.jpg", "target_image": f"https://example.org/{i}b.jpg"}
+               for i in range(30)]
+    (folder / "dataset.json").write_text(json.dumps(entries))
+    (folder / "pairs.jsonl").write_text("".join(
+        json.dumps({"id": str(i), "reference": e["reference_image"], "target": e["target_image"]}) + "\n"
+        for i, e in enumerate(entries)))
+    for fmt, path in (("good4cir", folder / "dataset.json"), ("pairs", folder)):
+        report = import_dataset(open_db(tmp_path / f"{fmt}.db"), fmt, path)
+        assert report.pairs_added == 30
+        (note,) = report.warnings
+        assert "60 images" in note.reason and "https://example.org/0a.jpg" in note.reason, note.reason
+        assert "--download" in note.reason and "review app" in note.reason

@@ -110,6 +110,7 @@ class ImportSession:
         self._downloads: dict[str, ImageInfo] = {}
         self._fill: dict[str, ImageInfo] = {}
         self._failed_downloads: dict[str, ImageError] = {}
+        self._url_only: dict[str, str] = {}  # image id -> URL, for images stored with no file
         # New pairs whose two images a pair of another source already joins (an export
         # imported back into its own store): (count, first such (external id, source, id)).
         self._twins: tuple[int, Optional[tuple[str, str, str]]] = (0, None)
@@ -333,6 +334,9 @@ class ImportSession:
             return ImageError(f"{path}: cannot be read ({exc})")
 
     def _queue_image(self, image_id: str, row: dict, scene: Optional[Any]) -> None:
+        if row["url"] and row["path"] is None and image_id not in self._url_only and not self.db.execute(
+                "SELECT 1 FROM images WHERE id = ? AND path IS NOT NULL", [image_id]).fetchone():
+            self._url_only[image_id] = row["url"]
         if image_id not in self._pending_images and image_id not in self._known_ids:
             row["scene_json"] = None if scene is None else json.dumps(scene, sort_keys=True)
             row["created_at"] = utc_now()
@@ -436,6 +440,13 @@ class ImportSession:
 
     def finish(self) -> ImportReport:
         self.flush()
+        if self._url_only:  # one note, not one per image: a dataset of URLs has thousands
+            first = next(iter(self._url_only.values()))
+            count = len(self._url_only)
+            self.warn(first, f"{count} image{'s' if count != 1 else ''} named by URL (the first: {first}) "
+                      "were recorded without downloading: not checked, the review app cannot show them "
+                      "and training leaves their pairs out; import again with --download to fetch them "
+                      f"into {self.root / DOWNLOAD_DIR}")
         count, first = self._twins
         if count:
             external_id, other, other_id = first

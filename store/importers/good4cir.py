@@ -17,9 +17,7 @@ from typing import Optional
 import sqlite_utils
 
 from ..errors import FormatError, ImageError
-from ..images import is_url
 from ..models import ImportReport
-from ._download import DOWNLOAD_DIR
 from ._session import ImportSession, read_text
 
 _KNOWN_KEYS = {"reference_image", "target_image", "difference_captions", "id", "split"}
@@ -89,12 +87,6 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
             continue
         if session.same_image(item, reference_id, target_id):
             continue
-        for location in (reference, target):
-            if is_url(location) and not download:
-                session.warn(item, f"{location} is a URL: recorded without downloading, so it was not "
-                             "validated, the review app cannot show it and training leaves its pair "
-                             "out; import again with --download to fetch it into "
-                             f"{folder / DOWNLOAD_DIR}")
         session.add_pair(external_id, reference_id, target_id, split=entry_split or split,
                          captions=[str(c) for c in captions],
                          extra={k: v for k, v in entry.items() if k not in _KNOWN_KEYS})
