@@ -48,6 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         result = args.handler(args)
+        sys.stdout.flush()  # here, so a reader gone away is caught below, not at exit
+    except BrokenPipeError:
+        # The reader of the output left (`good4cir status | head -1`): stop quietly, as
+        # Unix tools do. Writes already stored stay stored; nothing else is printed, and
+        # stdout goes to /dev/null so the interpreter's own flush at exit cannot fail.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except KeyboardInterrupt:
         print("interrupted; everything finished so far is saved", file=sys.stderr)
         return 130

@@ -198,7 +198,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(json.dumps({"out": str(result.out), **summary}, indent=2))
         return 0
     val = summary["best"].get("val") or {}
-    print(f"trained {summary['epochs']} epochs ({summary['steps']} steps, "
+    print(f"trained {summary['epochs']} epoch{'' if summary['epochs'] == 1 else 's'} ({summary['steps']} steps, "
           f"{summary['seconds']:.0f} s, {summary['triplets_per_second']:.0f} triplets/s) "
           f"on {summary['train_triplets']} triplets; checkpoints in {result.out}")
     first = summary["best"].get("first_stage")

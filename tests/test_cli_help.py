@@ -34,3 +34,24 @@ def test_every_subcommand_has_help_and_a_handler(capsys):
     listing = capsys.readouterr().out
     for name in commands:
         assert name in listing
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
+    """`good4cir status | head -1`: the pipe closes before good4cir writes."""
+    import os
+    import subprocess
+    import sys
+
+    from test_retrieval_world import make_world_store
+
+    db = make_world_store(tmp_path, pairs=4)
+    for args in (["status", "--db", str(db)],
+                 ["export", "--db", str(db), "--format", "jsonl", "--out", "-", "--include-unreviewed"]):
+        proc = subprocess.Popen([sys.executable, "-m", "good4cir", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE,
+                                env={k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"})
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert proc.wait(timeout=120) == 141, (args, err)
+        assert "Traceback" not in err and "BrokenPipeError" not in err, (args, err)
