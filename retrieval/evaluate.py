@@ -156,6 +156,13 @@ def score_matrix(scores: np.ndarray, gallery_keys: Sequence[str], queries: Queri
     return result
 
 
+def bootstrap_groups(queries: Queries) -> list:
+    """What `intervals` resamples whole: a query's pair, as its reference and target images.
+    Not the pair id: in a mix, two datasets name different pairs alike (two demo worlds),
+    or hold one pair twice (CIRR and CIRRR: one dataset, its own and generated captions)."""
+    return list(zip(queries.reference_keys, queries.target_keys))
+
+
 def intervals(scores: np.ndarray, gallery_keys: Sequence[str], queries: Queries,
               level: float = 0.95) -> dict[str, Any]:
     """Bootstrap intervals (`metrics.bootstrap_interval`, pairs resampled) of each recall
@@ -163,7 +170,7 @@ def intervals(scores: np.ndarray, gallery_keys: Sequence[str], queries: Queries,
 
     Runs of one configuration differ by a few points on a small test split; an interval
     says whether a difference between two runs is more than the split's own noise."""
-    groups = queries.pair_ids
+    groups = bootstrap_groups(queries)
     ranks = metrics.target_ranks(scores, gallery_keys, queries.reference_keys, queries.target_keys)
     out: dict[str, Any] = {"level": level, "recall": {
         str(k): [round(v, 2) for v in metrics.bootstrap_interval(ranks <= k, groups, level)]

@@ -323,3 +323,30 @@ def test_pixel_baseline_ranks_by_squared_distance_to_the_reference():
     second = [int(np.argsort(-s)[1]) for s in scores]
     result = recall_at_k(scores, names, ["g0", "g3"], [names[i] for i in second], [1])
     assert result[1] == pytest.approx(100.0)
+
+
+def test_bootstrap_resamples_pairs_of_images_across_a_mix(tmp_path):
+    # The intervals resample whole pairs, by pair id. In a mix, ids say nothing: two demo
+    # worlds name different pairs alike, while CIRR and CIRRR (one dataset imported twice,
+    # its own captions and generated ones) hold each pair twice, under ids that may differ.
+    # A pair is its reference and target image.
+    import shutil
+
+    from test_retrieval_world import make_world_store
+
+    from retrieval.data import load_triplets
+    from retrieval.evaluate import bootstrap_groups, build_queries
+
+    store = make_world_store(tmp_path / "one", pairs=8, seed=1)
+    shutil.copy(store, tmp_path / "copy.db")
+    twice = build_queries(load_triplets([store, tmp_path / "copy.db"]).triplets)
+    groups = bootstrap_groups(twice)
+    assert len(groups) == len(twice.texts)
+    assert len(set(groups)) == len(set(zip(twice.reference_keys, twice.target_keys))) <= 8
+    other = make_world_store(tmp_path / "two", pairs=8, seed=2)
+    mixed = build_queries(load_triplets([store, other]).triplets)
+    pairs = list(zip(mixed.reference_keys, mixed.target_keys))
+    groups = bootstrap_groups(mixed)
+    for i in range(len(groups)):
+        for j in range(len(groups)):
+            assert (groups[i] == groups[j]) == (pairs[i] == pairs[j])
