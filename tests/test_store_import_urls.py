@@ -237,3 +237,45 @@ def test_images_recorded_by_url_only_are_one_note_for_the_import(tmp_path):
         (note,) = report.warnings
         assert "60 images" in note.reason and "https://example.org/0a.jpg" in note.reason, note.reason
         assert "--download" in note.reason and "review app" in note.reason
+
+
+def test_ctrl_c_stops_a_download_at_once(tmp_path):
+    # Every URL is queued on the thread pool up front: Ctrl-C must cancel those not begun
+    # (Executor.map does), not wait while a large dataset is fetched to the end.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    asked = []
+
+    class Slow(SimpleHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            time.sleep(1.0)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        folder = tmp_path / "data"
+        folder.mkdir()
+        (folder / "dataset.json").write_text(json.dumps(
+            [{"reference_image": f"{base}/{i}a.jpg", "target_image": f"{base}/{i}b.jpg"} for i in range(40)]))
+        proc = subprocess.Popen([sys.executable, "-m", "good4cir", "import", "--db", str(tmp_path / "s.db"),
+                                 "--format", "good4cir", str(folder / "dataset.json"), "--download"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not asked and time.monotonic() < deadline:  # the downloads have begun
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        assert len(asked) <= 16, f"{len(asked)} of 80 URLs fetched after Ctrl-C"  # those in flight
+    finally:
+        server.shutdown()
+        server.server_close()
