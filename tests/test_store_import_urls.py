@@ -279,3 +279,24 @@ def test_ctrl_c_stops_a_download_at_once(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_damaged_downloaded_copy_is_fetched_again(tmp_path, web):
+    # A copy cut short (a full disk, a file edited by hand) was a problem on every rerun,
+    # naming the local file, until the user found and deleted it.
+    base, served, requested = web
+    _picture(served / "a.png", "red")
+    _picture(served / "b.png", "blue")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "dataset.json").write_text(json.dumps(
+        [{"reference_image": f"{base}/a.png", "target_image": f"{base}/b.png"}]))
+    db = open_db(tmp_path / "s.db")
+    assert import_dataset(db, "good4cir", folder / "dataset.json", download=True).problems == []
+    (copy,) = [p for p in (folder / "downloaded_images").iterdir()
+               if p.read_bytes() == (served / "a.png").read_bytes()]
+    copy.write_bytes(copy.read_bytes()[:20])
+    requested.clear()
+    again = import_dataset(open_db(tmp_path / "t.db"), "good4cir", folder / "dataset.json", download=True)
+    assert (again.pairs_added, again.problems) == (1, [])
+    assert requested == ["/a.png"] and copy.read_bytes() == (served / "a.png").read_bytes()

@@ -59,7 +59,10 @@ def fetch_image(url: str, folder: Path) -> ImageInfo:
     stem = hashlib.sha256(url.encode("utf-8")).hexdigest()[:32]
     kept = next(folder.glob(f"{stem}.*"), None)  # a .part being written starts with "."
     if kept is not None:
-        return inspect_image(kept)
+        try:
+            return inspect_image(kept)
+        except ImageError:  # a copy cut short or changed since: fetch it again
+            kept.unlink(missing_ok=True)
     data, content_type = _get(url)
     part = folder / f".{stem}.{uuid.uuid4().hex}.part"
     part.write_bytes(data)
