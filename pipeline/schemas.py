@@ -87,7 +87,9 @@ class ModificationCaptions(BaseModel):
     @field_validator("captions")
     @classmethod
     def _plain_scene_captions(cls, captions: list[str]) -> list[str]:
-        cleaned = [c.strip() for c in captions]
+        # One line, single-spaced: a caption's line breaks would reach exports and CLIP's
+        # tokenizer (a reviewer's edit is stored the same way).
+        cleaned = [" ".join(c.split()) for c in captions]
         for i, caption in enumerate(cleaned):
             if not caption:
                 raise ValueError(f"caption {i + 1} is empty")

@@ -93,6 +93,12 @@ def test_captions_about_pictures_in_the_scene_are_fine(caption):
     ModificationCaptions(captions=[caption, "Add a plant", "Remove the rug"])
 
 
+def test_a_stage_3_caption_with_line_breaks_is_stored_on_one_line():
+    # A caption is one line in exports and for CLIP, as the review app stores edits.
+    parsed = parse_answer("stage3", '["Make the lamp\\nred", "Add a\\r\\n  plant", "Remove\\tthe rug"]')
+    assert parsed.captions == ["Make the lamp red", "Add a plant", "Remove the rug"]
+
+
 def test_strict_schema_has_every_property_required_and_no_extras():
     schema = strict_json_schema(ModificationCaptions)
     assert schema["additionalProperties"] is False and schema["required"] == ["captions"]
