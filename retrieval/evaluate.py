@@ -59,11 +59,14 @@ def caption_tags(triplet: Triplet, caption_index: int) -> set[str]:
     marks test pairs whose captions use phrasings never seen in training ("phrasing")
     and whose edits hold a kind x attribute combination never seen in training ("combo")."""
     heldout = (triplet.extra or {}).get("heldout") or []
+    # A phrasing is a mark of the dataset's own captions; a generated one has the VLM's.
+    kinds = triplet.caption_kinds or []
+    own = caption_index >= len(kinds) or kinds[caption_index] == "original"
     tags: set[str] = set()
     if isinstance(heldout, (list, tuple)):  # the demo world: ["phrasing", "combo"] per pair
-        tags.update(f"heldout_{name}" for name in heldout)
+        tags.update(f"heldout_{name}" for name in heldout if name != "phrasing" or own)
     elif isinstance(heldout, dict):  # per-caption marks: {"phrasing_captions": [indexes]}
-        if caption_index in (heldout.get("phrasing_captions") or []):
+        if own and caption_index in (heldout.get("phrasing_captions") or []):
             tags.add("heldout_phrasing")
         if heldout.get("combo"):
             tags.add("heldout_combo")

@@ -350,3 +350,19 @@ def test_bootstrap_resamples_pairs_of_images_across_a_mix(tmp_path):
     for i in range(len(groups)):
         for j in range(len(groups)):
             assert (groups[i] == groups[j]) == (pairs[i] == pairs[j])
+
+
+def test_held_out_phrasing_is_a_mark_of_the_datasets_own_captions():
+    # The demo world marks test pairs whose own captions use phrasings training never saw.
+    # eval --source auto (or generated, both) also queried such a pair with its generated
+    # captions, in the VLM's phrasing, and counted them in [heldout_phrasing] all the same.
+    from retrieval.data import Triplet
+    from retrieval.evaluate import caption_tags
+
+    pair = Triplet("p", "r", "t", ["own", "generated", "compound"], ["original", "individual", "compound"],
+                   split="test", extra={"heldout": ["phrasing", "combo"]})
+    assert [caption_tags(pair, i) for i in range(3)] == [
+        {"heldout_phrasing", "heldout_combo"}, {"heldout_combo"}, {"heldout_combo"}]
+    marked = Triplet("q", "r", "t", ["own", "generated"], ["original", "individual"],
+                     extra={"heldout": {"phrasing_captions": [0, 1], "combo": False}})
+    assert [caption_tags(marked, i) for i in range(2)] == [{"heldout_phrasing"}, set()]
