@@ -45,10 +45,9 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
     from test_retrieval_world import make_world_store
 
     db = make_world_store(tmp_path, pairs=4)
-    for args in (["status", "--db", str(db)],
-                 ["export", "--db", str(db), "--format", "jsonl", "--out", "-", "--include-unreviewed"]):
+    for args in (["status", "--db", str(db)], ["status", "--db", str(db), "--json"]):
         proc = subprocess.Popen([sys.executable, "-m", "good4cir", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE,
+                                stderr=subprocess.PIPE, cwd=tmp_path,
                                 env={k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"})
         proc.stdout.close()
         err = proc.stderr.read().decode()
