@@ -135,6 +135,10 @@ def test_http_refuses_paths_outside_the_dataset_and_requires_login(served):
         assert b"root:" not in body
         if "example.com" in path:  # refused before Gradio could fetch it
             assert body == b"remote files are not served", path
+    # A refusal says why without showing where files lie on the server.
+    status, body = _get(server.url + "g4c/image/outside", opener)
+    assert status == 404 and b"outside its dataset folder" in body, body
+    assert b"/etc/hostname" not in body and str(info["db_path"].parent).encode() not in body, body
 
 
 def test_app_command_refuses_an_open_address_without_login(tmp_path):

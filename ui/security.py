@@ -42,7 +42,12 @@ class SecurityError(Exception):
 
 
 class ImageRefusedError(SecurityError):
-    """An image that may not be served."""
+    """An image that may not be served. `public` is the reason without server paths, for
+    an HTTP answer; the message (with paths) is for the server's log and the owner."""
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public or message
 
 
 def escape_text(value: object) -> str:
@@ -231,7 +236,8 @@ def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     # held the image at import. resolve() first, so '..' and symlinks cannot escape it.
     folder = Path(root_text).resolve() if root_text else Path(path_text).parent.resolve()
     if not path.is_relative_to(folder):
-        raise ImageRefusedError(f"image {image_id!r}: {path} is outside its dataset folder {folder}")
+        raise ImageRefusedError(f"image {image_id!r}: {path} is outside its dataset folder {folder}",
+                                f"image {image_id!r} is outside its dataset folder")
     media_type = IMAGE_MEDIA_TYPES.get(path.suffix.lower())
     if media_type is None:
         raise ImageRefusedError(f"image {image_id!r}: {path.name} does not have an image file extension")
@@ -239,7 +245,8 @@ def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
         with open(path, "rb") as handle:
             head = handle.read(16)
     except OSError as exc:
-        raise ImageRefusedError(f"image {image_id!r}: cannot read {path} ({exc.strerror})") from exc
+        raise ImageRefusedError(f"image {image_id!r}: cannot read {path} ({exc.strerror})",
+                                f"image {image_id!r}: its file cannot be read ({exc.strerror})") from exc
     if not (head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
         raise ImageRefusedError(f"image {image_id!r}: {path.name} is not an image file")
     return ServedImage(path=path, media_type=media_type)

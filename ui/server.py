@@ -6,6 +6,7 @@ the foreground; `AppServer` runs it on a background thread (tests, benchmarks).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -20,6 +21,8 @@ import fastapi  # noqa: E402
 from fastapi.responses import FileResponse, PlainTextResponse  # noqa: E402
 
 from .assets import CSS, HEAD  # noqa: E402
+
+log = logging.getLogger(__name__)
 from .connections import Connections  # noqa: E402
 from .security import (  # noqa: E402
     ImageRefusedError, LoginThrottle, check_bind, login_checker, loopback_host_header, resolve_image,
@@ -114,7 +117,8 @@ def create_server_app(
         try:
             served = resolve_image(conns.get(), image_id)
         except ImageRefusedError as exc:
-            return PlainTextResponse(f"refused: {exc}", status_code=404)
+            log.warning("image refused: %s", exc)
+            return PlainTextResponse(f"refused: {exc.public}", status_code=404)
         return FileResponse(
             served.path, media_type=served.media_type,
             headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
