@@ -698,3 +698,31 @@ def test_curves_show_what_picks_best_pt_and_the_re_rankers_loss(world, tmp_path)
     assert list(loss_axes[0].get_lines()[0].get_ydata()) == [e["loss"] for e in history["rerank"]["epochs"]]
     for ax in (ax_val, ax_rerank):
         assert all(float(tick).is_integer() for tick in ax.get_xticks()), ax.get_xticks()
+
+
+def test_retrieve_tab_names_the_store_an_index_of_another_store_was_built_from(tmp_path, checkpoint):
+    """`good4cir app --db w2.db --index INDEX_OF_W1`: every hit was a 'not in the store'
+    box and the pair's target 'not in the top k', with no word of the index being another
+    store's; and an index of one split did not say which."""
+    import sqlite_utils
+
+    from retrieval.index import build_gallery_index
+    from ui.retrieve_logic import RetrieveService, dataset_queries
+
+    built_from = make_world_store(tmp_path / "first", pairs=20, seed=1)
+    build_gallery_index(built_from, checkpoint, tmp_path / "index", progress=False,
+                        cache_dir=tmp_path / "cache", num_workers=0)
+    shown = make_world_store(tmp_path / "second", pairs=20, seed=7)
+    db = sqlite_utils.Database(shown)
+    service = RetrieveService(str(shown), str(tmp_path / "index"))
+    pair = dataset_queries(db)[0]
+    html = service.search_html(db, pair=pair, upload=None, text=pair.text, k=5)
+    if "not in the store" in html:  # the two worlds may share a few renders
+        assert f"built from the store {built_from.resolve()}" in html, html
+    test_index = tmp_path / "test-index"
+    build_gallery_index(shown, checkpoint, test_index, split="test", progress=False,
+                        cache_dir=tmp_path / "cache", num_workers=0)
+    service = RetrieveService(str(shown), str(test_index))
+    train_pair = next(q for q in dataset_queries(db) if q.label.split(" · ")[1] == "train")
+    html = service.search_html(db, pair=train_pair, upload=None, text=train_pair.text, k=5)
+    assert "not in the index (built from split test of this store)" in html, html

@@ -181,7 +181,23 @@ class RetrieveService:
         """The Retrieve tab's answer to a search: `query`'s hits as HTML."""
         hits = self.query(db, pair=pair, upload=upload, text=text, k=k)
         indexed = pair is None or upload is not None or self.in_index(pair.target_id)
-        return render_results_html(hits, pair, uploaded=upload is not None, target_in_index=indexed)
+        scope, other_store = self.index_scope()
+        html = render_results_html(hits, pair, uploaded=upload is not None, target_in_index=indexed,
+                                   index_scope=scope)
+        if other_store and hits and not any(hit["image_id"] for hit in hits):
+            html = (f"<p>The index was {escape_text(scope)}, not from this one, so its images are not shown: "
+                    "start the app with that store (--db), or index this one (good4cir index).</p>" + html)
+        return html
+
+    def index_scope(self) -> tuple[str, bool]:
+        """What the index was built from, in words, and whether that is another store."""
+        meta = self.engine().index.meta
+        split = f"split {meta['split']} of " if meta.get("split") else ""
+        if not meta.get("db"):
+            return "built from other images", False
+        if Path(meta["db"]).resolve() == Path(self.db_path).resolve():
+            return f"built from {split or 'all of '}this store", False
+        return f"built from {split}the store {meta['db']}", True
 
     def in_index(self, image_id: Optional[str]) -> bool:
         """Whether the index holds this store image (an index of one split holds no other's)."""
@@ -191,7 +207,7 @@ class RetrieveService:
 
 
 def render_results_html(hits: list[dict], pair: Optional[DatasetQuery], uploaded: bool,
-                        target_in_index: bool = True) -> str:
+                        target_in_index: bool = True, index_scope: str = "built from other images") -> str:
     if not hits:
         return "<div class='g4c-muted'>No results.</div>"
     from retrieval.index import RERANK_STAGE
@@ -217,8 +233,8 @@ def render_results_html(hits: list[dict], pair: Optional[DatasetQuery], uploaded
         if found:
             note += f"<p>True target {escape_text(pair.target_name)}: rank {found[0]}</p>"
         elif not target_in_index:  # not a miss of the model's: no k would find it
-            note += (f"<p>True target {escape_text(pair.target_name or '-')} is not in the index (built from "
-                     "other images, e.g. one split's): choose a pair of the index's split.</p>")
+            note += (f"<p>True target {escape_text(pair.target_name or '-')} is not in the index "
+                     f"({escape_text(index_scope)}).</p>")
         else:
             note += f"<p>True target {escape_text(pair.target_name or '-')} is not in the top {len(hits)}.</p>"
 
