@@ -370,7 +370,11 @@ def load_split_pixels(model, data, split: str, cache_dir: Optional[str | Path] =
         if withheld:  # CIRR test1, CIRCO test: only the test server knows the targets
             raise ValueError(f"split {split!r} withholds its targets ({withheld} pairs), so it cannot be "
                              "scored here: rank it for the test server with --submission DIR")
-        found = sorted({str(t.split) for t in data.triplets})
+        found = sorted({str(t.split) for t in data.triplets if t.split is not None})
+        if data.triplets and not found:
+            raise ValueError(f"no pairs in split {split!r}: the data names no split (the authors' dataset.json "
+                             "has none); evaluate on its store (--db), or on a JSONL export (good4cir export "
+                             "--format jsonl), which keeps each pair's split")
         raise ValueError(f"no pairs in split {split!r} (splits present: {', '.join(found) or 'none'})")
     pil_transform, _, _ = split_preprocess(model.encoder.preprocess)
     cache = PixelCache(Path(cache_dir) if cache_dir else default_cache_dir(), pil_transform)

@@ -726,3 +726,13 @@ def test_retrieve_tab_names_the_store_an_index_of_another_store_was_built_from(t
     train_pair = next(q for q in dataset_queries(db) if q.label.split(" · ")[1] == "train")
     html = service.search_html(db, pair=train_pair, upload=None, text=train_pair.text, k=5)
     assert "not in the index (built from split test of this store)" in html, html
+
+
+def test_eval_on_a_file_without_splits_says_it_has_none(annotated, checkpoint):
+    """eval --data dataset.json (the authors' format names no split) said "no pairs in
+    split 'test' (splits present: None)"."""
+    out = annotated.parent / "dataset.json"
+    assert main(["export", "--db", str(annotated), "--format", "good4cir", "--out", str(out),
+                 "--include-unreviewed"]) == 0
+    with pytest.raises(ValueError, match=r"no pairs in split 'test': the data names no split .*dataset\.json.*--format jsonl"):
+        main(["eval", "--data", str(out), "--checkpoint", str(checkpoint), "--cache-dir", str(checkpoint.parent / "cache")])
