@@ -220,6 +220,20 @@ def _model_config(cfg: TrainConfig) -> dict[str, Any]:
 def train(cfg: TrainConfig, data: Optional[TripletSet] = None,
           on_epoch: Optional[Callable[[dict], None]] = None) -> TrainResult:
     """Train per `cfg`; returns where the checkpoints are and what validation saw."""
+    out = Path(cfg.out)
+    made = not out.exists()
+    try:
+        return _train(cfg, data, on_epoch)
+    except BaseException:
+        # A run refused before it wrote anything (bad data, no pairs) leaves no empty
+        # --out folder behind to be mistaken for a model.
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _train(cfg: TrainConfig, data: Optional[TripletSet],
+           on_epoch: Optional[Callable[[dict], None]]) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.minutes is None and cfg.epochs is None:

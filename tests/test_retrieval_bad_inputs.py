@@ -736,3 +736,14 @@ def test_eval_on_a_file_without_splits_says_it_has_none(annotated, checkpoint):
                  "--include-unreviewed"]) == 0
     with pytest.raises(ValueError, match=r"no pairs in split 'test': the data names no split .*dataset\.json.*--format jsonl"):
         main(["eval", "--data", str(out), "--checkpoint", str(checkpoint), "--cache-dir", str(checkpoint.parent / "cache")])
+
+
+def test_a_training_that_fails_before_writing_leaves_no_empty_out_folder(world):
+    root, _ = world
+    with pytest.raises(ValueError, match="no training triplets"):
+        train(_config(root, "never/made", source="generated"))  # nothing is annotated
+    assert not (root / "never" / "made").exists()
+    (root / "kept").mkdir()
+    with pytest.raises(ValueError, match="no training triplets"):
+        train(_config(root, "kept", source="generated"))
+    assert (root / "kept").is_dir()  # a folder the user made stays
