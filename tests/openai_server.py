@@ -14,8 +14,12 @@ changes some, stage 3 writes captions from the difference of the two lists in it
 Faults are injected per request with the configured probabilities: 429 with
 Retry-After, 500, a timeout (the answer comes too late), a body that is not JSON, an
 answer that is not JSON, an answer that fails validation, a truncated answer with
-finish_reason "length"; and `reject_json_schema` / `reject_json_object` answer 400 to
-those response formats, as many local servers do.
+finish_reason "length", a 503, a 200 whose body is an error, a connection dropped halfway;
+`reject_json_schema` / `reject_json_object` answer 400 to those response formats, as many
+local servers do. Other servers' habits are switches: `answer_style` (prose, fences,
+reasoning_content, content parts, schema-invalid JSON), `usage_zeros`,
+`reject_images_status` (a text-only model), `served_models` (404 for any other model, as
+vLLM answers; listed at /v1/models).
 
 In a test:   server = start_server(latency=0.0); server.url; server.config.rate_429 = 0.2;
              server.stats; server.requests; server.stop()
@@ -38,7 +42,7 @@ from typing import Any, Optional
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 
@@ -84,6 +88,22 @@ class ServerConfig:
     # and all ({"objects": [{"name": "...", ...}]}, {"captions": ["...", ...]}), as a careless
     # model copies it.
     echo_format_example: str = ""
+    # How an answer comes back, as servers other than OpenAI send it: "prose" (no JSON at
+    # all), "fence" (```json fenced, response_format or not), "trailing" (JSON, then a
+    # remark), "reasoning" (content null, the text in reasoning_content: a reasoning model
+    # whose parser found no end of thinking), "parts" (content as a list of text parts),
+    # "wrong_keys" (valid JSON under other keys), "strings" (a string where a list belongs).
+    answer_style: str = ""
+    usage_zeros: bool = False       # usage present, every count 0 (some proxies)
+    rate_503: float = 0.0           # 503 overloaded (vLLM/TGI queue full), Retry-After as for 429
+    rate_error_body: float = 0.0    # HTTP 200 whose body is {"error": {...}}, no choices
+    rate_reset: float = 0.0         # the connection drops halfway through the answer's body
+    no_retry_after: bool = False    # 429 and 503 without Retry-After / retry-after-ms
+    # A text-only model: any image is refused with this status (llama.cpp: 500, vLLM and
+    # Ollama: 400), with llama.cpp's message.
+    reject_images_status: int = 0
+    # Models the server has (listed at /v1/models); another model gets vLLM's 404 body.
+    served_models: Optional[list] = None
 
 
 OBJECTS = {
@@ -210,6 +230,12 @@ def answer_for(body: dict) -> tuple[str, str]:
     return "objects", json.dumps({"objects": _objects_for(seed)})
 
 
+def extract_answer(content: str) -> str:
+    """The JSON text of an answer this server wrapped (text mode puts prose around it)."""
+    start, end = content.find("{"), content.rfind("}")
+    return content[start:end + 1]
+
+
 def _error(status: int, message: str, headers: Optional[dict] = None, code: str = "error") -> Response:
     return JSONResponse({"error": {"message": message, "type": code, "code": code}},
                         status_code=status, headers=headers)
@@ -272,7 +298,7 @@ class FakeOpenAI:
         if count:
             self.stats["completions_ok"] += 1
             self.stats[f"answers_{kind}"] += 1
-        payload = self._completion_body(body, content, "stop")
+        payload = self._styled(self._completion_body(body, content, "stop"))
         if self.config.omit_usage:
             del payload["usage"]
         return 200, payload, {}
@@ -306,6 +332,39 @@ class FakeOpenAI:
                     break
         return json.dumps(value)
 
+    def _styled(self, payload: dict) -> dict:
+        """The payload with its answer sent as answer_style says."""
+        style = self.config.answer_style
+        message = payload["choices"][0]["message"]
+        content = message["content"]
+        if style == "prose":
+            message["content"] = "The room has a bed, a lamp and a plant; the lamp is now red."
+        elif style == "fence":
+            message["content"] = f"```json\n{content}\n```"
+        elif style == "trailing":
+            message["content"] = f"{content}\n\nLet me know if you need anything else!"
+        elif style == "reasoning":
+            message["content"] = None
+            message["reasoning_content"] = f"The user wants JSON. Final answer:\n{content}"
+        elif style == "parts":
+            message["content"] = [{"type": "text", "text": content}]
+        elif style in ("wrong_keys", "strings"):
+            value = json.loads(extract_answer(content))
+            key = next(iter(value))
+            if style == "wrong_keys":
+                value = {"result": value[key]}
+            elif key == "captions":
+                value = {"captions": "; ".join(value["captions"])}
+            else:
+                value = {"objects": [{"name": o["name"], "descriptors": ", ".join(o["descriptors"])}
+                                     for o in value["objects"]]}
+            message["content"] = json.dumps(value)
+        if style:
+            self.stats[f"styled_{style}"] += 1
+        if self.config.usage_zeros and "usage" in payload:
+            payload["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        return payload
+
     def _completion_body(self, body: dict, content: str, finish: str) -> dict:
         user_text = sum(len(_message_text(m.get("content"))) for m in body.get("messages", []))
         images = sum(len(_images(m.get("content"))) for m in body.get("messages", []))
@@ -335,14 +394,24 @@ class FakeOpenAI:
             return JSONResponse({"error": {
                 "message": "You exceeded your current quota, please check your plan and billing details.",
                 "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}, status_code=429)
+        served = cfg.served_models
+        if served is not None and body.get("model") not in served:
+            self.stats["rejected_model"] += 1  # vLLM's body: no "error" wrapper
+            return JSONResponse({"object": "error", "message": f"The model `{body.get('model')}` does not exist.",
+                                 "type": "NotFoundError", "param": None, "code": 404}, status_code=404)
+        if cfg.reject_images_status and any(_images(m.get("content")) for m in body.get("messages", [])):
+            self.stats["rejected_images"] += 1
+            return _error(cfg.reject_images_status, "image input is not supported - hint: if this is "
+                          "unexpected, you may need to provide the mmproj", code="server_error"
+                          if cfg.reject_images_status >= 500 else "invalid_request_error")
         with self.lock:
             self.stats["chat_requests"] += 1
             if cfg.keep_requests:
                 self.requests.append(body)
                 del self.requests[:-cfg.keep_requests]
             fault = None
-            for name in ("429", "500", "timeout", "malformed_body", "malformed_answer",
-                         "invalid_answer", "length"):
+            for name in ("429", "500", "503", "error_body", "reset", "timeout", "malformed_body",
+                         "malformed_answer", "invalid_answer", "length"):
                 if self._roll(getattr(cfg, f"rate_{name}")):
                     fault = name
                     break
@@ -352,9 +421,18 @@ class FakeOpenAI:
             await asyncio.sleep(0.01)
         if fault:
             self.stats[f"fault_{fault}"] += 1
+        wait = None if cfg.no_retry_after else {
+            "retry-after": f"{cfg.retry_after:g}", "retry-after-ms": str(int(cfg.retry_after * 1000))}
         if fault == "429":
-            return _error(429, "Rate limit reached, slow down", code="rate_limit_exceeded", headers={
-                "retry-after": f"{cfg.retry_after:g}", "retry-after-ms": str(int(cfg.retry_after * 1000))})
+            return _error(429, "Rate limit reached, slow down", code="rate_limit_exceeded", headers=wait)
+        if fault == "503":
+            return _error(503, "The server is overloaded, please try again later", code="overloaded",
+                          headers=wait)
+        if fault == "error_body":  # some proxies answer an upstream failure with 200
+            return JSONResponse({"error": {"message": "upstream model crashed", "type": "server_error",
+                                           "code": 500}})
+        if fault == "reset":
+            return self._reset_midway(body)
         if fault == "500":
             return _error(500, "The server had an error while processing your request", code="server_error")
         if fault == "timeout":
@@ -376,6 +454,22 @@ class FakeOpenAI:
             message["content"] = message["content"][: len(message["content"]) // 2]
             payload["choices"][0]["finish_reason"] = "length"
         return JSONResponse(payload)
+
+    def _reset_midway(self, body: dict) -> Response:
+        """Half of a real answer's body, then the connection drops."""
+        data = json.dumps(self.completion(body, count=False)[1]).encode()
+
+        async def halves():
+            yield data[: len(data) // 2]
+            raise ConnectionResetError("dropped by the test server (rate_reset)")
+
+        return StreamingResponse(halves(), media_type="application/json",
+                                 headers={"content-length": str(len(data))})
+
+    async def list_models(self, request: Request) -> Response:
+        names = self.config.served_models or []
+        return JSONResponse({"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "test"} for name in names]})
 
     # -- files
 
@@ -560,6 +654,7 @@ class FakeOpenAI:
     def app(self) -> Starlette:
         return Starlette(routes=[
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/v1/models", self.list_models, methods=["GET"]),
             Route("/v1/files", self.upload_file, methods=["POST"]),
             Route("/v1/files", self.list_files, methods=["GET"]),
             Route("/v1/files/{file_id}", self.get_file, methods=["GET"]),
@@ -674,8 +769,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="A local OpenAI-protocol server for tests and benchmarks.")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--config", default="{}", help="JSON object of ServerConfig fields")
     args = parser.parse_args()
-    state = FakeOpenAI(ServerConfig(latency=args.latency))
+    state = FakeOpenAI(ServerConfig(**{"latency": args.latency, **json.loads(args.config)}))
     sock = _bind(args.port)
     print(f"PORT {sock.getsockname()[1]}", flush=True)
     _uvicorn_server(state.app()).run(sockets=[sock])

@@ -127,6 +127,27 @@ def check_base_url(base_url: Optional[str]) -> None:
         raise ValueError(f"--base-url {shown}: the port must be a number from 1 to 65535") from None
 
 
+def answer_text(content: Any, reasoning: Any = None) -> str:
+    """An answer's text from a chat message's `content`, as compatible servers send it: a
+    string, or a list of text parts (Mistral's API, some proxies). Where content is empty,
+    the message's reasoning text: a reasoning model served with a reasoning parser (vLLM,
+    Ollama, LM Studio) that found no end of thinking puts the whole output there, the
+    answer included, and asking again would come back the same."""
+    if isinstance(content, list):
+        content = "".join(part.get("text") or "" if isinstance(part, dict)
+                          else getattr(part, "text", None) or "" for part in content)
+    if isinstance(content, str) and content.strip():
+        return content
+    return reasoning if isinstance(reasoning, str) and reasoning.strip() else (content or "")
+
+
+def message_reasoning(message: Any) -> Any:
+    """The reasoning text of a chat message (a dict or the client's object): vLLM calls it
+    `reasoning_content`, and `reasoning` since 0.11, as Ollama and OpenRouter do."""
+    get = message.get if isinstance(message, dict) else lambda name: getattr(message, name, None)
+    return get("reasoning_content") or get("reasoning")
+
+
 def response_format_for(request: VLMRequest, mode: str) -> Optional[dict]:
     if mode == "json_schema":
         return {"type": "json_schema", "json_schema": {
@@ -253,12 +274,10 @@ class OpenAIBackend:
             raise TransientError("malformed response: no choices")
         choice = completion.choices[0]
         message = choice.message
-        text = message.content
-        if text is None:
-            refusal = getattr(message, "refusal", None)
-            if refusal:
-                raise PermanentError(f"refused: {refusal[:300]}")
-            text = ""
+        refusal = getattr(message, "refusal", None)
+        if message.content is None and refusal:
+            raise PermanentError(f"refused: {refusal[:300]}")
+        text = answer_text(message.content, message_reasoning(message))
         usage = completion.usage
         return VLMResponse(
             text=text,

@@ -56,8 +56,8 @@ from store import annotations as store_ann
 
 from ..images import ImageEncoder
 from .base import PermanentError, TransientError, VLMRequest, VLMResponse
-from .openai_backend import (RESPONSE_MODES, build_messages, configure_openai, map_openai_error,
-                             response_format_for, scrub)
+from .openai_backend import (RESPONSE_MODES, answer_text, build_messages, configure_openai,
+                             map_openai_error, message_reasoning, response_format_for, scrub)
 
 log = logging.getLogger("good4cir.pipeline.batch")
 
@@ -672,8 +672,9 @@ class OpenAIBatchBackend:
             try:
                 choice = body["choices"][0]
                 usage = body.get("usage") or {}
+                message = choice["message"]
                 return BatchVLMResponse(
-                    text=choice["message"].get("content") or "",
+                    text=answer_text(message.get("content"), message_reasoning(message)),
                     tokens_in=usage.get("prompt_tokens", 0) or 0,
                     tokens_out=usage.get("completion_tokens", 0) or 0,
                     finish_reason=choice.get("finish_reason"), model=body.get("model"),

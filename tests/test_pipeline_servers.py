@@ -1,0 +1,59 @@
+"""OpenAI-compatible servers other than OpenAI (vLLM, Ollama, llama.cpp, LM Studio, TGI,
+proxies) answer in their own ways; each test is one such habit, reproduced by the local
+test server, and a regression test for a defect found running `annotate` against it."""
+
+from __future__ import annotations
+
+import pytest
+
+from openai_server import fresh_server_fixture, server_fixture
+from pipeline.runner import RunOptions, run_pipeline
+from pipeline_world import build_world, table_rows
+
+KEY = "sk-test-servers-0123456789abcdef"
+
+server = server_fixture()
+fresh_server = fresh_server_fixture(KEY)
+
+
+def _world(tmp_path, references: int = 1, pairs: int = 2):
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=references, pairs=pairs)
+    return db_path
+
+
+def _options(server, backend: str = "openai", **kw) -> RunOptions:
+    base = dict(backend=backend, base_url=server.url, model="local-vlm", concurrency=2,
+                backoff_base=0.01, timeout=10, image_max_side=128)
+    if backend == "openai-batch":
+        base.update(concurrency=None, poll_interval=0.05, flush_interval=0.1)
+    base.update(kw)
+    return RunOptions(**base)
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch"])
+def test_content_sent_as_a_list_of_text_parts_is_read_and_stored(server, tmp_path, backend):
+    # Some servers (Mistral's API, proxies in front of Anthropic-style models) send
+    # message.content as [{"type": "text", "text": ...}]. Every pair failed as 'internal
+    # error: ValidationError', and the paid answers were never stored.
+    db_path = _world(tmp_path)
+    server.config.batch_delay = 0.05
+    server.config.answer_style = "parts"
+    progress = run_pipeline(db_path, _options(server, backend))
+    assert progress.pairs_done == 2 and progress.pairs_failed == 0, progress.failures
+    stored = table_rows(db_path, "SELECT response FROM calls WHERE status = 'ok'")
+    assert len(stored) == 5 and all(text.startswith('{"') for (text,) in stored)
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch"])
+def test_an_answer_sent_only_as_reasoning_content_is_used(server, tmp_path, backend):
+    # A reasoning model behind vLLM's reasoning parser (or Ollama, LM Studio) whose end of
+    # thinking the parser did not find: content is null and the whole text, the answer
+    # included, is in reasoning_content. Every pair failed as 'the answer is empty' after
+    # a paid repair request that could only come back empty too.
+    db_path = _world(tmp_path)
+    server.config.batch_delay = 0.05
+    server.config.answer_style = "reasoning"
+    progress = run_pipeline(db_path, _options(server, backend))
+    assert progress.pairs_done == 2 and progress.pairs_failed == 0, progress.failures
+    assert not table_rows(db_path, "SELECT 1 FROM calls WHERE stage = 'repair'")
