@@ -65,7 +65,8 @@ retry budget spent, invalid answer, stage 4 error, internal error. A refused key
 stops at once with RunAuthError, its pairs left pending for a rerun with a good key; so
 does an account out of credits (429 insufficient_quota: RunQuotaError), which waiting
 and retrying would not mend, and a model or endpoint that does not exist (404: a mistyped
---model, a --base-url without /v1: RunNotFoundError).
+--model, a --base-url without /v1: RunNotFoundError), and a model that refuses images
+(a text-only model: RunImagesUnsupportedError).
 
 Scheduling: `concurrency` request slots, served later stages first (pipeline.slots), and
 twice as many pair workers, so pairs waiting on a shared stage 1 never leave a slot idle.
@@ -99,8 +100,8 @@ from store.models import CallRecord
 from store.redaction import redact_url
 
 from .backends import create_backend
-from .backends.base import (AccountError, ConnectionFailedError, NotFoundError, PermanentError,
-                            QuotaExceededError, TransientError, VLMRequest)
+from .backends.base import (AccountError, ConnectionFailedError, ImagesUnsupportedError, NotFoundError,
+                            PermanentError, QuotaExceededError, TransientError, VLMRequest)
 from .images import BadImageError
 from .pricing import PriceTable
 from .prompts import prompt_versions
@@ -241,6 +242,11 @@ class RunNotFoundError(RunAuthError):
 class RunUnreachableError(RunAuthError):
     """No request of the session reached the server (refused, unknown host): the run
     stopped with its pairs pending."""
+
+
+class RunImagesUnsupportedError(RunAuthError):
+    """The model refuses image input (a text-only model); the run stopped with its pairs
+    pending."""
 
 
 class RunQuotaError(RunAuthError):
@@ -809,6 +815,13 @@ class Runner:
                         f"{self.options.max_attempts} attempts). Check that the server is running and "
                         "the --base-url (host and port), or the network, then run again; the pairs "
                         "not yet annotated stay pending")
+                if self._account_error_type is ImagesUnsupportedError:
+                    raise RunImagesUnsupportedError(
+                        f"run {self.run_id} stopped: the model {self.model} at "
+                        f"{redact_url(self.options.base_url) or 'OpenAI'} takes no images "
+                        f"({self._auth_error.rstrip('.')}). Annotating needs a vision model: pass "
+                        "--model with one the server serves with image input (llama.cpp: start it "
+                        "with --mmproj), then run again; the pairs not yet annotated stay pending")
                 if self._account_error_type is QuotaExceededError:
                     raise RunQuotaError(
                         f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. Add credits to the account "

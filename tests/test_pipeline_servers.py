@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from openai_server import fresh_server_fixture, server_fixture
-from pipeline.runner import RunOptions, run_pipeline
+from pipeline.runner import RunImagesUnsupportedError, RunOptions, run_pipeline
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-servers-0123456789abcdef"
@@ -57,3 +57,19 @@ def test_an_answer_sent_only_as_reasoning_content_is_used(server, tmp_path, back
     progress = run_pipeline(db_path, _options(server, backend))
     assert progress.pairs_done == 2 and progress.pairs_failed == 0, progress.failures
     assert not table_rows(db_path, "SELECT 1 FROM calls WHERE stage = 'repair'")
+
+
+@pytest.mark.parametrize("status", [400, 500])
+def test_a_text_only_model_stops_the_run_once_with_its_pairs_pending(server, tmp_path, status):
+    # A text-only model refuses every image: vLLM with 400 ('... is not a multimodal
+    # model'), llama.cpp without --mmproj with 500 ('image input is not supported'). Every
+    # pair failed on its own: with 400 after trying each response format, with 500 after
+    # every retry (6 attempts with backoff per reference image), and the run 'finished'.
+    db_path = _world(tmp_path, references=3, pairs=6)
+    server.config.reject_images_status = status
+    with pytest.raises(RunImagesUnsupportedError) as caught:
+        run_pipeline(db_path, _options(server, max_attempts=4))
+    said = str(caught.value)
+    assert "local-vlm" in said and "image input is not supported" in said and "vision" in said
+    assert server.stats["rejected_images"] <= 2  # concurrency 2: at most one each in flight
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 6)]

@@ -82,6 +82,11 @@ class NotFoundError(AccountError):
     that lacks its /v1)."""
 
 
+class ImagesUnsupportedError(AccountError):
+    """The model takes no image input (a text-only model, or llama.cpp started without
+    its --mmproj): every request with an image would be refused the same way."""
+
+
 class QuotaExceededError(AccountError):
     """429 `insufficient_quota`: the account has no credits left. Unlike a rate limit,
     waiting does not help."""

@@ -23,10 +23,18 @@ import time
 from typing import Any, ClassVar, Optional
 
 from ..images import DETAILS, ImageEncoder
-from .base import (AuthenticationError, ConnectionFailedError, NotFoundError, PermanentError,
-                   QuotaExceededError, TransientError, VLMRequest, VLMResponse)
+from .base import (AuthenticationError, ConnectionFailedError, ImagesUnsupportedError, NotFoundError,
+                   PermanentError, QuotaExceededError, TransientError, VLMRequest, VLMResponse)
 
 RESPONSE_MODES = ("json_schema", "json_object", "text")
+
+# How servers refuse an image for a text-only model: llama.cpp (500, or "Unsupported
+# content part type" before it knew images), vLLM (400 "... is not a multimodal model"),
+# Ollama, and the wording others use.
+IMAGES_REFUSED = re.compile(
+    r"image input is not supported|is not a multimodal model|does not support (?:image|vision|multimodal)"
+    r"|(?:image|vision|multimodal)[\w ]{0,20} (?:is|are) not supported|content part type:\W*image_url"
+    r"|missing data required for image input", re.IGNORECASE)
 
 
 def resolve_api_key(api_key_env: str, base_url: Optional[str]) -> str:
@@ -90,6 +98,9 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None):
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = parse_retry_after(getattr(exc.response, "headers", None))
+        if status not in (401, 404, 429) and IMAGES_REFUSED.search(str(exc)):
+            # A 500 from llama.cpp too: no retry, no other response format will help.
+            return ImagesUnsupportedError(f"images refused ({status}): {message}")
         if status == 429 and "insufficient_quota" in (getattr(exc, "code", None), getattr(exc, "type", None)):
             return QuotaExceededError(f"quota exceeded (429): {message}")
         if status == 429:
@@ -255,7 +266,7 @@ class OpenAIBackend:
                 # unsupported field such as response_format as unprocessable, not 400.
                 if self._adapt_parameters(str(exc)):
                     continue  # same mode again, with the parameter this model wants
-                if i + 1 < len(modes):
+                if i + 1 < len(modes) and not IMAGES_REFUSED.search(str(exc)):
                     i += 1
                     continue  # many local servers reject response_format: step down
                 raise map_openai_error(exc, self._secret) from None
