@@ -37,20 +37,31 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _load_shard(path: Path, mmap: bool) -> dict:
+    if mmap:
+        try:
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file torch cannot map (an old format): read it whole
+            pass
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
 class _Shards:
     """A folder of torch files, each {'keys': [...], 'data': {name: tensor (N, ...)}}."""
 
     def __init__(self, directory: Path):
         self.directory = directory
 
-    def read(self) -> tuple[list[str], dict[str, list[torch.Tensor]]]:
+    def read(self, mmap: bool = False) -> tuple[list[str], dict[str, list[torch.Tensor]]]:
+        """Every shard's keys and tensors. With `mmap` the tensors are mapped from their
+        files, so only the rows a caller then copies out are read from disk."""
         keys: list[str] = []
         data: dict[str, list[torch.Tensor]] = {}
         if not self.directory.is_dir():
             return keys, data
         for path in sorted(self.directory.glob("shard-*.pt")):
             try:
-                shard = torch.load(str(path), map_location="cpu", weights_only=True)
+                shard = _load_shard(path, mmap)
             except Exception:  # a shard cut short by a kill: ignore it, it gets recomputed
                 continue
             keys.extend(shard["keys"])
@@ -101,8 +112,7 @@ class PixelCache:
         """Pixels for every key of `paths` (key -> file): (tensor, key -> row, failures).
 
         A failed image is reported by key with its reason; the rest load."""
-        keys, data = self.shards.read()
-        cached = torch.cat(data["pixels"]) if data.get("pixels") else None
+        keys, data = self.shards.read(mmap=True)
         where = {key: i for i, key in enumerate(keys)}
         missing = [key for key in paths if key not in where]
         if missing:
@@ -121,20 +131,19 @@ class PixelCache:
                 new_keys, new_arrays = [], []
         self._flush(new_keys, new_arrays)
         if missing and len(failures) < len(missing):
-            keys, data = self.shards.read()
-            cached = torch.cat(data["pixels"])
+            keys, data = self.shards.read(mmap=True)
             where = {key: i for i, key in enumerate(keys)}
         wanted = [key for key in paths if key in where]
         if not wanted:
             return torch.zeros((0, 3, 1, 1), dtype=torch.uint8), {}, failures
-        rows = torch.tensor([where[key] for key in wanted])
-        return cached[rows], {key: i for i, key in enumerate(wanted)}, failures
+        pixels = _gather(data["pixels"], [where[key] for key in wanted])
+        return pixels, {key: i for i, key in enumerate(wanted)}, failures
 
     def lookup(self, keys) -> tuple[torch.Tensor, dict[str, int]]:
         """The pixels already decoded for any of `keys`, without decoding the rest:
         (tensor, key -> row) for the keys found."""
         wanted = set(keys)
-        cached_keys, data = self.shards.read()
+        cached_keys, data = self.shards.read(mmap=True)
         found: dict[str, int] = {}
         parts = []
         offset = 0
@@ -154,6 +163,21 @@ class PixelCache:
     def _flush(self, keys: list[str], arrays: list[np.ndarray]) -> None:
         if keys:
             self.shards.write(keys, {"pixels": torch.from_numpy(np.stack(arrays))})
+
+
+def _gather(shards: list[torch.Tensor], rows: list[int]) -> torch.Tensor:
+    """Rows (numbered across `shards` in order) copied out shard by shard: the cache is
+    shared by every dataset and split, and a run wants only its own images of it, so
+    neither the whole cache nor a concatenation of it is ever held in memory."""
+    starts = np.cumsum([0] + [len(shard) for shard in shards])
+    rows_np = np.asarray(rows, dtype=np.int64)
+    which = np.searchsorted(starts, rows_np, side="right") - 1
+    out = torch.empty((len(rows), *shards[0].shape[1:]), dtype=shards[0].dtype)
+    for index in np.unique(which):
+        positions = np.nonzero(which == index)[0]
+        local = torch.from_numpy(rows_np[positions] - starts[index])
+        out[torch.from_numpy(positions)] = shards[index][local]
+    return out
 
 
 def encoder_fingerprint(encoder) -> str:
@@ -182,7 +206,7 @@ class FeatureCache:
                        progress: bool = True) -> dict[str, torch.Tensor]:
         """{'pooled': (N, D), 'tokens': (N, P, W)} float16 rows in `keys` order.
         pixels_of(keys) gives the encoder's input for a batch of keys."""
-        stored, data = self.image_shards.read()
+        stored, data = self.image_shards.read(mmap=True)
         where = {key: i for i, key in enumerate(stored)}
         missing = [key for key in dict.fromkeys(keys) if key not in where]
         if missing:
@@ -195,10 +219,10 @@ class FeatureCache:
                 pooled.append(out.pooled.half().cpu())
                 tokens.append(out.tokens.half().cpu())
             self.image_shards.write(missing, {"pooled": torch.cat(pooled), "tokens": torch.cat(tokens)})
-            stored, data = self.image_shards.read()
+            stored, data = self.image_shards.read(mmap=True)
             where = {key: i for i, key in enumerate(stored)}
-        rows = torch.tensor([where[key] for key in keys], dtype=torch.long)
-        return {name: torch.cat(parts)[rows] for name, parts in data.items()}
+        rows = [where[key] for key in keys]
+        return {name: _gather(parts, rows) for name, parts in data.items()}
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str], progress: bool = True) -> dict[str, torch.Tensor]:
