@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from openai_server import fresh_server_fixture, server_fixture
-from pipeline.runner import RunImagesUnsupportedError, RunOptions, run_pipeline
+from pipeline.runner import RunImagesUnsupportedError, RunNotFoundError, RunOptions, run_pipeline
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-servers-0123456789abcdef"
@@ -73,3 +73,17 @@ def test_a_text_only_model_stops_the_run_once_with_its_pairs_pending(server, tmp
     assert "local-vlm" in said and "image input is not supported" in said and "vision" in said
     assert server.stats["rejected_images"] <= 2  # concurrency 2: at most one each in flight
     assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 6)]
+
+
+def test_a_model_the_server_lacks_stops_the_run_naming_the_models_it_has(server, tmp_path):
+    # vLLM answers 404 'The model `x` does not exist.' (Ollama: 'model "x" not found, try
+    # pulling it first'). The run stopped, but said only to check the model: the server
+    # lists what it serves at /v1/models, and a local server's model name is rarely the
+    # one the user guessed ('Qwen/Qwen2.5-VL-7B-Instruct', 'llava:13b').
+    db_path = _world(tmp_path, references=2, pairs=4)
+    server.config.served_models = ["Qwen/Qwen2.5-VL-7B-Instruct", "llava:13b"]
+    with pytest.raises(RunNotFoundError) as caught:
+        run_pipeline(db_path, _options(server, model="qwen-vl"))
+    said = str(caught.value)
+    assert "qwen-vl" in said and "Qwen/Qwen2.5-VL-7B-Instruct, llava:13b" in said
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 4)]

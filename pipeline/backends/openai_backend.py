@@ -221,6 +221,7 @@ class OpenAIBackend:
                          timeout=timeout, image_max_side=image_max_side, detail=detail,
                          response_mode=response_mode, max_tokens_param=max_tokens_param,
                          encoder=encoder, max_retries=0)
+        self._served_models: Optional[list[str]] = None  # from /v1/models, asked on a 404
 
     @property
     def cache_params(self) -> dict:
@@ -274,11 +275,31 @@ class OpenAIBackend:
                 mapped = map_openai_error(exc, self._secret)
                 if mapped is None:
                     raise
+                if isinstance(mapped, NotFoundError):
+                    mapped = NotFoundError(f"{str(mapped).rstrip('. ')}{await self._served_models_note()}")
                 raise mapped from None
             if mode != self.response_mode:
                 self.response_mode = mode  # keep what this server accepts
             return self._response(completion, started)
         raise AssertionError("unreachable")
+
+    async def _served_models_note(self) -> str:
+        """'; the server serves A, B' for a 404: a local server's model name is rarely the
+        one guessed ('llava:13b', 'Qwen/Qwen2.5-VL-7B-Instruct'), and /v1/models lists them.
+        Empty where the server lists none, or lists this model (the 404 is the URL's)."""
+        import openai
+
+        if self._served_models is None:
+            try:
+                page = await self.client.models.list()
+                self._served_models = [model.id for model in page.data]
+            except (openai.OpenAIError, ValueError, AttributeError, TypeError):
+                self._served_models = []
+        served = self._served_models
+        if not served or self.model in served:
+            return ""
+        more = f" and {len(served) - 20} more" if len(served) > 20 else ""
+        return f"; the server serves {', '.join(served[:20])}{more}"
 
     def _response(self, completion: Any, started: float) -> VLMResponse:
         if not getattr(completion, "choices", None):
