@@ -348,3 +348,27 @@ def test_export_tab_says_a_cirr_file_of_several_splits_mixes_them(tmp_path):
     assert "mixes splits test1, train, val" in el.describe_export(stats)
     _, stats = el.export_to_download(db, "cirr", include_unreviewed=True, split="val", out_dir=tmp_path)
     assert "mixes" not in el.describe_export(stats)
+
+
+def test_retrieve_tab_queries_with_a_caption_reviewers_kept(tmp_path):
+    # A caption flagged as a hallucination, or a pair reviewers rejected, is not what
+    # the Retrieve tab should offer as the modification to search with.
+    from store.review import add_flag, list_captions, set_review_status
+    from ui.retrieve_logic import dataset_queries
+
+    info = build_review_store(tmp_path, 2)
+    db = open_db(info["db_path"])
+    annotation = info["annotation_ids"][0]
+    pair_id = db.execute("SELECT pair_id FROM annotations WHERE id = ?", [annotation]).fetchone()[0]
+
+    def text_of_pair():
+        return next(q.text for q in dataset_queries(db) if q.pair_id == pair_id)
+
+    individual = [c for c in list_captions(db, annotation) if c.kind == "individual"]
+    assert text_of_pair() == individual[0].text
+    add_flag(db, annotation, "caption", individual[0].id, "ann")
+    assert text_of_pair() == individual[1].text
+    set_review_status(db, annotation, "rejected", "ann")
+    originals = json.loads(db.execute("SELECT original_captions FROM pairs WHERE id = ?",
+                                      [pair_id]).fetchone()[0] or "[]")
+    assert text_of_pair() == (originals[0] if originals else "")

@@ -32,12 +32,16 @@ class DatasetQuery:
 
 def dataset_queries(db: sqlite_utils.Database, limit: int = 300) -> list[DatasetQuery]:
     """Pairs to query with, test/val first: the modification text is the pair's current
-    first caption (after edits), else its imported caption."""
+    first caption (after edits) that no one flagged, from an approved annotation before an
+    unreviewed one and never a rejected one; else its imported caption."""
     rows = db.execute(
         "SELECT p.id, p.external_id, p.split, p.reference_id, r.path, p.target_id, t.name, p.original_captions,"
         " (SELECT COALESCE((SELECT e.text FROM caption_edits e WHERE e.caption_id = c.id ORDER BY e.version DESC"
         "   LIMIT 1), c.text) FROM annotations a JOIN captions c ON c.annotation_id = a.id"
-        "   WHERE a.pair_id = p.id AND a.status = 'done' AND c.kind = 'individual' ORDER BY a.run_id DESC, c.position"
+        "   WHERE a.pair_id = p.id AND a.status = 'done' AND c.kind = 'individual'"
+        "   AND a.review_status != 'rejected' AND NOT EXISTS (SELECT 1 FROM flags f WHERE f.target_kind = 'caption'"
+        "     AND f.target_id = c.id AND f.removed_at IS NULL)"
+        "   ORDER BY a.review_status = 'approved' DESC, a.run_id DESC, c.position"
         "   LIMIT 1)"
         " FROM pairs p JOIN images r ON r.id = p.reference_id LEFT JOIN images t ON t.id = p.target_id"
         " ORDER BY CASE p.split WHEN 'test' THEN 0 WHEN 'val' THEN 1 ELSE 2 END, p.rowid LIMIT ?", [limit]).fetchall()
