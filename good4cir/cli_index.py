@@ -39,6 +39,7 @@ def register(subparsers) -> None:
                        help="pixel cache of `train`/`eval`: images decoded there are not decoded again "
                        "(default $GOOD4CIR_CACHE or ~/.cache/good4cir)")
     index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     add_device_option(index)
     index.set_defaults(handler=run_index)
 
@@ -58,11 +59,20 @@ def register(subparsers) -> None:
         help="keep the reference image in the results (by default it is removed, as in CIRR)",
     )
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    query.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     add_device_option(query)
     query.set_defaults(handler=run_query)
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def run_index(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from retrieval.index import build_gallery_index
 
     report = build_gallery_index(
@@ -86,6 +96,7 @@ def run_index(args: argparse.Namespace) -> int:
 
 
 def run_query(args: argparse.Namespace) -> int:
+    _set_threads(args)
     from retrieval.index import RERANK_STAGE, QueryEngine
 
     if args.k < 1:

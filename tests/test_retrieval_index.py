@@ -8,6 +8,7 @@ import json
 import faiss
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from retrieval import index as ix
@@ -221,8 +222,13 @@ def test_index_and_query_commands_end_to_end(tmp_path, tiny_checkpoint, image_pa
     assert {e.name for e in loaded.entries} == {p.stem for p in image_paths[:30]}
 
     reference = image_paths[3]
-    assert main(["query", "--index", str(out), "--image", str(reference), "--text", "add a red lamp",
-                 "-k", "5", "--json"]) == 0
+    threads = torch.get_num_threads()
+    try:  # --threads, as train and eval take it
+        assert main(["query", "--index", str(out), "--image", str(reference), "--text", "add a red lamp",
+                     "-k", "5", "--json", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     result = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in result["results"]]
 
