@@ -87,3 +87,15 @@ def test_a_model_the_server_lacks_stops_the_run_naming_the_models_it_has(server,
     said = str(caught.value)
     assert "qwen-vl" in said and "Qwen/Qwen2.5-VL-7B-Instruct, llava:13b" in said
     assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 4)]
+
+
+def test_a_200_whose_body_is_an_error_is_retried_and_named_by_the_servers_message(server, tmp_path):
+    # Proxies (OpenRouter, LiteLLM) answer some upstream failures with HTTP 200 and a body
+    # {"error": {...}}: it was retried, but stored and reported as 'malformed response: no
+    # choices', dropping what the server said.
+    db_path = _world(tmp_path, references=1, pairs=1)
+    server.config.rate_error_body = 1.0
+    progress = run_pipeline(db_path, _options(server, max_attempts=2))
+    assert progress.pairs_failed == 1 and progress.failures == {"retries exhausted": 1}
+    errors = table_rows(db_path, "SELECT error FROM calls")
+    assert len(errors) == 2 and all("upstream model crashed" in e for (e,) in errors), errors

@@ -303,7 +303,11 @@ class OpenAIBackend:
 
     def _response(self, completion: Any, started: float) -> VLMResponse:
         if not getattr(completion, "choices", None):
-            raise TransientError("malformed response: no choices")
+            # Some proxies answer an upstream failure with 200 and {"error": {...}}.
+            error = getattr(completion, "error", None)
+            said = error.get("message") or error if isinstance(error, dict) else error
+            raise TransientError("malformed response: no choices"
+                                 + (f"; the server said: {scrub(str(said), self._secret)[:300]}" if said else ""))
         choice = completion.choices[0]
         message = choice.message
         refusal = getattr(message, "refusal", None)
