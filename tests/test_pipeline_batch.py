@@ -109,23 +109,29 @@ def test_restart_waits_for_stored_batches_instead_of_paying_again(server, tmp_pa
     assert table_rows(db_path, "SELECT DISTINCT batch_id FROM calls WHERE stage = 'stage1'") == [(first_batch,)]
 
 
+def _kill_batch_session_once(db_path, server, flush_interval: str, reached, poll: float) -> None:
+    """Run `good4cir annotate --backend openai-batch` in its own process and SIGKILL it
+    as soon as `reached()` is true (it must still be running then)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai-batch",
+         "--base-url", server.url, "--poll-interval", "0.05", "--flush-interval", flush_interval,
+         "--image-size", "128", "--no-progress"],
+        env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not reached():
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        assert time.time() < deadline
+        time.sleep(poll)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+
+
 def test_sigkill_between_creating_a_batch_and_storing_its_id_adopts_it_on_restart(server, tmp_path):
     db_path = tmp_path / "store.db"
     build_world(db_path, tmp_path / "images", references=3, pairs=5)
     # The provider creates the batch at once but answers late: the kill lands in between.
     server.config.batch_create_response_delay = 30.0
-    process = subprocess.Popen(
-        [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai-batch",
-         "--base-url", server.url, "--poll-interval", "0.05", "--flush-interval", "0.1",
-         "--image-size", "128", "--no-progress"],
-        env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not server.stats["batches_created"]:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    _kill_batch_session_once(db_path, server, "0.1", lambda: server.stats["batches_created"], poll=0.02)
     (row_id, status, input_file), = table_rows(db_path, "SELECT id, status, input_file_id FROM batches")
     assert row_id == f"pending:{input_file}" and status == "submitting"
 
@@ -495,18 +501,9 @@ def test_sigkill_after_a_batch_is_collected_loses_no_answer_and_pays_none_twice(
     db_path = tmp_path / "store.db"
     build_world(db_path, tmp_path / "images", references=3, pairs=5)
     server.config.batch_delay = 0.5
-    process = subprocess.Popen(
-        [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai-batch",
-         "--base-url", server.url, "--poll-interval", "0.05", "--flush-interval", "5",
-         "--image-size", "128", "--no-progress"],
-        env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 60
-    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE collected = 1")[0][0]:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.005)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
+    _kill_batch_session_once(
+        db_path, server, "5", lambda: table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE collected = 1")[0][0],
+        poll=0.005)
     (first_batch,), = table_rows(db_path, "SELECT id FROM batches")
     assert table_rows(db_path, "SELECT run_id, COUNT(*) FROM calls WHERE batch_id = ? GROUP BY run_id",
                       [first_batch]) == [(1, 3)]

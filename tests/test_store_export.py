@@ -300,16 +300,22 @@ def test_cli_export_of_cirr_test1_does_not_say_to_annotate_it(tmp_path, capsys):
     assert (report["pairs_not_annotated"], report["pairs_withheld_target"]) == (0, 1)
 
 
-def test_a_runs_export_holds_that_runs_pairs_only(reviewed, tmp_path):
-    # Exporting one run with unreviewed pairs included wrote every pair that run did not
-    # annotate with its imported captions (the demo world's ground truth, a dataset's
-    # old captions) as if they were the run's: 39 pairs for a 20-pair run.
-    db, first_run, first_ids = reviewed
+def _second_run_over_one_pair(db, first_ids):
+    """Run 2 annotated one pair (the first run's first) with one caption."""
     run = ann.create_run(db, "simulator", "sim-2")
     p0 = first_ids[0].split(":", 1)[1]
     ann.ensure_annotations(db, run.id, [p0])
     ann.complete_annotation(db, ann.annotation_id_for(run.id, p0), stage1_id=None, stage2_id=None,
                             captions=["v2 pair 0 caption 0"])
+    return run
+
+
+def test_a_runs_export_holds_that_runs_pairs_only(reviewed, tmp_path):
+    # Exporting one run with unreviewed pairs included wrote every pair that run did not
+    # annotate with its imported captions (the demo world's ground truth, a dataset's
+    # old captions) as if they were the run's: 39 pairs for a 20-pair run.
+    db, first_run, first_ids = reviewed
+    run = _second_run_over_one_pair(db, first_ids)
     stats = export_dataset(db, "good4cir", tmp_path / "run2.json", run_id=run.id, include_unreviewed=True)
     assert read_good4cir(tmp_path / "run2.json") == {("room0.png", "room0_edit.png"): ["v2 pair 0 caption 0"]}
     total = db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
@@ -321,11 +327,7 @@ def test_a_runs_export_holds_that_runs_pairs_only(reviewed, tmp_path):
 
 def test_cli_export_of_a_run_says_which_pairs_it_left_out(reviewed, tmp_path, capsys):
     db, first_run, first_ids = reviewed
-    run = ann.create_run(db, "simulator", "sim-2")
-    p0 = first_ids[0].split(":", 1)[1]
-    ann.ensure_annotations(db, run.id, [p0])
-    ann.complete_annotation(db, ann.annotation_id_for(run.id, p0), stage1_id=None, stage2_id=None,
-                            captions=["v2 pair 0 caption 0"])
+    run = _second_run_over_one_pair(db, first_ids)
     db_path = db.conn.execute("PRAGMA database_list").fetchone()[2]
     total = db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
     assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(tmp_path / "r.json"),
