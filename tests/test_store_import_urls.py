@@ -73,6 +73,14 @@ def _dataset(tmp_path, web):
     return folder, base
 
 
+def _dataset_folder(tmp_path, entries) -> Path:
+    """tmp_path/data holding a dataset.json of `entries` (the authors' format)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "dataset.json").write_text(json.dumps(entries), encoding="utf-8")
+    return folder
+
+
 def test_download_fetches_url_images_into_the_dataset_folder_where_the_app_serves_them(tmp_path, web):
     # Before: URLs were only recorded, so the review app showed "no local file" for every
     # URL image and training left those pairs out; nothing could fetch them.
@@ -142,13 +150,11 @@ def test_download_takes_urls_with_spaces_and_accents_as_a_browser_does(tmp_path,
     base, served, _ = web
     _picture(served / "my room.jpg", "red")
     _picture(served / "chambre_étoile.jpg", "blue")
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "dataset.json").write_text(json.dumps([
+    folder = _dataset_folder(tmp_path, [
         {"reference_image": f"{base}/my room.jpg", "target_image": f"{base}/chambre_étoile.jpg"},
         {"reference_image": f"{base}/my%20room.jpg", "target_image": f"{base}/chambre_%C3%A9toile.jpg"},
         {"reference_image": f"{base}/a\\nb.jpg", "target_image": f"{base}/my room.jpg"},
-    ]), encoding="utf-8")
+    ])
     report = import_dataset(open_db(tmp_path / "s.db"), "good4cir", folder / "dataset.json", download=True)
     assert report.pairs_added == 2
     assert [p.item for p in report.problems] == ["dataset.json[2]"] and "404" in report.problems[0].reason
@@ -158,10 +164,8 @@ def test_a_downloaded_tiff_is_kept_under_its_own_suffix_and_not_fetched_again(tm
     base, served, requested = web
     _picture(served / "a.tif", "red")
     _picture(served / "b.png", "blue")
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "dataset.json").write_text(json.dumps([
-        {"reference_image": f"{base}/a.tif", "target_image": f"{base}/b.png"}]))
+    folder = _dataset_folder(tmp_path, [
+        {"reference_image": f"{base}/a.tif", "target_image": f"{base}/b.png"}])
     for _ in range(2):
         report = import_dataset(open_db(tmp_path / "s.db"), "good4cir", folder / "dataset.json", download=True)
         assert report.problems == []
@@ -209,11 +213,9 @@ def test_download_with_split_fetches_only_that_splits_images(tmp_path, web):
     base, served, requested = web
     for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green"), ("d.png", "white")):
         _picture(served / name, colour)
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "dataset.json").write_text(json.dumps([
+    folder = _dataset_folder(tmp_path, [
         {"reference_image": f"{base}/a.png", "target_image": f"{base}/b.png", "split": "train"},
-        {"reference_image": f"{base}/c.png", "target_image": f"{base}/d.png", "split": "val"}]))
+        {"reference_image": f"{base}/c.png", "target_image": f"{base}/d.png", "split": "val"}])
     report = import_dataset(open_db(tmp_path / "s.db"), "good4cir", folder / "dataset.json",
                             split="val", download=True)
     assert (report.pairs_added, report.problems) == (1, [])
@@ -262,10 +264,8 @@ def test_ctrl_c_stops_a_download_at_once(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        folder = tmp_path / "data"
-        folder.mkdir()
-        (folder / "dataset.json").write_text(json.dumps(
-            [{"reference_image": f"{base}/{i}a.jpg", "target_image": f"{base}/{i}b.jpg"} for i in range(40)]))
+        folder = _dataset_folder(
+            tmp_path, [{"reference_image": f"{base}/{i}a.jpg", "target_image": f"{base}/{i}b.jpg"} for i in range(40)])
         proc = subprocess.Popen([sys.executable, "-m", "good4cir", "import", "--db", str(tmp_path / "s.db"),
                                  "--format", "good4cir", str(folder / "dataset.json"), "--download"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -287,10 +287,8 @@ def test_a_damaged_downloaded_copy_is_fetched_again(tmp_path, web):
     base, served, requested = web
     _picture(served / "a.png", "red")
     _picture(served / "b.png", "blue")
-    folder = tmp_path / "data"
-    folder.mkdir()
-    (folder / "dataset.json").write_text(json.dumps(
-        [{"reference_image": f"{base}/a.png", "target_image": f"{base}/b.png"}]))
+    folder = _dataset_folder(tmp_path, 
+        [{"reference_image": f"{base}/a.png", "target_image": f"{base}/b.png"}])
     db = open_db(tmp_path / "s.db")
     assert import_dataset(db, "good4cir", folder / "dataset.json", download=True).problems == []
     (copy,) = [p for p in (folder / "downloaded_images").iterdir()
