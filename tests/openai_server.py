@@ -62,7 +62,9 @@ class ServerConfig:
     timeout_sleep: float = 3.0      # how late a "timeout" answer comes
     reject_json_schema: bool = False
     reject_json_object: bool = False
-    reject_format_status: int = 400  # 422: servers that refuse an unknown field as unprocessable
+    # 422: servers that refuse an unknown field as unprocessable; 500: llama.cpp before it
+    # took json_schema (and ik_llama.cpp)
+    reject_format_status: int = 400
     reject_auth: bool = False       # 401 that echoes the key, as some servers do
     reject_quota: bool = False      # 429 insufficient_quota: the account is out of credits
     reject_max_tokens: bool = False  # 400 unless max_completion_tokens (newer OpenAI models)
@@ -285,8 +287,9 @@ class FakeOpenAI:
                                    "type": "invalid_request_error"}}, {}
         if fmt == "json_schema" and self.config.reject_json_schema:
             self.stats["rejected_json_schema"] += 1
-            return self.config.reject_format_status, {"error": {"message": "response_format json_schema is not supported",
-                                   "type": "invalid_request_error"}}, {}
+            return self.config.reject_format_status, {"error": {  # llama.cpp's words (a 500 there)
+                "message": 'response_format type must be one of "text" or "json_object", but got: json_schema',
+                "type": "invalid_request_error"}}, {}
         if fmt == "json_object" and self.config.reject_json_object:
             self.stats["rejected_json_object"] += 1
             return self.config.reject_format_status, {"error": {"message": "response_format json_object is not supported",

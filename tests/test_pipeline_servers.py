@@ -99,3 +99,17 @@ def test_a_200_whose_body_is_an_error_is_retried_and_named_by_the_servers_messag
     assert progress.pairs_failed == 1 and progress.failures == {"retries exhausted": 1}
     errors = table_rows(db_path, "SELECT error FROM calls")
     assert len(errors) == 2 and all("upstream model crashed" in e for (e,) in errors), errors
+
+
+def test_a_500_refusing_the_response_format_steps_down_instead_of_retrying(server, tmp_path):
+    # llama.cpp's server before it took json_schema (and ik_llama.cpp) answers it with 500
+    # 'response_format type must be one of "text" or "json_object", but got: json_schema'.
+    # A 500 is retried: every request was sent max_attempts times with backoff and every
+    # pair failed as 'retries exhausted'.
+    db_path = _world(tmp_path)
+    server.config.reject_json_schema = True
+    server.config.reject_format_status = 500
+    progress = run_pipeline(db_path, _options(server, max_attempts=3))
+    assert progress.pairs_done == 2 and progress.pairs_failed == 0, progress.failures
+    assert server.stats["rejected_json_schema"] == 1 and server.requests[-1]["response_format"] == {
+        "type": "json_object"}

@@ -7,8 +7,9 @@ module is the one place where openai's error classes are mapped to TransientErro
 PermanentError, so nothing else imports `openai`.
 
 Structured output falls back in steps: `json_schema` (strict) → `json_object` → plain
-text (the prompt asks for JSON either way, and the stages extract it). A 400 (or 422)
-answer to one mode is retried at once with the next; the mode that works is kept for the run.
+text (the prompt asks for JSON either way, and the stages extract it). A 400 (or 422,
+or a 500 that names the format, as llama.cpp answers) to one mode is retried at once with
+the next; the mode that works is kept for the run.
 A 400 that names `max_completion_tokens` or `temperature` (newer OpenAI models) first
 adapts those parameters and retries the same mode.
 The API key is read from the environment and is scrubbed from every error message.
@@ -27,6 +28,8 @@ from .base import (AuthenticationError, ConnectionFailedError, ImagesUnsupported
                    PermanentError, QuotaExceededError, TransientError, VLMRequest, VLMResponse)
 
 RESPONSE_MODES = ("json_schema", "json_object", "text")
+
+FORMAT_REFUSED = re.compile(r"response_format|json_schema|json_object", re.IGNORECASE)
 
 # How servers refuse an image for a text-only model: llama.cpp (500, or "Unsupported
 # content part type" before it knew images), vLLM (400 "... is not a multimodal model"),
@@ -262,9 +265,15 @@ class OpenAIBackend:
             try:
                 completion = await self.client.chat.completions.create(
                     **self._body(request, messages, mode))
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
+            except (openai.BadRequestError, openai.UnprocessableEntityError,
+                    openai.InternalServerError) as exc:
                 # 422 too: FastAPI-style servers (TGI, many wrappers) refuse an unknown or
-                # unsupported field such as response_format as unprocessable, not 400.
+                # unsupported field such as response_format as unprocessable, not 400. A 5xx
+                # only where it names the format (llama.cpp's 500 "response_format type must
+                # be one of ..."): any other is the server's trouble, retried by the runner.
+                if isinstance(exc, openai.InternalServerError) and not (
+                        i + 1 < len(modes) and FORMAT_REFUSED.search(str(exc))):
+                    raise map_openai_error(exc, self._secret) from None
                 if self._adapt_parameters(str(exc)):
                     continue  # same mode again, with the parameter this model wants
                 if i + 1 < len(modes) and not IMAGES_REFUSED.search(str(exc)):
