@@ -113,3 +113,16 @@ def test_a_500_refusing_the_response_format_steps_down_instead_of_retrying(serve
     assert progress.pairs_done == 2 and progress.pairs_failed == 0, progress.failures
     assert server.stats["rejected_json_schema"] == 1 and server.requests[-1]["response_format"] == {
         "type": "json_object"}
+
+
+def test_a_server_slower_than_the_timeout_is_named_with_the_timeout_to_raise(server, tmp_path):
+    # A local VLM on a slow machine takes longer than --timeout for every request: each
+    # pair failed as 'retries exhausted: ... timeout: APITimeoutError: Request timed out.',
+    # which did not say which limit, nor that --timeout raises it.
+    db_path = _world(tmp_path, references=1, pairs=1)
+    server.config.rate_timeout = 1.0
+    server.config.timeout_sleep = 1.0
+    progress = run_pipeline(db_path, _options(server, max_attempts=1, timeout=0.3))
+    assert progress.failures == {"retries exhausted": 1}
+    (error,) = table_rows(db_path, "SELECT error FROM calls")[0]
+    assert "0.3 s" in error and "--timeout" in error, error

@@ -87,13 +87,17 @@ def scrub(text: str, secret: Optional[str]) -> str:
     return text
 
 
-def map_openai_error(exc: BaseException, secret: Optional[str] = None):
-    """The TransientError or PermanentError that stands for an openai client error."""
+def map_openai_error(exc: BaseException, secret: Optional[str] = None,
+                     timeout: Optional[float] = None):
+    """The TransientError or PermanentError that stands for an openai client error
+    (`timeout`: the client's, in seconds, named in a timeout's message)."""
     import openai
 
     message = scrub(f"{type(exc).__name__}: {exc}", secret)[:500]
     if isinstance(exc, openai.APITimeoutError):
-        return TransientError(f"timeout: {message}")
+        # A slow local server times out on every request: say which limit, and how to raise it.
+        within = f" (no answer within {timeout:g} s; a slow server needs a larger --timeout)" if timeout else ""
+        return TransientError(f"timeout: {message}{within}")
     if isinstance(exc, openai.APIConnectionError):  # APITimeoutError is one too: caught above
         return ConnectionFailedError(f"connection error: {message}")
     if isinstance(exc, openai.APIResponseValidationError):
@@ -199,6 +203,7 @@ def configure_openai(backend: Any, *, model: str, base_url: Optional[str], api_k
     check_base_url(base_url)
     backend.model = model
     backend.base_url = base_url
+    backend.timeout = timeout
     backend.detail = detail
     backend.response_mode = response_mode
     backend.max_tokens_param = max_tokens_param
@@ -281,7 +286,7 @@ class OpenAIBackend:
                     continue  # many local servers reject response_format: step down
                 raise map_openai_error(exc, self._secret) from None
             except (openai.OpenAIError, ValueError) as exc:
-                mapped = map_openai_error(exc, self._secret)
+                mapped = map_openai_error(exc, self._secret, self.timeout)
                 if mapped is None:
                     raise
                 if isinstance(mapped, NotFoundError):
