@@ -96,12 +96,16 @@ def repair_request(request: VLMRequest, bad_answer: str, error: str) -> VLMReque
 
 
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
+# A reasoning model served without a reasoning parser writes its thinking into the answer
+# first, drafts of the JSON included.
+_THINKING = re.compile(r"<(think|thinking|reasoning)>.*?</\1>", re.DOTALL | re.IGNORECASE)
 
 
 def extract_json(text: str) -> Any:
     """The JSON value in an answer: the whole text, a ```json fence, or the first
-    balanced {...} in it (for servers that answer in prose around the JSON)."""
-    stripped = text.strip()
+    balanced {...} in it (for servers that answer in prose around the JSON), after any
+    <think>...</think> block (unless nothing else is there)."""
+    stripped = _THINKING.sub("", text).strip() or text.strip()
     try:
         return json.loads(stripped)
     except ValueError:

@@ -92,7 +92,8 @@ class ServerConfig:
     echo_format_example: str = ""
     # How an answer comes back, as servers other than OpenAI send it: "prose" (no JSON at
     # all), "fence" (```json fenced, response_format or not), "trailing" (JSON, then a
-    # remark), "reasoning" (content null, the text in reasoning_content: a reasoning model
+    # remark), "think" (<think>...</think> with a draft answer before the answer, as a
+    # reasoning model served without a reasoning parser writes), "reasoning" (content null, the text in reasoning_content: a reasoning model
     # whose parser found no end of thinking), "parts" (content as a list of text parts),
     # "wrong_keys" (valid JSON under other keys), "strings" (a string where a list belongs).
     answer_style: str = ""
@@ -349,6 +350,10 @@ class FakeOpenAI:
         elif style == "reasoning":
             message["content"] = None
             message["reasoning_content"] = f"The user wants JSON. Final answer:\n{content}"
+        elif style == "think":  # no reasoning parser: the thinking, a draft and all, in content
+            draft = json.dumps({"objects": [{"name": "thing", "descriptors": ["draft"]}]}
+                               if '"objects"' in content else {"captions": ["draft"]})
+            message["content"] = f"<think>\nA first try: {draft}. Let me look again.\n</think>\n\n{content}"
         elif style == "parts":
             message["content"] = [{"type": "text", "text": content}]
         elif style in ("wrong_keys", "strings"):

@@ -126,3 +126,16 @@ def test_a_server_slower_than_the_timeout_is_named_with_the_timeout_to_raise(ser
     assert progress.failures == {"retries exhausted": 1}
     (error,) = table_rows(db_path, "SELECT error FROM calls")[0]
     assert "0.3 s" in error and "--timeout" in error, error
+
+
+def test_a_think_block_before_the_answer_is_not_taken_for_it(server, tmp_path):
+    # A reasoning model served without a reasoning parser (llama.cpp without
+    # --reasoning-format, older Ollama) writes '<think>...</think>' in content before the
+    # answer, often with a draft of it. The first JSON object in the text, the draft, was
+    # taken for the answer: stage 1 stored an object called 'thing'.
+    db_path = _world(tmp_path)
+    server.config.answer_style = "think"
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.pairs_done == 2, progress.failures
+    stored = table_rows(db_path, "SELECT objects FROM descriptions")
+    assert stored and not any('"thing"' in objects for (objects,) in stored), stored
