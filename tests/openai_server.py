@@ -103,7 +103,7 @@ class ServerConfig:
     rate_reset: float = 0.0         # the connection drops halfway through the answer's body
     no_retry_after: bool = False    # 429 and 503 without Retry-After / retry-after-ms
     # A text-only model: any image is refused with this status (llama.cpp: 500, vLLM and
-    # Ollama: 400), with llama.cpp's message.
+    # Ollama: 400) and llama.cpp's message; 404: OpenRouter's ("No endpoints found ...").
     reject_images_status: int = 0
     # Models the server has (listed at /v1/models); another model gets vLLM's 404 body.
     served_models: Optional[list] = None
@@ -409,8 +409,10 @@ class FakeOpenAI:
                                  "type": "NotFoundError", "param": None, "code": 404}, status_code=404)
         if cfg.reject_images_status and any(_images(m.get("content")) for m in body.get("messages", [])):
             self.stats["rejected_images"] += 1
-            return _error(cfg.reject_images_status, "image input is not supported - hint: if this is "
-                          "unexpected, you may need to provide the mmproj", code="server_error"
+            said = ("No endpoints found that support image input" if cfg.reject_images_status == 404
+                    else "image input is not supported - hint: if this is unexpected, you may need "
+                    "to provide the mmproj")  # OpenRouter's 404; llama.cpp's words otherwise
+            return _error(cfg.reject_images_status, said, code="server_error"
                           if cfg.reject_images_status >= 500 else "invalid_request_error")
         with self.lock:
             self.stats["chat_requests"] += 1

@@ -59,18 +59,20 @@ def test_an_answer_sent_only_as_reasoning_content_is_used(server, tmp_path, back
     assert not table_rows(db_path, "SELECT 1 FROM calls WHERE stage = 'repair'")
 
 
-@pytest.mark.parametrize("status", [400, 500])
+@pytest.mark.parametrize("status", [400, 500, 404])
 def test_a_text_only_model_stops_the_run_once_with_its_pairs_pending(server, tmp_path, status):
     # A text-only model refuses every image: vLLM with 400 ('... is not a multimodal
-    # model'), llama.cpp without --mmproj with 500 ('image input is not supported'). Every
-    # pair failed on its own: with 400 after trying each response format, with 500 after
-    # every retry (6 attempts with backoff per reference image), and the run 'finished'.
+    # model'), llama.cpp without --mmproj with 500 ('image input is not supported'),
+    # OpenRouter with 404 ('No endpoints found that support image input'). Every pair
+    # failed on its own: with 400 after trying each response format, with 500 after every
+    # retry (6 attempts with backoff per reference image), and the run 'finished'; the 404
+    # stopped the run, but told the user to check the model name and the base URL.
     db_path = _world(tmp_path, references=3, pairs=6)
     server.config.reject_images_status = status
     with pytest.raises(RunImagesUnsupportedError) as caught:
         run_pipeline(db_path, _options(server, max_attempts=4))
     said = str(caught.value)
-    assert "local-vlm" in said and "image input is not supported" in said and "vision" in said
+    assert "local-vlm" in said and "image input" in said and "vision" in said
     assert server.stats["rejected_images"] <= 2  # concurrency 2: at most one each in flight
     assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 6)]
 

@@ -33,9 +33,11 @@ FORMAT_REFUSED = re.compile(r"response_format|json_schema|json_object", re.IGNOR
 
 # How servers refuse an image for a text-only model: llama.cpp (500, or "Unsupported
 # content part type" before it knew images), vLLM (400 "... is not a multimodal model"),
-# Ollama, and the wording others use.
+# OpenRouter (404 "No endpoints found that support image input"), Ollama, and the wording
+# others use.
 IMAGES_REFUSED = re.compile(
-    r"image input is not supported|is not a multimodal model|does not support (?:image|vision|multimodal)"
+    r"image input is not supported|is not a multimodal model|support image input"
+    r"|does not support (?:image|vision|multimodal)"
     r"|(?:image|vision|multimodal)[\w ]{0,20} (?:is|are) not supported|content part type:\W*image_url"
     r"|missing data required for image input", re.IGNORECASE)
 
@@ -105,7 +107,7 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None,
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = parse_retry_after(getattr(exc.response, "headers", None))
-        if status not in (401, 404, 429) and IMAGES_REFUSED.search(str(exc)):
+        if status not in (401, 429) and IMAGES_REFUSED.search(str(exc)):
             # A 500 from llama.cpp too: no retry, no other response format will help.
             return ImagesUnsupportedError(f"images refused ({status}): {message}")
         if status == 429 and "insufficient_quota" in (getattr(exc, "code", None), getattr(exc, "type", None)):
