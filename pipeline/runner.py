@@ -66,7 +66,8 @@ stops at once with RunAuthError, its pairs left pending for a rerun with a good 
 does an account out of credits (429 insufficient_quota: RunQuotaError), which waiting
 and retrying would not mend, and a model or endpoint that does not exist (404: a mistyped
 --model, a --base-url without /v1: RunNotFoundError), and a model that refuses images
-(a text-only model: RunImagesUnsupportedError).
+(a text-only model, or a server taking fewer images per request than --method single
+sends: RunImagesUnsupportedError).
 
 Scheduling: `concurrency` request slots, served later stages first (pipeline.slots), and
 twice as many pair workers, so pairs waiting on a shared stage 1 never leave a slot idle.
@@ -100,8 +101,9 @@ from store.models import CallRecord
 from store.redaction import redact_url
 
 from .backends import create_backend
-from .backends.base import (AccountError, ConnectionFailedError, ImagesUnsupportedError, NotFoundError,
-                            PermanentError, QuotaExceededError, TransientError, VLMRequest)
+from .backends.base import (AccountError, ConnectionFailedError, ImageLimitError, ImagesUnsupportedError,
+                            NotFoundError, PermanentError, QuotaExceededError, TransientError,
+                            VLMRequest)
 from .images import BadImageError
 from .pricing import PriceTable
 from .prompts import prompt_versions
@@ -815,6 +817,15 @@ class Runner:
                         f"{self.options.max_attempts} attempts). Check that the server is running and "
                         "the --base-url (host and port), or the network, then run again; the pairs "
                         "not yet annotated stay pending")
+                if self._account_error_type is ImageLimitError:
+                    staged = ("" if self.options.method == "staged" else
+                              ", or annotate with --method staged (one image per request)")
+                    raise RunImagesUnsupportedError(
+                        f"run {self.run_id} stopped: the server at "
+                        f"{redact_url(self.options.base_url) or 'OpenAI'} takes fewer images per "
+                        f"request than this run sends ({self._auth_error.rstrip('.')}). Start vLLM "
+                        "with --limit-mm-per-prompt '{\"image\": 2}'" + staged + ", then run again; "
+                        "the pairs not yet annotated stay pending")
                 if self._account_error_type is ImagesUnsupportedError:
                     raise RunImagesUnsupportedError(
                         f"run {self.run_id} stopped: the model {self.model} at "

@@ -105,6 +105,9 @@ class ServerConfig:
     # A text-only model: any image is refused with this status (llama.cpp: 500, vLLM and
     # Ollama: 400) and llama.cpp's message; 404: OpenRouter's ("No endpoints found ...").
     reject_images_status: int = 0
+    # Images a request may carry (vLLM's --limit-mm-per-prompt, 1 by default in many
+    # versions): more get vLLM's 400.
+    max_images_per_request: Optional[int] = None
     # Models the server has (listed at /v1/models); another model gets vLLM's 404 body.
     served_models: Optional[list] = None
 
@@ -414,6 +417,12 @@ class FakeOpenAI:
                     "to provide the mmproj")  # OpenRouter's 404; llama.cpp's words otherwise
             return _error(cfg.reject_images_status, said, code="server_error"
                           if cfg.reject_images_status >= 500 else "invalid_request_error")
+        limit = cfg.max_images_per_request
+        if limit is not None and sum(len(_images(m.get("content"))) for m in body.get("messages", [])) > limit:
+            self.stats["rejected_image_count"] += 1
+            return JSONResponse({"object": "error", "message": f"At most {limit} image(s) may be provided in "
+                                 "one request.", "type": "BadRequestError", "param": None, "code": 400},
+                                status_code=400)
         with self.lock:
             self.stats["chat_requests"] += 1
             if cfg.keep_requests:

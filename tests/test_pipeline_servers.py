@@ -141,3 +141,18 @@ def test_a_think_block_before_the_answer_is_not_taken_for_it(server, tmp_path):
     assert progress.pairs_done == 2, progress.failures
     stored = table_rows(db_path, "SELECT objects FROM descriptions")
     assert stored and not any('"thing"' in objects for (objects,) in stored), stored
+
+
+def test_a_server_taking_fewer_images_than_the_single_method_sends_stops_the_run(server, tmp_path):
+    # vLLM serves many VLMs with one image per request unless started with
+    # --limit-mm-per-prompt, and answers 400 'At most 1 image(s) may be provided in one
+    # request.' The single-stage method sends two: every pair failed on its own, each
+    # after trying every response format, and the message did not say what to change.
+    db_path = _world(tmp_path, references=2, pairs=4)
+    server.config.max_images_per_request = 1
+    with pytest.raises(RunImagesUnsupportedError) as caught:
+        run_pipeline(db_path, _options(server, method="single"))
+    said = str(caught.value)
+    assert "At most 1 image(s)" in said and "--limit-mm-per-prompt" in said and "--method staged" in said
+    assert server.stats["rejected_image_count"] <= 2
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 4)]

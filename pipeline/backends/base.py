@@ -87,6 +87,11 @@ class ImagesUnsupportedError(AccountError):
     its --mmproj): every request with an image would be refused the same way."""
 
 
+class ImageLimitError(ImagesUnsupportedError):
+    """The server takes fewer images per request than the request sends (vLLM's
+    --limit-mm-per-prompt)."""
+
+
 class QuotaExceededError(AccountError):
     """429 `insufficient_quota`: the account has no credits left. Unlike a rate limit,
     waiting does not help."""

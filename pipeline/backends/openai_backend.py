@@ -24,8 +24,9 @@ import time
 from typing import Any, ClassVar, Optional
 
 from ..images import DETAILS, ImageEncoder
-from .base import (AuthenticationError, ConnectionFailedError, ImagesUnsupportedError, NotFoundError,
-                   PermanentError, QuotaExceededError, TransientError, VLMRequest, VLMResponse)
+from .base import (AuthenticationError, ConnectionFailedError, ImageLimitError, ImagesUnsupportedError,
+                   NotFoundError, PermanentError, QuotaExceededError, TransientError, VLMRequest,
+                   VLMResponse)
 
 RESPONSE_MODES = ("json_schema", "json_object", "text")
 
@@ -40,6 +41,10 @@ IMAGES_REFUSED = re.compile(
     r"|does not support (?:image|vision|multimodal)"
     r"|(?:image|vision|multimodal)[\w ]{0,20} (?:is|are) not supported|content part type:\W*image_url"
     r"|missing data required for image input", re.IGNORECASE)
+# vLLM's refusal of more images than --limit-mm-per-prompt allows (1 by default in many
+# versions): "At most 1 image(s) may be provided in one request.", later "You set
+# image=1 (or defaulted to 1) in `--limit-mm-per-prompt`, but passed 2 image items ...".
+IMAGE_LIMIT = re.compile(r"at most \d+ image\(s\)|limit-mm-per-prompt", re.IGNORECASE)
 
 
 def resolve_api_key(api_key_env: str, base_url: Optional[str]) -> str:
@@ -107,6 +112,8 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None,
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = parse_retry_after(getattr(exc.response, "headers", None))
+        if status not in (401, 429) and IMAGE_LIMIT.search(str(exc)):
+            return ImageLimitError(f"too many images for the server ({status}): {message}")
         if status not in (401, 429) and IMAGES_REFUSED.search(str(exc)):
             # A 500 from llama.cpp too: no retry, no other response format will help.
             return ImagesUnsupportedError(f"images refused ({status}): {message}")
@@ -283,7 +290,8 @@ class OpenAIBackend:
                     raise map_openai_error(exc, self._secret) from None
                 if self._adapt_parameters(str(exc)):
                     continue  # same mode again, with the parameter this model wants
-                if i + 1 < len(modes) and not IMAGES_REFUSED.search(str(exc)):
+                if i + 1 < len(modes) and not (IMAGES_REFUSED.search(str(exc))
+                                               or IMAGE_LIMIT.search(str(exc))):
                     i += 1
                     continue  # many local servers reject response_format: step down
                 raise map_openai_error(exc, self._secret) from None
