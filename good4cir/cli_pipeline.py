@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+# As `import` with problems: some items failed, the rest are stored.
+EXIT_PAIRS_FAILED = 3
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -14,7 +17,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Run the annotation pipeline on the store's pairs. Rerunning the same command "
             "resumes the matching run and makes no call whose answer is already stored. "
             "The API key comes from the environment (OPENAI_API_KEY by default), never from "
-            "an argument. The simulator backend is an offline stand-in for the demo world."
+            "an argument. The simulator backend is an offline stand-in for the demo world. "
+            f"Exit status: 0 when every pair it worked on is done; {EXIT_PAIRS_FAILED} when some "
+            "pairs failed (named at the end; --retry-failed sends them again); 130 when the run "
+            "stopped with pairs pending (rerun to resume); 1 on an error."
         ),
     )
     parser.add_argument("--db", required=True, help="the store's SQLite file")
@@ -148,7 +154,7 @@ def run_annotate(args: argparse.Namespace) -> int:
     if progress.status == "stopped":
         print("rerun the same command to resume", file=sys.stderr)
         return 130
-    return 0
+    return EXIT_PAIRS_FAILED if progress.pairs_failed else 0
 
 
 def _say_which_pairs_failed(db_path: str, progress) -> None:

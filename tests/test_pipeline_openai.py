@@ -337,8 +337,9 @@ def test_cli_annotate_names_the_failed_pairs_and_how_to_retry_them(server, tmp_p
     db_path, world = _world(tmp_path, references=3, pairs=6)
     corrupt_image(world["images"]["ref0001"][1])
     Path(world["images"]["tgt0002"][1]).unlink()
+    # Status 3, as an import with problems: a script sees that some pairs failed.
     assert cli_main(["annotate", "--db", str(db_path), "--backend", "openai", "--base-url", server.url,
-                     "--no-progress"]) == 0
+                     "--no-progress"]) == 3
     out = capsys.readouterr()
     said = out.out + out.err
     assert "3 failed" in said
