@@ -555,20 +555,3 @@ def test_a_refused_note_names_its_pair_and_carries_the_text(store):
     message = str(refused.value)
     assert message.startswith(f"NOT SAVED: ann changed the note of pair p1 (run {store['run_id']}) while you")
     assert "Your note was: “bob's careful note”" in message and "still in the box" not in message
-
-
-def test_the_server_loads_clip_s_tokenizer_before_the_first_caption_save(tmp_path):
-    # A save counts the caption's CLIP tokens; loading the tokenizer on that first save
-    # kept the reviewer waiting about 4 s.
-    import time
-
-    from pipeline.compound import load_tokenizer
-    from ui.server import create_server_app
-
-    info = build_review_store(tmp_path, 1)
-    load_tokenizer.cache_clear()
-    create_server_app(info["db_path"])
-    deadline = time.monotonic() + 30
-    while load_tokenizer.cache_info().currsize == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert load_tokenizer.cache_info().currsize == 1

@@ -29,22 +29,6 @@ from .security import (  # noqa: E402
 )
 
 
-def warm_caption_checks() -> threading.Thread:
-    """Load CLIP's tokenizer in the background: a caption save counts its tokens, and
-    loading it (torch's import) made the first save after a start take about 4 s."""
-    def load() -> None:
-        from pipeline.compound import load_tokenizer
-
-        try:
-            load_tokenizer()
-        except Exception:  # the first save loads it again and reports what is wrong there
-            pass
-
-    thread = threading.Thread(target=load, name="good4cir-tokenizer", daemon=True)
-    thread.start()
-    return thread
-
-
 def create_server_app(
     db_path: str | Path,
     *,
@@ -57,7 +41,6 @@ def create_server_app(
     from .app import _theme, build_app
 
     blocks = build_app(db_path, index_path=index_path, auth_enabled=bool(auth))
-    warm_caption_checks()
     conns = Connections(db_path)
     app = fastapi.FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     holder: dict = {}
