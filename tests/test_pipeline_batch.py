@@ -269,12 +269,13 @@ def test_an_upload_that_times_out_after_the_file_arrived_is_found_not_sent_again
     assert len(set(names)) == 3
 
 
-def _run_with_a_batch_open(server, tmp_path):
-    """Run A over 3 pairs (references 0, 1, 0) whose first batch stays open at the
-    provider: (store path, its options, its live session's handle, the batch id)."""
+def _run_with_a_batch_open(server, tmp_path, **run_a):
+    """Run A over 3 pairs (references 0, 1, 0), with `run_a`'s options, whose first batch
+    stays open at the provider: (store path, its options, its live session's handle, the
+    batch id)."""
     db_path = tmp_path / "store.db"
     build_world(db_path, tmp_path / "images", references=2, pairs=3)
-    options = _options(server)
+    options = _options(server, **run_a)
     server.config.batch_delay = 120.0
     handle = start_run_in_thread(db_path, options)
     deadline = time.time() + 60
@@ -285,9 +286,9 @@ def _run_with_a_batch_open(server, tmp_path):
     return db_path, options, handle, batch_a
 
 
-def _stopped_run_with_a_batch_open(server, tmp_path):
+def _stopped_run_with_a_batch_open(server, tmp_path, **run_a):
     """As `_run_with_a_batch_open`, with run A's session stopped: its batch stays open."""
-    db_path, options, handle, batch_a = _run_with_a_batch_open(server, tmp_path)
+    db_path, options, handle, batch_a = _run_with_a_batch_open(server, tmp_path, **run_a)
     handle.stop()
     assert handle.join(timeout=30).status == "stopped"
     return db_path, options, batch_a
@@ -445,17 +446,7 @@ def test_a_refusal_names_pairs_that_share_only_a_reference_image_with_another_ru
     # Run A (--limit 1: pair 0, reference 0) has its batch open. A chat run over all three
     # pairs would ask stage 1 of reference 0 for pair 2 too: 2 of its 3 pairs, one of them
     # only through its reference image. The count was A's pending pairs (1).
-    db_path = tmp_path / "store.db"
-    build_world(db_path, tmp_path / "images", references=2, pairs=3)
-    options = _options(server, limit=1)
-    server.config.batch_delay = 120.0
-    handle = start_run_in_thread(db_path, options)
-    deadline = time.time() + 60
-    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE status = 'validating'")[0][0]:
-        assert handle.running and time.time() < deadline, handle.error
-        time.sleep(0.02)
-    handle.stop()
-    assert handle.join(timeout=30).status == "stopped"
+    db_path, options, _ = _stopped_run_with_a_batch_open(server, tmp_path, limit=1)
     with pytest.raises(RunBusyError) as caught:
         run_pipeline(db_path, RunOptions(**{**options.__dict__, "backend": "openai", "limit": None}))
     message = str(caught.value)
