@@ -4,7 +4,7 @@ Two or three individual captions are joined into one sentence with varied connec
 and syntax ("and", "; also", "then", "as well as", "while", sentence joins). A
 compound of one caption is the individual caption itself, which is stored already, so
 this module only builds the 2- and 3-caption compounds. Anything over CLIP's 77-token
-context (start and end tokens counted, open_clip's own tokenizer) is dropped: CLIP
+context (start and end tokens counted, as open_clip's tokenizer counts them) is dropped: CLIP
 would silently truncate it during training.
 """
 
@@ -14,8 +14,9 @@ import hashlib
 import itertools
 import random
 import re
-from functools import lru_cache
 from typing import Callable
+
+from .clip_tokens import ClipTokenCounter, counter
 
 CLIP_CONTEXT_LENGTH = 77
 DEFAULT_MAX_PER_PAIR = 8
@@ -37,20 +38,15 @@ _GERUNDS = {
 }
 
 
-@lru_cache(maxsize=1)
-def load_tokenizer():
-    """open_clip's CLIP tokenizer, loaded once. Importing open_clip imports torch (seconds):
+def load_tokenizer() -> ClipTokenCounter:
+    """CLIP's token counter, loaded once (its vocabulary, a fraction of a second; no torch):
     a caller with an event loop can call this in a worker thread before the first pair."""
-    # open_clip's BPE vocabulary ships in the wheel: this works offline.
-    import open_clip
-
-    return open_clip.get_tokenizer("ViT-B-32")
+    return counter()
 
 
 def count_clip_tokens(text: str) -> int:
     """Tokens CLIP's text encoder sees for `text`, start and end tokens included."""
-    tokenizer = load_tokenizer()
-    return len(tokenizer.encode(text)) + 2
+    return counter().count(text)
 
 
 _STOPWORDS = frozenset(

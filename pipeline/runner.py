@@ -797,8 +797,8 @@ class Runner:
             self._slots = PrioritySlots(self.options.resolved_concurrency())
             self._inflight: dict[str, asyncio.Future] = {}
             self._stage1_futures: dict[str, asyncio.Future] = {}
-            # Stage 4's CLIP tokenizer takes seconds to import (torch): load it on a
-            # thread while the first calls are out, not on the event loop at the first pair.
+            # Stage 4's CLIP token counter reads its BPE vocabulary (a fraction of a second):
+            # load it on a thread while the first calls are out, not on the event loop.
             self._stage4_ready = asyncio.get_running_loop().run_in_executor(None, _load_stage4)
             await self._run_work(work)
             await self._db(lambda db: None)  # every queued write is in the store
@@ -967,7 +967,7 @@ class Runner:
                     item["pair_id"], (item["reference_id"], item["reference_path"]),
                     (item["target_id"], item["target_path"]),
                     temperature=self.options.temperature, max_tokens=self.options.max_tokens)
-            # Counting CLIP tokens needs open_clip's tokenizer, loaded off the event loop.
+            # Counting CLIP tokens needs the BPE vocabulary, loaded off the event loop.
             await asyncio.shield(self._stage4_ready)
             answer, _ = await self._ask(request, lambda a: overlong_captions(a.captions))
             captions = answer.captions

@@ -173,7 +173,7 @@ def describe_problems(problems: list[AnswerProblem]) -> str:
 def overlong_captions(captions: list[str], max_tokens: int = CLIP_CONTEXT_LENGTH) -> list[AnswerProblem]:
     """Captions over CLIP's context (start and end tokens counted, as stage 4 counts):
     training would cut off what comes after the last token that fits, silently.
-    Loads open_clip's tokenizer on first use (seconds: torch is imported)."""
+    Loads CLIP's BPE vocabulary on first use (`clip_tokens`: a fraction of a second)."""
     problems = []
     for i, caption in enumerate(captions):
         tokens = count_clip_tokens(caption)

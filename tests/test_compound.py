@@ -194,3 +194,26 @@ def test_two_different_changes_to_one_object_are_joined_and_two_wordings_of_one_
     assert compose_captions(["Make the painting blue", "Paint the painting on the right blue",
                              "The painting should be blue"], seed=0) == []
     assert len(compose_captions(["Make the painting blue", "Move the painting to the left"], seed=0)) == 1
+
+
+def test_token_count_matches_open_clip_on_awkward_text():
+    texts = [
+        "", "   ", "Make the lamp RED!!!", "don't move the chair; it's fine", "put 12 chairs at 3.5 m",
+        "café crème au lait", "naïve façade", "日本語のテキスト", "add 🌿 and 🪑 now", "&amp;lt;b&amp;gt; tags",
+        "Ã©tÃ© mojibake", "tab\tand\nnewline", "hyphen-ated well-known co-operate", "supercalifragilisticexpialidocious",
+        "<start_of_text> inside", "x" * 300, "ﬁne ligature", "l'été d'or", "—em dash— and “quotes”",
+    ]
+    for text in texts:
+        assert count_clip_tokens(text) == _real_token_count(text), text
+
+
+def test_counting_tokens_does_not_import_torch():
+    # The review app counts tokens on a reviewer's first caption save: importing torch
+    # for it made that save wait about 4 s after every app start.
+    import subprocess
+    import sys
+
+    code = ("import sys; from pipeline.compound import count_clip_tokens; "
+            "assert count_clip_tokens('make the lamp red') == 6; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
