@@ -377,9 +377,15 @@ def collect_batch(db: sqlite_utils.Database, batch_id: str, answers: dict[str, d
         run_id = row[0] if row else None
         recorded = {r[0] for r in db.execute(
             "SELECT custom_id FROM calls WHERE batch_id = ? AND status = 'ok'", [batch_id])}
-        for custom_id, *line in db.execute(
-                f"SELECT custom_id, {', '.join(BATCH_LINE_FIELDS)} FROM batch_lines WHERE batch_id = ?",
-                [batch_id]).fetchall():
+        lines = db.execute(f"SELECT custom_id, {', '.join(BATCH_LINE_FIELDS)} FROM batch_lines WHERE batch_id = ?",
+                           [batch_id]).fetchall()
+        # Every answered line becomes a call below; an unanswered one goes out again by its
+        # asker, who stores its own line with the new batch. The rows go first: the calls'
+        # copies of their requests then fill the pages they free, so the file holds each
+        # request once (deleted after, they stayed as free pages: the file grew by every
+        # collected request twice).
+        db.execute("DELETE FROM batch_lines WHERE batch_id = ?", [batch_id])
+        for custom_id, *line in lines:
             answer = answers.get(custom_id)
             if answer is None or custom_id in recorded:
                 continue
@@ -390,9 +396,6 @@ def collect_batch(db: sqlite_utils.Database, batch_id: str, answers: dict[str, d
             stored[custom_id] = db.execute(
                 f"INSERT INTO calls ({', '.join(data)}) VALUES ({', '.join('?' * len(data))})",
                 list(data.values())).lastrowid
-        # Every answered line is now a call; an unanswered one goes out again by its
-        # asker, who stores its own line with the new batch.
-        db.execute("DELETE FROM batch_lines WHERE batch_id = ?", [batch_id])
         update_batch(db, batch_id, collected=1, **fields)
     return stored
 

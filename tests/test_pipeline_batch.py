@@ -429,6 +429,30 @@ def test_each_batch_answer_is_written_once_as_the_call_of_the_run_that_asked(ser
     assert unasked == 1
 
 
+def test_each_batch_request_takes_room_in_the_store_once(server, tmp_path):
+    # A batch line's request is kept in batch_lines while the batch is open and moved
+    # into its call when the batch is collected. The calls were written before the lines
+    # were deleted, so the lines' pages were left free in the file: after a run whose
+    # last batch held 7 requests the store kept 4 free pages (16 KB, the size of those
+    # requests again; 17 pages for a last batch of 40).
+    import sqlite3
+
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=3, pairs=7)
+    progress = run_pipeline(db_path, _options(server))     # one batch per stage
+    assert progress.pairs_done == 7 and server.stats["batch_lines_answered"] == 17
+    # every request is kept, as its call (the audit copy; resumes reuse it by its hash)
+    assert table_rows(db_path, "SELECT COUNT(*), COUNT(request) FROM calls") == [(17, 17)]
+    assert table_rows(db_path, "SELECT COUNT(*) FROM batch_lines") == [(0,)]
+    conn = sqlite3.connect(str(db_path))
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    finally:
+        conn.close()
+    assert free_pages <= 1
+
+
 def test_a_refusal_beside_another_runs_open_batch_counts_only_the_pairs_this_session_would_send(
         server, tmp_path):
     # Run A's open batch holds stage 1 of references 0 and 1 for its pairs 0, 1, 2 (refs
