@@ -174,17 +174,19 @@ def test_human_flag_rates_count_decided_pairs_only(store):
     by_model = sl.human_rates_by([row], "model")
     assert by_model["sim-1"]["stage 3 captions"] == pytest.approx(1 / 8)
     progress = sl.review_progress(db)
-    assert progress["run 1 (test run)"] == {"approved": 1, "rejected": 1, "unreviewed": 2, "flagged": 2,
+    label = rl.run_labels(db, progress=False)[1]
+    assert progress[label] == {"approved": 1, "rejected": 1, "unreviewed": 2, "flagged": 2,
                                             "annotating": 0, "failed": 0}
     table = sl.summary_rows([row], sl.caption_stats(db))
-    assert table[0][:4] == ["run 1 (test run)", "sim-1", "-", 2] and table[0][6] == "12.5%"
+    assert table[0][:4] == [label, "sim-1", "-", 2] and table[0][6] == "12.5%"
 
 
 def test_caption_stats_use_current_text(store):
     db, ann = store["db"], store["annotation_ids"][0]
-    before = sl.caption_stats(db)["run 1 (test run)"]
+    label = rl.run_labels(db, progress=False)[1]
+    before = sl.caption_stats(db)[label]
     rl.save_caption(db, f"{ann}:c0", "one two three four five six seven eight nine ten eleven twelve", "ann", 0)
-    after = sl.caption_stats(db)["run 1 (test run)"]
+    after = sl.caption_stats(db)[label]
     assert after["captions"] == before["captions"] == 16
     assert max(after["lengths"]) == 12 and after["mean_words"] > before["mean_words"]
     assert 0 < after["distinct_1"] <= 1 and 0 < after["distinct_2"] <= 1
@@ -197,6 +199,34 @@ def test_plots_render(store):
                 sl.plot_caption_stats(sl.caption_stats(db))):
         fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
         assert fig.axes
+
+
+def test_stats_and_pipeline_tabs_label_runs_of_one_name_as_the_run_filter_does(store):
+    # Two simulator runs named 'demo' (error rates 0.1 and 0.3) read 'run 2 (demo)' and
+    # 'run 3 (demo)' in the Stats tab, and 'demo' in the Pipeline tab's runs table: only
+    # the number told them apart, while the Review tab's Run filter named the setting.
+    from store.annotations import create_run, ensure_annotations, update_run
+
+    db = store["db"]
+    pair_ids = [r[0] for r in db.execute("SELECT id FROM pairs ORDER BY id").fetchall()]
+    low = create_run(db, "simulator", "sim-1", name="demo", settings={"error_rate": 0.1, "seed": 0})
+    high = create_run(db, "simulator", "sim-1", name="demo", settings={"error_rate": 0.3, "seed": 0})
+    update_run(db, low.id, started_at="2026-11-20T09:15:00.000+00:00")
+    ensure_annotations(db, low.id, pair_ids[:2])
+    ensure_annotations(db, high.id, pair_ids[:2])
+    stats = {row["run_id"]: row["label"] for row in sl.human_flag_counts(db)}
+    table = {row[0]: row for row in pl.runs_table(str(store["db_path"]))}
+    for shown in (stats, {run_id: row[1] for run_id, row in table.items()}):
+        assert "error_rate 0.1" in shown[low.id] and "error_rate 0.3" in shown[high.id]
+        assert "started 2026-11-20 09:15" in shown[low.id] and "simulator / sim-1" in shown[high.id]
+    assert set(sl.review_progress(db)) >= {stats[low.id], stats[high.id]}
+    # the labelling of the Run filter, less its annotated-pairs count
+    labels = rl.run_labels(db, progress=False)
+    choices = dict((value, label) for label, value in rl.run_choices(db))
+    assert choices[str(low.id)].startswith(labels[low.id] + " · ") and "annotated" not in labels[low.id]
+    assert stats == labels and pl.RUNS_HEADERS[1] == "label"
+    assert all(table[run_id][1] == label for run_id, label in labels.items())
+    assert table[1][1] == labels[1] and "test run" in labels[1]
 
 
 # ---------------------------------------------------------------- export

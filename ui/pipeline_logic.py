@@ -237,17 +237,26 @@ def format_progress(progress: Optional[dict]) -> str:
 
 
 def runs_table(db_path: str) -> list[list]:
-    """Every run of the store, one row each, for the runs table."""
+    """Every run of the store, one row each, for the runs table; each run labelled as
+    the Review tab's Run filter labels it (runs of one name told apart)."""
     from pipeline.runner import run_status
+    from store.db import open_db
 
+    from .review_logic import run_labels
+
+    db = open_db(db_path)
+    try:
+        labels = run_labels(db, progress=False)
+    finally:
+        db.conn.close()
     rows = []
     for run in run_status(db_path)["runs"]:
         rows.append([
-            run["id"], run.get("name") or "", run["backend"], run["model"], run.get("method", ""),
-            run.get("status", ""), run["pairs_done"], run["pairs_failed"], run["pairs_pending"], run["calls"],
-            round(run["cost_usd"] or 0.0, 4),
+            run["id"], labels.get(run["id"], run.get("name") or ""), run["backend"], run["model"],
+            run.get("method", ""), run.get("status", ""), run["pairs_done"], run["pairs_failed"],
+            run["pairs_pending"], run["calls"], round(run["cost_usd"] or 0.0, 4),
         ])
     return rows
 
 
-RUNS_HEADERS = ["run", "name", "backend", "model", "method", "status", "done", "failed", "pending", "calls", "cost $"]
+RUNS_HEADERS = ["run", "label", "backend", "model", "method", "status", "done", "failed", "pending", "calls", "cost $"]

@@ -58,12 +58,14 @@ def make_filter(queue: str, run: Optional[str], model: Optional[str], split: Opt
 _RUN_SETTINGS_SHOWN = ("method", "error_rate", "split", "limit", "base_url", "temperature", "seed", "detail")
 
 
-def run_choices(db: sqlite_utils.Database) -> list[tuple[str, str]]:
-    """(label, value) for each run: the value is the run id; the label says what a reviewer
-    can tell runs apart by (name, backend / model, start time, annotated pairs, and the
-    settings in which runs of one name, backend and model differ)."""
+def run_labels(db: sqlite_utils.Database, *, progress: bool = True) -> dict[int, str]:
+    """run id -> the label a reviewer tells runs apart by: name, backend / model, the
+    settings in which runs of one name, backend and model differ, and start time; with
+    `progress`, how many of its pairs are annotated (the Run filter). The Stats and
+    Pipeline tabs use it without: their tables and plots show the counts themselves."""
     counts = {run_id: (done, total) for run_id, done, total in db.execute(
-        "SELECT run_id, SUM(status = 'done'), COUNT(*) FROM annotations GROUP BY run_id").fetchall()}
+        "SELECT run_id, SUM(status = 'done'), COUNT(*) FROM annotations GROUP BY run_id").fetchall()
+    } if progress else {}
     rows = db.execute(
         "SELECT id, name, backend, model, method, settings, started_at, created_at FROM runs ORDER BY id").fetchall()
     runs = []
@@ -79,17 +81,24 @@ def run_choices(db: sqlite_utils.Database) -> list[tuple[str, str]]:
     groups: dict[tuple, list[dict]] = {}
     for _, name, backend, model, values, _ in runs:
         groups.setdefault((name, backend, model), []).append(values)
-    out = []
+    out = {}
     for run_id, name, backend, model, values, started in runs:
         siblings = groups[(name, backend, model)]
         differing = [key for key in _RUN_SETTINGS_SHOWN
                      if len({json.dumps(v.get(key), sort_keys=True) for v in siblings}) > 1]
         parts = [f"run {run_id}"] + ([name] if name else []) + [f"{backend} / {model}"]
         parts += [f"{key} {'none' if values.get(key) is None else values[key]}" for key in differing]
-        done, total = counts.get(run_id, (0, 0))
-        parts += [started, f"{done:,} of {total:,} pair{'' if total == 1 else 's'} annotated"]
-        out.append((" · ".join(parts), str(run_id)))
+        parts.append(started)
+        if progress:
+            done, total = counts.get(run_id, (0, 0))
+            parts.append(f"{done:,} of {total:,} pair{'' if total == 1 else 's'} annotated")
+        out[run_id] = " · ".join(parts)
     return out
+
+
+def run_choices(db: sqlite_utils.Database) -> list[tuple[str, str]]:
+    """(label, value) for each run: the value is the run id, the label run_labels'."""
+    return [(label, str(run_id)) for run_id, label in run_labels(db).items()]
 
 
 def filter_choices(db: sqlite_utils.Database) -> dict[str, list]:

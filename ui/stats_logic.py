@@ -21,6 +21,8 @@ import sqlite_utils
 
 from store.models import PIPELINE_REVIEWER
 
+from .review_logic import run_labels
+
 log = logging.getLogger("good4cir.ui")
 
 STAGES = ("stage 1 descriptors", "stage 2 descriptors", "stage 3 captions", "stage 4 compounds")
@@ -29,6 +31,9 @@ MAX_CAPTIONS_FOR_DIVERSITY = 50_000
 
 
 def _runs(db) -> dict[int, dict]:
+    # Labelled as the Review tab's Run filter labels runs (without its annotated-pairs
+    # count, which would change the label under a running pipeline between two tables).
+    labels = run_labels(db, progress=False)
     runs = {}
     for run_id, name, backend, model, method, prompt_versions in db.execute(
             "SELECT id, name, backend, model, method, prompt_versions FROM runs ORDER BY id").fetchall():
@@ -37,7 +42,7 @@ def _runs(db) -> dict[int, dict]:
         used = ("single",) if method == "single" else ("stage1", "stage2", "stage3")
         versions = {k: v for k, v in versions.items() if k in used} or versions
         runs[run_id] = {
-            "run_id": run_id, "label": f"run {run_id}" + (f" ({name})" if name else ""),
+            "run_id": run_id, "label": labels.get(run_id, f"run {run_id}"),
             "backend": backend, "model": model, "method": method,
             "prompt_version": " ".join(f"{k}:{str(v)[:6]}" for k, v in sorted(versions.items())) or "-",
         }
