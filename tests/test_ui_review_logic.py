@@ -79,6 +79,29 @@ def test_filters_by_split_and_model(store):
     assert choices["splits"] == [rl.ANY, "train", "val"] and "sim-1" in choices["models"]
 
 
+def test_split_filter_says_which_splits_hold_nothing_to_review(store):
+    # CIRR's test1 withholds its targets, so its pairs are never annotated; the Split
+    # filter offered it like any other split and choosing it showed an empty queue.
+    from pathlib import Path
+
+    from store.importers import import_dataset
+
+    db = store["db"]
+    cirr = Path(__file__).parent / "fixtures" / "cirr"
+    import_dataset(db, "cirr", cirr, split="test1")
+    import_dataset(db, "cirr", cirr, split="train", source="cirr-holdout")
+    with db.conn:  # a split with targets that no run has reached yet
+        db.execute("UPDATE pairs SET split = 'holdout' WHERE source = 'cirr-holdout'")
+    choices = rl.filter_choices(db)["splits"]
+    labels = {c[1] if isinstance(c, tuple) else c: c[0] if isinstance(c, tuple) else c for c in choices}
+    assert set(labels) == {rl.ANY, "train", "val", "test1", "holdout"}
+    assert labels["train"] == "train" and labels["val"] == "val"            # annotated: offered as they are
+    assert labels["test1"] == "test1 · nothing to review: no pair has a target image (withheld)"
+    assert labels["holdout"] == "holdout · nothing to review yet: no pair annotated"
+    # the value is still the split: choosing it filters (to an empty queue), as before
+    assert rl.first_in_queue(db, rl.make_filter("all", None, None, "test1")) is None
+
+
 def test_flags_on_descriptor_and_caption_toggle_and_count(store):
     db, ann = store["db"], store["annotation_ids"][0]
     view = rl.load_pair(db, ann)

@@ -101,12 +101,33 @@ def run_choices(db: sqlite_utils.Database) -> list[tuple[str, str]]:
     return [(label, str(run_id)) for run_id, label in run_labels(db).items()]
 
 
-def filter_choices(db: sqlite_utils.Database) -> dict[str, list]:
-    """Choices for the run, model and split filters; runs as (label, run id) pairs."""
-    models = [r[0] for r in db.execute("SELECT DISTINCT model FROM runs ORDER BY model").fetchall()]
+def split_choices(db: sqlite_utils.Database) -> list:
+    """Every split of the store, as its name; a split with no annotated pair to review is
+    offered as (label saying why, name): CIRR's test1 withholds its targets, so its pairs
+    are never annotated, and a split no run has reached yet holds nothing either. Still
+    listed: the Export tab writes such a split's imported captions."""
     splits = [r[0] for r in db.execute(
         "SELECT DISTINCT split FROM pairs WHERE split IS NOT NULL ORDER BY split").fetchall()]
-    return {"runs": [(ANY, ANY), *run_choices(db)], "models": [ANY, *models], "splits": [ANY, *splits]}
+    annotated = {r[0] for r in db.execute(
+        "SELECT DISTINCT p.split FROM annotations a JOIN pairs p ON p.id = a.pair_id"
+        " WHERE a.status = 'done'").fetchall()}
+    out = []
+    for split in splits:
+        if split in annotated:
+            out.append(split)
+        elif db.execute("SELECT 1 FROM pairs WHERE split = ? AND target_id IS NOT NULL LIMIT 1",
+                        [split]).fetchone() is None:
+            out.append((f"{split} · nothing to review: no pair has a target image (withheld)", split))
+        else:
+            out.append((f"{split} · nothing to review yet: no pair annotated", split))
+    return out
+
+
+def filter_choices(db: sqlite_utils.Database) -> dict[str, list]:
+    """Choices for the run, model and split filters; runs as (label, run id) pairs,
+    splits as split_choices gives them."""
+    models = [r[0] for r in db.execute("SELECT DISTINCT model FROM runs ORDER BY model").fetchall()]
+    return {"runs": [(ANY, ANY), *run_choices(db)], "models": [ANY, *models], "splits": [ANY, *split_choices(db)]}
 
 
 # ---------------------------------------------------------------- navigation
