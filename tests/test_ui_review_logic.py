@@ -102,6 +102,36 @@ def test_split_filter_says_which_splits_hold_nothing_to_review(store):
     assert rl.first_in_queue(db, rl.make_filter("all", None, None, "test1")) is None
 
 
+def test_an_image_recorded_by_url_only_says_import_download_fetches_it(tmp_path):
+    # An image the authors' dataset.json names by URL is only recorded unless the import
+    # had --download; the review page said 'no local file for this image', with no word
+    # of the option that fetches it.
+    import json
+
+    from PIL import Image
+
+    from store.annotations import create_run, ensure_annotations
+    from store.importers import import_dataset
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (32, 24), "white").save(folder / "a.png")
+    url = "https://images.example.com/rooms/room0.jpg"  # never fetched: no --download
+    (folder / "dataset.json").write_text(json.dumps([
+        {"reference_image": url, "target_image": "a.png", "difference_captions": ["x"]}]))
+    db = open_db(tmp_path / "s.db")
+    import_dataset(db, "good4cir", folder / "dataset.json")
+    run = create_run(db, "simulator", "sim-1")
+    ensure_annotations(db, run.id, [r[0] for r in db.execute("SELECT id FROM pairs").fetchall()])
+    [annotation_id] = [r[0] for r in db.execute("SELECT id FROM annotations").fetchall()]
+    view = rl.load_pair(db, annotation_id)
+    assert view.reference.url is None and view.target.url  # the local target is shown
+    html = rl.render_images_html(view)
+    reference, target = html.split("<figure")[1:]
+    assert "not downloaded" in reference and "good4cir import --download" in reference
+    assert "no local file" not in reference and "--download" not in target
+
+
 def test_flags_on_descriptor_and_caption_toggle_and_count(store):
     db, ann = store["db"], store["annotation_ids"][0]
     view = rl.load_pair(db, ann)
@@ -360,7 +390,8 @@ def test_pair_without_target_or_local_file_is_shown(store):
     assert view.target.url is None and "no target" in view.target.name
     assert view.reference.url is None  # remote images are never fetched or linked
     html = rl.render_images_html(view)
-    assert "example.com" not in html and html.count("no local file") == 2
+    assert "example.com" not in html and html.count("no local file") == 1   # the target
+    assert html.count("good4cir import --download") == 1                      # the URL-only reference
 
 
 def test_undo_reverts_the_last_edit_and_refuses_a_stale_version(store):

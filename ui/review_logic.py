@@ -277,6 +277,9 @@ class ImageCell:
     name: str
     url: Optional[str]
     scene: Optional[dict] = None
+    # Recorded by its URL only (imported without --download): the page has no file to
+    # show and says how to fetch one. The URL itself stays out of the page.
+    url_only: bool = False
 
 
 @dataclass
@@ -369,13 +372,13 @@ def diff_objects(
 def _image_cell(db, image_id: Optional[str]) -> ImageCell:
     if not image_id:  # CIRR test pairs have no target
         return ImageCell(id="", name="(no target image in this dataset)", url=None)
-    row = db.execute("SELECT name, path, scene_json FROM images WHERE id = ?", [image_id]).fetchone()
+    row = db.execute("SELECT name, path, url, scene_json FROM images WHERE id = ?", [image_id]).fetchone()
     if row is None:
         return ImageCell(id=image_id, name=f"(missing image {image_id})", url=None)
-    name, path, scene = row
+    name, path, remote_url, scene = row
     return ImageCell(
         id=image_id, name=name, url=image_url(image_id) if path else None,
-        scene=json.loads(scene) if scene else None,
+        scene=json.loads(scene) if scene else None, url_only=not path and bool(remote_url),
     )
 
 
@@ -883,6 +886,10 @@ def render_images_html(view: Optional[PairView]) -> str:
         if cell.url:
             body = (f"<img src='{escape_text(cell.url)}' alt='{escape_text(label)}' "
                     f"data-g4c-zoom='1' title='click to zoom'>")
+        elif cell.url_only:  # store/importers/_download.py fetches it on request
+            body = ("<div class='g4c-noimg'>not downloaded: this image is recorded by its URL only; "
+                    "import its dataset again with <code>good4cir import --download</code> to fetch it"
+                    "</div>")
         else:
             body = "<div class='g4c-noimg'>no local file for this image</div>"
         return (f"<figure class='g4c-fig'>{body}<figcaption><b>{escape_text(label)}</b> · "
