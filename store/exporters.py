@@ -24,6 +24,7 @@ import sqlite_utils
 from tqdm import tqdm
 
 from .annotations import get_run, require_split
+from .db import transaction, utc_now
 from .redaction import redact_url
 from .models import AnnotationRecord, CaptionRecord, ImageRecord, PairRecord, RunRecord
 from .review import caption_history, list_captions_of, list_flags, review_history
@@ -60,7 +61,8 @@ def export_dataset(
     split: Optional[str] = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Write the export to `out` (atomically) and return counts of what was written."""
+    """Write the export to `out` (atomically) and return counts of what was written. A
+    CIRR export also stores the pairids it gives generated captions (cirr_pairids)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if run_id is not None:
@@ -78,7 +80,7 @@ def export_dataset(
     if format == "good4cir":
         text = _good4cir(items, stats)
     elif format == "cirr":
-        text = _cirr(items, stats)
+        text = _cirr(db, items, stats)
     else:
         text = _jsonl(db, items, stats)
     stats["splits"] = sorted(stats["splits"])
@@ -273,33 +275,36 @@ def _good4cir(items: Iterator[ExportItem], stats: dict) -> str:
     return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
 
 
-def _cirr(items: Iterator[ExportItem], stats: dict) -> str:
+def _cirr(db, items: Iterator[ExportItem], stats: dict) -> str:
     """One entry per caption, with cap.rc2.*.json's keys. An imported CIRR caption keeps
-    its pairid and img_set id; anything else gets new numbers after the largest kept."""
+    its pairid and img_set id; any other caption gets the pairid the store gave it when
+    it was first exported (cirr_pairids), so the same caption has the same pairid in
+    every export, and no two captions share one across split files or with an imported
+    pairid (CIRR numbers its queries once over all splits). Generated img_set ids are
+    numbered after the largest kept in the file."""
     pending = []
-    kept_pairids: set[int] = set()
     kept_set_ids: set[int] = set()
     for item in items:
         extra = item.pair.extra
         is_original = item.annotation is None
         for index, text in enumerate(item.texts):
             pairid = extra.get("pairid") if is_original and index == 0 else None
-            if isinstance(pairid, int):
-                kept_pairids.add(pairid)
+            # An edited caption keeps its id, and so its pairid: it is the same query.
+            key = f"{item.pair.id}:imported:{index}" if is_original else item.captions[index].id
             set_id = extra.get("img_set_id")
             if isinstance(set_id, int):
                 kept_set_ids.add(set_id)
-            pending.append((item, text, pairid, set_id))
+            pending.append((item, text, pairid if isinstance(pairid, int) else key, set_id))
         stats["pairs"] += 1
         stats["splits"].add(str(item.pair.split))
         stats["captions"] += len(item.texts)
-    next_pairid = max(kept_pairids, default=-1) + 1
+    given = cirr_pairids(db, [key for _, _, key, _ in pending if isinstance(key, str)])
     next_set_id = max(kept_set_ids, default=-1) + 1
     set_ids: dict[tuple, int] = {}
     entries = []
     for item, text, pairid, set_id in pending:
-        if not isinstance(pairid, int):
-            pairid, next_pairid = next_pairid, next_pairid + 1
+        if isinstance(pairid, str):
+            pairid = given[pairid]
         names = item.pair.extra.get("names") or {}
         members = [image.name for image in item.img_set]
         if isinstance(names.get("members"), list) and len(names["members"]) == len(members):
@@ -322,6 +327,34 @@ def _cirr(items: Iterator[ExportItem], stats: dict) -> str:
             entry["img_set"].update({k: v for k, v in ranks.items() if k not in ("id", "members")})
         entries.append(entry)
     return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
+
+
+def cirr_pairids(db: sqlite_utils.Database, caption_keys: list[str]) -> dict[str, int]:
+    """{caption key: pairid}: the pairid each caption was given by an earlier CIRR export,
+    and for the others (in the order given) new ones after the largest the store knows,
+    given or imported (any split), stored in the same transaction."""
+    found: dict[str, int] = {}
+    if not caption_keys:  # imported captions only: nothing to write
+        return found
+    with transaction(db):
+        for start in range(0, len(caption_keys), _CHUNK):
+            chunk = caption_keys[start:start + _CHUNK]
+            found.update(db.execute(
+                f"SELECT caption_key, pairid FROM cirr_pairids WHERE caption_key IN ({', '.join('?' * len(chunk))})",
+                chunk).fetchall())
+        missing = [key for key in dict.fromkeys(caption_keys) if key not in found]
+        if missing:
+            top = db.execute(
+                "SELECT MAX(n) FROM (SELECT MAX(pairid) AS n FROM cirr_pairids UNION ALL"
+                " SELECT MAX(json_extract(extra, '$.pairid')) FROM pairs"
+                " WHERE json_type(extra, '$.pairid') = 'integer')").fetchone()[0]
+            first = -1 if top is None else top
+            now = utc_now()
+            new = {key: first + 1 + i for i, key in enumerate(missing)}
+            db.conn.executemany("INSERT INTO cirr_pairids (caption_key, pairid, created_at) VALUES (?, ?, ?)",
+                                [(key, pairid, now) for key, pairid in new.items()])
+            found.update(new)
+    return found
 
 
 def _jsonl(db, items: Iterator[ExportItem], stats: dict) -> str:

@@ -342,3 +342,19 @@ def m006_batch_lines(db: sqlite_utils.Database) -> None:
         CREATE INDEX calls_batch_line ON calls(batch_id, custom_id);
         """
     )
+
+
+@migration
+def m007_cirr_pairids(db: sqlite_utils.Database) -> None:
+    """The pairid each exported caption was given in a CIRR export, kept so that it has
+    the same one in every later export (of any split, after any review) and no two
+    captions share one: CIRR numbers its queries once over all its splits."""
+    db.executescript(
+        """
+        CREATE TABLE cirr_pairids (
+            caption_key TEXT PRIMARY KEY,   -- captions.id, or '<pair id>:imported:<index>'
+            pairid INTEGER NOT NULL UNIQUE,
+            created_at TEXT NOT NULL
+        );
+        """
+    )

@@ -136,6 +136,45 @@ def test_cirr_export_of_generated_captions_numbers_entries(reviewed, tmp_path):
     assert len({e["img_set"]["id"] for e in p1}) == 1
 
 
+def test_cirr_pairids_of_generated_captions_are_unique_over_split_files_and_stable(tmp_path):
+    # Each CIRR file numbered its generated captions from 0 (after the largest pairid kept
+    # in that file): cap.rc2.train.json and cap.rc2.val.json both used 0, 1, 2, ..., and
+    # those were pairids of the imported CIRR queries too. CIRR numbers its queries once
+    # over all splits (val's first entries are 12060, 12062; a test1 one is 12063).
+    db = open_db(tmp_path / "s.db")
+    import_dataset(db, "cirr", FIXTURES / "cirr")           # pairids 0 and 1 in each split
+    imported = {json.loads(r[0])["pairid"] for r in db.execute("SELECT extra FROM pairs")}
+    run, ids = annotate_all(db)                             # train and val: 4 pairs, 4 captions each
+
+    def pairids(split=None, **kw) -> dict[str, int]:
+        out = tmp_path / f"cap.{split}.json"
+        export_dataset(db, "cirr", out, split=split, **kw)
+        entries = json.loads(out.read_text())
+        assert len({e["pairid"] for e in entries}) == len(entries)
+        return {e["caption"]: e["pairid"] for e in entries}
+
+    train, val = pairids("train", include_unreviewed=True), pairids("val", include_unreviewed=True)
+    assert len(train) == len(val) == 8
+    assert not set(train.values()) & set(val.values())      # one numbering over the split files
+    assert not (set(train.values()) | set(val.values())) & imported
+    # stable: the same caption keeps its pairid in a later export of another scope, after
+    # more review, and after an edit (the same query, its text corrected)
+    [val_annotation] = [a for a in ids if ann.get_annotation(db, a).pair_id in {
+        r[0] for r in db.execute("SELECT id FROM pairs WHERE split = 'val'")}][-1:]
+    review.set_review_status(db, val_annotation, "approved", "ana")
+    caption = review.list_captions(db, val_annotation)[0]
+    review.edit_caption(db, caption.id, caption.text + ", fixed", "ana")
+    everything = pairids(include_unreviewed=True)
+    assert {c: everything[c] for c in train} == train
+    assert everything[caption.text + ", fixed"] == val[caption.text]
+    approved = pairids("val")
+    # (its compound still quotes the edited caption, and is left out)
+    assert approved == {c: everything[c] for c in approved} and len(approved) == 3
+    # test1's pair was not annotated: its imported caption goes out under its own pairid
+    test1 = pairids("test1", include_unreviewed=True)
+    assert list(test1.values()) == [0]
+
+
 def stored_pairs(db) -> dict[tuple[str, str], tuple]:
     rows = db.execute("SELECT reference_id, target_id, original_captions, split, img_set FROM pairs").fetchall()
     return {(r[0], r[1]): (json.loads(r[2]), r[3], json.loads(r[4]) if r[4] else None) for r in rows}
