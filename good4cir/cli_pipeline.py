@@ -20,7 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "an argument. The simulator backend is an offline stand-in for the demo world. "
             f"Exit status: 0 when every pair it worked on is done; {EXIT_PAIRS_FAILED} when some "
             "pairs failed (named at the end; --retry-failed sends them again); 130 when the run "
-            "stopped with pairs pending (rerun to resume); 1 on an error."
+            "stopped with pairs pending (rerun to resume); 1 on an error, a run stopped for what "
+            "every pair would meet included (a refused key, no credits, a model the server "
+            "lacks, takes no images, or whose answers never validate as JSON), its pairs left "
+            "pending."
         ),
     )
     parser.add_argument("--db", required=True, help="the store's SQLite file")

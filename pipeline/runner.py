@@ -67,7 +67,10 @@ does an account out of credits (429 insufficient_quota: RunQuotaError), which wa
 and retrying would not mend, and a model or endpoint that does not exist (404: a mistyped
 --model, a --base-url without /v1: RunNotFoundError), and a model that refuses images
 (a text-only model, or a server taking fewer images per request than --method single
-sends: RunImagesUnsupportedError).
+sends: RunImagesUnsupportedError). So does a model whose answers do not validate at all
+(prose, JSON of another shape): once INVALID_ANSWERS_TO_STOP requests' answers failed,
+each after its repair, before any answer of the session validated
+(RunInvalidAnswersError); after one valid answer the session never stops for this.
 
 Scheduling: `concurrency` request slots, served later stages first (pipeline.slots), and
 twice as many pair workers, so pairs waiting on a shared stage 1 never leave a slot idle.
@@ -126,6 +129,15 @@ log = logging.getLogger("good4cir.pipeline")
 
 DEFAULT_MODELS = {"openai": "gpt-4o-mini", "openai-batch": "gpt-4o-mini", "simulator": "simulator-v1"}
 METHODS = ("staged", "single")
+# A model that answers prose (or JSON of another shape) pays a request and a repair for
+# every pair, all failing. So a session stops once the answers to this many requests
+# (distinct: a stage 1 answer failing every pair of its reference image is one) failed
+# validation, each after its repair, before any answer of the session validated. Six,
+# because pairs finish out of order: with --concurrency C up to 2C pairs are in flight, and
+# a usable model's first valid answer (which disarms the check for good) comes with the
+# first calls, long before six pairs have failed twice over; a prose model costs about
+# 2 x 6 calls plus the C in flight instead of 2 per pair.
+INVALID_ANSWERS_TO_STOP = 6
 
 
 @dataclass
@@ -220,9 +232,13 @@ class Plan:
 class ItemFailedError(Exception):
     """One pair cannot be annotated; `reason` is '<category>: <detail>'."""
 
-    def __init__(self, category: str, detail: str):
+    def __init__(self, category: str, detail: str, *, source: Optional[tuple[str, str]] = None,
+                 answer: Optional[str] = None, problem: Optional[str] = None):
         super().__init__(f"{category}: {detail}")
         self.reason = f"{category}: {detail}"[:1000]
+        # An invalid answer's request (stage, subject id), what the model answered first,
+        # and what was wrong with it: RunInvalidAnswersError quotes them.
+        self.source, self.answer, self.problem = source, answer, problem
 
 
 class RunStoppedError(Exception):
@@ -256,11 +272,18 @@ class RunQuotaError(RunAuthError):
     pairs pending."""
 
 
+class RunInvalidAnswersError(RunAuthError):
+    """The model's answers do not validate (prose, or JSON of another shape): the answers
+    to INVALID_ANSWERS_TO_STOP requests failed, each after its repair, before any answer
+    of the session validated; the run stopped with its other pairs pending."""
+
+
 @dataclass
 class _CallResult:
     text: str
     finish_reason: Optional[str]
     call: CallRef
+    reused: bool = False  # read from the store, not answered in this session
 
 
 def _hash(value: Any) -> str:
@@ -669,6 +692,16 @@ class Runner:
         self._usage_warned = False  # said once that the server sends no token usage
         self._account_error_type: Optional[type] = None  # or of the account (no credits)
         self._answered = False  # the server answered a request of this session
+        # Whether an answer of this session validated, and else the requests whose answers
+        # did not, each after its repair ({(stage, subject id): the ItemFailedError}):
+        # INVALID_ANSWERS_TO_STOP of them stop the run. Only this session's answers count,
+        # a resumed run's included: pairs an earlier session did, and answers read back from
+        # the store, say nothing of the model as served now (a server restarted without
+        # its JSON support, another model under the same name), while a model that answers
+        # well disarms the check with its first answers at no cost.
+        self._valid_answer = False
+        self._invalid_answers: dict[tuple[str, str], ItemFailedError] = {}
+        self._invalid_pairs = 0
 
     # -- the database, from one thread so the event loop never waits on sqlite
     async def _db(self, fn, *args, **kwargs):
@@ -804,6 +837,8 @@ class Runner:
             await self._db(lambda db: None)  # every queued write is in the store
             status = "stopped" if self._stopping else "finished"
             if self._auth_error is not None:
+                if self._account_error_type is InvalidAnswerError:
+                    raise RunInvalidAnswersError(self._invalid_answers_message())
                 if self._account_error_type is NotFoundError:
                     raise RunNotFoundError(
                         f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. Check the model "
@@ -984,6 +1019,8 @@ class Runner:
             return
         except ItemFailedError as exc:
             await self._fail(annotation_id, exc.reason)
+            if exc.source is not None:
+                self._invalid_pairs += 1  # an invalid answer: RunInvalidAnswersError says how many
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # one bad item never kills a run
@@ -1002,6 +1039,52 @@ class Runner:
         self.progress.pairs_pending = max(0, self.progress.pairs_pending - 1)
         self.progress.last_error = reason
         self._emit()
+
+    def _count_invalid_answer(self, exc: ItemFailedError) -> None:
+        """Stop the run (RunInvalidAnswersError) once INVALID_ANSWERS_TO_STOP requests'
+        answers failed validation before any answer of this session validated. Called as
+        the answer is found invalid, before anything else runs: a stage 1 answer reaches
+        its pairs a step later, by which time another request could have been sent."""
+        if self._valid_answer or self._stopping:
+            return
+        self._invalid_answers.setdefault(exc.source, exc)
+        if len(self._invalid_answers) < INVALID_ANSWERS_TO_STOP or self._auth_error is not None:
+            return
+        self._auth_error = exc.reason
+        self._account_error_type = InvalidAnswerError
+        log.error("%d requests' answers failed validation and none validated: stopping the run",
+                  len(self._invalid_answers))
+        self._stopping = True  # no new call; calls in flight finish and are stored
+        if getattr(self.backend, "is_batch", False):
+            # Pairs waiting on lines not yet sent (or on open batches, collected by a
+            # resume) are let go at once, as a stop does: nothing more goes out.
+            self.stop_event.set()
+
+    def _invalid_answers_message(self) -> str:
+        first = next(iter(self._invalid_answers.values()))
+        sample = " ".join((first.answer or "").split()) or "(an empty answer)"
+        sample = sample if len(sample) <= 120 else sample[:117] + "..."
+        where = redact_url(self.options.base_url) or "OpenAI"
+        mode = getattr(self.backend, "response_mode", None)
+        if first.problem and "finish_reason 'length'" in first.problem:
+            advice = (f"Its answers were cut off at the token limit ({self.options.max_tokens}, or "
+                      "the server's context: vLLM's --max-model-len): use a model that answers "
+                      "in JSON without a long preamble (--model), or give the server more context")
+        elif mode == "text":
+            advice = ("The server refused response_format (json_schema and json_object), so the "
+                      "model was asked for JSON in the prompt alone: use a model that follows "
+                      "JSON instructions (--model), or a server with structured output support")
+        else:
+            advice = (f"The server took response_format {mode or 'json_schema'} but did not hold the "
+                      "model to it: use a model that follows JSON instructions (--model), or a "
+                      "server that enforces structured output")
+        pairs = self._invalid_pairs
+        return (f"run {self.run_id} stopped: no answer of the model {self.model} at {where} in "
+                f"this session validated as the JSON the stages ask for; {pairs} pair"
+                f"{'' if pairs == 1 else 's'} failed as invalid answers, each after one repair "
+                f"request. It answered, for example: \"{sample}\" ({first.problem}). {advice}, "
+                "then rerun the same command with --retry-failed to ask again for the failed "
+                "pairs; the pairs not yet annotated stay pending")
 
     def _compose(self, captions: list[str], pair_id: str) -> list:
         from .compound import compose_captions  # stage 4: deterministic, no model
@@ -1078,6 +1161,7 @@ class Runner:
         except InvalidAnswerError as exc:
             error = str(exc)
         else:
+            self._valid_answer = self._valid_answer or not first.reused
             problems = problems_of(answer) if problems_of else []
             if not problems:
                 return answer, first.call
@@ -1089,8 +1173,13 @@ class Runner:
         except InvalidAnswerError as exc:
             if kept:
                 return kept[:2]
-            raise ItemFailedError("invalid answer", f"{request.stage}: {exc} (after one repair; "
-                                                    f"first answer: {error})") from None
+            failure = ItemFailedError("invalid answer", f"{request.stage}: {exc} (after one repair; "
+                                                        f"first answer: {error})",
+                                      source=(request.stage, request.subject_id), answer=first.text,
+                                      problem=error)
+            self._count_invalid_answer(failure)
+            raise failure from None
+        self._valid_answer = self._valid_answer or not second.reused
         if kept and kept[2] < len(problems_of(answer)):
             return kept[:2]
         return answer, second.call
@@ -1123,7 +1212,7 @@ class Runner:
             if stored is not None:
                 self.progress.calls_reused += 1
                 finish = "length" if stored.error == "finish_reason: length" else "stop"
-                return _CallResult(stored.response or "", finish, CallRef(stored.id))
+                return _CallResult(stored.response or "", finish, CallRef(stored.id), reused=True)
         attempt = 0
         request_json = None
         while True:
