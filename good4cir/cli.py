@@ -20,6 +20,19 @@ class CommandError(Exception):
     """A user-facing failure: printed as 'error: ...' with exit status 1."""
 
 
+def require_store(db_path) -> None:
+    """Refuse a --db that names no store file, in the same words for every command that
+    reads one (opening it would create an empty store at a typo)."""
+    from pathlib import Path
+
+    path = Path(db_path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{db_path}: a folder, not a store; --db takes the SQLite file "
+                                "that `good4cir import` writes")
+    if not path.is_file():
+        raise FileNotFoundError(f"{db_path}: no such store; create one with `good4cir import`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 

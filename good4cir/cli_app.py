@@ -30,10 +30,9 @@ def register(subparsers) -> None:
 def run_app(args: argparse.Namespace) -> int:
     from ui.security import SecurityError, check_bind, parse_auth
 
-    from .cli import CommandError
+    from .cli import CommandError, require_store
 
-    if not args.db.exists():
-        raise CommandError(f"store {args.db} does not exist: create it with `good4cir import` or `good4cir demo-world`")
+    require_store(args.db)
     from store import open_db
 
     open_db(args.db).conn.close()  # a file that is not a store fails here, before Gradio loads

@@ -72,6 +72,9 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 
 def run_index(args: argparse.Namespace) -> int:
+    from .cli import require_store
+
+    require_store(args.db)  # before torch loads
     _set_threads(args)
     from retrieval.index import build_gallery_index
 

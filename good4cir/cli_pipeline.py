@@ -88,12 +88,11 @@ def _options(args: argparse.Namespace):
 
 
 def run_annotate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pipeline.runner import plan_run, run_pipeline, withheld_note
 
-    if not Path(args.db).is_file():  # opening it would create an empty store at a typo
-        raise FileNotFoundError(f"{args.db}: no such store; create one with `good4cir import`")
+    from .cli import require_store
+
+    require_store(args.db)
     options = _options(args)
     if args.dry_run:
         plan = plan_run(args.db, options)
@@ -187,12 +186,11 @@ def _say_how_to_send_cancelled(failures: dict) -> None:
 
 
 def run_status_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from pipeline.runner import run_status
 
-    if not Path(args.db).exists():
-        raise FileNotFoundError(f"no store at {args.db}")
+    from .cli import require_store
+
+    require_store(args.db)
     report = run_status(args.db)
     if args.json:
         keys = ("id", "backend", "model", "status", "pairs_done", "pairs_failed", "pairs_pending", "calls",

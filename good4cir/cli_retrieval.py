@@ -161,8 +161,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _need_data(args) -> None:
+    from .cli import require_store
+
     if not args.db and not args.data:
         raise ValueError("give a store with --db (or an exported file with --data)")
+    for db_path in args.db:
+        require_store(db_path)
 
 
 def _refuse_to_replace(out: Path, args: argparse.Namespace) -> None:
@@ -178,9 +182,9 @@ def _refuse_to_replace(out: Path, args: argparse.Namespace) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    _need_data(args)  # before torch loads: a typo is told at once
     from retrieval.train import DEFAULT_FUSION, TrainConfig, train
 
-    _need_data(args)
     _refuse_to_replace(Path(args.out), args)
     cfg = TrainConfig(
         out=args.out, dbs=args.db, files=args.data, model=args.model,
@@ -226,9 +230,9 @@ def _brief(val: dict) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    _need_data(args)  # before torch loads: a typo is told at once
     from retrieval.evaluate import evaluate_checkpoint
 
-    _need_data(args)
     if args.threads:
         import torch
 

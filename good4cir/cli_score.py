@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,10 +33,9 @@ def run_score(args: argparse.Namespace) -> int:
     from store.annotations import list_runs
     from store.db import open_db
 
-    from .cli import CommandError
+    from .cli import CommandError, require_store
 
-    if not Path(args.db).is_file():  # opening it would create an empty store at a typo
-        raise FileNotFoundError(f"{args.db}: no such store; create one with `good4cir import`")
+    require_store(args.db)
     db = open_db(args.db)
     run_ids = args.run or [run.id for run in list_runs(db)]
     if not run_ids:

@@ -147,14 +147,12 @@ def _why_nothing(args: argparse.Namespace, report) -> str:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from store import open_db
     from store.exporters import export_dataset
 
-    if not Path(args.db).is_file():
-        raise FileNotFoundError(f"{args.db}: no such store; create one with `good4cir import`")
-    from .cli import CommandError
+    from .cli import CommandError, require_store
+
+    require_store(args.db)
 
     db = open_db(args.db)
     try:

@@ -54,3 +54,29 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
         proc.stderr.close()
         assert proc.wait(timeout=120) == 141, (args, err)
         assert "Traceback" not in err and "BrokenPipeError" not in err, (args, err)
+
+
+def test_every_command_names_a_missing_store_the_same_way(tmp_path):
+    """A mistyped --db gets one message from every command that reads a store, saying how
+    to make one (`import`; `demo-world` writes a folder, not a store), before torch or
+    Gradio loads, and leaves no empty store behind."""
+    missing = tmp_path / "typo" / "store.db"
+    model = tmp_path / "model"
+    commands = {
+        "status": ["status", "--db", str(missing)],
+        "export": ["export", "--db", str(missing), "--format", "jsonl", "--out", str(tmp_path / "x.jsonl")],
+        "annotate": ["annotate", "--db", str(missing), "--backend", "simulator"],
+        "score": ["score", "--db", str(missing)],
+        "app": ["app", "--db", str(missing)],
+        "train": ["train", "--db", str(missing), "--out", str(model), "--epochs", "1"],
+        "eval": ["eval", "--db", str(missing), "--checkpoint", str(model)],
+        "index": ["index", "--db", str(missing), "--checkpoint", str(model), "--out", str(tmp_path / "i")],
+    }
+    for name, args in commands.items():
+        with pytest.raises(FileNotFoundError) as raised:
+            main(args)
+        assert str(raised.value) == f"{missing}: no such store; create one with `good4cir import`", name
+        assert not missing.parent.exists(), name
+    (tmp_path / "folder.db").mkdir()
+    with pytest.raises(FileNotFoundError, match="a folder, not a store"):
+        main(["status", "--db", str(tmp_path / "folder.db")])
