@@ -16,14 +16,15 @@ def register(subparsers) -> None:
             "name typed in the Reviewer box when there is no login."
         ),
     )
-    app.add_argument("--db", required=True, type=Path, help="the store (SQLite file)")
+    app.add_argument("--db", required=True, type=Path, help="the store's SQLite file")
     app.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     app.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     app.add_argument(
         "--auth",
         help="USER:PASSWORD, or a file with one user:password per line; required for a non-local --host",
     )
-    app.add_argument("--index", type=Path, help="retrieval index directory (from good4cir index) for the Retrieve tab")
+    app.add_argument("--index", type=Path, metavar="DIR",
+                     help="a folder written by index, for the Retrieve tab")
     app.set_defaults(handler=run_app)
 
 

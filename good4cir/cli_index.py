@@ -20,9 +20,10 @@ def register(subparsers) -> None:
             "after an interruption and finished chunks are reused."
         ),
     )
-    index.add_argument("--db", required=True, type=Path, help="the store (SQLite file)")
-    index.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory from good4cir train")
-    index.add_argument("--out", required=True, type=Path, help="index directory to write")
+    index.add_argument("--db", required=True, type=Path, help="the store's SQLite file")
+    index.add_argument("--checkpoint", required=True, type=Path, metavar="DIR",
+                       help="a folder written by train")
+    index.add_argument("--out", required=True, type=Path, metavar="DIR", help="index folder to write")
     index.add_argument(
         "--factory", default="Flat",
         help='FAISS index-factory string: "Flat" (exact, default), "HNSW32", "IVF1024,PQ32", ...',
@@ -48,11 +49,12 @@ def register(subparsers) -> None:
         help="retrieve the top-k gallery images for a reference image and a modification text",
         description="Compose a query (reference image + modification text) and search an index.",
     )
-    query.add_argument("--index", required=True, type=Path, help="index directory from good4cir index")
-    query.add_argument("--image", required=True, type=Path, help="the reference image")
+    query.add_argument("--index", required=True, type=Path, metavar="DIR", help="a folder written by index")
+    query.add_argument("--image", required=True, type=Path, metavar="FILE", help="the reference image")
     query.add_argument("--text", required=True, help="the modification text")
     query.add_argument("-k", type=positive_int, default=10, help="how many results (default 10)")
-    query.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: the one the index names)")
+    query.add_argument("--checkpoint", type=Path, metavar="DIR",
+                       help="a folder written by train (default: the one the index names)")
     query.add_argument("--search-params", help='override the index\'s search parameters, e.g. "efSearch=256"')
     query.add_argument(
         "--keep-reference", action="store_true",

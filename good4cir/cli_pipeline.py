@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=int, help="annotate at most this many pairs (in import order)")
     parser.add_argument("--split", help="only pairs of this split")
     parser.add_argument("--method", choices=["staged", "single"], default="staged",
-                        help="staged: the paper's stages 1-4; single: one call per pair (ablation baseline)")
+                        help="staged (default): the paper's stages 1-4; single: one call per pair (ablation baseline)")
     parser.add_argument("--run", type=int, metavar="RUN_ID", help="resume this run")
     parser.add_argument("--new-run", action="store_true", help="start a new run even if one matches")
     parser.add_argument("--retry-failed", action="store_true", help="retry the resumed run's failed pairs")
@@ -48,20 +48,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="downscale images to fit PX x PX before sending (default 512)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120; openai-batch: a batch file's upload "
                         "gets this plus 1 s per 256 KB of the file)")
-    parser.add_argument("--max-attempts", type=int, default=6, help="attempts per request on transient errors")
+    parser.add_argument("--max-attempts", type=int, default=6, help="attempts per request on transient errors (default 6)")
     parser.add_argument("--retry-budget", type=int, help="retries allowed for the whole run, all sessions (default 100 + 2 per pair)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key (default OPENAI_API_KEY)")
     parser.add_argument("--prices", metavar="FILE",
                         help='JSON price overrides: {"model": {"input": usd_per_1m, "output": usd_per_1m}}')
     parser.add_argument("--error-rate", type=float, default=0.15, help="simulator: share of wrong answers (default 0.15)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the simulator and retry jitter")
-    parser.add_argument("--poll-interval", type=float, default=30.0, help="openai-batch: seconds between polls")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the simulator and retry jitter (default 0)")
+    parser.add_argument("--poll-interval", type=float, default=30.0, help="openai-batch: seconds between polls (default 30)")
     parser.add_argument("--flush-interval", type=float, default=5.0,
-                        help="openai-batch: send the pooled requests after this many quiet seconds")
+                        help="openai-batch: send the pooled requests after this many quiet seconds (default 5)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the number of calls and the estimated cost, then stop")
-    parser.add_argument("--json", action="store_true", help="print the final progress as JSON")
+    parser.add_argument("--json", action="store_true", help="print the final progress as JSON (with --dry-run: the plan)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run_annotate)
 

@@ -77,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_data_args(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="checkpoint folder to write")
     parser.add_argument("--model", default="tiny",
-                        help="'tiny' (our small config, for demos), an open_clip model "
+                        help="'tiny' (default: our small config, for demos), an open_clip model "
                         "name such as ViT-B-32, or hf-hub:ORG/REPO (an open_clip model on the "
                         "Hugging Face Hub, with its weights, e.g. "
                         "hf-hub:laion/CLIP-ViT-B-32-laion2B-s34B-b79K)")

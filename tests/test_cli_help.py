@@ -80,3 +80,33 @@ def test_every_command_names_a_missing_store_the_same_way(tmp_path):
     (tmp_path / "folder.db").mkdir()
     with pytest.raises(FileNotFoundError, match="a folder, not a store"):
         main(["status", "--db", str(tmp_path / "folder.db")])
+
+
+def test_options_state_their_defaults_and_read_alike_across_commands():
+    """`--help` is where a user learns a default: every option that has one says it; and
+    an option several commands share is described in the same words, with the same
+    placeholder (--checkpoint names train's folder everywhere but train, where it is a
+    file of open_clip weights)."""
+    commands = subcommands(build_parser())
+    unstated = []
+    by_option: dict[str, dict[str, argparse.Action]] = {}
+    for name, (_, sub) in commands.items():
+        for action in sub._actions:
+            for option in action.option_strings:
+                by_option.setdefault(option, {})[name] = action
+            if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction)):
+                continue
+            if action.default is not None and action.default != [] and "default" not in (action.help or ""):
+                unstated.append(f"{name} {'/'.join(action.option_strings)} (default {action.default!r})")
+    assert not unstated, unstated
+    for option in ("--threads", "--device"):
+        helps = {name: action.help for name, action in by_option[option].items()}
+        assert len(set(helps.values())) == 1, (option, helps)
+    readers = {name: action.help for name, action in by_option["--db"].items()
+               if name not in ("import", "train", "eval")}  # import creates it; train/eval repeat it
+    assert set(readers.values()) == {"the store's SQLite file"}, readers
+    folders = {name: (action.metavar, action.help) for name, action in by_option["--checkpoint"].items()
+               if name != "train"}
+    assert {metavar for metavar, _ in folders.values()} == {"DIR"}, folders
+    assert all(help_text.startswith("a folder written by train") for _, help_text in folders.values()), folders
+    assert {by_option["--index"][name].metavar for name in ("app", "query")} == {"DIR"}
