@@ -11,7 +11,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="generate the demo world (hotel-room renders, pairs, ground truth)",
         description="Write DIR/images/*.png, DIR/pairs.jsonl, DIR/scenes.jsonl and DIR/world.json: "
         "a deterministic world of rendered hotel rooms with ground-truth edits and captions, "
-        "split into train/val/test with image sets of hard negatives for val and test.",
+        "split into train/val/test; every pair (train ones too, as training negatives) has an image "
+        "set of hard negatives, and test holds out some phrasings and kind x attribute combinations.",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     parser.add_argument("--pairs", type=int, default=1000, metavar="N", help="number of pairs (default 1000)")
