@@ -67,9 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Train a composed-retrieval model on (reference, caption, target) triplets: "
             "symmetric InfoNCE at temperature 0.07, AdamW, warm-up then cosine. Writes "
-            "config.json, best.pt, last.pt, rerank.pt, history.json and curves.png to "
-            "--out. Then, in the same budget, a re-ranker (a pair scorer over reference, "
-            "candidate and their difference) for the fusion model's top candidates. "
+            "config.json, best.pt, last.pt, history.json and curves.png to --out. Then, in "
+            "the same budget, a re-ranker (a pair scorer over reference, candidate and their "
+            "difference) for the fusion model's top candidates, into rerank.pt (none with "
+            "--no-rerank or under 16 training pairs). "
             "Default: the tiny open_clip model from scratch, residual cross-attention "
             "fusion, 8 minutes."
         ),
