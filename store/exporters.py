@@ -18,7 +18,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import sqlite_utils
 from tqdm import tqdm
@@ -77,14 +77,17 @@ def export_dataset(
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
                           progress=progress)
+    # Each format yields its text piece by piece, written as it comes: at tens of thousands
+    # of pairs the whole file as one string (and the records it was made from) took many
+    # times its size in memory.
     if format == "good4cir":
-        text = _good4cir(items, stats)
+        chunks = _good4cir(items, stats)
     elif format == "cirr":
-        text = _cirr(db, items, stats)
+        chunks = _cirr(db, items, stats)
     else:
-        text = _jsonl(db, items, stats)
+        chunks = _jsonl(db, items, stats)
+    _write_atomically(Path(out), chunks)
     stats["splits"] = sorted(stats["splits"])
-    _write_atomically(Path(out), text)
     return stats
 
 
@@ -231,6 +234,9 @@ def _chosen_annotations(db, run_id: Optional[int], include_unreviewed: bool
     return annotated, chosen
 
 
+_IMAGE_COLUMNS = "id, name, path, url, root, width, height, size_bytes, format, split, created_at"
+
+
 class _ImageCache:
     def __init__(self, db):
         self.db = db
@@ -238,7 +244,9 @@ class _ImageCache:
 
     def get(self, image_id: str) -> ImageRecord:
         if image_id not in self.rows:
-            cursor = self.db.execute("SELECT * FROM images WHERE id = ?", [image_id])
+            # Not scene_json: no format writes it, and a demo world's scenes, parsed, took
+            # more memory than the rest of an export.
+            cursor = self.db.execute(f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id = ?", [image_id])
             row = cursor.fetchone()
             if row is None:
                 raise LookupError(f"image {image_id} is referenced by a pair but not stored")
@@ -258,35 +266,66 @@ def _shared_location(image: ImageRecord) -> str:
 
 # ---- formats -----------------------------------------------------------------------------
 
-def _good4cir(items: Iterator[ExportItem], stats: dict) -> str:
-    entries = []
-    for item in items:
-        if item.target is None:  # the authors' format has no target-less queries
-            stats["pairs_without_target"] += 1
-            continue
-        entries.append({
-            "reference_image": _shared_location(item.reference),
-            "target_image": _shared_location(item.target),
-            "difference_captions": item.texts,
-        })
-        stats["pairs"] += 1
-        stats["splits"].add(str(item.pair.split))
-        stats["captions"] += len(item.texts)
-    return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
+def _json_array(entries: Iterable[Any]) -> Iterator[str]:
+    """The text of json.dumps(list(entries), indent=2, ensure_ascii=False) + "\\n", an entry
+    at a time."""
+    first = True
+    for entry in entries:
+        text = json.dumps(entry, indent=2, ensure_ascii=False)
+        # An entry nested one level in: every line of it two spaces further in (strings
+        # hold no raw newline in JSON, so a line break is always the dump's own).
+        yield ("[\n  " if first else ",\n  ") + text.replace("\n", "\n  ")
+        first = False
+    yield "[]\n" if first else "\n]\n"
 
 
-def _cirr(db, items: Iterator[ExportItem], stats: dict) -> str:
+def _good4cir(items: Iterator[ExportItem], stats: dict) -> Iterator[str]:
+    def entries():
+        for item in items:
+            if item.target is None:  # the authors' format has no target-less queries
+                stats["pairs_without_target"] += 1
+                continue
+            stats["pairs"] += 1
+            stats["splits"].add(str(item.pair.split))
+            stats["captions"] += len(item.texts)
+            yield {
+                "reference_image": _shared_location(item.reference),
+                "target_image": _shared_location(item.target),
+                "difference_captions": item.texts,
+            }
+
+    return _json_array(entries())
+
+
+def _cirr(db, items: Iterator[ExportItem], stats: dict) -> Iterator[str]:
     """One entry per caption, with cap.rc2.*.json's keys. An imported CIRR caption keeps
     its pairid and img_set id; any other caption gets the pairid the store gave it when
     it was first exported (cirr_pairids), so the same caption has the same pairid in
     every export, and no two captions share one across split files or with an imported
     pairid (CIRR numbers its queries once over all splits). Generated img_set ids are
     numbered after the largest kept in the file."""
+    # Every caption is read before any pairid is given; what is kept of each until then
+    # is its text and what its entry shares with its pair's other captions, not the
+    # pair's records (ground truth, every caption's record): those took most of the memory.
     pending = []
     kept_set_ids: set[int] = set()
     for item in items:
         extra = item.pair.extra
         is_original = item.annotation is None
+        names = extra.get("names") or {}
+        members = [image.name for image in item.img_set]
+        if isinstance(names.get("members"), list) and len(names["members"]) == len(members):
+            members = list(names["members"])
+        head: dict[str, Any] = {"reference": names.get("reference") or item.reference.name}
+        if item.target is not None:
+            target_name = names.get("target_hard") or item.target.name
+            head["target_hard"] = target_name
+            soft = extra.get("target_soft")
+            head["target_soft"] = soft if isinstance(soft, dict) else {target_name: 1.0}
+        ranks = extra.get("img_set_extra")  # CIRR's reference_rank, target_rank
+        set_extra = ({k: v for k, v in ranks.items() if k not in ("id", "members")}
+                     if isinstance(ranks, dict) and members == names.get("members") else {})
+        shared = (head, members, set_extra)
         for index, text in enumerate(item.texts):
             pairid = extra.get("pairid") if is_original and index == 0 else None
             # An edited caption keeps its id, and so its pairid: it is the same query.
@@ -294,39 +333,28 @@ def _cirr(db, items: Iterator[ExportItem], stats: dict) -> str:
             set_id = extra.get("img_set_id")
             if isinstance(set_id, int):
                 kept_set_ids.add(set_id)
-            pending.append((item, text, pairid if isinstance(pairid, int) else key, set_id))
+            pending.append((shared, text, pairid if isinstance(pairid, int) else key, set_id))
         stats["pairs"] += 1
         stats["splits"].add(str(item.pair.split))
         stats["captions"] += len(item.texts)
     given = cirr_pairids(db, [key for _, _, key, _ in pending if isinstance(key, str)])
     next_set_id = max(kept_set_ids, default=-1) + 1
     set_ids: dict[tuple, int] = {}
-    entries = []
-    for item, text, pairid, set_id in pending:
-        if isinstance(pairid, str):
-            pairid = given[pairid]
-        names = item.pair.extra.get("names") or {}
-        members = [image.name for image in item.img_set]
-        if isinstance(names.get("members"), list) and len(names["members"]) == len(members):
-            members = list(names["members"])
-        if not isinstance(set_id, int):
-            key = tuple(members)
-            if key not in set_ids:
-                set_ids[key], next_set_id = next_set_id, next_set_id + 1
-            set_id = set_ids[key]
-        entry: dict[str, Any] = {"pairid": pairid, "reference": names.get("reference") or item.reference.name}
-        if item.target is not None:
-            target_name = names.get("target_hard") or item.target.name
-            entry["target_hard"] = target_name
-            soft = item.pair.extra.get("target_soft")
-            entry["target_soft"] = soft if isinstance(soft, dict) else {target_name: 1.0}
-        entry["caption"] = text
-        entry["img_set"] = {"id": set_id, "members": members}
-        ranks = item.pair.extra.get("img_set_extra")  # CIRR's reference_rank, target_rank
-        if isinstance(ranks, dict) and members == names.get("members"):
-            entry["img_set"].update({k: v for k, v in ranks.items() if k not in ("id", "members")})
-        entries.append(entry)
-    return json.dumps(entries, indent=2, ensure_ascii=False) + "\n"
+
+    def entries():
+        nonlocal next_set_id
+        for (head, members, set_extra), text, pairid, set_id in pending:
+            if isinstance(pairid, str):
+                pairid = given[pairid]
+            if not isinstance(set_id, int):
+                key = tuple(members)
+                if key not in set_ids:
+                    set_ids[key], next_set_id = next_set_id, next_set_id + 1
+                set_id = set_ids[key]
+            yield {"pairid": pairid, **head, "caption": text,
+                   "img_set": {"id": set_id, "members": members, **set_extra}}
+
+    return _json_array(entries())
 
 
 def cirr_pairids(db: sqlite_utils.Database, caption_keys: list[str]) -> dict[str, int]:
@@ -357,9 +385,8 @@ def cirr_pairids(db: sqlite_utils.Database, caption_keys: list[str]) -> dict[str
     return found
 
 
-def _jsonl(db, items: Iterator[ExportItem], stats: dict) -> str:
+def _jsonl(db, items: Iterator[ExportItem], stats: dict) -> Iterator[str]:
     """One line per pair, readable back by the `pairs` importer, with provenance."""
-    lines = []
     for item in items:
         pair = item.pair
         line: dict[str, Any] = {
@@ -378,11 +405,10 @@ def _jsonl(db, items: Iterator[ExportItem], stats: dict) -> str:
             "original_captions": pair.original_captions,
             "provenance": _provenance(db, item),
         })
-        lines.append(json.dumps(line, ensure_ascii=False, sort_keys=False))
         stats["pairs"] += 1
         stats["splits"].add(str(item.pair.split))
         stats["captions"] += len(item.texts)
-    return "".join(line + "\n" for line in lines)
+        yield json.dumps(line, ensure_ascii=False, sort_keys=False) + "\n"
 
 
 def _provenance(db, item: ExportItem) -> dict[str, Any]:
@@ -426,14 +452,15 @@ def scrub_secrets(value: Any) -> Any:
     return value
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def _write_atomically(path: Path, chunks: Iterable[str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not mkstemp: it makes the file private (0600), and an export is meant to be shared;
     # a file opened anew gets the usual mode (0666 less the umask).
     temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         with open(temp, "x", encoding="utf-8") as out:
-            out.write(text)
+            for chunk in chunks:
+                out.write(chunk)
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
