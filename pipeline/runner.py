@@ -478,6 +478,15 @@ def _check_limit(options: RunOptions) -> None:
     # SQLite reads a negative LIMIT as none at all: a typo must not lift the cap on spend.
     if options.limit is not None and options.limit < 1:
         raise ValueError(f"limit must be at least 1, not {options.limit}")
+    # Each of these was taken as given: --timeout 0 timed out every request, and
+    # --max-attempts 0 or a negative --retry-budget quietly meant something else.
+    for name, value, low, strict in (("timeout", options.timeout, 0, True),
+                                     ("max attempts", options.max_attempts, 1, False),
+                                     ("retry budget", options.retry_budget, 0, False),
+                                     ("poll interval", options.poll_interval, 0, True),
+                                     ("flush interval", options.flush_interval, 0, False)):
+        if value is not None and (value <= low if strict else value < low):
+            raise ValueError(f"{name} must be {'more than' if strict else 'at least'} {low:g}, not {value:g}")
 
 
 def _check_simulator_pairs(db, options: RunOptions, pair_ids: list[str]) -> None:

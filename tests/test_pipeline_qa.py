@@ -308,6 +308,25 @@ def test_a_limit_below_one_is_refused_not_read_as_no_limit(server, tmp_path, lim
     assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
 
 
+@pytest.mark.parametrize("option, value, said", [
+    ("timeout", 0.0, "timeout must be more than 0, not 0"),
+    ("max_attempts", 0, "max attempts must be at least 1, not 0"),
+    ("retry_budget", -1, "retry budget must be at least 0, not -1"),
+    ("poll_interval", 0.0, "poll interval must be more than 0, not 0"),
+    ("flush_interval", -1.0, "flush interval must be at least 0, not -1"),
+])
+def test_numbers_a_run_cannot_use_are_refused_before_any_call(server, tmp_path, option, value, said):
+    # `--timeout 0` timed every request out (each pair failed after 6 attempts) and
+    # `--max-attempts 0` or `--retry-budget -1` ran as if they meant something else.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    for call in (plan_run, run_pipeline):
+        with pytest.raises(ValueError) as raised:
+            call(db_path, _options(server, **{option: value}))
+        assert str(raised.value) == said
+    assert server.stats["chat_requests"] == 0
+    assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
+
+
 @pytest.mark.parametrize("method", ["staged", "single"])
 def test_dry_run_of_more_pairs_than_sqlite_allows_variables(server, tmp_path, monkeypatch, method):
     # The dry run put every pending pair (and every description key) in one `IN (...)`:
