@@ -474,7 +474,7 @@ def _request_json(request: VLMRequest, params: dict) -> str:
 # ---------------------------------------------------------------- planning
 
 
-def _check_limit(options: RunOptions) -> None:
+def _check_numbers(options: RunOptions) -> None:
     # SQLite reads a negative LIMIT as none at all: a typo must not lift the cap on spend.
     if options.limit is not None and options.limit < 1:
         raise ValueError(f"limit must be at least 1, not {options.limit}")
@@ -540,7 +540,7 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
     """How many calls a run of these options would make now, and roughly what they cost:
     requests answered in the store or in the open batches the run would wait for are not
     counted. Raises RunBusyError where the run itself would be refused at start."""
-    _check_limit(options)
+    _check_numbers(options)
     db = open_db(db_path)
     try:
         params = answer_params(options)
@@ -677,7 +677,7 @@ class Runner:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, not {options.method!r}")
         if options.resolved_concurrency() < 1:
             raise ValueError("concurrency must be at least 1")
-        _check_limit(options)
+        _check_numbers(options)
         self.db_path = str(db_path)
         self.options = options
         self.model = options.resolved_model()
