@@ -45,7 +45,7 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
                         help="also use generated captions of pairs nobody approved yet")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="where decoded images and frozen features are cached "
-                        "(default $GOOD4CIR_CACHE or ~/.cache/good4cir)")
+                        "(default $GOOD4CIR_CACHE, else good4cir/ in $XDG_CACHE_HOME or ~/.cache)")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     add_device_option(parser)
 
