@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +28,8 @@ def _demo_world(args: argparse.Namespace) -> int:
 
     if args.pairs < 1:
         raise ValueError(f"--pairs must be at least 1, got {args.pairs}")
-    meta = generate_world(args.out, args.pairs, args.seed, workers=args.workers)
+    # A bar only where someone watches, as import and export: a log gets no carriage returns.
+    meta = generate_world(args.out, args.pairs, args.seed, workers=args.workers, progress=sys.stderr.isatty())
     splits = ", ".join(f"{name} {c['pairs']} pairs/{c['images']} images" for name, c in meta["splits"].items())
     print(f"wrote {meta['pairs']} pairs and {meta['images']} images to {args.out} ({splits})")
     return 0

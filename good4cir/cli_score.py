@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +41,7 @@ def run_score(args: argparse.Namespace) -> int:
     run_ids = args.run or [run.id for run in list_runs(db)]
     if not run_ids:
         raise CommandError(f"{args.db} has no runs yet; run `good4cir annotate` first")
-    scores = score_runs(db, run_ids, text=args.text, detail=args.detail, progress=True)
+    scores = score_runs(db, run_ids, text=args.text, detail=args.detail, progress=sys.stderr.isatty())
     if all(s["pairs_scored"] == 0 for s in scores):
         raise CommandError(
             "no scored pairs: scoring needs finished pairs with demo-world ground truth "
