@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     index.add_argument("--cache-dir", metavar="DIR",
                        help="pixel cache of `train`/`eval`: images decoded there are not decoded again "
                        "(default $GOOD4CIR_CACHE, else good4cir/ in $XDG_CACHE_HOME or ~/.cache)")
-    index.add_argument("--quiet", action="store_true", help="no progress bar")
+    index.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
+                       help="no progress bar")
     index.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     add_device_option(index)
     index.set_defaults(handler=run_index)

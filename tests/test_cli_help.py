@@ -110,3 +110,17 @@ def test_options_state_their_defaults_and_read_alike_across_commands():
     assert {metavar for metavar, _ in folders.values()} == {"DIR"}, folders
     assert all(help_text.startswith("a folder written by train") for _, help_text in folders.values()), folders
     assert {by_option["--index"][name].metavar for name in ("app", "query")} == {"DIR"}
+
+
+def test_a_progress_bar_is_turned_off_with_the_same_flag_everywhere():
+    """annotate's --no-progress; index took only --quiet (kept as its other name)."""
+    commands = subcommands(build_parser())
+    takes = {name for name, (_, sub) in commands.items()
+             if any("--quiet" in a.option_strings or "--no-progress" in a.option_strings for a in sub._actions)}
+    assert takes == {"annotate", "index"}
+    for name in takes:
+        sub = commands[name][1]
+        assert any("--no-progress" in a.option_strings for a in sub._actions), name
+    index = commands["index"][1]
+    for flag in ("--no-progress", "--quiet"):
+        assert index.parse_args(["--db", "d", "--checkpoint", "c", "--out", "o", flag]).quiet is True
