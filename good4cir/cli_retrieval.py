@@ -168,6 +168,10 @@ def _need_data(args) -> None:
         raise ValueError("give a store with --db (or an exported file with --data)")
     for db_path in args.db:
         require_store(db_path)
+    for file_path in args.data:  # read by eval as well as train: not a "training file"
+        if not Path(file_path).is_file():
+            raise FileNotFoundError(f"{file_path}: no such file; --data takes a file that "
+                                    "`good4cir export` writes (or the authors' dataset.json)")
 
 
 def _refuse_to_replace(out: Path, args: argparse.Namespace) -> None:

@@ -77,6 +77,10 @@ def test_every_command_names_a_missing_store_the_same_way(tmp_path):
             main(args)
         assert str(raised.value) == f"{missing}: no such store; create one with `good4cir import`", name
         assert not missing.parent.exists(), name
+    for command in (["train", "--out", str(model)], ["eval", "--checkpoint", str(model)]):
+        with pytest.raises(FileNotFoundError) as raised:
+            main([*command, "--data", str(tmp_path / "typo.jsonl")])
+        assert str(raised.value).startswith(f"{tmp_path / 'typo.jsonl'}: no such file; --data takes"), command
     (tmp_path / "folder.db").mkdir()
     with pytest.raises(FileNotFoundError, match="a folder, not a store"):
         main(["status", "--db", str(tmp_path / "folder.db")])
