@@ -151,7 +151,7 @@ def test_app_command_refuses_an_open_address_without_login(tmp_path):
     bad.write_text("no-colon-here\n")
     with pytest.raises(CommandError, match="line 1"):
         main(["app", "--db", str(info["db_path"]), "--host", "0.0.0.0", "--auth", str(bad)])
-    with pytest.raises(CommandError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="no such store; create one with `good4cir import`"):
         main(["app", "--db", str(tmp_path / "missing.db")])
     with pytest.raises(CommandError, match="good4cir index"):
         main(["app", "--db", str(info["db_path"]), "--index", str(tmp_path / "no-index")])
