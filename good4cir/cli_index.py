@@ -30,11 +30,11 @@ def register(subparsers) -> None:
     )
     index.add_argument("--split", help="only this split's images (and every image its pairs use)")
     index.add_argument(
-        "--search-params",
+        "--search-params", metavar="PARAMS",
         help='FAISS search parameters saved with the index, e.g. "efSearch=128" or "nprobe=16"',
     )
-    index.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass (default 64)")
-    index.add_argument("--workers", type=non_negative_int, help="image-loading processes (default: cores - 1, at most 4)")
+    index.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per forward pass (default 64)")
+    index.add_argument("--workers", type=non_negative_int, metavar="N", help="image-loading processes (default: cores - 1, at most 4)")
     index.add_argument("--fresh", action="store_true", help="discard cached embeddings and encode everything again")
     index.add_argument("--cache-dir", metavar="DIR",
                        help="pixel cache of `train`/`eval`: images decoded there are not decoded again "
@@ -56,7 +56,7 @@ def register(subparsers) -> None:
     query.add_argument("-k", type=positive_int, default=10, help="how many results (default 10)")
     query.add_argument("--checkpoint", type=Path, metavar="DIR",
                        help="a folder written by train (default: the one the index names)")
-    query.add_argument("--search-params", help='override the index\'s search parameters, e.g. "efSearch=256"')
+    query.add_argument("--search-params", metavar="PARAMS", help='override the index\'s search parameters, e.g. "efSearch=256"')
     query.add_argument(
         "--keep-reference", action="store_true",
         help="keep the reference image in the results (by default it is removed, as in CIRR)",

@@ -31,10 +31,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="openai: chat completions (any OpenAI-compatible base URL); "
                         "openai-batch: the Batch API, half price; simulator: offline demo stand-in")
     parser.add_argument("--model", help="model name (default: gpt-4o-mini; simulator-v1 for the simulator)")
-    parser.add_argument("--base-url", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
-    parser.add_argument("--concurrency", type=int,
+    parser.add_argument("--base-url", metavar="URL", help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    parser.add_argument("--concurrency", type=int, metavar="N",
                         help="requests in flight (default 16; openai-batch: pairs in flight, default 5000)")
-    parser.add_argument("--limit", type=int, help="annotate at most this many pairs (in import order)")
+    parser.add_argument("--limit", type=int, metavar="N", help="annotate at most this many pairs (in import order)")
     parser.add_argument("--split", help="only pairs of this split")
     parser.add_argument("--method", choices=["staged", "single"], default="staged",
                         help="staged (default): the paper's stages 1-4; single: one call per pair (ablation baseline)")
@@ -46,18 +46,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="image detail sent to the model (default low)")
     parser.add_argument("--image-size", type=int, default=512, metavar="PX",
                         help="downscale images to fit PX x PX before sending (default 512)")
-    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120; openai-batch: a batch file's upload "
+    parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="seconds per request (default 120; openai-batch: a batch file's upload "
                         "gets this plus 1 s per 256 KB of the file)")
-    parser.add_argument("--max-attempts", type=int, default=6, help="attempts per request on transient errors (default 6)")
-    parser.add_argument("--retry-budget", type=int, help="retries allowed for the whole run, all sessions (default 100 + 2 per pair)")
-    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+    parser.add_argument("--max-attempts", type=int, default=6, metavar="N", help="attempts per request on transient errors (default 6)")
+    parser.add_argument("--retry-budget", type=int, metavar="N", help="retries allowed for the whole run, all sessions (default 100 + 2 per pair)")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
                         help="environment variable holding the API key (default OPENAI_API_KEY)")
     parser.add_argument("--prices", metavar="FILE",
                         help='JSON price overrides: {"model": {"input": usd_per_1m, "output": usd_per_1m}}')
-    parser.add_argument("--error-rate", type=float, default=0.15, help="simulator: share of wrong answers (default 0.15)")
+    parser.add_argument("--error-rate", type=float, default=0.15, metavar="RATE", help="simulator: share of wrong answers (default 0.15)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the simulator and retry jitter (default 0)")
-    parser.add_argument("--poll-interval", type=float, default=30.0, help="openai-batch: seconds between polls (default 30)")
-    parser.add_argument("--flush-interval", type=float, default=5.0,
+    parser.add_argument("--poll-interval", type=float, default=30.0, metavar="SECONDS", help="openai-batch: seconds between polls (default 30)")
+    parser.add_argument("--flush-interval", type=float, default=5.0, metavar="SECONDS",
                         help="openai-batch: send the pooled requests after this many quiet seconds (default 5)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the number of calls and the estimated cost, then stop")

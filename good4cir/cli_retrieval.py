@@ -97,7 +97,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "cross-attention stacked without residuals, as the authors' code; "
                         "sum: image + text embedding baseline")
     parser.add_argument("--image-size", type=positive_int, metavar="PX", help="override the model's input size")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="triplets per step (default 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="triplets per step (default 32)")
     parser.add_argument("--lr", type=float, help="peak learning rate of the fusion head (default "
                         "2e-3 from scratch, encoders at a quarter of it; 5e-4 frozen; 1e-4 "
                         "fine-tuning pretrained weights, encoders at a tenth); with --resume it "

@@ -128,3 +128,15 @@ def test_a_progress_bar_is_turned_off_with_the_same_flag_everywhere():
     index = commands["index"][1]
     for flag in ("--no-progress", "--quiet"):
         assert index.parse_args(["--db", "d", "--checkpoint", "c", "--out", "o", flag]).quiet is True
+
+
+def test_value_placeholders_are_short_words_not_argparse_defaults():
+    """`--max-attempts MAX_ATTEMPTS`, `--base-url BASE_URL`: argparse's made-up placeholders
+    (the option's name upper-cased) told nothing; a value reads as N, URL, SECONDS, ..."""
+    made_up = []
+    for name, (_, sub) in subcommands(build_parser()).items():
+        for action in sub._actions:
+            if action.option_strings and action.nargs != 0 and action.metavar is None \
+                    and action.choices is None and "_" in action.dest:
+                made_up.append(f"{name} {action.option_strings[0]}")
+    assert not made_up, made_up
