@@ -99,3 +99,19 @@ def test_the_simulator_refuses_a_store_without_demo_world_pairs(tmp_path):
             cli_main(["annotate", "--db", str(db_path), "--backend", "simulator", "--no-progress", *extra])
     assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
     assert table_rows(db_path, "SELECT COUNT(*) FROM calls") == [(0,)]
+
+
+def test_scene_graphs_not_of_the_demo_world_fail_their_pairs_with_the_reason(tmp_path, capsys):
+    # tests/fixtures/pairs carries ground-truth edits and a scenes.jsonl of another shape
+    # (no floor): each pair failed as 'internal error: KeyError: 'floor'' with a traceback.
+    from pathlib import Path
+
+    db_path = tmp_path / "store.db"
+    fixture = Path(__file__).parent / "fixtures" / "pairs"
+    assert cli_main(["import", "--db", str(db_path), "--format", "pairs", str(fixture)]) == 0
+    capsys.readouterr()
+    assert cli_main(["annotate", "--db", str(db_path), "--backend", "simulator", "--no-progress"]) == 3
+    said = [line for line in capsys.readouterr().err.splitlines() if line.strip().startswith("failed: pair")]
+    assert len(said) == 3, said
+    for line in said:
+        assert "internal error" not in line and "is not the demo world's (no 'floor'" in line, line

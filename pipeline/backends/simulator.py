@@ -50,6 +50,9 @@ from typing import Any, ClassVar, Optional
 
 from .base import PermanentError, VLMRequest, VLMResponse
 
+# What a demo-world scene graph holds (store.demo_world), all the simulator reads.
+SCENE_KEYS = ("wall", "floor", "objects")
+
 MODEL_NAME = "simulator-v1"
 # Input tokens a 256 px image costs at OpenAI's 'low' detail: what --dry-run estimates use.
 IMAGE_TOKENS = 85
@@ -99,6 +102,13 @@ class SimulatorBackend:
             raise PermanentError(
                 f"simulator needs demo-world ground truth: image {name} has no scene graph "
                 "(use --backend openai for your own images)")
+        # A scenes.jsonl of another shape beside a user's pairs.jsonl is stored as given:
+        # answering from it failed each pair as 'internal error: KeyError' with a traceback.
+        missing = [key for key in SCENE_KEYS if key not in scene] if isinstance(scene, dict) else list(SCENE_KEYS)
+        if missing:
+            raise PermanentError(
+                f"simulator needs demo-world ground truth: the scene graph of image {name} is not the "
+                f"demo world's (no {', '.join(map(repr, missing))}; use --backend openai for your own images)")
         return scene
 
     def _pair(self, pair_id: str) -> dict:
