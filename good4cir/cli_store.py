@@ -191,6 +191,9 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"  {awaiting} annotated pair{'' if awaiting == 1 else 's'} awaiting review left out: only "
               f"approved pairs are exported; approve them in the app (good4cir app --db {args.db}), "
               "or pass --include-unreviewed")
+        for run, count in (report.get("awaiting_approved_in_runs") or {}).items():
+            print(f"    {count} of them {'has' if count == 1 else 'have'} an approved annotation of the older "
+                  f"run {run} (the export takes each pair's newest): export those with --run {run}")
     if never:
         print(f"  {never} pair{'' if never == 1 else 's'} never annotated left out: annotate them "
               "(good4cir annotate), or pass --include-unreviewed to export their imported captions")

@@ -72,7 +72,7 @@ def export_dataset(
              "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
              "pairs_without_captions": 0, "pairs_without_target": 0,
              "pairs_awaiting_review": 0, "pairs_not_annotated": 0, "pairs_withheld_target": 0,
-             "pairs_not_in_run": 0, "pairs_imported_captions_replaced": 0,
+             "pairs_not_in_run": 0, "pairs_imported_captions_replaced": 0, "awaiting_approved_in_runs": {},
              "splits": set()}  # of the pairs written: a CIRR file holds one (its name says which)
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
@@ -106,6 +106,8 @@ def collect_items(
                                              "pairs_without_captions": 0}
     annotated, chosen = _chosen_annotations(db, run_id, include_unreviewed)
     awaiting = set() if include_unreviewed else _awaiting_review(db, run_id)
+    if awaiting and run_id is None:
+        stats["awaiting_approved_in_runs"] = _approved_elsewhere(db, awaiting)
     runs: dict[int, RunRecord] = {}
     sql = "SELECT * FROM pairs" + (" WHERE split = ?" if split else "") + " ORDER BY rowid"
     cursor = db.execute(sql, [split] if split else [])
@@ -197,6 +199,19 @@ def _awaiting_review(db, run_id: Optional[int]) -> set[str]:
     return {row[0] for row in db.execute(
         f"SELECT a.pair_id FROM annotations a WHERE a.status = 'done' AND {_newest_done(run_id)}"
         " AND a.review_status = 'unreviewed'", [run_id] if run_id is not None else [])}
+
+
+def _approved_elsewhere(db, awaiting: set[str]) -> dict[int, int]:
+    """Run id -> how many of the `awaiting` pairs have an approved annotation of that run:
+    a reviewer who approved one run's annotations before a newer run covered the same pairs
+    exports them with --run, not by reviewing again."""
+    counts: dict[int, int] = {}
+    for pair_id, run_id in db.execute(
+            "SELECT pair_id, MAX(run_id) FROM annotations WHERE status = 'done'"
+            " AND review_status = 'approved' GROUP BY pair_id").fetchall():
+        if pair_id in awaiting:
+            counts[run_id] = counts.get(run_id, 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _caption_flags(db, annotation_ids: list[str]) -> dict[str, set[str]]:

@@ -314,6 +314,23 @@ def test_cli_export_before_review_says_why_nothing_was_written(tmp_path, capsys)
     assert "never annotated" not in said
 
 
+def test_cli_export_says_which_older_run_holds_approvals_the_newest_run_hides(reviewed, tmp_path, capsys):
+    # A reviewer approved run 1's annotations, then a newer run covered the same pairs: the
+    # export (each pair's newest annotation) wrote nothing and said to approve the pairs in
+    # the app, where what was wanted is --run 1.
+    db, first_run, _ = reviewed
+    annotate_all(db, model="sim-2", prefix="v2 ")
+    db_path = db.conn.execute("PRAGMA database_list").fetchone()[2]
+    out = tmp_path / "out.json"
+    assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "wrote 0 pairs" in said and "3 annotated pairs awaiting review" in said
+    assert f"1 of them has an approved annotation of the older run {first_run.id}" in said
+    assert f"--run {first_run.id}" in said
+    assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["awaiting_approved_in_runs"] == {str(first_run.id): 1}
+
+
 def test_export_of_a_split_the_store_does_not_have_is_a_clear_error(reviewed, tmp_path):
     # A mistyped --split ('tran') wrote an empty file and said 'wrote 0 pairs'.
     db, _, _ = reviewed
