@@ -98,6 +98,7 @@ def gallery_from_db(db_path: str | Path, split: Optional[str] = None) -> list[Ga
     image a pair of split S uses (reference, target, image-set members), so that the
     gallery holds each query's near-duplicates (the CIRR protocol)."""
     from store import open_db
+    from store.annotations import require_split
 
     db_path = Path(db_path)
     if not db_path.is_file():
@@ -121,6 +122,8 @@ def gallery_from_db(db_path: str | Path, split: Optional[str] = None) -> list[Ga
                 rows += db.execute(
                     f"SELECT id, name, path, root FROM images WHERE id IN ({','.join('?' * len(part))})", part
                 ).fetchall()
+        if not rows and split is not None:
+            require_split(db, split)  # a mistyped split: the message other commands give
     finally:
         db.conn.close()
     if not rows:

@@ -4,6 +4,7 @@ encoding, and `good4cir index` / `good4cir query` end to end with a tiny random 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -295,3 +296,15 @@ def test_checkpoint_fingerprint_follows_content_not_location(tmp_path, tiny_chec
     with open(copy / "best.pt", "ab") as fh:  # any change to the weights file
         fh.write(b"\0")
     assert ix.checkpoint_fingerprint({"weights": str(copy / "best.pt")}) != original
+
+
+def test_a_mistyped_split_names_the_splits_present_as_other_commands_do(tmp_path):
+    # index said "the store X has no images in split 'tset'", where train, eval and export
+    # name the splits the store has.
+    from store import open_db
+    from store.importers import import_dataset
+
+    db_path = tmp_path / "s.db"
+    import_dataset(open_db(db_path), "pairs", Path(__file__).parent / "fixtures" / "pairs")
+    with pytest.raises(ValueError, match=r"no pairs of split 'tset' \(splits present: test, train, val\)"):
+        ix.gallery_from_db(db_path, split="tset")
