@@ -25,11 +25,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import sqlite_utils
 
-from store.annotations import get_description, get_run, list_runs
+from store.annotations import get_run, list_runs
 from store.demo_world.vocab import (
     COLOURS,
     FLOORS,
@@ -42,8 +42,8 @@ from store.demo_world.vocab import (
     WALL_COLOURS,
 )
 from store.errors import NotFoundError
-from store.models import PIPELINE_REVIEWER, ImageRecord, PairRecord
-from store.review import list_captions, list_flags
+from store.models import PIPELINE_REVIEWER, DescriptionRecord, ImageRecord, PairRecord
+from store.review import list_captions_of, list_flags
 
 OBJECT_ATTRIBUTES = ("colour", "pattern", "size", "position", "count")
 
@@ -58,12 +58,26 @@ def tokens(text: str) -> list[str]:
 class PhraseTable:
     """Maps word sequences to canonical values; finds them longest first, left to right."""
 
+    # Answers kept per word sequence: a caption is read by a dozen tables once per change
+    # of its pair (and templated captions recur across pairs); bounded, as free text is not.
+    MEMO_SIZE = 20_000
+
     def __init__(self, phrases: dict[str, Any]):
         self.phrases = {tuple(tokens(k)): v for k, v in phrases.items()}
         self.longest = max(len(k) for k in self.phrases)
+        self._found: dict[tuple[str, ...], tuple[tuple[int, Any], ...]] = {}
 
-    def find(self, words: list[str]) -> list[tuple[int, Any]]:
+    def find(self, words: list[str]) -> tuple[tuple[int, Any], ...]:
         """(word index, value) of every phrase found, without overlaps."""
+        key = tuple(words)
+        found = self._found.get(key)
+        if found is None:
+            if len(self._found) >= self.MEMO_SIZE:
+                self._found.clear()
+            found = self._found[key] = tuple(self._find(key))
+        return found
+
+    def _find(self, words: tuple[str, ...]) -> list[tuple[int, Any]]:
         out = []
         i = 0
         while i < len(words):
@@ -545,13 +559,63 @@ def _row(db, sql: str, params: list) -> Optional[dict]:
     return None if row is None else dict(zip([d[0] for d in cursor.description], row))
 
 
+# Rows read per query when scoring many pairs: one query per chunk, not a few per pair.
+_CHUNK = 500
+
+
+def _rows_by_id(db, table: str, ids: Iterable[str]) -> dict[str, dict]:
+    ids = list(ids)
+    out = {}
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start:start + _CHUNK]
+        cursor = db.execute(f"SELECT * FROM {table} WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+        names = [d[0] for d in cursor.description]
+        for row in cursor.fetchall():
+            record = dict(zip(names, row))
+            out[record["id"]] = record
+    return out
+
+
 class _Truth:
-    """Scenes and edit lists read once per scoring call."""
+    """Scenes, edit lists and descriptor checks read once per scoring call: a stage 1 list
+    is shared by every pair with its reference image, so it is checked once, not per pair."""
 
     def __init__(self, db: sqlite_utils.Database):
         self.db = db
         self._scenes: dict[str, Optional[dict]] = {}
         self._pairs: dict[str, Optional[PairRecord]] = {}
+        self._checks: dict[str, Optional[DescriptorCheck]] = {}
+
+    def load(self, pair_ids: Iterable[str], description_ids: Iterable[str]) -> None:
+        """Read the pairs, descriptions and their images' scenes not read yet, in bulk."""
+        wanted = [p for p in set(pair_ids) if p not in self._pairs]
+        rows = _rows_by_id(self.db, "pairs", wanted)
+        for pair_id in wanted:
+            row = rows.get(pair_id)
+            self._pairs[pair_id] = PairRecord.from_row(row) if row else None
+        wanted = [d for d in set(description_ids) if d and d not in self._checks]
+        descriptions = {d: DescriptionRecord.from_row(row)
+                        for d, row in _rows_by_id(self.db, "descriptions", wanted).items()}
+        images = [d.image_id for d in descriptions.values() if d.image_id not in self._scenes]
+        rows = _rows_by_id(self.db, "images", images)
+        for image_id in images:
+            row = rows.get(image_id)
+            self._scenes[image_id] = ImageRecord.from_row(row).scene_json if row else None
+        for description_id in wanted:
+            self._checks[description_id] = self._check(descriptions.get(description_id))
+
+    def _check(self, description: Optional[DescriptionRecord]) -> Optional[DescriptorCheck]:
+        scene = self.scene(description.image_id) if description else None
+        if scene is None:
+            return None
+        return check_descriptors([o.model_dump() for o in description.objects], scene)
+
+    def check(self, description_id: str) -> Optional[DescriptorCheck]:
+        """The description's list against its image's scene (None without a scene); shared,
+        do not modify."""
+        if description_id not in self._checks:
+            self.load((), [description_id])
+        return self._checks[description_id]
 
     def scene(self, image_id: str) -> Optional[dict]:
         if image_id not in self._scenes:
@@ -561,8 +625,7 @@ class _Truth:
 
     def pair(self, pair_id: str) -> Optional[PairRecord]:
         if pair_id not in self._pairs:
-            row = _row(self.db, "SELECT * FROM pairs WHERE id = ?", [pair_id])
-            self._pairs[pair_id] = PairRecord.from_row(row) if row else None
+            self.load([pair_id], ())
         return self._pairs[pair_id]
 
     def edits(self, pair_id: str) -> Optional[list[dict]]:
@@ -606,21 +669,36 @@ def score_annotation(db: sqlite_utils.Database, annotation_id: str, *, text: str
                      truth: Optional[_Truth] = None) -> AnnotationScore:
     """One annotated pair against ground truth. text: 'original' (the VLM's) or 'current'
     (after human edits). Parts without ground truth are left as None."""
+    return next(score_annotations(db, [annotation_id], text=text, truth=truth))
+
+
+def score_annotations(db: sqlite_utils.Database, annotation_ids: Iterable[str], *, text: str = "original",
+                      truth: Optional[_Truth] = None) -> Iterator[AnnotationScore]:
+    """score_annotation of each id, in the order given, reading the store a chunk of
+    pairs per query (a few queries per pair made scoring 20,000 pairs wait on SQLite)."""
     truth = truth or _Truth(db)
-    row = _row(db, "SELECT id, pair_id, stage1_id, stage2_id FROM annotations WHERE id = ?", [annotation_id])
-    if row is None:
-        raise NotFoundError(f"annotation {annotation_id!r} does not exist")
-    score = AnnotationScore(annotation_id, row["pair_id"], row["stage1_id"], row["stage2_id"])
+    ids = list(annotation_ids)
+    for start in range(0, len(ids), _CHUNK):
+        chunk = ids[start:start + _CHUNK]
+        rows = _rows_by_id(db, "annotations", chunk)
+        truth.load([r["pair_id"] for r in rows.values()],
+                   [r[k] for r in rows.values() for k in ("stage1_id", "stage2_id") if r[k]])
+        captions_of = list_captions_of(db, [a for a in chunk if a in rows])
+        for annotation_id in chunk:
+            row = rows.get(annotation_id)
+            if row is None:
+                raise NotFoundError(f"annotation {annotation_id!r} does not exist")
+            yield _score(row, captions_of[annotation_id], truth, text)
+
+
+def _score(row: dict, captions: list, truth: _Truth, text: str) -> AnnotationScore:
+    score = AnnotationScore(row["id"], row["pair_id"], row["stage1_id"], row["stage2_id"])
     pair = truth.pair(row["pair_id"])
     for stage, description_id in ((1, row["stage1_id"]), (2, row["stage2_id"])):
-        if not description_id:
-            continue
-        description = get_description(db, description_id)
-        scene = truth.scene(description.image_id) if description else None
-        if scene is not None:
-            check = check_descriptors([o.model_dump() for o in description.objects], scene)
-            setattr(score, f"stage{stage}", check)
-    captions = list_captions(db, annotation_id)
+        if description_id:
+            check = truth.check(description_id)
+            if check is not None:
+                setattr(score, f"stage{stage}", check)
     individual = [c for c in captions if c.kind == "individual"]
     score.caption_ids = [c.id for c in individual]
     score.caption_texts = [c.text if text == "original" else (c.current_text or c.text) for c in individual]
@@ -699,21 +777,25 @@ def score_run(db: sqlite_utils.Database, run_id: int, *, text: str = "original",
     if text not in ("original", "current"):
         raise ValueError("text must be 'original' or 'current'")
     run = get_run(db, run_id)
-    truth = _Truth(db)
+    ids = _annotation_ids(db, run_id)
+    scores: Iterable[AnnotationScore] = score_annotations(db, ids, text=text)
+    if progress:
+        from tqdm import tqdm
+
+        scores = tqdm(scores, total=len(ids), desc=f"scoring run {run_id}", unit="pair", leave=False)
+    return summarize_run(run, scores, text=text, detail=detail)
+
+
+def summarize_run(run, scores: Iterable[AnnotationScore], *, text: str = "original", detail: bool = False) -> dict:
+    """score_run's answer from the run's record and its done pairs' scores (in queue
+    order), for a caller that keeps scores between calls (the app's Stats tab)."""
     stage1: dict[str, DescriptorCheck] = {}     # shared by pairs with one reference: once each
     stage2: list[DescriptorCheck] = []
     captions: list[CaptionCheck] = []
     details = []
-    ids = _annotation_ids(db, run_id)
-    without_truth = 0
-    if progress:
-        from tqdm import tqdm
-
-        ids_iter = tqdm(ids, desc=f"scoring run {run_id}", unit="pair", leave=False)
-    else:
-        ids_iter = ids
-    for annotation_id in ids_iter:
-        score = score_annotation(db, annotation_id, text=text, truth=truth)
+    pairs = without_truth = 0
+    for score in scores:
+        pairs += 1
         if score.stage1 is not None:
             stage1.setdefault(score.stage1_id, score.stage1)
         if score.stage2 is not None:
@@ -728,7 +810,7 @@ def score_run(db: sqlite_utils.Database, run_id: int, *, text: str = "original",
     result = {
         "run_id": run.id, "name": run.name, "backend": run.backend, "model": run.model,
         "method": run.method, "prompt_versions": run.prompt_versions, "text": text,
-        "pairs": len(ids), "pairs_scored": len(captions), "pairs_without_ground_truth": without_truth,
+        "pairs": pairs, "pairs_scored": len(captions), "pairs_without_ground_truth": without_truth,
         "stage1": _descriptor_summary(list(stage1.values())) if staged else None,
         "stage2": _descriptor_summary(stage2) if staged else None,
         "captions": _caption_summary(captions),
@@ -835,6 +917,36 @@ def _prf(truth: set, flagged: set) -> dict:
     }
 
 
+def flag_sets(score: AnnotationScore, flags: Iterable[tuple[str, str, str]]) -> Optional[tuple[set, set, set, set]]:
+    """One scored pair's (truly hallucinated descriptors, truly hallucinated captions,
+    flagged descriptors, flagged captions), given its active flags as (reviewer,
+    target_kind, target_id); None when the pair has no ground truth. Items as score_flags
+    names them; the pipeline's own flags are left out."""
+    if score.captions is None and score.stage1 is None and score.stage2 is None:
+        return None
+    true_desc = {f"{d}/{o}/{k}" for d, o, k in score.hallucinated_descriptor_keys()}
+    true_caps = score.hallucinated_caption_ids() if score.captions is not None else set()
+    counts = {}
+    for description_id, check in ((score.stage1_id, score.stage1), (score.stage2_id, score.stage2)):
+        if check is not None:
+            counts[description_id] = check.descriptor_counts
+    flag_desc: set[str] = set()
+    flag_caps: set[str] = set()
+    for reviewer, target_kind, target_id in flags:
+        if reviewer == PIPELINE_REVIEWER:
+            continue  # a repair the pipeline could not get, not a human's hallucination call
+        if target_kind == "caption":
+            flag_caps.add(target_id)
+            continue
+        description_id, obj, desc = parse_descriptor_target(target_id)
+        if desc is not None:
+            flag_desc.add(f"{description_id}/{obj}/{desc}")
+        else:
+            n = counts.get(description_id, [])
+            flag_desc |= {f"{description_id}/{obj}/{k}" for k in range(n[obj] if obj < len(n) else 0)}
+    return true_desc, true_caps, flag_desc, flag_caps
+
+
 def score_flags(db: sqlite_utils.Database, annotation_id: Optional[str] = None, *,
                 run_id: Optional[int] = None, annotation_ids: Optional[list[str]] = None) -> dict:
     """How many of the truly hallucinated captions and descriptors the human flags caught.
@@ -857,36 +969,19 @@ def score_flags(db: sqlite_utils.Database, annotation_id: Optional[str] = None, 
         ids = list(annotation_ids)
     else:
         ids = _annotation_ids(db, run_id)
-    truth = _Truth(db)
     true_desc: set[str] = set()
     true_caps: set[str] = set()
     flag_desc: set[str] = set()
     flag_caps: set[str] = set()
     scored = 0
-    for aid in ids:
-        score = score_annotation(db, aid, truth=truth)
-        if score.captions is None and score.stage1 is None and score.stage2 is None:
+    for score in score_annotations(db, ids):
+        flags = [(f.reviewer, f.target_kind, f.target_id) for f in list_flags(db, score.annotation_id)]
+        found = flag_sets(score, flags)
+        if found is None:
             continue
         scored += 1
-        true_desc |= {f"{d}/{o}/{k}" for d, o, k in score.hallucinated_descriptor_keys()}
-        if score.captions is not None:
-            true_caps |= score.hallucinated_caption_ids()
-        counts = {}
-        for description_id, check in ((score.stage1_id, score.stage1), (score.stage2_id, score.stage2)):
-            if check is not None:
-                counts[description_id] = check.descriptor_counts
-        for flag in list_flags(db, aid):
-            if flag.reviewer == PIPELINE_REVIEWER:
-                continue  # a repair the pipeline could not get, not a human's hallucination call
-            if flag.target_kind == "caption":
-                flag_caps.add(flag.target_id)
-                continue
-            description_id, obj, desc = parse_descriptor_target(flag.target_id)
-            if desc is not None:
-                flag_desc.add(f"{description_id}/{obj}/{desc}")
-            else:
-                n = counts.get(description_id, [])
-                flag_desc |= {f"{description_id}/{obj}/{k}" for k in range(n[obj] if obj < len(n) else 0)}
+        for into, part in zip((true_desc, true_caps, flag_desc, flag_caps), found):
+            into |= part
     every = _prf({f"descriptor {x}" for x in true_desc} | {f"caption {x}" for x in true_caps},
                  {f"descriptor {x}" for x in flag_desc} | {f"caption {x}" for x in flag_caps})
     return {
@@ -900,7 +995,7 @@ def score_flags(db: sqlite_utils.Database, annotation_id: Optional[str] = None, 
 
 __all__ = [
     "AnnotationScore", "CaptionCheck", "DescriptorCheck", "caption_matches_edit", "check_captions",
-    "check_descriptors", "descriptor_values", "format_table", "object_from_descriptors",
-    "parse_descriptor_target", "resolve_name", "score_annotation", "score_flags", "score_run",
-    "score_runs", "tokens",
+    "check_descriptors", "descriptor_values", "flag_sets", "format_table", "object_from_descriptors",
+    "parse_descriptor_target", "resolve_name", "score_annotation", "score_annotations", "score_flags",
+    "score_run", "score_runs", "summarize_run", "tokens",
 ]

@@ -360,3 +360,14 @@ def test_simulator_runs_score_zero_at_rate_zero_and_clearly_more_at_0_3(demo_sto
     with pytest.raises(Exception, match="run 999 does not exist"):
         main(["score", "--db", str(db_path), "--run", "999"])
 
+
+
+def test_a_caption_is_read_once_per_table_not_once_per_change_of_its_pair():
+    # check_captions reads every caption against each of its pair's changes with the same
+    # phrase tables; the second reading of the same words is the first one's answer.
+    from pipeline.scoring import KIND_TABLE, tokens
+
+    words = tokens("Add a red lamp next to the bed and remove the two chairs")
+    first = KIND_TABLE.find(words)
+    assert [value for _, value in first] == ["lamp", "bed", "chair"]
+    assert KIND_TABLE.find(list(words)) is first

@@ -38,23 +38,6 @@ def test_diversity_ignores_case_and_punctuation(store):
     assert sl.caption_words("Don't move the TV, please!") == ["don't", "move", "the", "tv", "please"]
 
 
-def test_flag_scores_follow_which_pairs_are_decided_not_only_how_many(store):
-    db, (first, second) = store["db"], store["annotation_ids"]
-    cache, calls = sl.GroundTruthCache(), []
-
-    def compute():
-        calls.append(1)
-        return {"n": len(calls)}
-
-    rl.set_status(db, first, "approved", "ann")
-    assert cache._cached(db, "flags", 1, compute) == {"n": 1}
-    rl.save_note(db, first, "a note", "ann")
-    assert cache._cached(db, "flags", 1, compute) == {"n": 1}   # a note changes no score
-    rl.set_status(db, first, "unreviewed", "ann")
-    rl.set_status(db, second, "approved", "ann")                # still one decided pair
-    assert cache._cached(db, "flags", 1, compute) == {"n": 2}
-
-
 def test_flag_catch_counts_by_hand(tmp_path):
     # Demo-world pairs annotated by the simulator at error rate 0.3; for the first pair
     # flag every caption the ground truth says is invented plus one correct caption.
@@ -103,3 +86,95 @@ def test_the_pipelines_own_flags_are_not_counted_as_reviewers_flags(store):
     rl.set_flag(db, first, "caption", f"{first}:c1", True, "ann")
     [row] = sl.human_flag_counts(db)
     assert row["stage 3 captions"] == {"items": 4, "flagged": 1}
+
+
+def _reads(db):
+    """The statements a block runs that read a pair's content (its captions, descriptor
+    lists, images' scenes or edit list), as the scoring of one pair does."""
+    seen = []
+
+    def trace(sql):
+        if any(f" FROM {table}" in sql for table in ("captions", "descriptions", "images", "pairs")):
+            seen.append(sql)
+
+    db.conn.set_trace_callback(trace)
+    return seen
+
+
+def _flags_from_scratch(db):
+    """The flag table's counts, each decided pair scored on its own by score_flags."""
+    from pipeline.scoring import score_flags
+
+    totals = {part: [0, 0, 0] for part in ("descriptors", "captions")}
+    for (ann,) in db.execute("SELECT id FROM annotations WHERE status = 'done'"
+                             " AND review_status IN ('approved', 'rejected')").fetchall():
+        result = score_flags(db, ann)
+        for part, total in totals.items():
+            for i, key in enumerate(("hallucinated", "flagged", "caught")):
+                total[i] += result[part][key]
+    return totals
+
+
+def test_a_review_change_rescores_no_pair_and_counts_as_from_scratch(tmp_path):
+    # A reviewer approves, flags and edits one pair and reopens Stats: the ground-truth
+    # scores of the run's pairs are kept (a done pair's answers never change), only the
+    # changed pair's flags are matched again, and the numbers are those of a fresh count.
+    from pipeline.scoring import score_run
+    from ui_store_builder import build_demo_store
+
+    info = build_demo_store(tmp_path, pairs=12, annotate=12)
+    db, ids = info["db"], info["annotation_ids"]
+    for ann in ids[:6]:
+        rl.set_status(db, ann, "approved", "ann")
+    rl.set_flag(db, ids[0], "caption", f"{ids[0]}:c0", True, "ann")
+    cache = sl.GroundTruthCache()
+    sl.ground_truth_rates(db, cache)
+    sl.flag_catch_rows(db, cache)
+
+    changes = [
+        lambda: rl.set_status(db, ids[7], "rejected", "ann"),
+        lambda: rl.set_flag(db, ids[7], "caption", f"{ids[7]}:c1", True, "ann"),
+        lambda: rl.save_caption(db, f"{ids[1]}:c0", "add a red lamp", "ann", 0),
+        lambda: rl.set_flag(db, ids[0], "caption", f"{ids[0]}:c0", False, "ann"),
+    ]
+    for i, change in enumerate(changes, 1):
+        change()
+        reads = _reads(db)
+        rates, rows = sl.ground_truth_rates(db, cache), sl.flag_catch_rows(db, cache)
+        db.conn.set_trace_callback(None)
+        assert reads == []                           # no pair scored again
+        assert cache.pairs_scored == len(ids)
+        assert cache.pairs_matched <= 6 + i          # the 6 decided pairs once, then the changed one
+        fresh = sl.GroundTruthCache()
+        assert rates == sl.ground_truth_rates(db, fresh)
+        assert rows == sl.flag_catch_rows(db, fresh)
+        assert cache.score(db, 1) == score_run(db, 1)
+        if rows:
+            by_hand = _flags_from_scratch(db)
+            assert {row[1]: row[2:5] for row in rows} == by_hand
+
+
+def test_scoring_a_run_reads_the_store_in_chunks_not_per_pair(tmp_path):
+    from pipeline.scoring import score_flags, score_run
+    from ui_store_builder import build_demo_store
+
+    info = build_demo_store(tmp_path, pairs=16, annotate=16)
+    db = info["db"]
+    reads = _reads(db)
+    result = score_run(db, 1)
+    db.conn.set_trace_callback(None)
+    assert result["pairs"] == 16
+    assert len(reads) < 16 / 2   # was 4 statements per pair
+    reads = _reads(db)
+    score_flags(db, run_id=1)
+    db.conn.set_trace_callback(None)
+    assert len(reads) < 16 / 2
+
+
+def test_the_stats_tab_says_how_far_scoring_is(tmp_path):
+    from ui_store_builder import build_demo_store
+
+    info = build_demo_store(tmp_path, pairs=6, annotate=6)
+    seen = []
+    sl.ground_truth_rates(info["db"], sl.GroundTruthCache(), lambda done, total, what: seen.append((done, total)))
+    assert seen and seen[-1] == (6, 6)

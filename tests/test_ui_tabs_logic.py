@@ -338,27 +338,6 @@ def test_results_html_marks_the_true_target_and_escapes():
     assert "rank 2" in html and "g4c-true" in html and "<img src=x>" not in html and "&lt;b&gt;" in html
 
 
-def test_ground_truth_cache_recomputes_only_on_change(store):
-    db, ann = store["db"], store["annotation_ids"][0]
-    cache, calls = sl.GroundTruthCache(), []
-
-    def compute():
-        calls.append(1)
-        return {"n": len(calls)}
-
-    assert cache._cached(db, "flags", 1, compute) == {"n": 1}
-    rl.save_note(db, ann, "a note", "ann")
-    assert cache._cached(db, "flags", 1, compute) == {"n": 1}   # a note changes no score
-    rl.set_status(db, ann, "approved", "ann")
-    assert cache._cached(db, "flags", 1, compute) == {"n": 2}   # one more decided pair
-    rl.set_flag(db, ann, "caption", f"{ann}:c0", True, "ann")
-    assert cache._cached(db, "flags", 1, compute) == {"n": 3}   # one more flag
-    assert cache._cached(db, "run", 1, compute) == {"n": 4}
-    rl.set_flag(db, ann, "caption", f"{ann}:c0", False, "ann")
-    assert cache._cached(db, "run", 1, compute) == {"n": 4}     # the VLM's answers did not change
-    assert cache._cached(db, "flags", 1, compute) == {"n": 5}
-
-
 def test_a_run_that_cannot_start_says_why(store, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     controller = pl.PipelineController(str(store["db_path"]))

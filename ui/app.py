@@ -492,12 +492,19 @@ def _stats_tab(conns, gt_cache):
     progress_plot = gr.Plot(label="Review progress")
     caption_plot = gr.Plot(label="Captions")
 
-    def on_refresh():
+    def on_refresh(progress=gr.Progress()):
+        # Scoring a large run against ground truth the first time takes seconds (later
+        # opens score only new pairs): say how far it is.
+        def scoring(done, total, what):
+            progress((done, total), desc=what, unit="pairs")
+
         db = conns.get()
+        progress(0, desc="reading flags and captions")
         rows = sl.human_flag_counts(db)
         captions = sl.caption_stats(db)
-        return (sl.summary_rows(rows, captions), sl.flag_catch_rows(db, gt_cache), sl.plot_human_rates(rows),
-                sl.plot_ground_truth(sl.ground_truth_rates(db, gt_cache)),
+        truth = sl.ground_truth_rates(db, gt_cache, scoring)
+        return (sl.summary_rows(rows, captions), sl.flag_catch_rows(db, gt_cache, scoring), sl.plot_human_rates(rows),
+                sl.plot_ground_truth(truth),
                 sl.plot_review_progress(sl.review_progress(db)), sl.plot_caption_stats(captions))
 
     outputs = [summary, catches, human_plot, truth_plot, progress_plot, caption_plot]

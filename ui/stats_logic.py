@@ -15,7 +15,7 @@ import random
 import re
 import threading
 from collections import defaultdict
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import sqlite_utils
 
@@ -99,67 +99,100 @@ def human_rates_by(rows: list[dict], key: str) -> dict[str, dict[str, Optional[f
     return {group: {s: rate(*v) for s, v in stages.items()} for group, stages in pooled.items()}
 
 
+# progress(done, total, what): how far a long scoring pass is (the app shows it).
+Progress = Callable[[int, int, str], None]
+
+_FLAG_PARTS = ("descriptors", "captions")
+
+
 class GroundTruthCache:
-    """score_run is a full pass over a run; keep its answer until the run changes."""
+    """Ground-truth scores kept per pair between calls: a done pair's answers never change
+    (store.annotations.complete_annotation), so each pair is scored once; which pairs are
+    decided and their flags are read afresh on each call, and a pair's flags are matched
+    against its truth again only when they changed. After one approval, flag or caption
+    edit, the Stats tab scores at most that one pair instead of the whole run.
+
+    pairs_scored and pairs_matched count that work (the tests read them)."""
 
     def __init__(self):
-        self._cache: dict[int, tuple[tuple, dict]] = {}
+        self._scores: dict[str, Any] = {}    # annotation id -> pipeline.scoring.AnnotationScore
+        # annotation id -> (its active reviewer flags, its counts: see _flag_counts)
+        self._matched: dict[str, tuple[tuple, tuple]] = {}
         self._lock = threading.Lock()
+        self.pairs_scored = 0
+        self.pairs_matched = 0
 
-    def _cached(self, db, what: str, run_id: int, compute) -> dict:
-        # The VLM's answers change only when more pairs finish; the flags when flags do.
-        key = db.execute("SELECT COUNT(*) FROM annotations WHERE run_id = ? AND status = 'done'",
-                         [run_id]).fetchone()
-        if what == "flags":
-            key += db.execute(f"SELECT COUNT(*) FROM annotations a WHERE a.run_id = ? AND {_DECIDED}",
-                              [run_id]).fetchone()
-            # Which pairs are decided, not only how many: approving B after resetting A
-            # keeps the count but changes the pairs scored.
-            key += db.execute(
-                "SELECT MAX(e.id) FROM review_events e JOIN annotations a ON a.id = e.annotation_id"
-                " WHERE a.run_id = ? AND e.action = 'status'", [run_id]).fetchone()
-            key += db.execute(
-                "SELECT COUNT(*), MAX(f.id), COUNT(f.removed_at) FROM flags f JOIN annotations a"
-                " ON a.id = f.annotation_id WHERE a.run_id = ?", [run_id]).fetchone()
-        with self._lock:
-            hit = self._cache.get((what, run_id))
-            if hit and hit[0] == key:
-                return hit[1]
-        result = compute()
-        with self._lock:
-            self._cache[(what, run_id)] = (key, result)
-        return result
+    def _scores_of(self, db, annotation_ids: list[str], progress: Optional[Progress]) -> list:
+        from pipeline.scoring import score_annotations
 
-    def score(self, db, run_id: int) -> Optional[dict]:
+        missing = [a for a in annotation_ids if a not in self._scores]
+        for i, score in enumerate(score_annotations(db, missing)):
+            score.caption_texts = []  # not needed for the rates; 20,000 pairs' texts are MBs
+            self._scores[score.annotation_id] = score
+            self.pairs_scored += 1
+            if progress and (i % 200 == 0 or i + 1 == len(missing)):
+                progress(i + 1, len(missing), "scoring pairs against ground truth")
+        return [self._scores[a] for a in annotation_ids]
+
+    def score(self, db, run_id: int, progress: Optional[Progress] = None) -> Optional[dict]:
+        """pipeline.scoring.score_run(db, run_id) of the run's done pairs, scoring only the
+        pairs not scored before."""
         try:
-            from pipeline.scoring import score_run
+            from pipeline.scoring import summarize_run
         except ImportError:
             return None
-        return self._cached(db, "run", run_id, lambda: score_run(db, run_id))
+        from store.annotations import get_run
 
-    def flags(self, db, run_id: int) -> Optional[dict]:
+        ids = [r[0] for r in db.execute(
+            "SELECT id FROM annotations WHERE run_id = ? AND status = 'done' ORDER BY seq", [run_id])]
+        with self._lock:
+            scores = self._scores_of(db, ids, progress)
+        return summarize_run(get_run(db, run_id), scores)
+
+    def flags(self, db, run_id: int, progress: Optional[Progress] = None) -> Optional[dict]:
+        """Per part (descriptors, captions): hallucinated, flagged, caught, recall and
+        precision over the run's decided pairs, each pair counted as
+        pipeline.scoring.score_flags(db, pair) counts it; 'annotations': pairs scored."""
         try:
-            from pipeline.scoring import score_flags
+            from pipeline.scoring import flag_sets
         except ImportError:
             return None
-        def decided_pairs() -> dict:
-            # Only pairs a reviewer decided on: an unreviewed pair's hallucinations were
-            # not missed by anyone.
-            totals = {part: {"hallucinated": 0, "flagged": 0, "caught": 0} for part in ("descriptors", "captions")}
-            scored = 0
-            for (annotation_id,) in db.execute(
-                    f"SELECT a.id FROM annotations a WHERE a.run_id = ? AND {_DECIDED}", [run_id]).fetchall():
-                result = score_flags(db, annotation_id)
-                scored += result.get("annotations", 0)
-                for part, total in totals.items():
-                    for key in total:
-                        total[key] += result[part][key]
-            for total in totals.values():
-                total["recall"] = rate(total["caught"], total["hallucinated"])
-                total["precision"] = rate(total["caught"], total["flagged"])
-            return {"annotations": scored, **totals}
+        # Only pairs a reviewer decided on: an unreviewed pair's hallucinations were not
+        # missed by anyone.
+        ids = [r[0] for r in db.execute(
+            f"SELECT a.id FROM annotations a WHERE a.run_id = ? AND {_DECIDED} ORDER BY a.seq", [run_id])]
+        flags_of: dict[str, list] = defaultdict(list)
+        for annotation_id, *flag in db.execute(
+                "SELECT f.annotation_id, f.reviewer, f.target_kind, f.target_id FROM flags f"
+                " JOIN annotations a ON a.id = f.annotation_id"
+                f" WHERE a.run_id = ? AND {_DECIDED} AND f.removed_at IS NULL AND f.reviewer != ? ORDER BY f.id",
+                [run_id, PIPELINE_REVIEWER]):
+            flags_of[annotation_id].append(tuple(flag))
+        totals = [0] * 7
+        with self._lock:
+            for score in self._scores_of(db, ids, progress):
+                flags = tuple(flags_of.get(score.annotation_id, ()))
+                hit = self._matched.get(score.annotation_id)
+                if hit is None or hit[0] != flags:
+                    hit = (flags, _flag_counts(flag_sets(score, flags)))
+                    self._matched[score.annotation_id] = hit
+                    self.pairs_matched += 1
+                totals = [a + b for a, b in zip(totals, hit[1])]
+        out: dict[str, Any] = {"annotations": totals[0]}
+        for i, part in enumerate(_FLAG_PARTS):
+            hallucinated, flagged, caught = totals[1 + 3 * i:4 + 3 * i]
+            out[part] = {"hallucinated": hallucinated, "flagged": flagged, "caught": caught,
+                         "recall": rate(caught, hallucinated), "precision": rate(caught, flagged)}
+        return out
 
-        return self._cached(db, "flags", run_id, decided_pairs)
+
+def _flag_counts(found: Optional[tuple[set, set, set, set]]) -> tuple:
+    """(scored, then hallucinated, flagged, caught of descriptors and of captions) of one pair."""
+    if found is None:
+        return (0,) * 7
+    true_desc, true_caps, flag_desc, flag_caps = found
+    return (1, len(true_desc), len(flag_desc), len(true_desc & flag_desc),
+            len(true_caps), len(flag_caps), len(true_caps & flag_caps))
 
 
 def has_ground_truth(db, run_id: int) -> bool:
@@ -177,14 +210,15 @@ GT_MEASURES = (
 )
 
 
-def ground_truth_rates(db, cache: GroundTruthCache) -> dict[str, dict[str, Optional[float]]]:
+def ground_truth_rates(db, cache: GroundTruthCache,
+                       progress: Optional[Progress] = None) -> dict[str, dict[str, Optional[float]]]:
     """Per run with ground truth: the GT_MEASURES rates."""
     out = {}
     for run_id, info in _runs(db).items():
         if not has_ground_truth(db, run_id):
             continue
         try:
-            result = cache.score(db, run_id)
+            result = cache.score(db, run_id, progress)
         except Exception as exc:  # one run the scorer cannot read must not hide the others
             log.warning("ground-truth scoring of run %s failed: %s", run_id, exc)
             continue
@@ -194,7 +228,7 @@ def ground_truth_rates(db, cache: GroundTruthCache) -> dict[str, dict[str, Optio
     return out
 
 
-def flag_catch_rows(db, cache: GroundTruthCache) -> list[list]:
+def flag_catch_rows(db, cache: GroundTruthCache, progress: Optional[Progress] = None) -> list[list]:
     """Per run with ground truth and flags: how many true hallucinations the flags caught."""
     rows = []
     for run_id, info in _runs(db).items():
@@ -204,7 +238,7 @@ def flag_catch_rows(db, cache: GroundTruthCache) -> list[list]:
         if not flagged or not has_ground_truth(db, run_id):
             continue
         try:
-            result = cache.flags(db, run_id)
+            result = cache.flags(db, run_id, progress)
         except Exception as exc:
             log.warning("flag scoring of run %s failed: %s", run_id, exc)
             continue
