@@ -1063,10 +1063,16 @@ class Runner:
         self._account_error_type = InvalidAnswerError
         log.error("%d requests' answers failed validation and none validated: stopping the run",
                   len(self._invalid_answers))
-        self._stopping = True  # no new call; calls in flight finish and are stored
+        self._stop_sending()
+
+    def _stop_sending(self) -> None:
+        """Stop the run for an error every request would meet: no new call; calls in
+        flight finish and are stored."""
+        self._stopping = True
         if getattr(self.backend, "is_batch", False):
-            # Pairs waiting on lines not yet sent (or on open batches, collected by a
-            # resume) are let go at once, as a stop does: nothing more goes out.
+            # Pairs waiting on lines not yet sent, or on open batches (stored, so a resume
+            # collects them; a batch can take its 24 h), are let go at once, as a stop does:
+            # nothing more goes out.
             self.stop_event.set()
 
     def _invalid_answers_message(self) -> str:
@@ -1296,7 +1302,7 @@ class Runner:
                     self._auth_error = message
                     self._account_error_type = type(error)
                     log.error("%s: stopping the run", message)
-                self._stopping = True
+                self._stop_sending()
                 raise RunStoppedError()
             if isinstance(error, PermanentError):
                 raise ItemFailedError(error.category, f"{request.stage}: {message}")
@@ -1310,7 +1316,7 @@ class Runner:
                     self._auth_error = message
                     self._account_error_type = ConnectionFailedError
                     log.error("%s: stopping the run", message)
-                self._stopping = True
+                self._stop_sending()
                 raise RunStoppedError()
             if attempt >= self.options.max_attempts:
                 raise ItemFailedError("retries exhausted",

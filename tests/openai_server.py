@@ -67,6 +67,11 @@ class ServerConfig:
     reject_format_status: int = 400
     reject_auth: bool = False       # 401 that echoes the key, as some servers do
     reject_quota: bool = False      # 429 insufficient_quota: the account is out of credits
+    # Batch API calls that reject_auth / reject_quota / reject_not_found refuse too
+    # (comma-separated: "upload", "create", "poll"), as the API checks the key at every call;
+    # chat completions always check reject_auth and reject_quota.
+    refuse_at: str = ""
+    reject_not_found: bool = False  # 404 at refuse_at's calls: a --base-url whose path is wrong
     reject_max_tokens: bool = False  # 400 unless max_completion_tokens (newer OpenAI models)
     reject_temperature: bool = False  # 400 for any temperature but the default
     keep_requests: int = 200        # how many request bodies to keep for inspection
@@ -492,7 +497,28 @@ class FakeOpenAI:
 
     # -- files
 
+    def _refusal(self, place: str) -> Optional[Response]:
+        """The account or setup error configured for this batch API call, if any."""
+        cfg = self.config
+        if place not in cfg.refuse_at.split(","):
+            return None
+        if cfg.reject_auth:
+            self.stats[f"rejected_auth_{place}"] += 1
+            return _error(401, "Incorrect API key provided.", code="invalid_api_key")
+        if cfg.reject_quota:
+            self.stats[f"rejected_quota_{place}"] += 1
+            return JSONResponse({"error": {
+                "message": "You exceeded your current quota, please check your plan and billing details.",
+                "type": "insufficient_quota", "param": None, "code": "insufficient_quota"}}, status_code=429)
+        if cfg.reject_not_found:
+            self.stats[f"rejected_not_found_{place}"] += 1
+            return _error(404, f"Invalid URL ({place})", code="invalid_request_error")
+        return None
+
     async def upload_file(self, request: Request) -> Response:
+        refused = self._refusal("upload")
+        if refused is not None:
+            return refused
         form = await request.form()
         upload = form.get("file")
         if upload is None:
@@ -541,6 +567,9 @@ class FakeOpenAI:
     # -- batches
 
     async def create_batch(self, request: Request) -> Response:
+        refused = self._refusal("create")
+        if refused is not None:
+            return refused
         body = await request.json()
         if body.get("input_file_id") not in self.files:
             return _error(400, f"input file {body.get('input_file_id')} does not exist")
@@ -636,6 +665,9 @@ class FakeOpenAI:
                              "last_id": batches[-1]["id"] if batches else None})
 
     async def get_batch(self, request: Request) -> Response:
+        refused = self._refusal("poll")
+        if refused is not None:
+            return refused
         batch = self.batches.get(request.path_params["batch_id"])
         self.stats["batch_polls"] += 1
         return JSONResponse(batch) if batch else _error(404, "no such batch")

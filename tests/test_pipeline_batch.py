@@ -13,7 +13,8 @@ import pytest
 
 from openai_server import start_server
 from pipeline.pricing import PriceTable
-from pipeline.runner import RunBusyError, RunOptions, plan_run, run_pipeline, start_run_in_thread
+from pipeline.runner import (RunAuthError, RunBusyError, RunNotFoundError, RunOptions, RunQuotaError,
+                             RunUnreachableError, plan_run, run_pipeline, start_run_in_thread)
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-batch-0123456789"
@@ -528,3 +529,124 @@ def test_sigkill_after_a_batch_is_collected_loses_no_answer_and_pays_none_twice(
     assert progress.pairs_done == 5, progress.failures
     assert server.stats["batch_lines_submitted"] == server.stats["batch_lines_answered"] == 3 + 2 * 5
     assert table_rows(db_path, "SELECT COUNT(*), COUNT(DISTINCT request_hash) FROM calls") == [(13, 13)]
+
+
+# -- run-stopping errors and the user's stop with batches open or lines not yet sent
+
+REFUSALS = {  # server switch -> what the run raises, and what its message tells the user
+    "reject_auth": (RunAuthError, "OPENAI_API_KEY"),
+    "reject_quota": (RunQuotaError, "credits"),
+    "reject_not_found": (RunNotFoundError, "base URL"),
+}
+
+
+def _pairs_left_pending_and_batch_kept(db_path, batch_a) -> None:
+    """Every pair pending, the run stopped, run A's open batch still stored to collect."""
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 3)]
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+    assert table_rows(db_path, "SELECT id, collected FROM batches") == [(batch_a, 0)]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("place", ["upload", "create", "upload,create,poll"])
+@pytest.mark.parametrize("refusal", sorted(REFUSALS))
+def test_a_run_stopping_refusal_beside_an_open_batch_stops_at_once_and_a_rerun_collects_it(
+        server, tmp_path, place, refusal):
+    # Run 1 (--limit 1) left stage 1 of reference 0 open in a batch. Resumed over its 3
+    # pairs, pairs 0 and 2 wait for that batch and pair 1 sends its own stage 1 line, which
+    # the batch API refuses (a revoked key, no credits, a wrong URL). The runner stopped
+    # sending, but the session waited on for the open batch (its 24 h window, here 120 s)
+    # before it said why it stopped.
+    error, said = REFUSALS[refusal]
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path, limit=1)
+    resumed = RunOptions(**{**options.__dict__, "limit": None})
+    server.config.refuse_at = place
+    setattr(server.config, refusal, True)
+    started = time.time()
+    with pytest.raises(error) as caught:
+        run_pipeline(db_path, resumed)
+    assert time.time() - started < 20
+    assert said in str(caught.value) and "stay pending" in str(caught.value)
+    _pairs_left_pending_and_batch_kept(db_path, batch_a)
+    assert server.stats["batch_lines_submitted"] == 1  # nothing more went out
+
+    # Put right, the same command collects the open batch (nothing paid twice) and ends.
+    setattr(server.config, refusal, False)
+    server.config.batch_delay = 0.1
+    progress = run_pipeline(db_path, resumed)
+    assert progress.pairs_done == 3, progress.failures
+    assert server.stats["batch_lines_submitted"] == 1 + 1 + 3 + 3
+    assert (batch_a, 1) in table_rows(db_path, "SELECT batch_id, COUNT(*) FROM calls WHERE stage = 'stage1'"
+                                               " AND status = 'ok' GROUP BY batch_id")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("refusal", ["reject_auth", "reject_quota"])
+def test_a_refusal_while_polling_an_open_batch_stops_without_sending_its_lines_again(
+        server, tmp_path, refusal):
+    # Polling the open batch is refused (a key revoked mid-run: this server refuses only
+    # the polls). The batch was taken for one this key cannot see and its lines went out
+    # again in a new batch, paid twice.
+    error, said = REFUSALS[refusal]
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path, limit=1)
+    resumed = RunOptions(**{**options.__dict__, "limit": None})
+    server.config.refuse_at = "poll"
+    setattr(server.config, refusal, True)
+    started = time.time()
+    with pytest.raises(error) as caught:
+        run_pipeline(db_path, resumed)
+    assert time.time() - started < 20
+    assert said in str(caught.value)
+    assert server.stats["batch_lines_submitted"] <= 2, server.stats  # at most pair 1's own line
+    (stored_a,), = table_rows(db_path, "SELECT collected FROM batches WHERE id = ?", [batch_a])
+    assert stored_a == 0
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 3)]
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+
+
+@pytest.mark.timeout(60)
+def test_an_unreachable_server_beside_an_open_batch_stops_with_the_pairs_pending(server, tmp_path):
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path, limit=1)
+    server.stop()  # nothing listens on its port any more
+    started = time.time()
+    with pytest.raises(RunUnreachableError):
+        run_pipeline(db_path, RunOptions(**{**options.__dict__, "limit": None, "max_attempts": 2}))
+    assert time.time() - started < 30
+    _pairs_left_pending_and_batch_kept(db_path, batch_a)
+
+
+@pytest.mark.timeout(60)
+def test_the_cli_says_why_a_batch_run_stopped_with_exit_status_1(server, tmp_path, monkeypatch, capsys):
+    from good4cir.cli import main as cli_main
+
+    db_path, options, batch_a = _stopped_run_with_a_batch_open(server, tmp_path, limit=1)
+    server.config.refuse_at = "create"
+    server.config.reject_quota = True
+    monkeypatch.delenv("PYTEST_CURRENT_TEST")  # else the CLI re-raises, for pytest
+    assert cli_main(["annotate", "--db", str(db_path), "--backend", "openai-batch", "--base-url", server.url,
+                     "--poll-interval", "0.05", "--flush-interval", "0.1", "--image-size", "128",
+                     "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: run 1 stopped: quota exceeded (429)") and "credits" in err, err
+    _pairs_left_pending_and_batch_kept(db_path, batch_a)
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_with_lines_not_yet_sent_ends_at_once_and_sends_nothing(server, tmp_path):
+    # The pool goes out only after 30 s without a new request: the stop comes before.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    handle = start_run_in_thread(db_path, _options(server, flush_interval=30.0))
+    deadline = time.time() + 30
+    while not (handle.progress and handle.progress.run_id):
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    time.sleep(0.5)  # the stage 1 lines are pooled
+    started = time.time()
+    handle.stop()
+    progress = handle.join(timeout=30)
+    assert progress is not None and progress.status == "stopped" and time.time() - started < 5
+    assert progress.pairs_pending == 3
+    assert server.stats["files_uploaded"] == server.stats["batches_created"] == 0
+    assert table_rows(db_path, "SELECT COUNT(*) FROM batches") == [(0,)]
+    assert run_pipeline(db_path, _options(server)).pairs_done == 3

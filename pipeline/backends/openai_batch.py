@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Optional
 from store import annotations as store_ann
 
 from ..images import ImageEncoder
-from .base import PermanentError, TransientError, VLMRequest, VLMResponse
+from .base import AccountError, NotFoundError, PermanentError, TransientError, VLMRequest, VLMResponse
 from .openai_backend import (RESPONSE_MODES, answer_text, build_messages, configure_openai,
                              map_openai_error, message_reasoning, response_format_for, scrub)
 
@@ -113,6 +113,9 @@ class _Watch:
     cancelled_outside: bool = False  # by the user (the provider's dashboard), not by us
     note: str = ""
     error_codes: set = field(default_factory=set)  # of a batch that failed as a whole
+    # A poll refused for the account (401, no credits): the batch is still the provider's,
+    # paid and stored; its lines fail with this, which stops the run, and a rerun collects it.
+    refused: Optional[AccountError] = None
 
 
 @dataclass
@@ -320,6 +323,8 @@ class OpenAIBatchBackend:
             watch = self._watch(batch_id)
             self._asked_at[line_id] = asked_at
             await watch.done.wait()
+            if watch.refused is not None:
+                raise watch.refused
             result = watch.results.get(line_id)
             if isinstance(result, VLMResponse):
                 if RESPONSE_MODES.index(mode) > RESPONSE_MODES.index(self.response_mode):
@@ -499,6 +504,10 @@ class OpenAIBatchBackend:
         await watch.done.wait()
         if pending.future.done():
             return
+        if watch.refused is not None:
+            pending.future.set_exception(watch.refused)
+            pending.future.exception()
+            return
         result = watch.results.pop(pending.custom_id, None)
         if result is None and watch.error_codes & QUEUE_FULL_CODES and await self._wait_for_room(watch):
             # Not an attempt: nothing ran. The line goes out again in the next batch.
@@ -564,7 +573,13 @@ class OpenAIBatchBackend:
                     raise
                 except Exception as exc:
                     mapped = map_openai_error(exc, self._secret)
-                    if isinstance(mapped, PermanentError):
+                    if isinstance(mapped, AccountError) and not isinstance(mapped, NotFoundError):
+                        # Not this batch's fault: sending its lines again would pay twice
+                        # once the account is put right.
+                        log.warning("polling batch %s was refused: %s", watch.batch_id, mapped)
+                        watch.refused = mapped
+                        watch.done.set()
+                    elif isinstance(mapped, PermanentError):
                         # e.g. 404: a stored batch this key cannot see; its lines go out again
                         log.warning("batch %s cannot be read (%s): resubmitting its lines",
                                     watch.batch_id, mapped)
