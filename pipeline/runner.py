@@ -106,7 +106,7 @@ from store.redaction import redact_url
 from .backends import create_backend
 from .backends.base import (AccountError, ConnectionFailedError, ImageLimitError, ImagesUnsupportedError,
                             NotFoundError, PermanentError, QuotaExceededError, TransientError,
-                            VLMRequest)
+                            UnreachableError, VLMRequest)
 from .images import BadImageError
 from .pricing import PriceTable
 from .prompts import prompt_versions
@@ -854,11 +854,13 @@ class Runner:
                         f"({self.model}) and the base URL ({redact_url(self.options.base_url) or 'OpenAI'}; an "
                         "OpenAI-compatible server's usually ends in /v1), then run again; the pairs "
                         "not yet annotated stay pending")
-                if self._account_error_type is ConnectionFailedError:
+                if self._account_error_type in (ConnectionFailedError, UnreachableError):
+                    attempts = (f", {self.options.max_attempts} attempts"
+                                if self._account_error_type is ConnectionFailedError else "")
                     raise RunUnreachableError(
                         f"run {self.run_id} stopped: cannot reach the server at "
-                        f"{redact_url(self.options.base_url) or 'OpenAI'} ({self._auth_error.rstrip('.')}, "
-                        f"{self.options.max_attempts} attempts). Check that the server is running and "
+                        f"{redact_url(self.options.base_url) or 'OpenAI'} ({self._auth_error.rstrip('.')}"
+                        f"{attempts}). Check that the server is running and "
                         "the --base-url (host and port), or the network, then run again; the pairs "
                         "not yet annotated stay pending")
                 if self._account_error_type is ImageLimitError:

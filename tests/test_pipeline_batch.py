@@ -616,6 +616,30 @@ def test_an_unreachable_server_beside_an_open_batch_stops_with_the_pairs_pending
 
 
 @pytest.mark.timeout(60)
+def test_a_server_gone_while_a_batch_is_open_stops_the_run_with_the_pairs_pending(server, tmp_path):
+    # Stage 1 was answered in this session, then the server went away with the stage 2
+    # batch open. The batch run sends nothing else that would notice: it polled on and
+    # failed, forever, with no error shown. Now a run of failed polls stops it.
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=2, pairs=3)
+    handle = start_run_in_thread(db_path, _options(server))
+    deadline = time.time() + 30
+    while not table_rows(db_path, "SELECT COUNT(*) FROM batches WHERE collected = 1")[0][0]:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    server.config.batch_delay = 120.0
+    while table_rows(db_path, "SELECT COUNT(*) FROM batches")[0][0] < 2:
+        assert handle.running and time.time() < deadline, handle.error
+        time.sleep(0.02)
+    server.stop()
+    progress = handle.join(timeout=40)
+    assert progress is not None and progress.status == "stopped", handle.progress
+    assert isinstance(handle.error, RunUnreachableError) and "polls in a row" in str(handle.error)
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY status") == [("pending", 3)]
+    assert table_rows(db_path, "SELECT collected FROM batches ORDER BY created_at") == [(1,), (0,)]
+
+
+@pytest.mark.timeout(60)
 def test_the_cli_says_why_a_batch_run_stopped_with_exit_status_1(server, tmp_path, monkeypatch, capsys):
     from good4cir.cli import main as cli_main
 

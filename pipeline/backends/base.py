@@ -92,6 +92,12 @@ class ImageLimitError(ImagesUnsupportedError):
     --limit-mm-per-prompt)."""
 
 
+class UnreachableError(AccountError):
+    """The server has not answered for a while (the batch backend's polls of its open
+    batches): waiting on would never end while it is gone. The batches stay stored for a
+    rerun to collect."""
+
+
 class QuotaExceededError(AccountError):
     """429 `insufficient_quota`: the account has no credits left. Unlike a rate limit,
     waiting does not help."""

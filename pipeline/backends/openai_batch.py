@@ -55,7 +55,8 @@ from typing import Any, ClassVar, Optional
 from store import annotations as store_ann
 
 from ..images import ImageEncoder
-from .base import AccountError, NotFoundError, PermanentError, TransientError, VLMRequest, VLMResponse
+from .base import (AccountError, ConnectionFailedError, NotFoundError, PermanentError, TransientError,
+                   UnreachableError, VLMRequest, VLMResponse)
 from .openai_backend import (RESPONSE_MODES, answer_text, build_messages, configure_openai,
                              map_openai_error, message_reasoning, response_format_for, scrub)
 
@@ -65,6 +66,9 @@ MAX_REQUESTS_PER_FILE = 50_000
 MAX_BYTES_PER_FILE = 200 * 1024 * 1024
 TERMINAL = {"completed", "expired", "cancelled", "failed"}
 UPLOAD_ATTEMPTS = 3
+# Polls in a row that reach no server (each after the client's own retries) before the run
+# stops: a batch run has no other request that would notice the server is gone.
+UNREACHABLE_POLLS = 6
 UPLOAD_LOOKUP_FILES = 1000  # newest batch files looked through for an upload that timed out
 # A batch that fails with these ran nothing (nothing was paid): the provider's queue for
 # the model is full until some of the batches already in it finish.
@@ -564,15 +568,25 @@ class OpenAIBatchBackend:
         return watch
 
     async def _poller(self) -> None:
+        failed_polls = 0
         while True:
             open_watches = [w for w in self._watches.values() if not w.done.is_set()]
             for watch in open_watches:
                 try:
                     await self._poll(watch)
+                    failed_polls = 0
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     mapped = map_openai_error(exc, self._secret)
+                    failed_polls = failed_polls + 1 if isinstance(mapped, ConnectionFailedError) else 0
+                    if failed_polls >= UNREACHABLE_POLLS:
+                        log.warning("polling batch %s failed: %s", watch.batch_id, exc)
+                        refused = UnreachableError(f"{mapped} ({failed_polls} polls in a row)")
+                        for other in open_watches:
+                            other.refused = refused
+                            other.done.set()
+                        break
                     if isinstance(mapped, AccountError) and not isinstance(mapped, NotFoundError):
                         # Not this batch's fault: sending its lines again would pay twice
                         # once the account is put right.
