@@ -16,7 +16,7 @@ import random
 import re
 from typing import Callable
 
-from .clip_tokens import ClipTokenCounter, counter
+from .clip_tokens import counter
 
 CLIP_CONTEXT_LENGTH = 77
 DEFAULT_MAX_PER_PAIR = 8
@@ -36,12 +36,6 @@ _GERUNDS = {
     "have": "having", "keep": "keeping", "bring": "bringing", "hang": "hanging",
     "cover": "covering", "transform": "transforming", "update": "updating",
 }
-
-
-def load_tokenizer() -> ClipTokenCounter:
-    """CLIP's token counter, loaded once (its vocabulary, a fraction of a second; no torch):
-    a caller with an event loop can call this in a worker thread before the first pair."""
-    return counter()
 
 
 def count_clip_tokens(text: str) -> int:
