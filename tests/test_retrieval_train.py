@@ -104,13 +104,16 @@ def test_resume_continues_from_last(world, trained):
         train(_config(root, "resumed", epochs=7, resume=True, fusion="paper"))
 
 
-def test_frozen_encoders_use_the_feature_cache(world):
+def test_frozen_encoders_use_the_feature_cache(world, caplog):
     root, _ = world
     cfg = _config(root, "frozen", freeze_encoders=True, epochs=1, fusion="paper",
                   cache_dir=str(root / "frozen-cache"))
     torch.manual_seed(cfg.seed)
     initial = build_model({"model": "tiny", "image_size": 32, "fusion": "paper"})
-    train(cfg)
+    with caplog.at_level("WARNING", logger="retrieval.train"):
+        train(cfg)
+    # frozen random encoders train a model worse than none: the user is told so
+    assert "--freeze-encoders on randomly initialised tiny encoders" in caplog.text
     shards = sorted(p.name for p in (root / "frozen-cache" / "features").rglob("shard-*.pt"))
     assert len(shards) == 2  # images and texts, computed once
     train(_config(root, "frozen2", freeze_encoders=True, epochs=1, fusion="paper",
@@ -124,6 +127,18 @@ def test_frozen_encoders_use_the_feature_cache(world):
     # said before a single image is decoded or encoded: on a real dataset the features took
     # an hour, then this error
     assert not list((root / "sum-cache").rglob("shard-*.pt"))
+
+
+def test_frozen_encoders_from_a_weights_file_are_not_warned_about(world, caplog):
+    import open_clip
+
+    root, _ = world
+    weights = root / "tiny-weights.pt"  # a user's open_clip weights, stood in for
+    torch.save(open_clip.create_model("g4c-tiny", force_image_size=32).state_dict(), weights)
+    with caplog.at_level("WARNING", logger="retrieval.train"):
+        train(_config(root, "frozen-from-file", freeze_encoders=True, epochs=1, fusion="paper",
+                      checkpoint=str(weights), cache_dir=str(root / "file-cache")))
+    assert "randomly initialised" not in caplog.text
 
 
 def test_lr_schedule_warms_up_then_decays():
