@@ -175,6 +175,11 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"  note: this CIRR file mixes splits {', '.join(report['splits'])}; CIRR keeps one split per "
               "file (cap.rc2.<split>.json), so importing it back puts all its pairs under one split: "
               "export each with --split")
+    targetless = report["pairs_without_target"]
+    if targetless:
+        print(f"  {targetless} pair{'' if targetless == 1 else 's'} without a target image left out: the "
+              "authors' format has no query without one (CIRR's test1, CIRCO's test); --format jsonl or "
+              "--format cirr keeps them")
     named = [split for split in report["splits"] if split != "None"]
     if args.format == "good4cir" and named and not args.split:
         print(f"  note: the authors' format has no split field, so the split of these pairs "

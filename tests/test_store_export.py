@@ -439,3 +439,19 @@ def test_a_good4cir_export_says_generated_captions_took_the_place_of_imported_on
     assert "1 pair had captions of its own" in said and "--format jsonl" in said, said
     assert main(args[:4] + ["jsonl", "--out", str(tmp_path / "d.jsonl"), "--include-unreviewed"]) == 0
     assert "captions of its own" not in capsys.readouterr().out  # jsonl keeps them
+
+
+def test_a_good4cir_export_says_it_left_out_the_pairs_without_a_target(tmp_path, capsys):
+    # The authors' format has no target-less query: CIRR's test1 pairs were dropped from
+    # an --include-unreviewed export ("wrote 4 pairs" of 5) with no word of the other one.
+    db_path = tmp_path / "s.db"
+    import_dataset(open_db(db_path), "cirr", FIXTURES / "cirr")
+    args = ["export", "--db", str(db_path), "--format", "good4cir", "--out", str(tmp_path / "d.json"),
+            "--include-unreviewed"]
+    assert main(args) == 0
+    said = capsys.readouterr().out
+    assert "wrote 4 pairs" in said
+    assert "1 pair without a target image left out: the authors' format has no" in said, said
+    assert "--format jsonl" in said
+    assert main(args + ["--split", "val"]) == 0
+    assert "without a target" not in capsys.readouterr().out
