@@ -265,13 +265,17 @@ def load_file_triplets(path: str | Path, keep_targetless: bool = False, *,
             if not texts:
                 raise ValueError(f"no caption for --source {source} --captions {captions}")
             img_set = rec.get("img_set")
+            extra = rec.get("extra") or {}
+            truths = rec.get("gt_images")
+            if isinstance(truths, list):  # by location: extra's gt_image_ids name another store's ids
+                extra = {**extra, "gt_image_ids": [key_of(t) for t in truths]}
             result.triplets.append(Triplet(
                 pair_id=str(rec.get("id") or rec.get("pairid") or where),
                 reference=key_of(ref), target=key_of(tgt) if tgt else None, captions=texts,
                 caption_kinds=kinds, split=rec.get("split"),
                 source=path.stem,
                 img_set=[key_of(m) for m in img_set] if isinstance(img_set, list) else None,
-                extra=rec.get("extra") or {},
+                extra=extra,
             ))
         except (ValueError, FileNotFoundError, OSError) as exc:
             result.problems.append(f"{where}: {exc}")

@@ -48,6 +48,7 @@ class ExportItem:
     texts: list[str]                       # the captions to export, in order
     captions: list[CaptionRecord] = field(default_factory=list)   # annotation captions kept
     flagged_ids: set[str] = field(default_factory=set)
+    gt_images: list[ImageRecord] = field(default_factory=list)   # CIRCO's further ground truths
 
 
 def export_dataset(
@@ -166,6 +167,7 @@ def collect_items(
                 target=images.get(pair.target_id) if pair.target_id else None,
                 img_set=[images.get(i) for i in pair.img_set or ()],
                 annotation=annotation, run=run, texts=texts, captions=kept, flagged_ids=flagged,
+                gt_images=[images.get(i) for i in _gt_image_ids(pair)],
             )
     bar.close()
 
@@ -185,6 +187,12 @@ def _count_left_out(stats: dict, pair_id: str, annotated: set[str], awaiting: se
     elif pair_id not in annotated:
         stats["pairs_not_annotated"] = stats.get("pairs_not_annotated", 0) + 1
     return False
+
+
+def _gt_image_ids(pair: PairRecord) -> list[str]:
+    """The store ids of a CIRCO pair's ground-truth images (the CIRCO importer keeps them)."""
+    ids = (pair.extra or {}).get("gt_image_ids")
+    return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
 
 def _newest_done(run_id: Optional[int]) -> str:
@@ -413,6 +421,11 @@ def _jsonl(db, items: Iterator[ExportItem], stats: dict) -> Iterator[str]:
         }
         if pair.img_set is not None:
             line["img_set"] = [_location(image) for image in item.img_set]
+        if item.gt_images:
+            # By location, as img_set: extra's gt_image_ids are this store's ids, and a store
+            # or `--data` reading the file back holds no image under them, so CIRCO's mAP
+            # lost every ground truth but the target.
+            line["gt_images"] = [_location(image) for image in item.gt_images]
         if pair.ground_truth is not None:
             line["edits"] = pair.ground_truth
         line.update({

@@ -455,3 +455,45 @@ def test_a_good4cir_export_says_it_left_out_the_pairs_without_a_target(tmp_path,
     assert "--format jsonl" in said
     assert main(args + ["--split", "val"]) == 0
     assert "without a target" not in capsys.readouterr().out
+
+
+def _gt_ids(db) -> dict[tuple[str, str], list[str]]:
+    rows = db.execute("SELECT reference_id, target_id, extra FROM pairs").fetchall()
+    return {(r[0], r[1]): json.loads(r[2]).get("gt_image_ids") for r in rows}
+
+
+def test_circo_ground_truths_survive_jsonl_and_are_read_from_it(tmp_path):
+    # A CIRCO query's ground truths beyond its target were written as this store's image
+    # ids only: a store importing the JSONL back (or `--data` reading it) held no image
+    # under them, so eval dropped them and the mAP of several ground truths was gone.
+    import shutil
+
+    from PIL import Image
+
+    from retrieval.data import load_file_triplets
+    from store.images import hash_file
+
+    root = tmp_path / "circo"
+    shutil.copytree(FIXTURES / "circo", root)
+    only_truth = root / "COCO2017_unlabeled/unlabeled2017/000000000030.jpg"
+    Image.new("RGB", (32, 24), (9, 99, 199)).save(only_truth)
+    queries = json.loads((root / "annotations/val.json").read_text())
+    queries[1]["gt_img_ids"].append(30)  # an image that is no query's reference or target
+    (root / "annotations/val.json").write_text(json.dumps(queries))
+    db = open_db(tmp_path / "a.db")
+    assert import_dataset(db, "circo", root).problems == []
+    out = tmp_path / "circo.jsonl"
+    export_dataset(db, "jsonl", out, include_unreviewed=True)
+
+    again = open_db(tmp_path / "b.db")
+    report = import_dataset(again, "pairs", out)
+    assert report.problems == [] and report.pairs_added == 3
+    assert _gt_ids(again) == _gt_ids(db)
+    stored = {row[0] for row in again.execute("SELECT id FROM images")}
+    assert hash_file(only_truth) in stored
+    assert stored == {row[0] for row in db.execute("SELECT id FROM images")}
+
+    data = load_file_triplets(out, keep_targetless=True)
+    truths = {key for t in data.triplets for key in t.extra.get("gt_image_ids") or []}
+    assert hash_file(only_truth) in truths
+    assert truths <= set(data.gallery_keys(data.split("val")))

@@ -3,7 +3,9 @@ writes it. PATH may also be a .jsonl file; image paths are relative to its folde
 
 pairs.jsonl, one object per line: "reference" and "target" (required; relative paths,
 absolute paths or http(s) URLs; "target": null for a query whose target is withheld), "id", "split", "captions", "edits" (ground truth),
-"img_set" (image paths). scenes.jsonl beside it gives {"image", "scene"} per image.
+"img_set" (image paths), "gt_images" (image paths: every ground truth of a query with
+several, as CIRCO's, kept as extra "gt_image_ids"). scenes.jsonl beside it gives
+{"image", "scene"} per image.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ PAIRS_FILE = "pairs.jsonl"
 SCENES_FILE = "scenes.jsonl"
 # Keys with a column of their own, plus those our jsonl export adds (re-importing an
 # export keeps the pairs and captions; provenance stays in the file it came from).
-_KNOWN_KEYS = {"id", "reference", "target", "split", "captions", "edits", "img_set", "extra",
+_KNOWN_KEYS = {"id", "reference", "target", "split", "captions", "edits", "img_set", "gt_images", "extra",
                "pair_id", "source", "original_captions", "provenance"}
 
 
@@ -85,8 +87,10 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
             session.problem(item, '"captions" must be a list of strings (or one string)')
             continue
-        if obj.get("img_set") is not None and not isinstance(obj["img_set"], list):
-            session.problem(item, '"img_set" must be a list of image paths')
+        wrong_list = next((key for key in ("img_set", "gt_images")
+                           if obj.get(key) is not None and not isinstance(obj[key], list)), None)
+        if wrong_list:
+            session.problem(item, f'"{wrong_list}" must be a list of image paths')
             continue
         try:
             reference_id = session.image(obj["reference"], base=folder, split=pair_split,
@@ -101,20 +105,31 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
             continue
         img_set = None
         if obj.get("img_set") is not None:
-            img_set = []
-            for member in obj["img_set"]:
-                try:
-                    img_set.append(session.image(member, base=folder, split=pair_split,
-                                                 scene=scenes.get(_norm(member, folder))))
-                except ImageError as exc:
-                    session.problem(f"{item} img_set member {member!r}",
-                                    f"left out of the image set: {exc}", drop_item=False)
+            img_set = _images(session, obj["img_set"], folder, pair_split, scenes,
+                              f"{item} img_set member", "the image set")
         extra = dict(obj["extra"]) if isinstance(obj.get("extra"), dict) else {}
         extra.update({k: v for k, v in obj.items() if k not in _KNOWN_KEYS})
+        if obj.get("gt_images") is not None:
+            extra["gt_image_ids"] = _images(session, obj["gt_images"], folder, pair_split, scenes,
+                                            f"{item} ground truth", "its ground truths")
         session.add_pair(external_id, reference_id, target_id, split=pair_split,
                          captions=captions, img_set=img_set, ground_truth=obj.get("edits"),
                          extra=extra)
     return session.finish()
+
+
+def _images(session: ImportSession, locations: list, folder: Path, split: Optional[str],
+            scenes: dict[str, dict], item: str, left_out_of: str) -> list[str]:
+    """Store ids of a pair's further images; one that cannot be imported is a problem that
+    leaves the pair in."""
+    ids = []
+    for location in locations:
+        try:
+            ids.append(session.image(location, base=folder, split=split,
+                                     scene=scenes.get(_norm(location, folder))))
+        except ImageError as exc:
+            session.problem(f"{item} {location!r}", f"left out of {left_out_of}: {exc}", drop_item=False)
+    return ids
 
 
 def _wrongly_typed(obj: dict) -> Optional[str]:
@@ -141,8 +156,9 @@ def _image_locations(lines: list[str], split: Optional[str]):
             for key in ("reference", "target"):
                 if isinstance(obj.get(key), str):
                     yield obj[key]
-            if isinstance(obj.get("img_set"), list):
-                yield from (m for m in obj["img_set"] if isinstance(m, str))
+            for key in ("img_set", "gt_images"):
+                if isinstance(obj.get(key), list):
+                    yield from (m for m in obj[key] if isinstance(m, str))
 
 
 def _norm(location: str, folder: Path) -> str:
