@@ -312,6 +312,27 @@ def test_a_long_unbroken_descriptor_stays_inside_its_column(world, browser, exte
     context.close()
 
 
+def test_a_long_unbroken_caption_stays_inside_its_row(world, browser, external_requests):
+    # A caption box is as wide as its row: a long unbroken run (a VLM's snake_case
+    # object name, a pasted path) made the box, sized to its content, as wide as that
+    # word, so the end of the caption ran past the panel, cut off, as did its history.
+    from store import review as store_review
+
+    db, pair = world["db"], world["annotation_ids"][5]
+    word = "bedside_table_with_two_drawers_and_brass_handles_" * 4
+    store_review.edit_caption(db, f"{pair}:c0", f"Replace the lamp with a {word} next to the bed.", "bob")
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    expect(caption_field(page, "i", 0)).to_have_value(re.compile("bedside_table"))
+    page.locator("#g4c-cap-i0 details.g4c-caphist summary").click()
+    expect(page.locator("#g4c-cap-i0 .g4c-histlist li").first).to_be_visible()
+    overflow = page.locator("#g4c-captions .g4c-captions").evaluate(
+        "panel => { const right = panel.getBoundingClientRect().right + 1;"
+        " return Array.from(panel.querySelectorAll('.g4c-caprow, .g4c-caprow textarea, .g4c-histlist li'))"
+        ".filter(e => e.getBoundingClientRect().right > right).map(e => e.tagName + '.' + e.className); }")
+    assert overflow == []
+    context.close()
+
+
 def test_undo_a_caption_edit_and_see_its_history(world, browser, external_requests):
     db, pair = world["db"], world["annotation_ids"][6]
     original = rl.load_pair(db, pair).individual[0].text

@@ -60,7 +60,7 @@ body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-caprow.g4c-conflict { border-color: #b45309; background: #fffbeb; }
 .g4c-caprow.g4c-saving textarea { opacity: .6; }
 .g4c-flaglabel { white-space: nowrap; font-size: 14px; color: #991b1b; cursor: pointer; padding-top: 18px; }
-.g4c-capbody { flex: 1; }
+.g4c-capbody { flex: 1; min-width: 0; }  /* min-width 0: never wider than its row (see below) */
 .g4c-capmeta { font-size: 11px; color: #6b7280; }
 /* A box as tall as its text: a reviewer must see all of a caption to judge it (rows from
    the text's length hid the end of long ones). Browsers without field-sizing get the
@@ -68,7 +68,9 @@ body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-caprow textarea { width: 100%; box-sizing: border-box; font: inherit; font-size: 14px; resize: vertical;
   border: 1px solid var(--border-color-primary); border-radius: 4px; padding: 3px 6px;
   background: var(--input-background-fill); color: var(--body-text-color);
-  field-sizing: content; min-height: 2em; }
+  field-sizing: content; min-height: 2em;
+  /* A long unbroken run (snake_case, a path) breaks instead of widening the box past the panel. */
+  max-width: 100%; overflow-wrap: anywhere; }
 .g4c-capstatus { min-height: 1.3em; font-size: 13px; font-weight: 600; color: #15803d; }
 .g4c-capstatus.g4c-bad { color: #b91c1c; }
 .g4c-captools { display: flex; gap: 8px; align-items: flex-start; margin-top: 2px; }
@@ -76,7 +78,7 @@ body, .gradio-container { padding-bottom: 48px !important; }
   background: var(--button-secondary-background-fill); color: var(--body-text-color); cursor: pointer;
   white-space: nowrap; line-height: 1.6; }
 .g4c-undo:disabled { opacity: .45; cursor: default; }
-.g4c-caphist { flex: 1; font-size: 12px; }
+.g4c-caphist { flex: 1; min-width: 0; font-size: 12px; overflow-wrap: anywhere; }
 .g4c-caphist summary { cursor: pointer; color: #6b7280; line-height: 1.6; }
 .g4c-histlist { margin: 2px 0 4px 0; padding-left: 0; list-style: none; max-height: 220px; overflow-y: auto; }
 .g4c-histlist li { border-left: 3px solid #d1d5db; padding: 1px 0 1px 8px; margin-bottom: 3px; }
