@@ -569,3 +569,18 @@ def test_images_in_many_folders_outside_the_dataset_are_one_note(tmp_path):
     assert (report.pairs_added, report.problems) == (7, [])
     (note,) = report.warnings
     assert "7 folders" in note.reason and str(outside) in note.reason and "--images" in note.reason
+
+
+def test_a_circo_query_whose_target_is_its_reference_is_a_problem(tmp_path):
+    # The CIRR, pairs and good4cir importers refuse a pair of one image; CIRCO's stored
+    # it with no word, and annotate would pay a VLM to describe no change.
+    circo = tmp_path / "circo"
+    shutil.copytree(FIXTURES / "circo", circo)
+    _append_json(circo / "annotations/val.json",
+                 {"id": 7, "reference_img_id": 11, "target_img_id": 11, "gt_img_ids": [11, 12],
+                  "relative_caption": "is the same", "shared_concept": "a slice of cake"})
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "circo", circo, split="val")
+    assert report.pairs_added == 2 and "val:7" not in pairs_of(db)
+    assert [(p.item, p.reason.split(":")[0]) for p in report.problems] == [
+        ("val query 7", "reference and target are the same image (same content)")]

@@ -139,6 +139,8 @@ def _import_entry(session: ImportSession, images_dir: Path, by_id: dict[int, Pat
     except ImageError as exc:
         session.problem(item, str(exc))
         return
+    if session.same_image(item, reference_id, target_id):
+        return
     gt_image_ids = []
     for gt in entry.get("gt_img_ids") or ():
         try:
