@@ -584,3 +584,19 @@ def test_a_circo_query_whose_target_is_its_reference_is_a_problem(tmp_path):
     assert report.pairs_added == 2 and "val:7" not in pairs_of(db)
     assert [(p.item, p.reason.split(":")[0]) for p in report.problems] == [
         ("val query 7", "reference and target are the same image (same content)")]
+
+
+def test_a_cirr_image_split_entry_that_is_not_a_path_says_so(tmp_path):
+    # A number where the split file gives a path was looked up as a file: "cirr/5: file
+    # not found", which names neither the image nor the file at fault.
+    cirr = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", cirr)
+    names_file = cirr / "image_splits/split.rc2.val.json"
+    names = json.loads(names_file.read_text())
+    names["dev-0-0-img1"] = 5
+    names_file.write_text(json.dumps(names))
+    report = import_dataset(open_db(tmp_path / "s.db"), "cirr", cirr, split="val")
+    assert report.pairs_added == 1
+    reasons = {p.item: p.reason for p in report.problems}
+    assert reasons["val pairid 0"] == ("dev-0-0-img1: image_splits/split.rc2.val.json gives it 5, "
+                                       "not a path to its image")

@@ -88,6 +88,9 @@ def _import_entry(session: ImportSession, root: Path, split: str, file_name: str
         relative = name_to_path.get(name)
         if relative is None:
             raise ImageError(f"{name}: not listed in image_splits/split.rc2.{split}.json")
+        if not isinstance(relative, str):  # else looked up as a file named "5"
+            raise ImageError(f"{name}: image_splits/split.rc2.{split}.json gives it {relative!r}, "
+                             "not a path to its image")
         return session.image(relative, base=root, name=name, split=split)
 
     try:
