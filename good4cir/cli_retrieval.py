@@ -312,6 +312,8 @@ def _run_submission(args: argparse.Namespace) -> int:
     )
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
+    if (result.metrics or {}).get("warning"):
+        print(f"warning: {result.metrics['warning']}", file=sys.stderr)
     if args.json:
         print(json.dumps({
             **(result.metrics or {}),

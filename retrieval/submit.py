@@ -156,7 +156,7 @@ def write_checkpoint_submission(
     with the checkpoint's re-ranker where it has one (and `rerank`)."""
     from .data import load_triplets
     from .evaluate import (build_queries, drop_unreadable_members, embed, evaluate_embeddings,
-                           fill_absent_measures, metrics_without_targets)
+                           fill_absent_measures, metrics_without_targets, small_split_warning)
     from .features import PixelCache, default_cache_dir
     from .model import load_model, split_preprocess
     from .rerank import load_pair_scorer, rerank_matrix
@@ -218,6 +218,9 @@ def write_checkpoint_submission(
         metrics = evaluate_embeddings(emb_scored, gallery_keys, queries.subset(with_target),
                                       model_scores=scores[with_target])
         notes += fill_absent_measures(metrics, queries.subset(with_target), split)
+        warning = small_split_warning(len(with_target), len(gallery_keys))
+        if warning:  # as eval's: these metrics are printed too
+            metrics["warning"] = warning
     else:
         metrics, withheld = metrics_without_targets(len(queries), split, with_map=kind == "circo")
         notes += withheld

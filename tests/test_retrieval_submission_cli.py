@@ -274,3 +274,21 @@ def test_cirr_names_of_byte_identical_images_are_all_ranked(checkpoint, tmp_path
     assert len(subset[key]) == 3 and set(subset[key]) <= set(members[1:])
     if set(members[1:]) <= set(recall[key]):
         assert subset[key] == [name for name in recall[key] if name in members[1:]][:3]
+
+
+def test_submission_metrics_of_a_tiny_split_carry_evals_warning(cirr, checkpoint, tmp_path, capsys):
+    # eval warns that a split of under 20 queries (or a gallery of at most 51) gives
+    # numbers that mean nothing; eval --submission printed the same metrics without it.
+    base, db_path, _ = cirr
+    args = ["--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
+            "--submission", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert main(["eval", *args]) == 0
+    captured = capsys.readouterr()
+    assert "metrics over the 2 queries with a target" in captured.out
+    assert "warning: only 2 queries (fewer than 20" in captured.err
+    assert main(["eval", *args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warning"].startswith("only 2 queries")
+    # test1 has no metrics, so nothing to warn about
+    assert main(["eval", *args[:5], "test1", *args[6:]]) == 0
+    assert "warning:" not in capsys.readouterr().err
