@@ -333,6 +333,27 @@ def test_a_long_unbroken_caption_stays_inside_its_row(world, browser, external_r
     context.close()
 
 
+def test_leaving_the_page_with_unsaved_text_asks_first(world, browser, external_requests):
+    # A caption or the note saves when its field is left; a reload (F5) or a closed tab
+    # leaves no field, so text typed and not yet saved was gone without a word.
+    pair = world["annotation_ids"][5]
+    context, page = open_page(browser, world, external_requests, "ann", f"?pair={pair}")
+    asked = []
+    page.on("dialog", lambda d: (asked.append(d.type), d.accept()))
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.reload()                                    # nothing typed: no question
+    page.wait_for_selector(".g4c-progress")
+    assert asked == []
+    for field in (caption_field(page, "i", 1), page.locator("#g4c-note textarea")):
+        field.click()
+        page.keyboard.type(" and a typed word")
+        page.reload()
+        page.wait_for_selector(".g4c-progress")
+        assert asked == ["beforeunload"], field
+        asked.clear()
+    context.close()
+
+
 def test_undo_a_caption_edit_and_see_its_history(world, browser, external_requests):
     db, pair = world["db"], world["annotation_ids"][6]
     original = rl.load_pair(db, pair).individual[0].text

@@ -119,6 +119,14 @@ HEAD = """
     rows.forEach((r, k) => r.classList.toggle('g4c-selected', k === selected));
   }
   window.g4cSelectCaption = select;
+  // The note saves when its field is left; a reload or a closed tab leaves none, so the
+  // browser asks first while the note holds text typed since the field was entered.
+  let noteTyped = false;
+  document.addEventListener('input', function (e) { if (e.target.closest && e.target.closest('#g4c-note')) noteTyped = true; });
+  document.addEventListener('focusout', function (e) { if (e.target.closest && e.target.closest('#g4c-note')) noteTyped = false; });
+  window.addEventListener('beforeunload', function (e) {
+    if (noteTyped) { e.preventDefault(); e.returnValue = ''; }
+  });
   window.g4cReselect = function () { select(selected); };
   document.addEventListener('keydown', function (e) {
     const t = e.target;
@@ -441,6 +449,16 @@ element.addEventListener('change', (e) => {
   row.classList.toggle('g4c-capflagged', box.checked);
   trigger('click', {caption: row.dataset.caption, flagged: box.checked,
                     annotation: panel ? panel.dataset.annotation : '', reason: flagReason()});
+});
+// A caption saves when its box is left; a reload or a closed tab leaves none, so the
+// browser asks first while a box holds text not saved (refused ones too) or a save is
+// still on its way.
+window.addEventListener('beforeunload', (e) => {
+  const rows = Array.from(element.querySelectorAll('.g4c-caprow'));
+  if (rows.some((row) => { const area = row.querySelector('textarea'); return row._saving || (area && unsaved(area)); })) {
+    e.preventDefault();
+    e.returnValue = '';
+  }
 });
 // Runs after Gradio's morph of a new rendering, before the page is painted again.
 new MutationObserver(reconcile).observe(element, {subtree: true, childList: true, characterData: true,
