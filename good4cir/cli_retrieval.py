@@ -314,12 +314,15 @@ def _run_submission(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     if (result.metrics or {}).get("warning"):
         print(f"warning: {result.metrics['warning']}", file=sys.stderr)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         print(json.dumps({
             **(result.metrics or {}),
             "submission": {"kind": result.kind, "split": result.split,
                            "files": [str(f) for f in result.files], "queries": result.queries,
-                           "without_target": result.without_target, "gallery": result.gallery},
+                           "without_target": result.without_target, "gallery": result.gallery,
+                           "warnings": result.warnings},
             **({"notes": result.notes} if result.notes else {}),  # as eval --json has them
         }, indent=2))
         return 0

@@ -122,6 +122,19 @@ def circo_submission(
     return {key: [image_ids[i] for i in row] for key, row in zip(keys, top)}
 
 
+def missing_circo_query_ids(query_ids: Sequence[Hashable]) -> list[int]:
+    """The query ids from 0 up to the largest that `query_ids` lack. CIRCO numbers a split's
+    queries 0..N-1 and its server refuses a file without every one of them; a query whose
+    image was missing at import is not in the store. Ids that are not numbers: none known."""
+    numbers = set()
+    for query_id in query_ids:
+        text = str(query_id)
+        if not text.isdigit():
+            return []
+        numbers.add(int(text))
+    return [n for n in range(max(numbers, default=-1) + 1) if n not in numbers]
+
+
 def write_submission(path: str | Path, submission: dict) -> Path:
     """Write compact JSON atomically (the CIRR server takes at most 5 MB)."""
     path = Path(path)

@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .data import Triplet, TripletSet
-from .submission import circo_submission, cirr_submissions, write_submission
+from .submission import circo_submission, cirr_submissions, missing_circo_query_ids, write_submission
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -45,6 +45,7 @@ class SubmissionResult:
     # evaluate's shape, over the queries with a target; its keys null where none has one
     metrics: Optional[dict[str, Any]] = None
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what a server will refuse or score wrong
 
 
 def is_circo(triplet: Triplet) -> bool:
@@ -180,7 +181,7 @@ def write_checkpoint_submission(
     kind = submission_kind(triplets, split)
     # Ids first: a pair the server cannot key fails the command before any image work.
     ids = [cirr_pair_id(t) if kind == "cirr" else circo_query_id(t) for t in triplets]
-    notes = []
+    notes, warnings = [], []
     if data.problems:
         notes.append(f"{len(data.problems)} pairs left out while loading (any split), first: "
                      f"{data.problems[0]}")
@@ -244,6 +245,14 @@ def write_checkpoint_submission(
         references = [image_name(data, t.reference, t) for t in triplets]
         submission = circo_submission(scores, gallery_names, ids, reference_names=references)
         written = [write_submission(out_dir / f"circo_submission_{split}.json", submission)]
+        missing = missing_circo_query_ids(ids)
+        if missing:
+            shown = ", ".join(str(n) for n in missing[:10]) + (", ..." if len(missing) > 10 else "")
+            warnings.append(f"split {split} has no query {shown} ({len(missing)} of the ids 0-"
+                            f"{max(map(int, ids))}): the CIRCO server refuses a file without every "
+                            "query of the split; a query "
+                            "whose image was missing at import is not in the store (import named it): "
+                            "add its image, import again and write the file again")
         if not gallery_dirs:
             notes.append(f"the gallery is the {len(gallery_keys)} images the data holds for "
                          f"split {split}; CIRCO's server ranks against all of COCO 2017 "
@@ -251,7 +260,7 @@ def write_checkpoint_submission(
                          "unlabeled2017/ to rank those")
     return SubmissionResult(kind=kind, split=split, files=written, queries=len(queries),
                             without_target=len(queries) - len(with_target),
-                            gallery=len(gallery_keys), metrics=metrics, notes=notes)
+                            gallery=len(gallery_keys), metrics=metrics, notes=notes, warnings=warnings)
 
 
 def add_gallery_folder(data: TripletSet, folder: str | Path, known: set[str],

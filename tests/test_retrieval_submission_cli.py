@@ -292,3 +292,31 @@ def test_submission_metrics_of_a_tiny_split_carry_evals_warning(cirr, checkpoint
     # test1 has no metrics, so nothing to warn about
     assert main(["eval", *args[:5], "test1", *args[6:]]) == 0
     assert "warning:" not in capsys.readouterr().err
+
+
+def test_a_circo_file_missing_a_query_the_server_wants_is_a_warning(tmp_path, checkpoint, capsys):
+    # CIRCO's server refuses a file without every query id 0..N-1. A query whose reference
+    # image was missing at import is not in the store, and the file was written without it
+    # and without a word: the user learnt it from the server.
+    root = tmp_path / "circo"
+    shutil.copytree(FIXTURES / "circo", root)
+    test_queries = [{"id": i, "reference_img_id": ref, "relative_caption": f"is shown {i}",
+                     "shared_concept": "a thing"} for i, ref in enumerate([21, 99, 12, 13])]
+    (root / "annotations" / "test.json").write_text(json.dumps(test_queries))
+    db_path = tmp_path / "circo.db"
+    assert main(["import", "--db", str(db_path), "--format", "circo", str(root), "--split", "test"]) == 3
+    args = ["--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "test",
+            "--submission", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    capsys.readouterr()
+    assert main(["eval", *args]) == 0
+    err = capsys.readouterr().err
+    assert "warning: split test has no query 1 (1 of the ids 0-3): the CIRCO server refuses" in err
+    assert main(["eval", *args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["submission"]["warnings"][0].startswith("split test has no query 1")
+    # every query there: no warning
+    test_queries[1]["reference_img_id"] = 22
+    (root / "annotations" / "test.json").write_text(json.dumps(test_queries[:3]))
+    fresh = tmp_path / "fresh.db"
+    assert main(["import", "--db", str(fresh), "--format", "circo", str(root), "--split", "test"]) == 0
+    assert main(["eval", *args[:1], str(fresh), *args[2:]]) == 0
+    assert "warning" not in capsys.readouterr().err
