@@ -609,3 +609,27 @@ def test_a_refused_note_names_its_pair_and_carries_the_text(store):
     message = str(refused.value)
     assert message.startswith(f"NOT SAVED: ann changed the note of pair p1 (run {store['run_id']}) while you")
     assert "Your note was: “bob's careful note”" in message and "still in the box" not in message
+
+
+def test_a_captions_clip_token_count_is_of_its_current_text(store):
+    # A compound's line gave the token count stored by the pipeline for its original text
+    # after a reviewer replaced the text, so a compound edited past CLIP's 77 tokens still
+    # read '20 CLIP tokens'; and an edited stage 3 caption over 77 tokens said so only in
+    # the editor's save message, never to the next reviewer, though training cuts it.
+    from pipeline.compound import count_clip_tokens
+
+    db, ann = store["db"], store["annotation_ids"][0]
+    compound = rl.load_pair(db, ann).compound[0]
+    assert f"{compound.token_count} CLIP tokens" in rl.caption_meta(compound)
+    long_text = "Make the box " + " ".join(["very"] * 80) + " yellow."
+    tokens = count_clip_tokens(long_text)
+    rl.save_caption(db, compound.id, long_text, "ann", compound.version)
+    rl.save_caption(db, f"{ann}:c1", long_text, "ann", 0)
+    view = rl.load_pair(db, ann)
+    for cap in (view.compound[0], view.individual[1]):
+        assert (f"{tokens} CLIP tokens: over the 77 the retrieval model reads, training cuts the rest off"
+                in rl.caption_meta(cap)), cap.id
+    rl.save_caption(db, compound.id, "Make the box yellow.", "ann", view.compound[0].version)
+    assert f" · {count_clip_tokens('Make the box yellow.')} CLIP tokens" in rl.caption_meta(
+        rl.load_pair(db, ann).compound[0])
+    assert "CLIP tokens" not in rl.caption_meta(view.individual[0])    # a stage 3 caption that fits: no count

@@ -990,6 +990,16 @@ def render_pair_history_html(view: Optional[PairView]) -> str:
             f"<tbody>{rows}</tbody></table></div>")
 
 
+def _clip_tokens(cap: CaptionCell) -> Optional[int]:
+    """CLIP tokens of the caption's current text: the pipeline stored the count of a
+    compound's original text; an edited caption is counted again (cheap: no torch)."""
+    if cap.text == cap.original:
+        return cap.token_count
+    from pipeline.compound import count_clip_tokens
+
+    return count_clip_tokens(cap.text)
+
+
 def caption_meta(cap: CaptionCell) -> str:
     """The small line above a caption's text: position, version, who changed it last."""
     meta = f"{cap.position + 1} · v{cap.version}"
@@ -997,8 +1007,14 @@ def caption_meta(cap: CaptionCell) -> str:
         last = cap.history[-1]
         meta += (f" · edited by {last.editor}" if last.action == "edit"
                  else f" · undone by {last.editor} (back to v{last.restores})")
-    if cap.kind == "compound" and cap.token_count:
-        meta += f" · {cap.token_count} CLIP tokens"
+    from pipeline.compound import CLIP_CONTEXT_LENGTH
+
+    tokens = _clip_tokens(cap)
+    if tokens is not None and (cap.kind == "compound" or tokens > CLIP_CONTEXT_LENGTH):
+        meta += f" · {tokens} CLIP tokens"
+        # The pipeline's own 'over 77 CLIP tokens' flag says so already.
+        if tokens > CLIP_CONTEXT_LENGTH and not (cap.flagged and cap.flagged_by == PIPELINE_REVIEWER):
+            meta += f": over the {CLIP_CONTEXT_LENGTH} the retrieval model reads, training cuts the rest off"
     if cap.flagged_sources and not cap.flagged:
         names = ", ".join(caption_label(s).split(" ", 1)[1] for s in cap.flagged_sources)
         meta += f" · built on flagged caption{'s' if len(cap.flagged_sources) > 1 else ''} {names}: exports leave it out"
