@@ -398,7 +398,9 @@ def cirr_pairids(db: sqlite_utils.Database, caption_keys: list[str]) -> dict[str
             top = db.execute(
                 "SELECT MAX(n) FROM (SELECT MAX(pairid) AS n FROM cirr_pairids UNION ALL"
                 " SELECT MAX(json_extract(extra, '$.pairid')) FROM pairs"
-                " WHERE json_type(extra, '$.pairid') = 'integer')").fetchone()[0]
+                " WHERE json_type(extra, '$.pairid') = 'integer' UNION ALL"
+                " SELECT MAX(json_extract(extra, '$.original_pairid')) FROM pairs"
+                " WHERE json_type(extra, '$.original_pairid') = 'integer')").fetchone()[0]
             first = -1 if top is None else top
             now = utc_now()
             new = {key: first + 1 + i for i, key in enumerate(missing)}

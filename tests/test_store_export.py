@@ -497,3 +497,27 @@ def test_circo_ground_truths_survive_jsonl_and_are_read_from_it(tmp_path):
     truths = {key for t in data.triplets for key in t.extra.get("gt_image_ids") or []}
     assert hash_file(only_truth) in truths
     assert truths <= set(data.gallery_keys(data.split("val")))
+
+
+def test_generated_captions_read_back_from_jsonl_do_not_take_cirrs_pairids(tmp_path):
+    # An annotated CIRR pair exported to JSONL carries its generated captions and, in
+    # extra, the pairid of CIRR's own caption. Imported back, the first generated caption
+    # went out in a CIRR export under that pairid: CIRR's query 0 with another text.
+    db = open_db(tmp_path / "a.db")
+    import_dataset(db, "cirr", FIXTURES / "cirr")
+    annotate_all(db)
+    export_dataset(db, "jsonl", tmp_path / "all.jsonl", include_unreviewed=True)
+    again = open_db(tmp_path / "b.db")
+    assert import_dataset(again, "pairs", tmp_path / "all.jsonl").problems == []
+    export_dataset(again, "cirr", tmp_path / "val.json", include_unreviewed=True, split="val")
+    entries = json.loads((tmp_path / "val.json").read_text())
+    cirr_own = {e["pairid"]: e["caption"] for split in ("train", "val", "test1")
+                for e in json.loads((FIXTURES / f"cirr/captions/cap.rc2.{split}.json").read_text())}
+    assert len(entries) == 8 and all(e["caption"].startswith("pair ") for e in entries)
+    # new pairids, after CIRR's own (as in the store the file came from)
+    assert min(e["pairid"] for e in entries) > max(cirr_own)
+    assert len({e["pairid"] for e in entries}) == len(entries)
+    # test1 was never annotated: its own caption keeps its pairid, for the test server
+    export_dataset(again, "cirr", tmp_path / "test1.json", include_unreviewed=True, split="test1")
+    assert json.loads((tmp_path / "test1.json").read_text()) == json.loads(
+        (FIXTURES / "cirr/captions/cap.rc2.test1.json").read_text())

@@ -109,6 +109,12 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
                               f"{item} img_set member", "the image set")
         extra = dict(obj["extra"]) if isinstance(obj.get("extra"), dict) else {}
         extra.update({k: v for k, v in obj.items() if k not in _KNOWN_KEYS})
+        if "pairid" in extra and isinstance(obj.get("original_captions"), list) \
+                and obj["original_captions"] != captions:
+            # Our jsonl export of an annotated CIRR pair: its captions are a run's, and
+            # CIRR's pairid numbers the dataset's own caption, which is not among them; a
+            # CIRR export would give it to the first generated one.
+            extra["original_pairid"] = extra.pop("pairid")
         if obj.get("gt_images") is not None:
             extra["gt_image_ids"] = _images(session, obj["gt_images"], folder, pair_split, scenes,
                                             f"{item} ground truth", "its ground truths")
