@@ -600,3 +600,12 @@ def test_a_cirr_image_split_entry_that_is_not_a_path_says_so(tmp_path):
     reasons = {p.item: p.reason for p in report.problems}
     assert reasons["val pairid 0"] == ("dev-0-0-img1: image_splits/split.rc2.val.json gives it 5, "
                                        "not a path to its image")
+
+
+def test_a_circo_annotations_file_in_circos_layout_finds_its_images(tmp_path):
+    # CIRCO/annotations/val.json with the images in CIRCO/COCO2017_unlabeled/unlabeled2017:
+    # naming the file (as the README shows) said "no CIRCO images folder found".
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "circo", FIXTURES / "circo/annotations/val.json")
+    assert report.problems == [] and report.pairs_added == 2
+    assert set(pairs_of(db)) == {"val:0", "val:1"}

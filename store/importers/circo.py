@@ -3,7 +3,8 @@
 unlabeled images named by id ("000000123456.jpg"; any extension, padded or not).
 
 PATH is either the annotations file, with the images folder given as images_dir
-(`--images DIR`), or a CIRCO root holding annotations/{val,test}.json (or *.json at the
+(`--images DIR`; found without it beside the file, or beside its annotations/ folder as
+in CIRCO's layout), or a CIRCO root holding annotations/{val,test}.json (or *.json at the
 top) and the images in COCO2017_unlabeled/unlabeled2017/, unlabeled2017/ or images/.
 The split is the annotations file's name (val.json -> "val") unless --split names it;
 with a root, --split picks which file. The test split has no target: those pairs have
@@ -38,7 +39,9 @@ def import_circo(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     else:
         file_splits = [(path, split or path.stem)]
         if images_dir is None:
-            images_dir = next((path.parent / d for d in IMAGE_DIRS if (path.parent / d).is_dir()), None)
+            # CIRCO's layout keeps the file in annotations/, beside the images' folder.
+            roots = [path.parent] + ([path.parent.parent] if path.parent.name == "annotations" else [])
+            images_dir = next((root / d for root in roots for d in IMAGE_DIRS if (root / d).is_dir()), None)
     if images_dir is None or not Path(images_dir).is_dir():
         raise FormatError(f"{path}: no CIRCO images folder found; pass --images DIR "
                           f"(looked for {', '.join(IMAGE_DIRS)})")
