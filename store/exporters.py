@@ -356,19 +356,22 @@ def _cirr(db, items: Iterator[ExportItem], stats: dict) -> Iterator[str]:
             set_id = extra.get("img_set_id")
             if isinstance(set_id, int):
                 kept_set_ids.add(set_id)
-            pending.append((shared, text, pairid if isinstance(pairid, int) else key, set_id))
+            # The dataset's own pairid as it was written (the importer takes "7" too), else
+            # the caption's key, numbered below.
+            kept = isinstance(pairid, (int, str)) and not isinstance(pairid, bool)
+            pending.append((shared, text, pairid if kept else None, key, set_id))
         stats["pairs"] += 1
         stats["splits"].add(str(item.pair.split))
         stats["captions"] += len(item.texts)
-    given = cirr_pairids(db, [key for _, _, key, _ in pending if isinstance(key, str)])
+    given = cirr_pairids(db, [key for _, _, pairid, key, _ in pending if pairid is None])
     next_set_id = max(kept_set_ids, default=-1) + 1
     set_ids: dict[tuple, int] = {}
 
     def entries():
         nonlocal next_set_id
-        for (head, members, set_extra), text, pairid, set_id in pending:
-            if isinstance(pairid, str):
-                pairid = given[pairid]
+        for (head, members, set_extra), text, pairid, key, set_id in pending:
+            if pairid is None:
+                pairid = given[key]
             if not isinstance(set_id, int):
                 key = tuple(members)
                 if key not in set_ids:

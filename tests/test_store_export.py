@@ -521,3 +521,20 @@ def test_generated_captions_read_back_from_jsonl_do_not_take_cirrs_pairids(tmp_p
     export_dataset(again, "cirr", tmp_path / "test1.json", include_unreviewed=True, split="test1")
     assert json.loads((tmp_path / "test1.json").read_text()) == json.loads(
         (FIXTURES / "cirr/captions/cap.rc2.test1.json").read_text())
+
+
+def test_a_cirr_pairid_given_as_a_string_is_written_back_as_it_was(tmp_path):
+    # The importer takes a pairid written as a string ("7"); the export gave that caption
+    # a new number instead, so the file no longer matched the dataset it came from.
+    root = tmp_path / "cirr"
+    import shutil
+
+    shutil.copytree(FIXTURES / "cirr", root)
+    captions_file = root / "captions/cap.rc2.val.json"
+    entries = json.loads(captions_file.read_text())
+    entries[1]["pairid"] = "7"
+    captions_file.write_text(json.dumps(entries))
+    db = open_db(tmp_path / "s.db")
+    assert import_dataset(db, "cirr", root, split="val").problems == []
+    export_dataset(db, "cirr", tmp_path / "val.json", include_unreviewed=True, split="val")
+    assert json.loads((tmp_path / "val.json").read_text()) == entries
