@@ -538,3 +538,29 @@ def test_a_cirr_pairid_given_as_a_string_is_written_back_as_it_was(tmp_path):
     assert import_dataset(db, "cirr", root, split="val").problems == []
     export_dataset(db, "cirr", tmp_path / "val.json", include_unreviewed=True, split="val")
     assert json.loads((tmp_path / "val.json").read_text()) == entries
+
+
+def test_a_jsonl_export_of_a_store_of_several_datasets_imports_back_whole(tmp_path):
+    # A store of CIRR and CIRCO (or two demo worlds) holds pairs with the same external
+    # id under their own sources ("val:0" twice). Read back from JSONL under one source,
+    # every second one was refused as a duplicate id and lost. Each line's source (our
+    # export writes it) now keeps them apart, and the pairs keep their ids.
+    db = open_db(tmp_path / "a.db")
+    import_dataset(db, "circo", FIXTURES / "circo", source="circo_a")
+    import_dataset(db, "circo", FIXTURES / "circo", source="circo_b")
+    import_dataset(db, "cirr", FIXTURES / "cirr")
+    out = tmp_path / "all.jsonl"
+    export_dataset(db, "jsonl", out, include_unreviewed=True)
+    again = open_db(tmp_path / "b.db")
+    report = import_dataset(again, "pairs", out)
+    assert report.problems == [] and report.pairs_added == 11
+
+    def rows(store):
+        return sorted(store.execute("SELECT id, source, external_id, split FROM pairs").fetchall())
+
+    assert rows(again) == rows(db)
+    # idempotent, and --source still names one dataset for the whole file
+    assert import_dataset(again, "pairs", out).pairs_skipped == 11
+    other = open_db(tmp_path / "c.db")
+    report = import_dataset(other, "pairs", FIXTURES / "pairs")
+    assert {r[0] for r in other.execute("SELECT DISTINCT source FROM pairs")} == {"pairs"}

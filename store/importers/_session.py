@@ -143,11 +143,14 @@ class ImportSession:
         self.report.warnings.append(ImportProblem(item=str(item), reason=reason))
 
     def pair_exists(self, external_id: str, item: Optional[str] = None,
-                    reference: Optional[str] = None, base: Optional[Path] = None) -> bool:
+                    reference: Optional[str] = None, base: Optional[Path] = None,
+                    source: Optional[str] = None) -> bool:
         """True when this pair was imported before: counted as skipped, or, when its
         reference image is now a different file (another dataset under the same source
-        name, e.g. a regenerated demo world), reported as a problem."""
-        pair_id = pair_id_for(self.source, external_id)
+        name, e.g. a regenerated demo world), reported as a problem. `source`: the
+        pair's own, where it is not the session's (a line of a JSONL export)."""
+        source = source or self.source
+        pair_id = pair_id_for(source, external_id)
         if pair_id in self._seen_pairs:
             # Twice in one dataset: the second is a different item under the same id
             # (or a copy); it would be silently lost if merely counted as skipped.
@@ -165,7 +168,7 @@ class ImportSession:
             now_id = getattr(now, "id", now)
             if isinstance(now_id, str) and now_id != row[0]:
                 self.problem(item or str(external_id),
-                             f"a pair {external_id!r} from source {self.source!r} is already stored "
+                             f"a pair {external_id!r} from source {source!r} is already stored "
                              "with a different reference image; to keep both, import this one "
                              "under another name with --source NAME")
                 return True
@@ -347,14 +350,15 @@ class ImportSession:
     def add_pair(self, external_id: str, reference_id: str, target_id: Optional[str], *,
                  split: Optional[str] = None, captions: Iterable[str] = (),
                  img_set: Optional[list[str]] = None, ground_truth: Any = None,
-                 extra: Optional[dict] = None) -> str:
-        pair_id = pair_id_for(self.source, external_id)
+                 extra: Optional[dict] = None, source: Optional[str] = None) -> str:
+        source = source or self.source
+        pair_id = pair_id_for(source, external_id)
         self._seen_pairs.add(pair_id)
         for image_id, row, scene in self._staged:
             self._queue_image(image_id, row, scene)
         self._staged = []
         self._pending_pairs.append({
-            "id": pair_id, "source": self.source, "external_id": str(external_id),
+            "id": pair_id, "source": source, "external_id": str(external_id),
             "reference_id": reference_id, "target_id": target_id, "split": split,
             "original_captions": json.dumps([str(c) for c in captions], ensure_ascii=False),
             "img_set": None if img_set is None else json.dumps(img_set),
@@ -431,7 +435,7 @@ class ImportSession:
         for pair in pairs:
             twin = self.db.execute(
                 "SELECT source, external_id FROM pairs WHERE reference_id = ? AND target_id IS ?"
-                " AND source != ? LIMIT 1", [pair["reference_id"], pair["target_id"], self.source],
+                " AND source != ? LIMIT 1", [pair["reference_id"], pair["target_id"], pair["source"]],
             ).fetchone()
             if twin is not None:
                 count += 1

@@ -38,6 +38,7 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         folder, pairs_file = path.parent, path
     if not pairs_file.is_file():
         raise FormatError(f"{pairs_file}: not found; a pairs import needs a folder holding {PAIRS_FILE}")
+    named_source = source
     if source is None:
         source = "demo" if (folder / "world.json").is_file() else folder.resolve().name
     session = ImportSession(db, source, folder, progress=progress, images_dir=images_dir)
@@ -78,7 +79,12 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         pair_split = line_split or split
         external_id = str(obj["id"]) if obj.get("id") is not None else f"{obj['reference']}|{obj['target'] or ''}"
         item = f"pair {external_id!r} ({item})"
-        if session.pair_exists(external_id, item, obj["reference"], folder):
+        # A line of our jsonl export names the dataset its pair came from: a store of
+        # several holds the same id under each (CIRR's and CIRCO's "val:0"), and under
+        # one source every second one was a duplicate, left out. --source still wins.
+        line_source = (obj["source"] if named_source is None and "provenance" in obj
+                       and isinstance(obj.get("source"), str) and obj["source"].strip() else None)
+        if session.pair_exists(external_id, item, obj["reference"], folder, source=line_source):
             continue
         captions = obj.get("captions") or []
         if isinstance(captions, str):
@@ -120,7 +126,7 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
                                             f"{item} ground truth", "its ground truths")
         session.add_pair(external_id, reference_id, target_id, split=pair_split,
                          captions=captions, img_set=img_set, ground_truth=obj.get("edits"),
-                         extra=extra)
+                         extra=extra, source=line_source)
     return session.finish()
 
 
