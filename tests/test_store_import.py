@@ -609,3 +609,11 @@ def test_a_circo_annotations_file_in_circos_layout_finds_its_images(tmp_path):
     report = import_dataset(db, "circo", FIXTURES / "circo/annotations/val.json")
     assert report.problems == [] and report.pairs_added == 2
     assert set(pairs_of(db)) == {"val:0", "val:1"}
+
+
+def test_a_cirr_split_that_is_not_there_names_the_splits_that_are(tmp_path):
+    # --split test (CIRCO's name) or dev (CIRR's image folder) for CIRR said only that
+    # cap.rc2.test.json was missing, not that the split is called test1.
+    with pytest.raises(FormatError, match=r"cap\.rc2\.test\.json: missing .*CIRR's splits are train, val, "
+                                          r"test1, and this root has captions for train, val, test1"):
+        import_dataset(open_db(tmp_path / "s.db"), "cirr", FIXTURES / "cirr", split="test")

@@ -60,7 +60,10 @@ def _load_split(root: Path, split_name: str) -> tuple[str, list, dict]:
     names_file = root / "image_splits" / f"split.rc2.{split_name}.json"
     for needed in (captions_file, names_file):
         if not needed.is_file():
-            raise FormatError(f"{needed}: missing (needed for CIRR split {split_name!r})")
+            present = [s for s in SPLITS if (root / "captions" / f"cap.rc2.{s}.json").is_file()]
+            raise FormatError(f"{needed}: missing (needed for CIRR split {split_name!r}; CIRR's splits are "
+                              f"{', '.join(SPLITS)}, and this root has captions for "
+                              f"{', '.join(present) or 'none'})")
     return captions_file.name, read_json(captions_file, list), read_json(names_file, dict)
 
 
