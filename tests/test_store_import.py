@@ -617,3 +617,19 @@ def test_a_cirr_split_that_is_not_there_names_the_splits_that_are(tmp_path):
     with pytest.raises(FormatError, match=r"cap\.rc2\.test\.json: missing .*CIRR's splits are train, val, "
                                           r"test1, and this root has captions for train, val, test1"):
         import_dataset(open_db(tmp_path / "s.db"), "cirr", FIXTURES / "cirr", split="test")
+
+
+def test_an_id_that_is_a_fraction_or_a_list_is_named_as_such(tmp_path):
+    # "pairid must be a number, not float" for 6.5: a float is a number; the id is not whole.
+    cirr = tmp_path / "cirr"
+    shutil.copytree(FIXTURES / "cirr", cirr)
+    _append_json(cirr / "captions/cap.rc2.val.json", {"pairid": 6.5, "reference": "dev-0-0-img0"},
+                 {"pairid": [6], "reference": "dev-0-0-img0"})
+    db = open_db(tmp_path / "s.db")
+    reasons = [p.reason for p in import_dataset(db, "cirr", cirr, split="val").problems]
+    assert reasons == ["pairid must be a whole number, not 6.5", "pairid must be a whole number, not [6]"]
+    circo = tmp_path / "circo"
+    shutil.copytree(FIXTURES / "circo", circo)
+    _append_json(circo / "annotations/val.json", {"id": 2.5, "reference_img_id": 11})
+    reasons = [p.reason for p in import_dataset(db, "circo", circo, split="val").problems]
+    assert reasons == ["id must be a whole number, not 2.5"]

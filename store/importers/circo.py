@@ -114,7 +114,7 @@ def _import_entry(session: ImportSession, images_dir: Path, by_id: dict[int, Pat
         session.problem(item, "needs id and reference_img_id")
         return
     if isinstance(entry["id"], bool) or not isinstance(entry["id"], (int, str)):
-        session.problem(item, f"id must be a number, not {type(entry['id']).__name__}")
+        session.problem(item, f"id must be a whole number, not {entry['id']!r}")
         return
     item = f"{split} query {entry['id']}"
     wrong = _wrongly_typed(entry)

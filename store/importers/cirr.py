@@ -74,7 +74,7 @@ def _import_entry(session: ImportSession, root: Path, split: str, file_name: str
         session.problem(item, "needs pairid and reference")
         return
     if isinstance(entry["pairid"], bool) or not isinstance(entry["pairid"], (int, str)):
-        session.problem(item, f"pairid must be a number, not {type(entry['pairid']).__name__}")
+        session.problem(item, f"pairid must be a whole number, not {entry['pairid']!r}")
         return
     item = f"{split} pairid {entry['pairid']}"
     wrong = _wrongly_typed(entry)
