@@ -225,6 +225,40 @@ def test_two_reviewers_edit_one_pair_at_once(world, browser, external_requests):
     ctx_b.close()
 
 
+def test_reviewers_working_down_one_queue_are_not_handed_the_same_pair(world, browser, external_requests):
+    # Every page opened on the queue's first pair and Next (or 'go on') took each to the
+    # same next one: two reviewers reviewed the same pairs in step, the later decision
+    # replacing the earlier, and nothing on the page said someone else had the pair open.
+    db = world["db"]
+    flt = rl.make_filter("unreviewed", None, None, None)
+    seq = {a: s for a, s in db.execute("SELECT id, seq FROM annotations").fetchall()}
+    ctx_a, a = open_page(browser, world, external_requests, "ann")
+    first_a = shown(a).get_attribute("data-annotation")
+    ctx_b, b = open_page(browser, world, external_requests, "bob")
+    first_b = shown(b).get_attribute("data-annotation")
+    assert first_a and first_b and first_b != first_a
+    before = rl.step_from(db, flt, first_b, "previous")
+    assert before is not None
+    goto = a.get_by_label("Go to pair")
+    goto.fill(before)
+    goto.press("Enter")
+    expect(shown(a)).to_have_attribute("data-annotation", before)
+    a.locator("body").click(position={"x": 5, "y": 5})
+    a.keyboard.press("j")                        # passes over bob's pair
+    expect(shown(a)).not_to_have_attribute("data-annotation", before)
+    now_a = shown(a).get_attribute("data-annotation")
+    assert now_a != first_b and seq[now_a] > seq[first_b]
+    # both on one pair (Go to is never passed over): each page says who else has it open
+    goto = b.get_by_label("Go to pair")
+    goto.fill(now_a)
+    goto.press("Enter")
+    expect(shown(b)).to_have_attribute("data-annotation", now_a)
+    expect(b.locator(".g4c-openby")).to_have_text("also open for ann")
+    expect(a.locator(".g4c-openby")).to_have_text("also open for bob", timeout=15_000)   # the next live tick
+    ctx_a.close()
+    ctx_b.close()
+
+
 def test_a_click_on_a_board_not_yet_refreshed_never_undoes_another_reviewers_flag(world, browser,
                                                                                      external_requests):
     # bob's board is drawn before ann's flag lands; his click on the descriptor (shown

@@ -633,3 +633,28 @@ def test_a_captions_clip_token_count_is_of_its_current_text(store):
     assert f" · {count_clip_tokens('Make the box yellow.')} CLIP tokens" in rl.caption_meta(
         rl.load_pair(db, ann).compound[0])
     assert "CLIP tokens" not in rl.caption_meta(view.individual[0])    # a stage 3 caption that fits: no count
+
+
+def test_next_free_passes_over_pairs_open_on_other_pages(store):
+    from ui.presence import Presence
+
+    db, ids = store["db"], store["annotation_ids"]
+    flt = rl.make_filter("unreviewed", None, None, None)
+    now = [0.0]
+    presence = Presence(open_seconds=15, clock=lambda: now[0])
+    presence.touch("page-a", ids[0], "ann")
+    presence.touch("page-b", ids[1])                  # no name yet
+    assert rl.next_free(db, flt, None, presence.open_elsewhere("page-c")) == ids[2]
+    assert rl.next_free(db, flt, ids[0], presence.open_elsewhere("page-a")) == ids[2]
+    assert rl.next_free(db, flt, None, presence.open_elsewhere("page-a")) == ids[0]  # its own pair is not busy
+    assert presence.others_on(ids[1], "page-a") == ["someone"]
+    presence.touch("page-b", ids[1], "bob")           # a tick brings the name
+    presence.touch("page-c", ids[1])                  # a move keeps the name the page gave
+    presence.touch("page-c", ids[1], "ann")
+    assert presence.others_on(ids[1], "page-a") == ["ann", "bob"]
+    # every pair left is open elsewhere: the plain next one rather than none
+    assert rl.next_free(db, flt, ids[3], set(ids)) == ids[4]
+    assert rl.next_free(db, flt, ids[4], set(ids)) is None
+    now[0] = 16.0                                     # pages not heard from have left
+    presence.touch("page-a", ids[0])
+    assert presence.open_elsewhere("page-a") == set() and presence.others_on(ids[1], None) == []

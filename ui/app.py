@@ -21,6 +21,7 @@ from store.queue import QUEUES  # noqa: E402
 from . import review_logic as rl  # noqa: E402
 from .assets import BOARD_JS, CAPTIONS_JS, IMAGES_JS, SHORTCUTS_MD, URL_JS  # noqa: E402
 from .connections import Connections  # noqa: E402
+from .presence import Presence  # noqa: E402
 from .security import login_user  # noqa: E402
 
 # Reviewers each run several events at once (a blur, a click, a timer); Gradio's
@@ -48,6 +49,7 @@ def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_ena
 
     conns = Connections(db_path)
     controller = PipelineController(str(db_path))
+    presence = Presence()
     gt_cache = GroundTruthCache()
     service = RetrieveService(str(db_path), index_path)
 
@@ -60,6 +62,10 @@ def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_ena
                 raise gr.Error("your login has expired: reload the page and log in again")
             return user
         return (typed or "").strip()
+
+    def page_name(request, typed: Optional[str]) -> str:
+        """The name another reviewer sees for this page; "" while there is none."""
+        return (login_user(request) or "") if auth_enabled else (typed or "").strip()
 
     # Gradio keeps a copy of every upload (Retrieve tab) and download (Export tab) in its
     # cache; a review app runs for days, so copies older than a day go, checked hourly.
@@ -75,7 +81,7 @@ def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_ena
 
         with gr.Tabs():
             with gr.Tab("Review", id="review"):
-                review = _review_tab(conns, reviewer_of, reviewer_box)
+                review = _review_tab(conns, reviewer_of, reviewer_box, presence, page_name)
             with gr.Tab("Pipeline", id="pipeline") as pipeline_tab:
                 pipeline_refresh, pipeline_outputs = _pipeline_tab(conns, controller, reviewer_of, reviewer_box)
             with gr.Tab("Stats", id="stats") as stats_tab:
@@ -108,8 +114,23 @@ def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_ena
 
 # ---------------------------------------------------------------------- review tab
 
-def _review_tab(conns, reviewer_of, reviewer_box):
+def _review_tab(conns, reviewer_of, reviewer_box, presence, page_name):
     cursor = gr.State(None)  # the shown annotation id
+
+    def page_of(request) -> Optional[str]:
+        return getattr(request, "session_hash", None)
+
+    def busy(request) -> set[str]:
+        """Pairs other pages show: a move onwards passes over them."""
+        return presence.open_elsewhere(page_of(request))
+
+    def info_line(db, annotation_id, flt, request, view=None, status=None):
+        """The info panel and its line as shown (queue counts, and who else has the pair
+        open): the live tick redraws the panel when the line moves."""
+        status = status or rl.queue_status(db, flt, annotation_id)
+        open_by = presence.others_on(annotation_id, page_of(request))
+        line = status.text() + ("" if not open_by else " | also open for " + ", ".join(open_by))
+        return rl.render_info_html(view, status, open_by), line
 
     def save_caption(payload: dict, request: gr.Request) -> dict:
         """Called from the captions panel's script: save one in-place edit."""
@@ -191,21 +212,21 @@ def _review_tab(conns, reviewer_of, reviewer_box):
                     gt_html, current_box, message_box, activity_html, opened_at, history_html,
                     shown_stamp, shown_note, shown_counts]
 
-    def show(annotation_id, flt, gt_on, message=""):
+    def show(annotation_id, flt, gt_on, message="", request=None):
         db = conns.get()
+        presence.touch(page_of(request), annotation_id)
         # The stamp is read before the pair: a write landing in between makes the next
         # tick see a newer stamp and refresh, never the other way round.
         stamp = rl.pair_stamp(db, annotation_id) if annotation_id else ""
         opened = rl.pair_watermark(db, annotation_id) if annotation_id else ""
         view = rl.load_pair(db, annotation_id) if annotation_id else None
-        status = rl.queue_status(db, flt, annotation_id)
-        values = [annotation_id, rl.render_info_html(view, status), rl.render_images_html(view),
-                  rl.render_board_html(view)]
+        info, line = info_line(db, annotation_id, flt, request, view)
+        values = [annotation_id, info, rl.render_images_html(view), rl.render_board_html(view)]
         values.append(rl.render_captions_html(view))
         note = view.note if view else ""
         values += [note, rl.render_ground_truth_html(view) if gt_on else "",
                    annotation_id or "", message, "", opened, rl.render_pair_history_html(view), stamp, note,
-                   status.text()]
+                   line]
         return values
 
     def load(wanted, request):
@@ -213,38 +234,41 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         flt = rl.QueueFilter()
         annotation_id = rl.resolve_goto(db, wanted) if wanted else None
         if annotation_id is None:
-            annotation_id = rl.first_in_queue(db, flt)
+            annotation_id = rl.next_free(db, flt, None, busy(request))
         choices = rl.filter_choices(db)
         return [gr.update(choices=choices["runs"], value=rl.ANY), gr.update(choices=choices["models"], value=rl.ANY),
                 gr.update(choices=choices["splits"], value=rl.ANY),
                 *show(annotation_id, flt, False,
-                      "" if not wanted or annotation_id else f"pair {wanted!r} not found")]
+                      "" if not wanted or annotation_id else f"pair {wanted!r} not found", request)]
 
     def on_filter(queue, run, model, split, gt_on, request: gr.Request):
         flt = rl.make_filter(queue, run, model, split)
-        first = rl.first_in_queue(conns.get(), flt)
-        return show(first, flt, gt_on, "" if first else f"the '{flt.queue}' queue is empty")
+        first = rl.next_free(conns.get(), flt, None, busy(request))
+        return show(first, flt, gt_on, "" if first else f"the '{flt.queue}' queue is empty", request)
 
     def on_step(direction):
         def handler(annotation_id, queue, run, model, split, gt_on, request: gr.Request):
             flt = rl.make_filter(queue, run, model, split)
-            target = rl.step_from(conns.get(), flt, annotation_id, direction)
+            if direction == "next":
+                target = rl.next_free(conns.get(), flt, annotation_id, busy(request))
+            else:  # back is where the reviewer has been: no pair is passed over
+                target = rl.step_from(conns.get(), flt, annotation_id, direction)
             if target is None:
                 end = "end" if direction == "next" else "start"
-                return show(annotation_id, flt, gt_on, f"{end} of the '{flt.queue}' queue")
-            return show(target, flt, gt_on)
+                return show(annotation_id, flt, gt_on, f"{end} of the '{flt.queue}' queue", request)
+            return show(target, flt, gt_on, request=request)
         return handler
 
     def on_reload(annotation_id, queue, run, model, split, gt_on, request: gr.Request):
         flt = rl.make_filter(queue, run, model, split)
-        return show(annotation_id, flt, gt_on, "reloaded")
+        return show(annotation_id, flt, gt_on, "reloaded", request)
 
     def on_goto(text, queue, run, model, split, gt_on, request: gr.Request):
         flt = rl.make_filter(queue, run, model, split)
         target = rl.resolve_goto(conns.get(), text)
         if target is None:
             raise gr.Error(f"no annotated pair {text!r}")
-        return show(target, flt, gt_on, f"opened {rl.pair_name(conns.get(), target)}")
+        return show(target, flt, gt_on, f"opened {rl.pair_name(conns.get(), target)}", request)
 
     def on_status(status):
         def handler(annotation_id, queue, run, model, split, gt_on, advance, typed, since, request: gr.Request):
@@ -259,12 +283,12 @@ def _review_tab(conns, reviewer_of, reviewer_box):
             message = f"{rl.pair_name(db, annotation_id)}: {status}" + (f" · NOTE: {replaced}" if replaced else "")
             target = annotation_id
             if advance:
-                nxt = rl.step_from(db, flt, annotation_id, "next")
+                nxt = rl.next_free(db, flt, annotation_id, busy(request))
                 if nxt is None:
                     message += f" · end of the '{flt.queue}' queue"
                 else:
                     target = nxt
-            return show(target, flt, gt_on, message)
+            return show(target, flt, gt_on, message, request)
         return handler
 
     nav_inputs = [cursor, *filters, gt_toggle]
@@ -309,7 +333,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
             raise gr.Error(str(exc)) from None
         view = rl.load_pair(db, annotation_id)
         flt = rl.make_filter(queue, run, model, split)
-        return (rl.render_board_html(view), rl.render_info_html(view, rl.queue_status(db, flt, annotation_id)),
+        return (rl.render_board_html(view), info_line(db, annotation_id, flt, request, view)[0],
                 f"descriptor {'flagged' if now else 'unflagged'}", rl.render_pair_history_html(view))
 
     board_html.click(on_board_click, [cursor, *filters, reason_dd, reviewer_box],
@@ -329,7 +353,7 @@ def _review_tab(conns, reviewer_of, reviewer_box):
             raise gr.Error(str(exc)) from None
         view = rl.load_pair(db, annotation_id)
         flt = rl.make_filter(queue, run, model, split)
-        return (rl.render_info_html(view, rl.queue_status(db, flt, annotation_id)),
+        return (info_line(db, annotation_id, flt, request, view)[0],
                 f"caption {caption_id.rsplit(':', 1)[-1]} {'flagged' if now else 'unflagged'}",
                 rl.render_pair_history_html(view))
 
@@ -383,22 +407,26 @@ def _review_tab(conns, reviewer_of, reviewer_box):
         being typed is not replaced."""
         skip = [gr.skip()] * len(live_outputs)
         db = conns.get()
+        # Each tick says this page is still open on this pair, and under which name.
+        presence.touch(page_of(request), annotation_id, page_name(request, typed))
         flt = rl.make_filter(queue, run, model, split)
         status = rl.queue_status(db, flt, annotation_id)
         now_stamp = rl.pair_stamp(db, annotation_id) if annotation_id else ""
         if now_stamp == stamp:
-            if status.text() == counts_shown:
+            if info_line(db, annotation_id, flt, request, None, status)[1] == counts_shown:
                 return skip
             view = rl.load_pair(db, annotation_id) if annotation_id else None
-            return [rl.render_info_html(view, status), *skip[1:-1], status.text()]
+            info, line = info_line(db, annotation_id, flt, request, view, status)
+            return [info, *skip[1:-1], line]
         view = rl.load_pair(db, annotation_id)
         lines = rl.activity_since(db, annotation_id, since, reviewer_of(request, typed)) if since else []
         new_note = rl.live_note(view.note, note_shown, note)
         keep_note = new_note is None
-        return [rl.render_info_html(view, status), rl.render_board_html(view),
+        info, line = info_line(db, annotation_id, flt, request, view, status)
+        return [info, rl.render_board_html(view),
                 rl.render_captions_html(view, live=True), rl.render_pair_history_html(view),
                 rl.render_activity_html(lines), gr.skip() if keep_note else new_note,
-                gr.skip() if keep_note else new_note, now_stamp, status.text()]
+                gr.skip() if keep_note else new_note, now_stamp, line]
 
     live_timer.tick(on_live, [cursor, opened_at, shown_stamp, *filters, note_box, shown_note, reviewer_box,
                               shown_counts], live_outputs, api_name=False, show_progress="hidden")

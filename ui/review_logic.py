@@ -151,6 +151,19 @@ def step_from(
     return record.id if record else None
 
 
+def next_free(
+    db: sqlite_utils.Database, flt: QueueFilter, annotation_id: Optional[str], busy: set[str]
+) -> Optional[str]:
+    """The next annotation in the queue after `annotation_id` (the first with None) that
+    no other page has open (`busy`), so reviewers working down one queue at once are not
+    all handed the same pair; the plain next one when every pair left is open elsewhere."""
+    first = step_from(db, flt, annotation_id, "next") if annotation_id else first_in_queue(db, flt)
+    candidate = first
+    while candidate is not None and candidate in busy:
+        candidate = step_from(db, flt, candidate, "next")
+    return candidate if candidate is not None else first
+
+
 def resolve_goto(db: sqlite_utils.Database, text: str) -> Optional[str]:
     """An annotation id from what a reviewer typed: an annotation id, a pair id or a
     pair's external id (the newest run's annotation of it)."""
@@ -939,19 +952,22 @@ def render_board_html(view: Optional[PairView]) -> str:
             f"{column('Target · stage 2 descriptors', view.stage2)}</div></div>")
 
 
-def render_info_html(view: Optional[PairView], status: QueueStatus) -> str:
+def render_info_html(view: Optional[PairView], status: QueueStatus, open_by: Optional[list[str]] = None) -> str:
+    """The queue line and the pair's line; `open_by`: who else has the pair open now."""
     head = f"<div class='g4c-progress'>{escape_text(status.text())}</div>"
     if view is None:
         return head
     state = view.review_status
     who = f" by {view.reviewer}" if view.reviewer and state != "unreviewed" else ""
     flags = len(view.flags)
+    also = (f" · <span class='g4c-openby'>also open for {escape_text(', '.join(open_by))}</span>"
+            if open_by else "")
     return (
         head + f"<div class='g4c-meta'><span class='g4c-status g4c-s-{escape_text(state)}'>"
         f"{escape_text(state + who)}</span> · pair <code>{escape_text(view.external_id or view.pair_id)}</code>"
         f" · {escape_text(view.source)} · split {escape_text(view.split or '-')} · "
         f"{escape_text(view.run_label)} · {escape_text(view.backend)} / {escape_text(view.model)}"
-        f" · {flags} flag{'s' if flags != 1 else ''}</div>")
+        f" · {flags} flag{'s' if flags != 1 else ''}{also}</div>")
 
 
 def _compact(value) -> str:
