@@ -633,3 +633,18 @@ def test_an_id_that_is_a_fraction_or_a_list_is_named_as_such(tmp_path):
     _append_json(circo / "annotations/val.json", {"id": 2.5, "reference_img_id": 11})
     reasons = [p.reason for p in import_dataset(db, "circo", circo, split="val").problems]
     assert reasons == ["id must be a whole number, not 2.5"]
+
+
+def test_an_image_set_or_ground_truth_entry_that_is_not_a_path_says_so(tmp_path):
+    # [5, null] in img_set was looked up as files "5" and "None": "pairs/5: file not found".
+    folder = tmp_path / "p"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    line = json.loads((folder / "pairs.jsonl").read_text().splitlines()[0])
+    line.update(id="typed", img_set=[line["reference"], 5, None], gt_images=[7])
+    (folder / "pairs.jsonl").write_text(json.dumps(line) + "\n")
+    report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
+    assert report.pairs_added == 1
+    assert [p.reason for p in report.problems] == [
+        "left out of the image set: not an image path (a string), but int",
+        "left out of the image set: not an image path (a string), but NoneType",
+        "left out of its ground truths: not an image path (a string), but int"]

@@ -136,6 +136,10 @@ def _images(session: ImportSession, locations: list, folder: Path, split: Option
     leaves the pair in."""
     ids = []
     for location in locations:
+        if not isinstance(location, str):  # else looked up as a file named "5" or "None"
+            session.problem(f"{item} {location!r}", f"left out of {left_out_of}: not an image path "
+                            f"(a string), but {type(location).__name__}", drop_item=False)
+            continue
         try:
             ids.append(session.image(location, base=folder, split=split,
                                      scene=scenes.get(_norm(location, folder))))
