@@ -167,7 +167,7 @@ def collect_items(
                 target=images.get(pair.target_id) if pair.target_id else None,
                 img_set=[images.get(i) for i in pair.img_set or ()],
                 annotation=annotation, run=run, texts=texts, captions=kept, flagged_ids=flagged,
-                gt_images=[images.get(i) for i in _gt_image_ids(pair)],
+                gt_images=[images.get(i) for i in _gt_image_ids(pair) if images.has(i)],
             )
     bar.close()
 
@@ -190,7 +190,9 @@ def _count_left_out(stats: dict, pair_id: str, annotated: set[str], awaiting: se
 
 
 def _gt_image_ids(pair: PairRecord) -> list[str]:
-    """The store ids of a CIRCO pair's ground-truth images (the CIRCO importer keeps them)."""
+    """The store ids of a CIRCO pair's ground-truth images (the CIRCO importer keeps them).
+    Those the store holds no image for (a store read from a JSONL export made before
+    gt_images) are left to extra, as they were."""
     ids = (pair.extra or {}).get("gt_image_ids")
     return [i for i in ids if isinstance(i, str)] if isinstance(ids, list) else []
 
@@ -264,6 +266,13 @@ class _ImageCache:
     def __init__(self, db):
         self.db = db
         self.rows: dict[str, ImageRecord] = {}
+
+    def has(self, image_id: str) -> bool:
+        try:
+            self.get(image_id)
+        except LookupError:
+            return False
+        return True
 
     def get(self, image_id: str) -> ImageRecord:
         if image_id not in self.rows:

@@ -564,3 +564,22 @@ def test_a_jsonl_export_of_a_store_of_several_datasets_imports_back_whole(tmp_pa
     other = open_db(tmp_path / "c.db")
     report = import_dataset(other, "pairs", FIXTURES / "pairs")
     assert {r[0] for r in other.execute("SELECT DISTINCT source FROM pairs")} == {"pairs"}
+
+
+def test_a_ground_truth_the_store_holds_no_image_for_is_kept_and_exports_still(tmp_path):
+    # A store read from a JSONL export made before gt_images lists ground truths by ids it
+    # holds no image for: exporting it crashed (LookupError) once gt_images were written.
+    db = open_db(tmp_path / "a.db")
+    import_dataset(db, "circo", FIXTURES / "circo", split="val")
+    pair_id, extra = db.execute("SELECT id, extra FROM pairs WHERE external_id = 'val:0'").fetchone()
+    extra = json.loads(extra)
+    extra["gt_image_ids"].append("f" * 64)
+    db.execute("UPDATE pairs SET extra = ? WHERE id = ?", [json.dumps(extra), pair_id])
+    db.conn.commit()
+    out = tmp_path / "out.jsonl"
+    export_dataset(db, "jsonl", out, include_unreviewed=True)
+    line = next(json.loads(t) for t in out.read_text().splitlines() if json.loads(t)["id"] == "val:0")
+    assert len(line["gt_images"]) == len(extra["gt_image_ids"]) - 1
+    again = open_db(tmp_path / "b.db")
+    assert import_dataset(again, "pairs", out).problems == []
+    assert _gt_ids(again) == _gt_ids(db)

@@ -122,8 +122,13 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
             # CIRR export would give it to the first generated one.
             extra["original_pairid"] = extra.pop("pairid")
         if obj.get("gt_images") is not None:
-            extra["gt_image_ids"] = _images(session, obj["gt_images"], folder, pair_split, scenes,
-                                            f"{item} ground truth", "its ground truths")
+            truths = _images(session, obj["gt_images"], folder, pair_split, scenes,
+                             f"{item} ground truth", "its ground truths")
+            # Our export keeps the store's own list in extra too, with any id it held no
+            # image for: those stay as they were.
+            given = extra.get("gt_image_ids")
+            extra["gt_image_ids"] = list(dict.fromkeys(
+                [*(given if isinstance(given, list) else ()), *truths]))
         session.add_pair(external_id, reference_id, target_id, split=pair_split,
                          captions=captions, img_set=img_set, ground_truth=obj.get("edits"),
                          extra=extra, source=line_source)
