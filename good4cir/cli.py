@@ -54,12 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
-        parser.print_help()
-        return 0
+    restore = _stop_on_termination()
     try:
+        return _main(argv)
+    finally:
+        restore()
+
+
+def _main(argv: list[str] | None) -> int:
+    args = None
+    try:
+        # Inside the try: a Ctrl-C in the first second (the imports) is an interruption
+        # like any other, not a traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "handler", None):
+            parser.print_help()
+            return 0
         result = args.handler(args)
         sys.stdout.flush()  # here, so a reader gone away is caught below, not at exit
     except BrokenPipeError:
@@ -70,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except KeyboardInterrupt:
-        print("interrupted; everything finished so far is saved", file=sys.stderr)
+        hint = getattr(args, "on_interrupt", None)  # how to go on, where the command can
+        try:  # after a SIGHUP the terminal may be gone
+            print("interrupted; everything finished so far is saved" + (f"; {hint}" if hint else ""),
+                  file=sys.stderr)
+        except OSError:
+            pass
         return 130
     except Exception as exc:  # turned into a clear message, unless under pytest
         if os.environ.get("GOOD4CIR_RAISE") or "PYTEST_CURRENT_TEST" in os.environ:
@@ -80,6 +96,32 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     return int(result or 0)
+
+
+def _stop_on_termination():
+    """Take SIGTERM (`kill PID`, `timeout`, a container or service stop) and SIGHUP (the
+    terminal closed) as Ctrl-C, so that every command stops as it does on Ctrl-C (a
+    temporary file removed, an annotation run's calls in flight stored) instead of the
+    process ending at once. A signal already ignored (nohup) stays ignored. Returns the
+    function that puts the previous handlers back."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for name in ("SIGTERM", "SIGHUP"):
+            sig = getattr(signal, name, None)
+            if sig is not None and signal.getsignal(sig) not in (signal.SIG_IGN, None):
+                previous[sig] = signal.signal(sig, interrupt)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def _is_user_error(exc: Exception) -> bool:

@@ -43,7 +43,8 @@ def register(subparsers) -> None:
                        help="no progress bar")
     index.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     add_device_option(index)
-    index.set_defaults(handler=run_index)
+    index.set_defaults(handler=run_index, on_interrupt="rerun the same command to go on (the embeddings "
+                       "of finished chunks are reused)")
 
     query = subparsers.add_parser(
         "query",

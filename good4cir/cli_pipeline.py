@@ -63,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="print the number of calls and the estimated cost, then stop")
     parser.add_argument("--json", action="store_true", help="print the final progress as JSON (with --dry-run: the plan)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(handler=run_annotate)
+    parser.set_defaults(handler=run_annotate, on_interrupt="rerun the same command to resume")
 
     parser = subparsers.add_parser("status", help="report each pipeline run's progress, calls and cost",
                                    description="Report every run: pairs done, failed and pending, "

@@ -122,7 +122,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="replace a model already in --out (without it, or --resume, train refuses "
                         "to write over one)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-    parser.set_defaults(handler=run_train)
+    parser.set_defaults(handler=run_train, on_interrupt="rerun the same command with --resume to continue "
+                        "from the last finished epoch")
 
     parser = subparsers.add_parser(
         "eval", help="evaluate a trained model on a split (CIRR recall, recall_subset, mAP)",

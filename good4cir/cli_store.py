@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "training needs them); without it URLs are recorded only. A rerun fetches "
                         "only what is not there yet")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(handler=run_import)
+    parser.set_defaults(handler=run_import, on_interrupt="rerun the same command to go on (what is "
+                        "imported or downloaded already is not done again)")
 
     from store.exporters import FORMATS as EXPORT_FORMATS
 
@@ -71,7 +72,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="keep captions a reviewer flagged as hallucinated")
     parser.add_argument("--split", help="export only pairs of this split")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(handler=run_export)
+    parser.set_defaults(handler=run_export, on_interrupt="the --out file is left as it was; rerun the "
+                        "same command to export")
 
 
 def run_import(args: argparse.Namespace) -> int:

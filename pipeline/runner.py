@@ -1395,34 +1395,53 @@ def run_pipeline(db_path: str | Path, options: RunOptions,
     """Run (or resume) to the end, or until stop_event is set; returns the final Progress.
 
     From the main thread, a first Ctrl-C stops gracefully (no new pairs; calls in flight
-    finish and are stored), a second one aborts at once (calls in flight are lost).
+    finish and are stored), a second one aborts at once (calls in flight are lost). A
+    SIGTERM (`kill PID`, `timeout`, a container or service stop) or SIGHUP (the terminal
+    closed) is taken as a first Ctrl-C: left to their default, they ended the process at
+    once and lost the answers in flight, already paid for, and those received and not yet
+    written.
     """
     runner = Runner(db_path, options, on_progress, stop_event)
 
     async def main() -> Progress:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
-        installed = False
+        installed: dict[int, Any] = {}
 
-        def on_sigint() -> None:
+        def on_stop(name: str) -> None:
             if runner.stop_event.is_set():
                 task.cancel()
-            else:
-                print("\nstopping: calls in flight finish and are stored (Ctrl-C again to abort)",
-                      file=sys.stderr)
-                runner.stop_event.set()
+                return
+            runner.stop_event.set()
+            said = "stopping" if name == "Ctrl-C" else f"stopping ({name})"
+            again = "Ctrl-C again" if name == "Ctrl-C" else "Ctrl-C"
+            # A batch run stops at once (_watch_stop): its open batches wait on the server
+            what = ("what is in a batch stays on the server, and the rerun collects its answers"
+                    if options.backend == "openai-batch" else "calls in flight finish and are stored")
+            try:  # after a SIGHUP the terminal may be gone: the stop matters, not the note
+                print(f"\n{said}: {what} ({again} to abort)", file=sys.stderr)
+            except OSError:
+                pass
 
         if threading.current_thread() is threading.main_thread():
-            try:
-                loop.add_signal_handler(signal.SIGINT, on_sigint)
-                installed = True
-            except (NotImplementedError, RuntimeError):  # no signal support here
-                pass
+            for sig, name in ((signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM"),
+                              (getattr(signal, "SIGHUP", None), "SIGHUP")):
+                previous = signal.getsignal(sig) if sig is not None else None
+                if sig is None or previous == signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+                    continue
+                try:
+                    loop.add_signal_handler(sig, on_stop, name)
+                    installed[sig] = previous
+                except (NotImplementedError, RuntimeError, ValueError):  # no signal support here
+                    pass
         try:
             return await runner.run()
         finally:
-            if installed:
-                loop.remove_signal_handler(signal.SIGINT)
+            for sig, previous in installed.items():
+                loop.remove_signal_handler(sig)
+                # remove_signal_handler leaves SIGTERM and SIGHUP at their default: give
+                # back whatever handler the caller had
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
     try:
         return asyncio.run(main())

@@ -56,6 +56,46 @@ def test_a_reader_that_leaves_early_gets_no_traceback(tmp_path):
         assert "Traceback" not in err and "BrokenPipeError" not in err, (args, err)
 
 
+INTERRUPT_AT_START = """
+import os, signal, sys
+
+class CtrlC:  # a Ctrl-C that lands while the module named by G4C_CTRL_C_AT loads
+    def find_spec(self, name, path=None, target=None):
+        if name == os.environ["G4C_CTRL_C_AT"]:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+from good4cir.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("module, command, hint", [
+    # the first second, while the subcommands register: a traceback from the imports
+    ("good4cir.cli_store", ["status"], None),
+    # the commands that can go on say how
+    ("pipeline.runner", ["annotate", "--backend", "openai"], "rerun the same command to resume"),
+    ("retrieval.train", ["train", "--out", "model"], "rerun the same command with --resume"),
+    ("retrieval.index", ["index", "--checkpoint", "model", "--out", "index"], "rerun the same command"),
+])
+def test_ctrl_c_is_an_interruption_that_says_how_to_go_on(tmp_path, module, command, hint):
+    import os
+    import subprocess
+    import sys
+
+    db = tmp_path / "x.db"
+    db.touch()
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_AT_START, *command, "--db", str(db)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**{k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"},
+                               "G4C_CTRL_C_AT": module})
+    assert proc.returncode == 130, proc.stderr
+    assert "Traceback" not in proc.stderr and "interrupted" in proc.stderr, proc.stderr
+    assert hint is None or hint in proc.stderr, proc.stderr
+
+
 def test_every_command_names_a_missing_store_the_same_way(tmp_path):
     """A mistyped --db gets one message from every command that reads a store, saying how
     to make one (`import`; `demo-world` writes a folder, not a store), before torch or

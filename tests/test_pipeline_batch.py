@@ -145,6 +145,34 @@ def test_sigkill_between_creating_a_batch_and_storing_its_id_adopts_it_on_restar
     assert table_rows(db_path, "SELECT DISTINCT batch_id FROM calls WHERE stage = 'stage1'") == [(adopted,)]
 
 
+def test_a_kill_while_a_batch_is_open_stops_the_run_and_the_rerun_collects_the_batch(server, tmp_path):
+    # SIGTERM (`kill PID`, a container stop) ended the process at once, the run left
+    # 'running' and nothing said how to go on
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=3, pairs=5)
+    server.config.batch_delay = 3.0
+    process = subprocess.Popen(
+        [sys.executable, "-m", "good4cir", "annotate", "--db", str(db_path), "--backend", "openai-batch",
+         "--base-url", server.url, "--poll-interval", "0.05", "--flush-interval", "0.1",
+         "--image-size", "128", "--no-progress"],
+        env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not server.stats["batches_created"]:
+        assert process.poll() is None and time.time() < deadline, process.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    assert b"stopping (SIGTERM): what is in a batch stays on the server" in stderr
+    assert b"rerun the same command to resume" in stderr
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+
+    server.config.batch_delay = 0.1
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.pairs_done == 5
+    assert server.stats["batch_lines_submitted"] == 3 + 2 * 5  # the open stage 1 batch was not sent again
+
+
 def test_lines_refused_for_newer_model_parameters_go_out_again_adapted(server, tmp_path):
     db_path = tmp_path / "store.db"
     build_world(db_path, tmp_path / "images", references=1, pairs=2)

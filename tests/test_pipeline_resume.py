@@ -98,3 +98,31 @@ def test_ctrl_c_stops_gracefully_and_the_rerun_finishes_without_paying_twice(ser
     progress = run_pipeline(db_path, RunOptions(base_url=server.url, concurrency=CONCURRENCY))
     assert progress.pairs_done == PAIRS and progress.status == "finished"
     assert server.stats["completions_ok"] == REFS + 2 * PAIRS  # nothing paid twice
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_kill_or_a_closed_terminal_stops_as_ctrl_c_does_and_stores_every_answer(server, tmp_path, monkeypatch,
+                                                                                  signum):
+    # `kill PID`, `timeout`, a container stop (SIGTERM) and a closed terminal (SIGHUP) ended
+    # the process at once: the answers in flight and those not yet written were paid for and lost
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=REFS, pairs=PAIRS)
+    server.config.latency = 0.3  # calls in flight when the signal comes
+    process = _annotate(db_path, server)
+    deadline = time.time() + 60
+    while server.stats["completions_ok"] < 8:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()[-2000:]
+    assert f"stopping ({signum.name})".encode() in stderr
+    assert b"rerun the same command to resume" in stderr
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+    paid = server.stats["completions_ok"]
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'")[0][0] == paid
+    server.config.latency = 0.0
+    progress = run_pipeline(db_path, RunOptions(base_url=server.url, concurrency=CONCURRENCY))
+    assert progress.pairs_done == PAIRS and progress.status == "finished"
+    assert server.stats["completions_ok"] == REFS + 2 * PAIRS  # nothing paid twice
