@@ -425,13 +425,19 @@ def build_faiss_index(
                 f"{_faiss_message(exc)}; use 'Flat' or fewer clusters for a gallery this small"
             ) from None
     step = 65_536
-    if progress and n > step:
-        from tqdm import tqdm
+    try:
+        if progress and n > step:
+            from tqdm import tqdm
 
-        for start in tqdm(range(0, n, step), desc=f"adding to {factory}", unit="chunk", file=sys.stderr):
-            index.add(embeddings[start : start + step])
-    else:
-        index.add(embeddings)
+            for start in tqdm(range(0, n, step), desc=f"adding to {factory}", unit="chunk", file=sys.stderr):
+                index.add(embeddings[start : start + step])
+        else:
+            index.add(embeddings)
+    except RuntimeError as exc:  # IDMap wants ids of its own; NSG a graph of 100 vectors or more
+        hint = ("leave IDMap out: the index keeps its own id map (ids.jsonl)" if "IDMap" in factory
+                else "use 'Flat' or 'HNSW32'")
+        raise ValueError(f"index factory {factory!r} cannot hold the {n} gallery vectors: "
+                         f"{_faiss_message(exc)}; {hint}") from None
     set_search_params(index, search_params if search_params is not None else default_search_params(index))
     return index
 
@@ -455,6 +461,13 @@ def set_search_params(index, params: Optional[str]) -> None:
 
     if not params:
         return
+    for item in params.split(","):
+        name, _, value = item.partition("=")
+        # FAISS takes these below 1 without a word: efSearch 0 answers one hit whatever
+        # k is, nprobe 0 fails inside the search.
+        if name.strip().endswith(("efSearch", "nprobe")) and not (value.strip().isdigit() and int(value) >= 1):
+            raise ValueError(f"search parameters {params!r}: {name.strip()} must be a whole number of at "
+                             f"least 1, got {value.strip()!r}")
     try:
         faiss.ParameterSpace().set_index_parameters(index, params)
     except RuntimeError as exc:

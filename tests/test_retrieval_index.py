@@ -79,6 +79,32 @@ def test_bad_factory_and_untrainable_index_are_clear_errors():
         ix.search(index, _unit_vectors(1, 8, 0), 3)
 
 
+@pytest.mark.parametrize("factory, message", [
+    ("IDMap,Flat", "'IDMap,Flat' cannot hold the 60 gallery vectors: .*leave IDMap out"),
+    ("Flat,IDMap", "leave IDMap out"),
+    ("NSG32", "'NSG32' cannot hold the 60 gallery vectors: .*smaller than 100"),
+])
+def test_a_factory_that_cannot_add_the_gallery_is_a_clear_error(factory, message):
+    """FAISS builds these factories, then refuses index.add: its RuntimeError was a traceback."""
+    with pytest.raises(ValueError, match=message):
+        ix.build_faiss_index(_unit_vectors(60, 16, 6), factory)
+
+
+@pytest.mark.parametrize("factory, params", [
+    ("HNSW16", "efSearch=0"), ("HNSW16", "efSearch=-5"), ("IVF4,Flat", "nprobe=0"), ("IVF4,Flat", "nprobe=-1"),
+])
+def test_search_params_below_one_are_refused(factory, params):
+    """FAISS took them: efSearch 0 answered one hit for k=10, nprobe 0 failed inside the
+    search (a traceback from `query`, after `index` had saved it without a word)."""
+    index = ix.build_faiss_index(_unit_vectors(300, 16, 7), factory)
+    name = params.split("=")[0]
+    with pytest.raises(ValueError, match=f"{name} must be a whole number of at least 1, got '{params.split('=')[1]}'"):
+        ix.set_search_params(index, params)
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        ix.build_faiss_index(_unit_vectors(300, 16, 7), factory, search_params=params)
+    assert (ix.search(index, _unit_vectors(1, 16, 8), 10)[1] >= 0).sum() == 10  # the defaults stand
+
+
 def test_id_map_round_trip(tmp_path):
     gallery, queries = _unit_vectors(300, 24, 6), _unit_vectors(5, 24, 7)
     entries = [ix.GalleryEntry(name=f"img{i}", path=f"/data/img{i}.png", image_id=f"sha{i}") for i in range(300)]
