@@ -658,3 +658,28 @@ def test_next_free_passes_over_pairs_open_on_other_pages(store):
     now[0] = 16.0                                     # pages not heard from have left
     presence.touch("page-a", ids[0])
     assert presence.open_elsewhere("page-a") == set() and presence.others_on(ids[1], None) == []
+
+
+def test_a_pair_a_newer_run_annotated_again_says_exports_take_that_one(store):
+    # Exports take each pair's newest finished annotation. A run started while reviewers
+    # worked (Pipeline tab, CLI) annotated pairs again, and the page went on showing the
+    # older run's annotations in the queue with nothing said: reviewers approved them and
+    # the default export left every one out (only the Export tab said so, afterwards).
+    from store.annotations import complete_annotation, create_run, ensure_annotations, get_annotation
+
+    db, ids = store["db"], store["annotation_ids"]
+    old = get_annotation(db, ids[0])
+    status = rl.queue_status(db, rl.QueueFilter(), ids[0])
+    assert "annotated this pair again" not in rl.render_info_html(rl.load_pair(db, ids[0]), status)
+    run = create_run(db, "simulator", "sim-2", name="again")
+    ensure_annotations(db, run.id, [old.pair_id, get_annotation(db, ids[1]).pair_id])
+    html = rl.render_info_html(rl.load_pair(db, ids[0]), status)
+    assert "annotated this pair again" not in html          # run 2 has not finished it: exports take run 1's
+    complete_annotation(db, f"{run.id}:{old.pair_id}", stage1_id=old.stage1_id, stage2_id=old.stage2_id,
+                        captions=["Make the box red."], compounds=[])
+    html = rl.render_info_html(rl.load_pair(db, ids[0]), status)
+    assert rl.escape_text(
+        f"run {run.id} annotated this pair again: exports take run {run.id}'s annotation, not this one "
+        f"(to export this review choose run {old.run_id} in the Export tab); Go to p0 opens run {run.id}'s") in html
+    assert "annotated this pair again" not in rl.render_info_html(rl.load_pair(db, f"{run.id}:{old.pair_id}"), status)
+    assert rl.resolve_goto(db, "p0") == f"{run.id}:{old.pair_id}"

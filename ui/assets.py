@@ -49,6 +49,8 @@ body, .gradio-container { padding-bottom: 48px !important; }
 .g4c-activity { font-size: 13px; background: #eff6ff; color: #1e3a8a; border: 1px solid #93c5fd;
   border-radius: 6px; padding: 4px 10px; }
 .g4c-muted { color: #6b7280; font-size: 13px; }
+.g4c-newer { font-size: 13px; color: #92400e; background: #fffbeb; border: 1px solid #f59e0b;
+  border-radius: 6px; padding: 2px 8px; margin-top: 4px; }
 .g4c-empty { padding: 40px; text-align: center; color: #6b7280; font-size: 18px; }
 .g4c-gt { font-size: 13px; background: #fffbeb; color: #111; border-radius: 6px; padding: 6px 10px; }
 .g4c-score { font-weight: 600; margin-top: 6px; }

@@ -321,6 +321,7 @@ class PairView:
     original_captions: list[str] = field(default_factory=list)
     updated_at: Optional[str] = None
     events: list["PairEvent"] = field(default_factory=list)  # the pair's review history, oldest first
+    newer_run: Optional[int] = None  # a later run that finished this pair: exports take its annotation
 
     @property
     def has_ground_truth(self) -> bool:
@@ -430,6 +431,9 @@ def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
             cell.stale_sources = [s for s in cell.sources if s in edited]
 
     ground_truth = json.loads(pair["ground_truth"]) if pair.get("ground_truth") else None
+    # As store.exporters picks a pair's annotation: the newest run that finished it.
+    newer_run = db.execute("SELECT MAX(run_id) FROM annotations WHERE pair_id = ? AND status = 'done' AND run_id > ?",
+                           [ann.pair_id, ann.run_id]).fetchone()[0]
     return PairView(
         annotation_id=ann.id, pair_id=ann.pair_id, external_id=pair.get("external_id"),
         source=pair["source"], split=pair.get("split"), run_id=ann.run_id,
@@ -443,6 +447,7 @@ def load_pair(db: sqlite_utils.Database, annotation_id: str) -> PairView:
         updated_at=ann.updated_at,
         events=pair_events(store_review.review_history(db, annotation_id), all_flags, history,
                            _descriptor_names(left, right)),
+        newer_run=newer_run,
     )
 
 
@@ -962,12 +967,19 @@ def render_info_html(view: Optional[PairView], status: QueueStatus, open_by: Opt
     flags = len(view.flags)
     also = (f" · <span class='g4c-openby'>also open for {escape_text(', '.join(open_by))}</span>"
             if open_by else "")
+    newer = ""
+    if view.newer_run is not None:
+        name = view.external_id or view.pair_id
+        newer = ("<div class='g4c-newer'>" + escape_text(
+            f"run {view.newer_run} annotated this pair again: exports take run {view.newer_run}'s annotation, not "
+            f"this one (to export this review choose run {view.run_id} in the Export tab); Go to {name} opens "
+            f"run {view.newer_run}'s") + "</div>")
     return (
         head + f"<div class='g4c-meta'><span class='g4c-status g4c-s-{escape_text(state)}'>"
         f"{escape_text(state + who)}</span> · pair <code>{escape_text(view.external_id or view.pair_id)}</code>"
         f" · {escape_text(view.source)} · split {escape_text(view.split or '-')} · "
         f"{escape_text(view.run_label)} · {escape_text(view.backend)} / {escape_text(view.model)}"
-        f" · {flags} flag{'s' if flags != 1 else ''}{also}</div>")
+        f" · {flags} flag{'s' if flags != 1 else ''}{also}</div>{newer}")
 
 
 def _compact(value) -> str:
