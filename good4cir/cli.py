@@ -107,7 +107,15 @@ def _stop_on_termination():
     import signal
     import threading
 
+    owner = os.getpid()
+
     def interrupt(signum, frame):
+        if os.getpid() != owner:
+            # A forked worker (demo-world's renderers, a DataLoader's) inherits this handler;
+            # its pool ends it with SIGTERM, which must end it as by default
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
         raise KeyboardInterrupt
 
     previous = {}

@@ -99,6 +99,29 @@ def test_same_seed_gives_identical_bytes_whatever_the_workers(world, tmp_path):
     assert (other / "pairs.jsonl").read_bytes() != (world / "pairs.jsonl").read_bytes()
 
 
+def test_ctrl_c_in_a_terminal_stops_the_renderers_without_a_traceback(tmp_path):
+    # A terminal's Ctrl-C reaches the whole process group: each rendering worker printed
+    # its own KeyboardInterrupt traceback (and, told to end by its pool, another one)
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "world"
+    process = subprocess.Popen([sys.executable, "-m", "good4cir", "demo-world", "--pairs", "300", "--out", str(out),
+                                "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True,
+                               env={k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"})
+    deadline = time.time() + 120
+    while len(list((out / "images").glob("*.png"))) < 40:
+        assert process.poll() is None and time.time() < deadline, process.stderr.read().decode()[-2000:]
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()[-3000:]
+    assert b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr, stderr.decode()[-3000:]
+
+
 def test_plan_is_deterministic():
     a, b = plan_world(60, seed=3), plan_world(60, seed=3)
     assert a.pairs == b.pairs and a.images == b.images and a.meta == b.meta

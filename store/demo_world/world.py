@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,6 +207,13 @@ def _render_job(job: tuple[str, Scene]) -> str:
     return path
 
 
+def _leave_ctrl_c_to_the_parent() -> None:
+    # A terminal's Ctrl-C reaches every process of the group: each worker printed its own
+    # KeyboardInterrupt traceback. The parent stops the pool (SIGTERM) as it unwinds.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def render_images(jobs: list[tuple[str, Scene]], workers: int, progress: bool = True) -> None:
     """Render and write every (path, scene); ``workers`` > 1 uses that many processes."""
     from tqdm import tqdm
@@ -219,7 +227,8 @@ def render_images(jobs: list[tuple[str, Scene]], workers: int, progress: bool = 
     methods = multiprocessing.get_all_start_methods()
     method = "fork" if "fork" in methods and threading.active_count() == 1 else "spawn"
     ctx = multiprocessing.get_context(method)
-    with ctx.Pool(workers) as pool:  # started before tqdm, whose monitor is a thread
+    # started before tqdm, whose monitor is a thread
+    with ctx.Pool(workers, initializer=_leave_ctrl_c_to_the_parent) as pool:
         with tqdm(total=len(jobs), desc="rendering", unit="img", disable=not progress, leave=False) as bar:
             for _ in pool.imap_unordered(_render_job, jobs, chunksize=16):
                 bar.update(1)
