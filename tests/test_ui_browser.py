@@ -412,6 +412,8 @@ def test_undo_a_caption_edit_and_see_its_history(world, browser, external_reques
     wait_caption_status(page, "caption c0: undone, back to")
     expect(field).to_have_value(original)
     expect(undo).to_be_disabled()
+    page.keyboard.press("z")                          # nothing left to undo: said, not silent
+    wait_caption_status(page, "^caption c0: nothing to undo, it shows the pipeline's original text$")
     # the caption's history: every version with text, editor and time, newest first
     page.locator("#g4c-cap-i0 details.g4c-caphist summary").click()
     versions = page.locator("#g4c-cap-i0 .g4c-histlist li")

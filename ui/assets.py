@@ -151,7 +151,9 @@ HEAD = """
       const rows = visibleRows();
       const row = rows[Math.min(selected, rows.length - 1)];
       const el = row && row.querySelector(inRow[0]);
-      if (el) { el[inRow[1]](); e.preventDefault(); }
+      // A disabled Undo ignores the click: the captions panel says why instead of nothing.
+      if (el && el.disabled) { el.dispatchEvent(new CustomEvent('g4c-nothing-to-undo', {bubbles: true})); e.preventDefault(); }
+      else if (el) { el[inRow[1]](); e.preventDefault(); }
       return;
     }
     const id = KEYS[e.key];
@@ -424,6 +426,10 @@ element.addEventListener('focusout', (e) => { if (e.target.tagName === 'TEXTAREA
 // joined into a space by the save). Not while an input method composes a word.
 element.addEventListener('keydown', (e) => {
   if (e.target.tagName === 'TEXTAREA' && e.key === 'Enter' && !e.isComposing) { e.preventDefault(); saveRow(e.target); }
+});
+element.addEventListener('g4c-nothing-to-undo', (e) => {
+  const row = e.target.closest('.g4c-caprow');
+  if (row) statusLine(captionLabel(row) + ": nothing to undo, it shows the pipeline's original text", true);
 });
 element.addEventListener('click', (e) => {
   const undo = e.target.closest('button[data-undo]');
