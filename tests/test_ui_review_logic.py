@@ -649,9 +649,12 @@ def test_next_free_passes_over_pairs_open_on_other_pages(store):
     assert rl.next_free(db, flt, None, presence.open_elsewhere("page-a")) == ids[0]  # its own pair is not busy
     assert presence.others_on(ids[1], "page-a") == ["someone"]
     presence.touch("page-b", ids[1], "bob")           # a tick brings the name
+    presence.touch("page-c", ids[1], "cy")
     presence.touch("page-c", ids[1])                  # a move keeps the name the page gave
-    presence.touch("page-c", ids[1], "ann")
-    assert presence.others_on(ids[1], "page-a") == ["ann", "bob"]
+    assert presence.others_on(ids[1], "page-a") == ["bob", "cy"]
+    # bob reloads: his old page is heard of until it times out, but is not 'someone else'
+    presence.touch("page-b2", ids[1], "bob")
+    assert presence.others_on(ids[1], "page-b2") == ["cy"]
     # every pair left is open elsewhere: the plain next one rather than none
     assert rl.next_free(db, flt, ids[3], set(ids)) == ids[4]
     assert rl.next_free(db, flt, ids[4], set(ids)) is None

@@ -105,7 +105,7 @@ def build_app(db_path: str | Path, *, index_path: Optional[str] = None, auth_ena
             user = getattr(request, "username", None)
             name = user or stored_name or ""
             wanted = request.query_params.get("pair") if request else None
-            return [name, *review["load"](wanted, request)]
+            return [name, *review["load"](wanted, request, name)]
 
         demo.load(on_load, [name_store], [reviewer_box, *review["load_outputs"]], api_name="load")
         demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT)
@@ -212,9 +212,9 @@ def _review_tab(conns, reviewer_of, reviewer_box, presence, page_name):
                     gt_html, current_box, message_box, activity_html, opened_at, history_html,
                     shown_stamp, shown_note, shown_counts]
 
-    def show(annotation_id, flt, gt_on, message="", request=None):
+    def show(annotation_id, flt, gt_on, message="", request=None, name=None):
         db = conns.get()
-        presence.touch(page_of(request), annotation_id)
+        presence.touch(page_of(request), annotation_id, page_name(request, None) or name)
         # The stamp is read before the pair: a write landing in between makes the next
         # tick see a newer stamp and refresh, never the other way round.
         stamp = rl.pair_stamp(db, annotation_id) if annotation_id else ""
@@ -229,7 +229,7 @@ def _review_tab(conns, reviewer_of, reviewer_box, presence, page_name):
                    line]
         return values
 
-    def load(wanted, request):
+    def load(wanted, request, name=None):
         db = conns.get()
         flt = rl.QueueFilter()
         annotation_id = rl.resolve_goto(db, wanted) if wanted else None
@@ -239,7 +239,7 @@ def _review_tab(conns, reviewer_of, reviewer_box, presence, page_name):
         return [gr.update(choices=choices["runs"], value=rl.ANY), gr.update(choices=choices["models"], value=rl.ANY),
                 gr.update(choices=choices["splits"], value=rl.ANY),
                 *show(annotation_id, flt, False,
-                      "" if not wanted or annotation_id else f"pair {wanted!r} not found", request)]
+                      "" if not wanted or annotation_id else f"pair {wanted!r} not found", request, name)]
 
     def on_filter(queue, run, model, split, gt_on, request: gr.Request):
         flt = rl.make_filter(queue, run, model, split)

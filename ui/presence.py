@@ -45,8 +45,11 @@ class Presence:
 
     def others_on(self, annotation_id: Optional[str], page: Optional[str]) -> list[str]:
         """Who else has `annotation_id` open: their names, one each, sorted ('someone'
-        for a page with no name yet)."""
+        for a page with no name yet). Pages under this page's own name are left out: the
+        page a reload replaced is heard of until it times out."""
         if not annotation_id:
             return []
-        return sorted({name or "someone" for other, (shown, name, _) in self._open().items()
-                       if other != page and shown == annotation_id})
+        pages = self._open()
+        mine = pages[page][1] if page in pages else ""
+        return sorted({name or "someone" for other, (shown, name, _) in pages.items()
+                       if other != page and shown == annotation_id and not (mine and name == mine)})
