@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 from .cli_retrieval import add_device_option, non_negative_int, positive_int
@@ -110,9 +111,18 @@ def run_query(args: argparse.Namespace) -> int:
         raise ValueError("-k must be at least 1")
     if not args.text.strip():  # a composed query without its modification: refused, as the app does
         raise ValueError("--text is empty: give the modification to apply to the reference image")
-    engine = QueryEngine(args.index, checkpoint_dir=args.checkpoint, search_params=args.search_params,
-                         device=args.device)
-    hits = engine.query(args.image, args.text, k=args.k, exclude_reference=not args.keep_reference)
+    # The engine's warnings (an index of another model version, a long text, a gallery
+    # file gone) as lines of their own: Python's format shows a source line of ours.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = QueryEngine(args.index, checkpoint_dir=args.checkpoint, search_params=args.search_params,
+                             device=args.device)
+        hits = engine.query(args.image, args.text, k=args.k, exclude_reference=not args.keep_reference)
+    messages = list(dict.fromkeys(str(w.message) for w in caught))
+    for message in messages[:10]:  # a gallery moved away: one line per candidate
+        print(f"warning: {message}", file=sys.stderr)
+    if len(messages) > 10:
+        print(f"warning: ... and {len(messages) - 10} more", file=sys.stderr)
     reranked = sum(1 for h in hits if h.stage == RERANK_STAGE)
     if args.json:
         # "score" is on the scale of the hit's "stage"; "first_stage_score" is on one

@@ -113,6 +113,12 @@ class Encoder(nn.Module):
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(texts))
 
+    def count_tokens(self, text: str) -> int:
+        """How many tokens the text is, start and end tokens included, before `tokenize`
+        cuts it at `context_length` (a byte-level BPE gives at most one token a byte)."""
+        ids = self.tokenizer([text], context_length=len(text.encode()) + 2)
+        return int((ids != 0).sum())
+
     def text_tower(self) -> dict[str, Any]:
         """The text tower's parts, for both CLIP and CustomTextCLIP layouts."""
         owner = getattr(self.clip, "text", None) or self.clip

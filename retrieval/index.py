@@ -714,6 +714,9 @@ class QueryEngine:
             image = load_image_rgb(path)
         elif not isinstance(image, Image.Image):
             raise TypeError(f"query image must be a PIL image or a path, got {type(image).__name__}")
+        note = self.text_note(text)
+        if note:
+            warnings.warn(note, stacklevel=2)
         top_k = getattr(self.retriever, "rerank_top_k", 0)
         with self._lock:
             vector = self.retriever.encode_queries([image], [text or ""])
@@ -721,6 +724,19 @@ class QueryEngine:
         if top_k:
             hits = self._rerank(image, text, hits, top_k)
         return hits[:k]
+
+    def text_note(self, text: str) -> str:
+        """What the model will not read of a modification text: the words past its text
+        encoder's context (77 CLIP tokens), which tokenizing cuts off without a word; ""
+        when it reads all of it."""
+        encoder = getattr(getattr(self.retriever, "model", None), "encoder", None)
+        if encoder is None or not text:
+            return ""
+        tokens, context = encoder.count_tokens(text), encoder.context_length
+        if tokens <= context:
+            return ""
+        return (f"the modification text is {tokens} CLIP tokens, over the {context} the model reads: "
+                f"the query uses only its start; shorten it to what should change")
 
     def _rerank(self, image, text: str, hits: list[Hit], top_k: int) -> list[Hit]:
         """The first `top_k` hits in the pair scorer's order (their score becomes its

@@ -4,6 +4,7 @@ encoding, and `good4cir index` / `good4cir query` end to end with a tiny random 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import faiss
@@ -334,3 +335,31 @@ def test_a_mistyped_split_names_the_splits_present_as_other_commands_do(tmp_path
     import_dataset(open_db(db_path), "pairs", Path(__file__).parent / "fixtures" / "pairs")
     with pytest.raises(ValueError, match=r"no pairs of split 'tset' \(splits present: test, train, val\)"):
         ix.gallery_from_db(db_path, split="tset")
+
+
+def test_query_prints_its_warnings_as_lines_and_names_a_text_the_model_cuts(tmp_path, tiny_checkpoint, image_paths,
+                                                                            capsys):
+    """A text past the text encoder's 77 tokens was cut without a word; the engine's
+    warnings came out in Python's format, with a source line of cli_index.py."""
+    from good4cir.cli import main
+
+    db_path = tmp_path / "store.db"
+    _store_with_images(db_path, image_paths)
+    out = tmp_path / "index"
+    assert main(["index", "--db", str(db_path), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                 "--split", "test", "--workers", "1", "--quiet"]) == 0
+    capsys.readouterr()
+    query = ["query", "--index", str(out), "--image", str(image_paths[3]), "-k", "3", "--text"]
+    assert main(query + ["add a red lamp"]) == 0
+    assert capsys.readouterr().err == ""
+    long_text = " ".join(["add a red lamp and"] * 30)
+    assert main(query + [long_text]) == 0
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"warning: the modification text is 1[0-9]{2} CLIP tokens, over the 77 the model reads: "
+                        r"the query uses only its start; shorten it to what should change\n", err), err
+    meta = json.loads((out / ix.META_FILE).read_text())
+    (out / ix.META_FILE).write_text(json.dumps({**meta, "checkpoint_fingerprint": "0000"}))
+    assert main(query + ["add a red lamp"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: the index {out} was built with another version of the model") and \
+        "UserWarning" not in err and err.count("\n") == 1, err
