@@ -47,6 +47,9 @@ class Triplet:
     img_set: Optional[list[str]] = None  # image keys, CIRR-style group incl. ref and target
     extra: dict[str, Any] = field(default_factory=dict)
     ground_truth: Any = None
+    # How many ground truths (the target and CIRCO's further ones) the dataset names, those
+    # without an image here too: CIRCO's mAP divides by it (`named_ground_truths`).
+    ground_truths_named: int = 1
 
 
 @dataclass
@@ -185,8 +188,27 @@ def load_store_triplets(
             pair_id=pair_id, reference=ref, target=tgt, captions=texts, caption_kinds=kinds,
             split=split, source=pair_source, img_set=img_set, extra=extra,
             ground_truth=_json(gt_json, None),
+            ground_truths_named=named_ground_truths(ref, tgt, extra),
         ))
     return result
+
+
+def named_ground_truths(reference: Optional[str], target: Optional[str], extra: dict,
+                        missing: int = 0) -> int:
+    """How many ground truths a pair's dataset names: its target and extra's gt_image_ids
+    (image keys), or CIRCO's own gt_img_ids with its target_img_id (CIRCO ids, which also
+    count the ground truths whose image was missing at import), whichever names more, plus
+    `missing` further ones a file named by a location that is not there. The reference is
+    never one (the ranking leaves it out)."""
+    keys = dict.fromkeys(k for k in [target, *(extra.get("gt_image_ids") or [])]
+                         if isinstance(k, str) and k != reference)
+    count = len(keys) + missing
+    circo_ids = extra.get("gt_img_ids")
+    if isinstance(circo_ids, list):
+        named = {str(i) for i in [extra.get("target_img_id"), *circo_ids] if i is not None}
+        named.discard(str(extra.get("reference_img_id")))
+        count = max(count, len(named))
+    return max(count, 1)
 
 
 def _usable(image: Optional[tuple]) -> bool:
@@ -267,15 +289,24 @@ def load_file_triplets(path: str | Path, keep_targetless: bool = False, *,
             img_set = rec.get("img_set")
             extra = rec.get("extra") or {}
             truths = rec.get("gt_images")
+            missing_truths = 0
             if isinstance(truths, list):  # by location: extra's gt_image_ids name another store's ids
-                extra = {**extra, "gt_image_ids": [key_of(t) for t in truths]}
+                found = []
+                for location in dict.fromkeys(t for t in truths if isinstance(t, str)):
+                    try:
+                        found.append(key_of(location))
+                    except FileNotFoundError:  # still a ground truth: mAP counts it, never found
+                        missing_truths += 1
+                extra = {**extra, "gt_image_ids": found}
+            reference, target = key_of(ref), key_of(tgt) if tgt else None
             result.triplets.append(Triplet(
                 pair_id=str(rec.get("id") or rec.get("pairid") or where),
-                reference=key_of(ref), target=key_of(tgt) if tgt else None, captions=texts,
+                reference=reference, target=target, captions=texts,
                 caption_kinds=kinds, split=rec.get("split"),
                 source=path.stem,
                 img_set=[key_of(m) for m in img_set] if isinstance(img_set, list) else None,
                 extra=extra,
+                ground_truths_named=named_ground_truths(reference, target, extra, missing_truths),
             ))
         except (ValueError, FileNotFoundError, OSError) as exc:
             result.problems.append(f"{where}: {exc}")

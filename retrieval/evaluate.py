@@ -41,6 +41,9 @@ class Queries:
     img_sets: list[Optional[list[str]]] = field(default_factory=list)
     ground_truths: list[list[str]] = field(default_factory=list)
     tags: list[set[str]] = field(default_factory=list)
+    # Per query, how many ground truths the dataset names (mAP's n_gt), those without an
+    # image in the gallery too; empty: just those in `ground_truths`.
+    ground_truth_counts: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -48,8 +51,10 @@ class Queries:
     def subset(self, rows: Sequence[int]) -> "Queries":
         out = Queries()
         for name in ("pair_ids", "reference_keys", "target_keys", "texts", "img_sets",
-                     "ground_truths", "tags"):
+                     "ground_truths", "tags", "ground_truth_counts"):
             values = getattr(self, name)
+            if not values and name == "ground_truth_counts":
+                continue
             setattr(out, name, [values[i] for i in rows])
         return out
 
@@ -90,6 +95,7 @@ def build_queries(triplets: Sequence[Triplet], all_captions: bool = True,
             queries.img_sets.append(t.img_set)
             gts = extra.get("gt_image_ids")
             queries.ground_truths.append(list(dict.fromkeys([t.target, *gts])) if gts else [t.target])
+            queries.ground_truth_counts.append(max(len(queries.ground_truths[-1]), t.ground_truths_named))
             queries.tags.append(caption_tags(t, i))
     if max_queries is not None and len(queries) > max_queries:
         rows = np.linspace(0, len(queries) - 1, max_queries).round().astype(int)
@@ -153,10 +159,24 @@ def score_matrix(scores: np.ndarray, gallery_keys: Sequence[str], queries: Queri
             scores[with_set], gallery_keys, [queries.reference_keys[i] for i in with_set],
             [queries.target_keys[i] for i in with_set], [queries.img_sets[i] for i in with_set],
             SUBSET_KS))
-    if any(len(g) > 1 for g in queries.ground_truths):
+    counts = queries.ground_truth_counts or [len(g) for g in queries.ground_truths]
+    if any(n > 1 for n in counts):
         result["map"] = _str_keys(metrics.map_at_k(
-            scores, gallery_keys, queries.reference_keys, queries.ground_truths, MAP_KS))
+            scores, gallery_keys, queries.reference_keys, queries.ground_truths, MAP_KS,
+            ground_truth_counts=counts))
     return result
+
+
+def missing_ground_truths_note(queries: Queries) -> Optional[str]:
+    """The `eval` note for ground truths the dataset names that have no image in the
+    gallery (missing at import, or unreadable now), or None: mAP counts them, unfound."""
+    missing = [n - len(g) for g, n in zip(queries.ground_truths, queries.ground_truth_counts)]
+    total, hit = sum(missing), sum(1 for m in missing if m > 0)
+    if not total:
+        return None
+    return (f"{total} ground truth{'' if total == 1 else 's'} of {hit} quer{'y' if hit == 1 else 'ies'} "
+            "named by the dataset have no image here (missing or unreadable): mAP counts them as never "
+            "retrieved, as CIRCO's official mAP does; restore their files to score them")
 
 
 def bootstrap_groups(queries: Queries) -> list:
@@ -459,6 +479,9 @@ def evaluate_checkpoint(
     absent = fill_absent_measures(result, queries, split)
     if absent:
         result.setdefault("notes", []).extend(absent)
+    missing = missing_ground_truths_note(queries)
+    if missing:
+        result.setdefault("notes", []).append(missing)
     # Every caption of a pair is a query (build_queries), in the pair's order of kinds.
     kinds = Counter(kind for t in triplets for kind in t.caption_kinds)
     result["query_captions"] = dict(kinds)

@@ -175,6 +175,7 @@ def map_at_k(
     reference_names: Sequence[Hashable] | None,
     ground_truths: Sequence[Sequence[Hashable]],
     ks: Sequence[int] = (5, 10, 25, 50),
+    ground_truth_counts: Sequence[int] | None = None,
 ) -> dict[int, float]:
     """CIRCO mAP@k with several ground truths per query (the official definition):
 
@@ -183,6 +184,11 @@ def map_at_k(
     where rel(i) is 1 when the item at rank i is a ground truth. Pass
     `reference_names=None` to rank the whole gallery as CIRCO's server does (its
     references are not in the gallery); with names, each reference is removed first.
+
+    n_gt is every ground truth the dataset names, as on CIRCO's server:
+    `ground_truth_counts[q]` says how many that is where some are not in the gallery
+    (an image missing or unreadable here). They are never retrieved, and leaving them out
+    of n_gt would raise the score above the official one.
     """
     scores = _check_scores(scores, gallery_names)
     num_queries = scores.shape[0]
@@ -190,6 +196,8 @@ def map_at_k(
     reference_cols = _reference_columns(reference_names, position, num_queries)
     if len(ground_truths) != num_queries:
         raise ValueError(f"ground_truths has {len(ground_truths)} entries for {num_queries} queries")
+    if ground_truth_counts is not None and len(ground_truth_counts) != num_queries:
+        raise ValueError(f"ground_truth_counts has {len(ground_truth_counts)} entries for {num_queries} queries")
     ks = _check_ks(ks)
     valid = np.ones(scores.shape[1], dtype=bool)
     ap_sums = {k: 0.0 for k in ks}
@@ -219,8 +227,9 @@ def map_at_k(
         positions = higher + tied_irrelevant + _tied_relevant_before(truth_scores) + 1
         hits = np.arange(1, len(positions) + 1)
         precision = hits / positions
+        named = max(len(cols), int(ground_truth_counts[q])) if ground_truth_counts is not None else len(cols)
         for k in ks:
-            ap_sums[k] += float(precision[positions <= k].sum()) / min(k, len(cols))
+            ap_sums[k] += float(precision[positions <= k].sum()) / min(k, named)
         if reference_cols[q] >= 0:
             valid[reference_cols[q]] = True
     return {k: 100.0 * ap_sums[k] / num_queries for k in ks}

@@ -157,7 +157,8 @@ def write_checkpoint_submission(
     with the checkpoint's re-ranker where it has one (and `rerank`)."""
     from .data import load_triplets
     from .evaluate import (build_queries, drop_unreadable_members, embed, evaluate_embeddings,
-                           fill_absent_measures, metrics_without_targets, small_split_warning)
+                           fill_absent_measures, metrics_without_targets, missing_ground_truths_note,
+                           small_split_warning)
     from .features import PixelCache, default_cache_dir
     from .model import load_model, split_preprocess
     from .rerank import load_pair_scorer, rerank_matrix
@@ -219,6 +220,9 @@ def write_checkpoint_submission(
         metrics = evaluate_embeddings(emb_scored, gallery_keys, queries.subset(with_target),
                                       model_scores=scores[with_target])
         notes += fill_absent_measures(metrics, queries.subset(with_target), split)
+        missing = missing_ground_truths_note(queries.subset(with_target))
+        if missing:
+            notes.append(missing)
         warning = small_split_warning(len(with_target), len(gallery_keys))
         if warning:  # as eval's: these metrics are printed too
             metrics["warning"] = warning

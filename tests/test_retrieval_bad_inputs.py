@@ -9,6 +9,7 @@ import re
 import sqlite3
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_retrieval_data import annotated  # noqa: F401  (a fixture)
@@ -747,3 +748,103 @@ def test_a_training_that_fails_before_writing_leaves_no_empty_out_folder(world):
     with pytest.raises(ValueError, match="no training triplets"):
         train(_config(root, "kept", source="generated"))
     assert (root / "kept").is_dir()  # a folder the user made stays
+
+
+def _circo_with_lost_ground_truths(tmp_path) -> Path:
+    """A CIRCO val split whose query 0 names four ground truths: 12 and 14 are there, 99
+    has no file at import, and 22's file is damaged after import (unreadable at eval)."""
+    import shutil
+
+    fixture = Path(__file__).parent / "fixtures" / "circo" / "COCO2017_unlabeled" / "unlabeled2017"
+    images = tmp_path / "circo" / "COCO2017_unlabeled" / "unlabeled2017"
+    shutil.copytree(fixture, images)
+    (tmp_path / "circo" / "annotations").mkdir()
+    queries = [
+        {"id": 0, "reference_img_id": 11, "target_img_id": 12, "gt_img_ids": [12, 14, 22, 99],
+         "relative_caption": "is on a red plate", "shared_concept": "a slice of cake"},
+        {"id": 1, "reference_img_id": 13, "target_img_id": 14, "gt_img_ids": [14, 12],
+         "relative_caption": "has a person riding it", "shared_concept": "a bicycle"},
+    ]
+    (tmp_path / "circo" / "annotations" / "val.json").write_text(json.dumps(queries))
+    db_path = tmp_path / "circo.db"
+    assert main(["import", "--db", str(db_path), "--format", "circo", str(tmp_path / "circo"),
+                 "--split", "val"]) == 3  # 99: no file, named as a problem
+    (images / "000000000022.jpg").write_bytes(b"\xff\xd8 not a jpeg any more")
+    return db_path
+
+
+def test_circo_map_counts_ground_truths_without_an_image_as_the_official_one(tmp_path):
+    """A CIRCO ground truth missing at import or unreadable now was dropped from mAP's
+    n_gt, so the score came out above CIRCO's own (which divides by min(k, len(gt_img_ids)))."""
+    from retrieval.data import load_triplets
+    from retrieval.evaluate import build_queries, rankable_triplets, score_matrix
+
+    db_path = _circo_with_lost_ground_truths(tmp_path)
+    key = {name: image_id for image_id, name in sqlite3.connect(db_path).execute("SELECT id, name FROM images")}
+    triplets = sorted(load_triplets([db_path], source="original").split("val"), key=lambda t: t.extra["circo_id"])
+    gallery = [key["11"], key["12"], key["13"], key["14"]]  # 22 failed to decode, 99 was never there
+    queries = build_queries(rankable_triplets(triplets, {k: i for i, k in enumerate(gallery)}))
+    # Query 0 (reference 11 left out): 12, 13, 14; ground truths found at ranks 1 and 3,
+    # of four named: AP@k = (1/1 + 2/3) / min(k, 4). Query 1 (reference 13 left out):
+    # 12, 14, 11; both of its ground truths at ranks 1 and 2: AP = 1.
+    scores = np.array([[0.9, 0.8, 0.7, 0.1], [0.5, 0.9, 1.0, 0.8]])
+    result = score_matrix(scores, gallery, queries)
+    assert result["map"]["5"] == pytest.approx(100 * ((1 + 2 / 3) / 4 + 1) / 2, abs=0.01)  # 70.83, not 91.67
+    assert result["map"]["50"] == result["map"]["5"]
+
+
+def test_circo_eval_says_which_ground_truths_it_counts_without_an_image(tmp_path, checkpoint, capsys):
+    db_path = _circo_with_lost_ground_truths(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "--db", str(db_path), "--checkpoint", str(checkpoint), "--split", "val",
+                 "--cache-dir", str(tmp_path / "cache"), "--json"]) == 0
+    out = capsys.readouterr()
+    result = json.loads(out.out)
+    said = "2 ground truths of 1 query named by the dataset have no image here (missing or unreadable)"
+    assert any(said in note for note in result["notes"]), result["notes"]
+    assert said in out.err and set(result["map"]) == {"5", "10", "25", "50"}
+
+
+def test_an_exported_circo_pair_keeps_a_ground_truth_whose_file_is_gone(tmp_path):
+    """eval --data on a JSONL export: a ground truth's file gone (gt_images) left the
+    whole query out ('image ... not found'); it is a ground truth never found, as in a store."""
+    from retrieval.data import load_triplets
+
+    db_path = _circo_with_lost_ground_truths(tmp_path)
+    out = tmp_path / "circo.jsonl"
+    assert main(["export", "--db", str(db_path), "--format", "jsonl", "--out", str(out),
+                 "--include-unreviewed"]) == 0
+    (tmp_path / "circo" / "COCO2017_unlabeled" / "unlabeled2017" / "000000000022.jpg").unlink()
+    data = load_triplets(files=[out], source="original")
+    by_id = {t.extra["circo_id"]: t for t in data.split("val")}
+    assert set(by_id) == {0, 1}, data.problems
+    assert len(by_id[0].extra["gt_image_ids"]) == 2 and by_id[0].ground_truths_named == 4
+    assert by_id[1].ground_truths_named == 2
+
+
+def test_retrieve_tab_says_what_query_warns_of(tmp_path, checkpoint):
+    """A text past the model's 77 tokens and an index of another version of the model:
+    `query` warns of both; the Retrieve tab answered without a word (the warning went to
+    the server's log)."""
+    import sqlite_utils
+
+    from retrieval.index import META_FILE, build_gallery_index
+    from ui.retrieve_logic import RetrieveService, dataset_queries
+
+    db_path = make_world_store(tmp_path, pairs=20)
+    index_dir = tmp_path / "index"
+    build_gallery_index(db_path, checkpoint, index_dir, progress=False, cache_dir=tmp_path / "cache", num_workers=0)
+    db = sqlite_utils.Database(db_path)
+    pair = dataset_queries(db)[0]
+    service = RetrieveService(str(db_path), str(index_dir))
+    html = service.search_html(db, pair=pair, upload=None, text=pair.text, k=5)
+    assert "g4c-warn" not in html, html
+    html = service.search_html(db, pair=pair, upload=None, text=" ".join([pair.text] * 40), k=5)
+    assert re.search(r"The modification text is \d+ CLIP tokens, over the 77 the model reads", html), html
+    assert html.count("g4c-result") >= 5  # still answered
+    meta = json.loads((index_dir / META_FILE).read_text())
+    (index_dir / META_FILE).write_text(json.dumps({**meta, "checkpoint_fingerprint": "0000"}))
+    service = RetrieveService(str(db_path), str(index_dir))
+    with pytest.warns(UserWarning, match="another version of the model"):
+        html = service.search_html(db, pair=pair, upload=None, text=pair.text, k=5)
+    assert f"The index {index_dir} was built with another version of the model" in html, html

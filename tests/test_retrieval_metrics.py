@@ -147,6 +147,25 @@ def test_map_divides_by_min_k_and_number_of_ground_truths():
     assert result[6] == pytest.approx(result[5])
 
 
+def test_map_counts_ground_truths_missing_from_the_gallery_as_circo_does():
+    """A ground truth the dataset names whose image is not in the gallery (missing or
+    unreadable) was dropped from n_gt, so AP was divided by fewer and came out above the
+    official one (miccunifi/CIRCO evaluation.py divides by min(k, len(gt_img_ids)))."""
+    gallery = [f"g{i}" for i in range(6)]
+    scores = np.array([[0.9, 0.8, 0.7, 0.6, 0.5, 0.4]])
+    # Found ground truths at ranks 2 and 4; the dataset names two more, not in the gallery.
+    result = map_at_k(scores, gallery, None, [["g1", "g3"]], [1, 2, 5], ground_truth_counts=[4])
+    assert result[1] == 0.0
+    assert result[2] == pytest.approx(100 * (1 / 2) / 2)  # min(2, 4) = 2
+    assert result[5] == pytest.approx(100 * (1 / 2 + 2 / 4) / 4)  # min(5, 4) = 4, not 2
+    official = _official_circo_ap(gallery, ["g1", "g3", "lost1", "lost2"], 5)
+    assert result[5] == pytest.approx(100 * official)
+    # Without counts: the found ones are all there is.
+    assert map_at_k(scores, gallery, None, [["g1", "g3"]], [5])[5] == pytest.approx(100 * (1 / 2 + 2 / 4) / 2)
+    with pytest.raises(ValueError, match="ground_truth_counts has 2 entries for 1 queries"):
+        map_at_k(scores, gallery, None, [["g1"]], [5], ground_truth_counts=[1, 1])
+
+
 def test_map_ties_put_ground_truths_after_tied_irrelevant_items():
     gallery = ["x", "y", "z"]
     scores = np.array([[0.5, 0.5, 0.5]])
