@@ -90,6 +90,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
@@ -1492,13 +1493,33 @@ class RunHandle:
             self._runner.started.set()
 
 
+# Runs started by start_run_in_thread, for stop_runs_in_threads.
+_THREAD_RUNS: "weakref.WeakSet[RunHandle]" = weakref.WeakSet()
+
+
 def start_run_in_thread(db_path: str | Path, options: RunOptions,
                         on_progress: Optional[Callable[[Progress], None]] = None) -> RunHandle:
     """Start a run in a daemon thread and return its handle at once."""
     handle = RunHandle(Runner(db_path, options, on_progress))
     handle._thread = threading.Thread(target=handle._target, name="good4cir-run", daemon=True)
+    _THREAD_RUNS.add(handle)
     handle._thread.start()
     return handle
+
+
+def stop_runs_in_threads(on_stop: Optional[Callable[[RunHandle], None]] = None) -> list[RunHandle]:
+    """Stop every run of start_run_in_thread still going and wait for each to end (its
+    calls in flight get stop_grace seconds, then are stored). For a process about to
+    exit: its daemon threads would die with answers in flight or not yet written, paid
+    for and lost. on_stop(handle) is called before each wait."""
+    handles = [handle for handle in list(_THREAD_RUNS) if handle.running]
+    for handle in handles:
+        handle.stop()
+    for handle in handles:
+        if on_stop is not None:
+            on_stop(handle)
+        handle.join()
+    return handles
 
 
 def run_status(db_path: str | Path) -> dict:

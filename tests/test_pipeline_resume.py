@@ -126,3 +126,39 @@ def test_a_kill_or_a_closed_terminal_stops_as_ctrl_c_does_and_stores_every_answe
     progress = run_pipeline(db_path, RunOptions(base_url=server.url, concurrency=CONCURRENCY))
     assert progress.pairs_done == PAIRS and progress.status == "finished"
     assert server.stats["completions_ok"] == REFS + 2 * PAIRS  # nothing paid twice
+
+
+APP_WITH_A_RUN = """
+import sys
+import gradio, httpx, openai  # loaded before the run's thread needs them, as in the app
+from good4cir.cli import main
+from pipeline.runner import RunOptions, start_run_in_thread
+db, url, port = sys.argv[1:4]
+handle = start_run_in_thread(db, RunOptions(base_url=url, concurrency=4))  # as the Pipeline tab does
+handle.wait_started(30)
+sys.exit(main(["app", "--db", db, "--port", port]))
+"""
+
+
+def test_stopping_the_app_stops_its_pipeline_run_and_stores_the_answers_in_flight(server, tmp_path):
+    # The Pipeline tab's run lives on a daemon thread: Ctrl-C on the app ended it with the
+    # process, its answers in flight paid for and lost, the run left 'running'
+    from ui.server import free_port
+
+    db_path = tmp_path / "store.db"
+    build_world(db_path, tmp_path / "images", references=REFS, pairs=PAIRS)
+    server.config.latency, server.config.hold = 0.5, True  # the run waits until the app is up
+    process = subprocess.Popen([sys.executable, "-c", APP_WITH_A_RUN, str(db_path), server.url, str(free_port())],
+                               env={**os.environ, "OPENAI_API_KEY": KEY}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    assert b"review app on" in process.stdout.readline(), process.stderr.read().decode()[-2000:]
+    server.config.hold = False
+    deadline = time.time() + 60
+    while server.stats["completions_ok"] < 6:
+        assert process.poll() is None and time.time() < deadline, process.stderr.read().decode()[-2000:]
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert b"stopping run 1 of the Pipeline tab" in stdout, (stdout + stderr).decode()[-2000:]
+    assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'")[0][0] == server.stats["completions_ok"]

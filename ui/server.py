@@ -134,7 +134,22 @@ def serve(db_path: str | Path, *, host: str = "127.0.0.1", port: int = 7860,
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     shown = f"[{shown}]" if ":" in shown else shown  # an IPv6 address in a URL is bracketed
     print(f"good4cir review app on http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        # A run started in the Pipeline tab lives on a daemon thread, which the exit would
+        # end with its calls in flight: answers paid for and lost
+        from pipeline.runner import stop_runs_in_threads
+
+        stop_runs_in_threads(on_stop=_say_stopping)
+
+
+def _say_stopping(handle) -> None:
+    try:  # after a SIGHUP the terminal may be gone
+        print(f"stopping run {handle.run_id} of the Pipeline tab: calls in flight finish and are stored "
+              "(Ctrl-C again to abort); start it again in the Pipeline tab to resume", flush=True)
+    except OSError:
+        pass
 
 
 def free_port() -> int:
