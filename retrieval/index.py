@@ -677,12 +677,11 @@ class QueryEngine:
         self.retriever = retriever
         self.checkpoint_dir = checkpoint_dir
         expected = self.index.meta.get("checkpoint_fingerprint")
+        self.model_note = ""  # kept for the app, which shows it with every answer
         if expected and checkpoint_fingerprint(retriever.model_info) != expected:
-            warnings.warn(
-                f"the index {index_path} was built with another version of the model in "
-                f"{checkpoint_dir}; rebuild it with `good4cir index` for meaningful results",
-                stacklevel=2,
-            )
+            self.model_note = (f"the index {index_path} was built with another version of the model in "
+                               f"{checkpoint_dir}; rebuild it with `good4cir index` for meaningful results")
+            warnings.warn(self.model_note, stacklevel=2)
         if getattr(retriever, "embed_dim", self.index.dim) != self.index.dim:
             raise ValueError(
                 f"the model embeds in {retriever.embed_dim} dimensions but the index holds {self.index.dim}"

@@ -191,7 +191,11 @@ class RetrieveService:
         if other_store and hits and not any(hit["image_id"] for hit in hits):
             html = (f"<p>The index was {escape_text(scope)}, not from this one, so its images are not shown: "
                     "start the app with that store (--db), or index this one (good4cir index).</p>" + html)
-        return html
+        # What the command line prints as warnings: a model that is not the index's, a
+        # text the model reads only the start of.
+        engine = self.engine()
+        notes = [note for note in (engine.model_note, engine.text_note((text or "").strip())) if note]
+        return "".join(f"<p class='g4c-warn' style='color: #b45309'>⚠ {escape_text(note[0].upper() + note[1:])}.</p>" for note in notes) + html
 
     def index_scope(self) -> tuple[str, bool]:
         """What the index was built from, in words, and whether that is another store."""
