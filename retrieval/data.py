@@ -50,6 +50,7 @@ class Triplet:
     # How many ground truths (the target and CIRCO's further ones) the dataset names, those
     # without an image here too: CIRCO's mAP divides by it (`named_ground_truths`).
     ground_truths_named: int = 1
+    dataset: str = ""  # the --db or --data it came from (load_triplets)
 
 
 @dataclass
@@ -393,6 +394,7 @@ def load_triplets(
             if triplet.pair_id in taken:
                 triplet.pair_id = f"{where}:{triplet.pair_id}"
             taken.add(triplet.pair_id)
+            triplet.dataset = str(where)
         _merge(merged, part)
     _log_problems(merged.problems)
     return merged
@@ -440,6 +442,37 @@ def _merge(into: TripletSet, part: TripletSet) -> None:
     into.problems.extend(part.problems)
     for key, name in part.image_names.items():
         into.image_names.setdefault(key, name)
+
+
+def cross_dataset_leaks(data: TripletSet, train: Sequence[Triplet], val: Sequence[Triplet]) -> list[str]:
+    """Warnings for a mix in which one dataset trains on images that another's validation
+    or test pairs use (as reference or target): images are one key whatever dataset holds
+    them, so nothing kept them apart, and those pairs' scores are of images the model saw.
+    Within one dataset its own splits are its makers' choice, and are not checked."""
+    trained_in: dict[str, set[str]] = {}  # image key -> datasets that train on it
+    for t in train:
+        for key in (t.reference, t.target):
+            trained_in.setdefault(key, set()).add(t.dataset)
+    warnings = []
+    for name, held_out, harm in (
+            ("validation", val, "validation scores (which pick best.pt) are of images the model trained on"),
+            ("test", data.split("test"), "eval on split test scores images the model trained on")):
+        leaked: dict[str, list[tuple[Triplet, str, set[str]]]] = {}
+        for t in held_out:
+            for key in (t.reference, t.target):
+                others = trained_in.get(key, set()) - {t.dataset}
+                if others:
+                    leaked.setdefault(t.dataset, []).append((t, key, others))
+                    break
+        for dataset, pairs in leaked.items():
+            total = sum(1 for t in held_out if t.dataset == dataset)
+            _, key, others = pairs[0]
+            warnings.append(
+                f"{len(pairs)} of the {total} {name} pairs of {dataset} use an image that "
+                f"{', '.join(sorted(others))} trains on (first: image "
+                f"{data.image_names.get(key) or key[:12]}): {harm}; leave those pairs out of one "
+                "dataset, or give them the same split in both")
+    return warnings
 
 
 def train_val_split(data: TripletSet, val_fraction: float = 0.1,

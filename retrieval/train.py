@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import TripletSet, load_triplets, train_val_split
+from .data import TripletSet, cross_dataset_leaks, load_triplets, train_val_split
 from .device import describe, device_of, resolve_device
 from .encoders import ImageTokens, TextTokens, is_hub_model
 from .evaluate import build_queries, embed, evaluate_embeddings, rankable_triplets
@@ -262,6 +262,8 @@ def _train(cfg: TrainConfig, data: Optional[TripletSet],
         data = load_triplets(cfg.dbs, cfg.files, source=cfg.source, captions=cfg.captions,
                              include_unreviewed=cfg.include_unreviewed)
     train_set, val_set = train_val_split(data, seed=cfg.seed)
+    for warning in cross_dataset_leaks(data, train_set, val_set):
+        log.warning(warning)
     val_fingerprint = _triplets_fingerprint(val_set)
     if not train_set:
         splits = sorted({str(t.split) for t in data.triplets})

@@ -235,3 +235,40 @@ def test_left_out_pairs_and_images_are_named_as_the_user_knows_them(tmp_path):
     assert missing.startswith("pair val:1: image dev-0-0-img3 has no local file"), missing
     assert str(root / "dev" / "dev-0-0-img3.png") in missing
     assert any(p.startswith("pair test1:0: no target") for p in problems), problems
+
+
+def test_a_mix_that_trains_on_another_datasets_test_images_says_so(tmp_path, caplog):
+    # Images are one key whatever dataset holds them: a second dataset that uses the first's
+    # test and validation images in its train split trained on them with no word, and eval on
+    # the first's test split then scored images the model had seen.
+    import sqlite3
+
+    from retrieval.train import TrainConfig, train
+
+    first = make_world_store(tmp_path / "one", pairs=20, seed=1)
+    conn = sqlite3.connect(first)
+    held_out = conn.execute("SELECT r.path, t.path, p.split FROM pairs p JOIN images r ON r.id = p.reference_id"
+                            " JOIN images t ON t.id = p.target_id WHERE p.split IN ('val', 'test')").fetchall()
+    conn.close()
+    folder = tmp_path / "two"
+    folder.mkdir()
+    (folder / "pairs.jsonl").write_text("".join(
+        json.dumps({"id": f"q{i}", "reference": ref, "target": tgt, "split": "train", "captions": ["x"]}) + "\n"
+        for i, (ref, tgt, _) in enumerate(held_out)))
+    from store.importers import import_dataset
+
+    second = tmp_path / "two.db"
+    import_dataset(open_db(second), "pairs", folder)
+    tests = sum(split == "test" for *_, split in held_out)
+    caplog.set_level("WARNING")
+    train(TrainConfig(out=str(tmp_path / "model"), dbs=[str(first), str(second)], image_size=32, batch_size=8,
+                      epochs=1, cache_dir=str(tmp_path / "cache"), progress=False, rerank=False))
+    said = [r.getMessage() for r in caplog.records if "trains on" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[1].startswith(f"{tests} of the {tests} test pairs of {first} use an image that {second} trains on")
+    assert "eval on split test scores images the model trained on" in said[1]
+    assert said[0].startswith(f"{len(held_out) - tests} of the {len(held_out) - tests} validation pairs of {first}")
+    caplog.clear()
+    train(TrainConfig(out=str(tmp_path / "alone"), dbs=[str(first)], image_size=32, batch_size=8, epochs=1,
+                      cache_dir=str(tmp_path / "cache"), progress=False, rerank=False))
+    assert not [r for r in caplog.records if "trains on" in r.getMessage()]
