@@ -1486,6 +1486,11 @@ class RunHandle:
     def _target(self) -> None:
         try:
             self.result = asyncio.run(self._runner.run())
+        except (RunAuthError, RunBusyError) as exc:
+            # A stop the run explains (server unreachable, key refused, quota, run busy): the
+            # message says what to do, and is all the app's terminal needs; no traceback.
+            self.error = exc
+            log.warning("%s", exc)
         except BaseException as exc:  # reported through .error, never lost in the thread
             self.error = exc
             log.exception("pipeline run failed")

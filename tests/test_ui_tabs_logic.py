@@ -89,6 +89,27 @@ def test_controller_runs_one_background_run_against_a_real_http_server(store, mo
         server.stop()
 
 
+def test_a_run_stopped_for_a_reason_it_explains_puts_no_traceback_in_the_apps_log(store, monkeypatch, caplog):
+    # The Pipeline tab says why a run stopped (server unreachable, key refused, quota); the
+    # terminal running `good4cir app` showed it as 'pipeline run failed' and a traceback.
+    import logging
+
+    from ui.server import free_port
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    controller = pl.PipelineController(str(store["db_path"]))
+    with caplog.at_level(logging.WARNING, logger="good4cir"):
+        controller.start(pl.RunForm(backend="openai", base_url=f"http://127.0.0.1:{free_port()}/v1", limit=1,
+                                    new_run=True), "ann")
+        deadline = time.time() + 90
+        while controller.running and time.time() < deadline:
+            time.sleep(0.1)
+    assert "cannot reach the server" in pl.format_progress(controller.snapshot())
+    records = [r for r in caplog.records if r.name.startswith("good4cir")]
+    assert any("cannot reach the server" in r.getMessage() for r in records), records
+    assert not any(r.exc_info for r in records)
+
+
 def test_controller_stops_a_run(store, monkeypatch):
     from openai_server import start_server
 
