@@ -300,12 +300,21 @@ def load_file_triplets(path: str | Path, keep_targetless: bool = False, *,
                         missing_truths += 1
                 extra = {**extra, "gt_image_ids": found}
             reference, target = key_of(ref), key_of(tgt) if tgt else None
+            members = None
+            if isinstance(img_set, list):
+                members = []
+                for location in img_set:
+                    try:
+                        members.append(key_of(location))
+                    except FileNotFoundError:  # as from a store: the pair stays, its set is smaller
+                        result.problems.append(f"{where}: image-set member {location} not found "
+                                               "(left out of the pair's image set, the pair kept)")
             result.triplets.append(Triplet(
                 pair_id=str(rec.get("id") or rec.get("pairid") or where),
                 reference=reference, target=target, captions=texts,
                 caption_kinds=kinds, split=rec.get("split"),
                 source=path.stem,
-                img_set=[key_of(m) for m in img_set] if isinstance(img_set, list) else None,
+                img_set=members or None,
                 extra=extra,
                 ground_truths_named=named_ground_truths(reference, target, extra, missing_truths),
             ))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from test_retrieval_world import make_world_store
@@ -272,3 +273,31 @@ def test_a_mix_that_trains_on_another_datasets_test_images_says_so(tmp_path, cap
     train(TrainConfig(out=str(tmp_path / "alone"), dbs=[str(first)], image_size=32, batch_size=8, epochs=1,
                       cache_dir=str(tmp_path / "cache"), progress=False, rerank=False))
     assert not [r for r in caplog.records if "trains on" in r.getMessage()]
+
+
+def test_an_exported_file_keeps_a_pair_whose_image_set_member_is_gone(tmp_path):
+    # train --db leaves a member without its file out of the image set and keeps the pair;
+    # --data on the store's JSONL export left the whole pair out ("image ... not found"),
+    # so the export trained on fewer triplets than the store it came from.
+    import sqlite3
+
+    from good4cir.cli import main
+
+    db_path = make_world_store(tmp_path, pairs=20)
+    out = tmp_path / "world.jsonl"
+    assert main(["export", "--db", str(db_path), "--format", "jsonl", "--out", str(out), "--include-unreviewed"]) == 0
+    conn = sqlite3.connect(db_path)
+    used = {k for row in conn.execute("SELECT reference_id, target_id FROM pairs") for k in row}
+    pair_id, members = next((pair_id, json.loads(img_set)) for pair_id, img_set in conn.execute(
+        "SELECT id, img_set FROM pairs WHERE img_set IS NOT NULL ORDER BY rowid") if set(json.loads(img_set)) - used)
+    gone = next(k for k in members if k not in used)
+    path = conn.execute("SELECT path FROM images WHERE id = ?", [gone]).fetchone()[0]
+    conn.close()
+    Path(path).unlink()
+    from_store, from_file = load_triplets([db_path]), load_triplets(files=[out])
+    assert len(from_file.triplets) == len(from_store.triplets) == 20, from_file.problems
+    pair = next(t for t in from_store.triplets if t.pair_id == pair_id)
+    kept = next(t for t in from_file.triplets if (t.reference, t.target) == (pair.reference, pair.target))
+    assert kept.img_set == pair.img_set
+    assert gone not in kept.img_set and len(kept.img_set) == len(members) - 1
+    assert any("image-set member" in p and "the pair kept" in p for p in from_file.problems)
