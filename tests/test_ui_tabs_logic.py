@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from store.db import open_db
 from ui import export_logic as el
@@ -347,6 +348,16 @@ def test_an_uploaded_file_that_is_not_an_image_is_named_plainly(store, tmp_path,
         service.query(db, pair=None, upload={"path": str(bad), "orig_name": "notes.png"}, text="add a lamp", k=5)
     good = tmp_path / "upload.png"
     good.write_bytes(next(Path(store["image_dir"]).glob("ref*.png")).read_bytes())
+    # A real image it cannot use says why, not "upload a PNG" (it is one), and names no temp file.
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(RetrieveError, match=r"^the uploaded file 'room\.png' cannot be used: truncated or corrupt"):
+        load_upload({"path": str(cut), "orig_name": "room.png"})
+    huge = tmp_path / "huge.png"
+    Image.new("L", (10_000, 5_001)).save(huge)
+    with pytest.raises(RetrieveError, match=r"^the uploaded file 'scan\.png' cannot be used: refused, "
+                                            r"10000x5001 is 50,010,000 pixels, more than the limit"):
+        load_upload({"path": str(huge), "orig_name": "scan.png"})
     image = load_upload({"path": str(good), "orig_name": good.name})
     assert image.mode == "RGB" and image.size == (256, 256)
 

@@ -72,10 +72,14 @@ def load_upload(upload):
     path, name = _uploaded_path(upload)
     try:
         return load_image_rgb(path)
-    except ImageError:
-        raise RetrieveError(
-            f"the uploaded file {name!r} is not an image that can be read: upload a PNG, JPEG, WebP, GIF "
-            "or BMP file") from None
+    except ImageError as exc:
+        reason = str(exc).removeprefix(f"{path}: ")  # Gradio's copy of the file: not a name the user knows
+        if reason.startswith("not an image file"):
+            raise RetrieveError(
+                f"the uploaded file {name!r} is not an image that can be read: upload a PNG, JPEG, WebP, GIF "
+                "or BMP file") from None
+        # An image too large to decode safely, or cut short: "upload a PNG" would be no help.
+        raise RetrieveError(f"the uploaded file {name!r} cannot be used: {reason}") from None
 
 
 def upload_hash(upload) -> Optional[str]:
