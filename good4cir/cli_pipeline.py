@@ -215,6 +215,13 @@ def run_status_command(args: argparse.Namespace) -> int:
         if r["failures"].get("batch cancelled"):
             print(f"run {r['id']}: ", end="", file=sys.stderr)
             _say_how_to_send_cancelled(r["failures"])
+    for r in report["runs"]:
+        # A stopped run (Ctrl-C, a kill, the app's Stop) or one a run-stopping error ended
+        # (a refused key, no credits, the server gone) resumes as an interrupted one does
+        if r["status"] in ("stopped", "failed") and r["pairs_pending"]:
+            why = "stopped" if r["status"] == "stopped" else "ended on an error (fix what it said first)"
+            print(f"run {r['id']} {why} with {r['pairs_pending']} pairs pending: rerun the same "
+                  f"`good4cir annotate` command (or pass --run {r['id']}) to resume")
     if any(r["status"] == "interrupted" for r in report["runs"]):
         print("interrupted: the session running it is gone; rerun the same `good4cir annotate` "
               "command (or pass --run RUN_ID) to resume")

@@ -78,7 +78,8 @@ def test_sigkill_at_several_points_then_rerun_equals_an_uninterrupted_run(server
     assert table_rows(killed_db, "SELECT COUNT(*), MIN(status) FROM runs") == [(1, "finished")]
 
 
-def test_ctrl_c_stops_gracefully_and_the_rerun_finishes_without_paying_twice(server, tmp_path, monkeypatch):
+def test_ctrl_c_stops_gracefully_and_the_rerun_finishes_without_paying_twice(server, tmp_path, monkeypatch,
+                                                                              capsys):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     db_path = tmp_path / "store.db"
     build_world(db_path, tmp_path / "images", references=REFS, pairs=PAIRS)
@@ -92,6 +93,13 @@ def test_ctrl_c_stops_gracefully_and_the_rerun_finishes_without_paying_twice(ser
     assert process.returncode == 130, stderr.decode()[-2000:]
     assert b"rerun the same command to resume" in stderr
     assert table_rows(db_path, "SELECT status FROM runs") == [("stopped",)]
+    # status says how to go on, as it does for an interrupted run (it showed the table only)
+    from good4cir.cli import main as cli_main
+
+    assert cli_main(["status", "--db", str(db_path)]) == 0
+    pending = table_rows(db_path, "SELECT COUNT(*) FROM annotations WHERE status = 'pending'")[0][0]
+    assert (f"run 1 stopped with {pending} pairs pending: rerun the same `good4cir annotate` command"
+            in capsys.readouterr().out)
     # the calls that were in flight at Ctrl-C finished and were stored
     paid = server.stats["completions_ok"]
     assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'")[0][0] == paid
