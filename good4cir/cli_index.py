@@ -18,7 +18,8 @@ def register(subparsers) -> None:
         description=(
             "Encode the gallery images of a store with a checkpoint from `good4cir train` "
             "and save a FAISS index with its id map. Resumable: rerun the same command "
-            "after an interruption and finished chunks are reused."
+            "after an interruption and finished chunks are reused; images that could not be read "
+            "are tried again (put a missing file back and rerun)."
         ),
     )
     index.add_argument("--db", required=True, type=Path, help="the store's SQLite file")

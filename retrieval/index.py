@@ -273,11 +273,17 @@ def encode_gallery(
 
     num_chunks = (len(entries) + chunk_size - 1) // chunk_size
     missing = [c for c in range(num_chunks) if not _chunk_readable(cache_dir / _chunk_name(c))]
+    # Each chunk's positions to encode now: all of a missing chunk; of a finished one, the
+    # images it could not read (a file put back or repaired since is read on the rerun).
+    todo = {c: list(range(c * chunk_size, min((c + 1) * chunk_size, len(entries)))) for c in missing}
+    for c in range(num_chunks):
+        if c not in todo:
+            with np.load(cache_dir / _chunk_name(c), allow_pickle=False) as data:
+                if len(data["error_positions"]):
+                    todo[c] = sorted(int(p) for p in data["error_positions"])
     batches = []
-    for c in missing:
-        stop = min((c + 1) * chunk_size, len(entries))
-        for start in range(c * chunk_size, stop, batch_size):
-            batches.append(list(range(start, min(start + batch_size, stop))))
+    for c in sorted(todo):
+        batches += [todo[c][start : start + batch_size] for start in range(0, len(todo[c]), batch_size)]
 
     use_pixels = hasattr(retriever, "encode_pixels")
     done_before = len(entries) - sum(len(b) for b in batches)
@@ -318,9 +324,11 @@ def encode_gallery(
                     bar.write(f"skipped {entry.name} ({entry.path}): {error}", file=sys.stderr)
                 encoded += len(batch_positions)
                 bar.update(len(all_positions))
-                chunk_end = min((chunk + 1) * chunk_size, len(entries))
-                if all_positions[-1] == chunk_end - 1:
-                    _save_chunk(cache_dir / _chunk_name(chunk), pending.pop(chunk))
+                if all_positions[-1] == todo[chunk][-1]:
+                    path = cache_dir / _chunk_name(chunk)
+                    if chunk not in missing:  # retried images: the rest of the chunk stands
+                        _add_finished_part(path, pending[chunk])
+                    _save_chunk(path, pending.pop(chunk))
         bar.close()
 
     positions, vectors, skipped = [], [], []
@@ -337,6 +345,14 @@ def encode_gallery(
     if not kept:
         raise ValueError(f"no gallery image could be read ({len(skipped)} failed; first: {skipped[0]['error']})")
     return EncodedGallery(np.ascontiguousarray(embeddings, dtype=np.float32), kept, skipped, encoded)
+
+
+def _add_finished_part(path: Path, acc: dict) -> None:
+    """Add to `acc` (the retried images of a chunk) the chunk's images read before."""
+    with np.load(path, allow_pickle=False) as data:
+        if len(data["positions"]):
+            acc["positions"][:0] = [int(p) for p in data["positions"]]
+            acc["embeddings"].insert(0, data["embeddings"])
 
 
 def _chunk_name(chunk: int) -> str:

@@ -189,6 +189,33 @@ def test_encode_gallery_matches_the_model_skips_bad_images_and_resumes(tmp_path,
     assert again.encoded == 40
 
 
+def test_a_rerun_reads_gallery_images_put_back_since_the_last_run(tmp_path, tiny_checkpoint, image_paths):
+    """`index` said 'skipped 1 unreadable images: ... file not found' on every rerun after
+    the file was put back ('0 encoded now'): the cached chunk kept its error; only --fresh,
+    which encodes the whole gallery again, read it."""
+    import shutil
+
+    from retrieval.model import load_retriever
+
+    retriever = load_retriever(tiny_checkpoint)
+    late = tmp_path / "late.png"
+    entries = ix.gallery_from_paths(image_paths[:10] + [late] + image_paths[10:20])
+    cache = tmp_path / "cache"
+    run = dict(chunk_size=8, batch_size=3, num_workers=0, progress=False)
+    first = ix.encode_gallery(retriever, entries, cache, **run)
+    assert [s["name"] for s in first.skipped] == ["late"] and len(first.entries) == 20
+    again = ix.encode_gallery(retriever, entries, cache, **run)  # still missing: tried again, still skipped
+    assert again.encoded == 0 and [s["name"] for s in again.skipped] == ["late"]
+    np.testing.assert_array_equal(again.embeddings, first.embeddings)
+    shutil.copy(image_paths[30], late)
+    put_back = ix.encode_gallery(retriever, entries, cache, **run)
+    assert put_back.encoded == 1 and put_back.skipped == []
+    assert [e.name for e in put_back.entries] == [e.name for e in entries]
+    fresh = ix.encode_gallery(retriever, entries, tmp_path / "fresh", **run)
+    np.testing.assert_allclose(put_back.embeddings, fresh.embeddings, atol=1e-6)
+    assert ix.encode_gallery(retriever, entries, cache, **run).encoded == 0  # and kept
+
+
 def test_encode_gallery_takes_already_decoded_pixels_from_the_pixel_cache(tmp_path, tiny_checkpoint, image_paths):
     import shutil
 
