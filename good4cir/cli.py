@@ -82,8 +82,10 @@ def _main(argv: list[str] | None) -> int:
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
     except KeyboardInterrupt:
         hint = getattr(args, "on_interrupt", None)  # how to go on, where the command can
+        # A command that undid its work (a new store left empty) says so instead
+        note = getattr(args, "interrupted_note", None)
         try:  # after a SIGHUP the terminal may be gone
-            print("interrupted; everything finished so far is saved" + (f"; {hint}" if hint else ""),
+            print(note or "interrupted; everything finished so far is saved" + (f"; {hint}" if hint else ""),
                   file=sys.stderr)
         except OSError:
             pass

@@ -101,6 +101,8 @@ def run_import(args: argparse.Namespace) -> int:
         # so far is saved"); only a store still empty goes.
         if new_store and not db.execute("SELECT 1 FROM pairs LIMIT 1").fetchone():
             remove_store(db, db_path, new_folders)
+            args.interrupted_note = (f"interrupted before any pair was stored, so the new store "
+                                     f"{args.db} was removed again; rerun the same command")
         raise
     stored_nothing = new_store and report.pairs_added == 0 and report.images_added == 0
     if args.json:

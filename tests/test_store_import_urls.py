@@ -273,9 +273,13 @@ def test_ctrl_c_stops_a_download_at_once(tmp_path):
         while not asked and time.monotonic() < deadline:  # the downloads have begun
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
+        _, err = proc.communicate(timeout=60)
         assert proc.returncode != 0
         assert len(asked) <= 16, f"{len(asked)} of 80 URLs fetched after Ctrl-C"  # those in flight
+        # the new store held nothing yet and is gone: the message must not say it kept work
+        assert not (tmp_path / "s.db").exists()
+        assert "the new store" in err.decode() and "was removed again" in err.decode()
+        assert "everything finished so far is saved" not in err.decode()
     finally:
         server.shutdown()
         server.server_close()
