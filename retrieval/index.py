@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import threading
@@ -421,6 +422,14 @@ def build_faiss_index(
 
     embeddings = _as_matrix(embeddings)
     n, dim = embeddings.shape
+    # FAISS builds these, then kills the process: HNSW1 in add (a segfault), HNSW0 on an
+    # assertion; IVF0 has no list to search.
+    for kind, number, least in [(m[1], int(m[2]), 2 if m[1] == "HNSW" else 1)
+                                for m in re.finditer(r"(HNSW|IVF)(\d+)", factory)]:
+        if number < least:
+            raise ValueError(f"index factory {factory!r}: {kind}{number} is too small, {kind} needs at least "
+                             f"{least} {'neighbours per node' if kind == 'HNSW' else 'list'} (HNSW32 and "
+                             "IVF1024,Flat are usual)")
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:

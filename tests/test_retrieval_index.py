@@ -91,6 +91,26 @@ def test_a_factory_that_cannot_add_the_gallery_is_a_clear_error(factory, message
         ix.build_faiss_index(_unit_vectors(60, 16, 6), factory)
 
 
+@pytest.mark.parametrize("factory, message", [
+    ("HNSW1", "HNSW1 is too small, HNSW needs at least 2 neighbours per node"),
+    ("HNSW0", "HNSW0 is too small"), ("IVF4_HNSW1,Flat", "HNSW1 is too small"),
+    ("IVF0,Flat", "IVF0 is too small, IVF needs at least 1 list"),
+])
+def test_a_factory_that_would_kill_the_process_is_refused(factory, message):
+    """HNSW1 ended `good4cir index` with a segfault, HNSW0 with a FAISS assertion (abort),
+    after the whole gallery was encoded; IVF0 was refused as 'nprobe=0'. Run in a child
+    process: without the check the crash takes the test runner with it."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np; from retrieval import index as ix\n"
+            "g = np.random.default_rng(0).normal(size=(60, 16)).astype('float32')\n"
+            f"try:\n    ix.build_faiss_index(g, {factory!r})\nexcept ValueError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0 and message in done.stdout, (done.returncode, done.stdout, done.stderr[-500:])
+
+
 @pytest.mark.parametrize("factory, params", [
     ("HNSW16", "efSearch=0"), ("HNSW16", "efSearch=-5"), ("IVF4,Flat", "nprobe=0"), ("IVF4,Flat", "nprobe=-1"),
 ])
