@@ -26,6 +26,18 @@ def run_label(score: dict) -> str:
 
 
 def plot_scores(scores: list[dict], path: str | Path, title: Optional[str] = None) -> Path:
+    """Write draw_scores' figure to a PNG."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig = draw_scores(scores, title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def draw_scores(scores: list[dict], title: Optional[str] = None):
     """Grouped bars, one colour per run, of the hallucination rates from score_run.
 
     A rate a run does not have (stage 1/2 of a single-stage run) is left out, not drawn as 0.
@@ -37,10 +49,11 @@ def plot_scores(scores: list[dict], path: str | Path, title: Optional[str] = Non
 
     if not scores:
         raise ValueError("no runs to plot")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     width = 0.8 / len(scores)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(PLOT_METRICS)), 4.8))
+    # The legend goes under the axes ('outside' needs the constrained layout): inside, it
+    # covered the bars of a run whose rates reach its corner.
+    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(PLOT_METRICS)), 4.8 + 0.2 * ((len(scores) + 1) // 2)),
+                           layout="constrained")
     for i, score in enumerate(scores):
         xs, heights = [], []
         for m, (part, key, _) in enumerate(PLOT_METRICS):
@@ -53,9 +66,6 @@ def plot_scores(scores: list[dict], path: str | Path, title: Optional[str] = Non
     ax.set_xticks(range(len(PLOT_METRICS)), [label for _, _, label in PLOT_METRICS], fontsize=8)
     ax.set_ylabel("% of items (lower is better)")
     ax.set_title(title or "Hallucinations against the demo world's ground truth")
-    ax.legend(fontsize=8, loc="upper left")
+    fig.legend(fontsize=8, loc="outside lower center", ncols=min(2, len(scores)))
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return fig

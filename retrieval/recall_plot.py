@@ -40,9 +40,21 @@ def subset_curve(scores: np.ndarray, gallery_keys: Sequence[str], reference_keys
 
 
 def write_recall_plot(path: str | Path, curves: dict[str, Any], title: str = "") -> Path:
+    """Write draw_recall_plot's figure to a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = draw_recall_plot(curves, title)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def draw_recall_plot(curves: dict[str, Any], title: str = ""):
     """Draw `curves` ({"recall": {name: [...]}, "subsets": {name: [...]},
-    "recall_subset": {name: [...]}}) to a PNG: Recall@K by method, Recall@K of the model
-    by subset, and Recall_subset@K by method where the data has image sets."""
+    "recall_subset": {name: [...]}}): Recall@K by method, Recall@K of the model by subset,
+    and Recall_subset@K by method where the data has image sets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -53,8 +65,13 @@ def write_recall_plot(path: str | Path, curves: dict[str, Any], title: str = "")
     panels = [p for p in panels if any(curves.get(p[0], {}).values())]
     if not panels:
         raise ValueError("nothing to plot: no query has a rankable target")
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.0), squeeze=False)
-    for ax, (key, heading, xlabel) in zip(axes[0], panels):
+    # Each panel's legend goes under it, in a row of its own: inside (lower right) it covered
+    # the text baseline's curve, which runs along the bottom. One row keeps the panels level.
+    entries = max(len(curves[key]) for key, _, _ in panels)
+    legend_height = 0.2 + 0.17 * entries
+    fig, grid = plt.subplots(2, len(panels), figsize=(5.2 * len(panels), 4.0 + legend_height), squeeze=False,
+                             height_ratios=[3.6, legend_height], layout="constrained")
+    for ax, legend_ax, (key, heading, xlabel) in zip(grid[0], grid[1], panels):
         for name, values in curves[key].items():
             if not values:
                 continue
@@ -74,12 +91,8 @@ def write_recall_plot(path: str | Path, curves: dict[str, Any], title: str = "")
         ax.set_ylabel("percent")
         ax.set_title(heading, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+        legend_ax.set_axis_off()
+        legend_ax.legend(*ax.get_legend_handles_labels(), loc="upper center", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig

@@ -323,14 +323,15 @@ def _figure(width=9.0, height=3.6):
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _grouped_bars(ax, groups: dict[str, dict[str, Optional[float]]], measures: list[str], percent=True):
+def _grouped_bars(ax, groups: dict[str, dict[str, Optional[float]]], measures: list[str], percent=True,
+                  legend=True):
     import numpy as np
 
     x = np.arange(len(measures))
     width = 0.8 / max(1, len(groups))
     for i, (group, values) in enumerate(groups.items()):
         heights = [(values.get(m) or 0.0) * (100 if percent else 1) for m in measures]
-        bars = ax.bar(x + i * width - 0.4 + width / 2, heights, width, label=group)
+        bars = ax.bar(x + i * width - 0.4 + width / 2, heights, width, label=group, color=f"C{i}")
         for bar, m in zip(bars, measures):
             if values.get(m) is None:
                 bar.set_hatch("//")
@@ -338,8 +339,9 @@ def _grouped_bars(ax, groups: dict[str, dict[str, Optional[float]]], measures: l
     ax.set_xticks(x, measures, fontsize=8)
     if percent:
         ax.set_ylabel("%")
-    if groups:
-        ax.legend(fontsize=7, loc="upper right")
+    if groups and legend:
+        # beside the axes: inside (upper right) it covered the last measure's tallest bars
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
 
 
 def plot_human_rates(rows: list[dict]):
@@ -352,19 +354,21 @@ def plot_human_rates(rows: list[dict]):
 
 
 def plot_ground_truth(rates: dict[str, dict[str, Optional[float]]]):
-    fig = _figure(10, 3.4)
+    fig = _figure(10, 3.4 + 0.15 * len(rates))
     ax = fig.subplots()
     if not rates:
         ax.text(0.5, 0.5, "no run with demo-world ground truth yet", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    _grouped_bars(ax, rates, [label for _, _, label in GT_MEASURES])
+    _grouped_bars(ax, rates, [label for _, _, label in GT_MEASURES], legend=False)
     ax.set_title("Hallucination against ground truth (demo world), per run", fontsize=9)
+    # under the axes, which keep the full width for the six measures' names
+    fig.legend(fontsize=7, loc="outside lower center")
     return fig
 
 
 def plot_review_progress(progress: dict[str, dict[str, int]]):
-    fig = _figure(10, 0.6 + 0.5 * max(1, len(progress)))
+    fig = _figure(10, 0.9 + 0.5 * max(1, len(progress)))
     ax = fig.subplots()
     colours = {"approved": "#16a34a", "rejected": "#dc2626", "unreviewed": "#9ca3af",
                "annotating": "#93c5fd", "failed": "#111827"}
@@ -375,22 +379,29 @@ def plot_review_progress(progress: dict[str, dict[str, int]]):
         ax.barh(labels, values, left=left, color=colour, label=part)
         left = [a + b for a, b in zip(left, values)]
     ax.set_title("Review progress (pairs)", fontsize=9)
-    ax.legend(fontsize=7, ncols=5, loc="lower right")
+    # under the axes: inside, it covered the first run's bar
+    fig.legend(fontsize=7, ncols=5, loc="outside lower center")
     return fig
 
 
 def plot_caption_stats(stats: dict[str, dict]):
-    fig = _figure(10, 3.2)
+    import numpy as np
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(10, 3.4 + 0.15 * len(stats))
     ax_len, ax_div = fig.subplots(1, 2)
-    for label, s in stats.items():
+    for i, (label, s) in enumerate(stats.items()):
         if s["lengths"]:
-            ax_len.hist(s["lengths"], bins=range(0, max(s["lengths"]) + 2), alpha=0.5, label=label)
+            # one bar per whole number of words, centred on it
+            ax_len.hist(s["lengths"], bins=np.arange(-0.5, max(s["lengths"]) + 1.5), alpha=0.5, label=label,
+                        color=f"C{i}")
+    ax_len.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_len.set_title("Caption length (words)", fontsize=9)
-    if stats:
-        ax_len.legend(fontsize=7)
     _grouped_bars(ax_div, {k: {m: v[m] for m in ("distinct_1", "distinct_2", "unique_share")}
-                           for k, v in stats.items()}, ["distinct_1", "distinct_2", "unique_share"])
+                           for k, v in stats.items()}, ["distinct_1", "distinct_2", "unique_share"], legend=False)
     ax_div.set_title("Caption diversity", fontsize=9)
+    if stats:  # one legend for both panels (a run has one colour in each), under them
+        fig.legend(*ax_div.get_legend_handles_labels(), fontsize=7, loc="outside lower center")
     return fig
 
 
