@@ -422,18 +422,7 @@ def build_faiss_index(
 
     embeddings = _as_matrix(embeddings)
     n, dim = embeddings.shape
-    # FAISS builds these, then kills the process: HNSW1 in add (a segfault), HNSW0 on an
-    # assertion; IVF0 has no list to search.
-    for kind, number, least in [(m[1], int(m[2]), 2 if m[1] == "HNSW" else 1)
-                                for m in re.finditer(r"(HNSW|IVF)(\d+)", factory)]:
-        if number < least:
-            raise ValueError(f"index factory {factory!r}: {kind}{number} is too small, {kind} needs at least "
-                             f"{least} {'neighbours per node' if kind == 'HNSW' else 'list'} (HNSW32 and "
-                             "IVF1024,Flat are usual)")
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as exc:
-        raise ValueError(f"FAISS cannot build index factory {factory!r}: {_faiss_message(exc)}") from None
+    index = new_faiss_index(dim, factory)
     hnsw = _hnsw_of(index)
     if hnsw is not None:
         hnsw.efConstruction = ef_construction or DEFAULT_HNSW_EF_CONSTRUCTION
@@ -465,6 +454,25 @@ def build_faiss_index(
                          f"{_faiss_message(exc)}; {hint}") from None
     set_search_params(index, search_params if search_params is not None else default_search_params(index))
     return index
+
+
+def new_faiss_index(dim: int, factory: str):
+    """An empty inner-product index of the factory string, or ValueError naming what is
+    wrong with the string (cheap: `index` checks it before encoding a gallery)."""
+    import faiss
+
+    # FAISS builds these, then kills the process: HNSW1 in add (a segfault), HNSW0 on an
+    # assertion; IVF0 has no list to search.
+    for kind, number, least in [(m[1], int(m[2]), 2 if m[1] == "HNSW" else 1)
+                                for m in re.finditer(r"(HNSW|IVF)(\d+)", factory)]:
+        if number < least:
+            raise ValueError(f"index factory {factory!r}: {kind}{number} is too small, {kind} needs at least "
+                             f"{least} {'neighbours per node' if kind == 'HNSW' else 'list'} (HNSW32 and "
+                             "IVF1024,Flat are usual)")
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        raise ValueError(f"FAISS cannot build index factory {factory!r}: {_faiss_message(exc)}") from None
 
 
 def default_search_params(index) -> str:
@@ -643,6 +651,10 @@ def build_gallery_index(
                          + ("it is a file, not a folder" if out_dir.is_file() else exc.strerror or str(exc))) from None
     if retriever is None:
         retriever = load_retriever(checkpoint_dir, device=device)
+    # A mistyped factory or search parameter is found now, not after encoding the gallery.
+    dim = getattr(retriever, "embed_dim", None)
+    if dim:
+        set_search_params(new_faiss_index(dim, factory), search_params)
     fingerprint = checkpoint_fingerprint(retriever.model_info)
     started = time.perf_counter()
     model = getattr(retriever, "model", None)

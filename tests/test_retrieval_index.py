@@ -410,3 +410,21 @@ def test_query_prints_its_warnings_as_lines_and_names_a_text_the_model_cuts(tmp_
     err = capsys.readouterr().err
     assert err.startswith(f"warning: the index {out} was built with another version of the model") and \
         "UserWarning" not in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("factory, params, message", [
+    ("HNSW32,Bogus", None, "FAISS cannot build index factory 'HNSW32,Bogus'"),
+    ("PQ7", None, "FAISS cannot build index factory 'PQ7'"),
+    ("HNSW32", "nprobe=16", "do not apply to this index"),
+    ("IVF4,Flat", "nprobe=0", "nprobe must be a whole number"),
+])
+def test_index_checks_its_factory_and_search_params_before_encoding(tmp_path, tiny_checkpoint, image_paths,
+                                                                   factory, params, message):
+    """A mistyped --factory or --search-params was found only after the whole gallery was
+    encoded (hours for a large one on a CPU)."""
+    db_path = tmp_path / "store.db"
+    _store_with_images(db_path, image_paths)
+    with pytest.raises(ValueError, match=message):
+        ix.build_gallery_index(db_path, tiny_checkpoint, tmp_path / "index", factory=factory,
+                               search_params=params, progress=False, num_workers=0, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "index" / ix.EMBEDDINGS_DIR).exists()  # nothing encoded
