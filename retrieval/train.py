@@ -712,7 +712,14 @@ def draw_history(history: dict[str, Any]):
     from matplotlib.ticker import MaxNLocator
 
     rerank = history.get("rerank")
-    fig, axes = plt.subplots(1, 3 if rerank else 2, figsize=(15 if rerank else 10, 3.8))
+    # Legends go in a row of their own under the panels: inside (lower right) they covered
+    # the R@1 and R_subset@1 curves and the re-ranker's fusion-alone lines and loss.
+    panels, legend_height = (3 if rerank else 2), 1.0
+    fig, grid = plt.subplots(2, panels, figsize=(5 * panels, 3.8 + legend_height), squeeze=False,
+                             height_ratios=[3.6, legend_height], layout="constrained")
+    axes, legend_axes = grid
+    for legend_ax in legend_axes:
+        legend_ax.set_axis_off()
     ax_loss, ax_val = axes[0], axes[1]
     if history["loss"]:
         steps, losses = np.array(history["loss"]).T
@@ -748,14 +755,23 @@ def draw_history(history: dict[str, Any]):
     ax_val.set_title("validation")
     ax_val.set_ylim(0, 100)
     if epochs:
-        ax_val.legend(loc="lower right")
+        _legend_below(legend_axes[1], [ax_val])
     if rerank:
-        _plot_rerank(axes[2], rerank)
-    fig.tight_layout()
+        _plot_rerank(axes[2], rerank, legend_axes[2])
     return fig
 
 
-def _plot_rerank(ax, rerank: dict[str, Any]) -> None:
+def _legend_below(legend_ax, axes) -> None:
+    """The legend of `axes` (a panel and its twin) in the empty axes under them."""
+    handles, labels = [], []
+    for ax in axes:
+        h, lab = ax.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    if handles:
+        legend_ax.legend(handles, labels, loc="upper center", fontsize=8, ncols=2 if len(handles) > 4 else 1)
+
+
+def _plot_rerank(ax, rerank: dict[str, Any], legend_ax) -> None:
     """The re-ranker's validation per epoch against the fixed first stage's."""
     epochs = [e for e in rerank["epochs"] if e.get("val")]
     first = rerank.get("first_stage_val") or {}
@@ -779,14 +795,16 @@ def _plot_rerank(ax, rerank: dict[str, Any]) -> None:
     ax.set_ylabel("percent")
     ax.set_title("validation, re-ranker" + ("" if rerank.get("enabled") else " (not used)"))
     ax.set_ylim(0, 100)
-    if epochs or first:
-        ax.legend(loc="lower right", fontsize=8)
+    twins = [ax]
     trained = [e for e in rerank["epochs"] if e.get("loss") is not None]
     if trained:  # its own loss, on its own scale: is it still learning when time runs out?
         loss_ax = ax.twinx()
         loss_ax.plot([e["epoch"] for e in trained], [e["loss"] for e in trained], color="grey",
                      linestyle=":", label="re-ranker loss")
         loss_ax.set_ylabel("re-ranker loss")
-        ax.set_zorder(loss_ax.get_zorder() + 1)  # the legend above the loss line
+        ax.set_zorder(loss_ax.get_zorder() + 1)  # the recall curves above the loss line
         ax.patch.set_visible(False)
+        twins.append(loss_ax)
+    if epochs or first:
+        _legend_below(legend_ax, twins)
 

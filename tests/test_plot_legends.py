@@ -105,3 +105,33 @@ def test_recall_plot_legends_hide_no_curve():
     assert overlapping_tick_labels(fig) == []
     model = [line for ax in fig.axes for line in ax.get_lines() if line.get_label().startswith("model (@1 61.3)")]
     assert list(model[0].get_ydata()) == curves["recall"]["model"]
+
+
+def _val(r1, r5, r50, rs1):
+    return {"queries": 400, "recall": {"1": r1, "5": r5, "10": r5, "50": r50}, "recall_subset": {"1": rs1}}
+
+
+def test_training_curves_legends_hide_no_curve():
+    """curves.png of a `make demo` run (its history.json's numbers): the validation legend
+    covered R@1 and R_subset@1, the re-ranker's covered both fusion-alone lines and its loss."""
+    from retrieval.train import draw_history
+
+    fusion = [(17.0, 56.0, 87.0, 28.0), (18.5, 57.5, 91.0, 34.5), (20.5, 60.75, 93.5, 34.0),
+              (23.0, 63.75, 96.75, 35.25), (21.0, 66.0, 96.5, 33.25), (20.25, 65.75, 96.75, 32.5)]
+    reranked = [(21.0 + 2.3 * i, 77.0, 96.75, 34.5 + 1.9 * i) for i in range(18)]
+    history = {
+        "loss": [[step, 7.5 - step / 80] for step in range(1, 267)],
+        "epochs": [{"epoch": i + 1, "loss": 6.2 - i / 3, "val": _val(*v)} for i, v in enumerate(fusion)],
+        "config": {"training": {"rerank_top_k": 100}},
+        "summary": {"best": {"first_stage": {"epoch": 4}}},
+        "rerank": {"enabled": True, "first_stage_val": _val(*fusion[3]),
+                   "epochs": [{"epoch": i + 1, "loss": 4.7 - i / 5, "val": _val(*v)} for i, v in enumerate(reranked)],
+                   "best": {"epoch": 18, "averaged_epochs": [14, 15, 16, 17, 18], "val": _val(59.75, 96.0, 96.75, 64.5)}},
+    }
+    fig = draw_history(history)
+    assert hidden_by_legends(fig) == []
+    assert overlapping_tick_labels(fig) == []
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]
+    assert "re-ranker loss" in labels and "best.pt: epoch 4" in labels, labels
+    r1 = next(line for line in fig.axes[1].get_lines() if line.get_label() == "R@1")
+    assert list(r1.get_ydata()) == [v[0] for v in fusion]
