@@ -487,10 +487,19 @@ def cross_dataset_leaks(data: TripletSet, train: Sequence[Triplet], val: Sequenc
 def train_val_split(data: TripletSet, val_fraction: float = 0.1,
                     seed: int = 0) -> tuple[list[Triplet], list[Triplet]]:
     """The train and validation triplets. Pairs marked train/val are used as marked;
-    a dataset without splits gets a seeded random `val_fraction` held out for validation."""
+    a dataset without splits gets a seeded random `val_fraction` held out for validation.
+    Pairs of a split of another name ("dev", "validation") are held out, and said: such a
+    split is one to evaluate on (eval --split NAME), and it was trained on."""
     train = data.split("train")
     val = data.split("val")
-    unsplit = [t for t in data.triplets if t.split not in ("train", "val", "test")]
+    unsplit = [t for t in data.triplets if not t.split]
+    others = Counter(t.split for t in data.triplets if t.split and t.split not in ("train", "val", "test"))
+    if others:
+        log.warning("%s not trained on: train trains on split train and validates on val (pairs with no split "
+                    "are divided at random); evaluate them with eval --split NAME, or import them with split "
+                    "train or val to train on them",
+                    ", ".join(f"{count} pair{'' if count == 1 else 's'} of split {name}"
+                              for name, count in sorted(others.items())))
     if unsplit:
         # Said aloud: a file exported with its test pairs (dataset.json has no split) trains
         # on them, and eval on the store's test split then scores pairs the model has seen.

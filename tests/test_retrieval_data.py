@@ -301,3 +301,25 @@ def test_an_exported_file_keeps_a_pair_whose_image_set_member_is_gone(tmp_path):
     assert kept.img_set == pair.img_set
     assert gone not in kept.img_set and len(kept.img_set) == len(members) - 1
     assert any("image-set member" in p and "the pair kept" in p for p in from_file.problems)
+
+
+def test_pairs_of_a_split_train_does_not_know_are_held_out_and_named(tmp_path, caplog):
+    # A user's split named "validation" (or "dev"): its pairs were taken for pairs with no
+    # split, 90% trained on, and the warning blamed the authors' dataset.json; eval
+    # --split validation then scored pairs the model had trained on.
+    import sqlite3
+
+    db_path = make_world_store(tmp_path, pairs=20)
+    conn = sqlite3.connect(db_path)
+    renamed = conn.execute("UPDATE pairs SET split = 'validation' WHERE split = 'val'").rowcount
+    conn.commit()
+    conn.close()
+    caplog.set_level("WARNING", logger="retrieval.data")
+    data = load_store_triplets(db_path)
+    train, val = train_val_split(data)
+    assert renamed and not [t for t in train + val if t.split == "validation"]
+    assert len(train) == len(data.split("train")) and not val
+    said = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"{renamed} pairs of split validation not trained on") and "eval --split NAME" in m
+               for m in said), said
+    assert not any("dataset.json" in m for m in said), said
