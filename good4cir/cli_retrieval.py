@@ -225,7 +225,9 @@ def run_train(args: argparse.Namespace) -> int:
             label = f"best validation (epoch {summary['best'].get('epoch')})"
         print(f"{label}: {_brief(val)}")
     rerank = result.history.get("rerank")
-    if rerank and not rerank.get("enabled"):
+    if rerank and not rerank.get("epochs"):
+        print("the re-ranker had no time left in --minutes: not trained")
+    elif rerank and not rerank.get("enabled"):
         print("the re-ranker did not beat the fusion model on validation: not used")
     return 0
 

@@ -264,6 +264,10 @@ def _train(cfg: TrainConfig, data: Optional[TripletSet],
     train_set, val_set = train_val_split(data, seed=cfg.seed)
     for warning in cross_dataset_leaks(data, train_set, val_set):
         log.warning(warning)
+    if train_set and not val_set:
+        log.warning("no validation pairs (split val, or pairs with no split): best.pt is the epoch with the "
+                    "lowest training loss, and the re-ranker is used without a check that it helps; import "
+                    "some pairs with split val to validate")
     val_fingerprint = _triplets_fingerprint(val_set)
     if not train_set:
         splits = sorted({str(t.split) for t in data.triplets})
@@ -377,7 +381,9 @@ def _train(cfg: TrainConfig, data: Optional[TripletSet],
         optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-6)
 
     history: dict[str, Any] = {"loss": [], "epochs": [], "config": model_config}
-    best: dict[str, Any] = {"score": -1.0}
+    # -inf, not a low score: without validation pairs an epoch scores minus its loss
+    # (InfoNCE, above 1), and best.pt was never written; the re-ranker then found no best.pt.
+    best: dict[str, Any] = {"score": float("-inf")}
     epoch, step, elapsed_before, triplets_seen, train_seconds_before = 0, 0, 0.0, 0, 0.0
     if resume_state:
         fresh_base_lrs = [group["base_lr"] for group in optimizer.param_groups]  # from this cfg
@@ -422,6 +428,14 @@ def _train(cfg: TrainConfig, data: Optional[TripletSet],
     bar = tqdm(total=(int(budget) if budget else total_steps), disable=not cfg.progress,
                unit="s" if budget else "step", desc=f"training {cfg.fusion}")
     done = out_of_budget()
+    if done and not resume_state:
+        # Data preparation (decoding a large dataset's images) spent the fusion model's share
+        # of --minutes: zero epochs left no best.pt, and the re-ranker stopped on its absence.
+        # One step still makes a model; the decoded images are cached for the next run.
+        log.warning("the --minutes budget was spent before training began (preparing the data took %.1f s of "
+                    "the fusion model's %.1f s): it trains one step only; raise --minutes (the decoded images "
+                    "are cached now, so a rerun starts sooner)", setup_seconds, budget or 0.0)
+        done = False
     while not done:
         model.train()
         epoch_loss, epoch_steps = 0.0, 0
@@ -570,7 +584,7 @@ def _best_on_resume(state: dict[str, Any], best: dict[str, Any], history: dict[s
                                                   "recall at the re-ranker's depth")
            + ", this one by " + ("recall at the re-ranker's depth" if rerank_depth else "R@1 (no re-ranker)"))
     print(f"resume: {why}: best.pt is picked afresh from the epochs of this run", file=sys.stderr, flush=True)
-    return {"score": -1.0}
+    return {"score": float("-inf")}
 
 
 def _triplets_fingerprint(triplets) -> str:

@@ -849,3 +849,37 @@ def test_retrieve_tab_says_what_query_warns_of(tmp_path, checkpoint):
     with pytest.warns(UserWarning, match="another version of the model"):
         html = service.search_html(db, pair=pair, upload=None, text=pair.text, k=5)
     assert f"The index {index_dir} was built with another version of the model" in html, html
+
+
+def test_training_without_validation_pairs_writes_best_pt_and_says_so(tmp_path, caplog):
+    """A store of train and test pairs only: an epoch then scores minus its loss (InfoNCE,
+    above 1), below the starting best of -1, so best.pt was never written, and the
+    re-ranker (on by default) stopped on 'No such file or directory: best.pt'."""
+    db_path = make_world_store(tmp_path, pairs=40)
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE pairs SET split = 'test' WHERE split = 'val'")
+    conn.commit()
+    conn.close()
+    caplog.set_level("WARNING")
+    result = train(_config(tmp_path, "model", rerank=True))
+    assert (tmp_path / "model" / "best.pt").is_file() and (tmp_path / "model" / "rerank.pt").is_file()
+    assert result.best["epoch"] == 1
+    assert any("no validation pairs" in r.getMessage() and "best.pt is the epoch with the lowest training loss"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_a_minutes_budget_spent_before_training_still_makes_a_model(world, capsys, caplog):
+    """--minutes too small for the data's preparation (a large dataset's decoding takes
+    longer than the fusion model's quarter of the budget): zero epochs, no best.pt, the
+    re-ranker stopped on its absence; with --no-rerank 'checkpoints in DIR' named a folder
+    with none."""
+    root, _ = world
+    caplog.set_level("WARNING")
+    capsys.readouterr()
+    assert main(["train", "--db", str(root / "world.db"), "--out", str(root / "hurried"), "--minutes", "0.0001",
+                 "--image-size", "32", "--batch-size", "16", "--cache-dir", str(root / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert (root / "hurried" / "best.pt").is_file() and (root / "hurried" / "last.pt").is_file()
+    assert "trained 1 epoch (1 steps" in out
+    assert "the re-ranker had no time left in --minutes: not trained" in out
+    assert any("the --minutes budget was spent before training began" in r.getMessage() for r in caplog.records)
