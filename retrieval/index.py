@@ -384,9 +384,21 @@ def _prepare_cache(cache_dir: Path, manifest: dict, fresh: bool) -> None:
         print(f"embedding cache {cache_dir} is for another model or gallery: starting over",
               file=sys.stderr)
     if cache_dir.exists():
+        # --out may name a folder of the user's own with an embeddings/ of theirs in it:
+        # delete only a folder that holds nothing but this cache's files.
+        foreign = (sorted(p.name for p in cache_dir.iterdir() if not _CACHE_NAMES.fullmatch(p.name))
+                   if cache_dir.is_dir() else [])
+        if foreign or not cache_dir.is_dir():
+            what = f"holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}" if foreign else "is a file"
+            raise ValueError(f"{cache_dir} {what}, which is not good4cir's embedding cache: index into a "
+                             "new or empty --out folder, or move those files")
         shutil.rmtree(cache_dir)
     cache_dir.mkdir(parents=True)
     _write_atomic(manifest_path, json.dumps(manifest, indent=2))
+
+
+# What encode_gallery writes into the cache folder (a .tmp file is one a kill cut short).
+_CACHE_NAMES = re.compile(rf"(chunk_\d+\.npz|chunk_\d+\.npz\.tmp\.npz|{re.escape(MANIFEST_FILE)}(\.tmp)?)")
 
 
 def _save_chunk(path: Path, acc: dict) -> None:

@@ -428,3 +428,31 @@ def test_index_checks_its_factory_and_search_params_before_encoding(tmp_path, ti
         ix.build_gallery_index(db_path, tiny_checkpoint, tmp_path / "index", factory=factory,
                                search_params=params, progress=False, num_workers=0, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "index" / ix.EMBEDDINGS_DIR).exists()  # nothing encoded
+
+
+def test_index_never_deletes_files_of_the_users_own_in_its_out_folder(tmp_path, tiny_checkpoint, image_paths):
+    """`index --out PROJECT` where PROJECT/embeddings/ held the user's files: the folder was
+    deleted as a stale embedding cache, without a word."""
+    db_path = tmp_path / "store.db"
+    _store_with_images(db_path, image_paths)
+    out = tmp_path / "project"
+    (out / "embeddings").mkdir(parents=True)
+    (out / "embeddings" / "my_vectors.npy").write_text("precious")
+    with pytest.raises(ValueError, match=r"project/embeddings holds my_vectors.npy, which is not good4cir's "
+                                         r"embedding cache: index into a new or empty --out folder"):
+        ix.build_gallery_index(db_path, tiny_checkpoint, out, progress=False, num_workers=0,
+                               cache_dir=tmp_path / "cache")
+    assert (out / "embeddings" / "my_vectors.npy").read_text() == "precious"
+    (out / "embeddings" / "my_vectors.npy").unlink()
+    (out / "embeddings").rmdir()
+    (out / "embeddings").write_text("a file of the user's")
+    with pytest.raises(ValueError, match="project/embeddings is a file, which is not good4cir's"):
+        ix.build_gallery_index(db_path, tiny_checkpoint, out, progress=False, num_workers=0,
+                               cache_dir=tmp_path / "cache")
+    (out / "embeddings").unlink()
+    # Its own cache is still replaced when the model changes, and --fresh clears it.
+    ix.build_gallery_index(db_path, tiny_checkpoint, out, progress=False, num_workers=0, cache_dir=tmp_path / "cache")
+    (out / "embeddings" / "chunk_000000.npz.tmp.npz").write_bytes(b"cut short")
+    report = ix.build_gallery_index(db_path, tiny_checkpoint, out, progress=False, num_workers=0, fresh=True,
+                                    cache_dir=tmp_path / "cache")
+    assert report.encoded == report.count and not list(out.glob("embeddings/*.tmp.npz"))
