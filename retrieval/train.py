@@ -356,6 +356,15 @@ def _train(cfg: TrainConfig, data: Optional[TripletSet],
     if len(batches) == 0:
         raise ValueError("too few training triplets for one batch")
 
+    overlong = overlong_captions(model.encoder, texts)
+    if overlong:
+        first = overlong[0]
+        log.warning("%d training caption%s over the text encoder's %d tokens: it reads only the first %d "
+                    "(first: %r, %d tokens); shorten them (a store's captions in the review app)", len(overlong),
+                    " is" if len(overlong) == 1 else "s are", model.encoder.context_length,
+                    model.encoder.context_length, first if len(first) <= 120 else first[:117] + "...",
+                    model.encoder.count_tokens(first))
+
     frozen = None
     if cfg.freeze_encoders:
         model.encoder.requires_grad_(False)
@@ -539,6 +548,15 @@ def _train(cfg: TrainConfig, data: Optional[TripletSet],
     return TrainResult(out=out, epochs=epoch, steps=step, seconds=seconds,
                        triplets_per_second=history["summary"]["triplets_per_second"],
                        best=best, history=history)
+
+
+def overlong_captions(encoder, texts: list[str]) -> list[str]:
+    """The captions longer than the text encoder's context (77 CLIP tokens), which its
+    tokenizer cuts: stage 4 keeps its compounds under it, a reviewer's edit may not."""
+    if not texts:
+        return []
+    filled = (encoder.tokenize(texts)[:, -1] != 0).nonzero().flatten().tolist()  # cut, or exactly full
+    return [texts[i] for i in filled if encoder.count_tokens(texts[i]) > encoder.context_length]
 
 
 def _resume_learning_rate(optimizer, fresh_base_lrs: list[float], cfg: TrainConfig, history: dict[str, Any],

@@ -323,3 +323,22 @@ def test_pairs_of_a_split_train_does_not_know_are_held_out_and_named(tmp_path, c
     assert any(m.startswith(f"{renamed} pairs of split validation not trained on") and "eval --split NAME" in m
                for m in said), said
     assert not any("dataset.json" in m for m in said), said
+
+
+def test_training_names_captions_longer_than_the_text_encoder_reads(annotated, caplog):
+    # Stage 4 keeps compounds under 77 CLIP tokens, but a reviewer's edit may not: training
+    # cut it at 77 with no word (the review tab says so only to whoever opens that pair).
+    from retrieval.train import TrainConfig, train
+
+    db = open_db(annotated)
+    run_id = db.execute("SELECT MAX(id) FROM runs").fetchone()[0]
+    first = annotation_id_for(run_id, "p0000")
+    long_text = "make the lamp on the left a shade greener and " * 9 + "the chair blue"
+    edit_caption(db, f"{first}:k2", long_text, "ann")
+    db.conn.close()
+    caplog.set_level("WARNING")
+    train(TrainConfig(out=str(annotated.parent / "model"), dbs=[str(annotated)], image_size=32, batch_size=4,
+                      epochs=1, cache_dir=str(annotated.parent / "cache"), progress=False, rerank=False))
+    said = [r.getMessage() for r in caplog.records if "over the text encoder's 77 tokens" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 training caption is over"), said
+    assert "make the lamp on the left a shade greener" in said[0] and "tokens); shorten them" in said[0]
