@@ -16,13 +16,15 @@ PLOT_METRICS = (
 )
 
 
-def run_label(score: dict) -> str:
-    """'run 2 e0.15: gpt-4o (staged), 30 pairs': how many pairs a rate rests on belongs
-    on a figure that may be published (3 pairs and 300 read alike otherwise)."""
+def run_label(score: dict, settings: str = "") -> str:
+    """'run 2 e0.15: gpt-4o (staged), detail high, 30 pairs': how many pairs a rate rests on
+    belongs on a figure that may be published (3 pairs and 300 read alike otherwise), and so
+    do `settings`, those in which the compared runs differ (scoring.differing_settings)."""
     name = f" {score['name']}" if score.get("name") else ""
     pairs = score.get("pairs_scored")
     count = f", {pairs} pair{'s' if pairs != 1 else ''}" if pairs is not None else ""
-    return f"run {score['run_id']}{name}: {score['model']} ({score['method']}){count}"
+    said = f", {settings}" if settings else ""
+    return f"run {score['run_id']}{name}: {score['model']} ({score['method']}){said}{count}"
 
 
 def plot_scores(scores: list[dict], path: str | Path, title: Optional[str] = None) -> Path:
@@ -49,6 +51,9 @@ def draw_scores(scores: list[dict], title: Optional[str] = None):
 
     if not scores:
         raise ValueError("no runs to plot")
+    from .scoring import differing_settings
+
+    differing = differing_settings(scores)
     width = 0.8 / len(scores)
     # The legend goes under the axes ('outside' needs the constrained layout): inside, it
     # covered the bars of a run whose rates reach its corner.
@@ -61,7 +66,7 @@ def draw_scores(scores: list[dict], title: Optional[str] = None):
             if value is not None:
                 xs.append(m - 0.4 + width * (i + 0.5))
                 heights.append(100 * value)
-        bars = ax.bar(xs, heights, width=width * 0.95, label=run_label(score))
+        bars = ax.bar(xs, heights, width=width * 0.95, label=run_label(score, differing.get(score["run_id"], "")))
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
     ax.set_xticks(range(len(PLOT_METRICS)), [label for _, _, label in PLOT_METRICS], fontsize=8)
     ax.set_ylabel("% of items (lower is better)")

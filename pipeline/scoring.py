@@ -22,6 +22,7 @@ invented: it matches no real change).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -42,7 +43,7 @@ from store.demo_world.vocab import (
     WALL_COLOURS,
 )
 from store.errors import NotFoundError
-from store.models import PIPELINE_REVIEWER, DescriptionRecord, ImageRecord, PairRecord
+from store.models import PIPELINE_REVIEWER, RUN_SETTINGS_SHOWN, DescriptionRecord, ImageRecord, PairRecord
 from store.review import list_captions_of, list_flags
 
 OBJECT_ATTRIBUTES = ("colour", "pattern", "size", "position", "count")
@@ -809,7 +810,7 @@ def summarize_run(run, scores: Iterable[AnnotationScore], *, text: str = "origin
     staged = run.method != "single"
     result = {
         "run_id": run.id, "name": run.name, "backend": run.backend, "model": run.model,
-        "method": run.method, "prompt_versions": run.prompt_versions, "text": text,
+        "method": run.method, "prompt_versions": run.prompt_versions, "settings": run.settings, "text": text,
         "pairs": pairs, "pairs_scored": len(captions), "pairs_without_ground_truth": without_truth,
         "stage1": _descriptor_summary(list(stage1.values())) if staged else None,
         "stage2": _descriptor_summary(stage2) if staged else None,
@@ -873,12 +874,31 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def differing_settings(scores: list[dict]) -> dict[int, str]:
+    """run id -> the settings (store.models.RUN_SETTINGS_SHOWN, but the method, shown apart)
+    in which it differs from the compared runs of its backend and model, as 'error_rate 0.1':
+    two simulator runs at two error rates read alike otherwise."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in scores:
+        groups.setdefault((s.get("backend"), s.get("model")), []).append(s.get("settings") or {})
+    out = {}
+    for s in scores:
+        siblings = groups[(s.get("backend"), s.get("model"))]
+        mine = s.get("settings") or {}
+        keys = [key for key in RUN_SETTINGS_SHOWN
+                if key != "method" and len({json.dumps(v.get(key), sort_keys=True) for v in siblings}) > 1]
+        out[s["run_id"]] = ", ".join(f"{key} {'none' if mine.get(key) is None else mine[key]}" for key in keys)
+    return out
+
+
 def format_table(scores: list[dict]) -> str:
     """A plain-text table: one row per run, hallucination rates per stage."""
     header = ["run", "backend", "model", "method", "pairs"] + [label for _, _, label in TABLE_COLUMNS]
     rows = [header]
+    differing = differing_settings(scores)
     for s in scores:
-        row = [str(s["run_id"]) + (f" ({s['name']})" if s.get("name") else ""), s["backend"],
+        said = ", ".join(part for part in (s.get("name"), differing.get(s["run_id"])) if part)
+        row = [str(s["run_id"]) + (f" ({said})" if said else ""), s["backend"],
                s["model"], s["method"], str(s["pairs_scored"])]
         for part, key, _ in TABLE_COLUMNS:
             row.append(_fmt((s.get(part) or {}).get(key)))

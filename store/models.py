@@ -87,6 +87,11 @@ class PairRecord(Record):
     created_at: Optional[str] = None
 
 
+# The settings of a run that tell it apart from runs of the same backend and model, shown
+# where runs are compared (the app's run labels, score's table and plot).
+RUN_SETTINGS_SHOWN = ("method", "error_rate", "split", "limit", "base_url", "temperature", "seed", "detail")
+
+
 class RunRecord(Record):
     _json_fields: ClassVar[tuple[str, ...]] = ("settings", "prompt_versions")
     id: int

@@ -362,6 +362,25 @@ def test_simulator_runs_score_zero_at_rate_zero_and_clearly_more_at_0_3(demo_sto
 
 
 
+def test_runs_of_one_model_are_told_apart_by_the_setting_they_differ_in(demo_store, capsys):
+    """Two simulator runs at error rates 0.1 and 0.4, unnamed: score's table and plot legend
+    read '1 simulator simulator-v1 staged' and 'run 1: simulator-v1 (staged), 24 pairs' for
+    both, told apart by number only; the Stats tab named the error rate."""
+    from pipeline.plots import draw_scores
+    from pipeline.runner import RunOptions, run_pipeline
+
+    _, db_path = demo_store
+    ids = [run_pipeline(db_path, RunOptions(backend="simulator", error_rate=rate, seed=1, concurrency=4,
+                                            new_run=True)).run_id for rate in (0.1, 0.4)]
+    assert main(["score", "--db", str(db_path), "--run", str(ids[0]), "--run", str(ids[1])]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:4]
+    assert rows[0].startswith(f"{ids[0]} (error_rate 0.1) ") and rows[1].startswith(f"{ids[1]} (error_rate 0.4) ")
+    db = open_db(db_path)
+    fig = draw_scores([score_run(db, i) for i in ids])
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == [f"run {ids[0]}: simulator-v1 (staged), error_rate 0.1, 24 pairs",
+                      f"run {ids[1]}: simulator-v1 (staged), error_rate 0.4, 24 pairs"]
+
 def test_a_caption_is_read_once_per_table_not_once_per_change_of_its_pair():
     # check_captions reads every caption against each of its pair's changes with the same
     # phrase tables; the second reading of the same words is the first one's answer.

@@ -19,8 +19,8 @@ from store import queue as store_queue
 from store import review as store_review
 from store.annotations import get_annotation, get_description
 from store.errors import ConflictError, NotFoundError, StoreError
-from store.models import (FLAG_REASONS, PIPELINE_FLAG_REASONS, PIPELINE_REVIEWER, CaptionEdit, DescribedObject,
-                          FlagRecord, ReviewEvent)
+from store.models import (FLAG_REASONS, PIPELINE_FLAG_REASONS, PIPELINE_REVIEWER, RUN_SETTINGS_SHOWN, CaptionEdit,
+                          DescribedObject, FlagRecord, ReviewEvent)
 
 from .security import escape_text, image_url
 
@@ -55,7 +55,7 @@ def make_filter(queue: str, run: Optional[str], model: Optional[str], split: Opt
 
 
 # Run settings that tell runs with one name, backend and model apart when they differ.
-_RUN_SETTINGS_SHOWN = ("method", "error_rate", "split", "limit", "base_url", "temperature", "seed", "detail")
+_RUN_SETTINGS_SHOWN = RUN_SETTINGS_SHOWN
 
 
 def run_labels(db: sqlite_utils.Database, *, progress: bool = True) -> dict[int, str]:
