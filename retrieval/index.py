@@ -701,6 +701,14 @@ def build_gallery_index(
     )
 
 
+class CheckpointGoneError(FileNotFoundError):
+    """The checkpoint an index names is no longer where it was (`checkpoint_dir`)."""
+
+    def __init__(self, message: str, checkpoint_dir: str):
+        super().__init__(message)
+        self.checkpoint_dir = checkpoint_dir
+
+
 class QueryEngine:
     """Loads a retriever and an index once; answers (image, text) -> top k hits.
 
@@ -719,9 +727,10 @@ class QueryEngine:
             if not checkpoint_dir:
                 raise ValueError(f"{index_path} does not name its checkpoint; pass the checkpoint directory")
             if named and not Path(checkpoint_dir).is_dir():
-                raise FileNotFoundError(
+                raise CheckpointGoneError(
                     f"the index {index_path} was built with the checkpoint {checkpoint_dir}, which is "
-                    "no longer there: pass --checkpoint DIR (the same model, moved) or rebuild the index")
+                    "no longer there: pass --checkpoint DIR (the same model, moved) or rebuild the index",
+                    checkpoint_dir)
             retriever = load_retriever(checkpoint_dir, device=device)
         self.retriever = retriever
         self.checkpoint_dir = checkpoint_dir

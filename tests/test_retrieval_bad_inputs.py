@@ -364,6 +364,17 @@ def test_query_names_the_index_s_checkpoint_when_it_has_moved(world, checkpoint,
         main(["query", "--index", str(index_dir), "--image", str(image), "--text", "make it red"])
     assert main(["query", "--index", str(index_dir), "--checkpoint", str(checkpoint), "--image", str(image),
                  "--text", "make it red", "-k", "1"]) == 0
+    # The app takes no --checkpoint: its Retrieve tab told the user to pass one.
+    import sqlite_utils
+
+    from ui.retrieve_logic import RetrieveError, RetrieveService, dataset_queries
+
+    db = sqlite_utils.Database(db_path)
+    pair = dataset_queries(db)[0]
+    with pytest.raises(RetrieveError, match=f"built with the checkpoint {moved}, which is no longer there: put the "
+                                            "checkpoint back there, or rebuild the index") as refused:
+        RetrieveService(str(db_path), str(index_dir)).search_html(db, pair=pair, upload=None, text="make it red", k=3)
+    assert "--checkpoint" not in str(refused.value)
 
 
 def test_an_unknown_pretrained_tag_is_named_with_the_model_s_tags():

@@ -125,10 +125,15 @@ class RetrieveService:
                 "no retrieval index: start the app with --index DIR (built by `good4cir index`)")
         with self._lock:
             if self._engine is None:
-                from retrieval.index import QueryEngine
+                from retrieval.index import CheckpointGoneError, QueryEngine
 
                 try:
                     self._engine = QueryEngine(self.index_path)
+                except CheckpointGoneError as exc:  # the app takes no --checkpoint, unlike query
+                    raise RetrieveError(
+                        f"cannot load the index {self.index_path}: it was built with the checkpoint "
+                        f"{exc.checkpoint_dir}, which is no longer there: put the checkpoint back there, or "
+                        "rebuild the index with `good4cir index` and restart the app with it") from None
                 except (FileNotFoundError, ValueError) as exc:
                     raise RetrieveError(f"cannot load the index {self.index_path}: {exc}") from None
             return self._engine
