@@ -387,6 +387,14 @@ def load_triplets(
     _check_options(source, captions)
     if not dbs and not files:
         raise ValueError("give at least one --db or --data")
+    named: dict[Path, str] = {}
+    for option, where in [("--db", d) for d in dbs] + [("--data", f) for f in files]:
+        # Each of its pairs would train (and be scored) twice, under two ids.
+        resolved = Path(where).resolve()
+        if resolved in named:
+            raise ValueError(f"{where} is named twice ({named[resolved]} and {option} {where}): each of its "
+                             "pairs would count twice; name it once")
+        named[resolved] = f"{option} {where}"
     merged = TripletSet([], {})
     parts = [(db_path, load_store_triplets(db_path, source=source, captions=captions,
                                            include_unreviewed=include_unreviewed,

@@ -342,3 +342,15 @@ def test_training_names_captions_longer_than_the_text_encoder_reads(annotated, c
     said = [r.getMessage() for r in caplog.records if "over the text encoder's 77 tokens" in r.getMessage()]
     assert len(said) == 1 and said[0].startswith("1 training caption is over"), said
     assert "make the lamp on the left a shade greener" in said[0] and "tokens); shorten them" in said[0]
+
+
+def test_a_dataset_named_twice_in_a_mix_is_refused(annotated, tmp_path, monkeypatch):
+    # train --db a.db --db ./a.db trained (and validated) on every pair twice, under two ids.
+    monkeypatch.chdir(annotated.parent)
+    with pytest.raises(ValueError, match=r"\./world\.db is named twice \(--db world\.db and --db \./world\.db\)"):
+        load_triplets(["world.db", "./world.db"])
+    out = tmp_path / "x.jsonl"
+    out.write_text("")
+    with pytest.raises(ValueError, match="named twice"):
+        load_triplets([], [out, str(out)])
+    assert load_triplets(["world.db"]).triplets  # once is fine
