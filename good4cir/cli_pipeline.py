@@ -193,19 +193,22 @@ def run_status_command(args: argparse.Namespace) -> int:
     require_store(args.db)
     report = run_status(args.db)
     if args.json:
-        keys = ("id", "backend", "model", "status", "pairs_done", "pairs_failed", "pairs_pending", "calls",
+        keys = ("id", "name", "backend", "model", "status", "pairs_done", "pairs_failed", "pairs_pending", "calls",
                 "cost_usd", "failures")
         print(json.dumps({"runs": [{k: r[k] for k in keys} for r in report["runs"]]}))
         return 0
     if not report["runs"]:
         print("no runs yet: start one with `good4cir annotate`")
         return 0
-    header = f"{'run':>4}  {'backend':<13} {'model':<16} {'status':<11} {'done':>7} {'failed':>7} " \
-             f"{'pending':>7} {'calls':>7} {'cost $':>9}  failures"
+    # the --name a run was given: the one thing that tells two runs of one model apart here
+    width = min(20, max([4] + [len(r.get("name") or "-") for r in report["runs"]]))
+    header = f"{'run':>4}  {'name':<{width}} {'backend':<13} {'model':<16} {'status':<11} {'done':>7} " \
+             f"{'failed':>7} {'pending':>7} {'calls':>7} {'cost $':>9}  failures"
     print(header)
     for r in report["runs"]:
         failures = ", ".join(f"{k}: {v}" for k, v in r["failures"].items()) or "-"
-        print(f"{r['id']:>4}  {r['backend']:<13} {r['model'][:16]:<16} {r['status']:<11} "
+        print(f"{r['id']:>4}  {(r.get('name') or '-')[:width]:<{width}} {r['backend']:<13} {r['model'][:16]:<16} "
+              f"{r['status']:<11} "
               f"{r['pairs_done']:>7} {r['pairs_failed']:>7} {r['pairs_pending']:>7} "
               f"{r['calls']:>7} {r['cost_usd']:>9.4f}  {failures}")
     for r in report["runs"]:

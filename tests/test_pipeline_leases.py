@@ -229,7 +229,7 @@ def test_status_shows_a_killed_run_as_interrupted_and_the_rerun_resumes_it(serve
     assert cli_main(["status", "--db", str(db_path)]) == 0
     out = capsys.readouterr().out
     row = out.splitlines()[1]
-    assert row.split()[:4] == ["1", "openai", "gpt-4o-mini", "interrupted"], out
+    assert row.split()[:5] == ["1", "-", "openai", "gpt-4o-mini", "interrupted"], out
     assert "rerun the same `good4cir annotate` command" in out
     server.config.hold = False
     progress = run_pipeline(db_path, _options(server))

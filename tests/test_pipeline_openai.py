@@ -146,7 +146,7 @@ def test_cli_dry_run_annotate_rerun_and_status_json(server, tmp_path, capsys):
     assert list(report) == ["runs"]
     (run,) = report["runs"]
     # "status" as in the table's column (it was missing from --json).
-    assert list(run) == ["id", "backend", "model", "status", "pairs_done", "pairs_failed",
+    assert list(run) == ["id", "name", "backend", "model", "status", "pairs_done", "pairs_failed",
                          "pairs_pending", "calls", "cost_usd", "failures"]
     assert run["id"] == 1 and run["backend"] == "openai" and run["model"] == "gpt-4o-mini"
     assert run["status"] == "finished"
