@@ -42,7 +42,7 @@ def register(subparsers) -> None:
                        help="pixel cache of `train`/`eval`: images decoded there are not decoded again "
                        "(default $GOOD4CIR_CACHE, else good4cir/ in $XDG_CACHE_HOME or ~/.cache)")
     index.add_argument("--no-progress", "--quiet", dest="quiet", action="store_true",
-                       help="no progress bar")
+                       help="no progress bar (there is none unless stderr is a terminal)")
     index.add_argument("--threads", type=positive_int, metavar="N", help="CPU threads for torch")
     add_device_option(index)
     index.set_defaults(handler=run_index, on_interrupt="rerun the same command to go on (the embeddings "
@@ -87,7 +87,7 @@ def run_index(args: argparse.Namespace) -> int:
     report = build_gallery_index(
         args.db, args.checkpoint, args.out, factory=args.factory, split=args.split,
         search_params=args.search_params, batch_size=args.batch_size,
-        num_workers=args.workers, fresh=args.fresh, progress=not args.quiet,
+        num_workers=args.workers, fresh=args.fresh, progress=not args.quiet and sys.stderr.isatty(),
         cache_dir=args.cache_dir, device=args.device,
     )
     print(

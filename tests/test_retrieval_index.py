@@ -456,3 +456,15 @@ def test_index_never_deletes_files_of_the_users_own_in_its_out_folder(tmp_path, 
     report = ix.build_gallery_index(db_path, tiny_checkpoint, out, progress=False, num_workers=0, fresh=True,
                                     cache_dir=tmp_path / "cache")
     assert report.encoded == report.count and not list(out.glob("embeddings/*.tmp.npz"))
+
+
+def test_index_draws_its_progress_bar_only_on_a_terminal(tmp_path, tiny_checkpoint, image_paths, capsys):
+    """As train and eval do: in a log (make demo > log, CI) it wrote carriage-return bars."""
+    from good4cir.cli import main
+
+    db_path = tmp_path / "store.db"
+    _store_with_images(db_path, image_paths)
+    assert main(["index", "--db", str(db_path), "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "i"),
+                 "--workers", "0", "--cache-dir", str(tmp_path / "cache")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "img/s" not in err and "remote-only" in err, err
