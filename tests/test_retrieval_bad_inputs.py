@@ -894,3 +894,25 @@ def test_a_minutes_budget_spent_before_training_still_makes_a_model(world, capsy
     assert "trained 1 epoch (1 steps" in out
     assert "the re-ranker had no time left in --minutes: not trained" in out
     assert any("the --minutes budget was spent before training began" in r.getMessage() for r in caplog.records)
+
+
+def test_retrieve_tab_says_a_gallery_file_deleted_since_indexing_is_gone(tmp_path, checkpoint):
+    """A hit whose file was moved or deleted after `good4cir index` showed as a broken
+    picture (the image route answers 404)."""
+    import sqlite_utils
+
+    from retrieval.index import build_gallery_index, load_index
+    from ui.retrieve_logic import RetrieveService, dataset_queries
+
+    db_path = make_world_store(tmp_path, pairs=20)
+    build_gallery_index(db_path, checkpoint, tmp_path / "index", progress=False, cache_dir=tmp_path / "cache",
+                        num_workers=0)
+    db = sqlite_utils.Database(db_path)
+    pair = dataset_queries(db)[0]
+    gone = next(e for e in load_index(tmp_path / "index").entries if e.image_id not in (pair.reference_id,))
+    Path(gone.path).unlink()
+    html = RetrieveService(str(db_path), str(tmp_path / "index")).search_html(
+        db, pair=pair, upload=None, text=pair.text, k=1000)  # the whole gallery
+    card = re.search(rf"<div class='g4c-result[^']*'>((?:(?!g4c-result).)*?{re.escape(gone.name)}</div></div>)", html)
+    assert card and "file not found (moved or deleted since indexing)" in card.group(1), html
+    assert f"alt='{gone.name}'" not in html and html.count("file not found") == 1

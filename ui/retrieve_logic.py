@@ -5,6 +5,7 @@ fusion model (retrieval.index.QueryEngine, loaded once)."""
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +188,9 @@ class RetrieveService:
             image_id = ids.get(str(Path(hit.path).resolve())) if hit.path else None
             out.append({"rank": rank, "name": hit.name, "score": hit.score, "stage": hit.stage,
                         "first_stage_score": hit.first_stage_score, "image_id": image_id,
-                        "is_target": bool(target_id and image_id == target_id)})
+                        "is_target": bool(target_id and image_id == target_id),
+                        # moved or deleted since `index` read it: no picture to show
+                        "file_missing": bool(hit.path) and not os.path.isfile(hit.path)})
         return out
 
     def search_html(self, db, *, pair: Optional[DatasetQuery], upload, text: str, k: int) -> str:
@@ -235,8 +238,12 @@ def render_results_html(hits: list[dict], pair: Optional[DatasetQuery], uploaded
     mixed = 0 < reranked < len(hits)
     for hit in hits:
         url = image_url(hit["image_id"]) if hit["image_id"] else None
-        img = f"<img src='{escape_text(url)}' alt='{escape_text(hit['name'])}'>" if url else \
-            "<div class='g4c-noimg'>not in the store</div>"
+        if hit.get("file_missing"):
+            img = "<div class='g4c-noimg'>file not found (moved or deleted since indexing)</div>"
+        elif url:
+            img = f"<img src='{escape_text(url)}' alt='{escape_text(hit['name'])}'>"
+        else:
+            img = "<div class='g4c-noimg'>not in the store</div>"
         mark = " ✔ true target" if hit["is_target"] else ""
         stage = " (first stage)" if mixed and hit.get("stage") != RERANK_STAGE else ""
         cards.append(
