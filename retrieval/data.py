@@ -144,6 +144,10 @@ def load_store_triplets(
                 row[0] not in generated and not _json(row[5], []) for row in rows))):
             awaiting_review = {item.pair.id for item in collect_items(db, include_unreviewed=True)
                                if item.annotation is not None and item.captions} - set(generated)
+        # The review of each pair's newest finished annotation (the one export takes), to say
+        # why a pair has no generated caption to give.
+        reviewed = dict(db.execute("SELECT pair_id, review_status FROM annotations WHERE status = 'done'"
+                                   " ORDER BY run_id").fetchall()) if source != "original" else {}
     finally:
         db.conn.close()
     wanted_splits = set(splits) if splits is not None else None
@@ -175,9 +179,8 @@ def load_store_triplets(
             _json(orig_json, []), generated.get(pair_id, []), source, captions
         )
         if not texts:
-            result.problems.append(f"pair {label}: no caption for --source {source}" + (
-                " (its generated captions are not approved yet: approve them in the review app, "
-                "or pass --include-unreviewed)" if pair_id in awaiting_review else ""))
+            result.problems.append(f"pair {label}: no caption for --source {source}" + _why_no_generated(
+                pair_id in awaiting_review, reviewed.get(pair_id), generated.get(pair_id), captions))
             continue
         img_set = [k for k in _json(img_set_json, None) or [] if usable(k)] or None
         extra = _json(extra_json, {}) or {}
@@ -192,6 +195,20 @@ def load_store_triplets(
             ground_truths_named=named_ground_truths(ref, tgt, extra),
         ))
     return result
+
+
+def _why_no_generated(awaiting: bool, review: Optional[str], generated: Optional[list], captions: str) -> str:
+    """Why a pair gave no generated caption, for its 'no caption' problem ("" if never annotated)."""
+    if awaiting:
+        return (" (its generated captions are not approved yet: approve them in the review app, "
+                "or pass --include-unreviewed)")
+    if review == "rejected":
+        return " (its generated captions were rejected in review)"
+    if generated:
+        return f" (it has no {captions} generated captions: try --captions both)"
+    if review == "approved":
+        return " (every generated caption of it is flagged, or a compound quoting an edited caption)"
+    return ""
 
 
 def named_ground_truths(reference: Optional[str], target: Optional[str], extra: dict,

@@ -354,3 +354,21 @@ def test_a_dataset_named_twice_in_a_mix_is_refused(annotated, tmp_path, monkeypa
     with pytest.raises(ValueError, match="named twice"):
         load_triplets([], [out, str(out)])
     assert load_triplets(["world.db"]).triplets  # once is fine
+
+
+def test_a_pair_left_out_of_generated_says_why(annotated):
+    # 'pair 2: no caption for --source generated' for a pair whose captions a reviewer
+    # rejected, as for one never annotated: the user could not tell a review from a gap.
+    db = open_db(annotated)
+    run_id = db.execute("SELECT MAX(id) FROM runs").fetchone()[0]
+    first = annotation_id_for(run_id, "p0000")
+    for position in range(4):  # the compounds of p0000 then all quote c0 (edited) or c1 (flagged)
+        add_flag(db, first, "caption", f"{first}:c{position}", "ann", "object not there")
+    db.conn.close()
+    # Named as the user's dataset names them (external ids 0, 1, 2, ...).
+    problems = {p.split(":")[0]: p for p in load_store_triplets(annotated, source="generated").problems}
+    assert problems["pair 2"].endswith("no caption for --source generated (its generated captions were "
+                                           "rejected in review)")
+    assert problems["pair 0"].endswith("(every generated caption of it is flagged, or a compound quoting an "
+                                           "edited caption)")
+    assert problems["pair 3"].endswith("no caption for --source generated")  # never annotated
