@@ -49,9 +49,15 @@ def test_stats_ground_truth_plot_legend_hides_no_bar():
     assert heights == [round(100 * v, 1) for r in RATES for v in r]
 
 
+# The browser test's Stats tab: five runs, labelled with the settings they differ in.
+LONG_LABELS = LABELS + ["run 4 · simulator / simulator-v1 · error_rate 0.3 · limit 10 · seed 1 · started 2026-11-28 "
+                        "01:39:23 UTC", "run 5 · <img src=x onerror=\"window.g4cPwned=3\"> · simulator / sim-x · "
+                        "created 2026-11-28 01:41:23 UTC"]
+
+
 def _human_rows():
     rows = []
-    for i, label in enumerate(LABELS):
+    for i, label in enumerate(LONG_LABELS):
         row = {"run_id": i + 1, "label": label, "model": "simulator-v1", "prompt_version": "stage1:e1eda0",
                "pairs": 20}
         for stage, flagged in zip(sl.STAGES, (7, 7, 3, 8 - i)):
@@ -70,6 +76,9 @@ def test_stats_review_plots_legends_hide_no_data():
                 sl.plot_caption_stats(captions)):
         assert hidden_by_legends(fig) == [], fig.axes[0].get_title()
         assert overlapping_tick_labels(fig) == [], fig.axes[0].get_title()
+        for ax in fig.axes:  # no title cut off at the figure's edge ('lagged as hallucination ...')
+            box = ax.title.get_window_extent()
+            assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, ax.get_title()
 
 
 def test_caption_length_histogram_has_whole_word_ticks():

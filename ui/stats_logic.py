@@ -324,7 +324,7 @@ def _figure(width=9.0, height=3.6):
 
 
 def _grouped_bars(ax, groups: dict[str, dict[str, Optional[float]]], measures: list[str], percent=True,
-                  legend=True):
+                  legend=None):
     import numpy as np
 
     x = np.arange(len(measures))
@@ -339,16 +339,22 @@ def _grouped_bars(ax, groups: dict[str, dict[str, Optional[float]]], measures: l
     ax.set_xticks(x, measures, fontsize=8)
     if percent:
         ax.set_ylabel("%")
-    if groups and legend:
-        # beside the axes: inside (upper right) it covered the last measure's tallest bars
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    if groups and legend is not None:
+        # in an empty axes under the bars: inside (upper right) it covered the last measure's
+        # tallest bars, and beside them long run labels squeezed the bars' names together
+        legend.set_axis_off()
+        legend.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", ncols=2)
 
 
 def plot_human_rates(rows: list[dict]):
-    fig = _figure(10, 6.8)
-    axes = fig.subplots(3, 1)
-    for ax, key, title in zip(axes, ("label", "model", "prompt_version"), ("run", "model", "prompt versions")):
-        _grouped_bars(ax, human_rates_by(rows, key), list(STAGES))
+    keys = ("label", "model", "prompt_version")
+    groups = [human_rates_by(rows, key) for key in keys]
+    # each panel's legend in a row of its own under it, two entries a line
+    legend_heights = [0.15 + 0.13 * ((len(g) + 1) // 2) for g in groups]
+    fig = _figure(10, 6.3 + sum(legend_heights))
+    axes = fig.subplots(6, 1, height_ratios=[h for lh in legend_heights for h in (2.1, lh)])
+    for ax, legend_ax, rates, title in zip(axes[0::2], axes[1::2], groups, ("run", "model", "prompt versions")):
+        _grouped_bars(ax, rates, list(STAGES), legend=legend_ax)
         ax.set_title(f"Flagged as hallucination by reviewers (decided pairs), per {title}", fontsize=9)
     return fig
 
@@ -360,7 +366,7 @@ def plot_ground_truth(rates: dict[str, dict[str, Optional[float]]]):
         ax.text(0.5, 0.5, "no run with demo-world ground truth yet", ha="center", va="center")
         ax.set_axis_off()
         return fig
-    _grouped_bars(ax, rates, [label for _, _, label in GT_MEASURES], legend=False)
+    _grouped_bars(ax, rates, [label for _, _, label in GT_MEASURES])
     ax.set_title("Hallucination against ground truth (demo world), per run", fontsize=9)
     # under the axes, which keep the full width for the six measures' names
     fig.legend(fontsize=7, loc="outside lower center")
@@ -398,7 +404,7 @@ def plot_caption_stats(stats: dict[str, dict]):
     ax_len.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_len.set_title("Caption length (words)", fontsize=9)
     _grouped_bars(ax_div, {k: {m: v[m] for m in ("distinct_1", "distinct_2", "unique_share")}
-                           for k, v in stats.items()}, ["distinct_1", "distinct_2", "unique_share"], legend=False)
+                           for k, v in stats.items()}, ["distinct_1", "distinct_2", "unique_share"])
     ax_div.set_title("Caption diversity", fontsize=9)
     if stats:  # one legend for both panels (a run has one colour in each), under them
         fig.legend(*ax_div.get_legend_handles_labels(), fontsize=7, loc="outside lower center")
