@@ -8,6 +8,7 @@ their command runs.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -54,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    configure_logging()
     restore = _stop_on_termination()
     try:
         return _main(argv)
@@ -98,6 +100,25 @@ def _main(argv: list[str] | None) -> int:
             return 1
         raise
     return int(result or 0)
+
+
+class _LevelPrefix(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {super().format(record)}"
+
+
+def configure_logging() -> None:
+    """Log records print as the commands' own notes do ('warning: ...'). Without this the
+    first library to log on the root logger (open_clip does, while building a model) set
+    Python's default 'WARNING:name:...', so a run's warnings came in two formats. A
+    process that configured logging already (pytest, an embedding program) keeps its own."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LevelPrefix("%(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
 
 
 def _stop_on_termination():

@@ -180,3 +180,17 @@ def test_value_placeholders_are_short_words_not_argparse_defaults():
                     and action.choices is None and "_" in action.dest:
                 made_up.append(f"{name} {action.option_strings[0]}")
     assert not made_up, made_up
+
+
+def test_log_records_print_as_the_commands_notes_do():
+    # open_clip logs on the root logger while building a model; before, that set Python's
+    # 'WARNING:root:...' and every later record came as 'WARNING:retrieval.train:...'
+    import subprocess
+    import sys
+
+    code = ("import logging; from good4cir.cli import configure_logging; configure_logging(); "
+            "logging.warning('No pretrained weights loaded'); "
+            "logging.getLogger('retrieval.train').warning('image left out: %s', 'a.png'); "
+            "logging.getLogger('retrieval.train').info('not shown')")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert err == "warning: No pretrained weights loaded\nwarning: image left out: a.png\n"
