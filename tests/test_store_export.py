@@ -220,13 +220,19 @@ def test_cli_export(reviewed, tmp_path, capsys):
     assert len(read_good4cir(out)) == 2
 
 
-def test_cirr_through_jsonl_keeps_every_pair_including_test1(tmp_path):
+def _jsonl_round_trip(tmp_path, fmt, root):
+    """A store imported from `root` (no problems), its JSONL export of every pair, and a
+    second store importing that file: (first store, second store, its report, the file)."""
     db = open_db(tmp_path / "a.db")
-    import_dataset(db, "cirr", FIXTURES / "cirr")
-    out = tmp_path / "cirr.jsonl"
+    assert import_dataset(db, fmt, root).problems == []
+    out = tmp_path / f"{fmt}.jsonl"
     export_dataset(db, "jsonl", out, include_unreviewed=True)
     again = open_db(tmp_path / "b.db")
-    report = import_dataset(again, "pairs", out)
+    return db, again, import_dataset(again, "pairs", out), out
+
+
+def test_cirr_through_jsonl_keeps_every_pair_including_test1(tmp_path):
+    db, again, report, _ = _jsonl_round_trip(tmp_path, "cirr", FIXTURES / "cirr")
     assert report.problems == [] and report.pairs_added == 5
     assert stored_pairs(again) == stored_pairs(db)
     assert again.execute("SELECT COUNT(*) FROM pairs WHERE target_id IS NULL").fetchone()[0] == 1
@@ -409,15 +415,21 @@ def test_a_cirr_export_of_several_splits_says_cirr_keeps_one_per_file(tmp_path, 
     assert "mixes" not in capsys.readouterr().out
 
 
-def test_a_good4cir_export_of_pairs_with_splits_says_the_format_keeps_none(tmp_path, capsys):
-    # The authors' dataset.json has no split field: an export of train and test pairs
-    # wrote them into one list with no word, and importing it back lost which was which.
+def _authors_export_of(tmp_path, capsys, fmt, path):
+    """What `export --format good4cir --include-unreviewed` says of a store imported from
+    `path`, and its arguments."""
     db_path = tmp_path / "s.db"
-    import_dataset(open_db(db_path), "pairs", FIXTURES / "pairs")
+    import_dataset(open_db(db_path), fmt, path)
     args = ["export", "--db", str(db_path), "--format", "good4cir", "--out", str(tmp_path / "d.json"),
             "--include-unreviewed"]
     assert main(args) == 0
-    said = capsys.readouterr().out
+    return capsys.readouterr().out, args
+
+
+def test_a_good4cir_export_of_pairs_with_splits_says_the_format_keeps_none(tmp_path, capsys):
+    # The authors' dataset.json has no split field: an export of train and test pairs
+    # wrote them into one list with no word, and importing it back lost which was which.
+    said, _ = _authors_export_of(tmp_path, capsys, "pairs", FIXTURES / "pairs")
     assert "no split field" in said and "--format jsonl" in said, said
 
 
@@ -444,12 +456,7 @@ def test_a_good4cir_export_says_generated_captions_took_the_place_of_imported_on
 def test_a_good4cir_export_says_it_left_out_the_pairs_without_a_target(tmp_path, capsys):
     # The authors' format has no target-less query: CIRR's test1 pairs were dropped from
     # an --include-unreviewed export ("wrote 4 pairs" of 5) with no word of the other one.
-    db_path = tmp_path / "s.db"
-    import_dataset(open_db(db_path), "cirr", FIXTURES / "cirr")
-    args = ["export", "--db", str(db_path), "--format", "good4cir", "--out", str(tmp_path / "d.json"),
-            "--include-unreviewed"]
-    assert main(args) == 0
-    said = capsys.readouterr().out
+    said, args = _authors_export_of(tmp_path, capsys, "cirr", FIXTURES / "cirr")
     assert "wrote 4 pairs" in said
     assert "1 pair without a target image left out: the authors' format has no" in said, said
     assert "--format jsonl" in said
@@ -480,13 +487,7 @@ def test_circo_ground_truths_survive_jsonl_and_are_read_from_it(tmp_path):
     queries = json.loads((root / "annotations/val.json").read_text())
     queries[1]["gt_img_ids"].append(30)  # an image that is no query's reference or target
     (root / "annotations/val.json").write_text(json.dumps(queries))
-    db = open_db(tmp_path / "a.db")
-    assert import_dataset(db, "circo", root).problems == []
-    out = tmp_path / "circo.jsonl"
-    export_dataset(db, "jsonl", out, include_unreviewed=True)
-
-    again = open_db(tmp_path / "b.db")
-    report = import_dataset(again, "pairs", out)
+    db, again, report, out = _jsonl_round_trip(tmp_path, "circo", root)
     assert report.problems == [] and report.pairs_added == 3
     assert _gt_ids(again) == _gt_ids(db)
     stored = {row[0] for row in again.execute("SELECT id FROM images")}
