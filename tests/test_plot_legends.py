@@ -50,9 +50,13 @@ def test_stats_ground_truth_plot_legend_hides_no_bar():
 
 
 # The browser test's Stats tab: five runs, labelled with the settings they differ in.
-LONG_LABELS = LABELS + ["run 4 · simulator / simulator-v1 · error_rate 0.3 · limit 10 · seed 1 · started 2026-11-28 "
-                        "01:39:23 UTC", "run 5 · <img src=x onerror=\"window.g4cPwned=3\"> · simulator / sim-x · "
-                        "created 2026-11-28 01:41:23 UTC"]
+LONG_LABELS = [
+    "run 1 · simulator / simulator-v1 · error_rate 0.3 · limit 10 · seed 1 · started 2026-11-28 01:42:36 UTC",
+    "run 2 · started later · simulator / sim-later · created 2026-11-28 01:43:18 UTC",
+    "run 3 · simulator / simulator-v1 · error_rate 0.1 · limit 3 · seed 0 · started 2026-11-28 01:44:21 UTC",
+    "run 4 · openai / live-progress-model · started 2026-11-28 01:44:28 UTC",
+    "run 5 · <img src=x onerror=\"window.g4cPwned=3\"> · simulator / sim-x · created 2026-11-28 01:44:30 UTC",
+]
 
 
 def _human_rows():
@@ -76,9 +80,11 @@ def test_stats_review_plots_legends_hide_no_data():
                 sl.plot_caption_stats(captions)):
         assert hidden_by_legends(fig) == [], fig.axes[0].get_title()
         assert overlapping_tick_labels(fig) == [], fig.axes[0].get_title()
-        for ax in fig.axes:  # no title cut off at the figure's edge ('lagged as hallucination ...')
-            box = ax.title.get_window_extent()
-            assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, ax.get_title()
+        for ax in fig.axes:  # no title or legend cut off at the figure's edge ('lagged as hallucination ...')
+            for artist in (ax.title, ax.get_legend()):
+                if artist is not None:
+                    box = artist.get_window_extent()
+                    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, ax.get_title()
 
 
 def test_caption_length_histogram_has_whole_word_ticks():

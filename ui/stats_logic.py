@@ -343,14 +343,19 @@ def _grouped_bars(ax, groups: dict[str, dict[str, Optional[float]]], measures: l
         # in an empty axes under the bars: inside (upper right) it covered the last measure's
         # tallest bars, and beside them long run labels squeezed the bars' names together
         legend.set_axis_off()
-        legend.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", ncols=2)
+        legend.legend(*ax.get_legend_handles_labels(), fontsize=7, loc="upper center", ncols=_legend_columns(groups))
+
+
+def _legend_columns(groups) -> int:
+    # two entries a line where two fit the figure's width (a run's label can be 100 characters)
+    return 2 if max((len(str(g)) for g in groups), default=0) <= 60 else 1
 
 
 def plot_human_rates(rows: list[dict]):
     keys = ("label", "model", "prompt_version")
     groups = [human_rates_by(rows, key) for key in keys]
-    # each panel's legend in a row of its own under it, two entries a line
-    legend_heights = [0.15 + 0.13 * ((len(g) + 1) // 2) for g in groups]
+    # each panel's legend in a row of its own under it
+    legend_heights = [0.15 + 0.13 * -(-len(g) // _legend_columns(g)) for g in groups]
     fig = _figure(10, 6.3 + sum(legend_heights))
     axes = fig.subplots(6, 1, height_ratios=[h for lh in legend_heights for h in (2.1, lh)])
     for ax, legend_ax, rates, title in zip(axes[0::2], axes[1::2], groups, ("run", "model", "prompt versions")):
