@@ -8,6 +8,7 @@ files look the same everywhere, and a decompression bomb is refused everywhere.
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,9 @@ def inspect_image(path: str | Path) -> ImageInfo:
     """
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():  # exists() follows links: a dangling one or a loop
+            raise ImageError(f"{path}: a symbolic link to {os.readlink(path)}, which leads to no file "
+                             "(missing, or a loop of links)")
         raise ImageError(f"{path}: file not found")
     if not path.is_file():
         raise ImageError(f"{path}: not a file")

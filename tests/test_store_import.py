@@ -648,3 +648,22 @@ def test_an_image_set_or_ground_truth_entry_that_is_not_a_path_says_so(tmp_path)
         "left out of the image set: not an image path (a string), but int",
         "left out of the image set: not an image path (a string), but NoneType",
         "left out of its ground truths: not an image path (a string), but int"]
+
+
+def test_a_symlink_loop_in_pairs_jsonl_or_scenes_is_a_problem_naming_the_line_not_a_crash(tmp_path):
+    # A folder copied with its links can hold a loop (a.jpg -> b.jpg -> a.jpg): Path.resolve
+    # raised RuntimeError("Symlink loop"), a traceback that stopped the whole import.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    (folder / "loop1.png").symlink_to(folder / "loop2.png")
+    (folder / "loop2.png").symlink_to(folder / "loop1.png")
+    with (folder / "pairs.jsonl").open("a") as handle:
+        handle.write(json.dumps({"id": "loop", "reference": "loop1.png", "target": "images/room0.png"}) + "\n")
+    with (folder / "scenes.jsonl").open("a") as handle:
+        handle.write(json.dumps({"image": "loop2.png", "scene": {"wall": "x"}}) + "\n")
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "pairs", folder)
+    assert report.pairs_added == 3
+    (problem,) = report.problems
+    assert problem.item == "pair 'loop' (pairs.jsonl line 4)"
+    assert "loop1.png" in problem.reason and "loop of links" in problem.reason, problem.reason

@@ -11,6 +11,7 @@ several, as CIRCO's, kept as extra "gt_image_ids"). scenes.jsonl beside it gives
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -185,7 +186,9 @@ def _image_locations(lines: list[str], split: Optional[str]):
 def _norm(location: str, folder: Path) -> str:
     """Key that matches scenes.jsonl's image paths with pairs.jsonl's."""
     path = Path(str(location))
-    return str((path if path.is_absolute() else folder / path).resolve())
+    # realpath, not Path.resolve: a symlink loop raises RuntimeError in the latter, and
+    # the line that names it is reported as a problem by the image check instead.
+    return os.path.realpath(path if path.is_absolute() else folder / path)
 
 
 def _read_scenes(scenes_file: Path, folder: Path, session: ImportSession) -> dict[str, dict]:
