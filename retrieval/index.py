@@ -319,10 +319,8 @@ def encode_gallery(
                     vectors = retriever.encode_pixels(data) if use_pixels else retriever.encode_images(data)
                     acc["positions"].extend(batch_positions)
                     acc["embeddings"].append(np.asarray(vectors, dtype=np.float32))
-                for position, error in bad:
-                    acc["errors"].append((position, error))
-                    entry = entries[position]
-                    bar.write(f"skipped {entry.name} ({entry.path}): {error}", file=sys.stderr)
+                # Not printed here: the caller lists the skipped images once, at the end
+                acc["errors"].extend(bad)
                 encoded += len(batch_positions)
                 bar.update(len(all_positions))
                 if all_positions[-1] == todo[chunk][-1]:

@@ -291,7 +291,8 @@ def test_index_and_query_commands_end_to_end(tmp_path, tiny_checkpoint, image_pa
                  "--split", "test", "--workers", "1", "--quiet"]) == 0
     captured = capsys.readouterr()
     assert "indexed 30 images" in captured.out
-    assert "remote-only" in captured.err  # no local file: skipped and named
+    # no local file: skipped and named, once (it was printed as it happened and again in the summary)
+    assert captured.err.count("remote-only") == 1, captured.err
     loaded = ix.load_index(out)
     assert len(loaded) == 30 and loaded.meta["factory"] == "Flat" and loaded.meta["split"] == "test"
     assert {e.name for e in loaded.entries} == {p.stem for p in image_paths[:30]}
