@@ -203,6 +203,10 @@ def run_export(args: argparse.Namespace) -> int:
         for run, count in (report.get("awaiting_approved_in_runs") or {}).items():
             print(f"    {count} of them {'has' if count == 1 else 'have'} an approved annotation of the older "
                   f"run {run} (the export takes each pair's newest): export those with --run {run}")
+    rejected = report["pairs_rejected"]
+    if rejected:
+        print(f"  {rejected} pair{'' if rejected == 1 else 's'} rejected in review left out (a rejected "
+              "pair is never exported; set it back to unreviewed or approve it in the app to export it)")
     if never:
         print(f"  {never} pair{'' if never == 1 else 's'} never annotated left out: annotate them "
               "(good4cir annotate), or pass --include-unreviewed to export their imported captions")

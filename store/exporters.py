@@ -72,8 +72,8 @@ def export_dataset(
     stats = {"format": format, "out": str(out), "pairs": 0, "captions": 0,
              "flagged_captions_left_out": 0, "stale_compounds_left_out": 0,
              "pairs_without_captions": 0, "pairs_without_target": 0,
-             "pairs_awaiting_review": 0, "pairs_not_annotated": 0, "pairs_withheld_target": 0,
-             "pairs_not_in_run": 0, "pairs_imported_captions_replaced": 0, "awaiting_approved_in_runs": {},
+             "pairs_awaiting_review": 0, "pairs_rejected": 0, "pairs_not_annotated": 0,
+             "pairs_withheld_target": 0, "pairs_not_in_run": 0, "pairs_imported_captions_replaced": 0, "awaiting_approved_in_runs": {},
              "splits": set()}  # of the pairs written: a CIRR file holds one (its name says which)
     items = collect_items(db, run_id=run_id, include_unreviewed=include_unreviewed,
                           include_flagged=include_flagged, split=split, stats=stats,
@@ -182,9 +182,11 @@ def _count_left_out(stats: dict, pair_id: str, annotated: set[str], awaiting: se
         stats["pairs_not_in_run"] = stats.get("pairs_not_in_run", 0) + 1
     elif pair_id in awaiting:
         stats["pairs_awaiting_review"] = stats.get("pairs_awaiting_review", 0) + 1
-    elif pair_id not in annotated and withheld:
+    elif pair_id in annotated:  # its annotation is finished, not awaiting and not chosen
+        stats["pairs_rejected"] = stats.get("pairs_rejected", 0) + 1
+    elif withheld:
         stats["pairs_withheld_target"] = stats.get("pairs_withheld_target", 0) + 1
-    elif pair_id not in annotated:
+    else:
         stats["pairs_not_annotated"] = stats.get("pairs_not_annotated", 0) + 1
     return False
 

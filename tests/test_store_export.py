@@ -584,3 +584,16 @@ def test_a_ground_truth_the_store_holds_no_image_for_is_kept_and_exports_still(t
     again = open_db(tmp_path / "b.db")
     assert import_dataset(again, "pairs", out).problems == []
     assert _gt_ids(again) == _gt_ids(db)
+
+
+def test_cli_export_counts_rejected_pairs_among_those_left_out(reviewed, tmp_path, capsys):
+    # 'wrote 1 pairs ...; 1 annotated pair awaiting review left out' and not a word of the
+    # rejected pair: the counts did not add up to the store's pairs.
+    db, _, _ = reviewed
+    db_path = db.conn.execute("PRAGMA database_list").fetchone()[2]
+    out = tmp_path / "out.json"
+    assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "1 pair rejected in review left out" in said, said
+    assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["pairs_rejected"] == 1
