@@ -175,6 +175,14 @@ def _need_data(args) -> None:
                                     "`good4cir export` writes (or the authors' dataset.json)")
 
 
+def _note_captions_ignored(args) -> None:
+    # The dataset's own captions have no individual/compound kind: --captions picks among
+    # generated ones only, so with --source original it changes nothing.
+    if args.source == "original" and args.captions != "both":
+        print(f"note: --captions {args.captions} has no effect with --source original (the dataset's own "
+              "captions are not individual or compound); every original caption is used", file=sys.stderr)
+
+
 def _refuse_to_replace(out: Path, args: argparse.Namespace) -> None:
     # A command rerun from the shell's history must not throw away hours of training.
     from retrieval.model import BEST_FILE, LAST_FILE
@@ -189,6 +197,7 @@ def _refuse_to_replace(out: Path, args: argparse.Namespace) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     _need_data(args)  # before torch loads: a typo is told at once
+    _note_captions_ignored(args)
     from retrieval.train import DEFAULT_FUSION, TrainConfig, train
 
     _refuse_to_replace(Path(args.out), args)
@@ -239,6 +248,7 @@ def _brief(val: dict) -> str:
 
 def run_eval(args: argparse.Namespace) -> int:
     _need_data(args)  # before torch loads: a typo is told at once
+    _note_captions_ignored(args)
     from retrieval.evaluate import evaluate_checkpoint
 
     if args.threads:

@@ -916,3 +916,19 @@ def test_retrieve_tab_says_a_gallery_file_deleted_since_indexing_is_gone(tmp_pat
     card = re.search(rf"<div class='g4c-result[^']*'>((?:(?!g4c-result).)*?{re.escape(gone.name)}</div></div>)", html)
     assert card and "file not found (moved or deleted since indexing)" in card.group(1), html
     assert f"alt='{gone.name}'" not in html and html.count("file not found") == 1
+
+
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_captions_with_source_original_is_said_to_have_no_effect(tmp_path, capsys, command):
+    # `--source original --captions individual` trained on every original caption without
+    # a word: the dataset's own captions have no individual/compound kind.
+    db_path = make_world_store(tmp_path, pairs=10)
+    conn = sqlite3.connect(db_path)
+    conn.execute("UPDATE pairs SET split = 'test'")  # train stops at once, after the note
+    conn.commit()
+    conn.close()
+    where = ["--out", str(tmp_path / "model")] if command == "train" else ["--checkpoint", str(tmp_path / "none")]
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main([command, "--db", str(db_path), *where, "--source", "original", "--captions", "individual"])
+    err = capsys.readouterr().err
+    assert "--captions individual" in err and "no effect" in err, err
