@@ -667,3 +667,31 @@ def test_a_symlink_loop_in_pairs_jsonl_or_scenes_is_a_problem_naming_the_line_no
     (problem,) = report.problems
     assert problem.item == "pair 'loop' (pairs.jsonl line 4)"
     assert "loop1.png" in problem.reason and "loop of links" in problem.reason, problem.reason
+
+
+def test_a_name_in_the_other_unicode_form_or_with_windows_backslashes_finds_its_file(tmp_path):
+    # macOS writes 'café' decomposed (NFD) on disk, an editor types it composed (NFC); a
+    # pairs.jsonl written on Windows says 'photos\\a.png'. Both were 'file not found' for a
+    # file the user sees when listing the folder.
+    import unicodedata
+
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    composed = unicodedata.normalize("NFC", "café crème.png")
+    (folder / "images/room0.png").rename(folder / "images" / unicodedata.normalize("NFD", composed))
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in [
+        {"id": "nfc", "reference": f"images/{composed}", "target": "images\\room1.png"},
+        {"id": "dos", "reference": ".\\images\\room1.png", "target": "images\\room1_edit.png"},
+        {"id": "gone", "reference": "images\\nothing.png", "target": "images/room1_edit.png"},
+    ]) + "\n", encoding="utf-8")
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "pairs", folder)
+    assert report.pairs_added == 2
+    (problem,) = report.problems
+    assert problem.item == "pair 'gone' (pairs.jsonl line 3)" and "nothing.png: file not found" in problem.reason
+    pairs = pairs_of(db)
+    paths = dict(db.execute("SELECT id, path FROM images").fetchall())
+    assert Path(paths[pairs["nfc"].reference_id]).is_file() and Path(paths[pairs["dos"].target_id]).is_file()
+    assert pairs["nfc"].target_id == pairs["dos"].reference_id
+    again = import_dataset(db, "pairs", folder)
+    assert (again.pairs_added, again.pairs_skipped, len(again.problems)) == (0, 2, 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -36,8 +37,26 @@ def resolve_location(location: str, base: Path) -> str | Path:
         return location
     if location.startswith("file://"):
         location = location[len("file://"):]
+    path = _joined(location, base)
+    return path if path.exists() or path.is_symlink() else _spelled_otherwise(location, base, path)
+
+
+def _joined(location: str, base: Path) -> Path:
     path = Path(location).expanduser()
     return path if path.is_absolute() else base / path
+
+
+def _spelled_otherwise(location: str, base: Path, path: Path) -> Path:
+    """The file a missing location names under another spelling, else `path`: a pairs
+    file written on Windows ('photos\\a.jpg'), or a name typed in one Unicode form while
+    the disk holds the other (macOS writes 'café' decomposed, NFD; an editor or a script
+    writes it composed, NFC): both look the same to a user who lists the folder."""
+    spellings = [location.replace("\\", "/")] if "\\" in location else [location]
+    spellings += [unicodedata.normalize(form, s) for s in list(spellings) for form in ("NFC", "NFD")]
+    for spelling in dict.fromkeys(spellings):
+        if spelling != location and os.path.lexists(candidate := _joined(spelling, base)):
+            return candidate
+    return path
 
 
 def read_text(path: Path) -> str:
