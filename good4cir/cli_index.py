@@ -82,14 +82,21 @@ def run_index(args: argparse.Namespace) -> int:
 
     require_store(args.db)  # before torch loads
     _set_threads(args)
-    from retrieval.index import build_gallery_index
+    from retrieval.index import EMBEDDINGS_DIR, build_gallery_index
 
-    report = build_gallery_index(
-        args.db, args.checkpoint, args.out, factory=args.factory, split=args.split,
-        search_params=args.search_params, batch_size=args.batch_size,
-        num_workers=args.workers, fresh=args.fresh, progress=not args.quiet and sys.stderr.isatty(),
-        cache_dir=args.cache_dir, device=args.device,
-    )
+    try:
+        report = build_gallery_index(
+            args.db, args.checkpoint, args.out, factory=args.factory, split=args.split,
+            search_params=args.search_params, batch_size=args.batch_size,
+            num_workers=args.workers, fresh=args.fresh, progress=not args.quiet and sys.stderr.isatty(),
+            cache_dir=args.cache_dir, device=args.device,
+        )
+    except KeyboardInterrupt:
+        # Work is kept a chunk of images at a time: stopped inside the first, none was.
+        if not any(not p.name.endswith(".tmp.npz") for p in (Path(args.out) / EMBEDDINGS_DIR).glob("chunk_*.npz")):
+            args.interrupted_note = ("interrupted before a chunk of images was encoded and saved (no chunk "
+                                     "was finished); rerun the same command to start the encoding again")
+        raise
     print(
         f"indexed {report.count} images ({report.encoded} encoded now) into {report.out_dir} "
         f"[{report.factory}, {report.dim}-d, search params {report.search_params or 'none'}] "

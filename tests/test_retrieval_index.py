@@ -469,3 +469,37 @@ def test_index_draws_its_progress_bar_only_on_a_terminal(tmp_path, tiny_checkpoi
                  "--workers", "0", "--cache-dir", str(tmp_path / "cache")]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err and "img/s" not in err and "remote-only" in err, err
+
+
+def test_an_index_interrupted_before_any_chunk_finished_does_not_say_work_was_saved(tmp_path, tiny_checkpoint):
+    # Ctrl-C while the first chunk (1024 images) was encoding said 'interrupted; everything
+    # finished so far is saved': nothing was, and the rerun encodes it all again.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(600):
+        path = tmp_path / "images" / f"img{i:03d}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, size=(24, 24, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    db_path = tmp_path / "store.db"
+    _store_with_images(db_path, paths)
+    out = tmp_path / "index"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "good4cir", "index", "--db", str(db_path), "--checkpoint", str(tiny_checkpoint),
+         "--out", str(out), "--batch-size", "1", "--workers", "0", "--threads", "1",
+         "--cache-dir", str(tmp_path / "cache")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / ix.EMBEDDINGS_DIR / ix.MANIFEST_FILE).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)  # the encoding has begun
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 130, err
+    assert not list((out / ix.EMBEDDINGS_DIR).glob("chunk_*.npz"))
+    assert "everything finished so far is saved" not in err and "no chunk" in err, err
