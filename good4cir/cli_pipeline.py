@@ -48,6 +48,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="downscale images to fit PX x PX before sending (default 512)")
     parser.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS", help="seconds per request (default 120; openai-batch: a batch file's upload "
                         "gets this plus 1 s per 256 KB of the file)")
+    parser.add_argument("--max-tokens", type=int, default=1500, metavar="N",
+                        help="tokens an answer may take (default 1500); a reasoning model spends them on "
+                        "thinking too, and a server's context must hold them with the prompt")
     parser.add_argument("--max-attempts", type=int, default=6, metavar="N", help="attempts per request on transient errors (default 6)")
     parser.add_argument("--retry-budget", type=int, metavar="N", help="retries allowed for the whole run, all sessions (default 100 + 2 per pair)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="NAME",
@@ -81,7 +84,7 @@ def _options(args: argparse.Namespace):
         concurrency=args.concurrency, limit=args.limit, split=args.split, run_id=args.run,
         new_run=args.new_run, retry_failed=args.retry_failed, name=args.name,
         api_key_env=args.api_key_env, timeout=args.timeout, image_max_side=args.image_size,
-        detail=args.detail, max_attempts=args.max_attempts, retry_budget=args.retry_budget,
+        detail=args.detail, max_tokens=args.max_tokens, max_attempts=args.max_attempts, retry_budget=args.retry_budget,
         prices_path=args.prices, seed=args.seed, error_rate=args.error_rate,
         poll_interval=args.poll_interval, flush_interval=args.flush_interval,
     )

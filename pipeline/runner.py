@@ -483,6 +483,7 @@ def _check_numbers(options: RunOptions) -> None:
     # --max-attempts 0 or a negative --retry-budget quietly meant something else.
     for name, value, low, strict in (("timeout", options.timeout, 0, True),
                                      ("max attempts", options.max_attempts, 1, False),
+                                     ("max tokens", options.max_tokens, 1, False),
                                      ("retry budget", options.retry_budget, 0, False),
                                      ("poll interval", options.poll_interval, 0, True),
                                      ("flush interval", options.flush_interval, 0, False)):
@@ -1085,9 +1086,10 @@ class Runner:
         where = redact_url(self.options.base_url) or "OpenAI"
         mode = getattr(self.backend, "response_mode", None)
         if first.problem and "finish_reason 'length'" in first.problem:
-            advice = (f"Its answers were cut off at the token limit ({self.options.max_tokens}, or "
-                      "the server's context: vLLM's --max-model-len): use a model that answers "
-                      "in JSON without a long preamble (--model), or give the server more context")
+            advice = (f"Its answers were cut off at the token limit (--max-tokens {self.options.max_tokens}, "
+                      "or the server's context: vLLM's --max-model-len): raise --max-tokens (a "
+                      "reasoning model spends them on thinking too), use a model that answers in "
+                      "JSON without a long preamble (--model), or give the server more context")
         elif mode == "text":
             advice = ("The server refused response_format (json_schema and json_object), so the "
                       "model was asked for JSON in the prompt alone: use a model that follows "

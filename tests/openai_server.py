@@ -19,7 +19,8 @@ finish_reason "length", a 503, a 200 whose body is an error, a connection droppe
 local servers do. Other servers' habits are switches: `answer_style` (prose, fences,
 reasoning_content, content parts, schema-invalid JSON), `usage_zeros`,
 `reject_images_status` (a text-only model), `served_models` (404 for any other model, as
-vLLM answers; listed at /v1/models).
+vLLM answers; listed at /v1/models), `context_length` (vLLM's 400 past --max-model-len),
+`thinking_tokens` (a reasoning model that spends its max_tokens thinking).
 
 In a test:   server = start_server(latency=0.0); server.url; server.config.rate_429 = 0.2;
              server.stats; server.requests; server.stop()
@@ -115,6 +116,14 @@ class ServerConfig:
     max_images_per_request: Optional[int] = None
     # Models the server has (listed at /v1/models); another model gets vLLM's 404 body.
     served_models: Optional[list] = None
+    # vLLM's --max-model-len: a request whose prompt (text/4 + 85 per image) plus its
+    # max_tokens exceeds it gets vLLM's 400 ("This model's maximum context length is ...").
+    context_length: Optional[int] = None
+    # A reasoning model (gpt-5-mini, Qwen3-VL-Thinking) that thinks this many tokens before
+    # it answers: a request allowing fewer comes back cut off with nothing in content
+    # (finish_reason "length"), and under json_schema as OpenAI's 400 "Could not finish the
+    # message because max_tokens or model output limit was reached".
+    thinking_tokens: Optional[int] = None
 
 
 OBJECTS = {
@@ -294,6 +303,27 @@ class FakeOpenAI:
             return 400, {"error": {"message": "Unsupported value: 'temperature' does not support "
                                    f"{body['temperature']} with this model.",
                                    "type": "invalid_request_error"}}, {}
+        limit = self.config.context_length
+        asked = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+        if limit is not None and self._prompt_tokens(body) + asked > limit:
+            self.stats["rejected_context_length"] += 1
+            prompt = self._prompt_tokens(body)
+            return 400, {"object": "error", "message": (  # vLLM's body and words
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{prompt + asked} tokens ({prompt} in the messages, {asked} in the completion). "
+                "Please reduce the length of the messages or completion."),
+                "type": "BadRequestError", "param": None, "code": 400}, {}
+        thinking = self.config.thinking_tokens
+        if thinking is not None and asked <= thinking:
+            self.stats["thinking_cut_off"] += 1
+            if fmt == "json_schema":
+                return 400, {"error": {"message": "Could not finish the message because max_tokens or "
+                                       "model output limit was reached. Please try again with higher "
+                                       "max_tokens.", "type": "invalid_request_error", "param": None,
+                                       "code": None}}, {}
+            payload = self._completion_body(body, "", "length")
+            payload["usage"]["completion_tokens"] = asked
+            return 200, payload, {}
         if fmt == "json_schema" and self.config.reject_json_schema:
             self.stats["rejected_json_schema"] += 1
             return self.config.reject_format_status, {"error": {  # llama.cpp's words (a 500 there)
@@ -380,6 +410,12 @@ class FakeOpenAI:
         if self.config.usage_zeros and "usage" in payload:
             payload["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         return payload
+
+    @staticmethod
+    def _prompt_tokens(body: dict) -> int:
+        user_text = sum(len(_message_text(m.get("content"))) for m in body.get("messages", []))
+        images = sum(len(_images(m.get("content"))) for m in body.get("messages", []))
+        return user_text // 4 + 85 * images
 
     def _completion_body(self, body: dict, content: str, finish: str) -> dict:
         user_text = sum(len(_message_text(m.get("content"))) for m in body.get("messages", []))

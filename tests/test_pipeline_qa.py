@@ -311,6 +311,7 @@ def test_a_limit_below_one_is_refused_not_read_as_no_limit(server, tmp_path, lim
 @pytest.mark.parametrize("option, value, said", [
     ("timeout", 0.0, "timeout must be more than 0, not 0"),
     ("max_attempts", 0, "max attempts must be at least 1, not 0"),
+    ("max_tokens", 0, "max tokens must be at least 1, not 0"),
     ("retry_budget", -1, "retry budget must be at least 0, not -1"),
     ("poll_interval", 0.0, "poll interval must be more than 0, not 0"),
     ("flush_interval", -1.0, "flush interval must be at least 0, not -1"),

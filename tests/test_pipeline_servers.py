@@ -156,3 +156,47 @@ def test_a_server_taking_fewer_images_than_the_single_method_sends_stops_the_run
     assert "At most 1 image(s)" in said and "--limit-mm-per-prompt" in said and "--method staged" in said
     assert server.stats["rejected_image_count"] <= 2
     assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 4)]
+
+
+def test_a_request_past_the_models_context_is_not_sent_again_in_other_formats(server, tmp_path):
+    # vLLM refuses a prompt plus max_tokens longer than its --max-model-len with 400 'This
+    # model's maximum context length is ...'. The 400 was taken for a refused
+    # response_format: the request went out three times (json_schema, json_object, text),
+    # and each pair failed on the server's words alone, with nothing to say what to change
+    # (max_tokens could not be changed at all).
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.context_length = 1200
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.failures == {"request rejected": 2}
+    assert server.stats["rejected_context_length"] == 1  # stage 1's one request, once
+    assert [r.get("response_format", {}).get("type") for r in server.requests] == ["json_schema"]
+    (error,) = table_rows(db_path, "SELECT error FROM calls")[0]
+    assert "maximum context length is 1200" in error and "--max-tokens (now 1500)" in error
+    assert "--max-model-len" in error and "--image-size" in error
+
+
+def test_a_reasoning_model_out_of_max_tokens_keeps_structured_outputs_and_says_raise_it(server, tmp_path):
+    # A reasoning model (gpt-5-mini, Qwen3-VL-Thinking) spends max_tokens on thinking too:
+    # under json_schema OpenAI answers 400 'Could not finish the message because max_tokens
+    # or model output limit was reached'. That was taken for a refused response_format: the
+    # request went out again as json_object, came back cut off (paid), and the whole run
+    # went on without Structured Outputs. Nothing could raise the limit.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.thinking_tokens = 3000
+    progress = run_pipeline(db_path, _options(server))
+    assert progress.failures == {"request rejected": 2} and server.stats["thinking_cut_off"] == 1
+    (error,) = table_rows(db_path, "SELECT error FROM calls")[0]
+    assert "Could not finish the message" in error and "raise --max-tokens" in error
+    progress = run_pipeline(db_path, _options(server, max_tokens=4000))
+    assert progress.pairs_done == 2, progress.failures
+    assert {r.get("response_format", {}).get("type") for r in server.requests} == {"json_schema"}
+    assert {r["max_tokens"] for r in server.requests[1:]} == {4000}
+
+
+def test_max_tokens_is_an_annotate_option(server, tmp_path):
+    from good4cir.cli import main
+
+    db_path = _world(tmp_path, references=1, pairs=1)
+    assert main(["annotate", "--db", str(db_path), "--backend", "openai", "--base-url", server.url,
+                 "--model", "local-vlm", "--max-tokens", "3000", "--no-progress"]) == 0
+    assert server.requests and {r["max_tokens"] for r in server.requests} == {3000}

@@ -45,6 +45,19 @@ IMAGES_REFUSED = re.compile(
 # versions): "At most 1 image(s) may be provided in one request.", later "You set
 # image=1 (or defaulted to 1) in `--limit-mm-per-prompt`, but passed 2 image items ...".
 IMAGE_LIMIT = re.compile(r"at most \d+ image\(s\)|limit-mm-per-prompt", re.IGNORECASE)
+# A request too long for the model's context (vLLM: "This model's maximum context length
+# is 4096 tokens. However, you requested ..."; llama.cpp: "the request exceeds the
+# available context size"), or an answer that ran out of max_tokens under Structured
+# Outputs (OpenAI, Azure: "Could not finish the message because max_tokens or model output
+# limit was reached"; a reasoning model spends its max_tokens thinking), or a max_tokens
+# the model cannot give ("This model supports at most 4096 completion tokens"). Another
+# response format does not help: the same request would only be sent again, and an answer
+# cut off in a lower format would keep that format for the rest of the run.
+CONTEXT_REFUSED = re.compile(r"maximum context length|context (?:length|size|window)|context_length_exceeded"
+                             r"|prompt is too long|too many (?:input )?tokens", re.IGNORECASE)
+OUTPUT_LIMIT = re.compile(r"max_tokens or model output limit", re.IGNORECASE)
+TOO_MANY_TOKENS = re.compile(r"supports at most \d+ completion tokens|max_(?:completion_)?tokens is too large",
+                             re.IGNORECASE)
 
 
 def resolve_api_key(api_key_env: str, base_url: Optional[str]) -> str:
@@ -290,6 +303,9 @@ class OpenAIBackend:
                     raise map_openai_error(exc, self._secret) from None
                 if self._adapt_parameters(str(exc)):
                     continue  # same mode again, with the parameter this model wants
+                token_limit = self._token_limit_error(exc, request.max_tokens)
+                if token_limit is not None:
+                    raise token_limit from None
                 if i + 1 < len(modes) and not (IMAGES_REFUSED.search(str(exc))
                                                or IMAGE_LIMIT.search(str(exc))):
                     i += 1
@@ -306,6 +322,24 @@ class OpenAIBackend:
                 self.response_mode = mode  # keep what this server accepts
             return self._response(completion, started)
         raise AssertionError("unreachable")
+
+    def _token_limit_error(self, exc: BaseException, max_tokens: int) -> Optional[PermanentError]:
+        """The PermanentError, with what to change, for a refusal about the token limit or
+        the model's context; None for any other refusal."""
+        said = str(exc)
+        if TOO_MANY_TOKENS.search(said):
+            advice = f"the model cannot answer {max_tokens} tokens: lower --max-tokens"
+        elif OUTPUT_LIMIT.search(said):
+            advice = (f"the answer did not fit in --max-tokens ({max_tokens}); a reasoning model "
+                      "spends it on thinking too: raise --max-tokens")
+        elif CONTEXT_REFUSED.search(said):
+            advice = (f"the request does not fit the model's context: lower --max-tokens (now "
+                      f"{max_tokens}) or --image-size, or give the server a longer context "
+                      "(vLLM: --max-model-len; llama.cpp: --ctx-size; Ollama: num_ctx)")
+        else:
+            return None
+        mapped = map_openai_error(exc, self._secret)
+        return PermanentError(f"{mapped}; {advice}")
 
     async def _served_models_note(self) -> str:
         """'; the server serves A, B' for a 404: a local server's model name is rarely the
