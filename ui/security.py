@@ -4,7 +4,8 @@ files it may serve, and how untrusted text reaches the page.
 - The app listens on 127.0.0.1 unless told otherwise; any other address needs --auth.
 - Images are served by id only (never by a path from the browser), and only when the
   stored path resolves inside the dataset folder it was imported from and the file
-  starts with an image signature, so a crafted row or a symlink cannot leak other files.
+  starts with an image signature (or, named .tif and the like, was decoded by the import
+  and is sent re-encoded as PNG), so a crafted row or a symlink cannot leak other files.
 - Every caption, descriptor and name goes through `escape_text` before it is placed in
   HTML. Besides the HTML specials it escapes `$`, `{`, `}` and the backtick, because
   Gradio's gr.HTML runs its template through Handlebars and a JS template literal.
@@ -27,14 +28,22 @@ from urllib.parse import quote
 
 import sqlite_utils
 
+from store.images import load_image_rgb
+
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 IMAGE_MEDIA_TYPES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
-    ".webp": "image/webp", ".bmp": "image/bmp",
+    ".webp": "image/webp", ".bmp": "image/bmp", ".avif": "image/avif",
 }
-# Leading bytes of the formats above; a file that claims to be an image but is not is
-# refused (e.g. a row pointing at a text file renamed .png).
-_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM")
+# Formats the import accepts (PIL reads them) that browsers do not show: the app sends
+# such an image decoded and re-encoded as PNG.
+CONVERTED_SUFFIXES = {".tif", ".tiff", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm",
+                      ".tga", ".sgi", ".pcx"}
+# Leading bytes of the browser formats above; a file that claims to be an image but is
+# not is refused (e.g. a row pointing at a text file renamed .png). The media type comes
+# from them, not from the name: a PNG named .jpg is sent as image/png.
+_SIGNATURES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF87a": "image/gif",
+               b"GIF89a": "image/gif", b"BM": "image/bmp"}
 
 
 class SecurityError(Exception):
@@ -220,14 +229,35 @@ def login_user(request) -> Optional[str]:
 class ServedImage:
     path: Path
     media_type: str
+    convert: bool = False  # send it re-encoded as PNG (a format browsers do not show)
+
+
+def converted_png(path: Path) -> bytes:
+    """A ServedImage with convert=True, as PNG bytes. Raises store's ImageError."""
+    import io
+
+    buffer = io.BytesIO()
+    load_image_rgb(path).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _sniffed_media_type(head: bytes) -> Optional[str]:
+    for signature, media_type in _SIGNATURES.items():
+        if head.startswith(signature):
+            return media_type
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "image/avif"
+    return None
 
 
 def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     """The file to send for image `image_id`, or ImageRefusedError saying why not."""
-    row = db.execute("SELECT path, root, url FROM images WHERE id = ?", [image_id]).fetchone()
+    row = db.execute("SELECT path, root, url, format FROM images WHERE id = ?", [image_id]).fetchone()
     if row is None:
         raise ImageRefusedError(f"image {image_id!r} is not in the store")
-    path_text, root_text, url = row
+    path_text, root_text, url, image_format = row
     if not path_text:
         # Remote images are never fetched by the app (it makes no network requests).
         raise ImageRefusedError(f"image {image_id!r} has no local file ({url or 'no url'})")
@@ -238,8 +268,8 @@ def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     if not path.is_relative_to(folder):
         raise ImageRefusedError(f"image {image_id!r}: {path} is outside its dataset folder {folder}",
                                 f"image {image_id!r} is outside its dataset folder")
-    media_type = IMAGE_MEDIA_TYPES.get(path.suffix.lower())
-    if media_type is None:
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_MEDIA_TYPES and suffix not in CONVERTED_SUFFIXES:
         raise ImageRefusedError(f"image {image_id!r}: {path.name} does not have an image file extension")
     try:
         with open(path, "rb") as handle:
@@ -247,9 +277,12 @@ def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     except OSError as exc:
         raise ImageRefusedError(f"image {image_id!r}: cannot read {path} ({exc.strerror})",
                                 f"image {image_id!r}: its file cannot be read ({exc.strerror})") from exc
-    if not (head.startswith(_SIGNATURES) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
-        raise ImageRefusedError(f"image {image_id!r}: {path.name} is not an image file")
-    return ServedImage(path=path, media_type=media_type)
+    media_type = _sniffed_media_type(head)
+    if media_type is not None:
+        return ServedImage(path=path, media_type=media_type)
+    if suffix in CONVERTED_SUFFIXES and image_format:  # the import decoded it: PIL reads it
+        return ServedImage(path=path, media_type="image/png", convert=True)
+    raise ImageRefusedError(f"image {image_id!r}: {path.name} is not an image file")
 
 
 def uploaded_file(path_text: str) -> Path:

@@ -20,12 +20,15 @@ os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the app reaches no network
 import fastapi  # noqa: E402
 from fastapi.responses import FileResponse, PlainTextResponse  # noqa: E402
 
+from store.errors import ImageError  # noqa: E402
+
 from .assets import CSS, HEAD  # noqa: E402
 
 log = logging.getLogger(__name__)
 from .connections import Connections  # noqa: E402
 from .security import (  # noqa: E402
-    ImageRefusedError, LoginThrottle, check_bind, login_checker, loopback_host_header, resolve_image,
+    ImageRefusedError, LoginThrottle, check_bind, converted_png, login_checker, loopback_host_header,
+    resolve_image,
 )
 
 
@@ -102,6 +105,14 @@ def create_server_app(
         except ImageRefusedError as exc:
             log.warning("image refused: %s", exc)
             return PlainTextResponse(f"refused: {exc.public}", status_code=404)
+        if served.convert:
+            try:
+                return fastapi.Response(converted_png(served.path), media_type=served.media_type,
+                                        headers={"Cache-Control": "private, max-age=86400",
+                                                 "X-Content-Type-Options": "nosniff"})
+            except ImageError as exc:
+                log.warning("image refused: %s", exc)
+                return PlainTextResponse(f"refused: image {image_id!r} cannot be decoded", status_code=404)
         return FileResponse(
             served.path, media_type=served.media_type,
             headers={"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"},
