@@ -138,7 +138,7 @@ def run_query(args: argparse.Namespace) -> int:
         print(json.dumps({
             "image": str(args.image), "text": args.text, "k": args.k, "reranked": reranked,
             "results": [
-                {"rank": rank, "name": h.name, "path": h.path, "score": round(h.score, 6),
+                {"rank": rank, "name": h.name, "image_id": h.image_id, "path": h.path, "score": round(h.score, 6),
                  "stage": h.stage, "first_stage_score": round(h.first_stage_score, 6)}
                 for rank, h in enumerate(hits, 1)
             ],

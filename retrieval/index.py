@@ -76,6 +76,7 @@ class Hit(NamedTuple):
     score: float
     stage: str = FIRST_STAGE
     first_stage_score: Optional[float] = None
+    image_id: Optional[str] = None  # the store's id (content hash); None for a gallery of plain paths
 
 
 @dataclass
@@ -565,7 +566,7 @@ class GalleryIndex:
                 entry = self.entries[row]
                 if entry.path in skip or entry.name in skip or (entry.image_id and entry.image_id in skip):
                     continue
-                hits.append(Hit(entry.name, entry.path, float(score), FIRST_STAGE, float(score)))
+                hits.append(Hit(entry.name, entry.path, float(score), FIRST_STAGE, float(score), entry.image_id))
                 if len(hits) == k:
                     break
             results.append(hits)

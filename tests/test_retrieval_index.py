@@ -316,6 +316,8 @@ def test_index_and_query_commands_end_to_end(tmp_path, tiny_checkpoint, image_pa
     order = np.argsort(-(query @ gallery.T)[0])[:5]
     assert names == [gallery_paths[i].stem for i in order]
     assert reference.stem not in names
+    # each hit names its image as the store does (the store's image id), as the app's do
+    assert [r["image_id"] for r in result["results"]] == [f"sha{int(n[4:]):03d}" for n in names]
     np.testing.assert_allclose([r["score"] for r in result["results"]], (query @ gallery.T)[0][order], atol=1e-4)
 
     # --keep-reference searches the whole gallery, the reference included.
