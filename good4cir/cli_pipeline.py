@@ -197,7 +197,7 @@ def run_status_command(args: argparse.Namespace) -> int:
     report = run_status(args.db)
     if args.json:
         keys = ("id", "name", "backend", "model", "status", "pairs_done", "pairs_failed", "pairs_pending", "calls",
-                "cost_usd", "failures")
+                "cost_usd", "failures", "open_batches")
         print(json.dumps({"runs": [{k: r[k] for k in keys} for r in report["runs"]]}))
         return 0
     if not report["runs"]:
@@ -228,6 +228,13 @@ def run_status_command(args: argparse.Namespace) -> int:
             why = "stopped" if r["status"] == "stopped" else "ended on an error (fix what it said first)"
             print(f"run {r['id']} {why} with {r['pairs_pending']} pairs pending: rerun the same "
                   f"`good4cir annotate` command (or pass --run {r['id']}) to resume")
+    for r in report["runs"]:
+        # A live session collects its own; one that is gone leaves them to the rerun
+        if r["open_batches"] and r["status"] != "running":
+            n = r["open_batches"]
+            print(f"run {r['id']} has {n} batch{'' if n == 1 else 'es'} open on the server (submitted, answers "
+                  f"not collected yet): rerun the same `good4cir annotate` command (or pass --run {r['id']}); "
+                  "it collects their answers instead of sending them again")
     if any(r["status"] == "interrupted" for r in report["runs"]):
         print("interrupted: the session running it is gone; rerun the same `good4cir annotate` "
               "command (or pass --run RUN_ID) to resume")

@@ -1532,7 +1532,8 @@ def stop_runs_in_threads(on_stop: Optional[Callable[[RunHandle], None]] = None) 
 def run_status(db_path: str | Path) -> dict:
     """Every run's progress: {"runs": [{"id", "backend", "model", "status", "pairs_done",
     "pairs_failed", "pairs_pending", "calls", "cost_usd", "failures": {reason: count}}]}
-    (plus "method", "name" and "session", which scripts may ignore).
+    (plus "method", "name", "session" and "open_batches": batches submitted and not
+    collected yet, which scripts may ignore).
 
     A run whose row says 'running' but that no live session holds (its process was
     killed, or stopped renewing its lease) is reported as 'interrupted': rerunning the
@@ -1542,6 +1543,7 @@ def run_status(db_path: str | Path) -> dict:
     db = open_db(db_path)
     try:
         live = leases.live_leases(db)
+        open_batches = store_ann.open_batch_counts(db)
         runs = []
         for run in store_ann.list_runs(db):
             counts = store_ann.run_counts(db, run.id)
@@ -1556,6 +1558,7 @@ def run_status(db_path: str | Path) -> dict:
                 "cost_usd": counts["cost_usd"], "failures": counts["failures"],
                 "status": status, "method": run.method, "name": run.name,
                 "session": leases.describe_lease(lease) if lease is not None else None,
+                "open_batches": open_batches.get(run.id, 0),
             })
         return {"runs": runs}
     finally:

@@ -439,6 +439,12 @@ def update_batch(db: sqlite_utils.Database, batch_id: str, **fields) -> None:
                    [*fields.values(), utc_now(), batch_id])
 
 
+def open_batch_counts(db: sqlite_utils.Database) -> dict[int, int]:
+    """{run id: how many of its batches are submitted and not collected yet}."""
+    return dict(db.execute(
+        "SELECT run_id, COUNT(*) FROM batches WHERE collected = 0 GROUP BY run_id").fetchall())
+
+
 def list_batches(db: sqlite_utils.Database, run_id: Optional[int] = None) -> list[dict]:
     sql = "SELECT * FROM batches" + (" WHERE run_id = ?" if run_id is not None else "")
     cursor = db.execute(sql + " ORDER BY created_at", [run_id] if run_id is not None else [])

@@ -702,3 +702,19 @@ def test_a_stop_with_lines_not_yet_sent_ends_at_once_and_sends_nothing(server, t
     assert server.stats["files_uploaded"] == server.stats["batches_created"] == 0
     assert table_rows(db_path, "SELECT COUNT(*) FROM batches") == [(0,)]
     assert run_pipeline(db_path, _options(server)).pairs_done == 3
+
+
+@pytest.mark.timeout(60)
+def test_status_says_a_stopped_run_has_batches_open_on_the_server(server, tmp_path, capsys):
+    # `annotate --dry-run` said that answers were waiting in an open batch; `status`, the
+    # command a user runs to see where a run is, said only 'stopped with 3 pairs pending'.
+    import json
+
+    from good4cir.cli import main as cli_main
+
+    db_path, _, batch_a = _stopped_run_with_a_batch_open(server, tmp_path)
+    assert cli_main(["status", "--db", str(db_path)]) == 0
+    out = capsys.readouterr().out
+    assert "run 1 has 1 batch open on the server" in out and "collects" in out, out
+    assert cli_main(["status", "--db", str(db_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["runs"][0]["open_batches"] == 1
