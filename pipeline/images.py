@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from store.images import to_rgb
+
 from .backends.base import PermanentError
 
 DETAILS = ("low", "high", "auto")
@@ -40,12 +42,9 @@ def encode_image(path: str | Path, max_side: int, quality: int = 85) -> str:
                     f"image {path.name}: {image.width}x{image.height} is too large to decode safely"
                 )
             image.draft("RGB", (max_side, max_side))  # JPEG: decode at reduced size
-            image = ImageOps.exif_transpose(image)
-            if image.mode not in ("RGB", "L"):
-                background = Image.new("RGB", image.size, "white")
-                rgba = image.convert("RGBA")
-                background.paste(rgba, mask=rgba.getchannel("A"))
-                image = background
+            # store's conversion, as the review app and retrieval see the image: PIL's own
+            # convert clips 16-bit samples, so a 16-bit PNG went out nearly white.
+            image = to_rgb(ImageOps.exif_transpose(image))
             image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
             buffer = io.BytesIO()
             image.convert("RGB").save(buffer, format="JPEG", quality=quality)

@@ -151,12 +151,13 @@ def load_image_rgb(path: str | Path, background: tuple[int, int, int] = (255, 25
             upright = ImageOps.exif_transpose(image)
         except OSError as exc:
             raise ImageError(f"{path}: truncated or corrupt ({exc})") from exc
-        return _to_rgb(upright, background)
+        return to_rgb(upright, background)
     finally:
         image.close()
 
 
-def _to_rgb(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """A decoded image as 8-bit RGB: alpha onto `background`, 16-bit samples scaled."""
     mode = image.mode
     if mode.startswith("I;16") or mode in ("I", "F"):
         image = _deep_to_l(image)

@@ -212,3 +212,22 @@ def test_the_review_app_shows_every_format_the_import_accepts_with_its_real_medi
                 shown = Image.open(io.BytesIO(response.read())).convert("RGB")
             if name != "a.avif":  # lossless: the very pixels
                 assert np.array_equal(np.asarray(shown), np.asarray(pictures[name])), name
+
+
+def test_the_vlm_is_sent_a_16_bit_png_as_the_review_app_and_retrieval_see_it(tmp_path):
+    # The pipeline converted with PIL's own convert, which clips 16-bit samples to 255:
+    # a 16-bit PNG (scanners, microscopes, renders) went out nearly white, and the VLM
+    # was paid to describe a blank picture.
+    import base64
+    import io
+
+    from pipeline.images import encode_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (32, 1))
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    assert Image.open(path).mode.startswith("I;16")
+    url = encode_image(path, 512)
+    sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L"), dtype=float)
+    shown = np.asarray(load_image_rgb(path).convert("L"), dtype=float)
+    assert np.abs(sent - shown).mean() < 3, np.abs(sent - shown).mean()
