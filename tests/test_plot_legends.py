@@ -150,3 +150,16 @@ def test_training_curves_legends_hide_no_curve():
     assert "re-ranker loss" in labels and "best.pt: epoch 4" in labels, labels
     r1 = next(line for line in fig.axes[1].get_lines() if line.get_label() == "R@1")
     assert list(r1.get_ydata()) == [v[0] for v in fusion]
+
+
+def test_stats_flag_plot_names_a_run_with_no_decided_pairs():
+    # A run nobody reviewed yet had zero-height (invisible) bars: only its legend entry
+    # showed it was there, as if reviewers had flagged nothing of it.
+    rows = _human_rows()[:2]
+    rows[1] = {**rows[1], "pairs": 0, **{stage: {"items": 0, "flagged": 0} for stage in sl.STAGES},
+               "model": "other-model"}
+    fig = sl.plot_human_rates(rows)
+    legends = [[t.get_text() for t in ax.get_legend().get_texts()] for ax in fig.axes if ax.get_legend()]
+    assert legends[0] == [LONG_LABELS[0], f"{LONG_LABELS[1]} (no decided pairs)"], legends
+    assert legends[1] == ["simulator-v1", "other-model (no decided pairs)"], legends
+    assert hidden_by_legends(fig) == []

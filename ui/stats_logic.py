@@ -353,7 +353,10 @@ def _legend_columns(groups) -> int:
 
 def plot_human_rates(rows: list[dict]):
     keys = ("label", "model", "prompt_version")
-    groups = [human_rates_by(rows, key) for key in keys]
+    # A group with no decided pair has no rate: its bars, of zero height, do not show, so
+    # its legend entry says why
+    groups = [{(f"{group} (no decided pairs)" if all(v is None for v in rates.values()) else group): rates
+               for group, rates in human_rates_by(rows, key).items()} for key in keys]
     # each panel's legend in a row of its own under it
     legend_heights = [0.15 + 0.13 * -(-len(g) // _legend_columns(g)) for g in groups]
     fig = _figure(10, 6.3 + sum(legend_heights))
