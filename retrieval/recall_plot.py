@@ -53,8 +53,9 @@ def write_recall_plot(path: str | Path, curves: dict[str, Any], title: str = "")
 
 def draw_recall_plot(curves: dict[str, Any], title: str = ""):
     """Draw `curves` ({"recall": {name: [...]}, "subsets": {name: [...]},
-    "recall_subset": {name: [...]}}): Recall@K by method, Recall@K of the model by subset,
-    and Recall_subset@K by method where the data has image sets."""
+    "recall_subset": {name: [...]}, "subsets_overlap": queries in several subsets}):
+    Recall@K by method, Recall@K of the model by subset, and Recall_subset@K by method
+    where the data has image sets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,6 +90,10 @@ def draw_recall_plot(curves: dict[str, Any], title: str = ""):
         ax.set_ylim(0, 100)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("percent")
+        overlap = curves.get("subsets_overlap") if key == "subsets" else 0
+        if overlap:
+            heading += (f"\n({overlap} quer{'y is' if overlap == 1 else 'ies are'} in more than one subset, "
+                        "counted in each)")
         ax.set_title(heading, fontsize=10)
         ax.grid(alpha=0.3)
         legend_ax.set_axis_off()

@@ -163,3 +163,28 @@ def test_stats_flag_plot_names_a_run_with_no_decided_pairs():
     assert legends[0] == [LONG_LABELS[0], f"{LONG_LABELS[1]} (no decided pairs)"], legends
     assert legends[1] == ["simulator-v1", "other-model (no decided pairs)"], legends
     assert hidden_by_legends(fig) == []
+
+
+def test_recall_plot_says_when_its_subsets_overlap():
+    # recall.png's subsets ('heldout_combo (3 queries)', 'heldout_phrasing (2 queries)',
+    # 'seen (2 queries)') added up to more than the 5 queries of its title, with no word why:
+    # a query held out in two ways is in both subsets.
+    import numpy as np
+
+    from retrieval.evaluate import Queries, recall_curves
+    from retrieval.recall_plot import draw_recall_plot
+
+    gallery = [f"g{i}" for i in range(8)]
+    tags = [{"heldout_combo", "heldout_phrasing"}, {"heldout_combo"}, {"heldout_combo", "heldout_phrasing"}, set(),
+            set()]
+    queries = Queries(pair_ids=[f"p{i}" for i in range(5)], reference_keys=gallery[:5],
+                      target_keys=gallery[3:8], texts=["t"] * 5, img_sets=[None] * 5,
+                      ground_truths=[[g] for g in gallery[3:8]], tags=tags)
+    scores = np.random.default_rng(0).normal(size=(5, 8))
+    curves = recall_curves({"gallery": np.zeros((8, 4))}, scores, None, gallery, queries)
+    assert sorted(curves["subsets"]) == ["heldout_combo (3 queries)", "heldout_phrasing (2 queries)",
+                                         "seen (2 queries)"]
+    fig = draw_recall_plot(curves, title="5 queries")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("2 queries are in more than one subset" in t for t in titles), titles
+    assert hidden_by_legends(fig) == []
