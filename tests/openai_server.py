@@ -116,6 +116,9 @@ class ServerConfig:
     max_images_per_request: Optional[int] = None
     # Models the server has (listed at /v1/models); another model gets vLLM's 404 body.
     served_models: Optional[list] = None
+    # Query parameters every request must carry, as a proxy that takes its key in the URL
+    # (?api-key=...) checks: 401 without them.
+    require_query: Optional[dict] = None
     # vLLM's --max-model-len: a request whose prompt (text/4 + 85 per image) plus its
     # max_tokens exceeds it gets vLLM's 400 ("This model's maximum context length is ...").
     context_length: Optional[int] = None
@@ -437,6 +440,9 @@ class FakeOpenAI:
         except ValueError:
             return _error(400, "request body is not JSON")
         cfg = self.config
+        if cfg.require_query and any(request.query_params.get(k) != v for k, v in cfg.require_query.items()):
+            self.stats["rejected_query"] += 1
+            return _error(401, "missing or wrong key in the URL's query", code="invalid_api_key")
         if cfg.reject_auth:
             self.stats["rejected_auth"] += 1
             return _error(401, f"Incorrect API key provided: {request.headers.get('authorization', '')}",

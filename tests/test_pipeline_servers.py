@@ -200,3 +200,29 @@ def test_max_tokens_is_an_annotate_option(server, tmp_path):
     assert main(["annotate", "--db", str(db_path), "--backend", "openai", "--base-url", server.url,
                  "--model", "local-vlm", "--max-tokens", "3000", "--no-progress"]) == 0
     assert server.requests and {r["max_tokens"] for r in server.requests} == {3000}
+
+
+def test_a_query_in_the_base_url_goes_with_every_request(server, tmp_path):
+    # Some proxies take their key in the URL ('.../v1?api-key=...'; the store keeps it
+    # redacted). The client appends each endpoint's path to the base URL as text, so every
+    # request went to '/v1/?api-key=...chat/completions': the run stopped as a 404 telling
+    # the user to check a base URL that already ended in /v1.
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.require_query = {"api-key": "k3y-in-the-url"}
+    progress = run_pipeline(db_path, _options(server, base_url=server.url + "?api-key=k3y-in-the-url"))
+    assert progress.pairs_done == 2, progress.last_error
+    assert server.stats["rejected_query"] == 0 and server.stats["completions_ok"] == 5
+    assert table_rows(db_path, "SELECT base_url FROM runs") == [(server.url + "?api-key=[redacted]",)]
+
+
+def test_an_azure_deployment_url_is_refused_naming_the_v1_endpoint(server, tmp_path):
+    # Azure OpenAI's deployment URL ('.../openai/deployments/NAME?api-version=...') wants
+    # the key in an api-key header: the run stopped on a 404 (or a 401 blaming the key).
+    # The resource's v1 endpoint speaks the OpenAI protocol, with the deployment as model.
+    db_path = _world(tmp_path, references=1, pairs=1)
+    url = "https://my-res.openai.azure.com/openai/deployments/gpt-4o-prod?api-version=2024-10-21"
+    with pytest.raises(ValueError) as caught:
+        run_pipeline(db_path, _options(server, base_url=url, model="gpt-4o-prod"))
+    said = str(caught.value)
+    assert "Azure" in said and "--base-url https://my-res.openai.azure.com/openai/v1" in said and "--model" in said
+    assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]

@@ -165,6 +165,30 @@ def check_base_url(base_url: Optional[str]) -> None:
         parts.port
     except ValueError:
         raise ValueError(f"--base-url {shown}: the port must be a number from 1 to 65535") from None
+    if re.search(r"/openai/deployments(?:/|$)", parts.path):
+        # Azure OpenAI's deployment URLs take the key in an `api-key` header and the
+        # deployment in the path: the OpenAI client sends a bearer key and the model in the
+        # body, so every call failed as a wrong key or a missing model. The resource's v1
+        # endpoint speaks the OpenAI protocol.
+        raise ValueError(f"--base-url {shown}: an Azure OpenAI deployment URL, which the OpenAI "
+                         f"protocol cannot call; use the resource's v1 endpoint instead: --base-url "
+                         f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}/openai/v1 with the "
+                         "deployment's name as --model")
+
+
+def split_base_url(base_url: Optional[str]) -> tuple[Optional[str], Optional[dict]]:
+    """(the base URL without its query, the query's parameters): the client appends each
+    endpoint's path to the base URL as text, so a query in it ('.../v1?api-key=K', as some
+    proxies take their key) went before the path ('/v1/?api-key=Kchat/completions', a 404).
+    The parameters go with every request instead."""
+    if not base_url:
+        return base_url, None
+    from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+    parts = urlsplit(base_url)
+    if not parts.query:
+        return base_url, None
+    return urlunsplit(parts._replace(query="")), dict(parse_qsl(parts.query, keep_blank_values=True))
 
 
 def answer_text(content: Any, reasoning: Any = None) -> str:
@@ -232,8 +256,9 @@ def configure_openai(backend: Any, *, model: str, base_url: Optional[str], api_k
     backend.send_temperature = True
     backend._secret = resolve_api_key(api_key_env, base_url)
     backend.encoder = encoder or ImageEncoder(max_side=image_max_side)
-    backend.client = AsyncOpenAI(base_url=base_url, api_key=backend._secret, timeout=timeout,
-                                 max_retries=max_retries)
+    url, query = split_base_url(base_url)
+    backend.client = AsyncOpenAI(base_url=url, api_key=backend._secret, timeout=timeout,
+                                 max_retries=max_retries, default_query=query)
 
 
 class OpenAIBackend:
