@@ -695,3 +695,27 @@ def test_a_name_in_the_other_unicode_form_or_with_windows_backslashes_finds_its_
     assert pairs["nfc"].target_id == pairs["dos"].reference_id
     again = import_dataset(db, "pairs", folder)
     assert (again.pairs_added, again.pairs_skipped, len(again.problems)) == (0, 2, 1)
+
+
+def test_a_pairs_file_whose_paths_were_respelled_does_not_import_its_pairs_twice(tmp_path):
+    # A pair with no "id" is known by its two paths as written: after tidying the file
+    # ('images\\room0.png' -> 'images/room0.png', or './'), a rerun imported every pair
+    # again, silently, to be annotated and paid for twice.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    write = lambda *pairs: (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    write({"reference": "images\\room0.png", "target": "images\\room0_edit.png"},
+          {"reference": "images/room1.png", "target": "images/room1_edit.png"})
+    db = open_db(tmp_path / "s.db")
+    assert import_dataset(db, "pairs", folder).pairs_added == 2
+    write({"reference": "images/room0.png", "target": "./images/room0_edit.png"},
+          {"reference": "./images/room1.png", "target": "images/room1_edit.png"},
+          {"reference": "images/room1.png", "target": "images/./room1_edit.png"},
+          {"id": "kept", "reference": "images/room1.png", "target": "images/room1_edit.png"})
+    report = import_dataset(db, "pairs", folder)
+    assert (report.pairs_added, report.pairs_skipped) == (1, 2)  # an "id" makes it a pair of its own
+    (problem,) = report.problems
+    assert problem.item.endswith("(pairs.jsonl line 3)") and "line 2" in problem.reason
+    (note,) = report.warnings
+    assert "2 pairs with no id" in note.reason and "skipped as already there" in note.reason, note.reason
+    assert db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 3

@@ -134,6 +134,8 @@ class ImportSession:
         # imported back into its own store): (count, first such (external id, source, id)).
         self._twins: tuple[int, Optional[tuple[str, str, str]]] = (0, None)
         self._outside_folders: dict[str, tuple[str, str]] = {}  # folder -> (item, real path)
+        self._unnamed: dict[tuple, str] = {}  # (source, reference, target) -> item, pairs with no id
+        self._respelled: tuple[int, Optional[tuple[str, str]]] = (0, None)  # (count, first (item, stored id))
 
     # ---- items -----------------------------------------------------------------------
 
@@ -156,6 +158,29 @@ class ImportSession:
             return False
         self.problem(item, "reference and target are the same image (same content): a pair needs "
                            "two different images; fix the target's path")
+        return True
+
+    def respelled(self, item: str, reference_id: str, target_id: Optional[str],
+                  source: Optional[str] = None) -> bool:
+        """For a pair with no id of its own (its id is its two paths as written): True when
+        the same two images are joined already under other spellings ('a.jpg' and
+        './a.jpg', 'sub\\a.jpg' and 'sub/a.jpg'): a stored one is skipped (with one note),
+        one earlier in this import is a duplicate. Else a pairs file whose paths were
+        tidied up imported every pair a second time, to be annotated and paid twice."""
+        source = source or self.source
+        key = (source, reference_id, target_id)
+        if key in self._unnamed:
+            self.problem(item, f"names the same two images as {self._unnamed[key]}, spelled otherwise: "
+                               "left out; give each pair its own id to keep both")
+            return True
+        self._unnamed[key] = item
+        row = self.db.execute("SELECT external_id FROM pairs WHERE source = ? AND reference_id = ?"
+                              " AND target_id IS ? LIMIT 1", [source, reference_id, target_id]).fetchone()
+        if row is None:
+            return False
+        count, first = self._respelled
+        self._respelled = (count + 1, first or (item, row[0]))
+        self.report.pairs_skipped += 1
         return True
 
     def warn(self, item: str, reason: str) -> None:
@@ -478,6 +503,13 @@ class ImportSession:
                       f"one as {other_id!r}): imported as new pairs of source {self.source!r}, so the "
                       "store now holds both; if this file is an export of that dataset, import it "
                       "into a new store instead")
+        count, first = self._respelled
+        if count:
+            item, stored = first
+            self.warn(item, f"{count} pair{'s' if count != 1 else ''} with no id name{'s' if count == 1 else ''} "
+                      f"the same two images as a pair stored already under other spellings (this one as "
+                      f"{stored!r}): skipped as already there; to import such a pair as a new one, give "
+                      "it an \"id\"")
         self._note_outside_folders()
         return self.report
 

@@ -85,7 +85,8 @@ def import_good4cir(db: sqlite_utils.Database, path: str | Path, *, split: Optio
         except ImageError as exc:
             session.problem(item, str(exc))
             continue
-        if session.same_image(item, reference_id, target_id):
+        if session.same_image(item, reference_id, target_id) or (
+                entry.get("id") is None and session.respelled(item, reference_id, target_id)):
             continue
         session.add_pair(external_id, reference_id, target_id, split=entry_split or split,
                          captions=[str(c) for c in captions],

@@ -108,7 +108,8 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
         except ImageError as exc:
             session.problem(item, str(exc))
             continue
-        if session.same_image(item, reference_id, target_id):
+        if session.same_image(item, reference_id, target_id) or (
+                obj.get("id") is None and session.respelled(item, reference_id, target_id, source=line_source)):
             continue
         img_set = None
         if obj.get("img_set") is not None:
