@@ -428,3 +428,14 @@ def test_render_png_is_deterministic():
         for floor in FLOORS:
             if (wall, floor) != ("sage green", "wooden"):
                 assert render_png({**scene, "wall": wall, "floor": floor}) != first
+
+
+def test_a_rerun_removes_images_a_killed_run_left_half_written(tmp_path):
+    # A `kill -9` while rendering leaves NNNNNN.png.tmp in images/; a rerun with fewer
+    # pairs never wrote those names again, so they stayed for good.
+    out = tmp_path / "world"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "099999.png.tmp").write_bytes(b"half a png")
+    (out / "images" / "my_notes.png.tmp").write_bytes(b"not ours")
+    generate_world(out, pairs=5, progress=False, workers=1)
+    assert sorted(p.name for p in (out / "images").glob("*.tmp")) == ["my_notes.png.tmp"]

@@ -61,6 +61,7 @@ HELDOUT_COMBO_SHARE = 0.35
 # Odds of a pair having 1, 2 or 3 edits.
 EDIT_COUNT_WEIGHTS = (5, 3, 2)
 _IMAGE_NAME = re.compile(r"^\d{6}\.png$")
+_IMAGE_TEMP_NAME = re.compile(r"^\d{6}\.png\.tmp$")
 
 
 @dataclass
@@ -257,7 +258,8 @@ def generate_world(out_dir: str | os.PathLike, pairs: int, seed: int = 0, worker
     images_dir.mkdir(parents=True, exist_ok=True)
     wanted = {Path(i["image"]).name for i in plan.images}
     for old in images_dir.iterdir():
-        if _IMAGE_NAME.match(old.name) and old.name not in wanted:
+        # and an image a killed run left half written (_render_job's temporary name)
+        if (_IMAGE_NAME.match(old.name) and old.name not in wanted) or _IMAGE_TEMP_NAME.match(old.name):
             old.unlink()
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
