@@ -12,9 +12,11 @@ can be written back unchanged; with a run chosen, only the pairs it annotated go
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -501,6 +503,7 @@ def _write_atomically(path: Path, chunks: Iterable[str]) -> None:
     # Not mkstemp: it makes the file private (0600), and an export is meant to be shared;
     # a file opened anew gets the usual mode (0666 less the umask).
     temp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    started = time.time()
     try:
         with open(temp, "x", encoding="utf-8") as out:
             for chunk in chunks:
@@ -509,3 +512,17 @@ def _write_atomically(path: Path, chunks: Iterable[str]) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    _remove_stale_temporaries(path, started)
+
+
+def _remove_stale_temporaries(path: Path, before: float) -> None:
+    """Remove the temporaries of `path` that a killed export (`kill -9`) left: each run
+    writes a new name, so none is ever written over. One changed since this export began
+    may be another export's, still being written: it is left alone."""
+    own = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{32}}\.tmp")
+    for candidate in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if own.fullmatch(candidate.name) and candidate.stat().st_mtime < before:
+                candidate.unlink()
+        except OSError:  # gone already, or not ours to remove: the export itself is written
+            pass

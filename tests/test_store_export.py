@@ -597,3 +597,22 @@ def test_cli_export_counts_rejected_pairs_among_those_left_out(reviewed, tmp_pat
     assert "1 pair rejected in review left out" in said, said
     assert main(["export", "--db", db_path, "--format", "good4cir", "--out", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["pairs_rejected"] == 1
+
+
+def test_an_export_removes_the_temporary_file_a_killed_export_left(reviewed, tmp_path):
+    # A `kill -9` while writing leaves .<name>.<random>.tmp beside the file; every rerun
+    # wrote another name, so nothing ever removed it.
+    import os
+    import time
+
+    db, _, _ = reviewed
+    out = tmp_path / "export" / "dataset.jsonl"
+    out.parent.mkdir()
+    stale = out.parent / f".dataset.jsonl.{'ab' * 16}.tmp"
+    stale.write_text("half an export")
+    others = [out.parent / f".other.jsonl.{'ab' * 16}.tmp", out.parent / ".dataset.jsonl.mine.tmp"]
+    for path in [stale, *others]:
+        path.write_text("x")
+        os.utime(path, (time.time() - 600, time.time() - 600))
+    export_dataset(db, "jsonl", out)
+    assert sorted(p.name for p in out.parent.iterdir()) == sorted(["dataset.jsonl", *(p.name for p in others)])
