@@ -23,6 +23,15 @@ from .errors import ImageError
 # bomb check (at ~89 MP warning, ~179 MP error) stays in force as a second line.
 MAX_PIXELS = 50_000_000
 
+# What a file that PIL cannot read is, by its name, and what to do: "not an image" is
+# puzzling for an iPhone photo that every viewer shows.
+_UNREAD_FORMATS = {
+    **dict.fromkeys((".heic", ".heif"), "a HEIC/HEIF photo (as iPhones save them), which cannot be "
+                                        "read here: convert it to JPEG and name that file instead"),
+    ".svg": "an SVG drawing, not a pixel image: export it as PNG and name that file instead",
+    ".pdf": "a PDF document, not an image: export the page as PNG and name that file instead",
+}
+
 _EXIF_ORIENTATION = 0x0112
 _ROTATED_90 = {5, 6, 7, 8}  # orientations whose transpose swaps width and height
 _HASH_CHUNK = 1 << 20
@@ -72,7 +81,8 @@ def _open_checked(path: Path) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{path}: refused, too many pixels to decode safely ({exc})") from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{path}: not an image file PIL can read") from exc
+        hint = _UNREAD_FORMATS.get(path.suffix.lower())
+        raise ImageError(f"{path}: " + (hint or "not an image file PIL can read")) from exc
     except OSError as exc:
         raise ImageError(f"{path}: cannot be read ({exc})") from exc
     width, height = image.size

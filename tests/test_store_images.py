@@ -231,3 +231,20 @@ def test_the_vlm_is_sent_a_16_bit_png_as_the_review_app_and_retrieval_see_it(tmp
     sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("L"), dtype=float)
     shown = np.asarray(load_image_rgb(path).convert("L"), dtype=float)
     assert np.abs(sent - shown).mean() < 3, np.abs(sent - shown).mean()
+
+
+def test_a_heic_svg_or_pdf_file_is_refused_saying_what_it_is_and_what_to_do(tmp_path):
+    # 'not an image file PIL can read' puzzled the owner of an iPhone photo that every
+    # viewer shows; the file's kind, by its name, says why and what to do.
+    files = {"IMG_0001.HEIC": b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64),
+             "plan.svg": b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+             "page.pdf": b"%PDF-1.4\n%%EOF\n", "notes.png": b"hello"}
+    reasons = {}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ImageError) as caught:
+            inspect_image(tmp_path / name)
+        reasons[name] = str(caught.value)
+    assert "HEIC/HEIF photo" in reasons["IMG_0001.HEIC"] and "convert it to JPEG" in reasons["IMG_0001.HEIC"]
+    assert "SVG drawing" in reasons["plan.svg"] and "PDF document" in reasons["page.pdf"]
+    assert reasons["notes.png"].endswith("notes.png: not an image file PIL can read")
