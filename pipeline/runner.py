@@ -106,6 +106,7 @@ from store.redaction import redact_url
 
 from .backends import create_backend
 from .backends.base import (AccountError, ConnectionFailedError, ImageLimitError, ImagesUnsupportedError,
+                            ServerUnavailableError,
                             NotFoundError, PermanentError, QuotaExceededError, TransientError,
                             UnreachableError, VLMRequest)
 from .images import BadImageError
@@ -865,6 +866,15 @@ class Runner:
                         f"{attempts}). Check that the server is running and "
                         "the --base-url (host and port), or the network, then run again; the pairs "
                         "not yet annotated stay pending")
+                if self._account_error_type is ServerUnavailableError:
+                    raise RunUnreachableError(
+                        f"run {self.run_id} stopped: the server at "
+                        f"{redact_url(self.options.base_url) or 'OpenAI'} has not served a request of "
+                        f"this session ({self._auth_error.rstrip('.')}, {self.options.max_attempts} "
+                        "attempts): a model still loading (llama.cpp answers 'Loading model'), an "
+                        "endpoint waking up, or a full queue. Wait until it serves (or pass a larger "
+                        "--max-attempts), then rerun the same command to resume; the pairs not yet "
+                        "annotated stay pending")
                 if self._account_error_type is ImageLimitError:
                     staged = ("" if self.options.method == "staged" else
                               ", or annotate with --method staged (one image per request)")
@@ -1312,14 +1322,15 @@ class Runner:
             if isinstance(error, PermanentError):
                 raise ItemFailedError(error.category, f"{request.stage}: {message}")
             attempt += 1
-            if attempt >= self.options.max_attempts and isinstance(error, ConnectionFailedError) \
-                    and not self._answered:
+            if attempt >= self.options.max_attempts and not self._answered \
+                    and isinstance(error, (ConnectionFailedError, ServerUnavailableError)):
                 # Not one answer in this session (the store's answers came from earlier runs,
-                # maybe from another server), and still no connection after every attempt: a
-                # wrong --base-url or a server not started. Every pair would fail the same way.
+                # maybe from another server), and still no connection after every attempt (a
+                # wrong --base-url or a server not started), or still 503 (a model loading):
+                # every pair would fail the same way.
                 if self._auth_error is None:
                     self._auth_error = message
-                    self._account_error_type = ConnectionFailedError
+                    self._account_error_type = type(error)
                     log.error("%s: stopping the run", message)
                 self._stop_sending()
                 raise RunStoppedError()

@@ -119,6 +119,9 @@ class ServerConfig:
     # Query parameters every request must carry, as a proxy that takes its key in the URL
     # (?api-key=...) checks: 401 without them.
     require_query: Optional[dict] = None
+    # llama.cpp's server while its model loads: every chat request gets 503 {"error":
+    # {"message": "Loading model", "type": "unavailable_error"}}, no Retry-After.
+    loading: bool = False
     # vLLM's --max-model-len: a request whose prompt (text/4 + 85 per image) plus its
     # max_tokens exceeds it gets vLLM's 400 ("This model's maximum context length is ...").
     context_length: Optional[int] = None
@@ -443,6 +446,9 @@ class FakeOpenAI:
         if cfg.require_query and any(request.query_params.get(k) != v for k, v in cfg.require_query.items()):
             self.stats["rejected_query"] += 1
             return _error(401, "missing or wrong key in the URL's query", code="invalid_api_key")
+        if cfg.loading:
+            self.stats["loading_503"] += 1
+            return _error(503, "Loading model", code="unavailable_error")
         if cfg.reject_auth:
             self.stats["rejected_auth"] += 1
             return _error(401, f"Incorrect API key provided: {request.headers.get('authorization', '')}",

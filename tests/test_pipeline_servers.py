@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 
 from openai_server import fresh_server_fixture, server_fixture
-from pipeline.runner import RunImagesUnsupportedError, RunNotFoundError, RunOptions, run_pipeline
+from pipeline.runner import (RunImagesUnsupportedError, RunNotFoundError, RunOptions, RunUnreachableError,
+                             run_pipeline)
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-servers-0123456789abcdef"
@@ -226,3 +227,19 @@ def test_an_azure_deployment_url_is_refused_naming_the_v1_endpoint(server, tmp_p
     said = str(caught.value)
     assert "Azure" in said and "--base-url https://my-res.openai.azure.com/openai/v1" in said and "--model" in said
     assert table_rows(db_path, "SELECT COUNT(*) FROM runs") == [(0,)]
+
+
+def test_a_server_still_loading_its_model_stops_the_run_with_its_pairs_pending(server, tmp_path):
+    # llama.cpp's server answers 503 'Loading model' until its model is loaded (a large
+    # model: minutes). Each request was retried for its attempts and then its pair failed
+    # as 'retries exhausted': the whole store failed in seconds, to be sent again only with
+    # --retry-failed. Not one answer in the session and still 503: stop, pairs pending.
+    db_path = _world(tmp_path, references=2, pairs=4)
+    server.config.loading = True
+    with pytest.raises(RunUnreachableError) as caught:
+        run_pipeline(db_path, _options(server, max_attempts=3))
+    said = str(caught.value)
+    assert "Loading model" in said and "loading" in said and "rerun the same command" in said
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 4)]
+    server.config.loading = False
+    assert run_pipeline(db_path, _options(server, max_attempts=3)).pairs_done == 4

@@ -62,6 +62,11 @@ class ConnectionFailedError(TransientError):
     or it dropped the connection (not a timeout)."""
 
 
+class ServerUnavailableError(TransientError):
+    """503: the server answers but does not serve yet (llama.cpp's 'Loading model' while a
+    model loads, an endpoint waking from zero, a full queue)."""
+
+
 class PermanentError(BackendError):
     """Retrying the same request will not help (400, auth, content filter)."""
 

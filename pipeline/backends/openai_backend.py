@@ -25,8 +25,8 @@ from typing import Any, ClassVar, Optional
 
 from ..images import DETAILS, ImageEncoder
 from .base import (AuthenticationError, ConnectionFailedError, ImageLimitError, ImagesUnsupportedError,
-                   NotFoundError, PermanentError, QuotaExceededError, TransientError, VLMRequest,
-                   VLMResponse)
+                   NotFoundError, PermanentError, QuotaExceededError, ServerUnavailableError,
+                   TransientError, VLMRequest, VLMResponse)
 
 RESPONSE_MODES = ("json_schema", "json_object", "text")
 
@@ -134,6 +134,8 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None,
             return QuotaExceededError(f"quota exceeded (429): {message}")
         if status == 429:
             return TransientError(f"rate limited (429): {message}", retry_after=retry_after)
+        if status == 503:
+            return ServerUnavailableError(f"server error ({status}): {message}", retry_after=retry_after)
         if status in (408, 409) or status >= 500:
             return TransientError(f"server error ({status}): {message}", retry_after=retry_after)
         if status == 401:
