@@ -719,3 +719,18 @@ def test_a_pairs_file_whose_paths_were_respelled_does_not_import_its_pairs_twice
     (note,) = report.warnings
     assert "2 pairs with no id" in note.reason and "skipped as already there" in note.reason, note.reason
     assert db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 3
+
+
+def test_a_json_array_saved_as_pairs_jsonl_is_refused_whole_not_half_imported(tmp_path):
+    # json.dump(pairs, f, indent=2) into pairs.jsonl: each line with a trailing comma was a
+    # problem, and the last pair (no comma) imported on its own.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    pairs = [{"reference": "images/room0.png", "target": "images/room0_edit.png"},
+             {"reference": "images/room1.png", "target": "images/room1_edit.png"}]
+    for text in (json.dumps(pairs, indent=2), json.dumps(pairs)):
+        (folder / "pairs.jsonl").write_text(text + "\n")
+        db = open_db(tmp_path / "s.db")
+        with pytest.raises(FormatError, match="one JSON array of 2 items, not JSON Lines"):
+            import_dataset(db, "pairs", folder)
+        assert db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 0

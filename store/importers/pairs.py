@@ -45,6 +45,7 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     session = ImportSession(db, source, folder, progress=progress, images_dir=images_dir)
     scenes = _read_scenes(folder / SCENES_FILE, folder, session)
     lines = read_lines(pairs_file)
+    _refuse_json_array(pairs_file, lines)
     if not any(text is None or text.strip() for text, _ in lines):
         session.warn(pairs_file.name, "the file is empty: no pairs to import")
     locations = list(_image_locations([text for text, _ in lines if text is not None], split))
@@ -166,6 +167,21 @@ def _wrongly_typed(obj: dict) -> Optional[str]:
     if obj.get("id") is not None and not isinstance(obj["id"], (str, int)):
         return f'"id" must be a string or a number, not {type(obj["id"]).__name__}'
     return None
+
+
+def _refuse_json_array(pairs_file: Path, lines: list) -> None:
+    """A whole JSON array saved as pairs.jsonl (a json.dump, pretty-printed or not) gave a
+    problem per line but imported the odd line with no trailing comma: refused whole."""
+    texts = [text for text, _ in lines if text is not None]
+    if not next((t for t in texts if t.strip()), "").lstrip().startswith("["):
+        return
+    try:
+        data = json.loads("\n".join(texts))
+    except json.JSONDecodeError:
+        return
+    if isinstance(data, list):
+        raise FormatError(f"{pairs_file}: holds one JSON array of {len(data)} items, not JSON Lines; "
+                          f"{PAIRS_FILE} needs one object per line (e.g. jq -c '.[]' old.json > {PAIRS_FILE})")
 
 
 def _image_locations(lines: list[str], split: Optional[str]):
