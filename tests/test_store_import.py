@@ -734,3 +734,16 @@ def test_a_json_array_saved_as_pairs_jsonl_is_refused_whole_not_half_imported(tm
         with pytest.raises(FormatError, match="one JSON array of 2 items, not JSON Lines"):
             import_dataset(db, "pairs", folder)
         assert db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0] == 0
+
+
+def test_a_file_url_is_percent_decoded(tmp_path):
+    # Path.as_uri() and every tool that writes file URLs encode a space as %20 and 'é' as
+    # %C3%A9: such a line was 'file not found'.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    (folder / "images/room0.png").rename(folder / "images/room 0 é.png")
+    (folder / "pairs.jsonl").write_text(json.dumps(
+        {"reference": (folder / "images/room 0 é.png").as_uri(),
+         "target": "file://localhost" + str(folder / "images/room0_edit.png")}) + "\n")
+    report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
+    assert (report.pairs_added, report.problems) == (1, [])

@@ -10,6 +10,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterable, Optional
+from urllib.parse import unquote
 
 import sqlite_utils
 from tqdm import tqdm
@@ -36,7 +37,11 @@ def resolve_location(location: str, base: Path) -> str | Path:
     if is_url(location):
         return location
     if location.startswith("file://"):
-        location = location[len("file://"):]
+        # A file URL is percent-encoded (Path.as_uri writes 'my%20photo.jpg', 'caf%C3%A9')
+        # and may name its host: file://localhost/srv/a.jpg.
+        raw = location[len("file://"):]
+        raw = raw[len("localhost"):] if raw.startswith("localhost/") else raw
+        location = unquote(raw) if not os.path.lexists(raw) else raw  # 'a%20b.jpg' may be a name
     path = _joined(location, base)
     return path if path.exists() or path.is_symlink() else _spelled_otherwise(location, base, path)
 
