@@ -747,3 +747,14 @@ def test_a_file_url_is_percent_decoded(tmp_path):
          "target": "file://localhost" + str(folder / "images/room0_edit.png")}) + "\n")
     report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
     assert (report.pairs_added, report.problems) == (1, [])
+
+
+def test_a_windows_drive_path_says_so_instead_of_naming_a_made_up_file(tmp_path):
+    # 'C:\\data\\a.png' was joined to the folder: '/.../mine/C:\\data\\a.png: file not found'.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    (folder / "pairs.jsonl").write_text(json.dumps(
+        {"id": "w", "reference": "C:\\data\\room0.png", "target": "images/room0_edit.png"}) + "\n")
+    report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
+    (problem,) = report.problems
+    assert problem.reason.startswith("C:\\data\\room0.png: a Windows drive path"), problem.reason

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,8 @@ from ..errors import FormatError, ImageError
 from ..images import ImageInfo, hash_file, inspect_image, is_url, url_image_id
 from ._download import DOWNLOAD_DIR, download_images
 from ..models import ImportProblem, ImportReport
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:[\\/]")
 
 # Pairs written per transaction: small enough that a reviewer's save waits only
 # milliseconds for the import's write lock, large enough to be fast.
@@ -246,6 +249,9 @@ class ImportSession:
             cached = self._check_path(resolved)
             self._by_path[key] = cached
         if isinstance(cached, ImageError):
+            if _WINDOWS_DRIVE.match(str(location).strip()) and not resolved.exists():
+                raise ImageError(f"{location}: a Windows drive path, which names no file on this machine: "
+                                 "name images relative to the dataset folder (or by their path here)")
             raise cached
         root = self._root_for(Path(cached.path))
         if root is None:
