@@ -47,6 +47,7 @@ class ImageInfo:
     height: int
     size_bytes: int
     format: str      # PIL's format name: PNG, JPEG, ...
+    frames: int = 1  # an animated GIF, PNG or WebP has more; all but the first are unused
 
 
 def is_url(location: str) -> bool:
@@ -131,6 +132,7 @@ def inspect_image(path: str | Path) -> ImageInfo:
     try:
         image_format = image.format or "unknown"
         width, height = _displayed_size(image)
+        frames = getattr(image, "n_frames", 1) if getattr(image, "is_animated", False) else 1
         try:
             image.load()
         except OSError as exc:
@@ -141,7 +143,7 @@ def inspect_image(path: str | Path) -> ImageInfo:
         image.close()
     return ImageInfo(
         id=hash_file(path), path=str(path.resolve()), width=width, height=height,
-        size_bytes=size_bytes, format=image_format,
+        size_bytes=size_bytes, format=image_format, frames=frames,
     )
 
 

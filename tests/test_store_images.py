@@ -248,3 +248,24 @@ def test_a_heic_svg_or_pdf_file_is_refused_saying_what_it_is_and_what_to_do(tmp_
     assert "HEIC/HEIF photo" in reasons["IMG_0001.HEIC"] and "convert it to JPEG" in reasons["IMG_0001.HEIC"]
     assert "SVG drawing" in reasons["plan.svg"] and "PDF document" in reasons["page.pdf"]
     assert reasons["notes.png"].endswith("notes.png: not an image file PIL can read")
+
+
+def test_an_animated_gif_imports_with_a_note_that_only_its_first_frame_is_used(tmp_path):
+    # The VLM and retrieval decode the first frame; the review app shows the animation, so
+    # a reviewer judged captions of one frame against a moving picture, unwarned.
+    folder = tmp_path / "anim"
+    folder.mkdir()
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "green", "blue")]
+    frames[0].save(folder / "moving.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    frames[1].save(folder / "still.gif")
+    frames[2].save(folder / "still.png")
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in [
+        {"id": "1", "reference": "moving.gif", "target": "still.png"},
+        {"id": "2", "reference": "still.gif", "target": "still.png"}]))
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "pairs", folder)
+    assert (report.pairs_added, report.problems) == (2, [])
+    (note,) = report.warnings
+    assert note.item == "moving.gif" and "1 animated image" in note.reason and "first frame" in note.reason
+    assert inspect_image(folder / "moving.gif").frames == 3 and inspect_image(folder / "still.gif").frames == 1
+    assert import_dataset(db, "pairs", folder).warnings == []  # a rerun adds nothing, says nothing

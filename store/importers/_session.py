@@ -142,6 +142,7 @@ class ImportSession:
         # imported back into its own store): (count, first such (external id, source, id)).
         self._twins: tuple[int, Optional[tuple[str, str, str]]] = (0, None)
         self._outside_folders: dict[str, tuple[str, str]] = {}  # folder -> (item, real path)
+        self._animated: dict[str, str] = {}  # image id -> location, of new animated images
         self._unnamed: dict[tuple, str] = {}  # (source, reference, target) -> item, pairs with no id
         self._respelled: tuple[int, Optional[tuple[str, str]]] = (0, None)  # (count, first (item, stored id))
 
@@ -253,6 +254,8 @@ class ImportSession:
                 raise ImageError(f"{location}: a Windows drive path, which names no file on this machine: "
                                  "name images relative to the dataset folder (or by their path here)")
             raise cached
+        if cached.frames > 1:
+            self._animated.setdefault(cached.id, str(location))
         root = self._root_for(Path(cached.path))
         if root is None:
             root = self.root
@@ -514,6 +517,12 @@ class ImportSession:
                       f"one as {other_id!r}): imported as new pairs of source {self.source!r}, so the "
                       "store now holds both; if this file is an export of that dataset, import it "
                       "into a new store instead")
+        if self._animated:
+            first = next(iter(self._animated.values()))
+            count = len(self._animated)
+            self.warn(first, f"{count} animated image{'s' if count != 1 else ''} (the first: {first}): the "
+                      "VLM and retrieval use only the first frame of each, while the review app shows it "
+                      "moving; to review what the VLM saw, import its first frame as a still image instead")
         count, first = self._respelled
         if count:
             item, stored = first
