@@ -758,3 +758,16 @@ def test_a_windows_drive_path_says_so_instead_of_naming_a_made_up_file(tmp_path)
     report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
     (problem,) = report.problems
     assert problem.reason.startswith("C:\\data\\room0.png: a Windows drive path"), problem.reason
+
+
+def test_files_concatenated_each_with_its_bom_import_every_line(tmp_path):
+    # `cat a.jsonl b.jsonl > pairs.jsonl` of two files a Windows editor saved: b's first
+    # line began with a BOM and was 'not valid JSON (Unexpected UTF-8 BOM ...)'.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    bom = b"\xef\xbb\xbf"
+    a = json.dumps({"reference": "images/room0.png", "target": "images/room0_edit.png"}).encode()
+    b = json.dumps({"reference": "images/room1.png", "target": "images/room1_edit.png"}).encode()
+    (folder / "pairs.jsonl").write_bytes(bom + a + b"\r\n" + bom + b + b"\r\n")
+    report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
+    assert (report.pairs_added, report.problems) == (2, [])

@@ -95,13 +95,11 @@ def read_json(path: Path, kind: type, what: str = ""):
 def read_lines(path: Path) -> list[tuple[Optional[str], Optional[str]]]:
     """A JSON-lines file as (text, None) per line, or (None, why) for a line that is not
     UTF-8: one bad line is reported on its own while the others import."""
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
     lines = []
-    for raw in data.splitlines():
+    for raw in path.read_bytes().splitlines():
         try:
-            lines.append((raw.decode("utf-8"), None))
+            # A BOM opens a Windows editor's file, and so a line of `cat a.jsonl b.jsonl`.
+            lines.append((raw.removeprefix(b"\xef\xbb\xbf").decode("utf-8"), None))
         except UnicodeDecodeError as exc:
             lines.append((None, f"not UTF-8 text (byte {exc.start}: {exc.reason})"))
     return lines
