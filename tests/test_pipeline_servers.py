@@ -243,3 +243,15 @@ def test_a_server_still_loading_its_model_stops_the_run_with_its_pairs_pending(s
     assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 4)]
     server.config.loading = False
     assert run_pipeline(db_path, _options(server, max_attempts=3)).pairs_done == 4
+
+
+def test_a_batch_line_out_of_max_tokens_says_raise_it(server, tmp_path):
+    # The batch backend's line refused with 'Could not finish the message because
+    # max_tokens ...' failed its pair on the server's words alone.
+    db_path = _world(tmp_path, references=1, pairs=1)
+    server.config.batch_delay = 0.05
+    server.config.thinking_tokens = 3000
+    progress = run_pipeline(db_path, _options(server, "openai-batch"))
+    assert progress.failures == {"request rejected": 1}
+    (error,) = table_rows(db_path, "SELECT error FROM calls WHERE status = 'error'")[0]
+    assert "Could not finish the message" in error and "raise --max-tokens" in error, error

@@ -60,6 +60,22 @@ TOO_MANY_TOKENS = re.compile(r"supports at most \d+ completion tokens|max_(?:com
                              re.IGNORECASE)
 
 
+def token_limit_advice(said: str, max_tokens: Optional[int]) -> Optional[str]:
+    """What to change for a refusal about the token limit or the model's context (the
+    server's words `said`); None for any other refusal."""
+    now = f" (now {max_tokens})" if max_tokens else ""
+    if TOO_MANY_TOKENS.search(said):
+        return f"the model cannot answer that many tokens: lower --max-tokens{now}"
+    if OUTPUT_LIMIT.search(said):
+        return (f"the answer did not fit in --max-tokens{now}; a reasoning model spends it on "
+                "thinking too: raise --max-tokens")
+    if CONTEXT_REFUSED.search(said):
+        return (f"the request does not fit the model's context: lower --max-tokens{now} or "
+                "--image-size, or give the server a longer context (vLLM: --max-model-len; "
+                "llama.cpp: --ctx-size; Ollama: num_ctx)")
+    return None
+
+
 def resolve_api_key(api_key_env: str, base_url: Optional[str]) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
         # Likely the key itself (`--api-key-env $OPENAI_API_KEY`): run settings store this
@@ -353,20 +369,10 @@ class OpenAIBackend:
     def _token_limit_error(self, exc: BaseException, max_tokens: int) -> Optional[PermanentError]:
         """The PermanentError, with what to change, for a refusal about the token limit or
         the model's context; None for any other refusal."""
-        said = str(exc)
-        if TOO_MANY_TOKENS.search(said):
-            advice = f"the model cannot answer {max_tokens} tokens: lower --max-tokens"
-        elif OUTPUT_LIMIT.search(said):
-            advice = (f"the answer did not fit in --max-tokens ({max_tokens}); a reasoning model "
-                      "spends it on thinking too: raise --max-tokens")
-        elif CONTEXT_REFUSED.search(said):
-            advice = (f"the request does not fit the model's context: lower --max-tokens (now "
-                      f"{max_tokens}) or --image-size, or give the server a longer context "
-                      "(vLLM: --max-model-len; llama.cpp: --ctx-size; Ollama: num_ctx)")
-        else:
+        advice = token_limit_advice(str(exc), max_tokens)
+        if advice is None:
             return None
-        mapped = map_openai_error(exc, self._secret)
-        return PermanentError(f"{mapped}; {advice}")
+        return PermanentError(f"{map_openai_error(exc, self._secret)}; {advice}")
 
     async def _served_models_note(self) -> str:
         """'; the server serves A, B' for a 404: a local server's model name is rarely the

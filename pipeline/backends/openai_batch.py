@@ -58,7 +58,8 @@ from ..images import ImageEncoder
 from .base import (AccountError, ConnectionFailedError, NotFoundError, PermanentError, TransientError,
                    UnreachableError, VLMRequest, VLMResponse)
 from .openai_backend import (RESPONSE_MODES, answer_text, build_messages, configure_openai,
-                             map_openai_error, message_reasoning, response_format_for, scrub)
+                             map_openai_error, message_reasoning, response_format_for, scrub,
+                             token_limit_advice)
 
 log = logging.getLogger("good4cir.pipeline.batch")
 
@@ -723,7 +724,8 @@ class OpenAIBatchBackend:
         if refused and self._step_down_format(custom_id, body_error):
             return BatchLineError(f"{message} (response format now {self.response_mode}; resubmitting)",
                                   batch_id, custom_id)
-        return BatchRejectedError(message, batch_id, custom_id)
+        advice = token_limit_advice(body_error, None)
+        return BatchRejectedError(f"{message}; {advice}" if advice else message, batch_id, custom_id)
 
     def _step_down_format(self, custom_id: str, message: str) -> bool:
         """A line refused for its response format: later requests use the next mode down.
