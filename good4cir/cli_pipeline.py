@@ -215,6 +215,11 @@ def run_status_command(args: argparse.Namespace) -> int:
               f"{r['pairs_done']:>7} {r['pairs_failed']:>7} {r['pairs_pending']:>7} "
               f"{r['calls']:>7} {r['cost_usd']:>9.4f}  {failures}")
     for r in report["runs"]:
+        if r.get("calls_without_usage"):
+            n = r["calls_without_usage"]
+            print(f"run {r['id']}: the server reported no token usage for {n} of its answer"
+                  f"{'' if n == 1 else 's'}, counted at $0: its cost is more than shown")
+    for r in report["runs"]:
         if r.get("session"):
             print(f"run {r['id']} is being worked on by {r['session']}")
     for r in report["runs"]:

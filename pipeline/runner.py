@@ -1350,6 +1350,14 @@ class Runner:
         return self._rng.uniform(0, ceiling)  # "full jitter"
 
 
+def _prices_of(run) -> PriceTable:
+    """The prices a run was counted with (its --prices file, where still readable)."""
+    try:
+        return PriceTable.load(run.settings.get("prices_path"))
+    except ValueError:
+        return PriceTable.load()
+
+
 def _priced(price) -> bool:
     return price is not None and bool(price.input_per_1m or price.output_per_1m)
 
@@ -1543,8 +1551,9 @@ def stop_runs_in_threads(on_stop: Optional[Callable[[RunHandle], None]] = None) 
 def run_status(db_path: str | Path) -> dict:
     """Every run's progress: {"runs": [{"id", "backend", "model", "status", "pairs_done",
     "pairs_failed", "pairs_pending", "calls", "cost_usd", "failures": {reason: count}}]}
-    (plus "method", "name", "session" and "open_batches": batches submitted and not
-    collected yet, which scripts may ignore).
+    (plus "method", "name", "session", "open_batches": batches submitted and not
+    collected yet, and "calls_without_usage": answers of a priced model the server sent
+    without token usage, left out of cost_usd; scripts may ignore them).
 
     A run whose row says 'running' but that no live session holds (its process was
     killed, or stopped renewing its lease) is reported as 'interrupted': rerunning the
@@ -1570,6 +1579,8 @@ def run_status(db_path: str | Path) -> dict:
                 "status": status, "method": run.method, "name": run.name,
                 "session": leases.describe_lease(lease) if lease is not None else None,
                 "open_batches": open_batches.get(run.id, 0),
+                "calls_without_usage": (counts["calls_without_usage"]
+                                        if _priced(_prices_of(run).price_for(run.model)) else 0),
             })
         return {"runs": runs}
     finally:

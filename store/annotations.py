@@ -320,6 +320,11 @@ def run_counts(db: sqlite_utils.Database, run_id: int) -> dict:
         " COALESCE(SUM(tokens_out), 0), COALESCE(SUM(cost_usd), 0) FROM calls WHERE run_id = ?",
         [run_id],
     ).fetchone()
+    # Answers the server sent without token usage (some compatible servers and proxies):
+    # their cost is not in `cost`.
+    (without_usage,) = db.execute(
+        "SELECT COUNT(*) FROM calls WHERE run_id = ? AND status = 'ok'"
+        " AND COALESCE(tokens_in, 0) = 0 AND COALESCE(tokens_out, 0) = 0", [run_id]).fetchone()
     failures: dict[str, int] = {}
     for (error,) in db.execute(
         "SELECT error FROM annotations WHERE run_id = ? AND status = 'failed'", [run_id]
@@ -330,7 +335,7 @@ def run_counts(db: sqlite_utils.Database, run_id: int) -> dict:
         "pairs_done": counts.get("done", 0), "pairs_failed": counts.get("failed", 0),
         "pairs_pending": counts.get("pending", 0), "calls": calls, "call_errors": errors,
         "tokens_in": tokens_in, "tokens_out": tokens_out, "cost_usd": round(cost, 6),
-        "failures": failures,
+        "calls_without_usage": without_usage, "failures": failures,
     }
 
 

@@ -255,3 +255,19 @@ def test_a_batch_line_out_of_max_tokens_says_raise_it(server, tmp_path):
     assert progress.failures == {"request rejected": 1}
     (error,) = table_rows(db_path, "SELECT error FROM calls WHERE status = 'error'")[0]
     assert "Could not finish the message" in error and "raise --max-tokens" in error, error
+
+
+def test_status_says_a_priced_runs_cost_leaves_out_answers_without_usage(server, tmp_path, capsys):
+    # A proxy that sends usage with every count 0 (or none): annotate warned once that the
+    # cost is not known, but `status`, read later, showed the run at $0.0000 as if free.
+    from good4cir.cli import main
+
+    db_path = _world(tmp_path, references=1, pairs=2)
+    server.config.usage_zeros = True
+    assert run_pipeline(db_path, _options(server, model="gpt-4o-mini")).pairs_done == 2
+    assert run_pipeline(db_path, _options(server, model="my-local-vlm")).pairs_done == 2  # unpriced
+    capsys.readouterr()
+    assert main(["status", "--db", str(db_path)]) == 0
+    said = capsys.readouterr().out
+    assert "run 1: the server reported no token usage for 5 of its answers, counted at $0" in said
+    assert "run 2:" not in said
