@@ -182,7 +182,8 @@ def test_import_reports_each_bad_item_and_imports_the_rest(tmp_path):
 def test_the_review_app_shows_every_format_the_import_accepts_with_its_real_media_type(tmp_path):
     # The import accepted AVIF and TIFF (PIL reads them) but the app refused both ('does
     # not have an image file extension'), so such a dataset showed no pictures; and a PNG
-    # named .jpg was sent as image/jpeg, from its name.
+    # named .jpg was sent as image/jpeg, from its name; a JPEG saved as .jfif (as browsers
+    # on Windows save them) or a file with no extension was refused too.
     import io
     import urllib.request
 
@@ -193,24 +194,27 @@ def test_the_review_app_shows_every_format_the_import_accepts_with_its_real_medi
     folder.mkdir()
     rng = np.random.default_rng(3)
     pictures = {}
-    for name, fmt in [("a.avif", "AVIF"), ("scan.tif", "TIFF"), ("photo.jpg", "PNG"), ("b.png", "PNG")]:
+    for name, fmt in [("a.avif", "AVIF"), ("scan.tif", "TIFF"), ("photo.jpg", "PNG"), ("b.png", "PNG"),
+                      ("saved.jfif", "JPEG"), ("3f2a9c", "PNG")]:
         pictures[name] = Image.fromarray(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8))
         pictures[name].save(folder / name, format=fmt)
     (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in [
         {"id": "1", "reference": "a.avif", "target": "scan.tif"},
-        {"id": "2", "reference": "photo.jpg", "target": "b.png"}]))
+        {"id": "2", "reference": "photo.jpg", "target": "b.png"},
+        {"id": "3", "reference": "saved.jfif", "target": "3f2a9c"}]))
     db_path = tmp_path / "s.db"
     db = open_db(db_path)
-    assert import_dataset(db, "pairs", folder).pairs_added == 2
+    assert import_dataset(db, "pairs", folder).pairs_added == 3
     ids = dict(db.execute("SELECT name, id FROM images").fetchall())
     assert resolve_image(db, ids["a.avif"]).media_type == "image/avif"
     assert resolve_image(db, ids["photo.jpg"]).media_type == "image/png"
     with AppServer(db_path) as server:
-        for name, media_type in [("scan.tif", "image/png"), ("photo.jpg", "image/png"), ("a.avif", "image/avif")]:
+        for name, media_type in [("scan.tif", "image/png"), ("photo.jpg", "image/png"), ("a.avif", "image/avif"),
+                                 ("saved.jfif", "image/jpeg"), ("3f2a9c", "image/png")]:
             with urllib.request.urlopen(f"{server.url}g4c/image/{ids[name]}", timeout=10) as response:
                 assert response.headers["Content-Type"] == media_type, name
                 shown = Image.open(io.BytesIO(response.read())).convert("RGB")
-            if name != "a.avif":  # lossless: the very pixels
+            if name not in ("a.avif", "saved.jfif"):  # lossless: the very pixels
                 assert np.array_equal(np.asarray(shown), np.asarray(pictures[name])), name
 
 

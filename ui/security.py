@@ -4,8 +4,8 @@ files it may serve, and how untrusted text reaches the page.
 - The app listens on 127.0.0.1 unless told otherwise; any other address needs --auth.
 - Images are served by id only (never by a path from the browser), and only when the
   stored path resolves inside the dataset folder it was imported from and the file
-  starts with an image signature (or, named .tif and the like, was decoded by the import
-  and is sent re-encoded as PNG), so a crafted row or a symlink cannot leak other files.
+  starts with an image signature (or, a TIFF and the like, was decoded by the import and
+  is sent re-encoded as PNG), so a crafted row or a symlink cannot leak other files.
 - Every caption, descriptor and name goes through `escape_text` before it is placed in
   HTML. Besides the HTML specials it escapes `$`, `{`, `}` and the backtick, because
   Gradio's gr.HTML runs its template through Handlebars and a JS template literal.
@@ -35,10 +35,6 @@ IMAGE_MEDIA_TYPES = {
     ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
     ".webp": "image/webp", ".bmp": "image/bmp", ".avif": "image/avif",
 }
-# Formats the import accepts (PIL reads them) that browsers do not show: the app sends
-# such an image decoded and re-encoded as PNG.
-CONVERTED_SUFFIXES = {".tif", ".tiff", ".jp2", ".j2k", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm",
-                      ".tga", ".sgi", ".pcx"}
 # Leading bytes of the browser formats above; a file that claims to be an image but is
 # not is refused (e.g. a row pointing at a text file renamed .png). The media type comes
 # from them, not from the name: a PNG named .jpg is sent as image/png.
@@ -268,8 +264,9 @@ def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     if not path.is_relative_to(folder):
         raise ImageRefusedError(f"image {image_id!r}: {path} is outside its dataset folder {folder}",
                                 f"image {image_id!r} is outside its dataset folder")
-    suffix = path.suffix.lower()
-    if suffix not in IMAGE_MEDIA_TYPES and suffix not in CONVERTED_SUFFIXES:
+    # A row the import wrote names the format it decoded, whatever the file's name
+    # ('.jfif', none at all); one with none must at least be named as an image.
+    if not image_format and path.suffix.lower() not in IMAGE_MEDIA_TYPES:
         raise ImageRefusedError(f"image {image_id!r}: {path.name} does not have an image file extension")
     try:
         with open(path, "rb") as handle:
@@ -280,7 +277,7 @@ def resolve_image(db: sqlite_utils.Database, image_id: str) -> ServedImage:
     media_type = _sniffed_media_type(head)
     if media_type is not None:
         return ServedImage(path=path, media_type=media_type)
-    if suffix in CONVERTED_SUFFIXES and image_format:  # the import decoded it: PIL reads it
+    if image_format:  # the import decoded it, in a format browsers do not show (TIFF, ...)
         return ServedImage(path=path, media_type="image/png", convert=True)
     raise ImageRefusedError(f"image {image_id!r}: {path.name} is not an image file")
 
