@@ -771,3 +771,17 @@ def test_files_concatenated_each_with_its_bom_import_every_line(tmp_path):
     (folder / "pairs.jsonl").write_bytes(bom + a + b"\r\n" + bom + b + b"\r\n")
     report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
     assert (report.pairs_added, report.problems) == (2, [])
+
+
+def test_a_path_too_long_or_with_a_nul_byte_is_a_problem_naming_the_line(tmp_path):
+    # Both stopped the whole import: OSError 'File name too long' from a stat, and
+    # ValueError 'embedded null byte' from the scenes lookup.
+    folder = tmp_path / "mine"
+    shutil.copytree(FIXTURES / "pairs", folder)
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in [
+        {"id": "long", "reference": "x" * 300 + ".png", "target": "images/room0.png"},
+        {"id": "nul", "reference": "a\u0000b.png", "target": "images/room0.png"},
+        {"id": "ok", "reference": "images/room1.png", "target": "images/room0.png"}]))
+    report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
+    assert report.pairs_added == 1
+    assert [p.item for p in report.problems] == ["pair 'long' (pairs.jsonl line 1)", "pair 'nul' (pairs.jsonl line 2)"]

@@ -46,7 +46,8 @@ def resolve_location(location: str, base: Path) -> str | Path:
         raw = raw[len("localhost"):] if raw.startswith("localhost/") else raw
         location = unquote(raw) if not os.path.lexists(raw) else raw  # 'a%20b.jpg' may be a name
     path = _joined(location, base)
-    return path if path.exists() or path.is_symlink() else _spelled_otherwise(location, base, path)
+    # lexists: never raises (a name too long, a NUL byte) and keeps a broken link as named.
+    return path if os.path.lexists(path) else _spelled_otherwise(location, base, path)
 
 
 def _joined(location: str, base: Path) -> Path:
@@ -248,7 +249,7 @@ class ImportSession:
             cached = self._check_path(resolved)
             self._by_path[key] = cached
         if isinstance(cached, ImageError):
-            if _WINDOWS_DRIVE.match(str(location).strip()) and not resolved.exists():
+            if _WINDOWS_DRIVE.match(str(location).strip()) and not os.path.lexists(resolved):
                 raise ImageError(f"{location}: a Windows drive path, which names no file on this machine: "
                                  "name images relative to the dataset folder (or by their path here)")
             raise cached

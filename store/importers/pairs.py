@@ -205,7 +205,10 @@ def _norm(location: str, folder: Path) -> str:
     path = Path(str(location))
     # realpath, not Path.resolve: a symlink loop raises RuntimeError in the latter, and
     # the line that names it is reported as a problem by the image check instead.
-    return os.path.realpath(path if path.is_absolute() else folder / path)
+    try:
+        return os.path.realpath(path if path.is_absolute() else folder / path)
+    except ValueError:  # a NUL byte in the path: no scene, and the image check says why
+        return str(location)
 
 
 def _read_scenes(scenes_file: Path, folder: Path, session: ImportSession) -> dict[str, dict]:
