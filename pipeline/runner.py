@@ -893,9 +893,12 @@ class Runner:
                         "with --mmproj), then run again; the pairs not yet annotated stay pending")
                 if self._account_error_type is QuotaExceededError:
                     raise RunQuotaError(
-                        f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. Add credits to the account "
-                        "(or raise its spending limit) and rerun the same command to resume; the "
-                        "pairs not yet annotated stay pending")
+                        f"run {self.run_id} stopped: {self._auth_error.rstrip('.')}. "
+                        + ("Wait until the daily limit resets (or add credits to lift it)"
+                           if self._auth_error.startswith("daily limit") else
+                           "Add credits to the account (or raise its spending limit)")
+                        + " and rerun the same command to resume; the pairs not yet annotated "
+                        "stay pending")
                 raise RunAuthError(
                     f"run {self.run_id} stopped: {self._auth_error}. Set {self.options.api_key_env} "
                     "to a valid key (or pass --api-key-env NAME) and rerun the same command to "

@@ -122,6 +122,9 @@ class ServerConfig:
     # llama.cpp's server while its model loads: every chat request gets 503 {"error":
     # {"message": "Loading model", "type": "unavailable_error"}}, no Retry-After.
     loading: bool = False
+    # OpenRouter's free tier: after this many answered chat requests, every request gets its
+    # daily-cap 429 ("Rate limit exceeded: free-models-per-day ..."), no Retry-After.
+    daily_limit_after: Optional[int] = None
     # vLLM's --max-model-len: a request whose prompt (text/4 + 85 per image) plus its
     # max_tokens exceeds it gets vLLM's 400 ("This model's maximum context length is ...").
     context_length: Optional[int] = None
@@ -446,6 +449,12 @@ class FakeOpenAI:
         if cfg.require_query and any(request.query_params.get(k) != v for k, v in cfg.require_query.items()):
             self.stats["rejected_query"] += 1
             return _error(401, "missing or wrong key in the URL's query", code="invalid_api_key")
+        if cfg.daily_limit_after is not None and self.stats["completions_ok"] >= cfg.daily_limit_after:
+            self.stats["rejected_daily_limit"] += 1
+            return JSONResponse({"error": {
+                "message": "Rate limit exceeded: free-models-per-day. Add 10 credits to unlock 1000 free "
+                           "model requests per day", "code": 429, "metadata": {"headers": {
+                               "X-RateLimit-Limit": "50", "X-RateLimit-Remaining": "0"}}}}, status_code=429)
         if cfg.loading:
             self.stats["loading_503"] += 1
             return _error(503, "Loading model", code="unavailable_error")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from openai_server import fresh_server_fixture, server_fixture
-from pipeline.runner import (RunImagesUnsupportedError, RunNotFoundError, RunOptions, RunUnreachableError,
-                             run_pipeline)
+from pipeline.runner import (RunImagesUnsupportedError, RunNotFoundError, RunOptions, RunQuotaError,
+                             RunUnreachableError, run_pipeline)
 from pipeline_world import build_world, table_rows
 
 KEY = "sk-test-servers-0123456789abcdef"
@@ -271,3 +271,20 @@ def test_status_says_a_priced_runs_cost_leaves_out_answers_without_usage(server,
     said = capsys.readouterr().out
     assert "run 1: the server reported no token usage for 5 of its answers, counted at $0" in said
     assert "run 2:" not in said
+
+
+def test_a_daily_request_cap_stops_the_run_with_its_pairs_pending(server, tmp_path):
+    # OpenRouter's free models allow so many requests a day, then answer each with 429
+    # 'Rate limit exceeded: free-models-per-day ...' (no Retry-After) until the day ends.
+    # It was retried as a rate limit: every remaining pair failed as 'retries exhausted'
+    # within a minute, spending the run's retry budget.
+    db_path = _world(tmp_path, references=4, pairs=4)
+    server.config.daily_limit_after = 3
+    with pytest.raises(RunQuotaError) as caught:
+        run_pipeline(db_path, _options(server, concurrency=1, max_attempts=3))
+    said = str(caught.value)
+    assert "free-models-per-day" in said and "Wait until the daily limit resets" in said
+    assert server.stats["rejected_daily_limit"] == 1
+    statuses = dict(table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1"))
+    assert "failed" not in statuses and statuses["pending"] >= 3, statuses
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'") == [(3,)]  # all stored

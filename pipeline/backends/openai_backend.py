@@ -60,6 +60,11 @@ TOO_MANY_TOKENS = re.compile(r"supports at most \d+ completion tokens|max_(?:com
                              re.IGNORECASE)
 
 
+# A 429 for a daily request cap, not a rate: OpenRouter's "Rate limit exceeded:
+# free-models-per-day", and the like from other providers.
+DAILY_LIMIT = re.compile(r"per[- ]day|daily (?:limit|quota|cap)|requests per day", re.IGNORECASE)
+
+
 def token_limit_advice(said: str, max_tokens: Optional[int]) -> Optional[str]:
     """What to change for a refusal about the token limit or the model's context (the
     server's words `said`); None for any other refusal."""
@@ -148,6 +153,9 @@ def map_openai_error(exc: BaseException, secret: Optional[str] = None,
             return ImagesUnsupportedError(f"images refused ({status}): {message}")
         if status == 429 and "insufficient_quota" in (getattr(exc, "code", None), getattr(exc, "type", None)):
             return QuotaExceededError(f"quota exceeded (429): {message}")
+        if status == 429 and DAILY_LIMIT.search(str(exc)):
+            # A daily cap (OpenRouter's free models): retrying before it resets cannot help.
+            return QuotaExceededError(f"daily limit reached (429): {message}")
         if status == 429:
             return TransientError(f"rate limited (429): {message}", retry_after=retry_after)
         if status == 503:
