@@ -785,3 +785,13 @@ def test_a_path_too_long_or_with_a_nul_byte_is_a_problem_naming_the_line(tmp_pat
     report = import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)
     assert report.pairs_added == 1
     assert [p.item for p in report.problems] == ["pair 'long' (pairs.jsonl line 1)", "pair 'nul' (pairs.jsonl line 2)"]
+
+
+def test_a_folder_with_other_jsonl_files_but_no_pairs_jsonl_names_them(tmp_path):
+    # A folder of train.jsonl and val.jsonl was only 'pairs.jsonl: not found'.
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for name in ("val.jsonl", "train.jsonl"):
+        (folder / name).write_text("")
+    with pytest.raises(FormatError, match=r"holds train\.jsonl, val\.jsonl: pass the JSON-lines file itself"):
+        import_dataset(open_db(tmp_path / "s.db"), "pairs", folder)

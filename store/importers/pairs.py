@@ -38,7 +38,10 @@ def import_pairs(db: sqlite_utils.Database, path: str | Path, *, split: Optional
     else:
         folder, pairs_file = path.parent, path
     if not pairs_file.is_file():
-        raise FormatError(f"{pairs_file}: not found; a pairs import needs a folder holding {PAIRS_FILE}")
+        others = sorted(p.name for p in folder.glob("*.json*") if p.suffix.lower() in (".jsonl", ".json"))
+        raise FormatError(f"{pairs_file}: not found; a pairs import needs a folder holding {PAIRS_FILE}"
+                          + (f" (this one holds {', '.join(others[:5])}: pass the JSON-lines file "
+                             "itself, or --format good4cir for the authors' dataset.json)" if others else ""))
     named_source = source
     if source is None:
         source = "demo" if (folder / "world.json").is_file() else folder.resolve().name
