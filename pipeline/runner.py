@@ -59,7 +59,7 @@ pair is marked failed with '<category>: <detail>' and the run goes on. An answer
 validates but has a problem pipeline.stages finds (a caption over 77 CLIP tokens, a
 stage 2 object that is a stage 1 object under another name) gets
 one repair request too; what is still wrong after it is stored flagged by 'pipeline'. Categories:
-bad image, no target, request rejected, batch cancelled (its request was in a batch
+bad image, no target, request rejected, content filtered, batch cancelled (its request was in a batch
 cancelled outside good4cir, and is sent again only by --retry-failed), retries exhausted,
 retry budget spent, invalid answer, stage 4 error, internal error. A refused key (401) is no item's fault: the run
 stops at once with RunAuthError, its pairs left pending for a rerun with a good key; so
@@ -803,10 +803,12 @@ class Runner:
     @staticmethod
     def _stale_answers(db, run_id: int) -> set[str]:
         """Request hashes whose stored answers made a pair of this run fail as an invalid
-        answer: asking again is the point of retrying it, so they are not reused."""
+        answer (or one a content filter withheld): asking again is the point of retrying
+        it, so they are not reused."""
         failed = db.execute(
             "SELECT a.pair_id, p.reference_id FROM annotations a JOIN pairs p ON p.id = a.pair_id"
-            " WHERE a.run_id = ? AND a.status = 'failed' AND a.error LIKE 'invalid answer%'",
+            " WHERE a.run_id = ? AND a.status = 'failed'"
+            " AND (a.error LIKE 'invalid answer%' OR a.error LIKE 'content filtered%')",
             [run_id]).fetchall()
         subjects = sorted({s for row in failed for s in row if s})
         stale: set[str] = set()
@@ -1188,6 +1190,12 @@ class Runner:
         (AnswerProblems), gets one repair request. A valid answer is never thrown away for
         a worse repair: the caller stores what problems remain as flags."""
         first = await self._call(request, request.stage)
+        if first.finish_reason == "content_filter" and not first.text.strip():
+            # Azure's content filter withheld the answer: the model did nothing wrong, and a
+            # repair request would only be filtered again.
+            raise ItemFailedError("content filtered", f"{request.stage}: the server's content filter "
+                                  "withheld the answer (finish_reason 'content_filter'); look at the "
+                                  "pair's images, or at the filter's settings for your deployment")
         kept = None
         try:
             answer = parse_answer(request.stage, first.text, first.finish_reason)
@@ -1244,7 +1252,8 @@ class Runner:
             stored = await self._db(store_ann.find_ok_call, key)
             if stored is not None:
                 self.progress.calls_reused += 1
-                finish = "length" if stored.error == "finish_reason: length" else "stop"
+                finish = (stored.error.split(": ", 1)[1] if stored.error in FINISH_REASONS_STORED
+                          else "stop")
                 return _CallResult(stored.response or "", finish, CallRef(stored.id), reused=True)
         attempt = 0
         request_json = None
@@ -1287,7 +1296,9 @@ class Runner:
                         prompt_version=request.prompt_version, model=response.model or self.model,
                         subject_id=request.subject_id, request=request_json, response=response.text,
                         status="ok",
-                        error="finish_reason: length" if response.finish_reason == "length" else None,
+                        error=(f"finish_reason: {response.finish_reason}"
+                               if f"finish_reason: {response.finish_reason}" in FINISH_REASONS_STORED
+                               else None),
                         tokens_in=response.tokens_in, tokens_out=response.tokens_out,
                         latency_ms=response.latency_ms if response.latency_ms is not None else latency_ms,
                         cost_usd=cost, batch_id=getattr(response, "batch_id", None),
@@ -1359,6 +1370,11 @@ def _prices_of(run) -> PriceTable:
         return PriceTable.load(run.settings.get("prices_path"))
     except ValueError:
         return PriceTable.load()
+
+
+# An ok call's answer that stopped for a reason its text does not show: kept in its error
+# column, so a reused answer is judged as the fresh one was.
+FINISH_REASONS_STORED = ("finish_reason: length", "finish_reason: content_filter")
 
 
 def _priced(price) -> bool:

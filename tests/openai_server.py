@@ -101,7 +101,8 @@ class ServerConfig:
     # remark), "think" (<think>...</think> with a draft answer before the answer, as a
     # reasoning model served without a reasoning parser writes), "reasoning" (content null, the text in reasoning_content: a reasoning model
     # whose parser found no end of thinking), "parts" (content as a list of text parts),
-    # "wrong_keys" (valid JSON under other keys), "strings" (a string where a list belongs).
+    # "wrong_keys" (valid JSON under other keys), "strings" (a string where a list belongs),
+    # "filtered" (content null, finish_reason "content_filter": Azure's content filter).
     answer_style: str = ""
     usage_zeros: bool = False       # usage present, every count 0 (some proxies)
     rate_503: float = 0.0           # 503 overloaded (vLLM/TGI queue full), Retry-After as for 429
@@ -403,6 +404,9 @@ class FakeOpenAI:
             message["content"] = f"<think>\nA first try: {draft}. Let me look again.\n</think>\n\n{content}"
         elif style == "parts":
             message["content"] = [{"type": "text", "text": content}]
+        elif style == "filtered":  # Azure's content filter on the completion: 200, no content
+            message["content"] = None
+            payload["choices"][0]["finish_reason"] = "content_filter"
         elif style in ("wrong_keys", "strings"):
             value = json.loads(extract_answer(content))
             key = next(iter(value))
@@ -460,7 +464,9 @@ class FakeOpenAI:
             return _error(503, "Loading model", code="unavailable_error")
         if cfg.reject_auth:
             self.stats["rejected_auth"] += 1
-            return _error(401, f"Incorrect API key provided: {request.headers.get('authorization', '')}",
+            # echoes the credentials it was given, header and URL query, as some servers do
+            query = f" for {request.url.path}?{request.url.query}" if request.url.query else ""
+            return _error(401, f"Incorrect API key provided: {request.headers.get('authorization', '')}{query}",
                           code="invalid_api_key")
         if cfg.reject_quota:  # as OpenAI answers once the credits are spent: no Retry-After
             self.stats["rejected_quota"] += 1

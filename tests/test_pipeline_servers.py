@@ -288,3 +288,24 @@ def test_a_daily_request_cap_stops_the_run_with_its_pairs_pending(server, tmp_pa
     statuses = dict(table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1"))
     assert "failed" not in statuses and statuses["pending"] >= 3, statuses
     assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok'") == [(3,)]  # all stored
+
+
+@pytest.mark.parametrize("backend", ["openai", "openai-batch"])
+def test_an_answer_withheld_by_a_content_filter_is_named_so_and_not_repaired(server, tmp_path, backend):
+    # Azure OpenAI's content filter answers 200 with content null and finish_reason
+    # 'content_filter' (paid). It was read as 'the answer is empty': a paid repair request
+    # was sent for each, the pair failed as an invalid answer that did not name the filter,
+    # and six of them stopped the run blaming the model for not answering JSON.
+    db_path = _world(tmp_path, references=7, pairs=7)
+    server.config.answer_style = "filtered"
+    server.config.batch_delay = 0.05
+    progress = run_pipeline(db_path, _options(server, backend, model="gpt-4o-mini"))
+    sent = server.stats["chat_requests"] + server.stats["batch_lines_submitted"]
+    assert progress.pairs_failed == 7 and sent == 7  # no repair
+    errors = table_rows(db_path, "SELECT error FROM annotations WHERE status = 'failed'")
+    assert all("content filter" in e and "content_filter" in e for (e,) in errors), errors
+    assert table_rows(db_path, "SELECT COUNT(*) FROM calls WHERE status = 'ok' AND tokens_in > 0") == [(7,)]
+    # --retry-failed asks again (the filter may let a new answer through), once each
+    progress = run_pipeline(db_path, _options(server, backend, model="gpt-4o-mini", retry_failed=True))
+    sent = server.stats["chat_requests"] + server.stats["batch_lines_submitted"]
+    assert progress.pairs_failed == 7 and sent == 14

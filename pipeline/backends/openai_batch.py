@@ -432,7 +432,7 @@ class OpenAIBatchBackend:
                 input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
                 metadata={"good4cir_run": str(self._run_id), "stages": stages})
         except (openai.OpenAIError, ValueError) as exc:
-            error = map_openai_error(exc, self._secret) or TransientError(str(exc))
+            error = map_openai_error(exc, self._secrets) or TransientError(scrub(str(exc), self._secrets))
             batch = None
             if placeholder is not None and not isinstance(error, PermanentError):
                 batch = await self._find_created(uploaded.id, exc)
@@ -470,12 +470,12 @@ class OpenAIBatchBackend:
                 found = await self._find_uploaded(name, len(data))
                 if found is not None:
                     log.warning("uploading %s failed (%s), but the provider has it: %s", name,
-                                scrub(str(exc), self._secret)[:200], found.id)
+                                scrub(str(exc), self._secrets)[:200], found.id)
                     return found
                 if attempt + 1 == UPLOAD_ATTEMPTS:
                     raise
                 log.warning("uploading %s (%d bytes) failed: %s; sending it again", name, len(data),
-                            scrub(str(exc), self._secret)[:200])
+                            scrub(str(exc), self._secrets)[:200])
                 await asyncio.sleep(2.0 ** attempt)
 
     async def _find_uploaded(self, name: str, size: int):
@@ -499,7 +499,7 @@ class OpenAIBatchBackend:
             async for batch in self.client.batches.list(limit=100):
                 if batch.input_file_id == input_file_id:
                     log.warning("creating a batch failed (%s), but the provider made it: %s",
-                                scrub(str(exc), self._secret)[:200], batch.id)
+                                scrub(str(exc), self._secrets)[:200], batch.id)
                     return batch
         except Exception as lookup_error:  # the lines go out again; a restart can still adopt
             log.warning("could not look up the batch of input file %s: %s", input_file_id, lookup_error)
@@ -579,7 +579,7 @@ class OpenAIBatchBackend:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    mapped = map_openai_error(exc, self._secret)
+                    mapped = map_openai_error(exc, self._secrets)
                     failed_polls = failed_polls + 1 if isinstance(mapped, ConnectionFailedError) else 0
                     if failed_polls >= UNREACHABLE_POLLS:
                         log.warning("polling batch %s failed: %s", watch.batch_id, exc)
@@ -623,7 +623,7 @@ class OpenAIBatchBackend:
                     # Refused (e.g. a batch already finalizing): it is still readable and
                     # will end by itself; sending its lines again would pay twice. A
                     # transient failure is tried again at the next poll.
-                    mapped = map_openai_error(exc, self._secret)
+                    mapped = map_openai_error(exc, self._secrets)
                     log.warning("cancelling batch %s failed (%s): waiting for it to end",
                                 watch.batch_id, mapped or exc)
                     if isinstance(mapped, TransientError):
@@ -669,7 +669,9 @@ class OpenAIBatchBackend:
             answers[custom_id] = {
                 "response": r.text, "model": r.model or self.model, "tokens_in": r.tokens_in,
                 "tokens_out": r.tokens_out, "latency_ms": r.latency_ms,
-                "error": "finish_reason: length" if r.finish_reason == "length" else None,
+                # kept as the runner keeps a chat answer's (FINISH_REASONS_STORED)
+                "error": (f"finish_reason: {r.finish_reason}"
+                          if r.finish_reason in ("length", "content_filter") else None),
                 "cost_usd": cost(r.tokens_in, r.tokens_out) if cost else 0.0,
                 "run_id": self._run_id if asked_at is not None else None}
         stored = await self._ctx.db(store_ann.collect_batch, watch.batch_id, answers, status=batch.status,
