@@ -147,7 +147,7 @@ def test_cli_dry_run_annotate_rerun_and_status_json(server, tmp_path, capsys):
     (run,) = report["runs"]
     # "status" as in the table's column (it was missing from --json).
     assert list(run) == ["id", "name", "backend", "model", "status", "pairs_done", "pairs_failed",
-                         "pairs_pending", "calls", "cost_usd", "failures"]
+                         "pairs_pending", "calls", "cost_usd", "failures", "open_batches"]
     assert run["id"] == 1 and run["backend"] == "openai" and run["model"] == "gpt-4o-mini"
     assert run["status"] == "finished"
     assert (run["pairs_done"], run["pairs_failed"], run["pairs_pending"], run["calls"]) == (5, 0, 0, 13)
