@@ -371,6 +371,37 @@ def test_credentials_in_the_base_url_never_reach_the_store(server, tmp_path):
     assert server.stats["chat_requests"] == calls
 
 
+@pytest.mark.parametrize("credentials", ["userinfo", "query"])
+def test_a_server_echoing_the_base_urls_credentials_does_not_get_them_stored_or_shown(server, tmp_path, credentials):
+    # A refusal that echoes what it was sent (the 401's "Incorrect API key provided: ...")
+    # had the API key scrubbed, but not a key in the --base-url: user info goes out as
+    # "Basic base64(user:password)", a query key as it is, and both were stored in the
+    # call's error and printed in the run's stop message.
+    import base64
+
+    from pipeline.runner import RunAuthError
+
+    db_path = _world(tmp_path, references=1, pairs=1)
+    secret = "pw-SENTINEL-7f3a"
+    if credentials == "userinfo":
+        url = server.url.replace("://", f"://alice:{secret}@", 1)
+        echoed = base64.b64encode(f"alice:{secret}".encode()).decode()
+    else:
+        url, echoed = server.url + f"?api-key={secret}", secret
+    server.config.reject_auth = True
+    try:
+        with pytest.raises(RunAuthError) as caught:
+            run_pipeline(db_path, _options(server, base_url=url))
+    finally:
+        server.config.reject_auth = False
+    assert "Incorrect API key provided" in str(caught.value)
+    assert secret not in str(caught.value) and echoed not in str(caught.value), str(caught.value)
+    errors = table_rows(db_path, "SELECT error FROM calls WHERE status = 'error'")
+    assert errors and all(secret not in e and echoed not in e for (e,) in errors), errors
+    stored = b"".join(p.read_bytes() for p in tmp_path.glob("store.db*"))
+    assert secret.encode() not in stored and echoed.encode() not in stored
+
+
 def test_redact_url_keeps_the_address_and_drops_what_is_secret():
     from store.redaction import redact_url
 

@@ -21,7 +21,7 @@ import email.utils
 import os
 import re
 import time
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Iterable, Optional, Union
 
 from ..images import DETAILS, ImageEncoder
 from .base import (AuthenticationError, ConnectionFailedError, ImageLimitError, ImagesUnsupportedError,
@@ -122,13 +122,25 @@ def parse_retry_after(headers: Any) -> Optional[float]:
         return max(0.0, parsed.timestamp() - time.time())
 
 
-def scrub(text: str, secret: Optional[str]) -> str:
-    if secret and len(secret) >= 8 and secret in text:
+def scrub(text: str, secrets: Union[str, Iterable[str], None]) -> str:
+    """text with each secret replaced by "***": an API key (one under 8 characters, such as
+    a local server's "EMPTY", is left alone), or a backend's `_secrets`."""
+    if isinstance(secrets, str):
+        secrets = (secrets,) if len(secrets) >= 8 else ()
+    for secret in sorted(secrets or (), key=len, reverse=True):  # "user:pw" before "pw"
         text = text.replace(secret, "***")
     return text
 
 
-def map_openai_error(exc: BaseException, secret: Optional[str] = None,
+def scrub_list(api_key: Optional[str], base_url: Optional[str]) -> tuple[str, ...]:
+    """The secrets `scrub` removes for a backend with this key and base URL."""
+    from store.redaction import url_secrets
+
+    key = (api_key,) if api_key and len(api_key) >= 8 else ()
+    return key + url_secrets(base_url)
+
+
+def map_openai_error(exc: BaseException, secret: Union[str, Iterable[str], None] = None,
                      timeout: Optional[float] = None):
     """The TransientError or PermanentError that stands for an openai client error
     (`timeout`: the client's, in seconds, named in a timeout's message)."""
@@ -281,6 +293,9 @@ def configure_openai(backend: Any, *, model: str, base_url: Optional[str], api_k
     backend.max_tokens_param = max_tokens_param
     backend.send_temperature = True
     backend._secret = resolve_api_key(api_key_env, base_url)
+    # What a server may echo back in an error (the key, and credentials in the URL), kept
+    # out of every message the run stores or prints.
+    backend._secrets = scrub_list(backend._secret, base_url)
     backend.encoder = encoder or ImageEncoder(max_side=image_max_side)
     url, query = split_base_url(base_url)
     backend.client = AsyncOpenAI(base_url=url, api_key=backend._secret, timeout=timeout,
@@ -351,7 +366,7 @@ class OpenAIBackend:
                 # be one of ..."): any other is the server's trouble, retried by the runner.
                 if isinstance(exc, openai.InternalServerError) and not (
                         i + 1 < len(modes) and FORMAT_REFUSED.search(str(exc))):
-                    raise map_openai_error(exc, self._secret) from None
+                    raise map_openai_error(exc, self._secrets) from None
                 if self._adapt_parameters(str(exc)):
                     continue  # same mode again, with the parameter this model wants
                 token_limit = self._token_limit_error(exc, request.max_tokens)
@@ -361,9 +376,9 @@ class OpenAIBackend:
                                                or IMAGE_LIMIT.search(str(exc))):
                     i += 1
                     continue  # many local servers reject response_format: step down
-                raise map_openai_error(exc, self._secret) from None
+                raise map_openai_error(exc, self._secrets) from None
             except (openai.OpenAIError, ValueError) as exc:
-                mapped = map_openai_error(exc, self._secret, self.timeout)
+                mapped = map_openai_error(exc, self._secrets, self.timeout)
                 if mapped is None:
                     raise
                 if isinstance(mapped, NotFoundError):
@@ -380,7 +395,7 @@ class OpenAIBackend:
         advice = token_limit_advice(str(exc), max_tokens)
         if advice is None:
             return None
-        return PermanentError(f"{map_openai_error(exc, self._secret)}; {advice}")
+        return PermanentError(f"{map_openai_error(exc, self._secrets)}; {advice}")
 
     async def _served_models_note(self) -> str:
         """'; the server serves A, B' for a 404: a local server's model name is rarely the
@@ -406,7 +421,7 @@ class OpenAIBackend:
             error = getattr(completion, "error", None)
             said = error.get("message") or error if isinstance(error, dict) else error
             raise TransientError("malformed response: no choices"
-                                 + (f"; the server said: {scrub(str(said), self._secret)[:300]}" if said else ""))
+                                 + (f"; the server said: {scrub(str(said), self._secrets)[:300]}" if said else ""))
         choice = completion.choices[0]
         message = choice.message
         refusal = getattr(message, "refusal", None)
