@@ -311,10 +311,18 @@ def _backend_options(options: RunOptions, db_path: str) -> dict:
     return common
 
 
+KEYED_MAX_TOKENS = 1500
+
+
 def answer_params(options: RunOptions) -> dict:
     """What changes a model's answer besides the prompt: part of every cache key."""
+    # max_tokens only decides whether an answer is cut off, and a cut-off answer fails and
+    # is asked again under --retry-failed. Keyed by its value, raising --max-tokens (the
+    # advice on a token-limit refusal) started a new run that paid again for every pair
+    # done. Every key holds 1500, the value all keys held before the option existed, so
+    # runs and answers stored since still match.
     params = {"model": options.resolved_model(), "temperature": options.temperature,
-              "max_tokens": options.max_tokens}
+              "max_tokens": KEYED_MAX_TOKENS}
     if options.backend == "simulator":
         params.update(backend="simulator", error_rate=options.error_rate, seed=options.seed)
     else:

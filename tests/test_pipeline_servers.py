@@ -188,10 +188,23 @@ def test_a_reasoning_model_out_of_max_tokens_keeps_structured_outputs_and_says_r
     assert progress.failures == {"request rejected": 2} and server.stats["thinking_cut_off"] == 1
     (error,) = table_rows(db_path, "SELECT error FROM calls")[0]
     assert "Could not finish the message" in error and "raise --max-tokens" in error
-    progress = run_pipeline(db_path, _options(server, max_tokens=4000))
-    assert progress.pairs_done == 2, progress.failures
+    progress = run_pipeline(db_path, _options(server, max_tokens=4000, retry_failed=True))
+    assert progress.pairs_done == 2 and progress.run_id == 1, progress.failures
     assert {r.get("response_format", {}).get("type") for r in server.requests} == {"json_schema"}
     assert {r["max_tokens"] for r in server.requests[1:]} == {4000}
+
+
+def test_raising_max_tokens_resumes_the_run_and_reuses_its_answers(server, tmp_path):
+    # The token-limit advice says to raise --max-tokens and rerun. max_tokens was part of
+    # the run's fingerprint and of every answer's cache key, so the rerun started a new
+    # run and paid again for every pair already done, and for every stage 1 description.
+    db_path = _world(tmp_path, references=2, pairs=4)
+    first = run_pipeline(db_path, _options(server))
+    assert first.pairs_done == 4
+    asked = len(server.requests)
+    again = run_pipeline(db_path, _options(server, max_tokens=4000))
+    assert again.run_id == first.run_id and again.pairs_done == 4
+    assert len(server.requests) == asked  # nothing paid twice
 
 
 def test_max_tokens_is_an_annotate_option(server, tmp_path):
