@@ -342,3 +342,16 @@ def test_the_address_printed_for_an_ipv6_host_is_bracketed(tmp_path):
     finally:
         app.terminate()
         app.wait(timeout=30)
+
+
+def test_an_unauthenticated_request_cannot_write_lines_into_the_servers_console(served, capfd):
+    # Gradio's custom-component route (this app has none) answered anyone, before any
+    # login, and first printed its URL parts to the server's stdout: a crafted request
+    # wrote made-up lines and terminal escape sequences into the owner's console.
+    server, _, _ = served
+    capfd.readouterr()
+    # a carriage return overwrites the line on a terminal; ESC starts a terminal command
+    status, _ = _get(server.url + "gradio_api/custom_component/x/client/a/b%0dFAKE%20LINE%1b%5b31m")
+    assert status == 404
+    out, err = capfd.readouterr()
+    assert "FAKE LINE" not in out + err and "\x1b" not in out + err and "\r" not in out + err, (out, err)

@@ -94,6 +94,11 @@ def create_server_app(
         path = request.url.path.lower()
         if "/file=http" in path or "/file=//" in path or "/proxy=" in path:
             return PlainTextResponse("remote files are not served", status_code=403)
+        # Gradio's custom-component route (this app has none) answers before any login and
+        # prints its URL's parts to the console first: anyone could write made-up lines and
+        # terminal escape sequences there.
+        if path.startswith("/gradio_api/custom_component/"):
+            return PlainTextResponse("not found", status_code=404)
         return await call_next(request)
 
     @app.get("/g4c/image/{image_id}")
