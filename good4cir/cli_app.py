@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 
@@ -21,7 +23,8 @@ def register(subparsers) -> None:
     app.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     app.add_argument(
         "--auth",
-        help="USER:PASSWORD, or a file with one user:password per line; required for a non-local --host",
+        help="USER:PASSWORD (seen by other users of this machine in ps), or a file with one "
+             "user:password per line; required for a non-local --host",
     )
     app.add_argument("--index", type=Path, metavar="DIR",
                      help="a folder written by index, for the Retrieve tab")
@@ -42,6 +45,10 @@ def run_app(args: argparse.Namespace) -> int:
         check_bind(args.host, auth)
     except SecurityError as exc:
         raise CommandError(str(exc)) from None
+    if auth and not os.path.isfile(args.auth):
+        # A command line is anyone's to read on this machine (ps, /proc/PID/cmdline).
+        print("warning: the password given in --auth is visible to other users of this machine (ps); "
+              "put user:password lines in a file only you can read and pass --auth FILE", file=sys.stderr)
     if args.index is not None and not args.index.exists():
         raise CommandError(f"index {args.index} does not exist: build it with `good4cir index`")
 

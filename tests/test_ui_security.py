@@ -355,3 +355,27 @@ def test_an_unauthenticated_request_cannot_write_lines_into_the_servers_console(
     assert status == 404
     out, err = capfd.readouterr()
     assert "FAKE LINE" not in out + err and "\x1b" not in out + err and "\r" not in out + err, (out, err)
+
+
+def test_a_password_typed_on_the_command_line_is_warned_about(tmp_path):
+    # `--auth alice:secret` puts the password in the process's command line, which every
+    # user of the machine reads with `ps`; nothing said so, nor pointed to --auth FILE.
+    import subprocess
+    import sys
+
+    from ui.server import free_port
+
+    info = build_review_store(tmp_path, 1)
+    users = tmp_path / "users.txt"
+    users.write_text("ann:pw-in-a-file\n")
+    for auth, warned in (("ann:pw-on-the-line", True), (str(users), False)):
+        app = subprocess.Popen([sys.executable, "-m", "good4cir", "app", "--db", str(info["db_path"]),
+                                "--port", str(free_port()), "--auth", auth],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            app.stdout.readline()  # the app is up once it says where
+        finally:
+            app.terminate()
+            _, err = app.communicate(timeout=30)
+        assert ("visible to other users" in err and "--auth FILE" in err) == warned, (auth, err)
+        assert "pw-on-the-line" not in err and "pw-in-a-file" not in err
