@@ -379,3 +379,41 @@ def test_a_password_typed_on_the_command_line_is_warned_about(tmp_path):
             _, err = app.communicate(timeout=30)
         assert ("visible to other users" in err and "--auth FILE" in err) == warned, (auth, err)
         assert "pw-on-the-line" not in err and "pw-in-a-file" not in err
+
+
+def _upload(url, origin, name):
+    boundary = "g4cboundary"
+    form = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{name}\"\r\n"
+            f"Content-Type: text/plain\r\n\r\nfilling the disk\r\n--{boundary}--\r\n").encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    if origin:
+        headers["Origin"] = origin
+    request = urllib.request.Request(url + "gradio_api/upload", data=form, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_without_a_login_a_foreign_web_page_cannot_post_to_the_app(tmp_path):
+    # A multipart form POST is a "simple" request: any web page the user visits could send
+    # one to http://127.0.0.1:7860 (the Host header is then the app's own), and the upload
+    # route stored it, of any size, as often as asked; the browser only hid the answer.
+    import uuid
+
+    from gradio.utils import get_upload_folder
+
+    from ui.server import AppServer
+
+    info = build_review_store(tmp_path, 1)
+    name = f"csrf-{uuid.uuid4().hex}.txt"
+    with AppServer(info["db_path"]) as server:
+        for origin in ("http://evil.example", "null"):
+            status, body = _upload(server.url, origin, name)
+            assert status == 403, (origin, status, body)
+        assert list(Path(get_upload_folder()).glob(f"*/{name}")) == []
+        # the app's own page, and a client that sends no Origin, still upload
+        assert _upload(server.url, server.url.rstrip("/"), name)[0] == 200
+        assert _upload(server.url, f"http://localhost:{server.port}", name)[0] == 200
+        assert _upload(server.url, None, name)[0] == 200

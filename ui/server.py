@@ -14,6 +14,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional
+from urllib.parse import urlsplit
 
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # the app reaches no network
 
@@ -66,6 +67,12 @@ def create_server_app(
             return PlainTextResponse(
                 "this app answers only at http://127.0.0.1 (or localhost) unless started with --auth",
                 status_code=403)
+        # A web page elsewhere may still send simple requests (a form POST: an upload) to
+        # 127.0.0.1; the browser names that page in Origin ("null" from a sandbox or file).
+        origin = request.headers.get("origin")
+        if not auth and origin is not None and request.method not in ("GET", "HEAD", "OPTIONS") \
+                and not loopback_host_header(urlsplit(origin).netloc if "://" in origin else "null"):
+            return PlainTextResponse(f"requests from a page at {origin} are refused", status_code=403)
         return await call_next(request)
 
     throttle = LoginThrottle()
