@@ -417,3 +417,23 @@ def test_without_a_login_a_foreign_web_page_cannot_post_to_the_app(tmp_path):
         assert _upload(server.url, server.url.rstrip("/"), name)[0] == 200
         assert _upload(server.url, f"http://localhost:{server.port}", name)[0] == 200
         assert _upload(server.url, None, name)[0] == 200
+
+
+def test_no_other_web_page_may_frame_the_app(tmp_path):
+    # Framed in an invisible iframe, the app's own page sends its own Origin and Host, so a
+    # page elsewhere could have the user click Start (a run paid with the server's key) or
+    # Approve through it (clickjacking). The browser is told never to frame it.
+    import http.client
+
+    from ui.server import AppServer
+
+    info = build_review_store(tmp_path, 1)
+    with AppServer(info["db_path"]) as server:
+        for path in ("/", "/config", "/g4c/image/missing"):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            assert response.getheader("X-Frame-Options") == "DENY", path
+            assert "frame-ancestors 'none'" in (response.getheader("Content-Security-Policy") or ""), path

@@ -75,6 +75,16 @@ def create_server_app(
             return PlainTextResponse(f"requests from a page at {origin} are refused", status_code=403)
         return await call_next(request)
 
+    @app.middleware("http")
+    async def refuse_framing(request: fastapi.Request, call_next):
+        # In a page elsewhere, an invisible frame of the app sends the app's own Origin and
+        # Host: the user could be led to click Start (a run paid with the server's key) or
+        # Approve through it. Browsers are told never to frame it.
+        response = await call_next(request)
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
+        return response
+
     throttle = LoginThrottle()
 
     @app.middleware("http")
