@@ -49,6 +49,9 @@ def run_app(args: argparse.Namespace) -> int:
         # A command line is anyone's to read on this machine (ps, /proc/PID/cmdline).
         print("warning: the password given in --auth is visible to other users of this machine (ps); "
               "put user:password lines in a file only you can read and pass --auth FILE", file=sys.stderr)
+    elif auth and os.name == "posix" and os.stat(args.auth).st_mode & 0o044:
+        print(f"warning: {args.auth} holds passwords and is visible to other users of this machine; "
+              f"make it a file only you can read (chmod 600 {args.auth})", file=sys.stderr)
     if args.index is not None and not args.index.exists():
         raise CommandError(f"index {args.index} does not exist: build it with `good4cir index`")
 

@@ -368,7 +368,11 @@ def test_a_password_typed_on_the_command_line_is_warned_about(tmp_path):
     info = build_review_store(tmp_path, 1)
     users = tmp_path / "users.txt"
     users.write_text("ann:pw-in-a-file\n")
-    for auth, warned in (("ann:pw-on-the-line", True), (str(users), False)):
+    users.chmod(0o600)
+    shared = tmp_path / "shared-users.txt"  # readable by everyone: the same exposure as ps
+    shared.write_text("ann:pw-in-a-file\n")
+    shared.chmod(0o644)
+    for auth, warned in (("ann:pw-on-the-line", True), (str(users), False), (str(shared), True)):
         app = subprocess.Popen([sys.executable, "-m", "good4cir", "app", "--db", str(info["db_path"]),
                                 "--port", str(free_port()), "--auth", auth],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -377,7 +381,7 @@ def test_a_password_typed_on_the_command_line_is_warned_about(tmp_path):
         finally:
             app.terminate()
             _, err = app.communicate(timeout=30)
-        assert ("visible to other users" in err and "--auth FILE" in err) == warned, (auth, err)
+        assert ("visible to other users" in err and "only you can read" in err) == warned, (auth, err)
         assert "pw-on-the-line" not in err and "pw-in-a-file" not in err
 
 
