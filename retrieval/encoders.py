@@ -220,6 +220,13 @@ class _RandomInitNotice(logging.Filter):
         return "initialized randomly" not in record.getMessage()
 
 
+class _DownloadFailureLog(logging.Filter):
+    # open_clip logs "Failed to download weights ..." and then raises the same text, which
+    # our error quotes with what to do: the log line only printed the failure twice.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to download weights")
+
+
 @contextlib.contextmanager
 def _trained_weights_follow():
     """Drop open_clip's "No pretrained weights loaded ... Model initialized randomly"
@@ -277,6 +284,8 @@ def _create_encoder(model: str, pretrained: Optional[str], checkpoint: Optional[
                 f"open_clip has no pretrained weights {pretrained!r} for model {model!r}; "
                 + (f"its tags: {', '.join(tags)}" if tags else
                    "it has none: train it from scratch (no --pretrained) or pass --checkpoint FILE"))
+    download_log = _DownloadFailureLog()
+    logging.getLogger().addFilter(download_log)
     try:
         clip, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, **kwargs
@@ -295,6 +304,8 @@ def _create_encoder(model: str, pretrained: Optional[str], checkpoint: Optional[
         raise ValueError(f"could not load the pretrained weights {pretrained!r} of {model!r} through "
                          f"open_clip ({str(exc)[:200]}); check the network, or download them and pass "
                          "--checkpoint FILE") from None
+    finally:
+        logging.getLogger().removeFilter(download_log)
     if checkpoint is not None:
         load_open_clip_weights(clip, checkpoint)
     tokenizer = _tokenizer(name)

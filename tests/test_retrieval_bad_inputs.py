@@ -932,3 +932,28 @@ def test_captions_with_source_original_is_said_to_have_no_effect(tmp_path, capsy
         main([command, "--db", str(db_path), *where, "--source", "original", "--captions", "individual"])
     err = capsys.readouterr().err
     assert "--captions individual" in err and "no effect" in err, err
+
+
+def test_pretrained_weights_that_cannot_be_fetched_are_reported_once(tmp_path):
+    """`train --model ViT-B-32 --pretrained openai` offline printed two errors for one
+    failure: open_clip's own logged 'error: Failed to download weights ...' and then ours,
+    which quotes it and says what to do. Offline here: HF_HUB_OFFLINE=1 and an empty
+    Hugging Face cache, in a subprocess as huggingface_hub reads its environment on import."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_CACHE": str(tmp_path / "hf" / "hub")}
+    code = """
+from good4cir.cli import configure_logging
+from retrieval.encoders import create_encoder
+configure_logging()
+try:
+    create_encoder("ViT-B-32", pretrained="openai")
+except ValueError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "could not load the pretrained weights 'openai' of 'ViT-B-32'" in done.stdout, done.stderr[-2000:]
+    assert "Failed to download weights" not in done.stderr, done.stderr[-2000:]
