@@ -143,6 +143,16 @@ def test_circo_root_and_annotation_file(tmp_path):
     assert import_dataset(db, "circo", FIXTURES / "circo", split="val").pairs_skipped == 2
 
 
+
+def test_circo_images_may_name_the_coco_folder_above_unlabeled2017(tmp_path):
+    """`--images /data/CIRCO/COCO2017_unlabeled`, the folder CIRCO's layout names, failed
+    every query ('no file 000000000011.jpg in .../COCO2017_unlabeled'): the images are in
+    its unlabeled2017/, where a CIRCO root import already looks."""
+    db = open_db(tmp_path / "s.db")
+    report = import_dataset(db, "circo", FIXTURES / "circo/annotations/val.json",
+                            images_dir=FIXTURES / "circo/COCO2017_unlabeled")
+    assert (report.pairs_added, report.problems) == (2, [])
+
 def test_cli_import_prints_summary_and_problems(tmp_path, capsys):
     folder = tmp_path / "mine"
     shutil.copytree(FIXTURES / "pairs", folder)

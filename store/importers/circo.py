@@ -47,6 +47,12 @@ def import_circo(db: sqlite_utils.Database, path: str | Path, *, split: Optional
                           f"(looked for {', '.join(IMAGE_DIRS)})")
     images_dir = Path(images_dir)
     by_id = _index_images(images_dir)
+    if not by_id:
+        # --images naming a folder of CIRCO's layout above the images (COCO2017_unlabeled)
+        nested = next((images_dir / d for d in IMAGE_DIRS if (images_dir / d).is_dir()), None)
+        nested_ids = _index_images(nested) if nested else {}
+        if nested_ids:
+            images_dir, by_id = nested, nested_ids
     session = ImportSession(db, source or "circo", images_dir, progress=progress)
     # Every file is read before anything is written (a broken one found halfway used to
     # stop the import after earlier files were partly stored). With several files, a
