@@ -552,6 +552,12 @@ def plan_run(db_path: str | Path, options: RunOptions) -> Plan:
     requests answered in the store or in the open batches the run would wait for are not
     counted. Raises RunBusyError where the run itself would be refused at start."""
     _check_numbers(options)
+    if options.backend in ("openai", "openai-batch"):
+        # The run refuses these before any call; a dry run that passed them misled.
+        from .backends.openai_backend import check_api_key_env, check_base_url
+
+        check_base_url(options.base_url)
+        check_api_key_env(options.api_key_env)
     db = open_db(db_path)
     try:
         params = answer_params(options)

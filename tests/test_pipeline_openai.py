@@ -415,6 +415,22 @@ def test_a_base_url_that_cannot_work_is_refused_before_any_pair_fails(server, tm
     assert table_rows(db_path, "SELECT COUNT(*) FROM annotations WHERE status = 'failed'") == [(0,)]
 
 
+
+@pytest.mark.parametrize("extra, said", [
+    (["--base-url", "localhost:8000/v1"], "http:// or https://"),
+    (["--base-url", "https://r.openai.azure.com/openai/deployments/gpt4o?api-version=2024-02-01"],
+     "Azure OpenAI deployment URL"),
+    (["--api-key-env", "sk-test-dryleak-0123456789"], "name of an environment variable"),
+])
+def test_a_dry_run_refuses_what_the_run_would_refuse(server, tmp_path, capsys, extra, said):
+    # `annotate --dry-run` printed its plan and exit 0 for a --base-url or --api-key-env the
+    # run refuses at once: a user checking the command before paying learnt nothing.
+    db_path, _ = _world(tmp_path, references=1, pairs=1)
+    with pytest.raises(ValueError, match=said):
+        cli_main(["annotate", "--db", str(db_path), "--backend", "openai", "--model", "gpt-4o",
+                  "--dry-run", *extra])
+    assert "dryleak" not in capsys.readouterr().out
+
 def test_a_key_passed_as_the_variable_name_is_refused_and_never_stored(server, tmp_path):
     # `--api-key-env $OPENAI_API_KEY` (the key, not the variable's name): with --base-url
     # the run went on without a key and stored the key itself in runs.settings.

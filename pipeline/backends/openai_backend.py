@@ -81,12 +81,16 @@ def token_limit_advice(said: str, max_tokens: Optional[int]) -> Optional[str]:
     return None
 
 
-def resolve_api_key(api_key_env: str, base_url: Optional[str]) -> str:
+def check_api_key_env(api_key_env: str) -> None:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env or ""):
         # Likely the key itself (`--api-key-env $OPENAI_API_KEY`): run settings store this
         # name, so it must not go further, nor be echoed.
         raise ValueError("--api-key-env takes the name of an environment variable (letters, digits "
                          "and _, e.g. OPENAI_API_KEY), not the key itself; the value given is not shown")
+
+
+def resolve_api_key(api_key_env: str, base_url: Optional[str]) -> str:
+    check_api_key_env(api_key_env)
     # A key read from a file often ends in a newline; httpx refuses such a header and the
     # client reports only "Connection error", which sends the user to check the server.
     key = (os.environ.get(api_key_env) or "").strip()
