@@ -378,6 +378,18 @@ def test_a_run_that_cannot_start_says_why(store, monkeypatch):
     assert not controller.running
 
 
+def test_a_missing_key_names_the_apps_field_and_where_the_key_goes_not_a_cli_flag(store, monkeypatch):
+    # The backend's own message said "pass --base-url", a flag the app has no box for.
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    controller = pl.PipelineController(str(store["db_path"]))
+    with pytest.raises(pl.PipelineControlError) as caught:
+        controller.start(pl.RunForm(backend="openai", model="gpt-4o-mini"), "ann")
+    said = str(caught.value)
+    assert "--base-url" not in said
+    assert "OPENAI_API_KEY" in said and "Base URL" in said and "good4cir app" in said
+    assert not controller.running
+
+
 def test_export_tab_says_a_cirr_file_of_several_splits_mixes_them(tmp_path):
     # CIRR has no split field (the file name says it): the Export tab's CIRR file of a
     # whole store held train, val and test1 with no word of it.

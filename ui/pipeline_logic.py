@@ -6,6 +6,7 @@ pairs join the review queue as they complete, because the queue reads the same f
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from typing import Optional
@@ -81,6 +82,12 @@ def options_from_form(form: RunForm):
         concurrency=positive_int(form.concurrency, "concurrency"), limit=positive_int(form.limit, "limit"),
         split=(form.split or "").strip() or None, new_run=bool(form.new_run),
     )
+    if form.backend != "simulator" and not kwargs["base_url"] and not os.environ.get("OPENAI_API_KEY", "").strip():
+        # The backend's own message points to --base-url, a flag the app has no box for,
+        # and does not say the key is read where the app was started.
+        raise PipelineControlError(
+            f"the {form.backend} backend needs OPENAI_API_KEY in the environment of `good4cir app` "
+            "(restart the app with it set), or a local server's address in Base URL")
     if form.backend == "simulator" and form.error_rate not in (None, ""):
         if not 0 <= float(form.error_rate) <= 1:  # NaN fails too
             raise PipelineControlError("the simulator's error rate must be between 0 and 1")
