@@ -131,6 +131,28 @@ def test_controller_stops_a_run(store, monkeypatch):
         server.stop()
 
 
+def test_a_start_while_a_stopped_run_winds_down_says_it_is_stopping(store, monkeypatch):
+    # After Stop the run finishes its in-flight calls; a Start then said "stop it first",
+    # telling the reviewer to do what they had just done.
+    from openai_server import start_server
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
+    server = start_server(latency=1.5)
+    try:
+        controller = pl.PipelineController(str(store["db_path"]))
+        controller.start(pl.RunForm(backend="openai", base_url=server.url, concurrency=1, new_run=True), "ann")
+        controller.stop()
+        with pytest.raises(pl.PipelineControlError) as caught:
+            controller.start(pl.RunForm(backend="openai", base_url=server.url, concurrency=1), "bob")
+        assert "is stopping" in str(caught.value) and "stop it first" not in str(caught.value)
+        assert "stopping run" in controller.stop()
+        deadline = time.time() + 60
+        while controller.running and time.time() < deadline:
+            time.sleep(0.1)
+    finally:
+        server.stop()
+
+
 def test_a_start_says_whether_it_resumed_a_run_and_what_it_did(store, monkeypatch):
     # Limit N takes the store's first N pairs (done ones skipped). The tab said "Limit
     # (pairs) · empty = all pending pairs", so a reviewer asking for 2 more pairs got a

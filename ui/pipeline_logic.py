@@ -105,6 +105,7 @@ class PipelineController:
         self.started_by: Optional[str] = None
         self._done_before: dict[int, int] = {}   # every run's done pairs when the last start began
         self._limit: Optional[int] = None
+        self._stopping = False                   # Stop was pressed; the run finishes its in-flight calls
         self._reviewed_elsewhere = 0             # pairs of a new run that an earlier run's review decided
         self._same_settings: list[int] = []      # earlier runs a new run (asked for) shares settings with
 
@@ -117,6 +118,10 @@ class PipelineController:
 
         options = options_from_form(form)
         with self._lock:
+            if self.running and self._stopping:
+                raise PipelineControlError(
+                    f"run {self._handle.run_id} is stopping: its in-flight calls finish and are stored; "
+                    "start again once the progress says stopped")
             if self.running:
                 raise PipelineControlError(
                     f"run {self._handle.run_id} (started by {self.started_by}) is still going; stop it first")
@@ -125,6 +130,7 @@ class PipelineController:
             done_before = {run["id"]: run["pairs_done"] for run in run_status(self.db_path)["runs"]}
             self._handle = start_run_in_thread(self.db_path, options)
             self.started_by = who or "someone"
+            self._stopping = False
             self._done_before, self._limit = done_before, options.limit
         self._handle.wait_started(timeout=30)
         if self._handle.error is not None:
@@ -140,6 +146,7 @@ class PipelineController:
             if not self.running:
                 return "no run is going"
             self._handle.stop()
+            self._stopping = True
             return f"stopping run {self._handle.run_id}: in-flight calls finish and are stored"
 
     def snapshot(self) -> Optional[dict]:
