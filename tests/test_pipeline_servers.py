@@ -23,6 +23,16 @@ def _world(tmp_path, references: int = 1, pairs: int = 2):
     return db_path
 
 
+def _stopped_with_every_pair_pending(tmp_path, server, error, references: int, pairs: int, **kw) -> str:
+    """A run over a new world that stops on `error` with none of its pairs touched; what
+    the error says."""
+    db_path = _world(tmp_path, references=references, pairs=pairs)
+    with pytest.raises(error) as caught:
+        run_pipeline(db_path, _options(server, **kw))
+    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", pairs)]
+    return str(caught.value)
+
+
 def _options(server, backend: str = "openai", **kw) -> RunOptions:
     base = dict(backend=backend, base_url=server.url, model="local-vlm", concurrency=2,
                 backoff_base=0.01, timeout=10, image_max_side=128)
@@ -68,14 +78,10 @@ def test_a_text_only_model_stops_the_run_once_with_its_pairs_pending(server, tmp
     # failed on its own: with 400 after trying each response format, with 500 after every
     # retry (6 attempts with backoff per reference image), and the run 'finished'; the 404
     # stopped the run, but told the user to check the model name and the base URL.
-    db_path = _world(tmp_path, references=3, pairs=6)
     server.config.reject_images_status = status
-    with pytest.raises(RunImagesUnsupportedError) as caught:
-        run_pipeline(db_path, _options(server, max_attempts=4))
-    said = str(caught.value)
+    said = _stopped_with_every_pair_pending(tmp_path, server, RunImagesUnsupportedError, 3, 6, max_attempts=4)
     assert "local-vlm" in said and "image input" in said and "vision" in said
     assert server.stats["rejected_images"] <= 2  # concurrency 2: at most one each in flight
-    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 6)]
 
 
 def test_a_model_the_server_lacks_stops_the_run_naming_the_models_it_has(server, tmp_path):
@@ -247,15 +253,11 @@ def test_a_server_still_loading_its_model_stops_the_run_with_its_pairs_pending(s
     # model: minutes). Each request was retried for its attempts and then its pair failed
     # as 'retries exhausted': the whole store failed in seconds, to be sent again only with
     # --retry-failed. Not one answer in the session and still 503: stop, pairs pending.
-    db_path = _world(tmp_path, references=2, pairs=4)
     server.config.loading = True
-    with pytest.raises(RunUnreachableError) as caught:
-        run_pipeline(db_path, _options(server, max_attempts=3))
-    said = str(caught.value)
+    said = _stopped_with_every_pair_pending(tmp_path, server, RunUnreachableError, 2, 4, max_attempts=3)
     assert "Loading model" in said and "loading" in said and "rerun the same command" in said
-    assert table_rows(db_path, "SELECT status, COUNT(*) FROM annotations GROUP BY 1") == [("pending", 4)]
     server.config.loading = False
-    assert run_pipeline(db_path, _options(server, max_attempts=3)).pairs_done == 4
+    assert run_pipeline(tmp_path / "store.db", _options(server, max_attempts=3)).pairs_done == 4
 
 
 def test_a_batch_line_out_of_max_tokens_says_raise_it(server, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -111,7 +112,10 @@ def test_a_run_stopped_for_a_reason_it_explains_puts_no_traceback_in_the_apps_lo
     assert not any(r.exc_info for r in records)
 
 
-def test_controller_stops_a_run(store, monkeypatch):
+@contextlib.contextmanager
+def _slow_run_started(store, monkeypatch):
+    """A controller whose new openai run (by ann) is going against a slow local server;
+    the run is waited for to end when the block leaves."""
     from openai_server import start_server
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
@@ -119,38 +123,32 @@ def test_controller_stops_a_run(store, monkeypatch):
     try:
         controller = pl.PipelineController(str(store["db_path"]))
         controller.start(pl.RunForm(backend="openai", base_url=server.url, concurrency=1, new_run=True), "ann")
-        assert controller.running
-        assert controller.stop().startswith("stopping run")
+        yield controller, server
         deadline = time.time() + 60
         while controller.running and time.time() < deadline:
             time.sleep(0.1)
-        snapshot = controller.snapshot()
-        assert snapshot["status"] == "stopped" and snapshot["pairs_done"] < 4, snapshot
-        assert "stopped" in pl.format_progress(snapshot)
     finally:
         server.stop()
+
+
+def test_controller_stops_a_run(store, monkeypatch):
+    with _slow_run_started(store, monkeypatch) as (controller, _):
+        assert controller.running
+        assert controller.stop().startswith("stopping run")
+    snapshot = controller.snapshot()
+    assert snapshot["status"] == "stopped" and snapshot["pairs_done"] < 4, snapshot
+    assert "stopped" in pl.format_progress(snapshot)
 
 
 def test_a_start_while_a_stopped_run_winds_down_says_it_is_stopping(store, monkeypatch):
     # After Stop the run finishes its in-flight calls; a Start then said "stop it first",
     # telling the reviewer to do what they had just done.
-    from openai_server import start_server
-
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
-    server = start_server(latency=1.5)
-    try:
-        controller = pl.PipelineController(str(store["db_path"]))
-        controller.start(pl.RunForm(backend="openai", base_url=server.url, concurrency=1, new_run=True), "ann")
+    with _slow_run_started(store, monkeypatch) as (controller, server):
         controller.stop()
         with pytest.raises(pl.PipelineControlError) as caught:
             controller.start(pl.RunForm(backend="openai", base_url=server.url, concurrency=1), "bob")
         assert "is stopping" in str(caught.value) and "stop it first" not in str(caught.value)
         assert "stopping run" in controller.stop()
-        deadline = time.time() + 60
-        while controller.running and time.time() < deadline:
-            time.sleep(0.1)
-    finally:
-        server.stop()
 
 
 def test_a_start_says_whether_it_resumed_a_run_and_what_it_did(store, monkeypatch):
